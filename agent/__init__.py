@@ -1,0 +1,1 @@
+"""kakuremichi agent: the rootless connector (user-space WireGuard + TCP/IP, local forwarding)."""

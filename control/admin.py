@@ -1,0 +1,294 @@
+"""``kakuremichi admin …``: manage Control through its REST API.
+
+    kakuremichi admin agent create laptop
+    kakuremichi admin gateway list
+    kakuremichi admin tunnel create --domain app.example.com --agent laptop --target 127.0.0.1:8080
+    kakuremichi admin tunnel delete <id>
+
+API keys are printed once, when an agent/gateway is created or its key is rotated.
+Output is a table, or JSON with ``--json``.  Exit codes: 0 ok, 1 the API refused
+(message printed), 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import httpx
+
+from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, resolve
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("control-url", "Control's base URL", "http://127.0.0.1:7700", metavar="URL"),
+    Setting("admin-token", "admin bearer token", None, secret=True, metavar="TOKEN"),
+    *COMMON,
+)
+
+_COLUMNS = {
+    "agents": ("name", "id", "virtualIp", "online", "lastSeen"),
+    "gateways": ("name", "id", "slot", "publicIp", "wireguardPort", "online"),
+    "tunnels": (
+        "id",
+        "protocol",
+        "domain",
+        "publicPort",
+        "target",
+        "agentName",
+        "enabled",
+        "health",
+    ),
+    "certificates": ("domain", "id", "notAfter", "source"),
+}
+
+
+class ApiFailure(Exception):
+    """The API answered with an error (or could not be reached)."""
+
+
+class Client:
+    """A thin synchronous REST client."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30.0,
+        )
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Any:
+        try:
+            response = self.http.request(method, path, json=body, params=params)
+        except httpx.HTTPError as exc:
+            raise ApiFailure(f"cannot reach Control at {self.http.base_url}: {exc}") from exc
+        if response.status_code == 204:
+            return None
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if response.status_code >= 400:
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):
+                error = data["error"]
+                raise ApiFailure(
+                    f"{response.status_code} {error.get('code')}: {error.get('message')}"
+                )
+            raise ApiFailure(f"HTTP {response.status_code}")
+        return data
+
+    def list_all(self, path: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = self.call("GET", path, params={**(params or {}), "limit": 500, "offset": offset})
+            items += page["items"]
+            offset += len(page["items"])
+            if not page["items"] or offset >= page["total"]:
+                return items
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    grid = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in grid) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in grid
+    )
+
+
+def _print(args: argparse.Namespace, collection: str, data: Any) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif isinstance(data, list):
+        print(_table(data, _COLUMNS[collection]) if data else f"(no {collection})")
+    else:
+        for key, value in data.items():
+            if key not in ("apiKey", "certificate"):
+                print(f"{key}: {value}")
+
+
+def _show_key(kind: str, data: dict[str, Any]) -> None:
+    print(f"\nAPI key for {kind} {data['name']!r} (shown once, store it now):\n  {data['apiKey']}")
+
+
+def _client_verbs(client: Client, args: argparse.Namespace, kind: str) -> int:
+    plural = kind + "s"
+    if args.action == "list":
+        _print(args, plural, client.list_all(f"/api/{plural}"))
+    elif args.action == "create":
+        data = client.call("POST", f"/api/{plural}", {"name": args.name})
+        _print(args, plural, data)
+        if not args.json:
+            _show_key(kind, data)
+    elif args.action == "get":
+        _print(args, plural, client.call("GET", f"/api/{plural}/{args.ref}"))
+    elif args.action == "rotate-key":
+        data = client.call("POST", f"/api/{plural}/{args.ref}/rotate-key")
+        _print(args, plural, data)
+        if not args.json:
+            _show_key(kind, data)
+    elif args.action == "delete":
+        client.call("DELETE", f"/api/{plural}/{args.ref}")
+        print(f"deleted {kind} {args.ref}")
+    return 0
+
+
+def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        params = {"agent": args.agent} if args.agent else None
+        _print(args, "tunnels", client.list_all("/api/tunnels", params))
+    elif args.action == "create":
+        body: dict[str, Any] = {
+            "protocol": args.protocol,
+            "target": args.target,
+            "agent": args.agent,
+        }
+        if args.domain:
+            body["domain"] = args.domain
+        if args.public_port is not None:
+            body["publicPort"] = args.public_port
+        if args.disabled:
+            body["enabled"] = False
+        _print(args, "tunnels", client.call("POST", "/api/tunnels", body))
+    elif args.action == "get":
+        _print(args, "tunnels", client.call("GET", f"/api/tunnels/{args.id}"))
+    elif args.action == "update":
+        body = {}
+        for key, attr in (
+            ("domain", "domain"),
+            ("publicPort", "public_port"),
+            ("target", "target"),
+            ("agent", "agent"),
+            ("protocol", "protocol"),
+        ):
+            if getattr(args, attr) is not None:
+                body[key] = getattr(args, attr)
+        if args.enable:
+            body["enabled"] = True
+        if args.disable:
+            body["enabled"] = False
+        _print(args, "tunnels", client.call("PATCH", f"/api/tunnels/{args.id}", body))
+    elif args.action == "delete":
+        client.call("DELETE", f"/api/tunnels/{args.id}")
+        print(f"deleted tunnel {args.id}")
+    return 0
+
+
+def _certificate_verbs(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        _print(args, "certificates", client.list_all("/api/certificates"))
+    elif args.action == "create":
+        try:
+            with open(args.cert) as cert_file, open(args.key) as key_file:
+                body = {
+                    "domain": args.domain,
+                    "certificate": cert_file.read(),
+                    "privateKey": key_file.read(),
+                }
+        except OSError as exc:
+            raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+        _print(args, "certificates", client.call("POST", "/api/certificates", body))
+    elif args.action == "delete":
+        client.call("DELETE", f"/api/certificates/{args.ref}")
+        print(f"deleted certificate {args.ref}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    values = resolve(args, SETTINGS)
+    token = values["admin_token"]
+    if not token:
+        raise ConfigError("--admin-token (or KAKUREMICHI_ADMIN_TOKEN[_FILE]) is required")
+    client = Client(values["control_url"], token)
+    try:
+        if args.noun in ("agent", "gateway"):
+            return _client_verbs(client, args, args.noun)
+        if args.noun == "tunnel":
+            return _tunnel_verbs(client, args)
+        return _certificate_verbs(client, args)
+    except ApiFailure as exc:
+        print(f"kakuremichi admin: {exc}", file=sys.stderr)
+        return 1
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "admin",
+        help="manage agents, gateways, tunnels and certificates through the REST API",
+        description="Manage Control through its REST API (needs the admin token).",
+    )
+    nouns = parser.add_subparsers(dest="noun", metavar="NOUN", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_settings(p, SETTINGS)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(run=run)
+
+    for kind in ("agent", "gateway"):
+        noun = nouns.add_parser(kind, help=f"manage {kind}s")
+        actions = noun.add_subparsers(dest="action", metavar="ACTION", required=True)
+        common(actions.add_parser("list", help=f"list {kind}s"))
+        create = actions.add_parser("create", help=f"create a {kind} and print its API key once")
+        create.add_argument("name", help="unique name (lower-case letters, digits, . _ -)")
+        common(create)
+        for action, text in (
+            ("get", "show one"),
+            ("delete", f"delete a {kind}"),
+            ("rotate-key", "issue a new API key (prints it once)"),
+        ):
+            sub = actions.add_parser(action, help=text)
+            sub.add_argument("ref", help="id or name")
+            common(sub)
+
+    noun = nouns.add_parser("tunnel", help="manage tunnels")
+    actions = noun.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="list tunnels")
+    listing.add_argument("--agent", help="only this agent's tunnels (id or name)")
+    common(listing)
+    create = actions.add_parser("create", help="create a tunnel")
+    create.add_argument("--protocol", choices=("http", "tcp", "udp"), default="http")
+    create.add_argument("--domain", help="public hostname (http)")
+    create.add_argument("--public-port", type=int, help="public port (tcp/udp)")
+    create.add_argument(
+        "--target", required=True, help="host:port or http(s) URL on the agent's side"
+    )
+    create.add_argument("--agent", required=True, help="agent id or name")
+    create.add_argument("--disabled", action="store_true", help="create it disabled")
+    common(create)
+    update = actions.add_parser("update", help="change a tunnel")
+    update.add_argument("id")
+    update.add_argument("--protocol", choices=("http", "tcp", "udp"))
+    update.add_argument("--domain")
+    update.add_argument("--public-port", type=int)
+    update.add_argument("--target")
+    update.add_argument("--agent")
+    toggle = update.add_mutually_exclusive_group()
+    toggle.add_argument("--enable", action="store_true")
+    toggle.add_argument("--disable", action="store_true")
+    common(update)
+    for action, text in (("get", "show one"), ("delete", "delete a tunnel")):
+        sub = actions.add_parser(action, help=text)
+        sub.add_argument("id")
+        common(sub)
+
+    noun = nouns.add_parser("certificate", help="manage certificates")
+    actions = noun.add_subparsers(dest="action", metavar="ACTION", required=True)
+    common(actions.add_parser("list", help="list certificates"))
+    create = actions.add_parser("create", help="upload a certificate chain and key")
+    create.add_argument("--domain", required=True)
+    create.add_argument("--cert", required=True, help="PEM chain file")
+    create.add_argument("--key", required=True, help="PEM private key file")
+    common(create)
+    delete = actions.add_parser("delete", help="delete a certificate")
+    delete.add_argument("ref", help="id or domain")
+    common(delete)

@@ -1,0 +1,272 @@
+"""Request and response bodies of the REST API (pydantic), with our validation rules.
+
+The same models feed the OpenAPI document, so what is documented is what is checked.
+Bodies use camelCase, reject unknown fields, and return 422 with the offending field
+named when a value is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
+_URL = re.compile(
+    r"^(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]?#\s]+)(?::(?P<port>\d{1,5}))?"
+    r"(?P<path>/[^\s#]*)?$"
+)
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$"),
+    Field(description="lower-case letters, digits, '.', '_', '-'; 1-63 characters"),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def check_domain(value: str) -> str:
+    """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels."""
+    domain = value.strip().rstrip(".").lower()
+    if len(domain) > 253:
+        raise ValueError("domain is longer than 253 characters")
+    labels = domain.split(".")
+    if len(labels) < 2:
+        raise ValueError("domain needs at least two labels (e.g. app.example.com)")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(f"invalid domain label {label!r}")
+    if labels[-1].isdigit():
+        raise ValueError("domain must not be an IP address")
+    return domain
+
+
+def _check_host(host: str) -> None:
+    if host.startswith("[") and host.endswith("]"):
+        ipaddress.IPv6Address(host[1:-1])
+        return
+    try:
+        ipaddress.IPv4Address(host)
+        return
+    except ValueError:
+        pass
+    if len(host) > 253 or not all(_HOSTNAME_LABEL.match(p) for p in host.split(".")):
+        raise ValueError(f"invalid host {host!r}")
+    if host.replace(".", "").isdigit():
+        raise ValueError(f"invalid IPv4 address {host!r}")
+
+
+def check_target(value: str, *, allow_url: bool) -> str:
+    """``host:port`` (``[v6]:port`` for IPv6) or, for HTTP tunnels, an http(s) URL."""
+    target = value.strip()
+    match = _URL.match(target)
+    if match:
+        if not allow_url:
+            raise ValueError("tcp/udp tunnel targets must be host:port, not a URL")
+        _check_host(match["host"])
+        if match["port"] is not None and not 1 <= int(match["port"]) <= 65535:
+            raise ValueError("target port must be 1-65535")
+        return target
+    if "://" in target:
+        raise ValueError("target URL must start with http:// or https://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("target must be host:port (e.g. 127.0.0.1:8080) or an http(s) URL")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("target port must be 1-65535")
+    if ":" in host and not host.startswith("["):
+        raise ValueError("IPv6 targets are written [addr]:port")
+    _check_host(host)
+    return target
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, str_max_length=4096
+    )
+
+
+class ClientCreate(_Body):
+    """Create an agent or a gateway; the response carries its API key, once."""
+
+    name: Name
+
+
+class ClientUpdate(_Body):
+    """Rename an agent or a gateway."""
+
+    name: Name
+
+
+Protocol = Literal["http", "tcp", "udp"]
+
+
+class TunnelCreate(_Body):
+    """A public hostname (http) or public port (tcp/udp) forwarded to a target on an agent."""
+
+    protocol: Protocol = "http"
+    domain: str | None = Field(default=None, description="public hostname (http tunnels)")
+    public_port: Port | None = Field(default=None, description="public port (tcp/udp tunnels)")
+    target: str = Field(max_length=2048, description="host:port or http(s) URL, agent side")
+    agent: str = Field(min_length=1, max_length=63, description="agent id or name")
+    enabled: bool = True
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        return None if value is None else check_domain(value)
+
+    @model_validator(mode="after")
+    def _shape(self) -> TunnelCreate:
+        if self.protocol == "http":
+            if self.domain is None:
+                raise ValueError("an http tunnel needs a domain")
+            if self.public_port is not None:
+                raise ValueError("an http tunnel is routed by domain; omit publicPort")
+        else:
+            if self.public_port is None:
+                raise ValueError(f"a {self.protocol} tunnel needs a publicPort")
+            if self.domain is not None:
+                raise ValueError(f"a {self.protocol} tunnel is routed by port; omit domain")
+        self.target = check_target(self.target, allow_url=self.protocol == "http")
+        return self
+
+
+class TunnelUpdate(_Body):
+    """Partial update of a tunnel; omitted fields stay as they are."""
+
+    protocol: Protocol | None = None
+    domain: str | None = None
+    public_port: Port | None = None
+    target: str | None = Field(default=None, max_length=2048)
+    agent: str | None = Field(default=None, min_length=1, max_length=63)
+    enabled: bool | None = None
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        return None if value is None else check_domain(value)
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str | None) -> str | None:
+        return None if value is None else check_target(value, allow_url=True)
+
+
+class CertificateCreate(_Body):
+    """Upload a certificate chain and its private key (PEM) for a domain."""
+
+    domain: str
+    certificate: str = Field(max_length=65536, description="PEM certificate chain, leaf first")
+    private_key: str = Field(max_length=16384, description="PEM private key (write-only)")
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        return check_domain(value)
+
+
+class CertificateUpdate(_Body):
+    """Replace a certificate chain and key."""
+
+    certificate: str = Field(max_length=65536)
+    private_key: str = Field(max_length=16384)
+
+
+# -- responses (documentation of what the handlers return) ------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """One validation problem."""
+
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The error object."""
+
+    code: str
+    message: str
+    details: list[ErrorDetail] = []
+
+
+class Error(BaseModel):
+    """Every error response has this shape."""
+
+    error: ErrorBody
+
+
+class AgentOut(BaseModel):
+    """An agent as the API shows it (never its key or key hash)."""
+
+    id: str
+    name: str
+    subnet: str
+    virtualIp: str
+    publicKey: str | None
+    online: bool
+    lastSeen: str | None
+    version: str | None
+    createdAt: str
+    updatedAt: str
+    apiKey: str | None = Field(default=None, description="only in create/rotate responses")
+
+
+class GatewayOut(BaseModel):
+    """A gateway as the API shows it."""
+
+    id: str
+    name: str
+    slot: int
+    publicKey: str | None
+    publicIp: str | None
+    wireguardPort: int | None
+    online: bool
+    lastSeen: str | None
+    version: str | None
+    createdAt: str
+    updatedAt: str
+    apiKey: str | None = Field(default=None, description="only in create/rotate responses")
+
+
+class TunnelOut(BaseModel):
+    """A tunnel as the API shows it."""
+
+    id: str
+    protocol: str
+    domain: str | None
+    publicPort: int | None
+    target: str
+    agentId: str
+    agentName: str
+    agentIp: str
+    enabled: bool
+    health: str | None
+    healthDetail: str | None
+    healthAt: str | None
+    createdAt: str
+    updatedAt: str
+
+
+class CertificateOut(BaseModel):
+    """A certificate as the API shows it (the private key is never returned)."""
+
+    id: str
+    domain: str
+    notAfter: str
+    source: str
+    certificate: str
+    createdAt: str
+    updatedAt: str

@@ -1,0 +1,345 @@
+"""REST handlers under ``/api/``: agents, gateways, tunnels, certificates.
+
+Handlers validate with the pydantic models, call the store, then tell the hub what
+to push.  Errors leave through :class:`ApiError` / store errors, rendered by the app
+in the one shape of ``errors.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from control import protocol as p
+from control.api import models as m
+from control.api.errors import ApiError, from_validation
+from control.db.store import ClientKind, Row, Store
+from control.ws.hub import Hub
+
+Model = TypeVar("Model", bound=BaseModel)
+MAX_BODY = 256 * 1024
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
+    out = {
+        "id": row["id"],
+        "name": row["name"],
+        "subnet": row["subnet"],
+        "virtualIp": row["virtual_ip"],
+        "publicKey": row["public_key"],
+        "online": bool(row["online"]),
+        "lastSeen": _iso(row["last_seen"]),
+        "version": row["client_version"],
+        "createdAt": _iso(row["created_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+    if api_key is not None:
+        out["apiKey"] = api_key
+    return out
+
+
+def gateway_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
+    out = {
+        "id": row["id"],
+        "name": row["name"],
+        "slot": row["slot"],
+        "publicKey": row["public_key"],
+        "publicIp": row["public_ip"],
+        "wireguardPort": row["wireguard_port"],
+        "online": bool(row["online"]),
+        "lastSeen": _iso(row["last_seen"]),
+        "version": row["client_version"],
+        "createdAt": _iso(row["created_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+    if api_key is not None:
+        out["apiKey"] = api_key
+    return out
+
+
+def tunnel_out(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "protocol": row["protocol"],
+        "domain": row["domain"],
+        "publicPort": row["public_port"],
+        "target": row["target"],
+        "agentId": row["agent_id"],
+        "agentName": row["agent_name"],
+        "agentIp": row["agent_ip"],
+        "enabled": bool(row["enabled"]),
+        "health": row["health"],
+        "healthDetail": row["health_detail"],
+        "healthAt": _iso(row["health_at"]),
+        "createdAt": _iso(row["created_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+
+
+def certificate_out(row: Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "domain": row["domain"],
+        "notAfter": _iso(row["not_after"]),
+        "source": row["source"],
+        "certificate": row["certificate_pem"],
+        "createdAt": _iso(row["created_at"]),
+        "updatedAt": _iso(row["updated_at"]),
+    }
+
+
+async def _body(request: Request, model: type[Model]) -> Model:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(422, "validation_failed", "request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+def _page(request: Request) -> tuple[int, int]:
+    def number(name: str, default: int, low: int, high: int) -> int:
+        text = request.query_params.get(name)
+        if text is None:
+            return default
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise ApiError(
+                422,
+                "validation_failed",
+                f"query parameter {name!r} must be an integer in {low}..{high}",
+                [{"field": name, "message": f"must be an integer in {low}..{high}"}],
+            )
+        return int(text)
+
+    return number("limit", 50, 1, 500), number("offset", 0, 0, 10**9)
+
+
+def _paged(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> JSONResponse:
+    return JSONResponse({"items": items, "total": total, "limit": limit, "offset": offset})
+
+
+def _parse_certificate(domain: str, certificate: str, private_key: str) -> float:
+    """Check the PEM chain and key; return the leaf's expiry (epoch seconds)."""
+    try:
+        chain = x509.load_pem_x509_certificates(certificate.encode())
+    except ValueError as exc:
+        raise ApiError(422, "invalid_certificate", "certificate is not a PEM chain") from exc
+    try:
+        key = serialization.load_pem_private_key(private_key.encode(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(
+            422, "invalid_certificate", "privateKey is not an unencrypted PEM key"
+        ) from exc
+    except Exception as exc:  # unsupported key algorithm
+        raise ApiError(422, "invalid_certificate", "privateKey is not a supported key") from exc
+    leaf = chain[0]
+    leaf_public = leaf.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if leaf_public != key_public:
+        raise ApiError(422, "invalid_certificate", "privateKey does not match the certificate")
+    names: list[str] = []
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        pass
+    wildcard = "*." + domain.split(".", 1)[1]
+    if domain not in names and wildcard not in names:
+        raise ApiError(422, "invalid_certificate", f"certificate does not cover {domain!r}")
+    return leaf.not_valid_after_utc.timestamp()
+
+
+class Api:
+    """The handlers, bound to one store and hub."""
+
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self.store = store
+        self.hub = hub
+
+    # -- agents and gateways ----------------------------------------------------------
+
+    def _out(self, kind: ClientKind, row: Row, key: str | None = None) -> dict[str, Any]:
+        return agent_out(row, key) if kind == "agent" else gateway_out(row, key)
+
+    async def list_clients(self, request: Request, kind: ClientKind) -> Response:
+        limit, offset = _page(request)
+        rows, total = await self.store.list_clients(kind, limit, offset)
+        return _paged([self._out(kind, r) for r in rows], total, limit, offset)
+
+    async def create_client(self, request: Request, kind: ClientKind) -> Response:
+        body = await _body(request, m.ClientCreate)
+        row, key = await self.store.create_client(kind, body.name)
+        return JSONResponse(self._out(kind, row, key), status_code=201)
+
+    async def get_client(self, request: Request, kind: ClientKind) -> Response:
+        row = await self.store.get_client(kind, request.path_params["ref"])
+        return JSONResponse(self._out(kind, row))
+
+    async def update_client(self, request: Request, kind: ClientKind) -> Response:
+        body = await _body(request, m.ClientUpdate)
+        row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
+        await self.hub.push_config(kind, [row["id"]])
+        await self.hub.push_config("gateway" if kind == "agent" else "agent")
+        return JSONResponse(self._out(kind, row))
+
+    async def delete_client(self, request: Request, kind: ClientKind) -> Response:
+        row = await self.store.delete_client(kind, request.path_params["ref"])
+        await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, f"{kind} deleted")
+        await self.hub.push_config("gateway" if kind == "agent" else "agent")
+        return Response(status_code=204)
+
+    async def rotate_key(self, request: Request, kind: ClientKind) -> Response:
+        row, key = await self.store.rotate_key(kind, request.path_params["ref"])
+        await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, "API key rotated")
+        return JSONResponse(self._out(kind, row, key))
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    async def list_tunnels(self, request: Request) -> Response:
+        limit, offset = _page(request)
+        agent_ref = request.query_params.get("agent")
+        agent_id = None
+        if agent_ref:
+            agent_id = (await self.store.get_client("agent", agent_ref))["id"]
+        rows, total = await self.store.list_tunnels(limit, offset, agent_id)
+        return _paged([tunnel_out(r) for r in rows], total, limit, offset)
+
+    async def create_tunnel(self, request: Request) -> Response:
+        body = await _body(request, m.TunnelCreate)
+        row = await self.store.create_tunnel(body.model_dump())
+        await self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
+        return JSONResponse(tunnel_out(row), status_code=201)
+
+    async def get_tunnel(self, request: Request) -> Response:
+        return JSONResponse(tunnel_out(await self.store.get_tunnel(request.path_params["id"])))
+
+    async def update_tunnel(self, request: Request) -> Response:
+        body = await _body(request, m.TunnelUpdate)
+        changes = body.model_dump(exclude_unset=True)
+        nulls = [
+            k
+            for k in ("protocol", "target", "agent", "enabled")
+            if k in changes and changes[k] is None
+        ]
+        if nulls:
+            raise ApiError(422, "validation_failed", f"{nulls[0]} cannot be null")
+        current = await self.store.get_tunnel(request.path_params["id"])
+        protocol = changes.get("protocol") or current["protocol"]
+        target = changes.get("target") or current["target"]
+        if protocol == "http" and changes.get("public_port") is not None:
+            raise ApiError(
+                422, "validation_failed", "an http tunnel is routed by domain; omit publicPort"
+            )
+        if protocol != "http" and changes.get("domain") is not None:
+            raise ApiError(
+                422, "validation_failed", f"a {protocol} tunnel is routed by port; omit domain"
+            )
+        try:
+            m.check_target(target, allow_url=protocol == "http")
+        except ValueError as exc:
+            raise ApiError(422, "validation_failed", f"target: {exc}") from exc
+        before, after = await self.store.update_tunnel(current["id"], changes)
+        if before["agent_id"] != after["agent_id"]:
+            await self.hub.agent_moved_tunnel(before, after)
+        else:
+            await self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
+        return JSONResponse(tunnel_out(after))
+
+    async def delete_tunnel(self, request: Request) -> Response:
+        row = await self.store.delete_tunnel(request.path_params["id"])
+        await self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
+        return Response(status_code=204)
+
+    # -- certificates -----------------------------------------------------------------
+
+    async def list_certificates(self, request: Request) -> Response:
+        limit, offset = _page(request)
+        rows, total = await self.store.list_certificates(limit, offset)
+        return _paged([certificate_out(r) for r in rows], total, limit, offset)
+
+    async def create_certificate(self, request: Request) -> Response:
+        body = await _body(request, m.CertificateCreate)
+        not_after = _parse_certificate(body.domain, body.certificate, body.private_key)
+        row = await self.store.create_certificate(
+            body.domain, body.certificate, body.private_key, not_after
+        )
+        await self.hub.push_config("gateway")
+        return JSONResponse(certificate_out(row), status_code=201)
+
+    async def get_certificate(self, request: Request) -> Response:
+        row = await self.store.get_certificate(request.path_params["ref"])
+        return JSONResponse(certificate_out(row))
+
+    async def update_certificate(self, request: Request) -> Response:
+        body = await _body(request, m.CertificateUpdate)
+        current = await self.store.get_certificate(request.path_params["ref"])
+        not_after = _parse_certificate(current["domain"], body.certificate, body.private_key)
+        row = await self.store.upsert_certificate(
+            current["domain"], body.certificate, body.private_key, not_after, "manual"
+        )
+        await self.hub.push_config("gateway")
+        return JSONResponse(certificate_out(row))
+
+    async def delete_certificate(self, request: Request) -> Response:
+        await self.store.delete_certificate(request.path_params["ref"])
+        await self.hub.push_config("gateway")
+        return Response(status_code=204)
+
+    def routes(self) -> list[Route]:
+        def bind(kind: ClientKind, method: Any) -> Any:
+            async def handler(request: Request) -> Response:
+                return await method(request, kind)  # type: ignore[no-any-return]
+
+            return handler
+
+        routes: list[Route] = []
+        for kind, plural in (("agent", "agents"), ("gateway", "gateways")):
+            k: ClientKind = "agent" if kind == "agent" else "gateway"
+            routes += [
+                Route(f"/api/{plural}", bind(k, self.list_clients), methods=["GET"]),
+                Route(f"/api/{plural}", bind(k, self.create_client), methods=["POST"]),
+                Route(f"/api/{plural}/{{ref}}", bind(k, self.get_client), methods=["GET"]),
+                Route(f"/api/{plural}/{{ref}}", bind(k, self.update_client), methods=["PATCH"]),
+                Route(f"/api/{plural}/{{ref}}", bind(k, self.delete_client), methods=["DELETE"]),
+                Route(
+                    f"/api/{plural}/{{ref}}/rotate-key", bind(k, self.rotate_key), methods=["POST"]
+                ),
+            ]
+        routes += [
+            Route("/api/tunnels", self.list_tunnels, methods=["GET"]),
+            Route("/api/tunnels", self.create_tunnel, methods=["POST"]),
+            Route("/api/tunnels/{id}", self.get_tunnel, methods=["GET"]),
+            Route("/api/tunnels/{id}", self.update_tunnel, methods=["PATCH"]),
+            Route("/api/tunnels/{id}", self.delete_tunnel, methods=["DELETE"]),
+            Route("/api/certificates", self.list_certificates, methods=["GET"]),
+            Route("/api/certificates", self.create_certificate, methods=["POST"]),
+            Route("/api/certificates/{ref}", self.get_certificate, methods=["GET"]),
+            Route("/api/certificates/{ref}", self.update_certificate, methods=["PATCH"]),
+            Route("/api/certificates/{ref}", self.delete_certificate, methods=["DELETE"]),
+        ]
+        return routes

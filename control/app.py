@@ -1,0 +1,169 @@
+"""The Control ASGI application: REST API, OpenAPI document, health check, WebSocket hub.
+
+``create_app(settings)`` wires the pieces; the lifespan opens the database, runs the
+migrations, settles the admin token and starts the hub's monitor.  Everything under
+``/api/`` needs ``Authorization: Bearer <admin token>``; ``/ws`` authenticates with
+agent/gateway API keys inside the protocol; ``/healthz`` and ``/openapi.json`` are open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from control.alloc import DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.api.errors import ApiError, error_response
+from control.api.openapi import build_openapi
+from control.api.routes import Api
+from control.db.engine import create_engine, migrate
+from control.db.store import Store, StoreError
+from control.ws.hub import Hub
+from kakuremichi.logs import kv
+
+log = logging.getLogger("control")
+
+ADMIN_TOKEN_SETTING = "admin_token_sha256"  # noqa: S105 (a settings key)
+
+
+@dataclass
+class ControlSettings:
+    """Everything the app needs; filled from flags/env/file by ``control.main``."""
+
+    database_url: str
+    admin_token: str | None = None
+    address_pool: str = DEFAULT_POOL
+    agent_prefix: int = DEFAULT_PREFIX
+    offline_after: float = 60.0
+    announce: Callable[[str], None] = field(default=print)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class AdminAuth:
+    """ASGI middleware: bearer admin token on ``/api/``; constant-time comparison."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/api"):
+            header = ""
+            for name, value in scope.get("headers", []):
+                if name == b"authorization":
+                    header = value.decode("latin-1")
+                    break
+            scheme, _, token = header.partition(" ")
+            expected = self.state.get("admin_digest")
+            if (
+                scheme.lower() != "bearer"
+                or not expected
+                or not hmac.compare_digest(_digest(token.strip()), expected)
+            ):
+                response = error_response(
+                    401,
+                    "unauthorized",
+                    "missing or invalid admin token (Authorization: Bearer <token>)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: ControlSettings) -> Starlette:
+    plan = AddressPlan(settings.address_pool, settings.agent_prefix)
+    engine = create_engine(settings.database_url)
+    store = Store(engine, plan)
+    hub = Hub(store, offline_after=settings.offline_after)
+    api = Api(store, hub)
+    auth_state: dict[str, Any] = {}
+    openapi = build_openapi()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await migrate(engine)
+        await store.mark_all_offline()
+        if settings.admin_token:
+            auth_state["admin_digest"] = _digest(settings.admin_token)
+        else:
+            stored = await store.get_setting(ADMIN_TOKEN_SETTING)
+            if stored is None:
+                token = "adm_" + secrets.token_urlsafe(32)
+                await store.set_setting(ADMIN_TOKEN_SETTING, _digest(token))
+                settings.announce(
+                    "Generated an admin token (shown once; only its hash is stored):\n"
+                    f"  {token}\n"
+                    "Pass it to admin commands with --admin-token or KAKUREMICHI_ADMIN_TOKEN."
+                )
+                stored = _digest(token)
+            auth_state["admin_digest"] = stored
+        hub.start()
+        log.info(
+            "control ready", extra=kv(pool=settings.address_pool, prefix=settings.agent_prefix)
+        )
+        try:
+            yield
+        finally:
+            await hub.close_all()
+            await engine.dispose()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "connections": len(hub.connections)})
+
+    async def openapi_json(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    async def store_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StoreError)
+        return error_response(exc.status, exc.code, str(exc))
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc.status, exc.code, exc.message, exc.details)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 500)
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(
+            status, codes.get(status, "http_error"), str(getattr(exc, "detail", ""))
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc, extra=kv(path=request.url.path))
+        return error_response(500, "internal", "internal server error")
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/openapi.json", openapi_json, methods=["GET"]),
+            WebSocketRoute("/ws", hub.endpoint),
+            *api.routes(),
+        ],
+        lifespan=lifespan,
+        exception_handlers={
+            StoreError: store_error,
+            ApiError: api_error,
+            HTTPException: http_error,
+            Exception: server_error,
+        },
+    )
+    app.add_middleware(AdminAuth, state=auth_state)
+    app.state.store = store
+    app.state.hub = hub
+    return app

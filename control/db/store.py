@@ -1,0 +1,520 @@
+"""The data layer: every query Control runs, behind one class.
+
+Written against SQLAlchemy Core so that SQLite (default) and PostgreSQL share it.
+Writes go through one asyncio lock per process: SQLite allows one writer anyway, and
+the lock makes "find a free subnet, insert it" atomic for concurrent API calls; the
+unique constraints on ``subnet``/``slot``/``domain``/``(protocol, public_port)`` are
+the backstop for anything the lock does not cover (another process), and turn into
+:class:`Conflict`.
+
+Per-client ``config_version`` counts what Control has sent to that client; every
+push bumps it (in the same statement for all recipients), and a heartbeat that
+reports another number gets a full ``config`` back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import ipaddress
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from control.alloc import AddressPlan, PoolExhausted
+from control.db.schema import agents, certificates, gateways, settings, tunnels
+
+ClientKind = Literal["agent", "gateway"]
+Row = dict[str, Any]
+
+KEY_PREFIX = {"agent": "agt_", "gateway": "gtw_"}
+
+
+class StoreError(Exception):
+    """Base of the errors the API maps to HTTP statuses."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(StoreError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    status = 409
+    code = "conflict"
+
+
+class Invalid(StoreError):
+    status = 422
+    code = "invalid"
+
+
+def new_api_key(kind: ClientKind) -> str:
+    """``agt_``/``gtw_`` + 32 random bytes, URL-safe base64 without padding."""
+    raw = base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+    return KEY_PREFIX[kind] + raw
+
+
+def hash_key(key: str) -> str:
+    # Keys carry 256 random bits, so a fast unsalted hash is safe and lets us index it.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _table(kind: ClientKind) -> sa.Table:
+    return agents if kind == "agent" else gateways
+
+
+class Store:
+    """Async access to the Control database."""
+
+    def __init__(self, engine: AsyncEngine, plan: AddressPlan) -> None:
+        self.engine = engine
+        self.plan = plan
+        self._write_lock = asyncio.Lock()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+
+    @staticmethod
+    def _rows(result: sa.CursorResult[Any]) -> list[Row]:
+        return [dict(row._mapping) for row in result]
+
+    # -- settings ---------------------------------------------------------------------
+
+    async def get_setting(self, key: str) -> str | None:
+        async with self._read() as conn:
+            value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+        return None if value is None else str(value)
+
+    async def set_setting(self, key: str, value: str) -> None:
+        async with self._write() as conn:
+            updated = await conn.execute(
+                settings.update().where(settings.c.key == key).values(value=value)
+            )
+            if updated.rowcount == 0:
+                await conn.execute(settings.insert().values(key=key, value=value))
+
+    # -- agents and gateways ----------------------------------------------------------
+
+    async def create_client(self, kind: ClientKind, name: str) -> tuple[Row, str]:
+        """Create an agent or gateway; returns the row and its API key (shown once)."""
+        table = _table(kind)
+        key = new_api_key(kind)
+        now = time.time()
+        values: Row = {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "api_key_hash": hash_key(key),
+            "online": False,
+            "config_version": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self._write() as conn:
+            if await conn.scalar(sa.select(table.c.id).where(table.c.name == name)):
+                raise Conflict(f"{kind} named {name!r} already exists")
+            try:
+                if kind == "agent":
+                    used = await conn.scalars(sa.select(agents.c.subnet))
+                    subnet = self.plan.first_free_subnet(used)
+                    values["subnet"] = str(subnet)
+                    values["virtual_ip"] = str(self.plan.agent_address(subnet))
+                else:
+                    slots = await conn.scalars(sa.select(gateways.c.slot))
+                    values["slot"] = self.plan.first_free_slot(slots)
+            except PoolExhausted as exc:
+                raise Conflict(str(exc)) from exc
+            try:
+                await conn.execute(table.insert().values(**values))
+            except IntegrityError as exc:
+                raise Conflict(f"{kind} {name!r} conflicts with an existing one") from exc
+            row = (await conn.execute(sa.select(table).where(table.c.id == values["id"]))).one()
+        return dict(row._mapping), key
+
+    async def list_clients(
+        self, kind: ClientKind, limit: int, offset: int
+    ) -> tuple[list[Row], int]:
+        table = _table(kind)
+        async with self._read() as conn:
+            total = await conn.scalar(sa.select(sa.func.count()).select_from(table))
+            rows = self._rows(
+                await conn.execute(
+                    sa.select(table)
+                    .order_by(table.c.created_at, table.c.id)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+        return rows, int(total or 0)
+
+    async def get_client(self, kind: ClientKind, ref: str) -> Row:
+        """Find by id or by name."""
+        table = _table(kind)
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(table).where(sa.or_(table.c.id == ref, table.c.name == ref))
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no {kind} with id or name {ref!r}")
+        return dict(row._mapping)
+
+    async def rename_client(self, kind: ClientKind, ref: str, name: str) -> Row:
+        table = _table(kind)
+        row = await self.get_client(kind, ref)
+        async with self._write() as conn:
+            try:
+                await conn.execute(
+                    table.update()
+                    .where(table.c.id == row["id"])
+                    .values(name=name, updated_at=time.time())
+                )
+            except IntegrityError as exc:
+                raise Conflict(f"{kind} named {name!r} already exists") from exc
+        return await self.get_client(kind, row["id"])
+
+    async def rotate_key(self, kind: ClientKind, ref: str) -> tuple[Row, str]:
+        table = _table(kind)
+        row = await self.get_client(kind, ref)
+        key = new_api_key(kind)
+        async with self._write() as conn:
+            await conn.execute(
+                table.update()
+                .where(table.c.id == row["id"])
+                .values(api_key_hash=hash_key(key), updated_at=time.time())
+            )
+        return await self.get_client(kind, row["id"]), key
+
+    async def delete_client(self, kind: ClientKind, ref: str) -> Row:
+        table = _table(kind)
+        row = await self.get_client(kind, ref)
+        async with self._write() as conn:
+            await conn.execute(table.delete().where(table.c.id == row["id"]))
+        return row
+
+    async def client_by_key(self, kind: ClientKind, key: str) -> Row | None:
+        table = _table(kind)
+        async with self._read() as conn:
+            row = (
+                await conn.execute(sa.select(table).where(table.c.api_key_hash == hash_key(key)))
+            ).first()
+        return None if row is None else dict(row._mapping)
+
+    async def record_auth(
+        self,
+        kind: ClientKind,
+        client_id: str,
+        public_key: str,
+        version: str,
+        public_ip: str | None,
+        wireguard_port: int | None,
+    ) -> bool:
+        """Store what the client reported at ``auth``; True if peers must be told."""
+        table = _table(kind)
+        now = time.time()
+        async with self._write() as conn:
+            row = (await conn.execute(sa.select(table).where(table.c.id == client_id))).one()
+            values: Row = {
+                "public_key": public_key,
+                "client_version": version[:64],
+                "online": True,
+                "last_seen": now,
+            }
+            changed = row.public_key != public_key
+            if kind == "gateway":
+                values["public_ip"] = public_ip
+                values["wireguard_port"] = wireguard_port
+                changed = changed or (row.public_ip, row.wireguard_port) != (
+                    public_ip,
+                    wireguard_port,
+                )
+            if changed:
+                values["updated_at"] = now
+            await conn.execute(table.update().where(table.c.id == client_id).values(**values))
+        return bool(changed)
+
+    async def touch_many(self, kind: ClientKind, seen: Sequence[tuple[str, float]]) -> None:
+        """Record ``last_seen`` for many clients in one statement (heartbeat flush)."""
+        table = _table(kind)
+        statement = (
+            table.update()
+            .where(table.c.id == sa.bindparam("b_id"))
+            .values(last_seen=sa.bindparam("b_seen"))
+        )
+        async with self._write() as conn:
+            await conn.execute(statement, [{"b_id": i, "b_seen": w} for i, w in seen])
+
+    async def set_online(self, kind: ClientKind, client_id: str, online: bool) -> None:
+        table = _table(kind)
+        async with self._write() as conn:
+            await conn.execute(table.update().where(table.c.id == client_id).values(online=online))
+
+    async def mark_all_offline(self) -> None:
+        """At start-up nobody is connected yet, whatever the database says."""
+        async with self._write() as conn:
+            await conn.execute(agents.update().values(online=False))
+            await conn.execute(gateways.update().values(online=False))
+
+    async def bump_versions(self, kind: ClientKind, ids: Sequence[str]) -> dict[str, int]:
+        """Increment ``config_version`` for these clients; return the new numbers."""
+        if not ids:
+            return {}
+        table = _table(kind)
+        async with self._write() as conn:
+            await conn.execute(
+                table.update()
+                .where(table.c.id.in_(ids))
+                .values(config_version=table.c.config_version + 1)
+            )
+            result = await conn.execute(
+                sa.select(table.c.id, table.c.config_version).where(table.c.id.in_(ids))
+            )
+            return {row.id: int(row.config_version) for row in result}
+
+    async def config_version(self, kind: ClientKind, client_id: str) -> int:
+        table = _table(kind)
+        async with self._read() as conn:
+            value = await conn.scalar(
+                sa.select(table.c.config_version).where(table.c.id == client_id)
+            )
+        if value is None:
+            raise NotFound(f"{kind} {client_id} is gone")
+        return int(value)
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    async def create_tunnel(self, fields: Row) -> Row:
+        agent = await self.get_client("agent", fields["agent"])
+        now = time.time()
+        values = {
+            "id": str(uuid.uuid4()),
+            "protocol": fields["protocol"],
+            "domain": fields.get("domain"),
+            "public_port": fields.get("public_port"),
+            "target": fields["target"],
+            "agent_id": agent["id"],
+            "enabled": fields.get("enabled", True),
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self._write() as conn:
+            await self._check_unique(conn, values, None)
+            try:
+                await conn.execute(tunnels.insert().values(**values))
+            except IntegrityError as exc:
+                raise Conflict("a tunnel with this domain or public port already exists") from exc
+        return await self.get_tunnel(str(values["id"]))
+
+    async def _check_unique(self, conn: AsyncConnection, values: Row, own_id: str | None) -> None:
+        if values.get("domain"):
+            query = sa.select(tunnels.c.id).where(tunnels.c.domain == values["domain"])
+            other = await conn.scalar(query)
+            if other is not None and other != own_id:
+                raise Conflict(f"domain {values['domain']!r} is already used by tunnel {other}")
+        if values.get("public_port") is not None:
+            query = sa.select(tunnels.c.id).where(
+                tunnels.c.protocol == values["protocol"],
+                tunnels.c.public_port == values["public_port"],
+            )
+            other = await conn.scalar(query)
+            if other is not None and other != own_id:
+                raise Conflict(
+                    f"{values['protocol']} port {values['public_port']} is already used "
+                    f"by tunnel {other}"
+                )
+
+    def _tunnel_query(self) -> sa.Select[Any]:
+        return sa.select(
+            tunnels,
+            agents.c.name.label("agent_name"),
+            agents.c.virtual_ip.label("agent_ip"),
+            agents.c.subnet.label("agent_subnet"),
+        ).join(agents, agents.c.id == tunnels.c.agent_id)
+
+    async def list_tunnels(
+        self, limit: int, offset: int, agent_id: str | None = None
+    ) -> tuple[list[Row], int]:
+        query = self._tunnel_query()
+        count = sa.select(sa.func.count()).select_from(tunnels)
+        if agent_id is not None:
+            query = query.where(tunnels.c.agent_id == agent_id)
+            count = count.where(tunnels.c.agent_id == agent_id)
+        async with self._read() as conn:
+            total = await conn.scalar(count)
+            rows = self._rows(
+                await conn.execute(
+                    query.order_by(tunnels.c.created_at, tunnels.c.id).limit(limit).offset(offset)
+                )
+            )
+        return rows, int(total or 0)
+
+    async def all_tunnels(self, agent_id: str | None = None) -> list[Row]:
+        query = self._tunnel_query().order_by(tunnels.c.created_at, tunnels.c.id)
+        if agent_id is not None:
+            query = query.where(tunnels.c.agent_id == agent_id)
+        async with self._read() as conn:
+            return self._rows(await conn.execute(query))
+
+    async def get_tunnel(self, tunnel_id: str) -> Row:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(self._tunnel_query().where(tunnels.c.id == tunnel_id))
+            ).first()
+        if row is None:
+            raise NotFound(f"no tunnel with id {tunnel_id!r}")
+        return dict(row._mapping)
+
+    async def update_tunnel(self, tunnel_id: str, changes: Row) -> tuple[Row, Row]:
+        """Apply a partial update; returns (before, after)."""
+        before = await self.get_tunnel(tunnel_id)
+        values = {k: v for k, v in changes.items() if k != "agent"}
+        if "agent" in changes:
+            values["agent_id"] = (await self.get_client("agent", changes["agent"]))["id"]
+        merged = {**before, **values}
+        if merged["protocol"] == "http":
+            if not merged.get("domain"):
+                raise Invalid("an http tunnel needs a domain")
+            merged["public_port"] = values["public_port"] = None
+        else:
+            if merged.get("public_port") is None:
+                raise Invalid(f"a {merged['protocol']} tunnel needs a publicPort")
+            merged["domain"] = values["domain"] = None
+        values["updated_at"] = time.time()
+        async with self._write() as conn:
+            await self._check_unique(conn, merged, tunnel_id)
+            try:
+                await conn.execute(
+                    tunnels.update().where(tunnels.c.id == tunnel_id).values(**values)
+                )
+            except IntegrityError as exc:
+                raise Conflict("a tunnel with this domain or public port already exists") from exc
+        return before, await self.get_tunnel(tunnel_id)
+
+    async def delete_tunnel(self, tunnel_id: str) -> Row:
+        row = await self.get_tunnel(tunnel_id)
+        async with self._write() as conn:
+            await conn.execute(tunnels.delete().where(tunnels.c.id == tunnel_id))
+        return row
+
+    async def record_health(self, agent_id: str, entries: Sequence[tuple[str, str, str]]) -> int:
+        """Store an agent's per-tunnel health; ignores tunnels it does not own."""
+        now = time.time()
+        stored = 0
+        async with self._write() as conn:
+            for tunnel_id, health, detail in entries:
+                result = await conn.execute(
+                    tunnels.update()
+                    .where(tunnels.c.id == tunnel_id, tunnels.c.agent_id == agent_id)
+                    .values(health=health, health_detail=detail, health_at=now)
+                )
+                stored += result.rowcount
+        return stored
+
+    # -- certificates -----------------------------------------------------------------
+
+    async def upsert_certificate(
+        self, domain: str, certificate: str, private_key: str, not_after: float, source: str
+    ) -> Row:
+        now = time.time()
+        async with self._write() as conn:
+            existing = await conn.scalar(
+                sa.select(certificates.c.id).where(certificates.c.domain == domain)
+            )
+            values = {
+                "certificate_pem": certificate,
+                "private_key_pem": private_key,
+                "not_after": not_after,
+                "source": source,
+                "updated_at": now,
+            }
+            if existing is None:
+                existing = str(uuid.uuid4())
+                await conn.execute(
+                    certificates.insert().values(
+                        id=existing, domain=domain, created_at=now, **values
+                    )
+                )
+            else:
+                await conn.execute(
+                    certificates.update().where(certificates.c.id == existing).values(**values)
+                )
+        return await self.get_certificate(str(existing))
+
+    async def create_certificate(
+        self, domain: str, certificate: str, private_key: str, not_after: float
+    ) -> Row:
+        async with self._read() as conn:
+            if await conn.scalar(
+                sa.select(certificates.c.id).where(certificates.c.domain == domain)
+            ):
+                raise Conflict(f"a certificate for {domain!r} already exists")
+        return await self.upsert_certificate(domain, certificate, private_key, not_after, "manual")
+
+    async def list_certificates(self, limit: int, offset: int) -> tuple[list[Row], int]:
+        async with self._read() as conn:
+            total = await conn.scalar(sa.select(sa.func.count()).select_from(certificates))
+            rows = self._rows(
+                await conn.execute(
+                    sa.select(certificates)
+                    .order_by(certificates.c.domain)
+                    .limit(limit)
+                    .offset(offset)
+                )
+            )
+        return rows, int(total or 0)
+
+    async def all_certificates(self) -> list[Row]:
+        async with self._read() as conn:
+            return self._rows(
+                await conn.execute(sa.select(certificates).order_by(certificates.c.domain))
+            )
+
+    async def get_certificate(self, ref: str) -> Row:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(certificates).where(
+                        sa.or_(certificates.c.id == ref, certificates.c.domain == ref)
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"no certificate with id or domain {ref!r}")
+        return dict(row._mapping)
+
+    async def delete_certificate(self, ref: str) -> Row:
+        row = await self.get_certificate(ref)
+        async with self._write() as conn:
+            await conn.execute(certificates.delete().where(certificates.c.id == row["id"]))
+        return row
+
+    # -- configuration snapshots ------------------------------------------------------
+
+    async def all_clients(self, kind: ClientKind) -> list[Row]:
+        table = _table(kind)
+        async with self._read() as conn:
+            return self._rows(await conn.execute(sa.select(table).order_by(table.c.created_at)))
+
+    def gateway_address(self, agent_subnet: str, slot: int) -> str:
+        return str(self.plan.gateway_address(ipaddress.ip_network(agent_subnet), slot))

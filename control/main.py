@@ -1,0 +1,161 @@
+"""``kakuremichi control``: run the management server under uvicorn.
+
+SIGTERM/SIGINT close every WebSocket with 1001 (going away) before uvicorn stops, so
+gateways and agents reconnect promptly to the next Control instead of waiting for a
+timeout; they keep serving on their last config meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from control import protocol
+from control.alloc import DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.app import ControlSettings, create_app
+from kakuremichi import logs
+from kakuremichi.config import (
+    COMMON,
+    ConfigError,
+    Setting,
+    add_settings,
+    port,
+    positive_float,
+    resolve,
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "address to listen on", "0.0.0.0"),
+    Setting("port", "TCP port for the API, dashboard and WebSocket hub", 7700, parse=port),
+    Setting("data-dir", "state directory (SQLite database)", "./data/control"),
+    Setting(
+        "database-url",
+        "SQLAlchemy async database URL (default: SQLite file in --data-dir)",
+        None,
+        secret=True,
+        metavar="URL",
+    ),
+    Setting(
+        "admin-token",
+        "bearer token for the REST API; generated and printed once if unset",
+        None,
+        secret=True,
+        metavar="TOKEN",
+    ),
+    Setting(
+        "address-pool", "address pool agents' subnets are carved from", DEFAULT_POOL, metavar="CIDR"
+    ),
+    Setting("agent-prefix", "prefix length of each agent's subnet", DEFAULT_PREFIX, parse=int),
+    Setting(
+        "offline-after",
+        "seconds without a heartbeat before a client is marked offline",
+        60.0,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
+    *COMMON,
+)
+
+log = logging.getLogger("control")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but WebSockets get 1001 before the listener stops."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        log.info("shutting down: closing client connections")
+        try:
+            await asyncio.wait_for(self._app.state.hub.close_all(), 5.0)
+        except Exception:
+            log.exception("error while closing connections")
+        await super().shutdown(sockets)
+
+
+def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
+    data_dir = Path(values["data_dir"]).expanduser()
+    url = values["database_url"]
+    if url is None:
+        url = f"sqlite+aiosqlite:///{data_dir.resolve() / 'control.db'}"
+    try:
+        ipaddress.ip_address(values["host"]) if values["host"] not in ("localhost",) else None
+    except ValueError as exc:
+        raise ConfigError(f"--host: {values['host']!r} is not an IP address") from exc
+    try:
+        AddressPlan(values["address_pool"], values["agent_prefix"])
+    except ValueError as exc:
+        raise ConfigError(f"--address-pool/--agent-prefix: {exc}") from exc
+    token = values["admin_token"]
+    if token is not None and len(token) < 16:
+        raise ConfigError("--admin-token: must be at least 16 characters")
+
+    def announce(text: str) -> None:
+        print(text, file=sys.stdout, flush=True)
+
+    return (
+        ControlSettings(
+            database_url=url,
+            admin_token=token,
+            address_pool=values["address_pool"],
+            agent_prefix=values["agent_prefix"],
+            offline_after=values["offline_after"],
+            announce=announce,
+        ),
+        data_dir,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    values = resolve(args, SETTINGS)
+    logs.setup(values["log_format"], values["log_level"])
+    settings, data_dir = settings_from(values)
+    if settings.database_url.startswith("sqlite"):
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise ConfigError(f"--data-dir: cannot create {data_dir}: {exc.strerror}") from exc
+        if not os.access(data_dir, os.W_OK):
+            raise ConfigError(f"--data-dir: {data_dir} is not writable")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=values["host"],
+        port=values["port"],
+        log_config=None,
+        ws_max_size=protocol.MAX_FRAME_BYTES,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        timeout_graceful_shutdown=10,
+        server_header=False,
+    )
+    server = _Server(config, app)
+    log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
+    server.run()
+    # uvicorn leaves ``started`` False when binding or the lifespan failed.
+    return 0 if server.started else 1
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "control",
+        help="run the control server (REST API, WebSocket hub)",
+        description=(
+            "Run kakuremichi Control: stores agents, gateways, tunnels and certificates in "
+            "SQLite, serves the REST API under /api/ (admin bearer token), the OpenAPI "
+            "document at /openapi.json and the WebSocket hub at /ws that configures "
+            "gateways and agents."
+        ),
+    )
+    add_settings(parser, SETTINGS)
+    parser.set_defaults(run=run)

@@ -1,0 +1,428 @@
+"""The WebSocket hub: authenticates gateways and agents and keeps them configured.
+
+Theory of operation
+-------------------
+A client connects to ``/ws`` and must send ``auth`` within ``AUTH_TIMEOUT`` seconds.
+A valid key yields ``auth_success`` and a full ``config``; the client's public key (and
+a gateway's endpoint) are stored, and if they changed, the other side is sent a fresh
+``config`` so it can update its WireGuard peers.  A second connection with the same
+credentials replaces the first (close code ``CLOSE_REPLACED``).
+
+Each connection owns a bounded send queue drained by its own writer task: a slow
+client never delays a broadcast to the others, and one whose queue overflows is
+closed (``CLOSE_TOO_SLOW``) and re-syncs with a full config when it returns.
+
+Every frame to a client carries its ``configVersion``, bumped in the database for
+each push so it stays monotonic across restarts.  A heartbeat reporting a different
+version gets a full ``config``.  ``last_seen`` is kept in memory and flushed in
+batches by the monitor, which also closes clients silent for ``offline_after``
+seconds; a closed connection marks its client offline.
+
+Bad frames (malformed JSON, wrong types, unknown types, binary frames) are answered
+with an ``error`` frame; they never raise out of the handler.  Oversized frames are
+refused by the WebSocket layer with close code 1009.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from control import protocol as p
+from control.db.store import ClientKind, Row, Store
+from control.ws.configs import agent_config, gateway_config, tunnel_wire
+from kakuremichi.logs import kv
+
+log = logging.getLogger("control.hub")
+
+SEND_QUEUE_FRAMES = 256
+CLOSE_TIMEOUT = 2.0
+
+
+@dataclass(eq=False)
+class Connection:
+    """One authenticated client and its writer task."""
+
+    ws: WebSocket
+    kind: ClientKind
+    client_id: str
+    name: str
+    config_version: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    last_seen_wall: float = field(default_factory=time.time)
+    queue: asyncio.Queue[str | None] = field(
+        default_factory=lambda: asyncio.Queue(SEND_QUEUE_FRAMES)
+    )
+    writer: asyncio.Task[None] | None = None
+    closing: bool = False
+
+    def enqueue(self, frame: str) -> bool:
+        if self.closing:
+            return False
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+
+class Hub:
+    """Registry of live connections plus everything that pushes to them."""
+
+    def __init__(self, store: Store, offline_after: float = 60.0) -> None:
+        self.store = store
+        self.offline_after = offline_after
+        self.connections: dict[tuple[ClientKind, str], Connection] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._shutting_down = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+
+    async def close_all(
+        self, code: int = p.CLOSE_GOING_AWAY, reason: str = "server shutting down"
+    ) -> None:
+        """Close every connection (SIGTERM path): clients see ``1001 going away``."""
+        self._shutting_down = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+            self._monitor = None
+        await asyncio.gather(
+            *(self._close(conn, code, reason) for conn in list(self.connections.values()))
+        )
+        await self._flush_last_seen()
+
+    # -- the endpoint -----------------------------------------------------------------
+
+    async def endpoint(self, ws: WebSocket) -> None:
+        await ws.accept()
+        if self._shutting_down:
+            await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
+            return
+        conn = await self._authenticate(ws)
+        if conn is None:
+            return
+        try:
+            await self._serve(conn)
+        except WebSocketDisconnect:
+            pass
+        except Exception:  # a bug must cost one connection, never the server
+            log.exception("connection handler failed", extra=kv(client=conn.name, kind=conn.kind))
+            await self._close(conn, 1011, "internal error")
+        finally:
+            await self._unregister(conn)
+
+    async def _authenticate(self, ws: WebSocket) -> Connection | None:
+        peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
+        try:
+            message = await asyncio.wait_for(ws.receive(), p.AUTH_TIMEOUT)
+        except TimeoutError:
+            log.info("closing client that did not authenticate in time", extra=kv(peer=peer))
+            await self._safe_close(ws, p.CLOSE_AUTH_TIMEOUT, "auth timeout")
+            return None
+        if message["type"] == "websocket.disconnect":
+            return None
+        try:
+            text = message.get("text")
+            frame = p.decode(text if text is not None else bytes(message.get("bytes") or b""))
+            if frame.type != "auth":
+                raise p.ProtocolError("auth_required", "the first frame must be 'auth'")
+            auth = p.parse_auth(frame.data)
+        except p.ProtocolError as exc:
+            await self._reject(ws, exc.message, peer, exc.code)
+            return None
+        expected_prefix = "agt_" if auth.client_type == "agent" else "gtw_"
+        row = None
+        if auth.api_key.startswith(expected_prefix):
+            row = await self.store.client_by_key(auth.client_type, auth.api_key)  # type: ignore[arg-type]
+        if row is None:
+            await self._reject(ws, "invalid API key", peer, "invalid_key")
+            return None
+        kind: ClientKind = "agent" if auth.client_type == "agent" else "gateway"
+        changed = await self.store.record_auth(
+            kind, row["id"], auth.public_key, auth.version, auth.public_ip, auth.wireguard_port
+        )
+        conn = Connection(ws, kind, row["id"], row["name"])
+        old = self.connections.get((kind, row["id"]))
+        self.connections[(kind, row["id"])] = conn
+        if old is not None:
+            log.info("replacing previous connection", extra=kv(kind=kind, client=row["name"]))
+            await self._close(old, p.CLOSE_REPLACED, "replaced by a newer connection")
+        conn.writer = asyncio.get_running_loop().create_task(self._write_loop(conn))
+        versions = await self.store.bump_versions(kind, [row["id"]])
+        conn.config_version = versions[row["id"]]
+        conn.enqueue(
+            p.encode(
+                "auth_success",
+                {
+                    "id": row["id"],
+                    "name": row["name"],
+                    "clientType": kind,
+                    "heartbeatInterval": p.HEARTBEAT_INTERVAL,
+                },
+                conn.config_version,
+            )
+        )
+        conn.enqueue(p.encode("config", await self._config_for(conn), conn.config_version))
+        log.info(
+            "client connected",
+            extra=kv(kind=kind, client=row["name"], peer=peer, version=auth.version or "?"),
+        )
+        if changed:
+            other: ClientKind = "gateway" if kind == "agent" else "agent"
+            await self.push_config(other)
+        return conn
+
+    async def _reject(self, ws: WebSocket, message: str, peer: str, code: str) -> None:
+        log.warning("authentication failed", extra=kv(peer=peer, reason=code))
+        with contextlib.suppress(Exception):
+            await ws.send_text(p.encode("auth_error", {"code": code, "message": message}))
+        await self._safe_close(ws, p.CLOSE_AUTH_FAILED, message[:120])
+
+    async def _serve(self, conn: Connection) -> None:
+        while True:
+            message = await conn.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            conn.last_seen = time.monotonic()
+            conn.last_seen_wall = time.time()
+            try:
+                if message.get("text") is None:
+                    raise p.ProtocolError("binary_frame", "frames must be JSON text frames")
+                frame = p.decode(message["text"])
+                await self._dispatch(conn, frame)
+            except p.ProtocolError as exc:
+                log.info(
+                    "bad frame from client",
+                    extra=kv(kind=conn.kind, client=conn.name, code=exc.code, reason=exc.message),
+                )
+                self._send(conn, "error", {"code": exc.code, "message": exc.message})
+
+    async def _dispatch(self, conn: Connection, frame: p.Frame) -> None:
+        if frame.type == "heartbeat":
+            beat = p.parse_heartbeat(frame.data)
+            if beat.config_version != conn.config_version:
+                log.info(
+                    "client config is stale, resending",
+                    extra=kv(client=conn.name, have=beat.config_version, want=conn.config_version),
+                )
+                await self.push_config(conn.kind, [conn.client_id])
+        elif frame.type == "status" and conn.kind == "agent":
+            entries = p.parse_status(frame.data)
+            await self.store.record_health(
+                conn.client_id, [(e.tunnel_id, e.health, e.detail) for e in entries]
+            )
+        elif frame.type == "certificate_obtained" and conn.kind == "gateway":
+            cert = p.parse_certificate_obtained(frame.data)
+            tunnels = await self.store.all_tunnels()
+            if not any(t["domain"] == cert.domain for t in tunnels):
+                raise p.ProtocolError("unknown_domain", f"no tunnel uses {cert.domain!r}")
+            await self.store.upsert_certificate(
+                cert.domain, cert.certificate, cert.private_key, cert.not_after, "acme"
+            )
+            log.info("certificate stored", extra=kv(domain=cert.domain, gateway=conn.name))
+            await self.push_config("gateway")
+        elif frame.type in ("status", "certificate_obtained", "auth"):
+            raise p.ProtocolError(
+                "unexpected_type", f"'{frame.type}' is not accepted from this {conn.kind} now"
+            )
+        else:
+            raise p.ProtocolError("unknown_type", f"unknown frame type {frame.type[:64]!r}")
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def _write_loop(self, conn: Connection) -> None:
+        try:
+            while True:
+                frame = await conn.queue.get()
+                if frame is None:
+                    return
+                await conn.ws.send_text(frame)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the reader side notices and cleans up
+        except Exception:
+            log.exception("writer failed", extra=kv(client=conn.name))
+
+    def _send(self, conn: Connection, type_: str, data: object) -> None:
+        if not conn.enqueue(p.encode(type_, data, conn.config_version)):
+            self._too_slow(conn)
+
+    def _too_slow(self, conn: Connection) -> None:
+        if conn.closing:
+            return
+        log.warning("client too slow, closing", extra=kv(kind=conn.kind, client=conn.name))
+        task = asyncio.get_running_loop().create_task(
+            self._close(conn, p.CLOSE_TOO_SLOW, "client too slow; reconnect to re-sync")
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _safe_close(self, ws: WebSocket, code: int, reason: str) -> None:
+        if ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT)
+
+    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        if conn.closing:
+            return
+        conn.closing = True
+        if conn.writer is not None:
+            conn.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await conn.writer
+        await self._safe_close(conn.ws, code, reason)
+
+    async def _unregister(self, conn: Connection) -> None:
+        conn.closing = True
+        if conn.writer is not None and not conn.writer.done():
+            conn.writer.cancel()
+        if self.connections.get((conn.kind, conn.client_id)) is conn:
+            del self.connections[(conn.kind, conn.client_id)]
+            with contextlib.suppress(Exception):  # the client may have been deleted
+                await self.store.set_online(conn.kind, conn.client_id, False)
+            log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
+
+    # -- pushes -----------------------------------------------------------------------
+
+    def connected(self, kind: ClientKind, ids: Iterable[str] | None = None) -> list[Connection]:
+        if ids is None:
+            return [c for (k, _), c in self.connections.items() if k == kind and not c.closing]
+        found = (self.connections.get((kind, i)) for i in ids)
+        return [c for c in found if c is not None and not c.closing]
+
+    async def _assign_versions(self, kind: ClientKind, conns: list[Connection]) -> None:
+        versions = await self.store.bump_versions(kind, [c.client_id for c in conns])
+        for conn in conns:
+            conn.config_version = versions.get(conn.client_id, conn.config_version)
+
+    async def _config_for(self, conn: Connection) -> dict[str, Any]:
+        row = await self.store.get_client(conn.kind, conn.client_id)
+        if conn.kind == "agent":
+            return agent_config(
+                self.store,
+                row,
+                await self.store.all_clients("gateway"),
+                await self.store.all_tunnels(conn.client_id),
+            )
+        return gateway_config(
+            self.store,
+            row,
+            await self.store.all_clients("agent"),
+            await self.store.all_tunnels(),
+            await self.store.all_certificates(),
+        )
+
+    async def push_config(self, kind: ClientKind, ids: Iterable[str] | None = None) -> int:
+        """Send a fresh full ``config`` to connected clients of one kind."""
+        conns = self.connected(kind, ids)
+        if not conns:
+            return 0
+        await self._assign_versions(kind, conns)
+        rows = {r["id"]: r for r in await self.store.all_clients(kind)}
+        if kind == "agent":
+            gateways = await self.store.all_clients("gateway")
+            tunnels = await self.store.all_tunnels()
+            for conn in conns:
+                if conn.client_id in rows:
+                    self._send(
+                        conn,
+                        "config",
+                        agent_config(self.store, rows[conn.client_id], gateways, tunnels),
+                    )
+        else:
+            agents = await self.store.all_clients("agent")
+            tunnels = await self.store.all_tunnels()
+            certificates = await self.store.all_certificates()
+            for conn in conns:
+                if conn.client_id in rows:
+                    self._send(
+                        conn,
+                        "config",
+                        gateway_config(
+                            self.store, rows[conn.client_id], agents, tunnels, certificates
+                        ),
+                    )
+        return len(conns)
+
+    async def tunnel_event(self, type_: str, tunnel: Row, agent_ids: Iterable[str]) -> None:
+        """Push ``tunnel_create/update/delete`` to the owning agent(s) and every gateway."""
+        data = (
+            {"id": tunnel["id"], "agentId": tunnel["agent_id"]}
+            if type_ == "tunnel_delete"
+            else tunnel_wire(tunnel)
+        )
+        agents = self.connected("agent", agent_ids)
+        gateways = self.connected("gateway")
+        await self._assign_versions("agent", agents)
+        await self._assign_versions("gateway", gateways)
+        frame_data = data
+        for conn in agents + gateways:
+            self._send(conn, type_, frame_data)
+
+    async def agent_moved_tunnel(self, before: Row, after: Row) -> None:
+        """A tunnel changed owner: delete at the old agent, create at the new one."""
+        old_agents = self.connected("agent", [before["agent_id"]])
+        await self._assign_versions("agent", old_agents)
+        for conn in old_agents:
+            self._send(conn, "tunnel_delete", {"id": before["id"], "agentId": before["agent_id"]})
+        new_agents = self.connected("agent", [after["agent_id"]])
+        await self._assign_versions("agent", new_agents)
+        for conn in new_agents:
+            self._send(conn, "tunnel_create", tunnel_wire(after))
+        gateways = self.connected("gateway")
+        await self._assign_versions("gateway", gateways)
+        for conn in gateways:
+            self._send(conn, "tunnel_update", tunnel_wire(after))
+
+    async def disconnect(self, kind: ClientKind, client_id: str, code: int, reason: str) -> None:
+        """Close a client's connection (deleted, or its key rotated)."""
+        conn = self.connections.get((kind, client_id))
+        if conn is not None:
+            await self._close(conn, code, reason)
+
+    # -- liveness ---------------------------------------------------------------------
+
+    async def _flush_last_seen(self) -> None:
+        kinds: tuple[ClientKind, ...] = ("agent", "gateway")
+        for kind in kinds:
+            seen = [(c.client_id, c.last_seen_wall) for c in self.connected(kind)]
+            if seen:
+                await self.store.touch_many(kind, seen)
+
+    async def _monitor_loop(self) -> None:
+        interval = max(0.05, min(5.0, self.offline_after / 4))
+        flush_every = 10.0
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = time.monotonic()
+                for conn in list(self.connections.values()):
+                    if not conn.closing and now - conn.last_seen > self.offline_after:
+                        log.warning(
+                            "no heartbeat, marking offline",
+                            extra=kv(
+                                kind=conn.kind,
+                                client=conn.name,
+                                silent_s=round(now - conn.last_seen, 1),
+                            ),
+                        )
+                        await self._close(conn, p.CLOSE_HEARTBEAT_TIMEOUT, "no heartbeat")
+                        await self._unregister(conn)
+                if now - last_flush >= flush_every:
+                    last_flush = now
+                    await self._flush_last_seen()
+            except Exception:
+                log.exception("monitor pass failed")

@@ -1,0 +1,1 @@
+"""kakuremichi gateway: the public edge (HTTP/HTTPS routed by Host through WireGuard)."""

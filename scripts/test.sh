@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian 12 machine and run them all:
+# lint (ruff), types (mypy), the test suites (unit, interop, system) and the
+# benchmarks in one-shot mode.  Run as root for the namespace/interop tests
+# (they skip on a laptop without root, but never under CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing system packages"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends \
+        python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps \
+        build-essential python3-dev >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv"
+    "$PY" -m venv .venv
+fi
+echo "==> installing kakuremichi with test extras"
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+.venv/bin/python -m pip install -q -e '.[test]'
+
+export PATH="$PWD/.venv/bin:$PATH"
+echo "==> ruff"
+ruff check .
+ruff format --check .
+echo "==> mypy"
+mypy
+echo "==> pytest"
+pytest -q -p no:cacheprovider "$@" tests
+echo "==> benchmarks (one round each, to prove they run; scripts/bench.sh for numbers)"
+pytest -q -p no:cacheprovider --benchmark-disable bench

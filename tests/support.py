@@ -1,0 +1,48 @@
+"""Helpers shared by the test suites.
+
+``need()`` is the only way a test may skip for a missing capability: on a developer
+laptop it skips with the reason, but under ``CI=true`` it fails, so CI can never go
+green by skipping the interop and system tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def need(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true but a test requirement is missing: {reason}")
+    pytest.skip(reason)
+
+
+def need_root() -> None:
+    need(os.geteuid() == 0, "needs root (network namespaces, TUN)")
+
+
+def need_binary(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"needs the {name!r} program on PATH")
+    assert path is not None
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def unique_name(prefix: str, index: int = 0) -> str:
+    """A host-wide unique interface/namespace name (<= 15 chars) with our PID in it."""
+    name = f"{prefix}{os.getpid() % 100000}{index}"
+    assert len(name) <= 15, name
+    return name
