@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from control.alloc import DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
 from control.api.routes import Api
@@ -46,6 +46,7 @@ class ControlSettings:
     admin_token: str | None = None
     address_pool: str = DEFAULT_POOL
     agent_prefix: int = DEFAULT_PREFIX
+    agent_host: int = DEFAULT_AGENT_HOST
     offline_after: float = 60.0
     announce: Callable[[str], None] = field(default=print)
 
@@ -87,7 +88,7 @@ class AdminAuth:
 
 
 def create_app(settings: ControlSettings) -> Starlette:
-    plan = AddressPlan(settings.address_pool, settings.agent_prefix)
+    plan = AddressPlan(settings.address_pool, settings.agent_prefix, settings.agent_host)
     engine = create_engine(settings.database_url)
     store = Store(engine, plan)
     hub = Hub(store, offline_after=settings.offline_after)

@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import uvicorn
 
 from control import protocol
-from control.alloc import DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.app import ControlSettings, create_app
 from kakuremichi import logs
 from kakuremichi.config import (
@@ -54,6 +55,13 @@ SETTINGS: tuple[Setting, ...] = (
         "address-pool", "address pool agents' subnets are carved from", DEFAULT_POOL, metavar="CIDR"
     ),
     Setting("agent-prefix", "prefix length of each agent's subnet", DEFAULT_PREFIX, parse=int),
+    Setting(
+        "agent-host",
+        "host number of the agent in its subnet; gateways take 1 .. this-1",
+        DEFAULT_AGENT_HOST,
+        parse=int,
+        metavar="N",
+    ),
     Setting(
         "offline-after",
         "seconds without a heartbeat before a client is marked offline",
@@ -93,9 +101,9 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
     except ValueError as exc:
         raise ConfigError(f"--host: {values['host']!r} is not an IP address") from exc
     try:
-        AddressPlan(values["address_pool"], values["agent_prefix"])
+        AddressPlan(values["address_pool"], values["agent_prefix"], values["agent_host"])
     except ValueError as exc:
-        raise ConfigError(f"--address-pool/--agent-prefix: {exc}") from exc
+        raise ConfigError(f"--address-pool/--agent-prefix/--agent-host: {exc}") from exc
     token = values["admin_token"]
     if token is not None and len(token) < 16:
         raise ConfigError("--admin-token: must be at least 16 characters")
@@ -109,6 +117,7 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             admin_token=token,
             address_pool=values["address_pool"],
             agent_prefix=values["agent_prefix"],
+            agent_host=values["agent_host"],
             offline_after=values["offline_after"],
             announce=announce,
         ),
@@ -141,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     )
     server = _Server(config, app)
     log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
+    # uvicorn re-raises the signal it caught once it has shut down; with these no-op
+    # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
     server.run()
     # uvicorn leaves ``started`` False when binding or the lifespan failed.
     return 0 if server.started else 1

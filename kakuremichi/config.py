@@ -144,6 +144,7 @@ def resolve(
         try:
             values[setting.dest] = setting.parse(raw)
         except (ValueError, TypeError) as exc:
-            shown = "<secret>" if setting.secret else repr(raw)
-            raise ConfigError(f"{source}: invalid value {shown}: {exc}") from exc
+            if setting.secret:  # the parser's message may quote the value
+                raise ConfigError(f"{source}: invalid value") from None
+            raise ConfigError(f"{source}: invalid value {raw!r}: {exc}") from exc
     return values

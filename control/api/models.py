@@ -93,7 +93,11 @@ def check_target(value: str, *, allow_url: bool) -> str:
 
 class _Body(BaseModel):
     model_config = ConfigDict(
-        extra="forbid", alias_generator=to_camel, populate_by_name=True, str_max_length=4096
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        str_max_length=4096,
+        strict=True,
     )
 
 

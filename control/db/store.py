@@ -516,5 +516,10 @@ class Store:
         async with self._read() as conn:
             return self._rows(await conn.execute(sa.select(table).order_by(table.c.created_at)))
 
+    async def clients_by_id(self, kind: ClientKind, ids: Sequence[str]) -> list[Row]:
+        table = _table(kind)
+        async with self._read() as conn:
+            return self._rows(await conn.execute(sa.select(table).where(table.c.id.in_(list(ids)))))
+
     def gateway_address(self, agent_subnet: str, slot: int) -> str:
         return str(self.plan.gateway_address(ipaddress.ip_network(agent_subnet), slot))

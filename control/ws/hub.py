@@ -76,9 +76,13 @@ class Connection:
 class Hub:
     """Registry of live connections plus everything that pushes to them."""
 
-    def __init__(self, store: Store, offline_after: float = 60.0) -> None:
+    def __init__(
+        self, store: Store, offline_after: float = 60.0, coalesce_delay: float = 0.05
+    ) -> None:
         self.store = store
         self.offline_after = offline_after
+        self.coalesce_delay = coalesce_delay
+        self._pending_push: set[ClientKind] = set()
         self.connections: dict[tuple[ClientKind, str], Connection] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._shutting_down = False
@@ -181,8 +185,7 @@ class Hub:
             extra=kv(kind=kind, client=row["name"], peer=peer, version=auth.version or "?"),
         )
         if changed:
-            other: ClientKind = "gateway" if kind == "agent" else "agent"
-            await self.push_config(other)
+            self.schedule_config_push("gateway" if kind == "agent" else "agent")
         return conn
 
     async def _reject(self, ws: WebSocket, message: str, peer: str, code: str) -> None:
@@ -330,10 +333,19 @@ class Hub:
         if not conns:
             return 0
         await self._assign_versions(kind, conns)
-        rows = {r["id"]: r for r in await self.store.all_clients(kind)}
+        if ids is None:
+            rows = {r["id"]: r for r in await self.store.all_clients(kind)}
+        else:
+            rows = {
+                r["id"]: r
+                for r in await self.store.clients_by_id(kind, [c.client_id for c in conns])
+            }
         if kind == "agent":
             gateways = await self.store.all_clients("gateway")
-            tunnels = await self.store.all_tunnels()
+            if len(conns) == 1:
+                tunnels = await self.store.all_tunnels(conns[0].client_id)
+            else:
+                tunnels = await self.store.all_tunnels()
             for conn in conns:
                 if conn.client_id in rows:
                     self._send(
@@ -355,6 +367,25 @@ class Hub:
                         ),
                     )
         return len(conns)
+
+    def schedule_config_push(self, kind: ClientKind) -> None:
+        """Coalesce peer-change pushes: many agents registering at once (a Control
+        restart, a fleet roll-out) cost each gateway one config, not one per agent."""
+        if kind in self._pending_push:
+            return
+        self._pending_push.add(kind)
+
+        async def later() -> None:
+            await asyncio.sleep(self.coalesce_delay)
+            self._pending_push.discard(kind)
+            try:
+                await self.push_config(kind)
+            except Exception:
+                log.exception("config push failed", extra=kv(kind=kind))
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def tunnel_event(self, type_: str, tunnel: Row, agent_ids: Iterable[str]) -> None:
         """Push ``tunnel_create/update/delete`` to the owning agent(s) and every gateway."""

@@ -1,0 +1,470 @@
+"""The WebSocket hub with real ``websockets`` clients against a real uvicorn server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from control import protocol
+from tests.control.conftest import Peer, RunningControl, connect_client, create, public_key
+from tests.control.test_api import _self_signed
+
+
+async def closed_with(peer: Peer, code: int, timeout: float = 8.0) -> str:
+    """Drain until the server closes; return the close reason."""
+    with pytest.raises(ConnectionClosed) as info:
+        async with asyncio.timeout(timeout):
+            while True:
+                await peer.recv(timeout)
+    assert info.value.rcvd is not None, "closed without a close frame"
+    assert info.value.rcvd.code == code, (info.value.rcvd.code, info.value.rcvd.reason)
+    return info.value.rcvd.reason
+
+
+def _all_strings(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _all_strings(v)] + [str(k) for k in value]
+    if isinstance(value, list):
+        return [s for v in value for s in _all_strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+async def test_agent_and_gateway_auth_and_config(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    agent = await create(api, "agent", "laptop")
+    gateway = await create(api, "gateway", "edge")
+    tunnel = (
+        await api.post(
+            "/api/tunnels",
+            json={"domain": "app.example.com", "target": "127.0.0.1:8080", "agent": "laptop"},
+        )
+    ).json()
+    gw = await connect_client(control, gateway["apiKey"], "gateway", 1, "203.0.113.7", 51820)
+    auth_ok, gw_config = gw.frames
+    assert auth_ok["data"]["id"] == gateway["id"] and auth_ok["data"]["clientType"] == "gateway"
+    assert gw_config["configVersion"] >= 1
+    # No agent key yet: the gateway has no peers.
+    assert gw_config["data"]["agents"] == []
+    assert gw_config["data"]["tunnels"][0]["id"] == tunnel["id"]
+
+    ag = await connect_client(control, agent["apiKey"], "agent", 2)
+    config = ag.frames[1]["data"]
+    assert config["agent"] == {
+        "id": agent["id"],
+        "name": "laptop",
+        "subnet": "100.64.0.0/24",
+        "virtualIp": "100.64.0.100",
+    }
+    assert config["gateways"] == [
+        {
+            "id": gateway["id"],
+            "name": "edge",
+            "publicKey": public_key(1),
+            "endpoint": "203.0.113.7:51820",
+            "virtualIp": "100.64.0.1",
+            "allowedIps": ["100.64.0.1/32"],
+            "online": True,
+        }
+    ]
+    assert [t["id"] for t in config["tunnels"]] == [tunnel["id"]]
+    assert config["tunnels"][0]["agentIp"] == "100.64.0.100"
+
+    # The agent's new public key reaches the gateway as a fresh config.
+    fresh = (await gw.expect("config"))["data"]
+    assert fresh["agents"] == [
+        {
+            "id": agent["id"],
+            "name": "laptop",
+            "publicKey": public_key(2),
+            "subnet": "100.64.0.0/24",
+            "virtualIp": "100.64.0.100",
+            "allowedIps": ["100.64.0.100/32"],
+            "gatewayIp": "100.64.0.1",
+            "online": True,
+        }
+    ]
+    assert fresh["gateway"]["addresses"] == ["100.64.0.1/24"]
+    # Public keys and state are stored; nothing private travels.
+    stored = (await api.get("/api/agents/laptop")).json()
+    assert stored["publicKey"] == public_key(2) and stored["online"] is True
+    gw_row = (await api.get("/api/gateways/edge")).json()
+    assert (gw_row["publicIp"], gw_row["wireguardPort"], gw_row["online"]) == (
+        "203.0.113.7",
+        51820,
+        True,
+    )
+    for frame in gw.frames + ag.frames:
+        for text in _all_strings(frame):
+            assert "PRIVATE" not in text and not text.startswith(("agt_", "gtw_"))
+            assert text != "privateKey" or frame["data"].get("certificates")
+    await ag.close()
+    await gw.close()
+
+
+async def test_tunnel_changes_reach_the_right_clients(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    a = await create(api, "agent", "a")
+    b = await create(api, "agent", "b")
+    g1 = await create(api, "gateway", "g1")
+    g2 = await create(api, "gateway", "g2")
+    peer_a = await connect_client(control, a["apiKey"], "agent", 10)
+    peer_b = await connect_client(control, b["apiKey"], "agent", 11)
+    gw1 = await connect_client(control, g1["apiKey"], "gateway", 12)
+    gw2 = await connect_client(control, g2["apiKey"], "gateway", 13, "198.51.100.2")
+    await asyncio.sleep(0.3)  # let peer-change configs settle
+    for peer in (peer_a, peer_b, gw1, gw2):
+        peer.frames.clear()
+        with pytest.raises(TimeoutError):
+            while True:
+                await peer.recv(0.3)
+        peer.frames.clear()
+
+    created = (
+        await api.post(
+            "/api/tunnels", json={"domain": "x.example.com", "target": "127.0.0.1:1", "agent": "a"}
+        )
+    ).json()
+    for peer in (peer_a, gw1, gw2):
+        frame = await peer.expect("tunnel_create")
+        assert frame["data"]["id"] == created["id"] and frame["data"]["agentIp"] == "100.64.0.100"
+    await peer_b.nothing()
+
+    await api.patch(f"/api/tunnels/{created['id']}", json={"target": "127.0.0.1:2"})
+    for peer in (peer_a, gw1, gw2):
+        assert (await peer.expect("tunnel_update"))["data"]["target"] == "127.0.0.1:2"
+    await peer_b.nothing()
+
+    # Moving the tunnel: delete at the old agent, create at the new one.
+    await api.patch(f"/api/tunnels/{created['id']}", json={"agent": "b"})
+    assert (await peer_a.expect("tunnel_delete"))["data"]["id"] == created["id"]
+    assert (await peer_b.expect("tunnel_create"))["data"]["agentIp"] == "100.64.1.100"
+    for gw in (gw1, gw2):
+        assert (await gw.expect("tunnel_update"))["data"]["agentId"] == b["id"]
+
+    await api.delete(f"/api/tunnels/{created['id']}")
+    assert (await peer_b.expect("tunnel_delete"))["data"] == {
+        "id": created["id"],
+        "agentId": b["id"],
+    }
+    for gw in (gw1, gw2):
+        await gw.expect("tunnel_delete")
+    await peer_a.nothing()
+
+    # Versions only grow, per client.
+    for peer in (peer_a, peer_b, gw1, gw2):
+        versions = [f["configVersion"] for f in peer.frames]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+    # Deleting an agent: the gateways get a config without it; its socket is closed.
+    await api.delete("/api/agents/a")
+    assert await closed_with(peer_a, protocol.CLOSE_REVOKED)
+    for gw in (gw1, gw2):
+        agents = (await gw.expect("config"))["data"]["agents"]
+        assert [x["name"] for x in agents] == ["b"]
+    # A gateway deleted: agents get a config without it.
+    await api.delete("/api/gateways/g2")
+    assert await closed_with(gw2, protocol.CLOSE_REVOKED)
+    remaining = (await peer_b.expect("config"))["data"]["gateways"]
+    assert [g["name"] for g in remaining] == ["g1"]
+    for peer in (peer_b, gw1):
+        await peer.close()
+
+
+async def test_gateway_endpoint_change_pushes_to_agents(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    agent = await create(api, "agent", "a")
+    gateway = await create(api, "gateway", "g")
+    peer = await connect_client(control, agent["apiKey"], "agent", 20)
+    gw = await connect_client(control, gateway["apiKey"], "gateway", 21, "192.0.2.1", 51820)
+    assert (await peer.expect("config"))["data"]["gateways"][0]["endpoint"] == "192.0.2.1:51820"
+    # Same gateway reconnects from a new address: replacement + agents told.
+    gw_new = await connect_client(control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443)
+    assert "replaced" in await closed_with(gw, protocol.CLOSE_REPLACED)
+    assert (await peer.expect("config"))["data"]["gateways"][0]["endpoint"] == "[2001:db8::1]:443"
+    # Reconnecting with nothing changed tells nobody.
+    gw_same = await connect_client(control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443)
+    await closed_with(gw_new, protocol.CLOSE_REPLACED)
+    await peer.nothing(0.5)
+    assert (await api.get("/healthz")).json()["connections"] == 2
+    await gw_same.close()
+    await peer.close()
+
+
+async def test_heartbeat_and_stale_version(control: RunningControl, api: httpx.AsyncClient) -> None:
+    agent = await create(api, "agent", "a")
+    peer = await connect_client(control, agent["apiKey"], "agent", 30)
+    current = peer.version
+    await peer.heartbeat(current)
+    await peer.nothing(0.5)  # up to date: no answer needed
+    await peer.heartbeat(current - 1)
+    resent = await peer.expect("config")
+    assert resent["configVersion"] > current
+    await peer.heartbeat()
+    await peer.nothing(0.3)
+    await peer.close()
+
+
+async def test_offline_after_silence_and_on_disconnect(tmp_path: Path) -> None:
+    server = RunningControl(tmp_path / "c.db", offline_after=1.0)
+    await server.start()
+    try:
+        async with server.api() as api:
+            a = await create(api, "agent", "quiet")
+            b = await create(api, "agent", "chatty")
+            quiet = await connect_client(server, a["apiKey"], "agent", 40)
+            chatty = await connect_client(server, b["apiKey"], "agent", 41)
+            for _ in range(8):
+                await chatty.heartbeat()
+                await asyncio.sleep(0.25)
+            assert "heartbeat" in await closed_with(quiet, protocol.CLOSE_HEARTBEAT_TIMEOUT, 3)
+            assert (await api.get("/api/agents/quiet")).json()["online"] is False
+            assert (await api.get("/api/agents/chatty")).json()["online"] is True
+            await chatty.close()
+            for _ in range(50):
+                if (await api.get("/api/agents/chatty")).json()["online"] is False:
+                    break
+                await asyncio.sleep(0.05)
+            body = (await api.get("/api/agents/chatty")).json()
+            assert body["online"] is False
+    finally:
+        await server.stop()
+    with sqlite3.connect(tmp_path / "c.db") as db:
+        (seen,) = db.execute("select last_seen from agents where name='chatty'").fetchone()
+    assert seen is not None  # flushed on shutdown
+
+
+async def test_status_and_certificate_obtained(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    agent = await create(api, "agent", "a")
+    other = await create(api, "agent", "b")
+    gateway = await create(api, "gateway", "g")
+    t = (
+        await api.post(
+            "/api/tunnels", json={"domain": "app.example.com", "target": "h:1", "agent": "a"}
+        )
+    ).json()
+    foreign = (
+        await api.post(
+            "/api/tunnels", json={"domain": "b.example.com", "target": "h:1", "agent": "b"}
+        )
+    ).json()
+    peer = await connect_client(control, agent["apiKey"], "agent", 50)
+    await peer.send(
+        "status",
+        {
+            "tunnels": [
+                {"tunnelId": t["id"], "health": "unhealthy", "detail": "connection refused"},
+                {"tunnelId": foreign["id"], "health": "healthy"},  # not its tunnel: ignored
+            ]
+        },
+    )
+    await peer.heartbeat()
+    await asyncio.sleep(0.3)
+    mine = (await api.get(f"/api/tunnels/{t['id']}")).json()
+    assert (mine["health"], mine["healthDetail"]) == ("unhealthy", "connection refused")
+    assert (await api.get(f"/api/tunnels/{foreign['id']}")).json()["health"] is None
+    del other
+
+    gw = await connect_client(control, gateway["apiKey"], "gateway", 51)
+    gw2_row = await create(api, "gateway", "g2")
+    gw2 = await connect_client(control, gw2_row["apiKey"], "gateway", 52)
+    cert, key = _self_signed("app.example.com")
+    await gw.send(
+        "certificate_obtained",
+        {"domain": "app.example.com", "certificate": cert, "privateKey": key, "notAfter": 1.9e9},
+    )
+    for g in (gw, gw2):
+        certs = (await g.expect("config"))["data"]["certificates"]
+        assert certs == [
+            {"domain": "app.example.com", "certificate": cert, "privateKey": key, "notAfter": 1.9e9}
+        ]
+    listed = (await api.get("/api/certificates")).json()["items"]
+    assert listed[0]["source"] == "acme" and "privateKey" not in listed[0]
+    # Agents never receive certificates; and a domain without a tunnel is refused.
+    assert all("certificates" not in f["data"] for f in peer.frames if f["type"] == "config")
+    await gw.send(
+        "certificate_obtained",
+        {"domain": "evil.example.com", "certificate": cert, "privateKey": key, "notAfter": 1.9e9},
+    )
+    assert (await gw.expect("error"))["data"]["code"] == "unknown_domain"
+    # An agent may not send gateway messages.
+    await peer.send("certificate_obtained", {"domain": "app.example.com"})
+    assert (await peer.expect("error"))["data"]["code"] == "unexpected_type"
+    for p in (peer, gw, gw2):
+        await p.close()
+
+
+BAD_FRAMES: list[tuple[str | bytes, str]] = [
+    ("{not json", "malformed_json"),
+    ("[]", "malformed_frame"),
+    ('"text"', "malformed_frame"),
+    ('{"data": {}}', "malformed_frame"),
+    ('{"type": 5}', "malformed_frame"),
+    ('{"type": "heartbeat", "data": []}', "malformed_frame"),
+    ('{"type": "heartbeat", "data": {"timestamp": "x", "configVersion": 1}}', "invalid_field"),
+    ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": -1}}', "invalid_field"),
+    ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": true}}', "invalid_field"),
+    ('{"type": "heartbeat", "data": {"timestamp": 1e999, "configVersion": 1}}', "invalid_field"),
+    ('{"type": "heartbeat", "configVersion": "1", "data": {}}', "malformed_frame"),
+    ('{"type": "status", "data": {"tunnels": "all"}}', "invalid_field"),
+    (
+        '{"type": "status", "data": {"tunnels": [{"tunnelId": 1, "health": "healthy"}]}}',
+        "invalid_field",
+    ),
+    (
+        '{"type": "status", "data": {"tunnels": [{"tunnelId": "x", "health": "great"}]}}',
+        "invalid_field",
+    ),
+    ('{"type": "auth", "data": {}}', "unexpected_type"),
+    ('{"type": "launch_missiles", "data": {}}', "unknown_type"),
+    ("[" * 5000 + "]" * 5000, "malformed_json"),
+    (b"\x00\x01binary", "binary_frame"),
+]
+
+
+async def test_bad_frames_get_errors_and_harm_nobody(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    a = await create(api, "agent", "a")
+    b = await create(api, "agent", "b")
+    victim = await connect_client(control, a["apiKey"], "agent", 60)
+    bystander = await connect_client(control, b["apiKey"], "agent", 61)
+    for raw, code in BAD_FRAMES:
+        await victim.ws.send(raw)
+        error = await victim.expect("error")
+        assert error["data"]["code"] == code, (raw[:60], error)
+    # Still connected and working, and so is the other client.
+    await victim.heartbeat(0)
+    await victim.expect("config")
+    await bystander.heartbeat(0)
+    await bystander.expect("config")
+    # An oversized frame is refused by the WebSocket layer with 1009, nothing else breaks.
+    await victim.ws.send("x" * (protocol.MAX_FRAME_BYTES + 10))
+    await closed_with(victim, 1009)
+    await bystander.heartbeat(0)
+    await bystander.expect("config")
+    await bystander.close()
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        ({"type": "heartbeat", "data": {"timestamp": 1, "configVersion": 0}}, "auth_required"),
+        (
+            {
+                "type": "auth",
+                "data": {"apiKey": "agt_wrong", "clientType": "agent", "publicKey": public_key(1)},
+            },
+            "invalid_key",
+        ),
+        (
+            {
+                "type": "auth",
+                "data": {"apiKey": "x", "clientType": "robot", "publicKey": public_key(1)},
+            },
+            "invalid_field",
+        ),
+        (
+            {
+                "type": "auth",
+                "data": {"apiKey": "agt_x", "clientType": "agent", "publicKey": "short"},
+            },
+            "invalid_field",
+        ),
+        (
+            {
+                "type": "auth",
+                "data": {
+                    "apiKey": "gtw_x",
+                    "clientType": "gateway",
+                    "publicKey": public_key(1),
+                    "publicIp": "not-ip",
+                    "wireguardPort": 1,
+                },
+            },
+            "invalid_field",
+        ),
+        (
+            {
+                "type": "auth",
+                "data": {
+                    "apiKey": "gtw_x",
+                    "clientType": "gateway",
+                    "publicKey": public_key(1),
+                    "publicIp": "192.0.2.1",
+                    "wireguardPort": 70000,
+                },
+            },
+            "invalid_field",
+        ),
+    ],
+)
+async def test_bad_auth_is_refused(
+    control: RunningControl, first: dict[str, Any], code: str
+) -> None:
+    async with connect(control.ws_url) as ws:
+        await ws.send(json.dumps(first))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["type"] == "auth_error" and reply["data"]["code"] == code
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 5)
+        assert info.value.rcvd is not None and info.value.rcvd.code == protocol.CLOSE_AUTH_FAILED
+
+
+async def test_wrong_kind_of_key_is_refused(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    agent = await create(api, "agent", "a")
+    async with connect(control.ws_url) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "auth",
+                    "data": {
+                        "apiKey": agent["apiKey"],
+                        "clientType": "gateway",
+                        "publicKey": public_key(1),
+                        "publicIp": "192.0.2.1",
+                        "wireguardPort": 51820,
+                    },
+                }
+            )
+        )
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert reply["type"] == "auth_error"
+
+
+async def test_silent_client_is_closed_after_auth_timeout(control: RunningControl) -> None:
+    loop = asyncio.get_running_loop()
+    async with connect(control.ws_url) as ws:
+        started = loop.time()
+        with pytest.raises(ConnectionClosed) as info:
+            await asyncio.wait_for(ws.recv(), 10)
+        elapsed = loop.time() - started
+    assert info.value.rcvd is not None and info.value.rcvd.code == protocol.CLOSE_AUTH_TIMEOUT
+    assert 4.5 <= elapsed <= 8.0
+
+
+async def test_rotated_key_closes_connection_and_old_key_fails(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    agent = await create(api, "agent", "a")
+    peer = await connect_client(control, agent["apiKey"], "agent", 70)
+    new_key = (await api.post("/api/agents/a/rotate-key")).json()["apiKey"]
+    await closed_with(peer, protocol.CLOSE_REVOKED)
+    with pytest.raises(AssertionError):
+        await connect_client(control, agent["apiKey"], "agent", 70)
+    fresh = await connect_client(control, new_key, "agent", 70)
+    await fresh.close()
