@@ -99,7 +99,6 @@ def create_app(settings: ControlSettings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await migrate(engine)
-        await store.mark_all_offline()
         if settings.admin_token:
             auth_state["admin_digest"] = _digest(settings.admin_token)
         else:
@@ -114,7 +113,7 @@ def create_app(settings: ControlSettings) -> Starlette:
                 )
                 stored = _digest(token)
             auth_state["admin_digest"] = stored
-        hub.start()
+        await hub.start()
         log.info(
             "control ready", extra=kv(pool=settings.address_pool, prefix=settings.agent_prefix)
         )

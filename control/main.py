@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         port=values["port"],
         log_config=None,
         ws_max_size=protocol.MAX_FRAME_BYTES,
+        # Frames are small JSON and broadcasts go to thousands of clients: compressing
+        # each copy separately costs more CPU than it saves bandwidth.
+        ws_per_message_deflate=False,
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=10,

@@ -41,7 +41,7 @@ def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "subnet": row["subnet"],
         "virtualIp": row["virtual_ip"],
         "publicKey": row["public_key"],
-        "online": bool(row["online"]),
+        "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
         "createdAt": _iso(row["created_at"]),
@@ -60,7 +60,7 @@ def gateway_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "publicKey": row["public_key"],
         "publicIp": row["public_ip"],
         "wireguardPort": row["wireguard_port"],
-        "online": bool(row["online"]),
+        "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
         "createdAt": _iso(row["created_at"]),
@@ -184,6 +184,8 @@ class Api:
     # -- agents and gateways ----------------------------------------------------------
 
     def _out(self, kind: ClientKind, row: Row, key: str | None = None) -> dict[str, Any]:
+        online, seen = self.hub.presence(kind, row["id"])
+        row = {**row, "online": online, "last_seen": seen or row["last_seen"]}
         return agent_out(row, key) if kind == "agent" else gateway_out(row, key)
 
     async def list_clients(self, request: Request, kind: ClientKind) -> Response:
@@ -202,15 +204,17 @@ class Api:
 
     async def update_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientUpdate)
-        row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
-        await self.hub.push_config(kind, [row["id"]])
-        await self.hub.push_config("gateway" if kind == "agent" else "agent")
+        async with self.hub.lock:
+            row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
+            await self.hub.push_config_locked(kind, [row["id"]])
+            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
         return JSONResponse(self._out(kind, row))
 
     async def delete_client(self, request: Request, kind: ClientKind) -> Response:
-        row = await self.store.delete_client(kind, request.path_params["ref"])
+        async with self.hub.lock:
+            row = await self.store.delete_client(kind, request.path_params["ref"])
+            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
         await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, f"{kind} deleted")
-        await self.hub.push_config("gateway" if kind == "agent" else "agent")
         return Response(status_code=204)
 
     async def rotate_key(self, request: Request, kind: ClientKind) -> Response:
@@ -231,8 +235,9 @@ class Api:
 
     async def create_tunnel(self, request: Request) -> Response:
         body = await _body(request, m.TunnelCreate)
-        row = await self.store.create_tunnel(body.model_dump())
-        await self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
+        async with self.hub.lock:
+            row = await self.store.create_tunnel(body.model_dump())
+            self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
         return JSONResponse(tunnel_out(row), status_code=201)
 
     async def get_tunnel(self, request: Request) -> Response:
@@ -263,16 +268,18 @@ class Api:
             m.check_target(target, allow_url=protocol == "http")
         except ValueError as exc:
             raise ApiError(422, "validation_failed", f"target: {exc}") from exc
-        before, after = await self.store.update_tunnel(current["id"], changes)
-        if before["agent_id"] != after["agent_id"]:
-            await self.hub.agent_moved_tunnel(before, after)
-        else:
-            await self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
+        async with self.hub.lock:
+            before, after = await self.store.update_tunnel(current["id"], changes)
+            if before["agent_id"] != after["agent_id"]:
+                self.hub.agent_moved_tunnel(before, after)
+            else:
+                self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
         return JSONResponse(tunnel_out(after))
 
     async def delete_tunnel(self, request: Request) -> Response:
-        row = await self.store.delete_tunnel(request.path_params["id"])
-        await self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
+        async with self.hub.lock:
+            row = await self.store.delete_tunnel(request.path_params["id"])
+            self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
         return Response(status_code=204)
 
     # -- certificates -----------------------------------------------------------------
@@ -285,10 +292,11 @@ class Api:
     async def create_certificate(self, request: Request) -> Response:
         body = await _body(request, m.CertificateCreate)
         not_after = _parse_certificate(body.domain, body.certificate, body.private_key)
-        row = await self.store.create_certificate(
-            body.domain, body.certificate, body.private_key, not_after
-        )
-        await self.hub.push_config("gateway")
+        async with self.hub.lock:
+            row = await self.store.create_certificate(
+                body.domain, body.certificate, body.private_key, not_after
+            )
+            await self.hub.push_config_locked("gateway")
         return JSONResponse(certificate_out(row), status_code=201)
 
     async def get_certificate(self, request: Request) -> Response:
@@ -299,15 +307,17 @@ class Api:
         body = await _body(request, m.CertificateUpdate)
         current = await self.store.get_certificate(request.path_params["ref"])
         not_after = _parse_certificate(current["domain"], body.certificate, body.private_key)
-        row = await self.store.upsert_certificate(
-            current["domain"], body.certificate, body.private_key, not_after, "manual"
-        )
-        await self.hub.push_config("gateway")
+        async with self.hub.lock:
+            row = await self.store.upsert_certificate(
+                current["domain"], body.certificate, body.private_key, not_after, "manual"
+            )
+            await self.hub.push_config_locked("gateway")
         return JSONResponse(certificate_out(row))
 
     async def delete_certificate(self, request: Request) -> Response:
-        await self.store.delete_certificate(request.path_params["ref"])
-        await self.hub.push_config("gateway")
+        async with self.hub.lock:
+            await self.store.delete_certificate(request.path_params["ref"])
+            await self.hub.push_config_locked("gateway")
         return Response(status_code=204)
 
     def routes(self) -> list[Route]:

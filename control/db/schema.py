@@ -26,10 +26,8 @@ agents = sa.Table(
     sa.Column("public_key", sa.String(44)),
     sa.Column("subnet", sa.String(43), nullable=False, unique=True),
     sa.Column("virtual_ip", sa.String(39), nullable=False, unique=True),
-    sa.Column("online", sa.Boolean, nullable=False, default=False),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
-    sa.Column("config_version", sa.Integer, nullable=False, default=0),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
@@ -45,10 +43,8 @@ gateways = sa.Table(
     sa.Column("wireguard_port", sa.Integer),
     # k: the gateway's host number in every agent subnet (.k).
     sa.Column("slot", sa.Integer, nullable=False, unique=True),
-    sa.Column("online", sa.Boolean, nullable=False, default=False),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
-    sa.Column("config_version", sa.Integer, nullable=False, default=0),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )

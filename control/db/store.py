@@ -7,9 +7,9 @@ unique constraints on ``subnet``/``slot``/``domain``/``(protocol, public_port)``
 the backstop for anything the lock does not cover (another process), and turn into
 :class:`Conflict`.
 
-Per-client ``config_version`` counts what Control has sent to that client; every
-push bumps it (in the same statement for all recipients), and a heartbeat that
-reports another number gets a full ``config`` back.
+``generation`` counts committed writes that can change what a client is told; the
+hub keys its snapshot cache on it.  Writes that only touch bookkeeping (last-seen
+times, tunnel health) do not bump it.
 """
 
 from __future__ import annotations
@@ -82,13 +82,19 @@ class Store:
         self.engine = engine
         self.plan = plan
         self._write_lock = asyncio.Lock()
+        self.generation = 0
 
     # -- plumbing ---------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self._write_lock, self.engine.begin() as conn:
-            yield conn
+    async def _write(self, invalidates: bool = True) -> AsyncIterator[AsyncConnection]:
+        async with self._write_lock:
+            try:
+                async with self.engine.begin() as conn:
+                    yield conn
+            finally:
+                if invalidates:
+                    self.generation += 1
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -125,8 +131,6 @@ class Store:
             "id": str(uuid.uuid4()),
             "name": name,
             "api_key_hash": hash_key(key),
-            "online": False,
-            "config_version": 0,
             "created_at": now,
             "updated_at": now,
         }
@@ -224,35 +228,36 @@ class Store:
     async def record_auth(
         self,
         kind: ClientKind,
-        client_id: str,
+        row: Row,
         public_key: str,
         version: str,
         public_ip: str | None,
         wireguard_port: int | None,
     ) -> bool:
-        """Store what the client reported at ``auth``; True if peers must be told."""
+        """Store what the client reported at ``auth``; True if its peers must be told.
+
+        Writes only when something changed, so a fleet reconnecting after a Control
+        restart costs no database writes.
+        """
         table = _table(kind)
-        now = time.time()
-        async with self._write() as conn:
-            row = (await conn.execute(sa.select(table).where(table.c.id == client_id))).one()
-            values: Row = {
-                "public_key": public_key,
-                "client_version": version[:64],
-                "online": True,
-                "last_seen": now,
-            }
-            changed = row.public_key != public_key
-            if kind == "gateway":
-                values["public_ip"] = public_ip
-                values["wireguard_port"] = wireguard_port
-                changed = changed or (row.public_ip, row.wireguard_port) != (
-                    public_ip,
-                    wireguard_port,
-                )
-            if changed:
-                values["updated_at"] = now
-            await conn.execute(table.update().where(table.c.id == client_id).values(**values))
-        return bool(changed)
+        values: Row = {}
+        if row["public_key"] != public_key:
+            values["public_key"] = public_key
+        if kind == "gateway" and (row["public_ip"], row["wireguard_port"]) != (
+            public_ip,
+            wireguard_port,
+        ):
+            values["public_ip"] = public_ip
+            values["wireguard_port"] = wireguard_port
+        peers_affected = bool(values)
+        if row["client_version"] != version[:64]:
+            values["client_version"] = version[:64]
+        if not values:
+            return False
+        values["updated_at"] = time.time()
+        async with self._write(invalidates=peers_affected) as conn:
+            await conn.execute(table.update().where(table.c.id == row["id"]).values(**values))
+        return peers_affected
 
     async def touch_many(self, kind: ClientKind, seen: Sequence[tuple[str, float]]) -> None:
         """Record ``last_seen`` for many clients in one statement (heartbeat flush)."""
@@ -262,45 +267,22 @@ class Store:
             .where(table.c.id == sa.bindparam("b_id"))
             .values(last_seen=sa.bindparam("b_seen"))
         )
-        async with self._write() as conn:
+        async with self._write(invalidates=False) as conn:
             await conn.execute(statement, [{"b_id": i, "b_seen": w} for i, w in seen])
 
-    async def set_online(self, kind: ClientKind, client_id: str, online: bool) -> None:
-        table = _table(kind)
+    async def next_epoch(self) -> int:
+        """A number that grows on every start; config versions are built on it so
+        they stay monotonic across restarts without a write per push."""
         async with self._write() as conn:
-            await conn.execute(table.update().where(table.c.id == client_id).values(online=online))
-
-    async def mark_all_offline(self) -> None:
-        """At start-up nobody is connected yet, whatever the database says."""
-        async with self._write() as conn:
-            await conn.execute(agents.update().values(online=False))
-            await conn.execute(gateways.update().values(online=False))
-
-    async def bump_versions(self, kind: ClientKind, ids: Sequence[str]) -> dict[str, int]:
-        """Increment ``config_version`` for these clients; return the new numbers."""
-        if not ids:
-            return {}
-        table = _table(kind)
-        async with self._write() as conn:
-            await conn.execute(
-                table.update()
-                .where(table.c.id.in_(ids))
-                .values(config_version=table.c.config_version + 1)
-            )
-            result = await conn.execute(
-                sa.select(table.c.id, table.c.config_version).where(table.c.id.in_(ids))
-            )
-            return {row.id: int(row.config_version) for row in result}
-
-    async def config_version(self, kind: ClientKind, client_id: str) -> int:
-        table = _table(kind)
-        async with self._read() as conn:
-            value = await conn.scalar(
-                sa.select(table.c.config_version).where(table.c.id == client_id)
-            )
-        if value is None:
-            raise NotFound(f"{kind} {client_id} is gone")
-        return int(value)
+            value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == "epoch"))
+            epoch = int(value or 0) + 1
+            if value is None:
+                await conn.execute(settings.insert().values(key="epoch", value=str(epoch)))
+            else:
+                await conn.execute(
+                    settings.update().where(settings.c.key == "epoch").values(value=str(epoch))
+                )
+        return epoch
 
     # -- tunnels ----------------------------------------------------------------------
 
@@ -421,7 +403,7 @@ class Store:
         """Store an agent's per-tunnel health; ignores tunnels it does not own."""
         now = time.time()
         stored = 0
-        async with self._write() as conn:
+        async with self._write(invalidates=False) as conn:
             for tunnel_id, health, detail in entries:
                 result = await conn.execute(
                     tunnels.update()

@@ -50,7 +50,6 @@ def agent_config(
                 "endpoint": _endpoint(gateway),
                 "virtualIp": store.gateway_address(agent["subnet"], gateway["slot"]),
                 "allowedIps": [store.gateway_address(agent["subnet"], gateway["slot"]) + "/32"],
-                "online": bool(gateway["online"]),
             }
             for gateway in gateways
             if gateway["public_key"]
@@ -87,7 +86,6 @@ def gateway_config(
                 "virtualIp": agent["virtual_ip"],
                 "allowedIps": [agent["virtual_ip"] + "/32"],
                 "gatewayIp": store.gateway_address(agent["subnet"], gateway["slot"]),
-                "online": bool(agent["online"]),
             }
             for agent in peers
         ],

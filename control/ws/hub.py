@@ -12,9 +12,17 @@ Each connection owns a bounded send queue drained by its own writer task: a slow
 client never delays a broadcast to the others, and one whose queue overflows is
 closed (``CLOSE_TOO_SLOW``) and re-syncs with a full config when it returns.
 
-Every frame to a client carries its ``configVersion``, bumped in the database for
-each push so it stays monotonic across restarts.  A heartbeat reporting a different
-version gets a full ``config``.  ``last_seen`` is kept in memory and flushed in
+Every frame to a client carries a ``configVersion`` from one counter per process,
+started at ``epoch << 32`` where the epoch grows on every start (stored in the
+database): versions only grow for every client, across restarts, without a database
+write per push, and a broadcast is encoded once for all its recipients.  A heartbeat
+reporting a version other than the last one sent gets a full ``config``.  Configs
+are built from a snapshot cache keyed on the store's write generation.
+
+Ordering: ``lock`` is held from a change's commit until its broadcast is queued, and
+from building a config until it is queued (and, for a new connection, until the
+connection is registered).  So a client sees every change either inside a config or
+as a ``tunnel_*`` frame after it, never a config that predates a change it missed.  ``last_seen`` is kept in memory and flushed in
 batches by the monitor, which also closes clients silent for ``offline_after``
 seconds; a closed connection marks its client offline.
 
@@ -83,6 +91,9 @@ class Hub:
         self.offline_after = offline_after
         self.coalesce_delay = coalesce_delay
         self._pending_push: set[ClientKind] = set()
+        self._version = 0
+        self._cache: dict[str, tuple[int, list[Row]]] = {}
+        self.lock = asyncio.Lock()
         self.connections: dict[tuple[ClientKind, str], Connection] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._shutting_down = False
@@ -90,8 +101,30 @@ class Hub:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        self._version = (await self.store.next_epoch()) << 32
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    async def _snapshot(self, name: str) -> list[Row]:
+        """All rows of one kind, reloaded only after a write that could change configs."""
+        generation = self.store.generation
+        cached = self._cache.get(name)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        if name == "agents":
+            rows = await self.store.all_clients("agent")
+        elif name == "gateways":
+            rows = await self.store.all_clients("gateway")
+        elif name == "tunnels":
+            rows = await self.store.all_tunnels()
+        else:
+            rows = await self.store.all_certificates()
+        self._cache[name] = (generation, rows)
+        return rows
 
     async def close_all(
         self, code: int = p.CLOSE_GOING_AWAY, reason: str = "server shutting down"
@@ -156,30 +189,37 @@ class Hub:
             return None
         kind: ClientKind = "agent" if auth.client_type == "agent" else "gateway"
         changed = await self.store.record_auth(
-            kind, row["id"], auth.public_key, auth.version, auth.public_ip, auth.wireguard_port
+            kind, row, auth.public_key, auth.version, auth.public_ip, auth.wireguard_port
         )
         conn = Connection(ws, kind, row["id"], row["name"])
-        old = self.connections.get((kind, row["id"]))
-        self.connections[(kind, row["id"])] = conn
+        async with self.lock:
+            config = await self._build_configs(kind, [conn])
+            if conn not in config:
+                old = None
+            else:
+                old = self.connections.get((kind, row["id"]))
+                self.connections[(kind, row["id"])] = conn
+                conn.writer = asyncio.get_running_loop().create_task(self._write_loop(conn))
+                conn.config_version = self._next_version()
+                conn.enqueue(
+                    p.encode(
+                        "auth_success",
+                        {
+                            "id": row["id"],
+                            "name": row["name"],
+                            "clientType": kind,
+                            "heartbeatInterval": p.HEARTBEAT_INTERVAL,
+                        },
+                        conn.config_version,
+                    )
+                )
+                conn.enqueue(p.encode("config", config[conn], conn.config_version))
+        if conn not in config:
+            await self._reject(ws, f"{kind} was deleted", peer, "invalid_key")
+            return None
         if old is not None:
             log.info("replacing previous connection", extra=kv(kind=kind, client=row["name"]))
             await self._close(old, p.CLOSE_REPLACED, "replaced by a newer connection")
-        conn.writer = asyncio.get_running_loop().create_task(self._write_loop(conn))
-        versions = await self.store.bump_versions(kind, [row["id"]])
-        conn.config_version = versions[row["id"]]
-        conn.enqueue(
-            p.encode(
-                "auth_success",
-                {
-                    "id": row["id"],
-                    "name": row["name"],
-                    "clientType": kind,
-                    "heartbeatInterval": p.HEARTBEAT_INTERVAL,
-                },
-                conn.config_version,
-            )
-        )
-        conn.enqueue(p.encode("config", await self._config_for(conn), conn.config_version))
         log.info(
             "client connected",
             extra=kv(kind=kind, client=row["name"], peer=peer, version=auth.version or "?"),
@@ -232,11 +272,12 @@ class Hub:
             tunnels = await self.store.all_tunnels()
             if not any(t["domain"] == cert.domain for t in tunnels):
                 raise p.ProtocolError("unknown_domain", f"no tunnel uses {cert.domain!r}")
-            await self.store.upsert_certificate(
-                cert.domain, cert.certificate, cert.private_key, cert.not_after, "acme"
-            )
+            async with self.lock:
+                await self.store.upsert_certificate(
+                    cert.domain, cert.certificate, cert.private_key, cert.not_after, "acme"
+                )
+                await self.push_config_locked("gateway")
             log.info("certificate stored", extra=kv(domain=cert.domain, gateway=conn.name))
-            await self.push_config("gateway")
         elif frame.type in ("status", "certificate_obtained", "auth"):
             raise p.ProtocolError(
                 "unexpected_type", f"'{frame.type}' is not accepted from this {conn.kind} now"
@@ -259,8 +300,21 @@ class Hub:
             log.exception("writer failed", extra=kv(client=conn.name))
 
     def _send(self, conn: Connection, type_: str, data: object) -> None:
+        """Send one frame to one client under a fresh version."""
+        conn.config_version = self._next_version()
         if not conn.enqueue(p.encode(type_, data, conn.config_version)):
             self._too_slow(conn)
+
+    def _broadcast(self, conns: list[Connection], type_: str, data: object) -> None:
+        """Send the same frame to many clients: one version, one encoding."""
+        if not conns:
+            return
+        version = self._next_version()
+        frame = p.encode(type_, data, version)
+        for conn in conns:
+            conn.config_version = version
+            if not conn.enqueue(frame):
+                self._too_slow(conn)
 
     def _too_slow(self, conn: Connection) -> None:
         if conn.closing:
@@ -294,10 +348,17 @@ class Hub:
         if self.connections.get((conn.kind, conn.client_id)) is conn:
             del self.connections[(conn.kind, conn.client_id)]
             with contextlib.suppress(Exception):  # the client may have been deleted
-                await self.store.set_online(conn.kind, conn.client_id, False)
+                await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
 
     # -- pushes -----------------------------------------------------------------------
+
+    def presence(self, kind: ClientKind, client_id: str) -> tuple[bool, float | None]:
+        """(online, last seen wall time) as the hub knows it right now."""
+        conn = self.connections.get((kind, client_id))
+        if conn is None or conn.closing:
+            return False, None
+        return True, conn.last_seen_wall
 
     def connected(self, kind: ClientKind, ids: Iterable[str] | None = None) -> list[Connection]:
         if ids is None:
@@ -305,68 +366,54 @@ class Hub:
         found = (self.connections.get((kind, i)) for i in ids)
         return [c for c in found if c is not None and not c.closing]
 
-    async def _assign_versions(self, kind: ClientKind, conns: list[Connection]) -> None:
-        versions = await self.store.bump_versions(kind, [c.client_id for c in conns])
-        for conn in conns:
-            conn.config_version = versions.get(conn.client_id, conn.config_version)
-
-    async def _config_for(self, conn: Connection) -> dict[str, Any]:
-        row = await self.store.get_client(conn.kind, conn.client_id)
-        if conn.kind == "agent":
-            return agent_config(
-                self.store,
-                row,
-                await self.store.all_clients("gateway"),
-                await self.store.all_tunnels(conn.client_id),
+    async def _build_configs(
+        self, kind: ClientKind, conns: list[Connection]
+    ) -> dict[Connection, dict[str, Any]]:
+        gateways = await self._snapshot("gateways")
+        tunnels = await self._snapshot("tunnels")
+        if kind == "agent":
+            if len(conns) > 8:
+                rows = {r["id"]: r for r in await self._snapshot("agents")}
+            else:
+                ids = [c.client_id for c in conns]
+                rows = {r["id"]: r for r in await self.store.clients_by_id(kind, ids)}
+            by_agent: dict[str, list[Row]] = {}
+            for tunnel in tunnels:
+                by_agent.setdefault(tunnel["agent_id"], []).append(tunnel)
+            return {
+                conn: agent_config(
+                    self.store, rows[conn.client_id], gateways, by_agent.get(conn.client_id, [])
+                )
+                for conn in conns
+                if conn.client_id in rows
+            }
+        agents = await self._snapshot("agents")
+        certificates = await self._snapshot("certificates")
+        gateway_rows = {r["id"]: r for r in gateways}
+        return {
+            conn: gateway_config(
+                self.store, gateway_rows[conn.client_id], agents, tunnels, certificates
             )
-        return gateway_config(
-            self.store,
-            row,
-            await self.store.all_clients("agent"),
-            await self.store.all_tunnels(),
-            await self.store.all_certificates(),
-        )
+            for conn in conns
+            if conn.client_id in gateway_rows
+        }
 
     async def push_config(self, kind: ClientKind, ids: Iterable[str] | None = None) -> int:
         """Send a fresh full ``config`` to connected clients of one kind."""
+        async with self.lock:
+            return await self.push_config_locked(kind, ids)
+
+    async def push_config_locked(self, kind: ClientKind, ids: Iterable[str] | None = None) -> int:
+        """``push_config`` for a caller that already holds ``lock``."""
+        assert self.lock.locked()
         conns = self.connected(kind, ids)
         if not conns:
             return 0
-        await self._assign_versions(kind, conns)
-        if ids is None:
-            rows = {r["id"]: r for r in await self.store.all_clients(kind)}
-        else:
-            rows = {
-                r["id"]: r
-                for r in await self.store.clients_by_id(kind, [c.client_id for c in conns])
-            }
-        if kind == "agent":
-            gateways = await self.store.all_clients("gateway")
-            if len(conns) == 1:
-                tunnels = await self.store.all_tunnels(conns[0].client_id)
-            else:
-                tunnels = await self.store.all_tunnels()
-            for conn in conns:
-                if conn.client_id in rows:
-                    self._send(
-                        conn,
-                        "config",
-                        agent_config(self.store, rows[conn.client_id], gateways, tunnels),
-                    )
-        else:
-            agents = await self.store.all_clients("agent")
-            tunnels = await self.store.all_tunnels()
-            certificates = await self.store.all_certificates()
-            for conn in conns:
-                if conn.client_id in rows:
-                    self._send(
-                        conn,
-                        "config",
-                        gateway_config(
-                            self.store, rows[conn.client_id], agents, tunnels, certificates
-                        ),
-                    )
-        return len(conns)
+        configs = await self._build_configs(kind, conns)
+        for conn, config in configs.items():
+            if not conn.closing:
+                self._send(conn, "config", config)
+        return len(configs)
 
     def schedule_config_push(self, kind: ClientKind) -> None:
         """Coalesce peer-change pushes: many agents registering at once (a Control
@@ -387,35 +434,27 @@ class Hub:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def tunnel_event(self, type_: str, tunnel: Row, agent_ids: Iterable[str]) -> None:
-        """Push ``tunnel_create/update/delete`` to the owning agent(s) and every gateway."""
-        data = (
-            {"id": tunnel["id"], "agentId": tunnel["agent_id"]}
-            if type_ == "tunnel_delete"
-            else tunnel_wire(tunnel)
-        )
-        agents = self.connected("agent", agent_ids)
-        gateways = self.connected("gateway")
-        await self._assign_versions("agent", agents)
-        await self._assign_versions("gateway", gateways)
-        frame_data = data
-        for conn in agents + gateways:
-            self._send(conn, type_, frame_data)
+    def tunnel_event(self, type_: str, tunnel: Row, agent_ids: Iterable[str]) -> None:
+        """Push ``tunnel_create/update/delete`` to the owning agent(s) and every gateway.
 
-    async def agent_moved_tunnel(self, before: Row, after: Row) -> None:
+        Call with ``lock`` held, right after the change committed."""
+        if type_ == "tunnel_delete":
+            data: dict[str, Any] = {"id": tunnel["id"], "agentId": tunnel["agent_id"]}
+        else:
+            data = tunnel_wire(tunnel)
+        self._broadcast(self.connected("agent", agent_ids) + self.connected("gateway"), type_, data)
+
+    def agent_moved_tunnel(self, before: Row, after: Row) -> None:
         """A tunnel changed owner: delete at the old agent, create at the new one."""
-        old_agents = self.connected("agent", [before["agent_id"]])
-        await self._assign_versions("agent", old_agents)
-        for conn in old_agents:
-            self._send(conn, "tunnel_delete", {"id": before["id"], "agentId": before["agent_id"]})
-        new_agents = self.connected("agent", [after["agent_id"]])
-        await self._assign_versions("agent", new_agents)
-        for conn in new_agents:
-            self._send(conn, "tunnel_create", tunnel_wire(after))
-        gateways = self.connected("gateway")
-        await self._assign_versions("gateway", gateways)
-        for conn in gateways:
-            self._send(conn, "tunnel_update", tunnel_wire(after))
+        self._broadcast(
+            self.connected("agent", [before["agent_id"]]),
+            "tunnel_delete",
+            {"id": before["id"], "agentId": before["agent_id"]},
+        )
+        self._broadcast(
+            self.connected("agent", [after["agent_id"]]), "tunnel_create", tunnel_wire(after)
+        )
+        self._broadcast(self.connected("gateway"), "tunnel_update", tunnel_wire(after))
 
     async def disconnect(self, kind: ClientKind, client_id: str, code: int, reason: str) -> None:
         """Close a client's connection (deleted, or its key rotated)."""

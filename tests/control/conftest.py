@@ -58,6 +58,7 @@ class RunningControl:
             port=self.port,
             log_config=None,
             ws_max_size=protocol.MAX_FRAME_BYTES,
+            ws_per_message_deflate=False,
             lifespan="on",
         )
         self.server = _Server(config, self.app)

@@ -72,7 +72,6 @@ async def test_agent_and_gateway_auth_and_config(
             "endpoint": "203.0.113.7:51820",
             "virtualIp": "100.64.0.1",
             "allowedIps": ["100.64.0.1/32"],
-            "online": True,
         }
     ]
     assert [t["id"] for t in config["tunnels"]] == [tunnel["id"]]
@@ -89,7 +88,6 @@ async def test_agent_and_gateway_auth_and_config(
             "virtualIp": "100.64.0.100",
             "allowedIps": ["100.64.0.100/32"],
             "gatewayIp": "100.64.0.1",
-            "online": True,
         }
     ]
     assert fresh["gateway"]["addresses"] == ["100.64.0.1/24"]
