@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.control.conftest import ADMIN_TOKEN
 from tests.control.test_lifecycle import _spawn, _wait_ready
+from tests.controlserver import ADMIN_TOKEN
 from tests.support import free_port
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tests.control.conftest import Peer, RunningControl, connect_client, create
+from tests.controlserver import Peer, RunningControl, connect_client, create
 
 
 def apply(frames: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -14,8 +14,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from control import protocol
-from tests.control.conftest import Peer, RunningControl, connect_client, create, public_key
 from tests.control.test_api import _self_signed
+from tests.controlserver import Peer, RunningControl, connect_client, create, public_key
 
 
 async def closed_with(peer: Peer, code: int, timeout: float = 8.0) -> str:

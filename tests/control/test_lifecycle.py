@@ -14,7 +14,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.control.conftest import ADMIN_TOKEN, RunningControl, connect_client, create
+from tests.controlserver import ADMIN_TOKEN, RunningControl, connect_client, create
 from tests.support import free_port
 
 

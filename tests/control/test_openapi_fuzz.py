@@ -20,7 +20,7 @@ from schemathesis.checks import (
 )
 
 from control.app import ControlSettings, create_app
-from tests.control.conftest import ADMIN_TOKEN
+from tests.controlserver import ADMIN_TOKEN
 from tests.support import free_port
 
 

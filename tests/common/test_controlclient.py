@@ -1,0 +1,202 @@
+"""The shared Control client against a real Control, and against a hostile fake one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from control import protocol as p
+from kakuremichi.controlclient import (
+    ControlClient,
+    ControlClientSettings,
+    ControlView,
+    websocket_url,
+)
+from tests.controlserver import RunningControl, create, public_key
+from tests.support import free_port
+
+
+def client_for(url: str, key: str, kind: str = "agent", **extra: Any) -> ControlClient:
+    settings = ControlClientSettings(
+        control_url=url,
+        api_key=key,
+        client_type=kind,
+        public_key=public_key(9),
+        version="test",
+        public_ip="192.0.2.5" if kind == "gateway" else None,
+        wireguard_port=51820 if kind == "gateway" else None,
+        backoff_min=0.05,
+        backoff_max=0.3,
+        **extra,
+    )
+    return ControlClient(settings, rng=random.Random(1))
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+def test_websocket_url() -> None:
+    assert websocket_url("http://c.example.com:7700") == "ws://c.example.com:7700/ws"
+    assert websocket_url("https://c.example.com/prefix/") == "wss://c.example.com/prefix/ws"
+    assert websocket_url("wss://c.example.com/ws") == "wss://c.example.com/ws"
+    with pytest.raises(ValueError):
+        websocket_url("ftp://x")
+    with pytest.raises(ValueError):
+        websocket_url("nonsense")
+
+
+def test_backoff_grows_with_jitter_and_caps() -> None:
+    client = client_for("http://127.0.0.1:1", "agt_x")
+    client.settings.backoff_min, client.settings.backoff_max = 1.0, 60.0
+    samples = [[client.backoff(n) for _ in range(200)] for n in range(10)]
+    assert all(1.0 <= s <= 60.0 for row in samples for s in row)
+    assert max(samples[0]) <= 2.0 and max(samples[9]) > 30.0  # grows, capped at 60
+    assert len({round(s, 3) for s in samples[5]}) > 100  # jittered, not fixed
+
+
+async def test_sync_pushes_and_restart(tmp_path: Path) -> None:
+    server = RunningControl(tmp_path / "c.db")
+    await server.start()
+    port = server.port
+    async with server.api() as api:
+        agent = await create(api, "agent", "laptop")
+        await create(api, "gateway", "edge")
+        t1 = (
+            await api.post(
+                "/api/tunnels",
+                json={"domain": "a.example.com", "target": "127.0.0.1:1", "agent": "laptop"},
+            )
+        ).json()
+    changes: list[int] = []
+    client = client_for(server.url, agent["apiKey"])
+    client.on_change = lambda view: changes.append(len(view.tunnels))
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_for(lambda: client.view.has_config)
+        assert set(client.view.tunnels) == {t1["id"]}
+        assert client.view.me["virtualIp"] == "100.64.0.100"
+        async with server.api() as api:
+            t2 = (
+                await api.post(
+                    "/api/tunnels",
+                    json={"domain": "b.example.com", "target": "127.0.0.1:2", "agent": "laptop"},
+                )
+            ).json()
+            await wait_for(lambda: t2["id"] in client.view.tunnels)
+            await api.delete(f"/api/tunnels/{t1['id']}")
+            await wait_for(lambda: t1["id"] not in client.view.tunnels)
+        version_before = client.view.config_version
+        # Control goes away: the view stays, the client keeps trying.
+        await server.stop()
+        await wait_for(lambda: not client.connected.is_set())
+        await asyncio.sleep(0.5)
+        assert set(client.view.tunnels) == {t2["id"]}
+        attempts = client.attempts
+        again = RunningControl(tmp_path / "c.db")
+        again.port = port
+        await again.start()
+        try:
+            await wait_for(lambda: client.connected.is_set(), 10)
+            assert client.attempts > attempts
+            await wait_for(lambda: client.view.config_version > version_before)
+            assert set(client.view.tunnels) == {t2["id"]}
+        finally:
+            await client.stop()
+            await again.stop()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert changes  # on_change was called
+
+
+async def test_bad_key_keeps_retrying_without_crashing(control: RunningControl) -> None:
+    client = client_for(control.url, "agt_not-a-real-key-at-all")
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_for(lambda: client.attempts >= 3, 10)
+        assert "refused" in client.last_error
+        assert not client.view.has_config and not task.done()
+    finally:
+        await client.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_hostile_control_cannot_crash_the_client() -> None:
+    """A fake Control sends garbage after auth; the client logs, skips and stays up."""
+    garbage: list[str | bytes] = [
+        "{nope",
+        "[]",
+        '{"type": 1}',
+        b"\x00\xff",
+        '{"type": "config", "data": {"agent": 5}}',
+        '{"type": "config", "data": {"agent": {}, "gateways": [], "tunnels": [5]}}',
+        '{"type": "tunnel_create", "data": {"id": 7}}',
+        '{"type": "tunnel_delete", "data": {}}',
+        '{"type": "surprise", "data": {}}',
+        '{"type": "error", "data": {"code": "x"}}',
+        json.dumps(
+            {
+                "type": "config",
+                "configVersion": 5,
+                "data": {
+                    "agent": {"id": "a"},
+                    "gateways": [],
+                    "tunnels": [{"id": "t1", "domain": "x"}],
+                },
+            }
+        ),
+        json.dumps({"type": "tunnel_create", "configVersion": 6, "data": {"id": "t2"}}),
+        json.dumps({"type": "tunnel_create", "configVersion": 7, "data": {"id": "t2"}}),
+    ]
+    seen: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        seen.append(json.loads(await ws.recv()))
+        await ws.send(p.encode("auth_success", {"id": "a", "heartbeatInterval": 1}, 1))
+        for item in garbage:
+            await ws.send(item)
+        with contextlib.suppress(Exception):
+            async for _ in ws:
+                pass
+
+    port = free_port()
+    async with serve(handler, "127.0.0.1", port):
+        client = client_for(f"http://127.0.0.1:{port}", "agt_whatever")
+        task = asyncio.create_task(client.run())
+        try:
+            await wait_for(lambda: client.view.config_version == 7)
+            assert set(client.view.tunnels) == {"t1", "t2"}
+            assert seen[0]["type"] == "auth" and seen[0]["data"]["publicKey"] == public_key(9)
+            assert client.connected.is_set() and not task.done()
+        finally:
+            await client.stop()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def test_view_is_idempotent() -> None:
+    view = ControlView()
+    config = p.Frame("config", {"gateway": {"id": "g"}, "agents": [], "tunnels": [{"id": "t"}]}, 3)
+    assert view.apply(config, "gateway") is True
+    assert view.apply(config, "gateway") is False
+    create_frame = p.Frame("tunnel_create", {"id": "u", "domain": "d"}, 4)
+    assert view.apply(create_frame, "gateway") is True
+    assert view.apply(create_frame, "gateway") is False
+    delete = p.Frame("tunnel_delete", {"id": "u"}, 5)
+    assert view.apply(delete, "gateway") is True
+    assert view.apply(delete, "gateway") is False
+    assert view.config_version == 5 and set(view.tunnels) == {"t"}
