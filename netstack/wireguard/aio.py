@@ -1,0 +1,253 @@
+"""asyncio adapter: a :class:`~netstack.wireguard.device.Device` on a real UDP socket.
+
+Theory of operation: the adapter owns a non-blocking UDP socket with large kernel
+buffers and registers it with ``loop.add_reader``.  Each wake-up drains the socket
+with ``recvfrom_into`` until ``BlockingIOError`` (bounded per wake-up so one busy
+socket cannot starve the loop), which is several times faster than asyncio's
+``DatagramProtocol`` (one datagram per loop iteration).  Because it sees the whole
+batch, it knows how many handshake messages are still queued behind the current one
+and passes that as the device's load signal (wireguard-go's handshake queue length).
+
+After every input -- datagrams, an outbound IP packet, a timer -- :meth:`flush`
+sends what the device produced, hands decrypted packets to ``on_packet`` and events
+to ``on_event``, and re-arms the single timer from ``device.next_deadline()``.
+Sends that hit a full socket buffer wait in a bounded queue drained by
+``loop.add_writer``; beyond that, datagrams are dropped like any UDP loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections import deque
+from collections.abc import Callable
+
+from .config import Config
+from .device import Device
+from .errors import ConfigError
+from .events import Address, Event
+
+SOCKET_BUFFER = 4 * 1024 * 1024
+MAX_DATAGRAMS_PER_WAKEUP = 2048
+MAX_PENDING_SENDS = 4096
+_RECV_SIZE = 65536
+
+
+async def resolve_endpoints(
+    config: Config, family: int = socket.AF_INET
+) -> dict[tuple[str, int], tuple[str, int]]:
+    """Resolve the host names among ``config``'s endpoints (for ``apply_peers``)."""
+    loop = asyncio.get_running_loop()
+    resolved: dict[tuple[str, int], tuple[str, int]] = {}
+    for peer in config.peers:
+        if peer.endpoint is None:
+            continue
+        host, port = peer.endpoint
+        try:
+            ipaddress.ip_address(host)
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise ConfigError(f"Endpoint {host!r}: cannot resolve ({exc})") from exc
+        if not infos:
+            raise ConfigError(f"Endpoint {host!r}: no address")
+        address = infos[0][4]
+        resolved[peer.endpoint] = (str(address[0]), int(address[1]))
+    return resolved
+
+
+def _is_handshake(first_byte: int, size: int) -> bool:
+    return (first_byte == 1 and size == 148) or (first_byte == 2 and size == 92)
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    """A bound, non-blocking UDP socket with large buffers (forced when privileged)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option, forced in (
+            (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None)),
+        ):
+            try:
+                if forced is None:
+                    raise PermissionError
+                sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
+            except OSError:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpDevice:
+    """Runs a sans-IO :class:`Device` on a UDP socket inside an asyncio loop."""
+
+    def __init__(
+        self,
+        device: Device,
+        sock: socket.socket,
+        *,
+        on_packet: Callable[[bytes], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.device = device
+        self.sock = sock
+        self._loop = loop or asyncio.get_running_loop()
+        self._on_packet = on_packet or self._queue_packet
+        self._on_event = on_event
+        self.packets: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
+        self._buffer = bytearray(_RECV_SIZE)
+        self._view = memoryview(self._buffer)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._pending: deque[tuple[bytes, Address]] = deque()
+        self._writing = False
+        self._closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+
+    @classmethod
+    async def open(
+        cls,
+        device: Device,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        *,
+        on_packet: Callable[[bytes], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> UdpDevice:
+        """Bind a socket on ``host:port`` and start serving ``device`` on it."""
+        sock = open_udp_socket(host, port)
+        return cls(device, sock, on_packet=on_packet, on_event=on_event)
+
+    @property
+    def local_address(self) -> Address:
+        return tuple(self.sock.getsockname())
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    # ---------------------------------------------------------------- inputs
+
+    def _on_readable(self) -> None:
+        batch: list[tuple[bytes, Address]] = []
+        recv = self.sock.recvfrom_into
+        view = self._view
+        for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
+            try:
+                size, addr = recv(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                continue  # e.g. ICMP port unreachable reported on the socket
+            batch.append((bytes(view[:size]), addr))
+        if not batch:
+            return
+        handshakes = sum(1 for data, _ in batch if _is_handshake(data[0], len(data)))
+        now = self._loop.time()
+        receive = self.device.receive_datagram
+        for data, addr in batch:
+            if handshakes and _is_handshake(data[0], len(data)):
+                handshakes -= 1
+                receive(data, addr, now, backlog=handshakes)
+            else:
+                receive(data, addr, now)
+        self.flush()
+
+    def send_packet(self, packet: bytes) -> bool:
+        """Route one IP packet into the tunnel; False if no peer covers its destination."""
+        routed = self.device.send_packet(packet, self._loop.time())
+        self.flush()
+        return routed
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.device.handle_timer(self._loop.time())
+        self.flush()
+
+    # ---------------------------------------------------------------- outputs
+
+    def flush(self) -> None:
+        """Send datagrams, deliver packets and events, re-arm the timer."""
+        if self._closed:
+            return
+        device = self.device
+        out = device.datagrams_to_send()
+        if out:
+            self._send_all(out)
+        for packet in device.packets_received():
+            self._on_packet(packet)
+        if self._on_event is not None:
+            for event in device.events():
+                self._on_event(event)
+        deadline = device.next_deadline()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None:
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _send_all(self, out: list[tuple[bytes, Address]]) -> None:
+        if self._pending:
+            self._queue_sends(out)
+            return
+        sendto = self.sock.sendto
+        for i, (data, addr) in enumerate(out):
+            try:
+                sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self._queue_sends(out[i:])
+                return
+            except OSError:
+                continue  # unreachable destination: UDP loss
+
+    def _queue_sends(self, out: list[tuple[bytes, Address]]) -> None:
+        for item in out:
+            if len(self._pending) >= MAX_PENDING_SENDS:
+                break
+            self._pending.append(item)
+        if not self._writing:
+            self._writing = True
+            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        pending = self._pending
+        while pending:
+            data, addr = pending[0]
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            pending.popleft()
+        self._loop.remove_writer(self.sock.fileno())
+        self._writing = False
+
+    def _queue_packet(self, packet: bytes) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.packets.put_nowait(packet)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self._loop.remove_writer(self.sock.fileno())
+        self.sock.close()

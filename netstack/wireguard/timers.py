@@ -1,0 +1,116 @@
+"""Protocol constants and per-peer timers, exactly as wireguard-go's timers.go.
+
+Theory of operation: each peer has five one-shot timers, each either unset (``None``)
+or a deadline on the caller's monotonic clock.  Protocol events arm or disarm them
+through the ``on_*`` hooks below (names follow wireguard-go's ``timers*`` functions);
+``Device.handle_timer(now)`` fires the expired ones:
+
+* retransmit_handshake -- REKEY_TIMEOUT + jitter after an initiation; retry until
+  MAX_TIMER_HANDSHAKES, then give up, drop staged packets and schedule zeroing.
+* send_keepalive -- KEEPALIVE_TIMEOUT after receiving data we did not answer.
+* new_handshake -- KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter after sending data we
+  got no answer to: the session may be dead, so start a fresh handshake.
+* zero_key_material -- 3 * REJECT_AFTER_TIME after the last session was derived.
+* persistent_keepalive -- the configured interval after any authenticated packet.
+
+Nothing here reads a clock: ``now`` and the jitter are passed in.
+"""
+
+from __future__ import annotations
+
+REKEY_AFTER_MESSAGES = 1 << 60
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME = 120.0
+REKEY_ATTEMPT_TIME = 90.0
+REKEY_TIMEOUT = 5.0
+MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)  # 18
+REKEY_TIMEOUT_JITTER_MAX_MS = 334
+REJECT_AFTER_TIME = 180.0
+KEEPALIVE_TIMEOUT = 10.0
+COOKIE_REFRESH_TIME = 120.0
+HANDSHAKE_INITIATION_RATE = 0.020
+ZERO_KEY_MATERIAL_AFTER = REJECT_AFTER_TIME * 3
+# keepKeyFreshReceiving: initiate if our session is about to be rejected by the peer.
+LAST_MINUTE_HANDSHAKE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 165
+UNDER_LOAD_QUEUE = 1024 // 8  # wireguard-go: QueueHandshakeSize / 8
+UNDER_LOAD_AFTER_TIME = 1.0
+MAX_STAGED_PACKETS = 128
+PADDING_MULTIPLE = 16
+
+
+class PeerTimers:
+    """The five deadlines and three flags of one peer's timer state machine."""
+
+    __slots__ = (
+        "handshake_attempts",
+        "need_another_keepalive",
+        "new_handshake",
+        "persistent_keepalive",
+        "persistent_keepalive_interval",
+        "retransmit_handshake",
+        "send_keepalive",
+        "sent_last_minute_handshake",
+        "zero_key_material",
+    )
+
+    def __init__(self, persistent_keepalive_interval: int = 0) -> None:
+        self.retransmit_handshake: float | None = None
+        self.send_keepalive: float | None = None
+        self.new_handshake: float | None = None
+        self.zero_key_material: float | None = None
+        self.persistent_keepalive: float | None = None
+        self.handshake_attempts = 0
+        self.need_another_keepalive = False
+        self.sent_last_minute_handshake = False
+        self.persistent_keepalive_interval = persistent_keepalive_interval
+
+    def next_deadline(self) -> float | None:
+        best: float | None = None
+        for deadline in (
+            self.retransmit_handshake,
+            self.send_keepalive,
+            self.new_handshake,
+            self.zero_key_material,
+            self.persistent_keepalive,
+        ):
+            if deadline is not None and (best is None or deadline < best):
+                best = deadline
+        return best
+
+    def on_data_sent(self, now: float, jitter: float) -> None:
+        if self.new_handshake is None:
+            self.new_handshake = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + jitter
+
+    def on_data_received(self, now: float) -> None:
+        if self.send_keepalive is None:
+            self.send_keepalive = now + KEEPALIVE_TIMEOUT
+        else:
+            self.need_another_keepalive = True
+
+    def on_any_authenticated_packet_sent(self) -> None:
+        self.send_keepalive = None
+
+    def on_any_authenticated_packet_received(self) -> None:
+        self.new_handshake = None
+
+    def on_handshake_initiated(self, now: float, jitter: float) -> None:
+        self.retransmit_handshake = now + REKEY_TIMEOUT + jitter
+
+    def on_handshake_complete(self) -> None:
+        self.retransmit_handshake = None
+        self.handshake_attempts = 0
+        self.sent_last_minute_handshake = False
+
+    def on_session_derived(self, now: float) -> None:
+        self.zero_key_material = now + ZERO_KEY_MATERIAL_AFTER
+
+    def on_any_authenticated_packet_traversal(self, now: float) -> None:
+        if self.persistent_keepalive_interval > 0:
+            self.persistent_keepalive = now + self.persistent_keepalive_interval
+
+    def stop(self) -> None:
+        self.retransmit_handshake = None
+        self.send_keepalive = None
+        self.new_handshake = None
+        self.zero_key_material = None
+        self.persistent_keepalive = None
