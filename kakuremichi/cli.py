@@ -2,6 +2,7 @@
 
     kakuremichi control            run the management server
     kakuremichi admin …            manage agents, gateways, tunnels through the REST API
+    kakuremichi gateway            run a gateway (the public edge)
 
 Exit codes: 0 clean shutdown, 2 bad configuration (the message names the setting),
 1 anything else.
@@ -20,6 +21,7 @@ from kakuremichi.config import ConfigError
 _VERBS: tuple[tuple[str, str], ...] = (
     ("control", "control.main"),
     ("admin", "control.admin"),
+    ("gateway", "gateway.main"),
 )
 
 

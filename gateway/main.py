@@ -1,0 +1,148 @@
+"""``kakuremichi gateway``: the public edge.
+
+SIGTERM/SIGINT stop accepting, let in-flight requests finish, close the Control
+connection and remove the WireGuard interface; exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from gateway.runtime import Gateway, GatewaySettings
+from kakuremichi import logs
+from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, port, resolve
+from kakuremichi.controlclient import websocket_url
+
+
+def boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
+    Setting("api-key", "this gateway's API key (gtw_…)", None, secret=True, metavar="KEY"),
+    Setting("data-dir", "state directory (WireGuard key, certificates)", "./data/gateway"),
+    Setting(
+        "public-ip", "address agents reach this gateway's WireGuard port at", None, metavar="IP"
+    ),
+    Setting("wireguard-port", "UDP port of the WireGuard interface", 51820, parse=port),
+    Setting(
+        "wireguard-backend",
+        "WireGuard implementation",
+        "auto",
+        choices=("auto", "kernel", "wireguard-go"),
+    ),
+    Setting(
+        "interface", "WireGuard interface name (at most 15 characters)", "kkm0", metavar="NAME"
+    ),
+    Setting("host", "address the public listeners bind", "0.0.0.0"),
+    Setting("http-port", "public HTTP port", 80, parse=port),
+    Setting("https-port", "public HTTPS port (0 disables HTTPS)", 443, parse=port),
+    Setting(
+        "redirect-https",
+        "answer plain HTTP with a redirect to HTTPS",
+        False,
+        parse=boolean,
+        metavar="BOOL",
+    ),
+    Setting("admin-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
+    Setting("admin-port", "port of the /metrics and /healthz listener", 9090, parse=port),
+    Setting("upstream-port", "port agents accept HTTP on (inside the tunnel)", 80, parse=port),
+    Setting("acme-directory", "ACME directory URL; unset disables ACME", None, metavar="URL"),
+    Setting("acme-email", "contact e-mail for the ACME account", None, metavar="EMAIL"),
+    Setting(
+        "acme-ca-file", "CA bundle to trust for the ACME server (e.g. Pebble)", None, metavar="FILE"
+    ),
+    *COMMON,
+)
+
+
+def settings_from(values: dict[str, Any]) -> GatewaySettings:
+    for required in ("control_url", "api_key", "public_ip"):
+        if not values[required]:
+            flag = required.replace("_", "-")
+            raise ConfigError(f"--{flag} (or KAKUREMICHI_{required.upper()}) is required")
+    try:
+        websocket_url(values["control_url"])
+    except ValueError as exc:
+        raise ConfigError(f"--control-url: {exc}") from exc
+    if not values["api_key"].startswith("gtw_"):
+        raise ConfigError("--api-key: a gateway key starts with gtw_")
+    for name in ("public_ip", "host", "admin_host"):
+        try:
+            ipaddress.ip_address(values[name])
+        except ValueError as exc:
+            raise ConfigError(
+                f"--{name.replace('_', '-')}: {values[name]!r} is not an IP address"
+            ) from exc
+    if not 1 <= len(values["interface"]) <= 15:
+        raise ConfigError("--interface: 1-15 characters")
+    return GatewaySettings(
+        control_url=values["control_url"],
+        api_key=values["api_key"],
+        data_dir=Path(values["data_dir"]).expanduser(),
+        public_ip=values["public_ip"],
+        wireguard_port=values["wireguard_port"],
+        backend=values["wireguard_backend"],
+        interface=values["interface"],
+        host=values["host"],
+        http_port=values["http_port"],
+        https_port=values["https_port"],
+        admin_host=values["admin_host"],
+        admin_port=values["admin_port"],
+        upstream_port=values["upstream_port"],
+        redirect_https=values["redirect_https"],
+        acme_directory=values["acme_directory"],
+        acme_email=values["acme_email"],
+        acme_ca_file=values["acme_ca_file"],
+    )
+
+
+async def serve(settings: GatewaySettings) -> int:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await gateway.start()
+    except Exception as exc:
+        logging.getLogger("gateway").error("gateway failed to start", extra=logs.kv(error=str(exc)))
+        await gateway.stop()
+        return 1
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    values = resolve(args, SETTINGS)
+    logs.setup(values["log_format"], values["log_level"])
+    return asyncio.run(serve(settings_from(values)))
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "gateway",
+        help="run a gateway (the public edge)",
+        description=(
+            "Run a kakuremichi gateway: connects to Control with its API key, manages a "
+            "WireGuard interface with one peer per agent, serves HTTP/HTTPS for every "
+            "tunnel domain (certificates from Control or ACME) and raw TCP tunnels, and "
+            "forwards through WireGuard to the agent that owns each tunnel. Needs root "
+            "(or CAP_NET_ADMIN) for the WireGuard interface."
+        ),
+    )
+    add_settings(parser, SETTINGS)
+    parser.set_defaults(run=run)

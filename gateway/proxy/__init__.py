@@ -1,0 +1,43 @@
+"""The gateway's public data path: Host routing, HTTP reverse proxy, raw TCP tunnels,
+protection limits and metrics.
+
+Wiring (see each module's docstring for the theory of operation)::
+
+    router = Router()                          # fed by the control client
+    metrics = Metrics()                        # shared by everything below
+    proxy = ProxyServer(router, dialer, ProxySettings(), metrics)
+    await proxy.start("0.0.0.0", 80)           # and/or 443 with an ssl_context
+    tcp = TcpForwarder(router, dialer, TcpSettings(), metrics)
+    await tcp.start()                          # follows the router's tcp tunnels
+    udp = UdpForwarder(router, None, UdpSettings(), metrics)   # flow dialer: kernel UDP
+    await udp.start()
+    admin = AdminServer(metrics)
+    await admin.start("127.0.0.1", 9090)       # /metrics and /healthz
+"""
+
+from .admin import AdminServer
+from .http import ProxyServer, ProxySettings
+from .limits import LimitSettings
+from .metrics import Metrics, Registry
+from .pool import Dialer, open_tcp
+from .router import PortRoute, Route, Router
+from .tcp import TcpForwarder, TcpSettings
+from .udp import UdpForwarder, UdpSettings
+
+__all__ = [
+    "AdminServer",
+    "Dialer",
+    "LimitSettings",
+    "Metrics",
+    "PortRoute",
+    "ProxyServer",
+    "ProxySettings",
+    "Registry",
+    "Route",
+    "Router",
+    "TcpForwarder",
+    "TcpSettings",
+    "UdpForwarder",
+    "UdpSettings",
+    "open_tcp",
+]

@@ -1,0 +1,348 @@
+"""Prometheus metrics for the gateway, in the text exposition format (0.0.4), no deps.
+
+Theory of operation
+-------------------
+A ``Registry`` holds metric families (counter, gauge, histogram), each with a fixed
+tuple of label names and one child per label-value tuple.  Updates are plain dict
+operations on the event loop (no locks: everything runs in one thread).  ``render()``
+first runs the registered collectors (callbacks that refresh gauges from live state,
+e.g. WireGuard peers), then writes every family in name order with ``# HELP`` and
+``# TYPE`` lines; label values are escaped per the exposition format (``\\``, ``"``,
+newline).
+
+``Metrics`` is the gateway's own set of families.  The data path calls its small
+methods; the lead's WireGuard backends call ``set_wireguard_peer`` (or register a
+collector and use ``registry`` directly for anything new).
+
+Label cardinality is bounded by the tunnel table: requests that match no tunnel are
+counted under ``tunnel=""`` and ``domain=""``, never under the attacker-chosen Host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+LabelValues = tuple[str, ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Family:
+    kind = ""
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = tuple(labelnames)
+
+    def _key(self, labels: dict[str, str]) -> LabelValues:
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
+        return tuple(str(labels[n]) for n in self.labelnames)
+
+    def header(self) -> list[str]:
+        help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
+        return [f"# HELP {self.name} {help_text}", f"# TYPE {self.name} {self.kind}"]
+
+    def samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(_Family):
+    """A monotonically increasing count per label set."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[LabelValues, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        key = self._key(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def get(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        return [
+            f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}"
+            for k, v in sorted(self._values.items())
+        ]
+
+
+class Gauge(_Family):
+    """A value that goes up and down per label set."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help_text, labelnames)
+        self._values: dict[LabelValues, float] = {}
+
+    def set(self, value: float, **labels: str) -> None:
+        self._values[self._key(labels)] = float(value)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = self._key(labels)
+        self._values[key] = self._values.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, **labels: str) -> None:
+        self.inc(-amount, **labels)
+
+    def get(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def remove(self, **labels: str) -> None:
+        self._values.pop(self._key(labels), None)
+
+    def clear(self) -> None:
+        self._values.clear()
+
+    def samples(self) -> list[str]:
+        return [
+            f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}"
+            for k, v in sorted(self._values.items())
+        ]
+
+
+class Histogram(_Family):
+    """Cumulative buckets, sum and count per label set."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> None:
+        super().__init__(name, help_text, labelnames)
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        self.bounds = (*bounds, math.inf)
+        self._counts: dict[LabelValues, list[int]] = {}
+        self._sums: dict[LabelValues, float] = {}
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = self._key(labels)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0] * len(self.bounds)
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                counts[i] += 1
+                break
+        self._sums[key] = self._sums.get(key, 0.0) + value
+
+    def count(self, **labels: str) -> int:
+        return sum(self._counts.get(self._key(labels), ()))
+
+    def samples(self) -> list[str]:
+        lines = []
+        for key, counts in sorted(self._counts.items()):
+            running = 0
+            for bound, n in zip(self.bounds, counts, strict=True):
+                running += n
+                le = f'le="{_format_value(bound)}"'
+                lines.append(f"{self.name}_bucket{_labels(self.labelnames, key, le)} {running}")
+            labels = _labels(self.labelnames, key)
+            lines.append(f"{self.name}_sum{labels} {_format_value(self._sums[key])}")
+            lines.append(f"{self.name}_count{labels} {running}")
+        return lines
+
+
+class Registry:
+    """A set of metric families plus scrape-time collectors."""
+
+    def __init__(self) -> None:
+        self._families: dict[str, _Family] = {}
+        self._collectors: list[Callable[[], None]] = []
+
+    def _add(self, family: _Family) -> None:
+        if family.name in self._families:
+            raise ValueError(f"metric {family.name} already registered")
+        self._families[family.name] = family
+
+    def counter(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Counter:
+        family = Counter(name, help_text, labelnames)
+        self._add(family)
+        return family
+
+    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
+        family = Gauge(name, help_text, labelnames)
+        self._add(family)
+        return family
+
+    def histogram(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        buckets: Iterable[float] = DEFAULT_BUCKETS,
+    ) -> Histogram:
+        family = Histogram(name, help_text, labelnames, buckets)
+        self._add(family)
+        return family
+
+    def add_collector(self, collector: Callable[[], None]) -> None:
+        """Run ``collector()`` before every scrape (to refresh gauges from live state)."""
+        self._collectors.append(collector)
+
+    def render(self) -> str:
+        for collector in list(self._collectors):
+            try:
+                collector()
+            except Exception:
+                log.exception("metrics collector failed")
+        lines: list[str] = []
+        for name in sorted(self._families):
+            family = self._families[name]
+            lines.extend(family.header())
+            lines.extend(family.samples())
+        return "\n".join(lines) + "\n"
+
+
+class Metrics:
+    """The gateway's metric families and the calls the data path makes on them."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = registry if registry is not None else Registry()
+        r = self.registry
+        self.requests = r.counter(
+            "kakuremichi_http_requests_total",
+            "HTTP requests answered, by tunnel, domain and status code.",
+            ("tunnel", "domain", "code"),
+        )
+        self.request_bytes = r.counter(
+            "kakuremichi_http_request_body_bytes_total",
+            "Request body bytes received from clients, by tunnel.",
+            ("tunnel",),
+        )
+        self.response_bytes = r.counter(
+            "kakuremichi_http_response_body_bytes_total",
+            "Response body bytes sent to clients, by tunnel.",
+            ("tunnel",),
+        )
+        self.latency = r.histogram(
+            "kakuremichi_http_request_duration_seconds",
+            "Time from complete request headers to the end of the response, by tunnel.",
+            ("tunnel",),
+        )
+        self.active_connections = r.gauge(
+            "kakuremichi_active_connections",
+            "Open client connections, by listener kind (http, https, tcp, websocket).",
+            ("listener",),
+        )
+        self.rejected = r.counter(
+            "kakuremichi_rejected_total",
+            "Requests or connections refused by a protection limit, by reason.",
+            ("reason",),
+        )
+        self.upstream_errors = r.counter(
+            "kakuremichi_upstream_errors_total",
+            "Failures reaching or reading from an agent, by tunnel and kind.",
+            ("tunnel", "kind"),
+        )
+        self.tcp_connections = r.counter(
+            "kakuremichi_tcp_connections_total",
+            "Raw TCP tunnel connections accepted, by tunnel.",
+            ("tunnel",),
+        )
+        self.tcp_bytes = r.counter(
+            "kakuremichi_tcp_bytes_total",
+            "Raw TCP tunnel bytes, by tunnel and direction (in = from client).",
+            ("tunnel", "direction"),
+        )
+        self.udp_bytes = r.counter(
+            "kakuremichi_udp_bytes_total",
+            "Raw UDP tunnel payload bytes, by tunnel and direction (in = from client).",
+            ("tunnel", "direction"),
+        )
+        self.udp_flows = r.gauge(
+            "kakuremichi_udp_flows",
+            "Open UDP flows (client address -> agent), by tunnel.",
+            ("tunnel",),
+        )
+        self.wireguard_handshake_age = r.gauge(
+            "kakuremichi_wireguard_last_handshake_age_seconds",
+            "Seconds since the last WireGuard handshake with each agent (+Inf if never).",
+            ("agent",),
+        )
+        self.wireguard_bytes = r.counter(
+            "kakuremichi_wireguard_bytes_total",
+            "WireGuard transport bytes per agent and direction (rx, tx).",
+            ("agent", "direction"),
+        )
+        # counters for WireGuard are fed from absolute readings; keep the last ones
+        self._wg_last: dict[tuple[str, str], float] = {}
+
+    # -- data path -------------------------------------------------------------------
+
+    def request_done(self, tunnel: str, domain: str, status: int, seconds: float | None) -> None:
+        self.requests.inc(tunnel=tunnel, domain=domain, code=str(status))
+        if seconds is not None:
+            self.latency.observe(seconds, tunnel=tunnel)
+
+    def connection_opened(self, listener: str) -> None:
+        self.active_connections.inc(listener=listener)
+
+    def connection_closed(self, listener: str) -> None:
+        self.active_connections.dec(listener=listener)
+
+    # -- WireGuard (fed by the gateway's backend) ------------------------------------
+
+    def set_wireguard_peer(
+        self, agent_id: str, handshake_age: float | None, rx_bytes: int, tx_bytes: int
+    ) -> None:
+        """Record a reading of one agent peer: handshake age (None = never) and totals.
+
+        Byte totals are absolute interface counters; a reading lower than the previous
+        one (interface recreated) restarts the delta from zero.
+        """
+        self.wireguard_handshake_age.set(
+            math.inf if handshake_age is None else handshake_age, agent=agent_id
+        )
+        for direction, total in (("rx", rx_bytes), ("tx", tx_bytes)):
+            last = self._wg_last.get((agent_id, direction), 0.0)
+            delta = total - last if total >= last else total
+            self._wg_last[(agent_id, direction)] = float(total)
+            if delta > 0:
+                self.wireguard_bytes.inc(delta, agent=agent_id, direction=direction)
+
+    def forget_wireguard_peer(self, agent_id: str) -> None:
+        self.wireguard_handshake_age.remove(agent=agent_id)
+        self._wg_last.pop((agent_id, "rx"), None)
+        self._wg_last.pop((agent_id, "tx"), None)
+
+    def render(self) -> str:
+        return self.registry.render()

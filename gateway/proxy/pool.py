@@ -1,0 +1,176 @@
+"""Keep-alive connections to agents, a few per agent address.
+
+Theory of operation
+-------------------
+An ``UpstreamConnection`` is one TCP stream to an agent plus the client-role h11 state
+machine that frames requests on it.  After a response ends cleanly (both h11 sides
+``DONE``) the proxy hands the connection back with ``release``; the pool calls
+``start_next_cycle()`` and keeps it idle, at most ``max_idle_per_agent`` per
+``(host, port)``, each for at most ``idle_timeout`` seconds (a timer handle per idle
+connection closes it; taking it out cancels the timer).  Anything else - an error, an
+upgrade, a ``Connection: close`` - is closed instead of pooled.
+
+Agents may close idle keep-alive connections at any moment, so ``acquire`` skips
+connections whose reader already saw EOF, and the proxy retries a request once on a
+fresh connection when a *reused* connection fails before any response byte arrived, if
+the request is idempotent and has no body (RFC 9110 §9.2.2: replaying it is safe).
+Requests that cannot be replayed only take a connection used within the last second,
+which narrows the race with an agent closing an idle connection to almost nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+import h11
+
+from .splice import close_writer
+
+Dialer = Callable[[str, int, float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
+
+
+async def open_tcp(
+    host: str,
+    port: int,
+    timeout: float,  # noqa: ASYNC109 - the dialer interface takes a timeout
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The default dialer: a kernel TCP connection with a connect timeout."""
+    return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+
+
+class UpstreamConnection:
+    """One stream to an agent with its client-side HTTP/1.1 state."""
+
+    __slots__ = ("conn", "expiry", "idle_since", "key", "reader", "reused", "writer")
+
+    def __init__(
+        self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.key = key
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEADER_BYTES)
+        self.reused = False
+        self.idle_since = 0.0
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def reusable(self) -> bool:
+        return (
+            self.conn.our_state is h11.DONE
+            and self.conn.their_state is h11.DONE
+            and not self.reader.at_eof()
+        )
+
+    async def close(self) -> None:
+        await close_writer(self.writer)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per agent address."""
+
+    def __init__(self, dialer: Dialer, *, max_idle_per_agent: int = 8, idle_timeout: float = 4.0):
+        self.dialer = dialer
+        self.max_idle_per_agent = max_idle_per_agent
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self.dials = 0
+        self.reuses = 0
+
+    async def acquire(
+        self,
+        host: str,
+        port: int,
+        connect_timeout: float,
+        *,
+        fresh: bool = False,
+        max_idle_age: float | None = None,
+    ) -> UpstreamConnection:
+        """A pooled connection if a live one is idle (unless ``fresh``), else a new one.
+
+        ``max_idle_age`` skips (and keeps pooled) connections idle for longer than that.
+        Dial errors (``OSError``, ``TimeoutError``) propagate to the caller.
+        """
+        key = (host, port)
+        idle = None if fresh else self._idle.get(key)
+        now = asyncio.get_running_loop().time()
+        # newest first: the most recently used connection is the least likely stale
+        for index in range(len(idle) - 1, -1, -1) if idle else ():
+            assert idle is not None
+            upstream = idle[index]
+            if upstream.reader.at_eof() or upstream.writer.is_closing():
+                del idle[index]
+                self._cancel_expiry(upstream)
+                self._close_later(upstream)
+                continue
+            if max_idle_age is not None and now - upstream.idle_since > max_idle_age:
+                continue
+            del idle[index]
+            self._cancel_expiry(upstream)
+            upstream.reused = True
+            self.reuses += 1
+            return upstream
+        if idle is not None and not idle:
+            self._idle.pop(key, None)
+        self.dials += 1
+        reader, writer = await self.dialer(host, port, connect_timeout)
+        return UpstreamConnection(key, reader, writer)
+
+    def release(self, upstream: UpstreamConnection) -> None:
+        """Return a connection after a complete exchange; closes it if not reusable."""
+        if not upstream.reusable() or self.max_idle_per_agent <= 0:
+            self._close_later(upstream)
+            return
+        idle = self._idle.setdefault(upstream.key, [])
+        if len(idle) >= self.max_idle_per_agent:
+            self._close_later(upstream)
+            return
+        upstream.conn.start_next_cycle()
+        loop = asyncio.get_running_loop()
+        upstream.idle_since = loop.time()
+        upstream.expiry = loop.call_later(self.idle_timeout, self._expire, upstream)
+        idle.append(upstream)
+
+    @staticmethod
+    def _cancel_expiry(upstream: UpstreamConnection) -> None:
+        if upstream.expiry is not None:
+            upstream.expiry.cancel()
+            upstream.expiry = None
+
+    def discard(self, upstream: UpstreamConnection) -> None:
+        """Close a connection that must not be reused."""
+        self._close_later(upstream)
+
+    def idle_count(self, host: str | None = None, port: int | None = None) -> int:
+        if host is None:
+            return sum(len(v) for v in self._idle.values())
+        return len(self._idle.get((host, port or 0), []))
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            for upstream in idle:
+                if upstream.expiry is not None:
+                    upstream.expiry.cancel()
+                self._close_later(upstream)
+        self._idle.clear()
+        if self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+    def _expire(self, upstream: UpstreamConnection) -> None:
+        idle = self._idle.get(upstream.key)
+        if idle is not None and upstream in idle:
+            idle.remove(upstream)
+            if not idle:
+                del self._idle[upstream.key]
+        self._close_later(upstream)
+
+    def _close_later(self, upstream: UpstreamConnection) -> None:
+        with contextlib.suppress(Exception):
+            upstream.writer.close()
+        task = asyncio.ensure_future(upstream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

@@ -1,0 +1,251 @@
+"""Host routing table for the gateway's public listeners.
+
+Theory of operation
+-------------------
+Control describes tunnels as JSON dicts (the wire format of the ``config`` and
+``tunnel_create``/``tunnel_update``/``tunnel_delete`` messages).  The router keeps the
+last good copy of every tunnel, keyed by id, and derives two read-only indexes from it:
+
+* ``domain -> Route`` for HTTP tunnels (exact names, plus ``*.example.com`` wildcards
+  that match exactly one extra label), and
+* ``public port -> PortRoute`` for raw TCP/UDP tunnels.
+
+The indexes are rebuilt as a whole after every change and swapped in with a single
+assignment, so a lookup running between two awaits always sees one consistent table.
+A malformed tunnel dict is logged (without its contents beyond the id) and skipped; it
+never raises into the control client.  When two tunnels claim one domain (Control
+should prevent it) the enabled one wins, then the smallest id, so the choice is
+deterministic.  Disabled tunnels stay in the index so the proxy can answer "tunnel
+disabled" instead of a confusing "unknown host".
+
+Listeners (e.g. the TCP forwarder) subscribe with ``add_listener`` and are called
+synchronously after every change.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_MAX_DOMAIN_LENGTH = 253
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where requests for one HTTP tunnel's domain go."""
+
+    tunnel_id: str
+    domain: str
+    agent_id: str
+    agent_ip: str
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PortRoute:
+    """Where connections (or datagrams) to one raw TCP/UDP tunnel's public port go."""
+
+    tunnel_id: str
+    protocol: str  # "tcp" or "udp"
+    public_port: int
+    agent_id: str
+    agent_ip: str
+    enabled: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Tunnel:
+    tunnel_id: str
+    protocol: str
+    domain: str | None
+    public_port: int | None
+    agent_id: str
+    agent_ip: str
+    enabled: bool
+
+
+class TunnelError(ValueError):
+    """A tunnel dict from Control is malformed."""
+
+
+def normalize_host(host: str) -> str | None:
+    """Lower-case a Host header value and strip its port and trailing dot.
+
+    Returns None for values that cannot be a host name (empty, too long, bad brackets).
+    ``[::1]:8080`` becomes ``::1``; ``Example.COM.:443`` becomes ``example.com``.
+    """
+    host = host.strip().lower()
+    if not host or len(host) > _MAX_DOMAIN_LENGTH + 8:
+        return None
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            return None
+        rest = host[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        host = host[1:end]
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+        if port and not port.isdigit():
+            return None
+    host = host.rstrip(".")
+    return host or None
+
+
+def _parse_tunnel(raw: Mapping[str, Any]) -> _Tunnel:
+    if not isinstance(raw, Mapping):
+        raise TunnelError("tunnel is not an object")
+    tunnel_id = raw.get("id")
+    if not isinstance(tunnel_id, str) or not tunnel_id:
+        raise TunnelError("tunnel has no id")
+    protocol = raw.get("protocol", "http")
+    if protocol not in ("http", "tcp", "udp"):
+        raise TunnelError(f"tunnel {tunnel_id}: unknown protocol")
+    agent_ip = raw.get("agentIp")
+    if not isinstance(agent_ip, str):
+        raise TunnelError(f"tunnel {tunnel_id}: no agentIp")
+    try:
+        ipaddress.ip_address(agent_ip)
+    except ValueError:
+        raise TunnelError(f"tunnel {tunnel_id}: agentIp is not an IP address") from None
+    agent_id = raw.get("agentId")
+    agent_id = agent_id if isinstance(agent_id, str) else ""
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise TunnelError(f"tunnel {tunnel_id}: enabled is not a boolean")
+    domain: str | None = None
+    public_port: int | None = None
+    if protocol == "http":
+        raw_domain = raw.get("domain")
+        if not isinstance(raw_domain, str):
+            raise TunnelError(f"tunnel {tunnel_id}: http tunnel without domain")
+        domain = normalize_host(raw_domain)
+        if domain is None or ":" in domain or len(domain) > _MAX_DOMAIN_LENGTH:
+            raise TunnelError(f"tunnel {tunnel_id}: bad domain")
+    else:
+        port = raw.get("publicPort")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise TunnelError(f"tunnel {tunnel_id}: bad publicPort")
+        public_port = port
+    return _Tunnel(tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled)
+
+
+def _preferred(a: _Tunnel, b: _Tunnel) -> _Tunnel:
+    """Deterministic winner when two tunnels claim one domain or port."""
+    return min(a, b, key=lambda t: (not t.enabled, t.tunnel_id))
+
+
+class Router:
+    """Tunnel table fed by Control messages; answers "which agent serves this Host?"."""
+
+    def __init__(self) -> None:
+        self._tunnels: dict[str, _Tunnel] = {}
+        self._domains: dict[str, Route] = {}
+        self._ports: dict[tuple[str, int], PortRoute] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.version = 0
+
+    # -- updates (from the control client) -------------------------------------------
+
+    def replace_all(self, tunnels: list[dict[str, Any]]) -> None:
+        """Install a full ``config`` snapshot; malformed entries are skipped."""
+        table: dict[str, _Tunnel] = {}
+        for raw in tunnels if isinstance(tunnels, list) else []:
+            try:
+                tunnel = _parse_tunnel(raw)
+            except TunnelError as exc:
+                log.warning("ignoring tunnel from config: %s", exc)
+                continue
+            table[tunnel.tunnel_id] = tunnel
+        self._tunnels = table
+        self._rebuild()
+
+    def upsert(self, tunnel: dict[str, Any]) -> bool:
+        """Add or replace one tunnel; returns False (and changes nothing) if malformed."""
+        try:
+            parsed = _parse_tunnel(tunnel)
+        except TunnelError as exc:
+            log.warning("ignoring tunnel update: %s", exc)
+            return False
+        self._tunnels = {**self._tunnels, parsed.tunnel_id: parsed}
+        self._rebuild()
+        return True
+
+    def remove(self, tunnel_id: str) -> bool:
+        """Delete a tunnel; returns whether it existed."""
+        if tunnel_id not in self._tunnels:
+            return False
+        self._tunnels = {k: v for k, v in self._tunnels.items() if k != tunnel_id}
+        self._rebuild()
+        return True
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` after every change to the table."""
+        self._listeners.append(callback)
+
+    # -- lookups (from the data path) ------------------------------------------------
+
+    def lookup_host(self, host: str) -> Route | None:
+        """The route for a Host header value (any case, with or without port/trailing dot)."""
+        name = normalize_host(host)
+        if name is None:
+            return None
+        route = self._domains.get(name)
+        if route is not None:
+            return route
+        _, dot, parent = name.partition(".")
+        if dot and parent:
+            return self._domains.get("*." + parent)
+        return None
+
+    def lookup_port(self, protocol: str, port: int) -> PortRoute | None:
+        """The raw TCP/UDP tunnel listening on ``port``."""
+        return self._ports.get((protocol, port))
+
+    def port_routes(self, protocol: str) -> list[PortRoute]:
+        """All raw tunnels of one protocol (enabled or not), sorted by port."""
+        return sorted(
+            (r for (proto, _), r in self._ports.items() if proto == protocol),
+            key=lambda r: r.public_port,
+        )
+
+    def routes(self) -> list[Route]:
+        """All HTTP routes, sorted by domain."""
+        return [self._domains[d] for d in sorted(self._domains)]
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        by_domain: dict[str, _Tunnel] = {}
+        by_port: dict[tuple[str, int], _Tunnel] = {}
+        for tunnel in self._tunnels.values():
+            if tunnel.domain is not None:
+                old = by_domain.get(tunnel.domain)
+                by_domain[tunnel.domain] = tunnel if old is None else _preferred(old, tunnel)
+            elif tunnel.public_port is not None:
+                key = (tunnel.protocol, tunnel.public_port)
+                old = by_port.get(key)
+                by_port[key] = tunnel if old is None else _preferred(old, tunnel)
+        self._domains = {
+            d: Route(t.tunnel_id, d, t.agent_id, t.agent_ip, t.enabled)
+            for d, t in by_domain.items()
+        }
+        self._ports = {
+            key: PortRoute(t.tunnel_id, t.protocol, key[1], t.agent_id, t.agent_ip, t.enabled)
+            for key, t in by_port.items()
+        }
+        self.version += 1
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("router listener failed")

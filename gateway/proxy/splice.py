@@ -1,0 +1,115 @@
+"""Byte splicing between two asyncio streams, with half-close and back-pressure.
+
+Theory of operation
+-------------------
+Two pumps run concurrently, one per direction.  Each reads up to ``chunk`` bytes,
+writes them to the other side and waits for ``drain()`` before reading again, so a slow
+receiver stalls the sender instead of filling memory (back-pressure).  When one side
+sends EOF, its pump half-closes the other side with ``write_eof()`` (if the transport
+can: TLS cannot, then the direction simply stays quiet) and ends; the other direction
+keeps flowing until it too reaches EOF.  An error in either direction (reset, broken
+pipe) aborts both.  One idle timer covers the pair: a pump whose read times out ends
+the splice only if *neither* direction moved for ``idle_timeout`` seconds, so a
+one-way stream (server push, a long download) is not cut.
+
+Only the StreamReader/StreamWriter API is used, so the same code splices kernel
+sockets and the userspace netstack's streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+CHUNK = 64 * 1024
+
+
+async def close_writer(writer: asyncio.StreamWriter, *, abort: bool = False) -> None:
+    """Close a writer without raising; ``abort`` drops buffered data (RST on sockets)."""
+    try:
+        if abort:
+            transport = writer.transport
+            if transport is not None and hasattr(transport, "abort"):
+                transport.abort()
+        writer.close()
+    except Exception:  # noqa: S110 - closing a broken stream must not raise
+        pass
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def half_close(writer: asyncio.StreamWriter) -> None:
+    """Send EOF on a writer if its transport supports it."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+async def splice(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    *,
+    idle_timeout: float,
+    a_to_b_prefix: bytes = b"",
+    b_to_a_prefix: bytes = b"",
+    on_a_to_b: Callable[[int], None] | None = None,
+    on_b_to_a: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Copy a→b and b→a until both directions end; returns the byte counts.
+
+    Does not close the streams (the caller owns them) but half-closes as EOFs arrive.
+    Raises ``TimeoutError`` when the pair was idle too long, or the I/O error that
+    broke a direction.
+    """
+    loop = asyncio.get_running_loop()
+    last_activity = loop.time()
+
+    async def pump(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        prefix: bytes,
+        on_bytes: Callable[[int], None] | None,
+    ) -> int:
+        nonlocal last_activity
+        total = 0
+        if prefix:
+            writer.write(prefix)
+            await writer.drain()
+            total += len(prefix)
+            if on_bytes is not None:
+                on_bytes(len(prefix))
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(CHUNK), idle_timeout)
+            except TimeoutError:
+                if loop.time() - last_activity < idle_timeout:
+                    continue
+                raise
+            if not data:
+                half_close(writer)
+                return total
+            last_activity = loop.time()
+            writer.write(data)
+            await writer.drain()
+            last_activity = loop.time()
+            total += len(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+
+    forward = asyncio.ensure_future(pump(a_reader, b_writer, a_to_b_prefix, on_a_to_b))
+    backward = asyncio.ensure_future(pump(b_reader, a_writer, b_to_a_prefix, on_b_to_a))
+    try:
+        done, _ = await asyncio.wait({forward, backward}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()  # re-raise the first failure
+        return forward.result(), backward.result()
+    finally:
+        for task in (forward, backward):
+            if not task.done():
+                task.cancel()
+        for task in (forward, backward):
+            with contextlib.suppress(BaseException):
+                await task

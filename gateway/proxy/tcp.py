@@ -1,0 +1,138 @@
+"""Raw TCP tunnels: listen on each tunnel's public port, splice to ``agentIp:port``.
+
+Theory of operation
+-------------------
+The forwarder mirrors the router's enabled ``tcp`` tunnels as listening sockets (the
+diffing, bind-error retries and change coalescing live in ``reconcile.py``).  Stopping
+a listener also ends its open connections: a deleted or disabled tunnel stops carrying
+traffic at once.
+
+Each accepted connection looks its route up again (the agent may have changed since
+the listener opened), counts against the per-client connection limit, dials
+``agent_ip:public_port`` (or ``upstream_port`` when set, for tests) through the same
+dialer as the HTTP proxy, and splices both ways with half-close and back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from .limits import ConnectionLimiter
+from .metrics import Metrics
+from .pool import Dialer, open_tcp
+from .reconcile import PortReconciler
+from .router import Router
+from .splice import close_writer, splice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    """Listen address, timeouts and limits of raw TCP tunnels."""
+
+    bind_host: str = "0.0.0.0"  # public listener by design
+    connect_timeout: float = 5.0
+    idle_timeout: float = 3600.0
+    max_connections_per_client: int = 256
+    max_connections: int = 10_000
+    #: dial this port on the agent instead of the tunnel's public port (tests)
+    upstream_port: int | None = None
+
+
+class TcpForwarder(PortReconciler):
+    """Public listeners for raw TCP tunnels, reconciled from the router."""
+
+    protocol = "tcp"
+
+    def __init__(
+        self,
+        router: Router,
+        dialer: Dialer | None = None,
+        settings: TcpSettings | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(router)
+        self.dialer = dialer if dialer is not None else open_tcp
+        self.settings = settings if settings is not None else TcpSettings()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.limiter = ConnectionLimiter(
+            self.settings.max_connections_per_client, self.settings.max_connections
+        )
+        self._connections: dict[int, set[asyncio.Task[None]]] = {}
+
+    async def _open_port(self, port: int) -> asyncio.Server:
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve(port, reader, writer)
+
+        return await asyncio.start_server(on_connect, self.settings.bind_host, port)
+
+    async def _close_port(self, port: int, handle: asyncio.Server) -> None:
+        handle.close()
+        tasks = self._connections.pop(port, set())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(handle.wait_closed(), 1.0)
+
+    async def _serve(
+        self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.setdefault(port, set()).add(task)
+        peer = writer.get_extra_info("peername")
+        client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
+        admitted = self.limiter.try_acquire(client_ip)
+        upstream_writer: asyncio.StreamWriter | None = None
+        self.metrics.connection_opened("tcp")
+        try:
+            route = self.router.lookup_port("tcp", port)
+            if not admitted:
+                self.metrics.rejected.inc(reason="tcp_connections_per_client")
+                return
+            if route is None or not route.enabled:
+                return
+            tunnel = route.tunnel_id
+            self.metrics.tcp_connections.inc(tunnel=tunnel)
+            upstream_port = self.settings.upstream_port or port
+            try:
+                up_reader, upstream_writer = await self.dialer(
+                    route.agent_ip, upstream_port, self.settings.connect_timeout
+                )
+            except (OSError, TimeoutError):
+                self.metrics.upstream_errors.inc(tunnel=tunnel, kind="unreachable")
+                return
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                await splice(
+                    reader,
+                    writer,
+                    up_reader,
+                    upstream_writer,
+                    idle_timeout=self.settings.idle_timeout,
+                    on_a_to_b=lambda n: self.metrics.tcp_bytes.inc(
+                        n, tunnel=tunnel, direction="in"
+                    ),
+                    on_b_to_a=lambda n: self.metrics.tcp_bytes.inc(
+                        n, tunnel=tunnel, direction="out"
+                    ),
+                )
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("unexpected error in a TCP tunnel connection")
+        finally:
+            self.metrics.connection_closed("tcp")
+            if admitted:
+                self.limiter.release(client_ip)
+            conns = self._connections.get(port)
+            if conns is not None:
+                conns.discard(task)
+            if upstream_writer is not None:
+                await close_writer(upstream_writer)
+            await close_writer(writer)

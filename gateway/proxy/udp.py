@@ -1,0 +1,279 @@
+"""Raw UDP tunnels: per-client flows from a tunnel's public port to ``agentIp:port``.
+
+Theory of operation
+-------------------
+Listeners follow the router's enabled ``udp`` tunnels (``reconcile.py``).  UDP has no
+connections, so the forwarder makes one *flow* per (public port, client address): the
+first datagram from a client opens an upstream socket to the agent (through the flow
+dialer: a connected kernel UDP socket by default; the userspace backend passes one
+that goes through the netstack), datagrams are relayed both ways, and replies go back
+out of the public socket to that client, so the agent sees one stable peer per client
+and the client sees answers from the address it wrote to.
+
+While the upstream socket is being opened, up to ``max_queued_datagrams`` datagrams
+wait; more are dropped (UDP may drop).  A flow idle for ``flow_idle_timeout`` seconds
+in both directions is closed: one timer per flow, re-armed lazily (when it fires it
+re-checks the last activity instead of being rescheduled on every datagram).  Flows
+are capped per port and per client key (``limits.client_key``); datagrams beyond a
+cap or for a missing/disabled tunnel are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+from .limits import client_key
+from .metrics import Metrics
+from .reconcile import PortReconciler
+from .router import Router
+
+log = logging.getLogger(__name__)
+
+Address = tuple[Any, ...]
+
+
+class UdpFlowHandle(Protocol):
+    """The agent-side end of one flow, as returned by a flow dialer."""
+
+    def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+#: (agent host, port, on_datagram) -> an open flow handle
+FlowDialer = Callable[[str, int, Callable[[bytes], None]], Awaitable[UdpFlowHandle]]
+
+
+class _UpstreamProtocol(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.on_datagram(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and friends: UDP's "best effort", nothing to do
+        log.debug("UDP flow error: %s", exc)
+
+
+class _KernelFlow:
+    """A connected kernel UDP socket towards the agent."""
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self.transport = transport
+
+    def send(self, data: bytes) -> None:
+        self.transport.sendto(data)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+async def open_udp_flow(
+    host: str, port: int, on_datagram: Callable[[bytes], None]
+) -> UdpFlowHandle:
+    """The default flow dialer: a connected kernel UDP socket."""
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: _UpstreamProtocol(on_datagram), remote_addr=(host, port)
+    )
+    return _KernelFlow(transport)
+
+
+@dataclass(frozen=True, slots=True)
+class UdpSettings:
+    """Listen address, flow lifetime and caps of raw UDP tunnels."""
+
+    bind_host: str = "0.0.0.0"  # public listener by design
+    flow_idle_timeout: float = 60.0
+    max_flows_per_port: int = 4096
+    max_flows_per_client: int = 64
+    max_queued_datagrams: int = 64
+    #: send to this port on the agent instead of the tunnel's public port (tests)
+    upstream_port: int | None = None
+
+
+@dataclass(slots=True)
+class _Flow:
+    port: int
+    client: Address
+    tunnel_id: str
+    last_activity: float
+    handle: UdpFlowHandle | None = None
+    pending: list[bytes] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+    closed: bool = False
+
+
+class _PublicProtocol(asyncio.DatagramProtocol):
+    def __init__(self, forwarder: UdpForwarder, port: int) -> None:
+        self.forwarder = forwarder
+        self.port = port
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        try:
+            self.forwarder._from_client(self, data, addr)
+        except Exception:
+            log.exception("unexpected error handling a UDP datagram")
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("UDP listener error on port %d: %s", self.port, exc)
+
+
+class UdpForwarder(PortReconciler):
+    """Public UDP listeners for raw UDP tunnels, with per-client flows."""
+
+    protocol = "udp"
+
+    def __init__(
+        self,
+        router: Router,
+        flow_dialer: FlowDialer | None = None,
+        settings: UdpSettings | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__(router)
+        self.flow_dialer = flow_dialer if flow_dialer is not None else open_udp_flow
+        self.settings = settings if settings is not None else UdpSettings()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.flows: dict[tuple[int, Address], _Flow] = {}
+        self._per_port: dict[int, int] = {}
+        self._per_client: dict[tuple[int, str], int] = {}
+        self._dials: set[asyncio.Task[None]] = set()
+
+    # -- listeners ---------------------------------------------------------------------
+
+    async def _open_port(self, port: int) -> _PublicProtocol:
+        loop = asyncio.get_running_loop()
+        _, protocol = await loop.create_datagram_endpoint(
+            lambda: _PublicProtocol(self, port), local_addr=(self.settings.bind_host, port)
+        )
+        return protocol
+
+    async def _close_port(self, port: int, handle: _PublicProtocol) -> None:
+        for key in [k for k in self.flows if k[0] == port]:
+            self._close_flow(self.flows[key])
+        if handle.transport is not None:
+            handle.transport.close()
+
+    async def close(self) -> None:
+        await super().close()
+        for task in list(self._dials):
+            task.cancel()
+        if self._dials:
+            await asyncio.gather(*self._dials, return_exceptions=True)
+
+    # -- flows -------------------------------------------------------------------------
+
+    def _from_client(self, public: _PublicProtocol, data: bytes, addr: Address) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        key = (public.port, addr)
+        flow = self.flows.get(key)
+        if flow is None:
+            flow = self._new_flow(public, addr, now)
+            if flow is None:
+                return
+        flow.last_activity = now
+        self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="in")
+        if flow.handle is not None:
+            with contextlib.suppress(OSError):
+                flow.handle.send(data)
+        elif len(flow.pending) < self.settings.max_queued_datagrams:
+            flow.pending.append(data)
+        else:
+            self.metrics.rejected.inc(reason="udp_queue_full")
+
+    def _new_flow(self, public: _PublicProtocol, addr: Address, now: float) -> _Flow | None:
+        port = public.port
+        route = self.router.lookup_port("udp", port)
+        if route is None or not route.enabled:
+            return None
+        client = (port, client_key(str(addr[0])))
+        if self._per_port.get(port, 0) >= self.settings.max_flows_per_port:
+            self.metrics.rejected.inc(reason="udp_flows_per_port")
+            return None
+        if self._per_client.get(client, 0) >= self.settings.max_flows_per_client:
+            self.metrics.rejected.inc(reason="udp_flows_per_client")
+            return None
+        flow = _Flow(port, addr, route.tunnel_id, now)
+        self.flows[(port, addr)] = flow
+        self._per_port[port] = self._per_port.get(port, 0) + 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+        self.metrics.udp_flows.inc(tunnel=route.tunnel_id)
+        loop = asyncio.get_running_loop()
+        flow.timer = loop.call_later(self.settings.flow_idle_timeout, self._check_idle, flow)
+
+        def deliver(data: bytes) -> None:
+            if flow.closed or public.transport is None:
+                return
+            flow.last_activity = loop.time()
+            self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="out")
+            public.transport.sendto(data, addr)
+
+        upstream_port = self.settings.upstream_port or port
+        task = asyncio.ensure_future(self._dial(flow, route.agent_ip, upstream_port, deliver))
+        self._dials.add(task)
+        task.add_done_callback(self._dials.discard)
+        return flow
+
+    async def _dial(
+        self, flow: _Flow, host: str, port: int, deliver: Callable[[bytes], None]
+    ) -> None:
+        try:
+            handle = await self.flow_dialer(host, port, deliver)
+        except (OSError, TimeoutError):
+            self.metrics.upstream_errors.inc(tunnel=flow.tunnel_id, kind="unreachable")
+            self._close_flow(flow)
+            return
+        if flow.closed:
+            handle.close()
+            return
+        flow.handle = handle
+        pending, flow.pending = flow.pending, []
+        for data in pending:
+            with contextlib.suppress(OSError):
+                handle.send(data)
+
+    def _check_idle(self, flow: _Flow) -> None:
+        if flow.closed:
+            return
+        loop = asyncio.get_running_loop()
+        idle_for = loop.time() - flow.last_activity
+        remaining = self.settings.flow_idle_timeout - idle_for
+        if remaining > 0:
+            flow.timer = loop.call_later(remaining, self._check_idle, flow)
+            return
+        self._close_flow(flow)
+
+    def _close_flow(self, flow: _Flow) -> None:
+        if flow.closed:
+            return
+        flow.closed = True
+        if flow.timer is not None:
+            flow.timer.cancel()
+        if flow.handle is not None:
+            with contextlib.suppress(Exception):
+                flow.handle.close()
+        self.flows.pop((flow.port, flow.client), None)
+        port_count = self._per_port.get(flow.port, 1) - 1
+        if port_count > 0:
+            self._per_port[flow.port] = port_count
+        else:
+            self._per_port.pop(flow.port, None)
+        client = (flow.port, client_key(str(flow.client[0])))
+        client_count = self._per_client.get(client, 1) - 1
+        if client_count > 0:
+            self._per_client[client] = client_count
+        else:
+            self._per_client.pop(client, None)
+        self.metrics.udp_flows.dec(tunnel=flow.tunnel_id)
