@@ -22,6 +22,8 @@ import pytest
 from bench.hubswarm import ControlProcess, Swarm, percentile, raise_fd_limit
 
 CLIENTS = int(os.environ.get("KAKUREMICHI_BENCH_CLIENTS", "1000"))
+# Setting up 10,000 clients takes minutes on two cores: bound it, generously.
+pytestmark = pytest.mark.timeout(1800)
 GATEWAYS = int(os.environ.get("KAKUREMICHI_BENCH_GATEWAYS", "1000"))
 
 

@@ -83,6 +83,9 @@ class Store:
         self.plan = plan
         self._write_lock = asyncio.Lock()
         self.generation = 0
+        # Subnet indices in use, loaded once and kept in step by this process; any
+        # insert conflict (another process) drops it so it is reloaded.
+        self._used_subnets: set[int] | None = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -139,8 +142,11 @@ class Store:
                 raise Conflict(f"{kind} named {name!r} already exists")
             try:
                 if kind == "agent":
-                    used = await conn.scalars(sa.select(agents.c.subnet))
-                    subnet = self.plan.first_free_subnet(used)
+                    if self._used_subnets is None:
+                        rows = await conn.scalars(sa.select(agents.c.subnet))
+                        self._used_subnets = {self.plan.index_of(text) for text in rows}
+                    index = self.plan.first_free_index(self._used_subnets)
+                    subnet = self.plan.subnet(index)
                     values["subnet"] = str(subnet)
                     values["virtual_ip"] = str(self.plan.agent_address(subnet))
                 else:
@@ -151,7 +157,10 @@ class Store:
             try:
                 await conn.execute(table.insert().values(**values))
             except IntegrityError as exc:
+                self._used_subnets = None
                 raise Conflict(f"{kind} {name!r} conflicts with an existing one") from exc
+            if kind == "agent" and self._used_subnets is not None:
+                self._used_subnets.add(self.plan.index_of(values["subnet"]))
             row = (await conn.execute(sa.select(table).where(table.c.id == values["id"]))).one()
         return dict(row._mapping), key
 
@@ -215,6 +224,8 @@ class Store:
         row = await self.get_client(kind, ref)
         async with self._write() as conn:
             await conn.execute(table.delete().where(table.c.id == row["id"]))
+            if kind == "agent" and self._used_subnets is not None:
+                self._used_subnets.discard(self.plan.index_of(row["subnet"]))
         return row
 
     async def client_by_key(self, kind: ClientKind, key: str) -> Row | None:

@@ -63,3 +63,12 @@ def test_other_prefixes_and_ipv6() -> None:
 def test_bad_plans_are_rejected(pool: str, prefix: int, host: int) -> None:
     with pytest.raises(ValueError):
         AddressPlan(pool, prefix, host)
+
+
+def test_index_round_trip() -> None:
+    plan = AddressPlan("100.64.0.0/10", 24)
+    for index in (0, 1, 255, 16383):
+        assert plan.index_of(str(plan.subnet(index))) == index
+    assert plan.first_free_index({0, 1, 3}) == 2
+    with pytest.raises(PoolExhausted):
+        AddressPlan("10.0.0.0/23", 24).first_free_index({0, 1})
