@@ -6,6 +6,8 @@ Wiring (see each module's docstring for the theory of operation)::
     router = Router()                          # fed by the control client
     metrics = Metrics()                        # shared by everything below
     proxy = ProxyServer(router, dialer, ProxySettings(), metrics)
+    proxy.challenge_responder = store.respond  # ACME HTTP-01 (path -> key authz)
+    proxy.redirect_https = True                # optional, plain-HTTP listeners only
     await proxy.start("0.0.0.0", 80)           # and/or 443 with an ssl_context
     tcp = TcpForwarder(router, dialer, TcpSettings(), metrics)
     await tcp.start()                          # follows the router's tcp tunnels
@@ -22,11 +24,12 @@ from .metrics import Metrics, Registry
 from .pool import Dialer, open_tcp
 from .router import PortRoute, Route, Router
 from .tcp import TcpForwarder, TcpSettings
-from .udp import UdpForwarder, UdpSettings
+from .udp import FlowDialer, UdpForwarder, UdpSettings, open_udp_flow
 
 __all__ = [
     "AdminServer",
     "Dialer",
+    "FlowDialer",
     "LimitSettings",
     "Metrics",
     "PortRoute",
@@ -40,4 +43,5 @@ __all__ = [
     "UdpForwarder",
     "UdpSettings",
     "open_tcp",
+    "open_udp_flow",
 ]

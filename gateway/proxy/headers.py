@@ -6,25 +6,34 @@ Pure functions over h11 header lists (``list[tuple[bytes, bytes]]``, names alrea
 lower-cased by h11).
 
 * Hop-by-hop fields are removed in both directions: the fixed set below plus every
-  field named in ``Connection`` (RFC 9110 §7.6.1).  Message framing is then re-stated
+  field named in ``Connection`` (RFC 9110 §7.6.1), except ``Host`` and
+  ``Content-Length``, which a client must not be able to "name away".  Message framing is then re-stated
   explicitly: a request keeps ``Content-Length`` or gets ``Transfer-Encoding: chunked``
   back (h11 validated and de-chunked it, and re-chunks it towards the agent); a
   response keeps ``Content-Length`` and otherwise lets h11 choose chunked or close.
 * For an Upgrade (WebSocket) exchange, ``Connection: upgrade`` and ``Upgrade`` are
   carried through (RFC 9110 §7.8), since the agent must see them to switch.
+* The client address: the TCP peer, unless the peer is a configured trusted proxy
+  (a load balancer in front of the gateway); then it is the right-most address in
+  ``X-Forwarded-For`` that is not itself a trusted proxy (``client_address``).
 * Forwarding fields, decided here once:
   - ``X-Forwarded-For``: the client's TCP peer address is **appended** to whatever
     the client sent.  We never trust or strip the incoming list; the right-most entry
     is the one the gateway vouches for, which is how nginx
     (``$proxy_add_x_forwarded_for``) and most frameworks' "trusted hops = 1" expect it.
-  - ``X-Real-IP``: overwritten with the TCP peer address, so an agent that wants one
-    trustworthy value need not parse the list.
+  - ``X-Real-IP``: overwritten with the client address (above), so an agent that
+    wants one trustworthy value need not parse the list.
   - ``X-Forwarded-Host`` / ``X-Forwarded-Proto``: overwritten (the gateway is the
     edge; a client-supplied value would be a lie).
   - ``Host`` is passed through unchanged: the agent routes on it.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -65,9 +74,14 @@ def is_upgrade_request(headers: Headers) -> bool:
     return b"upgrade" in _connection_tokens(headers) and get_header(headers, b"upgrade") is not None
 
 
+#: fields a ``Connection`` header may not remove: routing and framing depend on them
+#: (``Connection: host, content-length`` must not turn a request into another one)
+_NEVER_NAMED_AWAY = frozenset({b"host", b"content-length"})
+
+
 def strip_hop_by_hop(headers: Headers, *, keep_upgrade: bool = False) -> Headers:
     """Remove hop-by-hop fields; optionally keep ``Upgrade`` (+ ``Connection: upgrade``)."""
-    named = _connection_tokens(headers)
+    named = _connection_tokens(headers) - _NEVER_NAMED_AWAY
     drop = HOP_BY_HOP | named
     out = [(k, v) for k, v in headers if k not in drop]
     if keep_upgrade:
@@ -78,6 +92,50 @@ def strip_hop_by_hop(headers: Headers, *, keep_upgrade: bool = False) -> Headers
     return out
 
 
+def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
+    """Parse trusted-proxy CIDRs (``ValueError`` names the bad one)."""
+    out = []
+    for cidr in cidrs:
+        try:
+            out.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP network: {cidr!r}") from None
+    return tuple(out)
+
+
+def is_trusted_proxy(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` is inside one of the trusted-proxy networks."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
+def client_address(peer_ip: str, headers: Headers, trusted: tuple[Network, ...]) -> str:
+    """Who the client is: the TCP peer, or, behind trusted proxies, the right-most
+    ``X-Forwarded-For`` hop that is not a trusted proxy (RFC 7239 §5.2 reasoning)."""
+    if not trusted or not is_trusted_proxy(peer_ip, trusted):
+        return peer_ip
+    hops = [
+        hop.strip().decode("latin-1")
+        for name, value in headers
+        if name == b"x-forwarded-for"
+        for hop in value.split(b",")
+        if hop.strip()
+    ]
+    candidate = peer_ip
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # garbage: do not look further left than the last trusted hop
+        candidate = hop
+        if not is_trusted_proxy(hop, trusted):
+            break
+    return candidate
+
+
 def request_headers_for_agent(
     headers: Headers,
     *,
@@ -85,15 +143,20 @@ def request_headers_for_agent(
     proto: str,
     chunked: bool,
     upgrade: bool,
+    peer_ip: str | None = None,
 ) -> Headers:
-    """The header list to send to the agent for a client's request."""
+    """The header list to send to the agent for a client's request.
+
+    ``peer_ip`` (default ``client_ip``) is appended to ``X-Forwarded-For``;
+    ``client_ip`` becomes ``X-Real-IP``.
+    """
     host = get_header(headers, b"host") or b""
     out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
     prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
     out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
-    ip = client_ip.encode("ascii", "replace")
-    out.append((b"x-forwarded-for", b", ".join([*prior, ip])))
-    out.append((b"x-real-ip", ip))
+    peer = (peer_ip or client_ip).encode("ascii", "replace")
+    out.append((b"x-forwarded-for", b", ".join([*prior, peer])))
+    out.append((b"x-real-ip", client_ip.encode("ascii", "replace")))
     out.append((b"x-forwarded-host", host))
     out.append((b"x-forwarded-proto", proto.encode("ascii")))
     if chunked:

@@ -54,6 +54,24 @@ class LimitSettings:
     #: clients remembered by the rate limiter (LRU)
     max_tracked_clients: int = 100_000
 
+    def __post_init__(self) -> None:
+        if self.rate < 0:
+            raise ValueError("rate must be >= 0 requests/s (0 disables it)")
+        if self.rate > 0 and self.burst < 1:
+            raise ValueError("burst must be >= 1 when a rate is set")
+        for name in ("max_connections_per_client", "max_connections", "max_tracked_clients"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.max_header_bytes < 1024:
+            raise ValueError("max_header_bytes must be >= 1024")
+        if self.max_header_count < 1:
+            raise ValueError("max_header_count must be >= 1")
+        if self.max_body_bytes is not None and self.max_body_bytes < 0:
+            raise ValueError("max_body_bytes must be >= 0 (or None for no limit)")
+        for name in ("header_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds")
+
 
 def client_key(ip: str) -> str:
     """The identity limits are counted under: the IPv4 address or the IPv6 /64."""
@@ -150,19 +168,29 @@ class ConnectionLimiter:
         self._counts: dict[str, int] = {}
         self.open = 0
 
-    def try_acquire(self, client_ip: str) -> bool:
-        """Count a new connection; False (and nothing counted) if over a limit."""
+    def try_acquire(self, client_ip: str, *, exempt: bool = False) -> bool:
+        """Count a new connection; False (and nothing counted) if over a limit.
+
+        ``exempt`` connections (from a trusted proxy, which speaks for many clients)
+        count only against the total.
+        """
+        if self.total and self.open >= self.total:
+            return False
+        if exempt:
+            self.open += 1
+            return True
         key = client_key(client_ip)
         count = self._counts.get(key, 0)
         if self.per_client and count >= self.per_client:
-            return False
-        if self.total and self.open >= self.total:
             return False
         self._counts[key] = count + 1
         self.open += 1
         return True
 
-    def release(self, client_ip: str) -> None:
+    def release(self, client_ip: str, *, exempt: bool = False) -> None:
+        if exempt:
+            self.open = max(0, self.open - 1)
+            return
         key = client_key(client_ip)
         count = self._counts.get(key, 0)
         if count <= 1:

@@ -273,6 +273,16 @@ class Metrics:
             "Failures reaching or reading from an agent, by tunnel and kind.",
             ("tunnel", "kind"),
         )
+        self.upstream_connections = r.counter(
+            "kakuremichi_upstream_connections_total",
+            "Connections to agents taken for a request, by result (dialed, reused).",
+            ("result",),
+        )
+        self.listener_bind_errors = r.gauge(
+            "kakuremichi_listener_bind_errors",
+            "Raw tunnel ports that could not be bound (retried), by protocol.",
+            ("protocol",),
+        )
         self.tcp_connections = r.counter(
             "kakuremichi_tcp_connections_total",
             "Raw TCP tunnel connections accepted, by tunnel.",

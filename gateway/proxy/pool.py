@@ -45,7 +45,16 @@ async def open_tcp(
 class UpstreamConnection:
     """One stream to an agent with its client-side HTTP/1.1 state."""
 
-    __slots__ = ("conn", "expiry", "idle_since", "key", "reader", "reused", "writer")
+    __slots__ = (
+        "checked_out",
+        "conn",
+        "expiry",
+        "idle_since",
+        "key",
+        "reader",
+        "reused",
+        "writer",
+    )
 
     def __init__(
         self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -55,6 +64,7 @@ class UpstreamConnection:
         self.writer = writer
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEADER_BYTES)
         self.reused = False
+        self.checked_out = False
         self.idle_since = 0.0
         self.expiry: asyncio.TimerHandle | None = None
 
@@ -69,14 +79,27 @@ class UpstreamConnection:
         await close_writer(self.writer)
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per agent address."""
+class PoolBusy(Exception):
+    """The agent already has ``max_active_per_agent`` connections in use."""
 
-    def __init__(self, dialer: Dialer, *, max_idle_per_agent: int = 8, idle_timeout: float = 4.0):
+
+class UpstreamPool:
+    """Idle keep-alive connections per agent address, and a cap on those in use."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        *,
+        max_idle_per_agent: int = 8,
+        idle_timeout: float = 4.0,
+        max_active_per_agent: int = 0,
+    ):
         self.dialer = dialer
         self.max_idle_per_agent = max_idle_per_agent
         self.idle_timeout = idle_timeout
+        self.max_active_per_agent = max_active_per_agent
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._active: dict[tuple[str, int], int] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.dials = 0
         self.reuses = 0
@@ -93,9 +116,12 @@ class UpstreamPool:
         """A pooled connection if a live one is idle (unless ``fresh``), else a new one.
 
         ``max_idle_age`` skips (and keeps pooled) connections idle for longer than that.
-        Dial errors (``OSError``, ``TimeoutError``) propagate to the caller.
+        Dial errors (``OSError``, ``TimeoutError``) propagate to the caller;
+        ``PoolBusy`` if the agent's cap of connections in use is reached.
         """
         key = (host, port)
+        if self.max_active_per_agent and self._active.get(key, 0) >= self.max_active_per_agent:
+            raise PoolBusy
         idle = None if fresh else self._idle.get(key)
         now = asyncio.get_running_loop().time()
         # newest first: the most recently used connection is the least likely stale
@@ -113,15 +139,43 @@ class UpstreamPool:
             self._cancel_expiry(upstream)
             upstream.reused = True
             self.reuses += 1
+            self._check_out(upstream)
             return upstream
         if idle is not None and not idle:
             self._idle.pop(key, None)
         self.dials += 1
-        reader, writer = await self.dialer(host, port, connect_timeout)
-        return UpstreamConnection(key, reader, writer)
+        self._active[key] = self._active.get(key, 0) + 1  # reserve while dialling
+        try:
+            reader, writer = await self.dialer(host, port, connect_timeout)
+        finally:
+            self._return(key)
+        upstream = UpstreamConnection(key, reader, writer)
+        self._check_out(upstream)
+        return upstream
+
+    def _check_out(self, upstream: UpstreamConnection) -> None:
+        upstream.checked_out = True
+        self._active[upstream.key] = self._active.get(upstream.key, 0) + 1
+
+    def _check_in(self, upstream: UpstreamConnection) -> None:
+        if upstream.checked_out:
+            upstream.checked_out = False
+            self._return(upstream.key)
+
+    def _return(self, key: tuple[str, int]) -> None:
+        count = self._active.get(key, 0) - 1
+        if count > 0:
+            self._active[key] = count
+        else:
+            self._active.pop(key, None)
+
+    def active_count(self, host: str, port: int) -> int:
+        """Connections to ``host:port`` in use (or being dialled) right now."""
+        return self._active.get((host, port), 0)
 
     def release(self, upstream: UpstreamConnection) -> None:
         """Return a connection after a complete exchange; closes it if not reusable."""
+        self._check_in(upstream)
         if not upstream.reusable() or self.max_idle_per_agent <= 0:
             self._close_later(upstream)
             return
@@ -142,7 +196,8 @@ class UpstreamPool:
             upstream.expiry = None
 
     def discard(self, upstream: UpstreamConnection) -> None:
-        """Close a connection that must not be reused."""
+        """Close a connection that must not be reused (idempotent)."""
+        self._check_in(upstream)
         self._close_later(upstream)
 
     def idle_count(self, host: str | None = None, port: int | None = None) -> int:

@@ -103,6 +103,9 @@ class PortReconciler:
 
     async def close(self) -> None:
         """Stop following the router and close every listener and its connections."""
+        if self._subscribed:
+            self._subscribed = False
+            self.router.remove_listener(self._on_change)
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -114,6 +117,12 @@ class PortReconciler:
         async with self._lock:
             for port in list(self.listeners):
                 await self._close_port(port, self.listeners.pop(port))
+
+    def _collect(self) -> None:
+        """Scrape-time metrics (subclasses have ``self.metrics``)."""
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.listener_bind_errors.set(len(self.bind_errors), protocol=self.protocol)
 
     async def _open_port(self, port: int) -> Any:
         raise NotImplementedError

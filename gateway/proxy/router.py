@@ -189,6 +189,11 @@ class Router:
         """Call ``callback()`` after every change to the table."""
         self._listeners.append(callback)
 
+    def remove_listener(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` (no error if it was not registered)."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
     # -- lookups (from the data path) ------------------------------------------------
 
     def lookup_host(self, host: str) -> Route | None:

@@ -59,6 +59,7 @@ class TcpForwarder(PortReconciler):
         self.dialer = dialer if dialer is not None else open_tcp
         self.settings = settings if settings is not None else TcpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.registry.add_collector(self._collect)
         self.limiter = ConnectionLimiter(
             self.settings.max_connections_per_client, self.settings.max_connections
         )

@@ -145,6 +145,7 @@ class UdpForwarder(PortReconciler):
         self.flow_dialer = flow_dialer if flow_dialer is not None else open_udp_flow
         self.settings = settings if settings is not None else UdpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.registry.add_collector(self._collect)
         self.flows: dict[tuple[int, Address], _Flow] = {}
         self._per_port: dict[int, int] = {}
         self._per_client: dict[tuple[int, str], int] = {}

@@ -179,15 +179,20 @@ class RawServer:
         self.port = port
         self.server: asyncio.Server | None = None
         self.connections = 0
+        self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> RawServer:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.connections += 1
+            task = asyncio.current_task()
+            assert task is not None
+            self.tasks.add(task)
             try:
                 await self.handler(reader, writer)
-            except (ConnectionError, OSError):
+            except (ConnectionError, OSError, asyncio.CancelledError):
                 pass
             finally:
+                self.tasks.discard(task)
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
@@ -199,6 +204,10 @@ class RawServer:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            for task in list(self.tasks):
+                task.cancel()
+            if self.tasks:
+                await asyncio.gather(*self.tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 

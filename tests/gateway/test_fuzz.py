@@ -179,3 +179,105 @@ def test_still_serving_after_fuzz(background: tuple[Background, _Errors]) -> Non
     bg, errors = background
     assert_serving(bg.port)
     assert not errors.records
+
+
+# -- a broken or hostile agent: whatever it answers, the gateway answers something sane
+
+
+class AgentReplies:
+    """What the fuzzed agent sends back (set per example from the test thread)."""
+
+    def __init__(self) -> None:
+        self.reply = b""
+        self.close_after = True
+
+
+class UpstreamBackground(Background):
+    def __init__(self, replies: AgentReplies) -> None:
+        super().__init__()
+        self.replies = replies
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        replies = self.replies
+
+        async def agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+            writer.write(replies.reply)
+            await writer.drain()
+            if not replies.close_after:
+                await asyncio.sleep(0.5)  # hold the connection: the proxy must time out
+
+        upstream = await RawServer(agent).start()
+        harness = ProxyHarness(
+            upstream.port,
+            limits=LimitSettings(rate=0),
+            response_header_timeout=0.3,
+            body_idle_timeout=0.3,
+        )
+        harness.router.replace_all([tunnel("t1", "app.example.com")])
+        await harness.start()
+        self.port = harness.port
+        self.ready.set()
+        await self._stop.wait()
+        await harness.close()
+        await upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def upstream_background() -> Iterator[tuple[UpstreamBackground, AgentReplies, _Errors]]:
+    errors = _Errors()
+    logger = logging.getLogger("gateway.proxy")
+    logger.addHandler(errors)
+    replies = AgentReplies()
+    bg = UpstreamBackground(replies)
+    bg.start()
+    try:
+        yield bg, replies, errors
+    finally:
+        bg.stop()
+        logger.removeHandler(errors)
+
+
+STATUS_LINES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 101 Switching Protocols",
+        b"HTTP/1.1 100 Continue",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.0 200 OK",
+        b"HTTP/1.1 999 Weird",
+        b"HTTP/1.1 20 Short",
+        b"HTTP/2 200",
+        b"",
+    ]
+)
+
+
+@st.composite
+def agent_reply(draw: st.DrawFn) -> bytes:
+    fields = draw(st.lists(st.tuples(NAMES, VALUES), max_size=6))
+    sep = draw(SEPARATORS)
+    head = draw(STATUS_LINES) + sep + b"".join(n + b": " + v + sep for n, v in fields) + sep
+    return head + draw(st.binary(max_size=300))
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(reply=st.one_of(st.binary(max_size=500), agent_reply()), close_after=st.booleans())
+def test_agent_garbage_never_crashes_the_gateway(
+    upstream_background: tuple[UpstreamBackground, AgentReplies, _Errors],
+    reply: bytes,
+    close_after: bool,
+) -> None:
+    bg, replies, errors = upstream_background
+    replies.reply, replies.close_after = reply, close_after
+    answer = exchange(
+        bg.port, b"GET / HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n"
+    )
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:100]
+    assert not errors.records, [r.getMessage() for r in errors.records]

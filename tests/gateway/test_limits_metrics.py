@@ -221,3 +221,67 @@ async def test_admin_serves_metrics_that_count_proxy_traffic(proxy: ProxyHarness
             assert (await adm.post("/metrics")).status_code == 405
     finally:
         await admin.close()
+
+
+def test_client_address_behind_trusted_proxies() -> None:
+    from gateway.proxy.headers import client_address, parse_networks
+
+    trusted = parse_networks(["10.0.0.0/8", "fd00::/8"])
+    xff = [(b"x-forwarded-for", b"6.6.6.6, 1.2.3.4"), (b"x-forwarded-for", b"10.1.1.1")]
+    # untrusted peer: its own address, whatever the header says
+    assert client_address("9.9.9.9", xff, trusted) == "9.9.9.9"
+    # trusted peer: right-most hop that is not a trusted proxy
+    assert client_address("10.0.0.5", xff, trusted) == "1.2.3.4"
+    # all hops trusted: the left-most one
+    assert client_address("10.0.0.5", [(b"x-forwarded-for", b"10.9.9.9")], trusted) == "10.9.9.9"
+    # garbage stops the walk at the last trusted hop
+    assert (
+        client_address("10.0.0.5", [(b"x-forwarded-for", b"1.1.1.1, junk")], trusted) == "10.0.0.5"
+    )
+    assert client_address("10.0.0.5", [], trusted) == "10.0.0.5"
+    assert client_address("10.0.0.5", xff, ()) == "10.0.0.5"
+    with pytest.raises(ValueError, match="not an IP network"):
+        parse_networks(["10.0.0.0/33"])
+
+
+def test_connection_limiter_exempts_trusted_proxies() -> None:
+    limiter = ConnectionLimiter(per_client=1, total=3)
+    assert limiter.try_acquire("10.0.0.1", exempt=True)
+    assert limiter.try_acquire("10.0.0.1", exempt=True)
+    assert limiter.count("10.0.0.1") == 0 and limiter.open == 2
+    assert limiter.try_acquire("1.1.1.1")
+    assert not limiter.try_acquire("10.0.0.1", exempt=True)  # total still applies
+    limiter.release("10.0.0.1", exempt=True)
+    assert limiter.open == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rate": -1}, "rate"),
+        ({"rate": 5, "burst": 0}, "burst"),
+        ({"max_header_bytes": 10}, "max_header_bytes"),
+        ({"header_timeout": 0}, "header_timeout"),
+        ({"max_body_bytes": -5}, "max_body_bytes"),
+    ],
+)
+def test_limit_settings_name_the_bad_field(kwargs: dict[str, float], message: str) -> None:
+    from gateway.proxy import LimitSettings
+
+    with pytest.raises(ValueError, match=message):
+        LimitSettings(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"connect_timeout": 0}, "connect_timeout"),
+        ({"upstream_port": 0}, "upstream_port"),
+        ({"max_active_per_agent": -1}, "max_active_per_agent"),
+    ],
+)
+def test_proxy_settings_name_the_bad_field(kwargs: dict[str, float], message: str) -> None:
+    from gateway.proxy import ProxySettings
+
+    with pytest.raises(ValueError, match=message):
+        ProxySettings(**kwargs)  # type: ignore[arg-type]

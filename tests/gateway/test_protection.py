@@ -29,16 +29,16 @@ async def limited(agent: Uvicorn, request: pytest.FixtureRequest) -> AsyncIterat
         await harness.close()
 
 
-@pytest.mark.parametrize("limited", [{"rate": 1.0, "burst": 3}], indirect=True)
+@pytest.mark.parametrize("limited", [{"rate": 0.5, "burst": 3}], indirect=True)
 async def test_rate_limit_429_with_retry_after(limited: ProxyHarness) -> None:
     async with httpx.AsyncClient(base_url=limited.url, timeout=10) as http:
         statuses = [(await http.get("/headers", headers=HOST)).status_code for _ in range(3)]
         assert statuses == [200, 200, 200]
         refused = await http.get("/headers", headers=HOST)
         assert refused.status_code == 429
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "2"  # one token per 2 s, rounded up
         assert "Too many requests" in refused.text
-        await asyncio.sleep(1.05)
+        await asyncio.sleep(2.05)
         assert (await http.get("/headers", headers=HOST)).status_code == 200
     assert limited.metrics.rejected.get(reason="rate_limit") == 1
 
@@ -117,7 +117,7 @@ async def test_slowloris_gets_408_and_is_closed(limited: ProxyHarness) -> None:
         reply = await asyncio.wait_for(reader.read(), 3)
         elapsed = asyncio.get_running_loop().time() - started
         assert reply.startswith(b"HTTP/1.1 408 ")
-        assert 0.35 < elapsed < 1.5
+        assert 0.35 < elapsed < 2.5
     finally:
         writer.close()
     assert limited.metrics.rejected.get(reason="header_timeout") == 1
@@ -146,3 +146,109 @@ async def test_idle_keep_alive_connection_closed_quietly(limited: ProxyHarness) 
         assert asyncio.get_running_loop().time() - started < 1.5
     finally:
         writer.close()
+
+
+async def test_trusted_proxy_client_ip_drives_headers_and_rate_limit(agent: Uvicorn) -> None:
+    harness = ProxyHarness(
+        agent.port,
+        trusted_proxies=("127.0.0.0/8",),
+        limits=LimitSettings(rate=1.0, burst=1),
+    )
+    harness.router.replace_all([tunnel("t1", "app.example.com")])
+    await harness.start()
+    try:
+        async with httpx.AsyncClient(base_url=harness.url, timeout=10) as http:
+            first = await http.get("/headers", headers={**HOST, "X-Forwarded-For": "203.0.113.7"})
+            headers = dict(first.json()["headers"])
+            assert headers["x-real-ip"] == "203.0.113.7"
+            assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+            # a different client behind the same balancer has its own bucket
+            other = await http.get("/headers", headers={**HOST, "X-Forwarded-For": "203.0.113.8"})
+            assert other.status_code == 200
+            again = await http.get("/headers", headers={**HOST, "X-Forwarded-For": "203.0.113.7"})
+            assert again.status_code == 429
+    finally:
+        await harness.close()
+
+
+async def test_agent_concurrency_cap_gives_503(agent: Uvicorn) -> None:
+    harness = ProxyHarness(agent.port, max_active_per_agent=2)
+    harness.router.replace_all([tunnel("t1", "app.example.com")])
+    await harness.start()
+    try:
+        async with httpx.AsyncClient(base_url=harness.url, timeout=10) as http:
+            slow = [
+                asyncio.ensure_future(http.get("/slow?delay=1.0", headers=HOST)) for _ in range(2)
+            ]
+            for _ in range(80):
+                await asyncio.sleep(0.01)
+                if harness.proxy.pool.active_count("127.0.0.1", agent.port) == 2:
+                    break
+            assert harness.proxy.pool.active_count("127.0.0.1", agent.port) == 2
+            busy = await http.get("/headers", headers=HOST)
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert all(r.status_code == 200 for r in await asyncio.gather(*slow))
+            assert harness.proxy.pool.active_count("127.0.0.1", agent.port) == 0
+            assert (await http.get("/headers", headers=HOST)).status_code == 200
+    finally:
+        await harness.close()
+
+
+async def test_access_log_has_no_query_string(
+    agent: Uvicorn, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = ProxyHarness(agent.port, access_log=True)
+    harness.router.replace_all([tunnel("t1", "app.example.com")])
+    await harness.start()
+    try:
+        with caplog.at_level("INFO", logger="gateway.proxy.http"):
+            async with httpx.AsyncClient(base_url=harness.url, timeout=10) as http:
+                await http.get("/headers?token=s3cret", headers=HOST)
+                await http.get("/", headers={"Host": "nope.example"})
+        lines = [r.getMessage() for r in caplog.records if r.name == "gateway.proxy.http"]
+        assert any("GET app.example.com /headers 200" in line for line in lines), lines
+        assert any("GET nope.example / 404" in line for line in lines), lines
+        assert not any("s3cret" in line for line in lines)
+    finally:
+        await harness.close()
+
+
+async def test_stalled_request_body_gets_408(agent: Uvicorn) -> None:
+    harness = ProxyHarness(agent.port, body_idle_timeout=0.3)
+    harness.router.replace_all([tunnel("t1", "app.example.com")])
+    await harness.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: app.example.com\r\nContent-Length: 100\r\n\r\nonly10byte"
+        )
+        await writer.drain()
+        status, _, body = await read_response(reader)
+        assert status == 408 and b"did not arrive in time" in body
+        writer.close()
+        assert harness.metrics.rejected.get(reason="body_timeout") == 1
+    finally:
+        await harness.close()
+
+
+async def test_malformed_chunked_body_gets_400(proxy_for_agent: ProxyHarness) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_for_agent.port)
+    writer.write(
+        b"POST /upload HTTP/1.1\r\nHost: app.example.com\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\nZZZ\r\n"
+    )
+    await writer.drain()
+    status, _, body = await read_response(reader)
+    assert status == 400 and b"malformed" in body
+    writer.close()
+
+
+@pytest.fixture
+async def proxy_for_agent(agent: Uvicorn) -> AsyncIterator[ProxyHarness]:
+    harness = ProxyHarness(agent.port)
+    harness.router.replace_all([tunnel("t1", "app.example.com")])
+    await harness.start()
+    try:
+        yield harness
+    finally:
+        await harness.close()

@@ -261,3 +261,21 @@ async def test_body_limit_hit_mid_stream_aborts_instead_of_hanging(agent: Uvicor
         writer.close()
     finally:
         await harness.close()
+
+
+async def test_tls_handshake_that_never_comes_is_cut(agent: Uvicorn, tmp_path: Path) -> None:
+    from gateway.proxy import LimitSettings
+
+    server_ctx, _ = self_signed(tmp_path)
+    harness = ProxyHarness(
+        agent.port, ssl_context=server_ctx, limits=LimitSettings(header_timeout=0.3)
+    )
+    await harness.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.port)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, no handshake
+        assert asyncio.get_running_loop().time() - started < 3
+        writer.close()
+    finally:
+        await harness.close()

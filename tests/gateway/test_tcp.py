@@ -105,6 +105,7 @@ async def test_port_in_use_is_reported_and_retried(setup: Setup) -> None:
     setup.router.upsert(tcp_tunnel(busy, tid="busy"))
     await setup.forwarder.wait_reconciled()
     assert busy in setup.forwarder.bind_errors and busy not in setup.forwarder.listeners
+    assert 'kakuremichi_listener_bind_errors{protocol="tcp"} 1' in setup.metrics.render()
     blocker.close()
     await blocker.wait_closed()
     await setup.forwarder.reconcile()
