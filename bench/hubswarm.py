@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -47,6 +48,8 @@ class ControlProcess:
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / "control.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -66,13 +69,13 @@ class ControlProcess:
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+            # A log file, not a pipe: an unread pipe fills up and blocks the server.
+            stderr=self.log.open("ab"),
         )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"control exited: {self.proc.communicate()[1]}")
+                raise RuntimeError(f"control exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/healthz").status_code == 200:
                     return
@@ -149,6 +152,8 @@ class Swarm:
         self.thread.start()
         self.clients: list[Client] = []
         self.watches: dict[str, Watch] = {}
+        # Like real clients, every connection heart-beats (every 20 s, spread out).
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._heartbeat_forever()))
         self.http = self.run(self._http())
 
     async def _http(self) -> httpx.AsyncClient:
@@ -195,8 +200,46 @@ class Swarm:
                 self.clients.append(client)
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+        before = len(self.clients)
+
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(10)
+                done = len(self.clients) - before
+                print(
+                    f"  connected {done}/{len(keys)} after {time.perf_counter() - started:.0f}s",
+                    flush=True,
+                )
+
+        reporter = asyncio.get_running_loop().create_task(progress())
+        try:
+            await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+        finally:
+            reporter.cancel()
         return time.perf_counter() - started
+
+    async def _heartbeat_forever(self, period: float = 20.0) -> None:
+        self._heartbeat_task = asyncio.current_task()
+        while True:
+            clients = list(self.clients)
+            pause = period / max(1, len(clients))
+            for client in clients:
+                if not client.closed:
+                    with contextlib.suppress(Exception):
+                        await client.ws.send(
+                            json.dumps(
+                                {
+                                    "type": "heartbeat",
+                                    "data": {
+                                        "timestamp": time.time(),
+                                        "configVersion": client.version,
+                                    },
+                                }
+                            )
+                        )
+                await asyncio.sleep(pause)
+            if not clients:
+                await asyncio.sleep(period)
 
     async def heartbeat_sweep(self, stale: bool) -> float:
         """Every client heart-beats; with ``stale`` each must get a config back."""
@@ -240,6 +283,9 @@ class Swarm:
         return max(arrivals), arrivals
 
     async def _close(self) -> None:
+        task = getattr(self, "_heartbeat_task", None)
+        if task is not None:
+            task.cancel()
         await asyncio.gather(*(c.ws.close() for c in self.clients), return_exceptions=True)
         await self.http.aclose()
 
