@@ -32,5 +32,8 @@ echo "==> mypy"
 mypy
 echo "==> pytest"
 pytest -q -p no:cacheprovider "$@" tests
+echo "==> netstack again, on the pure-Python twin of the Cython hot path"
+KAKUREMICHI_NETSTACK_PURE=1 pytest -q -p no:cacheprovider "$@" tests/netstack \
+    --ignore=tests/netstack/wireguard
 echo "==> benchmarks (one round each, to prove they run; scripts/bench.sh for numbers)"
 pytest -q -p no:cacheprovider --benchmark-disable bench

@@ -1,0 +1,316 @@
+"""netstack benchmarks (pytest-benchmark).
+
+* Cython vs pure-Python twin on the hot path (checksum of a full segment).
+* Per-packet receive cost of the Stack on the established-state data path.
+* Single-connection throughput kernel <-> our stack through a TUN device (both
+  directions), next to kernel <-> kernel over a veth pair in the same run as the limit.
+  The kernel side runs in a separate process inside the namespace (its own core).
+
+Throughput numbers land in ``extra_info`` (Mbit/s) of each benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from netstack import _pure
+from netstack.aio import AsyncStack
+from netstack.ip import build_ipv4, pack_address
+from netstack.stack import Stack
+from netstack.tcpwire import ACK, SYN, TcpSegment, build_tcp
+from netstack.tun import TunLink
+from tests.netstack.nsutil import KERNEL_V4, STACK_V4, TunNamespace, run
+from tests.support import need, need_root, unique_name
+
+BYTES = int(os.environ.get("KAKUREMICHI_BENCH_BYTES", str(64 * 1024 * 1024)))
+
+KERNEL_SENDER = """
+import socket, sys
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port))
+chunk = b"k" * 65536
+left = size
+while left:
+    n = s.send(chunk[: min(left, len(chunk))])
+    left -= n
+s.shutdown(socket.SHUT_WR)
+s.recv(1)
+"""
+
+KERNEL_SINK = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port))
+srv.listen()
+print("ready", flush=True)
+conn, _ = srv.accept()
+total = 0
+while True:
+    data = conn.recv(1 << 20)
+    if not data:
+        break
+    total += len(data)
+print(total, flush=True)
+"""
+
+
+def _fast_module() -> Any:
+    try:
+        return importlib.import_module("netstack._fast")
+    except ImportError:
+        need(False, "the Cython extension netstack._fast is not built")
+        raise
+
+
+def test_checksum_pure_twin(benchmark: Any) -> None:
+    data = random.Random(1).randbytes(1460)
+    benchmark(_pure.checksum, data, 0x1234)
+
+
+def test_checksum_cython(benchmark: Any) -> None:
+    fast = _fast_module()
+    data = random.Random(1).randbytes(1460)
+    benchmark(fast.checksum, data, 0x1234)
+    pure = min(_timeit(lambda: _pure.checksum(data, 0x1234)) for _ in range(3))
+    cython = min(_timeit(lambda: fast.checksum(data, 0x1234)) for _ in range(3))
+    benchmark.extra_info["speedup_vs_pure"] = round(pure / cython, 1)
+
+
+def _timeit(func: Any, number: int = 20000) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
+        func()
+    return (time.perf_counter() - start) / number
+
+
+def _established_receiver() -> tuple[Stack, list[bytes]]:
+    """A Stack with one connection and 2,000 in-order full-size data packets for it."""
+    stack = Stack(["10.0.0.2"], mtu=1500, rng=random.Random(1))
+    listener = stack.listen(80)
+    src, dst = pack_address("10.0.0.1"), pack_address("10.0.0.2")
+    syn = TcpSegment(40000, 80, 1000, 0, SYN, 65535, mss=1460, wscale=7, sack_permitted=True)
+    stack.receive_packet(build_ipv4(src, dst, 6, build_tcp(syn, src, dst)), 0.0)
+    out = stack.packets_to_send(0.0)
+    iss = int.from_bytes(out[0][24:28], "big")
+    ack = TcpSegment(40000, 80, 1001, (iss + 1) & 0xFFFFFFFF, ACK, 5000)
+    stack.receive_packet(build_ipv4(src, dst, 6, build_tcp(ack, src, dst)), 0.0)
+    stack.packets_to_send(0.0)
+    stack.events()
+    assert listener.accept() is not None
+    payload = b"p" * 1460
+    packets = []
+    for i in range(2000):
+        seg = TcpSegment(40000, 80, 1001 + i * 1460, (iss + 1) & 0xFFFFFFFF, ACK, 5000, payload)
+        packets.append(build_ipv4(src, dst, 6, build_tcp(seg, src, dst)))
+    return stack, packets
+
+
+def test_per_packet_receive_cost(benchmark: Any) -> None:
+    """Feed in-order data in bursts of 16 (one ACK per burst, as a TUN read batch)."""
+
+    def setup() -> tuple[tuple[Stack, list[bytes]], dict[str, Any]]:
+        return _established_receiver(), {}
+
+    def receive_all(stack: Stack, packets: list[bytes]) -> None:
+        now = 1.0
+        conn = next(iter(stack._conns.values()))
+        for start in range(0, len(packets), 16):
+            for packet in packets[start : start + 16]:
+                stack.receive_packet(packet, now)
+            stack.packets_to_send(now)
+            conn.read()
+            now += 0.0001
+
+    benchmark.pedantic(receive_all, setup=setup, rounds=5)
+    per_packet = benchmark.stats.stats.median / 2000
+    benchmark.extra_info["per_packet_us"] = round(per_packet * 1e6, 2)
+
+
+async def _stack_receives_from_kernel(ns: TunNamespace, size: int) -> float:
+    link = TunLink(ns.fd)
+    astack = AsyncStack(Stack([STACK_V4], mtu=1500, rng=random.Random(3)), link)
+    done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        total = 0
+        while data := await reader.read(1 << 20):
+            total += len(data)
+        done.set_result(total)
+        writer.close()
+
+    try:
+        await astack.start_server(sink, 5001)
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            "ip",
+            "netns",
+            "exec",
+            ns.ns,
+            sys.executable,
+            "-c",
+            KERNEL_SENDER,
+            STACK_V4,
+            "5001",
+            str(size),
+        )
+        total = await asyncio.wait_for(done, 300)
+        elapsed = time.perf_counter() - start
+        await asyncio.wait_for(proc.wait(), 30)
+        assert total == size
+        return size * 8 / elapsed / 1e6
+    finally:
+        astack.close()
+        link.detach()
+
+
+async def _stack_sends_to_kernel(ns: TunNamespace, size: int) -> float:
+    link = TunLink(ns.fd)
+    astack = AsyncStack(Stack([STACK_V4], mtu=1500, rng=random.Random(4)), link)
+    proc = await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        ns.ns,
+        sys.executable,
+        "-c",
+        KERNEL_SINK,
+        KERNEL_V4,
+        "5002",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).startswith(b"ready")
+        start = time.perf_counter()
+        _, writer = await astack.open_connection(KERNEL_V4, 5002, timeout=10)
+        chunk = b"s" * (1 << 20)
+        for _ in range(size // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        total = int(await asyncio.wait_for(proc.stdout.readline(), 300))
+        elapsed = time.perf_counter() - start
+        writer.close()
+        assert total == size // len(chunk) * len(chunk)
+        return total * 8 / elapsed / 1e6
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        astack.close()
+        link.detach()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("direction", ["kernel_to_stack", "stack_to_kernel"])
+def test_throughput_over_tun(benchmark: Any, direction: str) -> None:
+    need_root()
+    ns = TunNamespace(3)
+    results: list[float] = []
+    try:
+        func = (
+            _stack_receives_from_kernel
+            if direction == "kernel_to_stack"
+            else (_stack_sends_to_kernel)
+        )
+
+        def once() -> None:
+            results.append(asyncio.run(func(ns, BYTES)))
+
+        benchmark.pedantic(once, rounds=3)
+    finally:
+        ns.close()
+    results.sort()
+    benchmark.extra_info["mbit_per_s_median"] = round(results[len(results) // 2], 1)
+    benchmark.extra_info["bytes"] = BYTES
+
+
+@pytest.mark.root
+def test_throughput_kernel_to_kernel_veth(benchmark: Any) -> None:
+    """The limit: the same transfer between two kernel stacks over a veth pair."""
+    need_root()
+    ns_a, ns_b = unique_name("nsva", 0), unique_name("nsvb", 0)
+    veth_a, veth_b = unique_name("va", 0), unique_name("vb", 0)
+    results: list[float] = []
+    run("ip", "netns", "add", ns_a)
+    try:
+        run("ip", "netns", "add", ns_b)
+        run(
+            "ip",
+            "link",
+            "add",
+            veth_a,
+            "netns",
+            ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_b,
+            "netns",
+            ns_b,
+        )
+        for ns, dev, addr in ((ns_a, veth_a, "10.78.0.1/24"), (ns_b, veth_b, "10.78.0.2/24")):
+            run("ip", "netns", "exec", ns, "ip", "addr", "add", addr, "dev", dev)
+            run("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
+
+        def once() -> None:
+            sink = subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns_b,
+                    sys.executable,
+                    "-c",
+                    KERNEL_SINK,
+                    "10.78.0.2",
+                    "5003",
+                ],
+                stdout=subprocess.PIPE,
+            )
+            try:
+                assert sink.stdout is not None
+                assert sink.stdout.readline().startswith(b"ready")
+                start = time.perf_counter()
+                subprocess.run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns_a,
+                        sys.executable,
+                        "-c",
+                        KERNEL_SENDER,
+                        "10.78.0.2",
+                        "5003",
+                        str(BYTES),
+                    ],
+                    check=True,
+                    timeout=300,
+                )
+                total = int(sink.stdout.readline())
+                results.append(total * 8 / (time.perf_counter() - start) / 1e6)
+            finally:
+                sink.kill()
+                sink.wait()
+                if sink.stdout is not None:
+                    sink.stdout.close()
+
+        benchmark.pedantic(once, rounds=3)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns_a], capture_output=True, timeout=20)
+        subprocess.run(["ip", "netns", "del", ns_b], capture_output=True, timeout=20)
+    results.sort()
+    benchmark.extra_info["mbit_per_s_median"] = round(results[len(results) // 2], 1)

@@ -1,0 +1,28 @@
+"""Chooses the hot-path implementation: the Cython module or its pure-Python twin.
+
+Set ``KAKUREMICHI_NETSTACK_PURE=1`` to force the twin (tests run against both).
+``IMPLEMENTATION`` names the one in use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from netstack import _pure
+
+IMPLEMENTATION = "pure"
+
+checksum = _pure.checksum
+ones_sum = _pure.ones_sum
+pseudo_header_sum = _pure.pseudo_header_sum
+
+if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
+    try:
+        from netstack import _fast  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:  # the extension is not built in this checkout
+        pass
+    else:
+        checksum = _fast.checksum
+        ones_sum = _fast.ones_sum
+        pseudo_header_sum = _fast.pseudo_header_sum
+        IMPLEMENTATION = "cython"

@@ -1,0 +1,612 @@
+"""TCP on the seeded virtual-clock network simulator: transfers and each feature by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import random
+import zlib
+
+import pytest
+
+from netstack import events as ev
+from netstack.ip import PROTO_TCP, pack_address, parse_ip
+from netstack.stack import Stack
+from netstack.tcp import TcpConfig, TcpConnection, TcpState
+from netstack.tcpwire import ACK, FIN, RST, SYN, TcpSegment, build_tcp, parse_tcp
+from tests.netstack.netsim import Impairment, Network, Pump, run_pumps
+
+A = "10.0.0.1"
+B = "10.0.0.2"
+A6 = "fd00::1"
+B6 = "fd00::2"
+
+
+def make_net(
+    seed: int = 1,
+    impairment: Impairment | None = None,
+    config: TcpConfig | None = None,
+    config_b: TcpConfig | None = None,
+) -> tuple[Network, Stack, Stack]:
+    net = Network(seed)
+    a = net.add(
+        Stack([A, A6], rng=random.Random(seed * 7 + 1), tcp_config=config),
+        pack_address(A),
+        pack_address(A6),
+    )
+    b = net.add(
+        Stack([B, B6], rng=random.Random(seed * 7 + 2), tcp_config=config_b or config),
+        pack_address(B),
+        pack_address(B6),
+    )
+    net.connect(a, b, impairment or Impairment())
+    return net, a, b
+
+
+def establish(
+    net: Network, a: Stack, b: Stack, address: str = B, port: int = 80
+) -> tuple[TcpConnection, TcpConnection]:
+    listener = b.listen(port)
+    client = a.connect(address, port, net.now)
+    accepted: list[TcpConnection] = []
+
+    def done() -> bool:
+        conn = listener.accept()
+        if conn is not None:
+            accepted.append(conn)
+        return bool(accepted) and client.state is TcpState.ESTABLISHED
+
+    net.run_until(done, timeout=120)
+    return client, accepted[0]
+
+
+def transfer(
+    net: Network,
+    client: TcpConnection,
+    server: TcpConnection,
+    up: int,
+    down: int,
+    seed: int = 0,
+    timeout: float = 900.0,
+) -> tuple[Pump, Pump]:
+    rng = random.Random(seed)
+    up_data, down_data = rng.randbytes(up), rng.randbytes(down)
+    p_client, p_server = Pump(client, up_data), Pump(server, down_data)
+    p_client.keep = p_server.keep = False
+    run_pumps(net, [p_client, p_server], lambda: p_client.eof and p_server.eof, timeout=timeout)
+    assert p_server.received_len == up
+    assert p_client.received_len == down
+    assert p_server.hasher.digest() == hashlib.sha256(up_data).digest()
+    assert p_client.hasher.digest() == hashlib.sha256(down_data).digest()
+    return p_client, p_server
+
+
+def wait_closed(net: Network, *conns: TcpConnection) -> None:
+    net.run_until(
+        lambda: all(c.state in (TcpState.TIME_WAIT, TcpState.CLOSED) for c in conns), timeout=300
+    )
+
+
+IMPAIRMENTS = {
+    "clean": Impairment(),
+    "loss1": Impairment(loss=0.01),
+    "loss5": Impairment(loss=0.05),
+    "reorder": Impairment(reorder=0.2, reorder_delay=0.02),
+    "duplicate": Impairment(duplicate=0.1),
+    "delay": Impairment(delay=0.05),
+    "everything": Impairment(loss=0.03, duplicate=0.02, reorder=0.1, delay=0.02),
+    "bottleneck": Impairment(delay=0.01, bandwidth=2_000_000, queue_limit=60_000),
+}
+
+
+@pytest.mark.parametrize("name", list(IMPAIRMENTS))
+@pytest.mark.parametrize("v6", [False, True], ids=["v4", "v6"])
+def test_transfer_both_directions_hash_checked(name: str, v6: bool) -> None:
+    net, a, b = make_net(seed=zlib.crc32(name.encode()) % 1000, impairment=IMPAIRMENTS[name])
+    client, server = establish(net, a, b, B6 if v6 else B)
+    transfer(net, client, server, 3_000_000, 2_000_000, seed=5)
+    wait_closed(net, client, server)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [11, 12])
+def test_many_megabytes_with_loss_five_percent(seed: int) -> None:
+    imp = Impairment(loss=0.05, reorder=0.05, duplicate=0.01, delay=0.01)
+    net, a, b = make_net(seed=seed, impairment=imp)
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 12_000_000, 8_000_000, seed=seed)
+
+
+def test_deterministic_replay() -> None:
+    def run() -> tuple[float, int]:
+        net, a, b = make_net(seed=3, impairment=IMPAIRMENTS["everything"])
+        client, server = establish(net, a, b)
+        transfer(net, client, server, 500_000, 500_000, seed=3)
+        return net.now, net.delivered
+
+    assert run() == run()
+
+
+def test_handshake_options_window_scaling_sack_timestamps_mss() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    for conn in (client, server):
+        assert conn._wscale_ok and conn._rcv_wscale == 7 and conn._snd_wscale == 7
+        assert conn._sack_ok and conn._ts_ok
+        assert conn._send_mss() == 1420 - 40
+    net6, a6, b6 = make_net()
+    c6, _ = establish(net6, a6, b6, B6)
+    assert c6._send_mss() == 1420 - 60
+
+
+def test_window_scaling_lets_the_window_exceed_64k() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.05))
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 4_000_000, 0)
+    assert client._max_snd_wnd > 0xFFFF
+    assert server._rcv_cap > 256 * 1024  # receive-window auto-tuning grew the buffer
+
+
+def test_without_window_scaling_or_sack_or_timestamps() -> None:
+    plain = TcpConfig(window_scaling=False, sack=False, timestamps=False)
+    net, a, b = make_net(seed=4, impairment=Impairment(loss=0.02), config_b=plain)
+    client, server = establish(net, a, b)
+    assert not client._wscale_ok and not client._sack_ok and not client._ts_ok
+    transfer(net, client, server, 1_000_000, 1_000_000)
+
+
+def test_syn_retransmission_with_backoff_then_timeout() -> None:
+    net, a, b = make_net()
+    syn_times: list[float] = []
+
+    def drop_syns(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        if ip.payload[13] & SYN:
+            syn_times.append(net.now)
+            return False
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_syns
+    b.listen(80)
+    client = a.connect(B, 80, 0.0)
+    net.run_until(lambda: client.is_closed, timeout=600)
+    gaps = [round(y - x, 3) for x, y in itertools.pairwise(syn_times)]
+    assert gaps == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    assert any(
+        isinstance(e, ev.TcpConnectionEvent) and isinstance(e.event, ev.ConnectionTimedOut)
+        for e in net.take_events(a)
+    )
+
+
+def test_synack_lost_is_retransmitted() -> None:
+    net, a, b = make_net()
+    dropped: list[bytes] = []
+
+    def drop_first_synack(packet: bytes) -> bool:
+        if parse_ip(packet).payload[13] & SYN and not dropped:
+            dropped.append(packet)
+            return False
+        return True
+
+    net.paths[(id(b), id(a))].filter = drop_first_synack
+    client, _server = establish(net, a, b)
+    assert dropped and client.state is TcpState.ESTABLISHED
+    assert net.now >= 1.0  # waited for the SYN-ACK retransmission timer
+
+
+def test_rto_backoff_and_abort_after_retry_limit() -> None:
+    config = TcpConfig(max_retries=4)
+    net, a, b = make_net(config=config)
+    client, _server = establish(net, a, b)
+    net.paths[(id(a), id(b))].filter = lambda packet: False  # black hole from now on
+    client.send(b"x" * 5000)
+    start = net.now
+    net.run_until(lambda: client.is_closed, timeout=600)
+    # 200 ms floor doubled at each of 4 retransmissions, then one more wait: ~6.2 s.
+    assert 3.0 < net.now - start < 20.0
+    assert any(
+        isinstance(e, ev.TcpConnectionEvent) and isinstance(e.event, ev.ConnectionTimedOut)
+        for e in net.take_events(a)
+    )
+
+
+def test_fast_retransmit_recovers_without_rto() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.02))
+    client, server = establish(net, a, b)
+    seen: list[int] = []
+
+    def drop_one(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        seg = parse_tcp(ip.payload, ip.src, ip.dst)
+        if seg.payload:
+            seen.append(seg.seq)
+            if len(seen) == 40:
+                return False
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_one
+    rto_calls = []
+    original = client._on_rto
+
+    def spy(now: float) -> None:
+        rto_calls.append(now)
+        original(now)
+
+    client._on_rto = spy  # type: ignore[method-assign]
+    transfer(net, client, server, 400_000, 0)
+    assert not rto_calls
+    assert client._ssthresh < 1 << 40  # recovery happened and set ssthresh
+
+
+def test_sack_blocks_sent_for_out_of_order_data() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.02))
+    client, server = establish(net, a, b)
+    sacks: list[tuple[tuple[int, int], ...]] = []
+    count = [0]
+
+    def drop_one(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        seg = parse_tcp(ip.payload, ip.src, ip.dst)
+        if seg.payload:
+            count[0] += 1
+            return count[0] != 20
+        return True
+
+    def watch(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        seg = parse_tcp(ip.payload, ip.src, ip.dst)
+        if seg.sack_blocks:
+            sacks.append(seg.sack_blocks)
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_one
+    net.paths[(id(b), id(a))].filter = watch
+    transfer(net, client, server, 300_000, 0)
+    assert sacks
+    assert all(len(blocks) <= 3 for blocks in sacks)  # with timestamps: 3 blocks max
+
+
+def test_newreno_without_sack_recovers_multiple_losses() -> None:
+    plain = TcpConfig(sack=False)
+    net, a, b = make_net(seed=8, impairment=Impairment(loss=0.03, delay=0.01), config=plain)
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 2_000_000, 0)
+
+
+def test_initial_window_is_ten_segments() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.1))
+    client, _server = establish(net, a, b)
+    burst: list[float] = []
+
+    def count(packet: bytes) -> bool:
+        if len(packet) > 100:
+            burst.append(net.now)
+        return True
+
+    net.paths[(id(a), id(b))].filter = count
+    client.send(b"z" * 100_000)
+    net.run_until(lambda: len(burst) >= 10, timeout=5)
+    first = burst[0]
+    assert sum(1 for t in burst if t - first < 0.05) == 10
+
+
+def test_delayed_ack_every_second_segment() -> None:
+    config = TcpConfig(quickack_segments=0)
+    net, a, b = make_net(impairment=Impairment(delay=0.01), config=config)
+    client, server = establish(net, a, b)
+    data_segments = [0]
+    acks = [0]
+
+    def count_data(packet: bytes) -> bool:
+        if len(packet) > 100:
+            data_segments[0] += 1
+        return True
+
+    def count_acks(packet: bytes) -> bool:
+        if len(packet) <= 100:
+            acks[0] += 1
+        return True
+
+    net.paths[(id(a), id(b))].filter = count_data
+    net.paths[(id(b), id(a))].filter = count_acks
+    transfer(net, client, server, 1_000_000, 0)
+    assert acks[0] <= data_segments[0] * 0.6 + 5
+
+
+def test_delayed_ack_timer_for_a_single_segment() -> None:
+    config = TcpConfig(quickack_segments=0)
+    net, a, b = make_net(config=config)
+    client, _server = establish(net, a, b)
+    client.send(b"one small segment")
+    net.step(net.now + 1)  # the segment leaves
+    sent_at = net.now
+    net.run_until(lambda: client._snd_una == client._snd_max)
+    # One-way delay 5 ms each way, plus the 40 ms delayed-ACK timer.
+    assert net.now - sent_at >= 0.04
+
+
+def test_zero_window_persist_probe_then_resume() -> None:
+    config = TcpConfig(receive_buffer=64 * 1024, receive_buffer_max=64 * 1024)
+    net, a, b = make_net(config=config)
+    client, server = establish(net, a, b)
+    data = random.Random(1).randbytes(300_000)
+    pump = Pump(client, data)
+    sink = Pump(server, close_after=False)
+    sink.reading = False
+    run_pumps(net, [pump, sink], lambda: net.now >= 30, timeout=40)
+    assert server._rcv_adv - server._rcv_nxt < 1380  # closed: nothing worth a segment
+    assert client._persist_backoff >= 4  # probes went out with exponential backoff
+    assert client.state is TcpState.FIN_WAIT_1 and not client.is_closed
+    sink.reading = True
+    run_pumps(net, [pump, sink], lambda: sink.eof, timeout=120)
+    assert sink.hasher.digest() == hashlib.sha256(data).digest()
+
+
+def test_silly_window_avoidance_no_tiny_segments() -> None:
+    config = TcpConfig(receive_buffer=64 * 1024, receive_buffer_max=64 * 1024)
+    net, a, b = make_net(config=config)
+    client, server = establish(net, a, b)
+    sizes: list[int] = []
+
+    def record(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        payload = len(parse_tcp(ip.payload, ip.src, ip.dst).payload)
+        if payload:
+            sizes.append(payload)
+        return True
+
+    net.paths[(id(a), id(b))].filter = record
+    data = random.Random(2).randbytes(400_000)
+    pump, sink = Pump(client, data), Pump(server)
+
+    def slow_reader() -> bool:
+        # The application reads 100 bytes at a time: the window opens in tiny steps.
+        chunk = server.read(100)
+        sink.hasher.update(chunk)
+        sink.received_len += len(chunk)
+        return sink.received_len == len(data)
+
+    sink.reading = False
+    run_pumps(net, [pump, sink], slow_reader, timeout=3000)
+    assert sink.hasher.digest() == hashlib.sha256(data).digest()
+    small = [s for s in sizes if s < 500]
+    assert len(small) <= 2  # at most the tail of the stream
+
+
+def test_half_close_each_direction_independently() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    client.send(b"request")
+    client.close()  # client -> server finished; server can still talk
+    net.run_until(lambda: client.state is TcpState.FIN_WAIT_2)
+    assert server.read() == b"request" and server.at_eof
+    assert server.state is TcpState.CLOSE_WAIT
+    for _ in range(5):
+        server.send(b"response " * 1000)
+    net.run_until(lambda: client.readable_bytes == 45_000)
+    server.close()
+    net.run_until(lambda: client.at_eof or (client._eof and client.readable_bytes == 45_000))
+    assert client.read() == b"response " * 5000
+    assert client.state is TcpState.TIME_WAIT
+    net.run_until(lambda: server.is_closed)
+    net.run_until(lambda: client.is_closed, timeout=120)  # 60 s of TIME-WAIT
+
+
+def test_simultaneous_close() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.05))
+    client, server = establish(net, a, b)
+    client.close()
+    server.close()
+    net.run_until(lambda: client.state is TcpState.TIME_WAIT and server.state is TcpState.TIME_WAIT)
+
+
+def test_time_wait_reacks_a_retransmitted_fin() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    client.close()
+    net.run_until(lambda: client.state is TcpState.FIN_WAIT_2)
+    server.close()
+    net.run_until(lambda: client.state is TcpState.TIME_WAIT and server.is_closed)
+    fin = TcpSegment(
+        server.local_port,
+        server.remote_port,
+        (server._iss + server._fin_offset) & 0xFFFFFFFF,  # type: ignore[operator]
+        (server._irs + server._rcv_nxt) & 0xFFFFFFFF,
+        FIN | ACK,
+        100,
+    )
+    client.receive(fin, net.now)
+    assert [s.flags for s in client.segments_to_send(net.now)] == [ACK]
+
+
+def test_rst_for_closed_port_and_refused_event() -> None:
+    net, a, b = make_net()
+    client = a.connect(B, 9, 0.0)
+    net.run_until(lambda: client.is_closed, timeout=5)
+    events = [e.event for e in net.take_events(a) if isinstance(e, ev.TcpConnectionEvent)]
+    assert ev.ConnectionReset(refused=True) in events
+    assert b.counters["tcp_reset_sent"] == 1
+
+
+def test_abort_sends_rst_and_peer_resets() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    client.abort()
+    net.run_until(lambda: server.is_closed, timeout=5)
+    events = [e.event for e in net.take_events(b) if isinstance(e, ev.TcpConnectionEvent)]
+    assert ev.ConnectionReset() in events
+
+
+def _inject(net: Network, into: Stack, src: str, dst: str, seg: TcpSegment) -> None:
+    from netstack.ip import build_ip
+
+    s, d = pack_address(src), pack_address(dst)
+    into.receive_packet(build_ip(s, d, PROTO_TCP, build_tcp(seg, s, d)), net.now)
+
+
+def test_rfc5961_in_window_rst_gets_challenge_ack() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    rcv = (server._irs + server._rcv_nxt) & 0xFFFFFFFF
+    out: list[bytes] = []
+    # In the window but not exactly RCV.NXT: challenge ACK, connection survives.
+    bogus = TcpSegment(client.local_port, 80, (rcv + 1000) & 0xFFFFFFFF, 0, RST, 0)
+    _inject(net, b, A, B, bogus)
+    out = b.packets_to_send(net.now)
+    assert len(out) == 1
+    ip = parse_ip(out[0])
+    assert parse_tcp(ip.payload, ip.src, ip.dst).flags == ACK
+    assert server.state is TcpState.ESTABLISHED
+    # A SYN on an established connection: challenge ACK as well (RFC 5961 section 4).
+    _inject(net, b, A, B, TcpSegment(client.local_port, 80, rcv, 0, SYN, 1000))
+    assert len(b.packets_to_send(net.now)) == 1 and server.state is TcpState.ESTABLISHED
+    # Exactly RCV.NXT: reset.
+    _inject(net, b, A, B, TcpSegment(client.local_port, 80, rcv, 0, RST, 0))
+    b.packets_to_send(net.now)
+    assert server.is_closed
+
+
+def test_rfc5961_ack_beyond_snd_nxt_is_dropped() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    rcv = (server._irs + server._rcv_nxt) & 0xFFFFFFFF
+    future = (server._iss + 10_000_000) & 0xFFFFFFFF
+    _inject(net, b, A, B, TcpSegment(client.local_port, 80, rcv, future, ACK, 100, b"x"))
+    assert server.readable_bytes == 0  # dropped, only an ACK back
+    assert len(b.packets_to_send(net.now)) == 1
+
+
+def test_paws_drops_old_timestamps() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    rcv = (server._irs + server._rcv_nxt) & 0xFFFFFFFF
+    ack = (server._iss + server._snd_nxt) & 0xFFFFFFFF
+    old = (server._ts_recent - 1000) & 0xFFFFFFFF
+    seg = TcpSegment(client.local_port, 80, rcv, ack, ACK, 100, b"stale", timestamp=(old, 0))
+    _inject(net, b, A, B, seg)
+    assert server.readable_bytes == 0
+
+
+def test_keepalive_probes_then_timeout() -> None:
+    config = TcpConfig(keepalive_idle=10.0, keepalive_interval=1.0, keepalive_count=3)
+    net, a, b = make_net(config=config)
+    client, _server = establish(net, a, b)
+    net.run_until(lambda: net.now > 30, timeout=40)  # peer answers probes: still alive
+    assert client.state is TcpState.ESTABLISHED
+    net.paths[(id(b), id(a))].filter = lambda packet: False
+    net.run_until(lambda: client.is_closed, timeout=60)
+
+
+def test_listen_backlog_drops_excess_syns() -> None:
+    net, a, b = make_net()
+    listener = b.listen(80, backlog=2)
+    clients = [a.connect(B, 80, 0.0) for _ in range(4)]
+    net.run_until(lambda: listener.pending == 2, timeout=5)
+    assert b.counters["tcp_syn_dropped_backlog"] >= 2
+    while listener.accept() is not None:
+        pass
+    net.run_until(lambda: all(c.state is TcpState.ESTABLISHED for c in clients), timeout=30)
+
+
+def test_isn_comes_from_the_injected_rng() -> None:
+    _, a1, _ = make_net(seed=5)
+    _, a2, _ = make_net(seed=5)
+    c1 = a1.connect(B, 80, 0.0)
+    c2 = a2.connect(B, 80, 0.0)
+    assert c1._iss == c2._iss and c1.local_port == c2.local_port
+    _, a3, _ = make_net(seed=6)
+    assert a3.connect(B, 80, 0.0)._iss != c1._iss
+
+
+def test_many_connections_one_deadline() -> None:
+    net, a, b = make_net(impairment=Impairment(loss=0.01))
+    listener = b.listen(80, backlog=500)
+    clients = [a.connect(B, 80, 0.0) for _ in range(300)]
+    pumps = [Pump(c, i.to_bytes(2, "big") * 2500) for i, c in enumerate(clients)]
+    sinks: list[Pump] = []
+
+    def accept_and_check() -> bool:
+        while (conn := listener.accept()) is not None:
+            sinks.append(Pump(conn))
+        for sink in sinks:
+            sink.service()
+        return len(sinks) == 300 and all(s.eof for s in sinks)
+
+    run_pumps(net, pumps, accept_and_check, timeout=120)
+    assert sorted(bytes(s.received) for s in sinks) == sorted(
+        i.to_bytes(2, "big") * 2500 for i in range(300)
+    )
+
+
+def test_memory_bounded_out_of_order_queue() -> None:
+    config = TcpConfig(receive_buffer=64 * 1024, receive_buffer_max=64 * 1024)
+    net, a, b = make_net(config=config)
+    client, server = establish(net, a, b)
+    rcv = server._irs + server._rcv_nxt
+    ack = (server._iss + server._snd_nxt) & 0xFFFFFFFF
+    for i in range(2000):  # far more out-of-order data than the window
+        seq = (rcv + 1000 + i * 1000) & 0xFFFFFFFF
+        seg = TcpSegment(client.local_port, 80, seq, ack, ACK, 100, b"q" * 1000)
+        _inject(net, b, A, B, seg)
+    assert server._ooo_bytes <= 64 * 1024
+    assert len(server._ooo_ranges) <= 64
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TcpConfig().mss = 1  # type: ignore[misc]
+
+
+def test_eifel_undo_of_spurious_fast_retransmits_under_reordering() -> None:
+    # Reordering only (no loss): every fast retransmit is spurious, and timestamps
+    # prove it (RFC 3522), so the window reduction is undone.
+    net, a, b = make_net(seed=21, impairment=Impairment(reorder=0.05, reorder_delay=0.05))
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 3_000_000, 0)
+    assert client.stats_recoveries > 0
+    assert client.stats_undo > 0
+    assert client.stats_rto == 0
+
+
+def test_new_syn_reuses_a_four_tuple_in_time_wait() -> None:
+    net, a, b = make_net()
+    client, server = establish(net, a, b)
+    server.close()  # the server closes first: it holds TIME-WAIT
+    net.run_until(lambda: client.state is TcpState.CLOSE_WAIT)
+    client.close()
+    net.run_until(lambda: server.state is TcpState.TIME_WAIT and client.is_closed)
+    # A new connection from the same port (as a busy kernel client may pick).
+    listener = b._listeners[80]
+    again = a.connect(B, 80, net.now)
+    old_key = a._keys[again]
+    a._forget(again, old_key)
+    key = (old_key[0], client.local_port, old_key[2], old_key[3])
+    a._register(again, key)
+    again.local_port = client.local_port
+    net.run_until(lambda: listener.pending == 1, timeout=0.5)  # at once, no 1 s SYN retry
+    assert again.state is TcpState.ESTABLISHED
+    assert b.connection_count == 1  # the TIME-WAIT incarnation is gone
+
+
+def test_tail_loss_probe_recovers_a_lost_tail_without_rto() -> None:
+    net, a, b = make_net(impairment=Impairment(delay=0.02))
+    client, server = establish(net, a, b)
+    total = 100_000
+    dropped: list[int] = []
+
+    def drop_the_last_two_segments_once(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        seg = parse_tcp(ip.payload, ip.src, ip.dst)
+        end = (seg.seq - client._iss + len(seg.payload)) & 0xFFFFFFFF
+        if seg.payload and end > total - 2000 and len(dropped) < 2:
+            dropped.append(end)
+            return False
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_the_last_two_segments_once
+    pump, sink = Pump(client, random.Random(3).randbytes(total), close_after=False), Pump(server)
+    run_pumps(net, [pump, sink], lambda: sink.received_len == total, timeout=30)
+    assert len(dropped) == 2
+    assert client.stats_tlp >= 1
+    assert client.stats_rto == 0
