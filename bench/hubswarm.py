@@ -50,6 +50,7 @@ class ControlProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "control.log"
         data_dir.mkdir(parents=True, exist_ok=True)
+        log_file = self.log.open("ab")
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -70,8 +71,9 @@ class ControlProcess:
             ],
             stdout=subprocess.DEVNULL,
             # A log file, not a pipe: an unread pipe fills up and blocks the server.
-            stderr=self.log.open("ab"),
+            stderr=log_file,
         )
+        log_file.close()  # the child holds its own descriptor
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
