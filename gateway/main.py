@@ -39,9 +39,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wireguard-port", "UDP port of the WireGuard interface", 51820, parse=port),
     Setting(
         "wireguard-backend",
-        "WireGuard implementation",
+        "WireGuard implementation (auto: kernel, else wireguard-go; userspace when not root)",
         "auto",
-        choices=("auto", "kernel", "wireguard-go"),
+        choices=("auto", "kernel", "wireguard-go", "userspace"),
     ),
     Setting(
         "interface", "WireGuard interface name (at most 15 characters)", "kkm0", metavar="NAME"
@@ -140,8 +140,9 @@ def register(subparsers: Any) -> None:
             "Run a kakuremichi gateway: connects to Control with its API key, manages a "
             "WireGuard interface with one peer per agent, serves HTTP/HTTPS for every "
             "tunnel domain (certificates from Control or ACME) and raw TCP tunnels, and "
-            "forwards through WireGuard to the agent that owns each tunnel. Needs root "
-            "(or CAP_NET_ADMIN) for the WireGuard interface."
+            "forwards through WireGuard to the agent that owns each tunnel. The kernel and "
+            "wireguard-go backends need root (or CAP_NET_ADMIN); the userspace backend runs "
+            "as any user."
         ),
     )
     add_settings(parser, SETTINGS)

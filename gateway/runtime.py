@@ -37,6 +37,7 @@ from gateway.proxy.tcp import TcpForwarder, TcpSettings
 from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import WgDevice, WgError
 from gateway.wg.state import WgState
+from gateway.wg.userspace import UserspaceDevice
 from kakuremichi import __version__
 from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
 from kakuremichi.keys import load_or_create
@@ -80,8 +81,21 @@ class Gateway:
         self.metrics = Metrics()
         self.certificates = CertificateStore(settings.data_dir / "tls")
         self.challenges = ChallengeStore()
+        self.wg: WgDevice | UserspaceDevice
+        use_userspace = settings.backend == "userspace" or (
+            settings.backend == "auto" and os.geteuid() != 0
+        )
+        dialer = None  # the kernel's TCP, through the WireGuard interface
+        if use_userspace:
+            self.wg = UserspaceDevice(self.keys, settings.wireguard_port)
+            dialer = self.wg.dial
+        else:
+            self.wg = WgDevice(
+                settings.interface, self.keys, settings.wireguard_port, settings.backend
+            )
         self.proxy = ProxyServer(
             self.router,
+            dialer,
             settings=ProxySettings(upstream_port=settings.upstream_port, limits=settings.limits),
             metrics=self.metrics,
         )
@@ -89,10 +103,9 @@ class Gateway:
         self.proxy.redirect_https = settings.redirect_https and settings.https_port > 0
         self.proxy.redirect_https_port = settings.https_port
         self.tcp = TcpForwarder(
-            self.router, settings=TcpSettings(bind_host=settings.host), metrics=self.metrics
+            self.router, dialer, settings=TcpSettings(bind_host=settings.host), metrics=self.metrics
         )
         self.admin = AdminServer(self.metrics, self._health)
-        self.wg = WgDevice(settings.interface, self.keys, settings.wireguard_port, settings.backend)
         self.client = ControlClient(
             ControlClientSettings(
                 control_url=settings.control_url,

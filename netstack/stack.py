@@ -133,9 +133,9 @@ class Stack:
         if mtu < 1280:
             raise StackError("MTU below 1280 (the IPv6 minimum)")
         self.mtu = mtu
-        self._local = frozenset(packed)
-        self._first = {4: next((a for a in packed if len(a) == 4), None)}
-        self._first[16] = next((a for a in packed if len(a) == 16), None)
+        self._local: frozenset[bytes] = frozenset()
+        self._by_family: dict[int, list[bytes]] = {4: [], 16: []}
+        self._set_local(packed)
         self._rng = rng
         self._ts_secret = rng.getrandbits(128).to_bytes(16, "big")
         base = tcp_config or TcpConfig()
@@ -158,7 +158,31 @@ class Stack:
         self._timer_seq = 0
         self._now = 0.0
 
+    def _set_local(self, packed: list[bytes]) -> None:
+        self._local = frozenset(packed)
+        self._by_family = {size: [a for a in packed if len(a) == size] for size in (4, 16)}
+
+    def _source_for(self, remote: bytes) -> bytes | None:
+        """The local address to send from: the one sharing the longest prefix with
+        ``remote`` (a gateway holds one address per agent subnet, and each agent only
+        accepts the one inside its own subnet)."""
+        candidates = self._by_family.get(len(remote), [])
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        target = int.from_bytes(remote, "big")
+        bits = len(remote) * 8
+        return max(
+            candidates, key=lambda a: bits - (int.from_bytes(a, "big") ^ target).bit_length()
+        )
+
     # ------------------------------------------------------------------ API
+
+    def set_addresses(self, addresses: Iterable[Address]) -> None:
+        """Replace the local addresses (connections keep the address they use)."""
+        packed = [pack_address(a) for a in addresses]
+        if not packed:
+            raise StackError("a stack needs at least one address")
+        self._set_local(packed)
 
     @property
     def connection_count(self) -> int:
@@ -186,7 +210,7 @@ class Stack:
         """Open a TCP connection (active open); watch ``events()`` for the outcome."""
         self._now = now
         remote = pack_address(remote_address)
-        local = self._first.get(len(remote))
+        local = self._source_for(remote)
         if local is None:
             raise StackError("no local address of that family")
         if len(self._conns) >= self.max_connections:
@@ -430,7 +454,7 @@ class Stack:
         )
 
     def _send_udp(self, local_port: int, data: bytes, remote: bytes, remote_port: int) -> None:
-        local = self._first.get(len(remote))
+        local = self._source_for(remote)
         if local is None:
             raise StackError("no local address of that family")
         header = 48 if len(remote) == 16 else 28

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.gateway_core.netns import sh, two_hosts
 from tests.support import need_binary, need_root, unique_name
 
@@ -72,7 +74,8 @@ def wait_status(netns: str, host: str, status: int, within: float) -> tuple[floa
         time.sleep(0.1)
 
 
-def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["wireguard-go", "userspace"])
+def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path, backend: str) -> None:
     need_root()
     need_binary("wireguard-go")
     with two_hosts("gwe") as (gw_ns, agent_ns):
@@ -135,6 +138,8 @@ def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path) -> None:
                 "192.0.2.1",
                 "--interface",
                 gw_if,
+                "--wireguard-backend",
+                backend,
                 "--http-port",
                 "8080",
                 "--https-port",
@@ -197,7 +202,8 @@ def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path) -> None:
             # SIGTERM → clean exit, interface gone.
             gw.send_signal(signal.SIGTERM)
             assert gw.wait(20) == 0, (tmp_path / "gateway.log").read_text()[-2000:]
-            assert sh("ip", "link", "show", gw_if, netns=gw_ns, check=False).returncode != 0
+            if backend == "wireguard-go":
+                assert sh("ip", "link", "show", gw_if, netns=gw_ns, check=False).returncode != 0
             log_text = (tmp_path / "gateway.log").read_text()
             assert gateway["apiKey"] not in log_text and agent["apiKey"] not in log_text
         finally:
