@@ -88,14 +88,7 @@ class AddressPlan:
 
     def first_free_subnet(self, used: Iterable[str]) -> IPNetwork:
         """Lowest subnet of the pool that is not in ``used``."""
-        taken = {ipaddress.ip_network(text) for text in used}
-        for index in range(self.subnet_count):
-            candidate = self.subnet(index)
-            if candidate not in taken:
-                return candidate
-        raise PoolExhausted(
-            f"address pool {self.pool} has no free /{self.prefix} left ({self.subnet_count} agents)"
-        )
+        return self.subnet(self.first_free_index({self.index_of(text) for text in used}))
 
     def first_free_slot(self, used: Iterable[int]) -> int:
         taken = set(used)

@@ -97,7 +97,8 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
     if url is None:
         url = f"sqlite+aiosqlite:///{data_dir.resolve() / 'control.db'}"
     try:
-        ipaddress.ip_address(values["host"]) if values["host"] not in ("localhost",) else None
+        if values["host"] != "localhost":
+            ipaddress.ip_address(values["host"])
     except ValueError as exc:
         raise ConfigError(f"--host: {values['host']!r} is not an IP address") from exc
     try:

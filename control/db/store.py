@@ -117,11 +117,15 @@ class Store:
 
     async def set_setting(self, key: str, value: str) -> None:
         async with self._write() as conn:
-            updated = await conn.execute(
-                settings.update().where(settings.c.key == key).values(value=value)
-            )
-            if updated.rowcount == 0:
-                await conn.execute(settings.insert().values(key=key, value=value))
+            await self._put_setting(conn, key, value)
+
+    @staticmethod
+    async def _put_setting(conn: AsyncConnection, key: str, value: str) -> None:
+        updated = await conn.execute(
+            settings.update().where(settings.c.key == key).values(value=value)
+        )
+        if updated.rowcount == 0:
+            await conn.execute(settings.insert().values(key=key, value=value))
 
     # -- agents and gateways ----------------------------------------------------------
 
@@ -287,12 +291,7 @@ class Store:
         async with self._write() as conn:
             value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == "epoch"))
             epoch = int(value or 0) + 1
-            if value is None:
-                await conn.execute(settings.insert().values(key="epoch", value=str(epoch)))
-            else:
-                await conn.execute(
-                    settings.update().where(settings.c.key == "epoch").values(value=str(epoch))
-                )
+            await self._put_setting(conn, "epoch", str(epoch))
         return epoch
 
     # -- tunnels ----------------------------------------------------------------------

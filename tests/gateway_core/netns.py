@@ -35,7 +35,6 @@ def two_hosts(tag: str) -> Iterator[tuple[str, str]]:
         yield a, b
     finally:
         for ns in (a, b):
-            sh("ip", "netns", "pids", ns, check=False)
             pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
             for pid in pids:
                 subprocess.run(["kill", "-9", pid], check=False)
