@@ -139,7 +139,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Run a kakuremichi gateway: connects to Control with its API key, manages a "
             "WireGuard interface with one peer per agent, serves HTTP/HTTPS for every "
-            "tunnel domain (certificates from Control or ACME) and raw TCP tunnels, and "
+            "tunnel domain (certificates from Control or ACME) and raw TCP and UDP tunnels, and "
             "forwards through WireGuard to the agent that owns each tunnel. The kernel and "
             "wireguard-go backends need root (or CAP_NET_ADMIN); the userspace backend runs "
             "as any user."

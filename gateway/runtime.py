@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 ``Gateway.run()`` brings up the WireGuard interface, the public listeners (HTTP, and
-HTTPS when enabled), raw-TCP forwarders and the admin port, then connects to Control.
+HTTPS when enabled), raw TCP and UDP forwarders and the admin port, then connects to Control.
 Every change of Control's view sets a flag; one reconcile task applies the newest view
 (WireGuard peers and addresses, routing table, Control's certificates) so bursts of
 changes cost one pass.  A failed pass is retried with back-off while the previous
@@ -34,6 +34,7 @@ from gateway.proxy.limits import LimitSettings
 from gateway.proxy.metrics import Metrics
 from gateway.proxy.router import Router
 from gateway.proxy.tcp import TcpForwarder, TcpSettings
+from gateway.proxy.udp import FlowDialer, UdpForwarder, UdpSettings
 from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import WgDevice, WgError
 from gateway.wg.state import WgState
@@ -86,9 +87,11 @@ class Gateway:
             settings.backend == "auto" and os.geteuid() != 0
         )
         dialer = None  # the kernel's TCP, through the WireGuard interface
+        flow_dialer: FlowDialer | None = None  # likewise the kernel's UDP
         if use_userspace:
             self.wg = UserspaceDevice(self.keys, settings.wireguard_port)
             dialer = self.wg.dial
+            flow_dialer = self.wg.udp_flow
         else:
             self.wg = WgDevice(
                 settings.interface, self.keys, settings.wireguard_port, settings.backend
@@ -104,6 +107,12 @@ class Gateway:
         self.proxy.redirect_https_port = settings.https_port
         self.tcp = TcpForwarder(
             self.router, dialer, settings=TcpSettings(bind_host=settings.host), metrics=self.metrics
+        )
+        self.udp = UdpForwarder(
+            self.router,
+            flow_dialer,
+            settings=UdpSettings(bind_host=settings.host),
+            metrics=self.metrics,
         )
         self.admin = AdminServer(self.metrics, self._health)
         self.client = ControlClient(
@@ -297,6 +306,7 @@ class Gateway:
             await self.proxy.start(s.host, s.https_port, self.certificates.server_context())
         await self.admin.start(s.admin_host, s.admin_port)
         await self.tcp.start()
+        await self.udp.start()
         self._load_acme_certificates()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -323,6 +333,7 @@ class Gateway:
         started = time.monotonic()
         await self.proxy.close()
         await self.tcp.close()
+        await self.udp.close()
         drained = time.monotonic()
         await self.client.stop()
         for task in self._tasks:

@@ -3,6 +3,7 @@
     kakuremichi control            run the management server
     kakuremichi admin …            manage agents, gateways, tunnels through the REST API
     kakuremichi gateway            run a gateway (the public edge)
+    kakuremichi agent              run an agent (the rootless connector)
 
 Exit codes: 0 clean shutdown, 2 bad configuration (the message names the setting),
 1 anything else.
@@ -22,6 +23,7 @@ _VERBS: tuple[tuple[str, str], ...] = (
     ("control", "control.main"),
     ("admin", "control.admin"),
     ("gateway", "gateway.main"),
+    ("agent", "agent.main"),
 )
 
 

@@ -238,7 +238,7 @@ class AsyncStack:
         sock = self.stack.bind(local_port)
         protocol = protocol_factory()
         transport = _UdpTransport(self, sock, protocol)
-        self._udp[local_port] = transport
+        self._udp[sock.port] = transport  # local_port 0 picked an ephemeral one
         protocol.connection_made(transport)
         return transport, protocol
 

@@ -234,7 +234,14 @@ class Stack:
         return conn
 
     def bind(self, port: int) -> UdpSocket:
-        """Bind a UDP port on all local addresses."""
+        """Bind a UDP port on all local addresses (0: a free ephemeral port)."""
+        if port == 0:
+            for _ in range(256):
+                port = self._rng.randint(_EPHEMERAL_LOW, _EPHEMERAL_HIGH)
+                if port not in self._udp:
+                    break
+            else:
+                raise StackError("no free ephemeral UDP port")
         if port in self._udp:
             raise StackError(f"UDP port {port} is already bound")
         sock = UdpSocket(self, port)

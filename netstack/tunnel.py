@@ -104,6 +104,19 @@ class UserspaceTunnel:
         )
         self.udp.flush()
 
+    def initiate_handshake(self, public_key: str) -> None:
+        """Start a fresh handshake with a peer now (e.g. after its endpoint moved)."""
+        assert self.udp is not None
+        self.device.initiate_handshake(_key(public_key), self.udp.now())
+        self.udp.flush()
+
+    async def create_datagram_endpoint(
+        self, protocol_factory: Callable[[], asyncio.DatagramProtocol], local_port: int
+    ) -> tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]:
+        """Bind a UDP port on the tunnel's stack; like ``loop.create_datagram_endpoint``."""
+        assert self.streams is not None
+        return await self.streams.create_datagram_endpoint(protocol_factory, local_port)
+
     def remove_peer(self, public_key: str) -> None:
         self.device.remove_peer(_key(public_key))
 

@@ -35,8 +35,9 @@ def need_binary(name: str) -> str:
     return path
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port free right now (TCP by default; ``kind=socket.SOCK_DGRAM`` for UDP)."""
+    with socket.socket(socket.AF_INET, kind) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -133,7 +133,7 @@ class ForwardingMixin:
         retry_allowed: bool,
         started: float,
     ) -> None:
-        port = self.settings.upstream_port
+        port = route.upstream_port or self.settings.upstream_port
         fresh = False
         for _attempt in range(2):
             try:

@@ -26,6 +26,9 @@ lower-cased by h11).
   - ``X-Forwarded-Host`` / ``X-Forwarded-Proto``: overwritten (the gateway is the
     edge; a client-supplied value would be a lie).
   - ``Host`` is passed through unchanged: the agent routes on it.
+  - With ``preserve=True`` (the agent, whose only peers are gateways) the four
+    forwarding fields are kept as received and only missing ones are filled in, so
+    the application sees what the gateway vouched for.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ def request_headers_for_agent(
     chunked: bool,
     upgrade: bool,
     peer_ip: str | None = None,
+    preserve: bool = False,
 ) -> Headers:
     """The header list to send to the agent for a client's request.
 
@@ -152,13 +156,21 @@ def request_headers_for_agent(
     """
     host = get_header(headers, b"host") or b""
     out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
-    prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
-    out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
     peer = (peer_ip or client_ip).encode("ascii", "replace")
-    out.append((b"x-forwarded-for", b", ".join([*prior, peer])))
-    out.append((b"x-real-ip", client_ip.encode("ascii", "replace")))
-    out.append((b"x-forwarded-host", host))
-    out.append((b"x-forwarded-proto", proto.encode("ascii")))
+    wanted = {
+        b"x-forwarded-for": peer,
+        b"x-real-ip": client_ip.encode("ascii", "replace"),
+        b"x-forwarded-host": host,
+        b"x-forwarded-proto": proto.encode("ascii"),
+    }
+    if preserve:
+        present = {k for k, _ in out}
+        out.extend((k, v) for k, v in wanted.items() if k not in present)
+    else:
+        prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
+        out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
+        wanted[b"x-forwarded-for"] = b", ".join([*prior, peer])
+        out.extend(wanted.items())
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
     return out

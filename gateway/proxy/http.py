@@ -111,7 +111,7 @@ class ProxyServer:
         proto = "https" if ssl_context is not None else "http"
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._serve_connection(reader, writer, proto)
+            await self.serve_connection(reader, writer, proto)
 
         tls_options: dict[str, Any] = {}
         if ssl_context is not None:
@@ -154,9 +154,11 @@ class ProxyServer:
         self._servers.clear()
         await self.pool.close()
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: str
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: str = "http"
     ) -> None:
+        """Serve one accepted connection until it ends (also for streams accepted
+        elsewhere, e.g. by a user-space TCP/IP stack); never raises."""
         peer = writer.get_extra_info("peername")
         peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
         # a trusted load balancer speaks for many clients: only the total applies
@@ -405,7 +407,10 @@ class _ClientSession(ForwardingMixin):
             proto=self.proto,
             chunked=chunked,
             upgrade=upgrade,
+            preserve=self.settings.preserve_forwarded,
         )
+        if route.path_prefix and target.startswith(b"/"):
+            target = route.path_prefix.encode("latin-1") + target
         try:
             upstream_request = h11.Request(method=request.method, target=target, headers=forwarded)
         except h11.LocalProtocolError:
@@ -516,6 +521,8 @@ class _ClientSession(ForwardingMixin):
     ) -> None:
         tunnel = route.tunnel_id if route is not None else ""
         domain = route.domain if route is not None else ""
+        if self.settings.upstream_name != "agent":
+            reason = reason.replace("agent", self.settings.upstream_name)
         elapsed = self.loop.time() - started if started is not None else None
         self._record(tunnel, domain, status, elapsed)
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

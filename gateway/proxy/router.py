@@ -18,6 +18,10 @@ should prevent it) the enabled one wins, then the smallest id, so the choice is
 deterministic.  Disabled tunnels stay in the index so the proxy can answer "tunnel
 disabled" instead of a confusing "unknown host".
 
+The same table serves the agent: built with an ``upstream`` resolver, each route's
+address, port and path prefix come from the tunnel's ``target`` (a local service)
+instead of its ``agentIp``; a target the resolver rejects skips the tunnel.
+
 Listeners (e.g. the TCP forwarder) subscribe with ``add_listener`` and are called
 synchronously after every change.
 """
@@ -44,6 +48,10 @@ class Route:
     agent_id: str
     agent_ip: str
     enabled: bool
+    #: the port to dial on ``agent_ip`` (None: the proxy's ``upstream_port``)
+    upstream_port: int | None = None
+    #: prepended to every request path (an agent's ``http://host:port/prefix`` target)
+    path_prefix: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,12 @@ class PortRoute:
     agent_id: str
     agent_ip: str
     enabled: bool
+    #: the port to dial on ``agent_ip`` (None: the tunnel's public port)
+    upstream_port: int | None = None
+
+
+#: a tunnel's ``target`` -> (host, port, path prefix) to dial; ValueError if unusable
+UpstreamResolver = Callable[[str], tuple[str, int, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +81,8 @@ class _Tunnel:
     agent_id: str
     agent_ip: str
     enabled: bool
+    upstream_port: int | None = None
+    path_prefix: str = ""
 
 
 class TunnelError(ValueError):
@@ -98,7 +114,7 @@ def normalize_host(host: str) -> str | None:
     return host or None
 
 
-def _parse_tunnel(raw: Mapping[str, Any]) -> _Tunnel:
+def _parse_tunnel(raw: Mapping[str, Any], upstream: UpstreamResolver | None = None) -> _Tunnel:
     if not isinstance(raw, Mapping):
         raise TunnelError("tunnel is not an object")
     tunnel_id = raw.get("id")
@@ -133,7 +149,18 @@ def _parse_tunnel(raw: Mapping[str, Any]) -> _Tunnel:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise TunnelError(f"tunnel {tunnel_id}: bad publicPort")
         public_port = port
-    return _Tunnel(tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled)
+    if upstream is None:
+        return _Tunnel(tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled)
+    target = raw.get("target")
+    try:
+        if not isinstance(target, str):
+            raise ValueError("no target")
+        host, upstream_port, prefix = upstream(target)
+    except ValueError as exc:
+        raise TunnelError(f"tunnel {tunnel_id}: unusable target ({exc})") from None
+    return _Tunnel(
+        tunnel_id, protocol, domain, public_port, agent_id, host, enabled, upstream_port, prefix
+    )
 
 
 def _preferred(a: _Tunnel, b: _Tunnel) -> _Tunnel:
@@ -144,7 +171,10 @@ def _preferred(a: _Tunnel, b: _Tunnel) -> _Tunnel:
 class Router:
     """Tunnel table fed by Control messages; answers "which agent serves this Host?"."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: UpstreamResolver | None = None) -> None:
+        #: None: connections go to the tunnel's ``agentIp`` (the gateway); otherwise to
+        #: what this returns for the tunnel's ``target`` (the agent, to local services)
+        self._upstream = upstream
         self._tunnels: dict[str, _Tunnel] = {}
         self._domains: dict[str, Route] = {}
         self._ports: dict[tuple[str, int], PortRoute] = {}
@@ -158,7 +188,7 @@ class Router:
         table: dict[str, _Tunnel] = {}
         for raw in tunnels if isinstance(tunnels, list) else []:
             try:
-                tunnel = _parse_tunnel(raw)
+                tunnel = _parse_tunnel(raw, self._upstream)
             except TunnelError as exc:
                 log.warning("ignoring tunnel from config: %s", exc)
                 continue
@@ -169,7 +199,7 @@ class Router:
     def upsert(self, tunnel: dict[str, Any]) -> bool:
         """Add or replace one tunnel; returns False (and changes nothing) if malformed."""
         try:
-            parsed = _parse_tunnel(tunnel)
+            parsed = _parse_tunnel(tunnel, self._upstream)
         except TunnelError as exc:
             log.warning("ignoring tunnel update: %s", exc)
             return False
@@ -241,11 +271,15 @@ class Router:
                 old = by_port.get(key)
                 by_port[key] = tunnel if old is None else _preferred(old, tunnel)
         self._domains = {
-            d: Route(t.tunnel_id, d, t.agent_id, t.agent_ip, t.enabled)
+            d: Route(
+                t.tunnel_id, d, t.agent_id, t.agent_ip, t.enabled, t.upstream_port, t.path_prefix
+            )
             for d, t in by_domain.items()
         }
         self._ports = {
-            key: PortRoute(t.tunnel_id, t.protocol, key[1], t.agent_id, t.agent_ip, t.enabled)
+            key: PortRoute(
+                t.tunnel_id, t.protocol, key[1], t.agent_id, t.agent_ip, t.enabled, t.upstream_port
+            )
             for key, t in by_port.items()
         }
         self.version += 1

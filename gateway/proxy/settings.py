@@ -31,6 +31,12 @@ class ProxySettings:
     #: networks (CIDR) of load balancers in front of the gateway whose
     #: X-Forwarded-For is believed; empty = the TCP peer is always the client
     trusted_proxies: tuple[str, ...] = ()
+    #: keep X-Forwarded-For/-Host/-Proto and X-Real-IP as received, only filling in
+    #: missing ones (the agent: its only clients are gateways, which set them)
+    preserve_forwarded: bool = False
+    #: what the pages call the upstream ("agent" on the gateway; the agent's proxy
+    #: says "local service")
+    upstream_name: str = "agent"
     #: one INFO line per request (method, host, path without query, status, bytes)
     access_log: bool = False
     limits: LimitSettings = field(default_factory=LimitSettings)

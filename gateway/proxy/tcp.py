@@ -9,8 +9,11 @@ traffic at once.
 
 Each accepted connection looks its route up again (the agent may have changed since
 the listener opened), counts against the per-client connection limit, dials
-``agent_ip:public_port`` (or ``upstream_port`` when set, for tests) through the same
-dialer as the HTTP proxy, and splices both ways with half-close and back-pressure.
+``agent_ip:public_port`` (or the route's / the settings' ``upstream_port`` when set)
+through the same dialer as the HTTP proxy, and splices both ways with half-close and
+back-pressure; when the upstream cannot be reached the client's connection is reset.
+The agent uses the same forwarder with a ``listen`` function that
+accepts on its user-space stack and routes that dial its local targets.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .limits import ConnectionLimiter
 from .metrics import Metrics
@@ -26,6 +31,20 @@ from .pool import Dialer, open_tcp
 from .reconcile import PortReconciler
 from .router import Router
 from .splice import close_writer, splice
+
+StreamCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Listener(Protocol):
+    """What ``listen`` returns: an ``asyncio.Server``-like handle."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+#: (callback, port) -> a listener accepting on ``port``
+Listen = Callable[[StreamCallback, int], Awaitable[Listener]]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +73,11 @@ class TcpForwarder(PortReconciler):
         dialer: Dialer | None = None,
         settings: TcpSettings | None = None,
         metrics: Metrics | None = None,
+        listen: Listen | None = None,
     ) -> None:
         super().__init__(router)
         self.dialer = dialer if dialer is not None else open_tcp
+        self.listen = listen
         self.settings = settings if settings is not None else TcpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.registry.add_collector(self._collect)
@@ -65,13 +86,15 @@ class TcpForwarder(PortReconciler):
         )
         self._connections: dict[int, set[asyncio.Task[None]]] = {}
 
-    async def _open_port(self, port: int) -> asyncio.Server:
+    async def _open_port(self, port: int) -> Listener:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve(port, reader, writer)
 
+        if self.listen is not None:
+            return await self.listen(on_connect, port)
         return await asyncio.start_server(on_connect, self.settings.bind_host, port)
 
-    async def _close_port(self, port: int, handle: asyncio.Server) -> None:
+    async def _close_port(self, port: int, handle: Listener) -> None:
         handle.close()
         tasks = self._connections.pop(port, set())
         for task in tasks:
@@ -91,6 +114,7 @@ class TcpForwarder(PortReconciler):
         client_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
         admitted = self.limiter.try_acquire(client_ip)
         upstream_writer: asyncio.StreamWriter | None = None
+        failed = False
         self.metrics.connection_opened("tcp")
         try:
             route = self.router.lookup_port("tcp", port)
@@ -101,13 +125,14 @@ class TcpForwarder(PortReconciler):
                 return
             tunnel = route.tunnel_id
             self.metrics.tcp_connections.inc(tunnel=tunnel)
-            upstream_port = self.settings.upstream_port or port
+            upstream_port = route.upstream_port or self.settings.upstream_port or port
             try:
                 up_reader, upstream_writer = await self.dialer(
                     route.agent_ip, upstream_port, self.settings.connect_timeout
                 )
             except (OSError, TimeoutError):
                 self.metrics.upstream_errors.inc(tunnel=tunnel, kind="unreachable")
+                failed = True  # reset the client: "refused", not an empty stream
                 return
             with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                 await splice(
@@ -136,4 +161,4 @@ class TcpForwarder(PortReconciler):
                 conns.discard(task)
             if upstream_writer is not None:
                 await close_writer(upstream_writer)
-            await close_writer(writer)
+            await close_writer(writer, abort=failed)

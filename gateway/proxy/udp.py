@@ -48,6 +48,13 @@ class UdpFlowHandle(Protocol):
 #: (agent host, port, on_datagram) -> an open flow handle
 FlowDialer = Callable[[str, int, Callable[[bytes], None]], Awaitable[UdpFlowHandle]]
 
+#: (protocol factory, port) -> a bound (transport, protocol), like
+#: ``loop.create_datagram_endpoint``; the agent binds on its user-space stack
+Bind = Callable[
+    [Callable[[], asyncio.DatagramProtocol], int],
+    Awaitable[tuple[asyncio.DatagramTransport, asyncio.DatagramProtocol]],
+]
+
 
 class _UpstreamProtocol(asyncio.DatagramProtocol):
     def __init__(self, on_datagram: Callable[[bytes], None]) -> None:
@@ -140,9 +147,11 @@ class UdpForwarder(PortReconciler):
         flow_dialer: FlowDialer | None = None,
         settings: UdpSettings | None = None,
         metrics: Metrics | None = None,
+        bind: Bind | None = None,
     ) -> None:
         super().__init__(router)
         self.flow_dialer = flow_dialer if flow_dialer is not None else open_udp_flow
+        self.bind = bind
         self.settings = settings if settings is not None else UdpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.registry.add_collector(self._collect)
@@ -154,6 +163,9 @@ class UdpForwarder(PortReconciler):
     # -- listeners ---------------------------------------------------------------------
 
     async def _open_port(self, port: int) -> _PublicProtocol:
+        if self.bind is not None:
+            _, bound = await self.bind(lambda: _PublicProtocol(self, port), port)
+            return cast(_PublicProtocol, bound)
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_datagram_endpoint(
             lambda: _PublicProtocol(self, port), local_addr=(self.settings.bind_host, port)
@@ -221,7 +233,7 @@ class UdpForwarder(PortReconciler):
             self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="out")
             public.transport.sendto(data, addr)
 
-        upstream_port = self.settings.upstream_port or port
+        upstream_port = route.upstream_port or self.settings.upstream_port or port
         task = asyncio.ensure_future(self._dial(flow, route.agent_ip, upstream_port, deliver))
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)

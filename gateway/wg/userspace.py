@@ -12,6 +12,8 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from gateway.wg.state import PeerStats, WgState
 from kakuremichi.keys import KeyPair
@@ -22,6 +24,28 @@ log = logging.getLogger("gateway.wg")
 
 # Before Control tells us our addresses the stack needs one; nothing routes to it.
 _PLACEHOLDER = "169.254.255.254"
+
+
+class _FlowProtocol(asyncio.DatagramProtocol):
+    def __init__(self, peer: tuple[str, int], on_datagram: Callable[[bytes], None]) -> None:
+        self.peer = peer
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if (str(addr[0]), addr[1]) == self.peer:  # like a connected socket
+            self.on_datagram(data)
+
+
+class _NetstackFlow:
+    def __init__(self, transport: asyncio.DatagramTransport, peer: tuple[str, int]) -> None:
+        self.transport = transport
+        self.peer = peer
+
+    def send(self, data: bytes) -> None:
+        self.transport.sendto(data, self.peer)
+
+    def close(self) -> None:
+        self.transport.close()
 
 
 class UserspaceDevice:
@@ -67,6 +91,17 @@ class UserspaceDevice:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """The proxy's dialer: a TCP connection to an agent through the tunnel."""
         return await self.tunnel.open_connection(host, port, timeout=limit)
+
+    async def udp_flow(
+        self, host: str, port: int, on_datagram: Callable[[bytes], None]
+    ) -> _NetstackFlow:
+        """The UDP forwarder's flow dialer: an ephemeral port on the user-space stack
+        that exchanges datagrams with ``host:port`` only."""
+        peer = (str(ipaddress.ip_address(host)), port)
+        transport, _ = await self.tunnel.create_datagram_endpoint(
+            lambda: _FlowProtocol(peer, on_datagram), 0
+        )
+        return _NetstackFlow(transport, peer)
 
     async def stop(self) -> None:
         self.tunnel.close()

@@ -1,0 +1,197 @@
+"""The agent's data plane: one user-space WireGuard device, every gateway a peer.
+
+Theory of operation
+-------------------
+:class:`AgentDevice` owns a :class:`netstack.tunnel.UserspaceTunnel` (our WireGuard and
+our TCP/IP stack on one outbound UDP socket: no root, no TUN, no inbound port).  Control's
+``config`` lists the gateways; :meth:`AgentDevice.apply` reconciles the tunnel to it:
+the stack holds the agent's virtual IP, each gateway is a peer with its endpoint, its
+address as allowed-IPs and a persistent keepalive (the agent is behind NAT: it must
+speak first and keep the mapping open).  Peers are added, updated and removed one by
+one, so the other gateways' sessions are never disturbed.  When a gateway's endpoint
+changes (it restarted on a new port, or moved) a fresh handshake starts at once
+instead of waiting for the old session to time out.
+
+:meth:`AgentDevice.watch` turns WireGuard's state into the log lines an operator
+needs: a gateway's first handshake, a gateway that went quiet (no handshake for
+longer than a session may live), and its recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kakuremichi.keys import KeyPair
+from kakuremichi.logs import kv
+from netstack.tunnel import UserspaceTunnel
+from netstack.wireguard.errors import ConfigError
+
+log = logging.getLogger("agent.wireguard")
+
+PERSISTENT_KEEPALIVE = 25
+#: WireGuard's REJECT_AFTER_TIME: with keepalives flowing a session is renewed every
+#: ~2 minutes, so a handshake older than this means the gateway does not answer
+STALE_AFTER = 180.0
+# Before Control tells us our address the stack needs one; nothing routes to it.
+_PLACEHOLDER = "169.254.255.253"
+
+
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """``ip:port`` or ``[v6]:port`` → (ip, port); ValueError with the reason."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"endpoint {text!r} is not ip:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return str(ipaddress.ip_address(host)), int(port)
+
+
+@dataclass(frozen=True)
+class GatewayPeer:
+    """One gateway as the agent peers with it."""
+
+    id: str
+    name: str
+    public_key: str
+    endpoint: tuple[str, int] | None
+    allowed_ips: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.name or self.id
+
+
+def gateways_from_config(entries: Iterable[Any]) -> list[GatewayPeer]:
+    """The ``gateways`` section of an agent's config; malformed entries are skipped."""
+    peers = []
+    for entry in entries:
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+            key = entry.get("publicKey")
+            if not isinstance(key, str) or not key:
+                raise ValueError("no publicKey")
+            allowed = entry.get("allowedIps")
+            if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+                raise ValueError("allowedIps must be a list of prefixes")
+            for prefix in allowed:
+                ipaddress.ip_network(prefix, strict=False)
+            raw_endpoint = entry.get("endpoint")
+            endpoint = parse_endpoint(raw_endpoint) if isinstance(raw_endpoint, str) else None
+            peers.append(
+                GatewayPeer(
+                    str(entry.get("id", "")),
+                    str(entry.get("name", "")),
+                    key,
+                    endpoint,
+                    tuple(allowed),
+                )
+            )
+        except ValueError as exc:
+            gid = entry.get("id") if isinstance(entry, dict) else None
+            log.warning("ignoring malformed gateway in config", extra=kv(id=gid, reason=str(exc)))
+    return peers
+
+
+class AgentDevice:
+    """WireGuard to every gateway plus the stack owning the agent's address."""
+
+    def __init__(
+        self,
+        keys: KeyPair,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        mtu: int = 1420,
+        keepalive: int = PERSISTENT_KEEPALIVE,
+    ) -> None:
+        self.keys = keys
+        self.host = host
+        self.port = port
+        self.keepalive = keepalive
+        self.tunnel = UserspaceTunnel(keys.private, [_PLACEHOLDER], mtu=mtu)
+        self.address: str | None = None
+        self.gateways: dict[str, GatewayPeer] = {}  # public key → peer
+        self._up: dict[str, bool] = {}  # public key → had a live session at the last look
+
+    async def start(self) -> None:
+        await self.tunnel.start(self.host, self.port)
+        log.info(
+            "WireGuard ready", extra=kv(udp_port=self.tunnel.port, public_key=self.keys.public_b64)
+        )
+
+    def apply(self, address: str | None, gateways: list[GatewayPeer]) -> bool:
+        """Reconcile to Control's view; True if anything changed."""
+        changed = False
+        if address != self.address:
+            try:
+                ip = str(ipaddress.ip_address(address)) if address else _PLACEHOLDER
+            except ValueError:
+                log.error("config carries an invalid virtual IP", extra=kv(virtual_ip=address))
+                ip = _PLACEHOLDER
+            self.tunnel.set_addresses([ip])
+            log.info("virtual IP set", extra=kv(virtual_ip=ip))
+            self.address = address
+            changed = True
+        wanted = {g.public_key: g for g in gateways}
+        for key in set(self.gateways) - set(wanted):
+            gone = self.gateways.pop(key)
+            self._up.pop(key, None)
+            self.tunnel.remove_peer(key)
+            log.info("gateway removed", extra=kv(gateway=gone.label))
+            changed = True
+        for key, gateway in wanted.items():
+            before = self.gateways.get(key)
+            if before == gateway:
+                continue
+            try:
+                self.tunnel.set_peer(
+                    key, gateway.allowed_ips, gateway.endpoint, persistent_keepalive=self.keepalive
+                )
+            except (ValueError, ConfigError) as exc:  # a bad or low-order key
+                log.error("gateway rejected", extra=kv(gateway=gateway.label, reason=str(exc)))
+                continue
+            self.gateways[key] = gateway
+            changed = True
+            endpoint = f"{gateway.endpoint[0]}:{gateway.endpoint[1]}" if gateway.endpoint else None
+            if before is None:
+                log.info("gateway added", extra=kv(gateway=gateway.label, endpoint=endpoint))
+            else:
+                log.info("gateway updated", extra=kv(gateway=gateway.label, endpoint=endpoint))
+                if gateway.endpoint is not None and gateway.endpoint != before.endpoint:
+                    self.tunnel.initiate_handshake(key)
+        return changed
+
+    def check(self) -> None:
+        """Log gateways whose session came up or went quiet since the last call."""
+        for stat in self.tunnel.stats():
+            gateway = self.gateways.get(stat.public_key)
+            if gateway is None:
+                continue
+            up = stat.handshake_age is not None and stat.handshake_age < STALE_AFTER
+            was = self._up.get(stat.public_key)
+            if up and not was:
+                log.info(
+                    "gateway handshake complete",
+                    extra=kv(gateway=gateway.label, endpoint=stat.endpoint),
+                )
+            elif was and not up:
+                log.warning(
+                    "gateway not answering; retrying handshakes",
+                    extra=kv(gateway=gateway.label, endpoint=stat.endpoint),
+                )
+            self._up[stat.public_key] = up
+
+    def connected_gateways(self) -> int:
+        return sum(1 for up in self._up.values() if up)
+
+    async def watch(self, interval: float = 2.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.check()
+
+    def close(self) -> None:
+        self.tunnel.close()

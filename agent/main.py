@@ -1,0 +1,161 @@
+"""``kakuremichi agent``: the rootless connector next to your services.
+
+SIGTERM/SIGINT stop accepting tunnelled connections, let in-flight HTTP requests
+finish, close the Control connection; exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+from agent.runtime import Agent, AgentSettings
+from kakuremichi import logs
+from kakuremichi.config import (
+    COMMON,
+    ConfigError,
+    Setting,
+    add_settings,
+    port,
+    positive_float,
+    resolve,
+)
+from kakuremichi.controlclient import websocket_url
+
+
+def _keepalive(value: str) -> int:
+    number = int(value)
+    if not 1 <= number <= 3600:
+        raise ValueError("must be 1..3600 seconds")
+    return number
+
+
+def _mtu(value: str) -> int:
+    number = int(value)
+    if not 1280 <= number <= 9000:
+        raise ValueError("must be 1280..9000")
+    return number
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
+    Setting("api-key", "this agent's API key (agt_…)", None, secret=True, metavar="KEY"),
+    Setting("data-dir", "state directory (WireGuard key, last configuration)", "./data/agent"),
+    Setting(
+        "wireguard-port",
+        "local UDP port for WireGuard (0: any; the agent only connects out)",
+        0,
+        parse=port,
+    ),
+    Setting("wireguard-host", "local address of the WireGuard UDP socket", "0.0.0.0"),
+    Setting(
+        "keepalive",
+        "seconds between WireGuard keepalives (keeps NAT mappings open)",
+        25,
+        parse=_keepalive,
+        metavar="SECONDS",
+    ),
+    Setting("mtu", "MTU of the tunnel", 1420, parse=_mtu),
+    Setting(
+        "connect-timeout",
+        "seconds to connect to a local target before giving up (502 / reset)",
+        5.0,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
+    Setting(
+        "udp-idle-timeout",
+        "seconds a UDP flow may stay silent before it is closed",
+        60.0,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
+    Setting(
+        "health-interval",
+        "seconds between health checks of local targets (reported to Control)",
+        15.0,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
+    *COMMON,
+)
+
+
+def settings_from(values: dict[str, Any]) -> AgentSettings:
+    for required in ("control_url", "api_key"):
+        if not values[required]:
+            flag = required.replace("_", "-")
+            raise ConfigError(f"--{flag} (or KAKUREMICHI_{required.upper()}) is required")
+    try:
+        websocket_url(values["control_url"])
+    except ValueError as exc:
+        raise ConfigError(f"--control-url: {exc}") from exc
+    if not values["api_key"].startswith("agt_"):
+        raise ConfigError("--api-key: an agent key starts with agt_")
+    try:
+        ipaddress.ip_address(values["wireguard_host"])
+    except ValueError as exc:
+        raise ConfigError(
+            f"--wireguard-host: {values['wireguard_host']!r} is not an IP address"
+        ) from exc
+    return AgentSettings(
+        control_url=values["control_url"],
+        api_key=values["api_key"],
+        data_dir=Path(values["data_dir"]).expanduser(),
+        wireguard_host=values["wireguard_host"],
+        wireguard_port=values["wireguard_port"],
+        keepalive=values["keepalive"],
+        mtu=values["mtu"],
+        connect_timeout=values["connect_timeout"],
+        udp_idle_timeout=values["udp_idle_timeout"],
+        health_interval=values["health_interval"],
+    )
+
+
+async def serve(settings: AgentSettings) -> int:
+    log = logging.getLogger("agent")
+    try:
+        agent = Agent(settings)
+    except OSError as exc:
+        log.error("cannot use the state directory", extra=logs.kv(error=str(exc)))
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await agent.start()
+    except Exception as exc:
+        log.error("agent failed to start", extra=logs.kv(error=str(exc)))
+        await agent.stop()
+        return 1
+    await stop.wait()
+    await agent.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    values = resolve(args, SETTINGS)
+    logs.setup(values["log_format"], values["log_level"])
+    return asyncio.run(serve(settings_from(values)))
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run an agent (the rootless connector next to your services)",
+        description=(
+            "Run a kakuremichi agent: connects out to Control with its API key, speaks "
+            "WireGuard (pure Python, user space) to every gateway, and forwards the "
+            "gateways' connections to local targets: HTTP tunnels by Host, raw TCP and UDP "
+            "tunnels by port. Needs no root, no TUN device and no inbound port; keeps "
+            "serving its last configuration while Control is unreachable."
+        ),
+    )
+    add_settings(parser, SETTINGS)
+    parser.set_defaults(run=run)

@@ -1,0 +1,220 @@
+"""The agent process: Control client → WireGuard peers + forwarding table; health.
+
+Theory of operation
+-------------------
+``Agent.start()`` opens the outbound UDP socket of the user-space WireGuard device,
+starts the forwarders on the user-space stack and connects to Control (outbound
+WebSocket).  Every change of Control's view marks the agent dirty; one reconcile task
+applies the newest view (virtual IP, gateway peers, tunnel table) so a burst of
+changes costs one pass, and stores it in the state directory (``last-config.json``,
+0600) so that an agent restarted while Control is away still serves its tunnels.
+While Control is unreachable nothing is torn down: the last good view keeps serving.
+
+The health task checks each tunnel's local target periodically and reports changes to
+Control as ``status``; the watch task logs each gateway's handshake state.  On stop:
+listeners stop accepting, in-flight HTTP requests get a bounded grace period, the
+Control connection closes with 1001, the UDP socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.device import PERSISTENT_KEEPALIVE, AgentDevice, gateways_from_config
+from agent.forward import Forwarder
+from agent.health import HealthMonitor
+from kakuremichi import __version__
+from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
+from kakuremichi.keys import load_or_create
+from kakuremichi.logs import kv
+
+log = logging.getLogger("agent")
+
+STATE_FILE = "last-config.json"
+
+
+@dataclass
+class AgentSettings:
+    """Everything ``kakuremichi agent`` is configured with."""
+
+    control_url: str
+    api_key: str
+    data_dir: Path
+    wireguard_host: str = "0.0.0.0"
+    wireguard_port: int = 0  # 0: any free port (the agent only sends first)
+    http_port: int = 80  # inside the tunnel
+    keepalive: int = PERSISTENT_KEEPALIVE
+    connect_timeout: float = 5.0
+    udp_idle_timeout: float = 60.0
+    health_interval: float = 15.0
+    mtu: int = 1420
+
+
+def _describe(tunnel: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "tunnel": tunnel.get("id"),
+        "protocol": tunnel.get("protocol"),
+        "public": tunnel.get("domain") or tunnel.get("publicPort"),
+        "target": tunnel.get("target"),
+        "enabled": tunnel.get("enabled"),
+    }
+
+
+class Agent:
+    """One agent process (see the module docstring)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.keys = load_or_create(settings.data_dir)
+        self.device = AgentDevice(
+            self.keys,
+            settings.wireguard_host,
+            settings.wireguard_port,
+            mtu=settings.mtu,
+            keepalive=settings.keepalive,
+        )
+        self.forwarder = Forwarder(
+            self.device.tunnel,
+            http_port=settings.http_port,
+            connect_timeout=settings.connect_timeout,
+            udp_idle_timeout=settings.udp_idle_timeout,
+        )
+        self.client = ControlClient(
+            ControlClientSettings(
+                control_url=settings.control_url,
+                api_key=settings.api_key,
+                client_type="agent",
+                public_key=self.keys.public_b64,
+                version=f"kakuremichi-agent/{__version__}",
+            ),
+            on_change=self._changed,
+        )
+        self.health = HealthMonitor(
+            lambda: self.client.view.tunnels,
+            lambda payload: self.client.send("status", payload),
+            interval=settings.health_interval,
+        )
+        self._dirty = asyncio.Event()
+        self._applied_tunnels: dict[str, dict[str, Any]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.applied = 0  # reconcile passes done (tests wait on it)
+        self.ready = asyncio.Event()
+
+    # -- state --------------------------------------------------------------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.settings.data_dir / STATE_FILE
+
+    def _load_state(self) -> None:
+        try:
+            data = json.loads(self.state_path.read_text())
+            view = self.client.view
+            me, peers, tunnels = data["agent"], data["gateways"], data["tunnels"]
+            if not isinstance(me, dict) or not isinstance(peers, list):
+                raise ValueError("bad sections")
+            if not isinstance(tunnels, list) or not all(isinstance(t, dict) for t in tunnels):
+                raise ValueError("bad tunnels")
+            view.me, view.peers = me, peers
+            view.tunnels = {str(t["id"]): t for t in tunnels}
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "stored configuration unreadable; waiting for control",
+                extra=kv(file=str(self.state_path), error=str(exc)[:200]),
+            )
+            return
+        log.info(
+            "serving the stored configuration until control answers",
+            extra=kv(gateways=len(view.peers), tunnels=len(view.tunnels)),
+        )
+        self._dirty.set()
+
+    def _store_state(self, view: ControlView) -> None:
+        data = {"agent": view.me, "gateways": view.peers, "tunnels": list(view.tunnels.values())}
+        tmp = self.state_path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle)
+            os.replace(tmp, self.state_path)
+        except OSError as exc:
+            log.warning("could not store the configuration", extra=kv(error=str(exc)))
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    def _changed(self, view: ControlView) -> None:
+        self._dirty.set()
+
+    def apply(self) -> None:
+        """Make the data plane match the current view (one pass)."""
+        view = self.client.view
+        address = view.me.get("virtualIp")
+        self.device.apply(
+            address if isinstance(address, str) else None, gateways_from_config(view.peers)
+        )
+        tunnels = dict(view.tunnels)
+        self.forwarder.update(list(tunnels.values()))
+        for tid in self._applied_tunnels.keys() - tunnels.keys():
+            log.info("tunnel removed", extra=kv(**_describe(self._applied_tunnels[tid])))
+        for tid, tunnel in tunnels.items():
+            before = self._applied_tunnels.get(tid)
+            if before is None:
+                log.info("tunnel added", extra=kv(**_describe(tunnel)))
+            elif before != tunnel:
+                log.info("tunnel updated", extra=kv(**_describe(tunnel)))
+        self._applied_tunnels = tunnels
+        if view.has_config:
+            self._store_state(view)
+        self.applied += 1
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                self.apply()
+            except Exception:
+                log.exception("applying the configuration failed; keeping the previous one")
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.device.start()
+        await self.forwarder.start()
+        self._load_state()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self.client.run()),
+            loop.create_task(self._reconcile_loop()),
+            loop.create_task(self.health.run()),
+            loop.create_task(self.device.watch()),
+        ]
+        log.info(
+            "agent started",
+            extra=kv(
+                control=self.client.url,
+                public_key=self.keys.public_b64,
+                udp_port=self.device.tunnel.port,
+            ),
+        )
+        self.ready.set()
+
+    async def stop(self) -> None:
+        log.info("agent stopping")
+        started = time.monotonic()
+        await self.forwarder.close()
+        await self.client.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.device.close()
+        log.info("agent stopped", extra=kv(total_s=round(time.monotonic() - started, 2)))
