@@ -137,11 +137,23 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-dir: cannot create {data_dir}: {exc.strerror}") from exc
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(f"--data-dir: {data_dir} is not writable")
-    app = create_app(settings)
+    server = server_for(create_app(settings), values["host"], values["port"])
+    log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
+    # uvicorn re-raises the signal it caught once it has shut down; with these no-op
+    # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    server.run()
+    # uvicorn leaves ``started`` False when binding or the lifespan failed.
+    return 0 if server.started else 1
+
+
+def server_for(app: Any, host: str, port: int) -> _Server:
+    """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``)."""
     config = uvicorn.Config(
         app,
-        host=values["host"],
-        port=values["port"],
+        host=host,
+        port=port,
         log_config=None,
         ws_max_size=protocol.MAX_FRAME_BYTES,
         # Frames are small JSON and broadcasts go to thousands of clients: compressing
@@ -152,15 +164,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    server = _Server(config, app)
-    log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
-    # uvicorn re-raises the signal it caught once it has shut down; with these no-op
-    # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
-    server.run()
-    # uvicorn leaves ``started`` False when binding or the lifespan failed.
-    return 0 if server.started else 1
+    return _Server(config, app)
 
 
 def register(subparsers: Any) -> None:

@@ -16,18 +16,16 @@ from typing import Any
 
 from gateway.runtime import Gateway, GatewaySettings
 from kakuremichi import logs
-from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, port, resolve
+from kakuremichi.config import (
+    COMMON,
+    ConfigError,
+    Setting,
+    add_settings,
+    boolean,
+    port,
+    resolve,
+)
 from kakuremichi.controlclient import websocket_url
-
-
-def boolean(value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),

@@ -4,6 +4,7 @@
     kakuremichi admin …            manage agents, gateways, tunnels through the REST API
     kakuremichi gateway            run a gateway (the public edge)
     kakuremichi agent              run an agent (the rootless connector)
+    kakuremichi demo               all of it on loopback, rootless, with a sample app
 
 Exit codes: 0 clean shutdown, 2 bad configuration (the message names the setting),
 1 anything else.
@@ -24,6 +25,7 @@ _VERBS: tuple[tuple[str, str], ...] = (
     ("admin", "control.admin"),
     ("gateway", "gateway.main"),
     ("agent", "agent.main"),
+    ("demo", "kakuremichi.demo"),
 )
 
 

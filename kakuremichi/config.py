@@ -54,6 +54,15 @@ def port(value: str) -> int:
     return number
 
 
+def boolean(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:

@@ -1,49 +1,70 @@
 #!/usr/bin/env bash
-# Set up kakuremichi on a fresh machine and run what exists today on loopback:
-# Control (REST API + WebSocket hub, SQLite), managed with the admin CLI.
-# Rootless; everything lives in .venv and a temporary data directory.
+# The one-machine demo on a fresh machine: installs kakuremichi into .venv, then runs
+# `kakuremichi demo` (Control + gateway with user-space WireGuard + agent + a sample
+# app, all on 127.0.0.1, nothing as root), sends a real curl through the tunnel, and
+# stops everything.  To keep the demo running instead: .venv/bin/kakuremichi demo
+#
+# Environment: PYTHON (interpreter for the venv), KAKUREMICHI_DEMO_HTTP_PORT (8080),
+# KAKUREMICHI_DEMO_CONTROL_PORT (7700).  As root on Debian it installs the system
+# packages it needs first (python3-venv, a C compiler for the Cython module, curl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing system packages (python3-venv, build-essential, python3-dev, curl)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends \
+        python3-venv build-essential python3-dev curl ca-certificates >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/kakuremichi ]; then
-    echo "==> creating .venv and installing kakuremichi"
+    echo "==> creating .venv and installing kakuremichi (compiles the Cython hot path)"
     "$PY" -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
     .venv/bin/python -m pip install -q -e .
 fi
-export PATH="$PWD/.venv/bin:$PATH"
 
-DATA=$(mktemp -d)
-PORT=${KAKUREMICHI_DEMO_PORT:-7700}
-export KAKUREMICHI_ADMIN_TOKEN="adm_demo_$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')"
-export KAKUREMICHI_CONTROL_URL="http://127.0.0.1:$PORT"
+HTTP_PORT=${KAKUREMICHI_DEMO_HTTP_PORT:-8080}
+CONTROL_PORT=${KAKUREMICHI_DEMO_CONTROL_PORT:-7700}
+LOG=$(mktemp)
+RUN_AS=()
+DROP=(setpriv --reuid=nobody --regid=nogroup --clear-groups --)
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && id nobody >/dev/null 2>&1 &&
+    "${DROP[@]}" env HOME=/tmp .venv/bin/python -c 'import kakuremichi' 2>/dev/null; then
+    # the demo needs no privileges: prove it by dropping them
+    chmod 0644 "$LOG"
+    chown nobody "$LOG"
+    RUN_AS=("${DROP[@]}")
+    echo "==> running as user nobody (no privileges needed)"
+fi
 
-echo "==> starting Control on 127.0.0.1:$PORT (data in $DATA)"
-kakuremichi control --host 127.0.0.1 --port "$PORT" --data-dir "$DATA" &
-CONTROL=$!
-trap 'kill -TERM $CONTROL 2>/dev/null; wait $CONTROL 2>/dev/null; rm -rf "$DATA"' EXIT
-for _ in $(seq 100); do
-    python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1])" \
-        "$KAKUREMICHI_CONTROL_URL/healthz" 2>/dev/null && break
+echo "==> kakuremichi demo (log: $LOG)"
+${RUN_AS[@]+"${RUN_AS[@]}"} env HOME=/tmp .venv/bin/python -m kakuremichi.cli demo \
+    --http-port "$HTTP_PORT" --control-port "$CONTROL_PORT" >"$LOG" 2>&1 &
+DEMO=$!
+trap 'kill -TERM $DEMO 2>/dev/null || true; wait $DEMO 2>/dev/null || true; rm -f "$LOG"' EXIT
+
+for _ in $(seq 600); do
+    grep -q '^Try:' "$LOG" && break
+    if ! kill -0 $DEMO 2>/dev/null; then
+        echo "the demo exited early:" >&2
+        cat "$LOG" >&2
+        exit 1
+    fi
     sleep 0.1
 done
+grep -q '^Try:' "$LOG" || { echo "the demo did not come up within 60 s:" >&2; cat "$LOG" >&2; exit 1; }
+sed -n '/^kakuremichi demo is up/,/^  kakuremichi admin/p' "$LOG"
 
-echo "==> kakuremichi admin agent create laptop"
-kakuremichi admin agent create laptop
-echo "==> kakuremichi admin gateway create edge-1"
-kakuremichi admin gateway create edge-1
-echo "==> kakuremichi admin tunnel create --domain app.example.com --agent laptop --target 127.0.0.1:8080"
-kakuremichi admin tunnel create --domain app.example.com --agent laptop --target 127.0.0.1:8080
-echo "==> kakuremichi admin tunnel list"
-kakuremichi admin tunnel list
-echo "==> the REST API (OpenAPI at $KAKUREMICHI_CONTROL_URL/openapi.json)"
-python3 - <<'PY'
-import json, os, urllib.request
-request = urllib.request.Request(
-    os.environ["KAKUREMICHI_CONTROL_URL"] + "/api/agents",
-    headers={"Authorization": "Bearer " + os.environ["KAKUREMICHI_ADMIN_TOKEN"]},
-)
-print(json.dumps(json.load(urllib.request.urlopen(request)), indent=2))
-PY
-echo "==> stopping Control (SIGTERM: WebSockets get 1001 going-away)"
+echo
+echo "==> curl -sS -H 'Host: demo.localhost' http://127.0.0.1:$HTTP_PORT/"
+curl -sS --fail-with-body --max-time 10 -H 'Host: demo.localhost' "http://127.0.0.1:$HTTP_PORT/"
+echo "==> curl -sS -H 'Host: demo.localhost' http://127.0.0.1:$HTTP_PORT/headers"
+curl -sS --fail-with-body --max-time 10 -H 'Host: demo.localhost' "http://127.0.0.1:$HTTP_PORT/headers"
+echo
+echo "==> stopping the demo (SIGTERM)"
+kill -TERM $DEMO
+wait $DEMO
+echo "==> done: the request went curl -> gateway -> WireGuard (user space) -> agent -> app"
