@@ -3,52 +3,24 @@ network namespaces made by the test; driven through the admin CLI."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.gateway_core.netns import sh, two_hosts
+from tests.gateway_core.netns import admin as netns_admin
+from tests.gateway_core.netns import sh, spawn, two_hosts
 from tests.support import need_binary, need_root, unique_name
 
 TOKEN = "e2e-admin-token-0123456789"
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def spawn(
-    netns: str, *argv: str, log: Path, env_extra: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    with log.open("wb") as output:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            ["ip", "netns", "exec", netns, *argv],
-            env=env,
-            cwd=ROOT,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def admin(netns: str, *args: str) -> dict:  # type: ignore[type-arg]
-    out = sh(
-        sys.executable,
-        "-m",
-        "kakuremichi.cli",
-        "admin",
-        *args,
-        "--json",
-        "--control-url",
-        "http://127.0.0.1:7700",
-        "--admin-token",
-        TOKEN,
-        netns=netns,
-    )
-    return json.loads(out.stdout) if out.stdout.strip().startswith("{") else {}
+def admin(netns: str, *args: str) -> dict[str, Any]:
+    return netns_admin(netns, "http://127.0.0.1:7700", TOKEN, *args)
 
 
 def fetch(netns: str, host: str, port: int = 8080) -> tuple[int, str]:
