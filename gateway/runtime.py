@@ -10,7 +10,8 @@ changes cost one pass.  A failed pass is retried with back-off while the previou
 state keeps serving.  The ACME task orders certificates for enabled HTTP tunnel
 domains that lack a usable one (none, or expiring within ``renew_before``), persists
 them in the state directory and reports them to Control (``certificate_obtained``),
-backing off per domain after failures.  A stats task feeds WireGuard peer readings to
+backing off per domain after failures; it runs when Control's view changes (a new
+domain is ordered at once) and every 15 s.  A stats task feeds WireGuard peer readings to
 the metrics.  On stop: listeners stop accepting and drain, the Control connection
 closes, the interface is removed.
 """
@@ -139,6 +140,7 @@ class Gateway:
             else None
         )
         self._dirty = asyncio.Event()
+        self._acme_wakeup = asyncio.Event()
         self._applied_wg: WgState | None = None
         self._acme_backoff: dict[str, tuple[float, float]] = {}  # domain → (next try, delay)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -155,6 +157,7 @@ class Gateway:
 
     def _changed(self, view: ControlView) -> None:
         self._dirty.set()
+        self._acme_wakeup.set()
 
     async def _reconcile_loop(self) -> None:
         delay = 1.0
@@ -294,7 +297,11 @@ class Gateway:
                     await self.acme_pass()
                 except Exception:
                     log.exception("ACME pass failed")
-            await asyncio.sleep(15)
+            # a new tunnel domain starts its order at once; otherwise look every 15 s
+            # (renewals, back-offs expiring)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acme_wakeup.wait(), 15)
+            self._acme_wakeup.clear()
 
     # -- lifecycle ----------------------------------------------------------------------
 

@@ -122,25 +122,29 @@ class System:
 
 @contextlib.asynccontextmanager
 async def running_system(
-    control: RunningControl, api: httpx.AsyncClient, tmp: Path, **agent_options: Any
+    control: RunningControl,
+    api: httpx.AsyncClient,
+    tmp: Path,
+    gateway_options: dict[str, Any] | None = None,
+    **agent_options: Any,
 ) -> AsyncIterator[System]:
     app = await AppServer().start()
     agent_row = await create(api, "agent", "laptop")
     gateway_row = await create(api, "gateway", "edge")
-    gateway = Gateway(
-        GatewaySettings(
-            control_url=control.url,
-            api_key=gateway_row["apiKey"],
-            data_dir=tmp / "gateway",
-            public_ip="127.0.0.1",
-            wireguard_port=free_port(kind=socket.SOCK_DGRAM),
-            backend="userspace",
-            host="127.0.0.1",
-            http_port=free_port(),
-            https_port=0,
-            admin_port=free_port(),
-        )
-    )
+    options: dict[str, Any] = {
+        "control_url": control.url,
+        "api_key": gateway_row["apiKey"],
+        "data_dir": tmp / "gateway",
+        "public_ip": "127.0.0.1",
+        "wireguard_port": free_port(kind=socket.SOCK_DGRAM),
+        "backend": "userspace",
+        "host": "127.0.0.1",
+        "http_port": free_port(),
+        "https_port": 0,
+        "admin_port": free_port(),
+        **(gateway_options or {}),
+    }
+    gateway = Gateway(GatewaySettings(**options))
     agent = Agent(
         AgentSettings(
             control_url=control.url,
