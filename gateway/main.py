@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from gateway.proxy.limits import LimitSettings
 from gateway.runtime import Gateway, GatewaySettings
 from kakuremichi import logs
 from kakuremichi.config import (
@@ -57,6 +58,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("admin-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
     Setting("admin-port", "port of the /metrics and /healthz listener", 9090, parse=port),
     Setting("upstream-port", "port agents accept HTTP on (inside the tunnel)", 80, parse=port),
+    Setting(
+        "rate-limit",
+        "requests per second each client address may sustain (0: no limit; then 429)",
+        50.0,
+        parse=float,
+        metavar="RPS",
+    ),
+    Setting("rate-burst", "requests a client may burst above --rate-limit", 100, parse=int),
+    Setting(
+        "max-connections-per-client",
+        "concurrent connections per client address (0: unlimited)",
+        256,
+        parse=int,
+    ),
     Setting("acme-directory", "ACME directory URL; unset disables ACME", None, metavar="URL"),
     Setting("acme-email", "contact e-mail for the ACME account", None, metavar="EMAIL"),
     Setting(
@@ -86,6 +101,14 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
             ) from exc
     if not 1 <= len(values["interface"]) <= 15:
         raise ConfigError("--interface: 1-15 characters")
+    try:
+        limits = LimitSettings(
+            rate=values["rate_limit"],
+            burst=values["rate_burst"],
+            max_connections_per_client=values["max_connections_per_client"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--rate-limit/--rate-burst/--max-connections-per-client: {exc}") from exc
     return GatewaySettings(
         control_url=values["control_url"],
         api_key=values["api_key"],
@@ -104,6 +127,7 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         acme_directory=values["acme_directory"],
         acme_email=values["acme_email"],
         acme_ca_file=values["acme_ca_file"],
+        limits=limits,
     )
 
 

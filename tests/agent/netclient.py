@@ -7,6 +7,9 @@ python -m tests.agent.netclient upload HOST:PORT DOMAIN BYTES
 python -m tests.agent.netclient websocket HOST:PORT DOMAIN
 python -m tests.agent.netclient tcp HOST PORT BYTES
 python -m tests.agent.netclient udp HOST PORT
+python -m tests.agent.netclient burst HOST:PORT DOMAIN COUNT       (status counts)
+python -m tests.agent.netclient https HOST:PORT DOMAIN PATH CAFILE (SNI = DOMAIN)
+python -m tests.agent.netclient wss HOST:PORT DOMAIN CAFILE
 python -m tests.agent.netclient serve TCP_PORT UDP_PORT     (local echo services)
 """
 
@@ -16,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import os
+import ssl
 import sys
 import time
 from typing import Any
@@ -115,6 +119,58 @@ async def websocket(address: str, domain: str) -> dict[str, Any]:
     return {"ok": all(echoes)}
 
 
+async def burst(address: str, domain: str, count: int) -> dict[str, Any]:
+    """``count`` requests at once; how many got each status, and the Retry-After seen."""
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=64)) as client:
+
+        async def one() -> httpx.Response:
+            return await client.get(f"http://{address}/", headers={"Host": domain})
+
+        answers = await asyncio.gather(*(one() for _ in range(count)))
+    statuses: dict[str, int] = {}
+    for answer in answers:
+        statuses[str(answer.status_code)] = statuses.get(str(answer.status_code), 0) + 1
+    retry = [a.headers.get("retry-after") for a in answers if a.status_code == 429]
+    return {"statuses": statuses, "retry_after": retry[:1]}
+
+
+async def https(address: str, domain: str, path: str, cafile: str) -> dict[str, Any]:
+    """GET over TLS with SNI ``domain`` trusting ``cafile``; the body is hashed as it
+    streams (``/bytes/N`` is checked against the pattern)."""
+    host, port = _split(address)
+    context = ssl.create_default_context(cafile=cafile)
+    started = time.monotonic()
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=context, server_hostname=domain), 10
+    )
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {domain}\r\nConnection: close\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        status = int(head.split(b" ", 2)[1])
+        digest, total, first = hashlib.sha256(), 0, b""
+        while chunk := await asyncio.wait_for(reader.read(1 << 16), 60):
+            digest.update(chunk)
+            total += len(chunk)
+            first = first or chunk[:200]
+    finally:
+        writer.close()
+    result: dict[str, Any] = {"status": status, "bytes": total, "body": first.decode("latin-1")}
+    if path.startswith("/bytes/"):
+        result["ok"] = total == int(path[7:]) and digest.hexdigest() == pattern_sha256(total)
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+async def wss(address: str, domain: str, cafile: str) -> dict[str, Any]:
+    host, port = _split(address)
+    context = ssl.create_default_context(cafile=cafile)
+    async with connect(
+        f"wss://{domain}/ws", host=host, port=port, ssl=context, open_timeout=10
+    ) as ws:
+        await ws.send("over tls")
+        return {"ok": await asyncio.wait_for(ws.recv(), 10) == "over tls"}
+
+
 async def tcp(host: str, port: int, size: int) -> dict[str, Any]:
     payload = os.urandom(size)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
@@ -186,6 +242,9 @@ def main(argv: list[str]) -> int:
         "websocket": lambda: websocket(args[0], args[1]),
         "tcp": lambda: tcp(args[0], int(args[1]), int(args[2])),
         "udp": lambda: udp(args[0], int(args[1])),
+        "burst": lambda: burst(args[0], args[1], int(args[2])),
+        "https": lambda: https(args[0], args[1], args[2], args[3]),
+        "wss": lambda: wss(args[0], args[1], args[2]),
     }
     print(json.dumps(asyncio.run(runners[verb]())))
     return 0

@@ -1,12 +1,15 @@
-"""The agent as an unprivileged user in its own network namespace, with a real Control
-and two gateways on wireguard-go + the kernel's TCP, each in a namespace of its own.
+"""The whole system in network namespaces: the agent as an unprivileged user, a real
+Control, two gateways on wireguard-go + the kernel's TCP, a client host with an ACME CA.
 
-Host 0: Control + gateway "edge1"; host 1: gateway "edge2"; host 2: the agent (uid
-65534) and the local services (sample app, TCP and UDP echo).  Everything is created
-through the admin CLI.  Through the gateways: HTTP small and 100 MB both ways
-(hash-checked), a WebSocket echo, a raw TCP tunnel with half-close, a UDP tunnel; REST
-changes within 1 s; Control stopped and restarted; a gateway restarted on a new
-WireGuard port; SIGTERM.
+Host 0: Control + gateway "edge1" (HTTPS, ACME); host 1: gateway "edge2"; host 2: the
+agent (uid 65534) and the local services (sample app, TCP and UDP echo); host 3: the
+"internet": clients and Pebble.  Everything is created through the admin CLI.  Checked:
+HTTPS with Pebble's certificate from the client host (100 MB hash-checked, wss echo),
+429 from the rate limit; through both gateways HTTP small and 100 MB both ways, a
+WebSocket echo, a raw TCP tunnel with half-close, a UDP tunnel; REST changes (create,
+update, delete → 404) within 1 s; Control stopped → traffic flows, back → re-sync; a
+gateway restarted on a new WireGuard port → the agent follows; the agent stopped → 502
+and back → 200 without touching a gateway; SIGTERM everywhere → exit 0.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.gateway_core.netns import ROOT, admin, lan, sh, spawn
+from tests.gateway_core.pebble import running_pebble
 from tests.support import need, need_binary, need_root, unique_name
 
 TOKEN = "agent-e2e-admin-token-0123456789"
@@ -133,7 +137,12 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     gw_ifs = [unique_name("kaw", 1), unique_name("kaw", 2)]
     try:
-        with lan("ka", 3) as (h0, h1, h2):
+        with (
+            lan("ka", 4) as (h0, h1, h2, h3),
+            running_pebble(
+                tmp_path, 8080, netns=h3, listen_ip="192.0.2.4", target_ip="192.0.2.1"
+            ) as pebble,
+        ):
             procs["control"] = spawn(
                 h0,
                 sys.executable,
@@ -216,6 +225,16 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
             procs["edge1"] = spawn(
                 h0,
                 *gateway_argv(gw_ifs[0], 0, 51820),
+                "--https-port",
+                "8443",
+                "--acme-directory",
+                pebble.directory,
+                "--acme-ca-file",
+                pebble.listener_ca,
+                "--rate-limit",
+                "20",
+                "--rate-burst",
+                "40",
                 "--data-dir",
                 str(tmp_path / "edge1"),
                 log=tmp_path / "edge1.log",
@@ -233,26 +252,30 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
             key_file.write_text(agent["apiKey"] + "\n")
             os.chown(key_file, int(NOBODY), int(NOBODY))
             key_file.chmod(0o600)
-            procs["agent"] = spawn(
-                h2,
-                *python,
-                "-m",
-                "kakuremichi.cli",
-                "agent",
-                "--control-url",
-                CONTROL,
-                "--data-dir",
-                str(agent_dir / "state"),
-                "--health-interval",
-                "2",
-                log=tmp_path / "agent.log",
-                env_extra={
-                    **py_env,
-                    "KAKUREMICHI_API_KEY_FILE": str(key_file),
-                    "HOME": str(agent_dir),
-                },
-                user=NOBODY,
-            )
+
+            def start_agent(log: str) -> subprocess.Popen[bytes]:
+                return spawn(
+                    h2,
+                    *python,
+                    "-m",
+                    "kakuremichi.cli",
+                    "agent",
+                    "--control-url",
+                    CONTROL,
+                    "--data-dir",
+                    str(agent_dir / "state"),
+                    "--health-interval",
+                    "2",
+                    log=tmp_path / log,
+                    env_extra={
+                        **py_env,
+                        "KAKUREMICHI_API_KEY_FILE": str(key_file),
+                        "HOME": str(agent_dir),
+                    },
+                    user=NOBODY,
+                )
+
+            procs["agent"] = start_agent("agent.log")
             try:
                 # Both gateways reach the app through the agent.
                 wait_status(h0, "app.example.com", 200, 60)
@@ -265,6 +288,40 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
                     in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
                 }
                 assert uids and set(uids.values()) == {NOBODY}, uids
+
+                # HTTPS from the client namespace: the certificate was issued by Pebble
+                # over HTTP-01 across the LAN, trusted through Pebble's root.
+                roots = tmp_path / "pebble-roots.pem"
+                roots.write_text(pebble.issuing_roots())
+                edge1_tls = "192.0.2.1:8443"
+                deadline = time.monotonic() + 90
+                while True:
+                    out = sh(
+                        sys.executable,
+                        "-m",
+                        "tests.agent.netclient",
+                        "https",
+                        edge1_tls,
+                        "app.example.com",
+                        "/",
+                        str(roots),
+                        netns=h3,
+                        check=False,
+                    )
+                    if out.returncode == 0 and json.loads(out.stdout)["status"] == 200:
+                        break
+                    assert time.monotonic() < deadline, out.stderr[-500:]
+                    time.sleep(0.5)
+                secure = client(
+                    h3, "https", edge1_tls, "app.example.com", f"/bytes/{BIG}", str(roots)
+                )
+                assert secure["status"] == 200 and secure["ok"], secure
+                assert client(h3, "wss", edge1_tls, "app.example.com", str(roots))["ok"]
+                # The per-client rate limit (20/s, burst 40): a burst of 150 meets 429s.
+                burst = client(h3, "burst", "192.0.2.1:8080", "app.example.com", "150")
+                assert burst["statuses"].get("429", 0) >= 50, burst
+                assert burst["retry_after"] and burst["retry_after"][0].isdigit()
+                time.sleep(2.5)  # the bucket refills
 
                 seen = json.loads(
                     client(h0, "get", "127.0.0.1:8080", "app.example.com", "/headers")["body"]
@@ -354,6 +411,11 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
                 wait_status(h1, "app.example.com", 200, 60)
                 assert client(h0, "get", "127.0.0.1:8080", "app.example.com", "/")["status"] == 200
 
+                # The agent stops → 502 for clients; it starts again → 200, no gateway touched.
+                assert stop(procs["agent"]) == 0
+                wait_status(h3, "app.example.com", 502, 30, address="192.0.2.1:8080")
+                procs["agent"] = start_agent("agent2.log")
+                wait_status(h3, "app.example.com", 200, 60, address="192.0.2.1:8080")
                 assert stop(procs["agent"]) == 0
             finally:
                 for name in ("agent", "edge1", "edge2", "app", "echo", "control"):

@@ -8,6 +8,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,14 +31,37 @@ class Pebble:
     directory: str
     listener_ca: str  # PEM file to verify Pebble's own HTTPS listener
     management: str
+    netns: str | None = None
 
     def issuing_roots(self) -> str:
         """PEM of the root that signs the certificates Pebble issues."""
-        trust = ssl.create_default_context(cafile=self.listener_ca)
-        return httpx.get(f"{self.management}/roots/0", verify=trust).text
+        return _fetch(f"{self.management}/roots/0", self.listener_ca, self.netns) or ""
 
 
-def _listener_certificate(directory: Path) -> tuple[Path, Path]:
+def _fetch(url: str, cafile: str, netns: str | None) -> str | None:
+    """GET over HTTPS trusting ``cafile``, from inside ``netns`` if given; None on failure."""
+    if netns is None:
+        try:
+            response = httpx.get(url, verify=ssl.create_default_context(cafile=cafile))
+        except httpx.TransportError:
+            return None
+        return response.text if response.status_code == 200 else None
+    code = (
+        "import ssl,sys,urllib.request\n"
+        "c=ssl.create_default_context(cafile=sys.argv[2])\n"
+        "sys.stdout.write(urllib.request.urlopen(sys.argv[1],context=c,timeout=5).read().decode())"
+    )
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code, url, cafile],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return out.stdout if out.returncode == 0 else None
+
+
+def _listener_certificate(directory: Path, listen_ip: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pebble test listener")])
     now = dt.datetime.now(dt.UTC)
@@ -51,7 +75,11 @@ def _listener_certificate(directory: Path) -> tuple[Path, Path]:
         .not_valid_after(now + dt.timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address(listen_ip)),
+                ]
             ),
             critical=False,
         )
@@ -71,19 +99,29 @@ def _listener_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_pebble(directory: Path, http01_port: int) -> Iterator[Pebble]:
-    """Pebble validating HTTP-01 against 127.0.0.1:``http01_port`` (every name → 127.0.0.1)."""
+def running_pebble(
+    directory: Path,
+    http01_port: int,
+    *,
+    netns: str | None = None,
+    listen_ip: str = "127.0.0.1",
+    target_ip: str = "127.0.0.1",
+) -> Iterator[Pebble]:
+    """Pebble validating HTTP-01 against ``target_ip``:``http01_port`` (every name
+    resolves to ``target_ip``), its API on ``listen_ip``; inside ``netns`` if given
+    (ports are then picked on the host but used in the namespace: fine, it is empty)."""
     need_binary("pebble")
     need_binary("pebble-challtestsrv")
-    cert_file, key_file = _listener_certificate(directory)
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    cert_file, key_file = _listener_certificate(directory, listen_ip)
     api, management, dns, dns_mgmt = free_port(), free_port(), free_port(), free_port()
     config = directory / "pebble.json"
     config.write_text(
         json.dumps(
             {
                 "pebble": {
-                    "listenAddress": f"127.0.0.1:{api}",
-                    "managementListenAddress": f"127.0.0.1:{management}",
+                    "listenAddress": f"{listen_ip}:{api}",
+                    "managementListenAddress": f"{listen_ip}:{management}",
                     "certificate": str(cert_file),
                     "privateKey": str(key_file),
                     "httpPort": http01_port,
@@ -102,6 +140,7 @@ def running_pebble(directory: Path, http01_port: int) -> Iterator[Pebble]:
     }
     dns_server = subprocess.Popen(
         [
+            *prefix,
             "pebble-challtestsrv",
             "-dns01",
             f"127.0.0.1:{dns}",
@@ -114,7 +153,7 @@ def running_pebble(directory: Path, http01_port: int) -> Iterator[Pebble]:
             "-management",
             f"127.0.0.1:{dns_mgmt}",
             "-defaultIPv4",
-            "127.0.0.1",
+            target_ip,
             "-defaultIPv6",
             "",
         ],
@@ -122,23 +161,22 @@ def running_pebble(directory: Path, http01_port: int) -> Iterator[Pebble]:
         stderr=subprocess.DEVNULL,
     )
     server = subprocess.Popen(
-        ["pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
+        [*prefix, "pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    trust = ssl.create_default_context(cafile=str(cert_file))
     try:
         pebble = Pebble(
-            f"https://127.0.0.1:{api}/dir", str(cert_file), f"https://127.0.0.1:{management}"
+            f"https://{listen_ip}:{api}/dir",
+            str(cert_file),
+            f"https://{listen_ip}:{management}",
+            netns,
         )
         deadline = time.monotonic() + 30
         while True:
-            try:
-                if httpx.get(pebble.directory, verify=trust).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+            if _fetch(pebble.directory, str(cert_file), netns) is not None:
+                break
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("pebble did not start")
             time.sleep(0.1)
