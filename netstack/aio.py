@@ -43,6 +43,10 @@ class PacketLink(Protocol):
         """Register the callback to call with every packet that arrives."""
 
 
+# A link may also offer ``send_many(packets: list[bytes])``: the adapter then hands it
+# each pass's packets at once (WireGuard encrypts them and flushes its socket once).
+
+
 class MemoryLink:
     """One end of an in-memory point-to-point link (see ``MemoryLink.pair``)."""
 
@@ -117,10 +121,15 @@ class AsyncStack:
         for packet in inbox:
             stack.receive_packet(packet, now)
         stack.handle_timer(now)
+        send_many = getattr(self.link, "send_many", None)  # optional batch interface
         for _ in range(_MAX_ROUNDS):
             packets = stack.packets_to_send(now)
-            for packet in packets:
-                self.link.send(packet)
+            if send_many is not None:
+                if packets:
+                    send_many(packets)
+            else:
+                for packet in packets:
+                    self.link.send(packet)
             stack_events = stack.events()
             for event in stack_events:
                 self._dispatch(event)

@@ -40,6 +40,11 @@ class WireGuardLink:
         if self.udp is not None and not self.udp.send_packet(packet):
             self.unroutable += 1  # no peer covers the destination: dropped, like IP
 
+    def send_many(self, packets: list[bytes]) -> None:
+        """A batch from one stack pass: encrypted and flushed to the socket once."""
+        if self.udp is not None:
+            self.unroutable += self.udp.send_packets(packets)
+
     def attach(self, receive: Callable[[bytes], None]) -> None:
         self._receive = receive
 
@@ -135,9 +140,13 @@ class UserspaceTunnel:
         assert self.streams is not None
         return await self.streams.open_connection(host, port, timeout=timeout)
 
-    async def start_server(self, callback: StreamCallback, port: int) -> NetstackServer:
+    async def start_server(
+        self, callback: StreamCallback, port: int, backlog: int = 4096
+    ) -> NetstackServer:
+        """Listen on ``port``; ``backlog`` bounds connections not yet accepted (half-open
+        ones included), so it is generous: a gateway opens many at once."""
         assert self.streams is not None
-        return await self.streams.start_server(callback, port)
+        return await self.streams.start_server(callback, port, backlog=backlog)
 
     def stats(self) -> list[TunnelPeerStats]:
         now = self.udp.now() if self.udp is not None else 0.0

@@ -170,6 +170,14 @@ class UdpDevice:
         self.flush()
         return routed
 
+    def send_packets(self, packets: list[bytes]) -> int:
+        """Route a batch of IP packets with one flush; returns how many had no peer."""
+        now = self._loop.time()
+        send = self.device.send_packet
+        unroutable = sum(1 for packet in packets if not send(packet, now))
+        self.flush()
+        return unroutable
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
