@@ -31,6 +31,7 @@ from netstack.tcp import TcpConnection
 
 _READ_CHUNK = 256 * 1024
 _MAX_ROUNDS = 64
+_RECEIVE_SLICE = 32  # packets the stack takes in before its ACKs may go out
 
 
 class PacketLink(Protocol):
@@ -118,24 +119,34 @@ class AsyncStack:
         stack = self.stack
         now = self._loop.time()
         inbox, self._inbox = self._inbox, []
-        for packet in inbox:
-            stack.receive_packet(packet, now)
+        # A wake-up may bring thousands of segments; answering only after all of them
+        # would stretch ACKs (one per ~100 segments) and starve the peer's congestion
+        # window.  Let the stack's output out every _RECEIVE_SLICE packets.
+        for start in range(0, len(inbox), _RECEIVE_SLICE):
+            for packet in inbox[start : start + _RECEIVE_SLICE]:
+                stack.receive_packet(packet, now)
+            if start + _RECEIVE_SLICE < len(inbox):  # more to come: send what is due
+                self._transmit(stack.packets_to_send(now))
         stack.handle_timer(now)
-        send_many = getattr(self.link, "send_many", None)  # optional batch interface
         for _ in range(_MAX_ROUNDS):
             packets = stack.packets_to_send(now)
-            if send_many is not None:
-                if packets:
-                    send_many(packets)
-            else:
-                for packet in packets:
-                    self.link.send(packet)
+            self._transmit(packets)
             stack_events = stack.events()
             for event in stack_events:
                 self._dispatch(event)
             if not packets and not stack_events:
                 break
         self._arm_timer()
+
+    def _transmit(self, packets: list[bytes]) -> None:
+        if not packets:
+            return
+        send_many = getattr(self.link, "send_many", None)  # optional batch interface
+        if send_many is not None:
+            send_many(packets)
+        else:
+            for packet in packets:
+                self.link.send(packet)
 
     def _arm_timer(self) -> None:
         deadline = self.stack.next_deadline()
