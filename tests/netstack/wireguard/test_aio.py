@@ -103,3 +103,41 @@ async def test_resolve_endpoints_then_apply() -> None:
     apply_peers(config, device, resolved=resolved)
     peer = device.peer(keypair(2)[1])
     assert peer is not None and peer.endpoint == ("127.0.0.1", 51820)
+
+
+async def test_batches_leave_with_udp_gso_and_arrive_as_datagrams() -> None:
+    """A batch of equal-sized packets goes out in few ``sendmsg`` calls (UDP GSO) yet
+    arrives as the same datagrams in order; a kernel refusing GSO turns it off."""
+    a = await UdpDevice.open(_device(1), "127.0.0.1", 0)
+    b = await UdpDevice.open(_device(2), "127.0.0.1", 0)
+    try:
+        a.device.set_peer(b.device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.device.set_peer(a.device.public_key, allowed_ips=[f"{A_IP}/32"])
+        assert a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"))
+        await asyncio.wait_for(b.packets.get(), 5)  # session up
+        sizes = [1200] * 100 + [700, 1200, 1200, 64]  # runs, a short tail, a new run
+        packets = [ipv4_udp(A_IP, B_IP, bytes([i % 256]) * n) for i, n in enumerate(sizes)]
+        assert a.send_packets(packets) == 0
+        got = [await asyncio.wait_for(b.packets.get(), 5) for _ in packets]
+        assert got == packets
+        assert 0 < a.gso_sends < len(packets) // 10
+
+        class Refusing:
+            """A socket whose kernel does not do UDP GSO."""
+
+            def __init__(self, sock: object) -> None:
+                self.sock = sock
+
+            def sendmsg(self, *args: object) -> int:
+                raise OSError(5, "Input/output error")  # EIO, as without checksum offload
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self.sock, name)
+
+        a.sock = Refusing(a.sock)  # type: ignore[assignment]
+        assert a.send_packets(packets[:50]) == 0
+        got = [await asyncio.wait_for(b.packets.get(), 5) for _ in range(50)]
+        assert got == packets[:50] and a.gso is False
+    finally:
+        a.close()
+        b.close()
