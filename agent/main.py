@@ -82,6 +82,14 @@ SETTINGS: tuple[Setting, ...] = (
         parse=positive_float,
         metavar="SECONDS",
     ),
+    Setting(
+        "probe-interval",
+        "seconds between liveness probes of each gateway through the tunnel "
+        "(a gateway that lost the session is re-handshaken 15 s after a probe)",
+        30.0,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
     *COMMON,
 )
 
@@ -114,6 +122,7 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
         connect_timeout=values["connect_timeout"],
         udp_idle_timeout=values["udp_idle_timeout"],
         health_interval=values["health_interval"],
+        probe_interval=values["probe_interval"],
     )
 
 

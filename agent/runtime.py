@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.device import PERSISTENT_KEEPALIVE, AgentDevice, gateways_from_config
+from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDevice, gateways_from_config
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
 from kakuremichi import __version__
@@ -54,6 +54,7 @@ class AgentSettings:
     connect_timeout: float = 5.0
     udp_idle_timeout: float = 60.0
     health_interval: float = 15.0
+    probe_interval: float = PROBE_INTERVAL
     mtu: int = 1420
 
 
@@ -79,6 +80,7 @@ class Agent:
             settings.wireguard_port,
             mtu=settings.mtu,
             keepalive=settings.keepalive,
+            probe_interval=settings.probe_interval,
         )
         self.forwarder = Forwarder(
             self.device.tunnel,

@@ -162,5 +162,5 @@ async def running_system(
     finally:
         await system.http.aclose()
         await system.agent.stop()  # a test may have replaced it
-        await gateway.stop()
+        await system.gateway.stop()
         await app.stop()

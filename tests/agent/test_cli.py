@@ -99,6 +99,7 @@ def test_agent_settings_from_env_file(tmp_path: Path) -> None:
             "connect_timeout": 5.0,
             "udp_idle_timeout": 60.0,
             "health_interval": 15.0,
+            "probe_interval": 30.0,
         }
     )
     assert settings.data_dir == Path("~/x").expanduser() and settings.wireguard_host == "::"

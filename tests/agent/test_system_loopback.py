@@ -15,6 +15,7 @@ import httpx
 from websockets.asyncio.client import connect
 
 from agent.runtime import Agent
+from gateway.runtime import Gateway
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
 from tests.controlserver import RunningControl
@@ -251,3 +252,20 @@ async def test_control_outage_keeps_traffic_and_resyncs(
             )
             assert response.status_code == 201, response.text
         assert await system.wait_status("new.example.com", 200, 5) < 1.0
+
+
+async def test_gateway_restarted_on_the_same_port_is_found_again(
+    control: RunningControl, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The gateway loses every session (restart, same key, same port, so Control sends
+    nothing new): the agent's probes make WireGuard re-handshake on its own."""
+    async with running_system(control, api, tmp_path, probe_interval=1.0) as system:
+        await system.tunnel(domain="app.example.com", target=f"http://127.0.0.1:{system.app.port}")
+        await system.wait_status("app.example.com", 200, 30)
+        settings = system.gateway.settings
+        await system.gateway.stop()
+        system.gateway = Gateway(settings)
+        await system.gateway.start()
+        # without probes this waits for the agent's next rekey (up to ~2.5 minutes)
+        elapsed = await system.wait_status("app.example.com", 200, 40)
+        assert elapsed < 40
