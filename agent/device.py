@@ -196,7 +196,14 @@ class AgentDevice:
             self._up[stat.public_key] = up
 
     def connected_gateways(self) -> int:
-        return sum(1 for up in self._up.values() if up)
+        """Gateways with a live session right now."""
+        return sum(
+            1
+            for stat in self.tunnel.stats()
+            if stat.public_key in self.gateways
+            and stat.handshake_age is not None
+            and stat.handshake_age < STALE_AFTER
+        )
 
     async def probe(self, gateway: GatewayPeer) -> None:
         """One SYN to the gateway's tunnel address; any answer (or none) is fine."""

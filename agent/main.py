@@ -90,6 +90,13 @@ SETTINGS: tuple[Setting, ...] = (
         parse=positive_float,
         metavar="SECONDS",
     ),
+    Setting("metrics-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
+    Setting(
+        "metrics-port",
+        "port of the /metrics (Prometheus) and /healthz listener (0: off)",
+        0,
+        parse=port,
+    ),
     *COMMON,
 )
 
@@ -105,12 +112,12 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
         raise ConfigError(f"--control-url: {exc}") from exc
     if not values["api_key"].startswith("agt_"):
         raise ConfigError("--api-key: an agent key starts with agt_")
-    try:
-        ipaddress.ip_address(values["wireguard_host"])
-    except ValueError as exc:
-        raise ConfigError(
-            f"--wireguard-host: {values['wireguard_host']!r} is not an IP address"
-        ) from exc
+    for name in ("wireguard_host", "metrics_host"):
+        try:
+            ipaddress.ip_address(values[name])
+        except ValueError as exc:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"--{flag}: {values[name]!r} is not an IP address") from exc
     return AgentSettings(
         control_url=values["control_url"],
         api_key=values["api_key"],
@@ -123,6 +130,8 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
         udp_idle_timeout=values["udp_idle_timeout"],
         health_interval=values["health_interval"],
         probe_interval=values["probe_interval"],
+        metrics_host=values["metrics_host"],
+        metrics_port=values["metrics_port"],
     )
 
 

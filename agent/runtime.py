@@ -30,6 +30,7 @@ from typing import Any
 from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDevice, gateways_from_config
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
+from gateway.proxy.admin import AdminServer
 from kakuremichi import __version__
 from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
 from kakuremichi.keys import load_or_create
@@ -56,6 +57,8 @@ class AgentSettings:
     health_interval: float = 15.0
     probe_interval: float = PROBE_INTERVAL
     mtu: int = 1420
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0  # 0: no /metrics and /healthz listener
 
 
 def _describe(tunnel: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +91,7 @@ class Agent:
             connect_timeout=settings.connect_timeout,
             udp_idle_timeout=settings.udp_idle_timeout,
         )
+        self.admin = AdminServer(self.forwarder.metrics, self._health)
         self.client = ControlClient(
             ControlClientSettings(
                 control_url=settings.control_url,
@@ -108,6 +112,13 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self.applied = 0  # reconcile passes done (tests wait on it)
         self.ready = asyncio.Event()
+
+    def _health(self) -> bool | str:
+        if not self.client.view.me and not self.client.connected.is_set():
+            return "no configuration from control yet"
+        if self.device.gateways and not self.device.connected_gateways():
+            return "no gateway has completed a WireGuard handshake"
+        return True
 
     # -- state --------------------------------------------------------------------------
 
@@ -192,6 +203,8 @@ class Agent:
     async def start(self) -> None:
         await self.device.start()
         await self.forwarder.start()
+        if self.settings.metrics_port:
+            await self.admin.start(self.settings.metrics_host, self.settings.metrics_port)
         self._load_state()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -218,5 +231,6 @@ class Agent:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.admin.close()
         self.device.close()
         log.info("agent stopped", extra=kv(total_s=round(time.monotonic() - started, 2)))

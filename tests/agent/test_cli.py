@@ -100,6 +100,8 @@ def test_agent_settings_from_env_file(tmp_path: Path) -> None:
             "udp_idle_timeout": 60.0,
             "health_interval": 15.0,
             "probe_interval": 30.0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
         }
     )
     assert settings.data_dir == Path("~/x").expanduser() and settings.wireguard_host == "::"

@@ -19,6 +19,7 @@ from gateway.runtime import Gateway
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
 from tests.controlserver import RunningControl
+from tests.support import free_port
 
 
 async def agent_ip(system: System) -> str:
@@ -42,7 +43,8 @@ async def raw_request(system: System, request: bytes) -> bytes:
 async def test_http_tunnel_end_to_end(
     control: RunningControl, api: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    async with running_system(control, api, tmp_path) as system:
+    metrics_port = free_port()
+    async with running_system(control, api, tmp_path, metrics_port=metrics_port) as system:
         await system.tunnel(domain="app.example.com", target=f"http://127.0.0.1:{system.app.port}")
         await system.wait_status("app.example.com", 200, 30)
         home = await system.get("app.example.com")
@@ -92,6 +94,12 @@ async def test_http_tunnel_end_to_end(
             system, b"GET / HTTP/1.1\r\nHost: nope.example.com\r\nConnection: close\r\n\r\n"
         )
         assert unknown.startswith(b"HTTP/1.1 404") and b"nope.example.com" in unknown
+
+        # The agent's own /metrics and /healthz.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as admin:
+            assert (await admin.get("/healthz")).status_code == 200
+            metrics = (await admin.get("/metrics")).text
+        assert 'code="200"' in metrics and 'code="404"' in metrics
 
 
 async def test_local_service_down_and_disabled_tunnel(
