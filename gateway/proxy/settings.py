@@ -22,7 +22,7 @@ class ProxySettings:
     #: longest silence on an upgraded (WebSocket) connection in both directions
     tunnel_idle_timeout: float = 3600.0
     #: idle keep-alive connections kept per agent, and for how long
-    pool_max_idle_per_agent: int = 8
+    pool_max_idle_per_agent: int = 64
     pool_idle_timeout: float = 4.0
     #: connections to one agent in use at once (beyond: 503, protecting the agent)
     max_active_per_agent: int = 1024
