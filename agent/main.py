@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.controlclient import websocket_url
+from kakuremichi.service import run_until_signalled
 
 
 def _keepalive(value: str) -> int:
@@ -142,19 +142,7 @@ async def serve(settings: AgentSettings) -> int:
     except OSError as exc:
         log.error("cannot use the state directory", extra=logs.kv(error=str(exc)))
         return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await agent.start()
-    except Exception as exc:
-        log.error("agent failed to start", extra=logs.kv(error=str(exc)))
-        await agent.stop()
-        return 1
-    await stop.wait()
-    await agent.stop()
-    return 0
+    return await run_until_signalled(agent, "agent")
 
 
 def run(args: argparse.Namespace) -> int:

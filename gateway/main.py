@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import logging
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.controlclient import websocket_url
+from kakuremichi.service import run_until_signalled
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
@@ -133,19 +132,7 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
 
 async def serve(settings: GatewaySettings) -> int:
     gateway = Gateway(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await gateway.start()
-    except Exception as exc:
-        logging.getLogger("gateway").error("gateway failed to start", extra=logs.kv(error=str(exc)))
-        await gateway.stop()
-        return 1
-    await stop.wait()
-    await gateway.stop()
-    return 0
+    return await run_until_signalled(gateway, "gateway")
 
 
 def run(args: argparse.Namespace) -> int:
