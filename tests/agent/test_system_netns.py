@@ -143,23 +143,27 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
                 tmp_path, 8080, netns=h3, listen_ip="192.0.2.4", target_ip="192.0.2.1"
             ) as pebble,
         ):
-            procs["control"] = spawn(
-                h0,
-                sys.executable,
-                "-m",
-                "kakuremichi.cli",
-                "control",
-                "--host",
-                "0.0.0.0",
-                "--port",
-                "7700",
-                "--admin-token",
-                TOKEN,
-                "--data-dir",
-                str(tmp_path / "control"),
-                log=tmp_path / "control.log",
-            )
-            wait_control(h0)
+
+            def start_control(log: str) -> None:
+                procs["control"] = spawn(
+                    h0,
+                    sys.executable,
+                    "-m",
+                    "kakuremichi.cli",
+                    "control",
+                    "--host",
+                    "0.0.0.0",
+                    "--port",
+                    "7700",
+                    "--admin-token",
+                    TOKEN,
+                    "--data-dir",
+                    str(tmp_path / "control"),
+                    log=tmp_path / log,
+                )
+                wait_control(h0)
+
+            start_control("control.log")
 
             def cli(*args: str) -> dict[str, Any]:
                 return admin(h0, CONTROL, TOKEN, *args)
@@ -369,23 +373,7 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
                         == 200
                     )
                 # Control comes back: the agent re-syncs and takes new tunnels.
-                procs["control"] = spawn(
-                    h0,
-                    sys.executable,
-                    "-m",
-                    "kakuremichi.cli",
-                    "control",
-                    "--host",
-                    "0.0.0.0",
-                    "--port",
-                    "7700",
-                    "--admin-token",
-                    TOKEN,
-                    "--data-dir",
-                    str(tmp_path / "control"),
-                    log=tmp_path / "control2.log",
-                )
-                wait_control(h0)
+                start_control("control2.log")
                 cli(
                     "tunnel",
                     "create",
