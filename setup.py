@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("netstack._fast", ["netstack/_fast.pyx"])],
+        [Extension("netstack._fast", ["netstack/_fast.pyx"], libraries=["crypto"])],
         compiler_directives={"language_level": "3"},
     )
 )

@@ -15,6 +15,9 @@ IMPLEMENTATION = "pure"
 checksum = _pure.checksum
 ones_sum = _pure.ones_sum
 pseudo_header_sum = _pure.pseudo_header_sum
+TransportCipher: type[_pure.TransportCipher] = _pure.TransportCipher
+open_run = _pure.open_run
+seal_run = _pure.seal_run
 
 if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
     try:
@@ -25,4 +28,7 @@ if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
         checksum = _fast.checksum
         ones_sum = _fast.ones_sum
         pseudo_header_sum = _fast.pseudo_header_sum
+        TransportCipher = _fast.TransportCipher  # type: ignore[assignment,unused-ignore]
+        open_run = _fast.open_run  # type: ignore[assignment,unused-ignore]
+        seal_run = _fast.seal_run  # type: ignore[assignment,unused-ignore]
         IMPLEMENTATION = "cython"

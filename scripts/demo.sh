@@ -11,11 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "==> installing system packages (python3-venv, build-essential, python3-dev, curl)"
+    echo "==> installing system packages (python3-venv, build-essential, python3-dev, libssl-dev, curl)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends \
-        python3-venv build-essential python3-dev curl ca-certificates >/dev/null
+        python3-venv build-essential python3-dev libssl-dev curl ca-certificates >/dev/null
 fi
 
 PY=${PYTHON:-python3}

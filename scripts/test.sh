@@ -12,7 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends \
         python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble \
-        build-essential python3-dev buildah debootstrap nginx-light >/dev/null
+        build-essential python3-dev libssl-dev buildah debootstrap nginx-light >/dev/null
 fi
 
 PY=${PYTHON:-python3}

@@ -75,10 +75,6 @@ _SEGMENT_SIZE = struct.Struct("=H")
 _GSO_UNSUPPORTED = {errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
 
 
-def _is_handshake(first_byte: int, size: int) -> bool:
-    return (first_byte == 1 and size == 148) or (first_byte == 2 and size == 92)
-
-
 def open_udp_socket(host: str, port: int) -> socket.socket:
     """A bound, non-blocking UDP socket with large buffers (forced when privileged)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -170,15 +166,7 @@ class UdpDevice:
             batch.append((bytes(view[:size]), addr))
         if not batch:
             return
-        handshakes = sum(1 for data, _ in batch if _is_handshake(data[0], len(data)))
-        now = self._loop.time()
-        receive = self.device.receive_datagram
-        for data, addr in batch:
-            if handshakes and _is_handshake(data[0], len(data)):
-                handshakes -= 1
-                receive(data, addr, now, backlog=handshakes)
-            else:
-                receive(data, addr, now)
+        self.device.receive_datagrams(batch, self._loop.time())
         self.flush()
 
     def send_packet(self, packet: bytes) -> bool:
@@ -189,9 +177,7 @@ class UdpDevice:
 
     def send_packets(self, packets: list[bytes]) -> int:
         """Route a batch of IP packets with one flush; returns how many had no peer."""
-        now = self._loop.time()
-        send = self.device.send_packet
-        unroutable = sum(1 for packet in packets if not send(packet, now))
+        unroutable = self.device.send_packets(packets, self._loop.time())
         self.flush()
         return unroutable
 

@@ -21,7 +21,8 @@ from collections import deque
 from enum import IntEnum
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from netstack.speedups import TransportCipher
 
 from . import noise
 from .cookie import CookieGenerator
@@ -67,8 +68,8 @@ class Keypair:
         remote_index: int,
         peer: Peer,
     ) -> None:
-        self.send = ChaCha20Poly1305(send_key)
-        self.receive = ChaCha20Poly1305(receive_key)
+        self.send = TransportCipher(send_key)
+        self.receive = TransportCipher(receive_key)
         self.send_nonce = 0
         self.replay = ReplayFilter()
         self.created = created
