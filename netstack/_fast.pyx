@@ -1,10 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Cython hot path; twin of ``netstack/_pure.py`` (same functions, same results).
 
-Theory of operation: the Internet checksum (RFC 1071) summed 16 bits at a time into a
-64-bit accumulator, carries folded at the end (RFC 1071 section 2(C), deferred carries).
-Chosen by profiling: a checksum over every received and sent segment is the largest
-single cost in the pure-Python path.
+Chosen by profiling the agent's data plane, in the order it paid off:
+
+* the Internet checksum (below);
+* WireGuard transport messages: ``TransportCipher`` and the batch runs ``open_run`` /
+  ``seal_run`` (OpenSSL's libcrypto called directly, one EVP context per session);
+* a received TCP packet parsed in one pass (``parse_tcp_packet``) and a segment to send
+  built into its IP packet in one allocation (``build_tcp_packet``).
+
+Theory of operation of the checksum: the Internet checksum (RFC 1071) summed 16 bits
+at a time into a 64-bit accumulator, carries folded at the end (RFC 1071 section 2(C),
+deferred carries).
 """
 
 from libc.stdint cimport uint64_t
@@ -370,3 +377,262 @@ def seal_run(list packets, Py_ssize_t start, TransportCipher cipher, unsigned in
         sent += PyBytes_GET_SIZE(message)
         i += 1
     return i, counter, sent
+
+
+# ---------------------------------------------------------------- IP + TCP parse
+#
+# Theory of operation: a received TCP packet used to cost two Python parsers and two
+# value objects (IpPacket, TcpSegment).  Here IPv4 (header checksum, no fragments,
+# options skipped) or IPv6 without extension headers, then TCP (data offset, checksum
+# over the pseudo-header, options as tcpwire.parse_tcp reads them) are checked in one
+# pass and only the TcpSegment is built.  Anything else -- malformed, a fragment, not
+# TCP, IPv6 extension headers -- returns None and the stack's full Python path
+# classifies and counts it.  Twin: ``parse_tcp_packet`` in ``_pure.py``.
+
+cdef inline unsigned int _be16(const unsigned char *p) noexcept nogil:
+    return (p[0] << 8) | p[1]
+
+
+cdef inline uint64_t _be32(const unsigned char *p) noexcept nogil:
+    return ((<uint64_t>p[0]) << 24) | (p[1] << 16) | (p[2] << 8) | p[3]
+
+
+def parse_tcp_packet(packet, segment_type):
+    """``(src, dst, segment)`` for a well-formed IPv4/IPv6 TCP packet (``segment`` built
+    by calling ``segment_type`` like ``tcpwire.TcpSegment``), None for anything else."""
+    if type(packet) is not bytes:
+        return None
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(packet)
+    cdef Py_ssize_t header_len, end, tcp_len, offset, i, opt_len, j
+    cdef uint64_t total
+    cdef unsigned int kind
+    cdef object src, dst
+    if size < 20:
+        return None
+    cdef int version = p[0] >> 4
+    if version == 4:
+        header_len = (p[0] & 0x0F) * 4
+        if header_len < 20 or size < header_len:
+            return None
+        end = _be16(p + 2)
+        if end < header_len or end > size:
+            return None
+        if _fold(kk_sum16(p, header_len)) != 0xFFFF:
+            return None
+        if _be16(p + 6) & 0x3FFF or p[9] != 6:
+            return None
+        src = PyBytes_FromStringAndSize(<const char *>p + 12, 4)
+        dst = PyBytes_FromStringAndSize(<const char *>p + 16, 4)
+        total = kk_sum16(p + 12, 8)
+    elif version == 6:
+        if size < 40 or p[6] != 6:
+            return None
+        header_len = 40
+        end = 40 + _be16(p + 4)
+        if end > size:
+            return None
+        src = PyBytes_FromStringAndSize(<const char *>p + 8, 16)
+        dst = PyBytes_FromStringAndSize(<const char *>p + 24, 16)
+        total = kk_sum16(p + 8, 32)
+    else:
+        return None
+    cdef const unsigned char *t = p + header_len
+    tcp_len = end - header_len
+    if tcp_len < 20:
+        return None
+    offset = (t[12] >> 4) * 4
+    if offset < 20 or offset > tcp_len:
+        return None
+    total += 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16) + kk_sum16(t, tcp_len)
+    if _fold(total) != 0xFFFF:
+        return None
+    cdef object mss = None
+    cdef object wscale = None
+    cdef bint sack_permitted = False
+    cdef object timestamp = None
+    cdef list sack_blocks = []
+    i = 20
+    while i < offset:
+        kind = t[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= offset:
+            return None
+        opt_len = t[i + 1]
+        if opt_len < 2 or i + opt_len > offset:
+            return None
+        if kind == 2 and opt_len == 4:
+            mss = _be16(t + i + 2)
+        elif kind == 3 and opt_len == 3:
+            wscale = t[i + 2] if t[i + 2] < 14 else 14
+        elif kind == 4 and opt_len == 2:
+            sack_permitted = True
+        elif kind == 5 and opt_len >= 10 and (opt_len - 2) % 8 == 0:
+            j = i + 2
+            while j < i + opt_len:
+                sack_blocks.append((_be32(t + j), _be32(t + j + 4)))
+                j += 8
+        elif kind == 8 and opt_len == 10:
+            timestamp = (_be32(t + i + 2), _be32(t + i + 6))
+        i += opt_len
+    cdef object payload = PyBytes_FromStringAndSize(<const char *>t + offset, tcp_len - offset)
+    segment = segment_type(
+        _be16(t), _be16(t + 2), _be32(t + 4), _be32(t + 8), t[13], _be16(t + 14), payload,
+        mss, wscale, sack_permitted, timestamp, tuple(sack_blocks),
+    )
+    return src, dst, segment
+
+
+# ---------------------------------------------------------------- TCP packet build
+#
+# The other half: a segment to send becomes its whole IP packet in one allocation --
+# IPv4 (DF, TTL 64, header checksum) or IPv6 (hop limit 64) around the TCP header with
+# options laid out as ``tcpwire.build_tcp`` does (Linux's order, 4-byte aligned), the
+# payload, and the TCP checksum.  Twin: ``build_tcp_packet`` in ``_pure.py``.
+
+cdef inline void _put16(unsigned char *p, unsigned int v) noexcept nogil:
+    p[0] = (v >> 8) & 0xFF
+    p[1] = v & 0xFF
+
+
+cdef inline void _put32(unsigned char *p, uint64_t v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+def build_tcp_packet(segment, bytes src not None, bytes dst not None):
+    """The IP packet carrying ``segment`` from ``src`` to ``dst`` (packed addresses)."""
+    cdef unsigned char opts[40]
+    cdef Py_ssize_t n = 0, room, count, k
+    cdef object mss = segment.mss
+    cdef object timestamp = segment.timestamp
+    cdef object wscale = segment.wscale
+    cdef bint sack_permitted = segment.sack_permitted
+    cdef tuple blocks = segment.sack_blocks
+    cdef uint64_t left, right
+    if mss is not None:
+        opts[0] = 2
+        opts[1] = 4
+        _put16(opts + 2, <unsigned int>_u16(mss))
+        n = 4
+    if timestamp is not None:
+        if sack_permitted:
+            opts[n] = 4
+            opts[n + 1] = 2
+        else:
+            opts[n] = 1
+            opts[n + 1] = 1
+        opts[n + 2] = 8
+        opts[n + 3] = 10
+        _put32(opts + n + 4, _u32(timestamp[0]))
+        _put32(opts + n + 8, _u32(timestamp[1]))
+        n += 12
+    elif sack_permitted:
+        opts[n] = 1
+        opts[n + 1] = 1
+        opts[n + 2] = 4
+        opts[n + 3] = 2
+        n += 4
+    if wscale is not None:
+        opts[n] = 1
+        opts[n + 1] = 3
+        opts[n + 2] = 3
+        opts[n + 3] = <unsigned char>_u8(wscale)
+        n += 4
+    room = (40 - n - 4) // 8
+    if blocks and room > 0:
+        count = len(blocks)
+        if count > 4:
+            count = 4
+        if count > room:
+            count = room
+        opts[n] = 1
+        opts[n + 1] = 1
+        opts[n + 2] = 5
+        opts[n + 3] = <unsigned char>(2 + 8 * count)
+        n += 4
+        for k in range(count):
+            left = _u32(blocks[k][0])
+            right = _u32(blocks[k][1])
+            _put32(opts + n, left)
+            _put32(opts + n + 4, right)
+            n += 8
+    cdef const unsigned char[:] payload = segment.payload
+    cdef Py_ssize_t payload_len = payload.shape[0]
+    cdef Py_ssize_t tcp_len = 20 + n + payload_len
+    cdef Py_ssize_t address_len = len(src)
+    if address_len != len(dst) or (address_len != 4 and address_len != 16):
+        raise ValueError("addresses must both be 4 or both 16 bytes")
+    cdef Py_ssize_t ip_len = 20 if address_len == 4 else 40
+    if tcp_len + (ip_len if address_len == 4 else 0) > 0xFFFF:
+        raise ValueError("TCP segment too large for one IP packet")
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, ip_len + tcp_len)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef unsigned char *t = p + ip_len
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(src)
+    cdef const unsigned char *d = <const unsigned char *>PyBytes_AS_STRING(dst)
+    cdef uint64_t total
+    if address_len == 4:
+        p[0] = 0x45
+        p[1] = 0
+        _put16(p + 2, <unsigned int>(ip_len + tcp_len))
+        _put16(p + 4, 0)
+        _put16(p + 6, 0x4000)
+        p[8] = 64
+        p[9] = 6
+        _put16(p + 10, 0)
+        memcpy(p + 12, s, 4)
+        memcpy(p + 16, d, 4)
+        _put16(p + 10, (~_fold(kk_sum16(p, 20))) & 0xFFFF)
+        total = kk_sum16(s, 4) + kk_sum16(d, 4)
+    else:
+        _put32(p, 0x60000000)
+        _put16(p + 4, <unsigned int>tcp_len)
+        p[6] = 6
+        p[7] = 64
+        memcpy(p + 8, s, 16)
+        memcpy(p + 24, d, 16)
+        total = kk_sum16(s, 16) + kk_sum16(d, 16)
+    _put16(t, <unsigned int>_u16(segment.src_port))
+    _put16(t + 2, <unsigned int>_u16(segment.dst_port))
+    _put32(t + 4, _u32(segment.seq))
+    _put32(t + 8, _u32(segment.ack))
+    t[12] = <unsigned char>(((20 + n) // 4) << 4)
+    t[13] = <unsigned char>_u8(segment.flags)
+    _put16(t + 14, <unsigned int>_u16(segment.window))
+    _put16(t + 16, 0)
+    _put16(t + 18, 0)
+    if n:
+        memcpy(t + 20, opts, n)
+    if payload_len:
+        memcpy(t + 20 + n, &payload[0], payload_len)
+    total += 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16) + kk_sum16(t, tcp_len)
+    _put16(t + 16, (~_fold(total)) & 0xFFFF)
+    return out
+
+
+cdef inline uint64_t _u32(object value) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t v = value
+    if v > 0xFFFFFFFF:
+        raise OverflowError("value does not fit in 32 bits")
+    return v
+
+
+cdef inline uint64_t _u16(object value) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t v = value
+    if v > 0xFFFF:
+        raise OverflowError("value does not fit in 16 bits")
+    return v
+
+
+cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
+    cdef uint64_t v = value
+    if v > 0xFF:
+        raise OverflowError("value does not fit in 8 bits")
+    return v

@@ -7,6 +7,9 @@ whole buffer read as one big-endian integer modulo 0xFFFF (RFC 1071 section 2(B)
 big-integer remainder does the word loop for us.  An odd trailing byte is padded with
 a zero byte on the right (RFC 1071 section 4.1).
 
+The WireGuard transport twins use ``cryptography``'s ChaCha20-Poly1305; the TCP packet
+twins are defined by the full parsers/builders of ``ip`` and ``tcpwire``.
+
 Every function here has an identical twin in ``_fast.pyx``; ``netstack.speedups``
 picks one, and the same tests run against both.
 """
@@ -215,3 +218,54 @@ def seal_run(
         sent += len(message)
         i += 1
     return i, counter, sent
+
+
+def parse_tcp_packet(packet: bytes, segment_type: Any) -> tuple[bytes, bytes, Any] | None:
+    """``(src, dst, segment)`` for a well-formed IPv4/IPv6 TCP packet, None for anything
+    else (malformed, a fragment, not TCP, IPv6 extension headers); the twin of
+    ``_fast.parse_tcp_packet``, defined by the full parsers it short-cuts."""
+    if not _PARSERS:
+        # Imported on first use: ip and tcpwire import this module (through speedups).
+        from netstack import ip as ip_module
+        from netstack import tcpwire
+
+        _PARSERS.extend(
+            (ip_module.parse_ip, ip_module.IpError, tcpwire.parse_tcp, tcpwire.TcpError)
+        )
+    parse_ip, ip_error, parse_tcp, tcp_error = _PARSERS
+    if type(packet) is not bytes:
+        return None
+    try:
+        ip = parse_ip(packet)
+    except ip_error:
+        return None
+    if ip.protocol != 6 or (ip.version == 6 and len(ip.header) != 40):
+        return None
+    try:
+        segment = parse_tcp(ip.payload, ip.src, ip.dst)
+    except tcp_error:
+        return None
+    if segment_type is not type(segment):
+        segment = segment_type(*(getattr(segment, name) for name in segment.__slots__))
+    return ip.src, ip.dst, segment
+
+
+_PARSERS: list[Any] = []
+
+
+def build_tcp_packet(segment: Any, src: bytes, dst: bytes) -> bytes:
+    """The IP packet carrying ``segment`` from ``src`` to ``dst`` (packed addresses); the
+    twin of ``_fast.build_tcp_packet``, defined by the builders it short-cuts."""
+    if not _BUILDERS:
+        # Imported on first use: ip and tcpwire import this module (through speedups).
+        from netstack import ip as ip_module
+        from netstack import tcpwire
+
+        _BUILDERS.extend((ip_module.build_ip, tcpwire.build_tcp))
+    build_ip, build_tcp = _BUILDERS
+    if len(src) != len(dst) or len(src) not in (4, 16):
+        raise ValueError("addresses must both be 4 or both 16 bytes")
+    return build_ip(src, dst, 6, build_tcp(segment, src, dst))  # type: ignore[no-any-return]
+
+
+_BUILDERS: list[Any] = []

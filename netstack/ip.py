@@ -55,9 +55,12 @@ class IpFragmentError(IpError):
     """A fragment: this stack does not reassemble (counted and dropped by the stack)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class IpPacket:
-    """One parsed IP packet: addresses packed, ``payload`` is the upper-layer bytes."""
+    """One parsed IP packet: addresses packed, ``payload`` is the upper-layer bytes.
+
+    A value object, never changed after construction (not ``frozen``: see TcpSegment).
+    """
 
     version: int
     src: bytes

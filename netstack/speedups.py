@@ -18,6 +18,8 @@ pseudo_header_sum = _pure.pseudo_header_sum
 TransportCipher: type[_pure.TransportCipher] = _pure.TransportCipher
 open_run = _pure.open_run
 seal_run = _pure.seal_run
+parse_tcp_packet = _pure.parse_tcp_packet
+build_tcp_packet = _pure.build_tcp_packet
 
 if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
     try:
@@ -31,4 +33,6 @@ if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
         TransportCipher = _fast.TransportCipher  # type: ignore[assignment,unused-ignore]
         open_run = _fast.open_run  # type: ignore[assignment,unused-ignore]
         seal_run = _fast.seal_run  # type: ignore[assignment,unused-ignore]
+        parse_tcp_packet = _fast.parse_tcp_packet
+        build_tcp_packet = _fast.build_tcp_packet
         IMPLEMENTATION = "cython"

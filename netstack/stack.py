@@ -54,8 +54,9 @@ from netstack.ip import (
     pack_address,
     parse_ip,
 )
+from netstack.speedups import build_tcp_packet, parse_tcp_packet
 from netstack.tcp import TcpConfig, TcpConnection
-from netstack.tcpwire import ACK, FIN, RST, SYN, TcpError, TcpSegment, build_tcp, parse_tcp
+from netstack.tcpwire import ACK, FIN, RST, SYN, TcpError, TcpSegment, parse_tcp
 from netstack.udp import UdpError, build_udp, parse_udp
 
 Address = str | ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -251,6 +252,12 @@ class Stack:
     def receive_packet(self, packet: bytes, now: float) -> None:
         """Process one IP packet that arrived from the link."""
         self._now = now
+        parsed = parse_tcp_packet(packet, TcpSegment)  # the common case, in one step
+        if parsed is not None:
+            src, dst, segment = parsed
+            if dst in self._local:
+                self._receive_tcp(src, dst, segment, now)
+                return
         try:
             ip = parse_ip(packet)
         except IpFragmentError:
@@ -388,7 +395,7 @@ class Stack:
                 0xFFFFFFFF
             )
             rst = TcpSegment(seg.dst_port, seg.src_port, 0, ack, RST | ACK, 0)
-        self._out.append(build_ip(dst, src, PROTO_TCP, build_tcp(rst, dst, src)))
+        self._out.append(build_tcp_packet(rst, dst, src))
 
     def _service(self) -> None:
         """Collect output, events and deadlines of every dirty connection."""
@@ -404,7 +411,7 @@ class Stack:
                 continue
             local, _, remote, _ = key
             for seg in conn.segments_to_send(now):
-                out.append(build_ip(local, remote, PROTO_TCP, build_tcp(seg, local, remote)))
+                out.append(build_tcp_packet(seg, local, remote))
             listener = self._conn_listener.get(conn)
             for event in conn.events():
                 if listener is not None and isinstance(event, ev.Connected):
@@ -420,7 +427,7 @@ class Stack:
                 self._events.append(ev.TcpConnectionEvent(conn, event))
             if conn.is_closed:
                 for seg in conn.segments_to_send(now):  # a final RST from abort()
-                    out.append(build_ip(local, remote, PROTO_TCP, build_tcp(seg, local, remote)))
+                    out.append(build_tcp_packet(seg, local, remote))
                 self._forget(conn, key)
                 continue
             deadline = conn.next_deadline()
