@@ -58,6 +58,7 @@ import enum
 from dataclasses import dataclass
 
 from netstack import events as ev
+from netstack.sendbuf import SendBuffer
 from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 MASK32 = 0xFFFFFFFF
@@ -171,7 +172,7 @@ class TcpConnection:
         self._snd_una = 0
         self._snd_nxt = 0
         self._snd_max = 0
-        self._sndbuf = bytearray()
+        self._sndbuf = SendBuffer()
         self._sndbuf_start = 1
         self._fin_offset: int | None = None  # offset of our FIN once close() was called
         self._send_blocked = False
@@ -332,7 +333,7 @@ class TcpConnection:
         if accepted < len(data):
             self._send_blocked = True
         if accepted > 0:
-            self._sndbuf += data[:accepted]
+            self._sndbuf.append(data[:accepted] if accepted < len(data) else data)
             self._poke()
         return accepted
 
@@ -767,7 +768,7 @@ class TcpConnection:
         data_end = self._sndbuf_start + len(self._sndbuf)
         trim = min(ack, data_end) - self._sndbuf_start
         if trim > 0:
-            del self._sndbuf[:trim]
+            self._sndbuf.consume(trim)
             self._sndbuf_start += trim
         flight_before = self._snd_nxt - self._snd_una
         self._snd_una = ack
@@ -1217,6 +1218,7 @@ class TcpConnection:
         # The pipe is computed once, then grows by what each segment adds: new data
         # grows the outstanding bytes, a retransmitted hole stops counting as lost.
         pipe = self._pipe()
+        template: TcpSegment | None = None  # the first data segment sent by this call
         while sent < _MAX_SEGMENTS_PER_CALL:
             room = self._cwnd - pipe
             if self._tlp_new_data:
@@ -1264,7 +1266,37 @@ class TcpConnection:
                     if self._snd_una == self._snd_max:
                         self._arm_persist(now)
                     break
-                out.append(self._data_segment(nxt, nxt + length, now, fin))
+                end = nxt + length
+                if template is not None and nxt >= self._snd_max and end != fin:
+                    # New data after the first segment of this call: the ACK fields
+                    # (ack, window, timestamps, SACK) are the first's, so only the
+                    # payload and the sequence number change.
+                    flags = ACK | PSH if end == data_end else ACK
+                    out.append(
+                        TcpSegment(
+                            template.src_port,
+                            template.dst_port,
+                            (self._iss + nxt) & MASK32,
+                            template.ack,
+                            flags,
+                            template.window,
+                            self._sndbuf.peek(nxt - self._sndbuf_start, length),
+                            None,
+                            None,
+                            False,
+                            template.timestamp,
+                            template.sack_blocks,
+                        )
+                    )
+                    self._snd_nxt = end
+                    self._ack_now = False  # as _segment: new data carries our ACK
+                    self._ack_pending = 0
+                    self._ack_deadline = None
+                else:
+                    segment = self._data_segment(nxt, end, now, fin)
+                    out.append(segment)
+                    if segment.flags & ACK:
+                        template = segment
                 self._tlp_new_data = False
                 pipe += length
                 self._persist_deadline = None
@@ -1337,7 +1369,7 @@ class TcpConnection:
 
     def _data_segment(self, start: int, end: int, now: float, fin: int | None) -> TcpSegment:
         offset = start - self._sndbuf_start
-        payload = bytes(self._sndbuf[offset : offset + (end - start)])
+        payload = self._sndbuf.peek(offset, end - start)
         flags = ACK
         if end == self._sndbuf_start + len(self._sndbuf):
             flags |= PSH

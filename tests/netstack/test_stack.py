@@ -240,3 +240,57 @@ def test_memory_stays_bounded_under_a_flood_of_garbage() -> None:
         tracemalloc.stop()
     assert grown < 2_000_000
     assert stack.connection_count <= 1 + 20_000 // 2  # SYNs only to the one listener
+
+
+def test_a_burst_of_new_data_carries_one_set_of_ack_fields() -> None:
+    """Segments sent together share the ACK, window, timestamps and SACK of the first;
+    PSH only on the one that empties the buffer; no separate pure ACK follows."""
+    stack = make_stack()
+    listener = stack.listen(80)
+    us, them = pack_address(US4), pack_address(THEM4)
+
+    def deliver(segment: TcpSegment, now: float) -> None:
+        stack.receive_packet(build_ipv4(them, us, 6, build_tcp(segment, them, us)), now)
+
+    deliver(
+        TcpSegment(
+            5000,
+            80,
+            100,
+            0,
+            0x02,
+            65535,
+            mss=1460,
+            wscale=7,
+            sack_permitted=True,
+            timestamp=(10, 0),
+        ),
+        0.0,
+    )
+    syn_ack = TCP(bytes(IP(stack.packets_to_send(0.0)[0])[TCP]))
+    iss = syn_ack.seq
+    deliver(
+        TcpSegment(
+            5000, 80, 101, iss + 1, ACK, 4000, timestamp=(11, dict(syn_ack.options)["Timestamp"][0])
+        ),
+        0.01,
+    )
+    stack.packets_to_send(0.01)
+    stack.events()
+    conn = listener.accept()
+    assert conn is not None
+    deliver(
+        TcpSegment(5000, 80, 101, iss + 1, ACK | 0x08, 4000, b"request", timestamp=(12, 0)), 0.02
+    )
+    conn.read()
+    conn.send(bytes(range(256)) * 40)  # 10,240 bytes: 8 segments of 1,448 (IW10 allows it)
+    segments = [TCP(bytes(IP(packet)[TCP])) for packet in stack.packets_to_send(0.03)]
+    assert len(segments) == 8
+    assert all(len(bytes(s.payload)) > 0 for s in segments)  # no pure ACK among them
+    assert {s.ack for s in segments} == {101 + len(b"request")}
+    assert len({s.window for s in segments}) == 1
+    assert len({dict(s.options)["Timestamp"] for s in segments}) == 1
+    assert [bool(s.flags.P) for s in segments] == [False] * 7 + [True]
+    seqs = [s.seq for s in segments]
+    assert seqs == [iss + 1 + 1448 * i for i in range(8)]
+    assert b"".join(bytes(s.payload) for s in segments) == bytes(range(256)) * 40
