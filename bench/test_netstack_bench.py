@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import os
 import random
 import subprocess
@@ -22,12 +23,13 @@ from typing import Any
 
 import pytest
 
-from netstack import _pure
+from netstack import _pure, speedups
 from netstack.aio import AsyncStack
 from netstack.ip import build_ipv4, pack_address
 from netstack.stack import Stack
 from netstack.tcpwire import ACK, SYN, TcpSegment, build_tcp
 from netstack.tun import TunLink
+from netstack.wireguard.replay import ReplayFilter
 from tests.netstack.nsutil import KERNEL_V4, STACK_V4, TunNamespace, run
 from tests.support import need, need_root, unique_name
 
@@ -116,26 +118,164 @@ def _established_receiver() -> tuple[Stack, list[bytes]]:
     return stack, packets
 
 
+def _receive_all(stack: Stack, packets: list[bytes]) -> None:
+    now = 1.0
+    conn = next(iter(stack._conns.values()))
+    for start in range(0, len(packets), 16):
+        for packet in packets[start : start + 16]:
+            stack.receive_packet(packet, now)
+        stack.packets_to_send(now)
+        conn.read()
+        now += 0.0001
+
+
+def _established_sender() -> tuple[Stack, Any, bytes, bytes, int]:
+    """A Stack with one accepted connection (timestamps, SACK, window scaling on)."""
+    stack = Stack(["10.0.0.2"], mtu=1500, rng=random.Random(1))
+    listener = stack.listen(80)
+    src, dst = pack_address("10.0.0.1"), pack_address("10.0.0.2")
+    syn = TcpSegment(
+        40000, 80, 1000, 0, SYN, 65535, mss=1460, wscale=7, sack_permitted=True, timestamp=(1, 0)
+    )
+    stack.receive_packet(build_ipv4(src, dst, 6, build_tcp(syn, src, dst)), 0.0)
+    iss = int.from_bytes(stack.packets_to_send(0.0)[0][24:28], "big")
+    ack = TcpSegment(40000, 80, 1001, (iss + 1) & 0xFFFFFFFF, ACK, 65535, timestamp=(2, 0))
+    stack.receive_packet(build_ipv4(src, dst, 6, build_tcp(ack, src, dst)), 0.0)
+    stack.packets_to_send(0.0)
+    stack.events()
+    conn = listener.accept()
+    assert conn is not None
+    return stack, conn, src, dst, iss
+
+
+SEND_SEGMENTS = 4000
+
+
+def _send_all(stack: Stack, conn: Any, src: bytes, dst: bytes, iss: int) -> int:
+    """Bulk data out of the stack, every burst acknowledged at once (the peer's ACKs
+    are built outside the timed region's hot loop only as one packet per burst)."""
+    data = memoryview(bytes(64 * 1024))
+    acked = iss + 1
+    now = 0.001
+    sent = 0
+    tsval = 3
+    while sent < SEND_SEGMENTS:
+        while conn.send_buffer_space >= len(data):
+            conn.send(data)
+        out = stack.packets_to_send(now)
+        sent += len(out)
+        for packet in out:
+            acked += len(packet) - 52  # IPv4 + TCP with the timestamp option
+        reply = TcpSegment(40000, 80, 1001, acked & 0xFFFFFFFF, ACK, 65535, timestamp=(tsval, 0))
+        tsval += 1
+        stack.receive_packet(build_ipv4(src, dst, 6, build_tcp(reply, src, dst)), now)
+        now += 0.0001
+    return sent
+
+
+def per_packet_costs() -> dict[str, float]:
+    """Median microseconds per packet, receive and send, for the implementation in use
+    (run in a child with ``KAKUREMICHI_NETSTACK_PURE=1`` to measure the twin)."""
+    receive, send = [], []
+    for _ in range(5):
+        stack, packets = _established_receiver()
+        start = time.perf_counter()
+        _receive_all(stack, packets)
+        receive.append((time.perf_counter() - start) / len(packets))
+        sender = _established_sender()
+        start = time.perf_counter()
+        count = _send_all(*sender)
+        send.append((time.perf_counter() - start) / count)
+    return {
+        "receive_us": round(sorted(receive)[2] * 1e6, 2),
+        "send_us": round(sorted(send)[2] * 1e6, 2),
+    }
+
+
+def _pure_twin_costs() -> dict[str, float]:
+    code = "import json, bench.test_netstack_bench as b; print(json.dumps(b.per_packet_costs()))"
+    env = {**os.environ, "KAKUREMICHI_NETSTACK_PURE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def test_per_packet_receive_cost(benchmark: Any) -> None:
     """Feed in-order data in bursts of 16 (one ACK per burst, as a TUN read batch)."""
 
     def setup() -> tuple[tuple[Stack, list[bytes]], dict[str, Any]]:
         return _established_receiver(), {}
 
-    def receive_all(stack: Stack, packets: list[bytes]) -> None:
-        now = 1.0
-        conn = next(iter(stack._conns.values()))
-        for start in range(0, len(packets), 16):
-            for packet in packets[start : start + 16]:
-                stack.receive_packet(packet, now)
-            stack.packets_to_send(now)
-            conn.read()
-            now += 0.0001
-
-    benchmark.pedantic(receive_all, setup=setup, rounds=5)
+    benchmark.pedantic(_receive_all, setup=setup, rounds=5)
     if benchmark.stats is not None:  # None under --benchmark-disable (one plain run)
         per_packet = benchmark.stats.stats.median / 2000
         benchmark.extra_info["per_packet_us"] = round(per_packet * 1e6, 2)
+
+
+def test_per_packet_cost_cython_vs_pure_twin(benchmark: Any) -> None:
+    """The whole per-packet path (parse, TCP, build) with the Cython hot path next to
+    the pure-Python twin measured in a child process in the same run."""
+    _fast_module()
+    if speedups.IMPLEMENTATION != "cython":
+        need(False, "KAKUREMICHI_NETSTACK_PURE=1 is set: nothing to compare against")
+    ours = benchmark.pedantic(per_packet_costs, rounds=1)
+    pure = _pure_twin_costs()
+    benchmark.extra_info.update(
+        {
+            "cython_receive_us": ours["receive_us"],
+            "pure_receive_us": pure["receive_us"],
+            "receive_speedup": round(pure["receive_us"] / ours["receive_us"], 2),
+            "cython_send_us": ours["send_us"],
+            "pure_send_us": pure["send_us"],
+            "send_speedup": round(pure["send_us"] / ours["send_us"], 2),
+        }
+    )
+    print(f"\nper packet: {benchmark.extra_info}")
+
+
+@pytest.mark.parametrize("which", ["parse_tcp_packet", "build_tcp_packet", "open_run"])
+def test_hot_function_cython_vs_pure_twin(benchmark: Any, which: str) -> None:
+    """Each hot-path function next to its twin on a full-size segment."""
+    fast = _fast_module()
+    segment = TcpSegment(
+        40000, 80, 1, 2, ACK, 5000, bytes(1448), timestamp=(5, 6), sack_blocks=((9, 10),)
+    )
+    src, dst = pack_address("10.0.0.1"), pack_address("10.0.0.2")
+    packet = fast.build_tcp_packet(segment, src, dst)
+    if which == "parse_tcp_packet":
+        calls = [lambda m: m.parse_tcp_packet(packet, TcpSegment)]
+    elif which == "build_tcp_packet":
+        calls = [lambda m: m.build_tcp_packet(segment, src, dst)]
+    else:
+        key = bytes(range(32))
+        messages = [
+            (fast.TransportCipher(key).seal(7, n, packet, 1420), ("192.0.2.1", 1))
+            for n in range(64)
+        ]
+
+        def run(m: Any) -> None:
+            replay = ReplayFilter()
+            m.open_run(
+                messages,
+                0,
+                m.TransportCipher(key),
+                replay,
+                7,
+                ("192.0.2.1", 1),
+                None,
+                {src: None},
+                lambda _s: None,
+                [],
+                2**60,
+            )
+
+        calls = [run]
+    call = calls[0]
+    benchmark(call, fast)
+    pure = min(_timeit(lambda: call(_pure), 300) for _ in range(3))
+    cython = min(_timeit(lambda: call(fast), 300) for _ in range(3))
+    benchmark.extra_info["speedup_vs_pure"] = round(pure / cython, 1)
 
 
 async def _stack_receives_from_kernel(ns: TunNamespace, size: int) -> float:
