@@ -20,8 +20,10 @@ congestion window, the peer's window and sender silly-window avoidance (RFC 9293
 * RTO per RFC 6298 (Karn's rule; samples from timestamps when negotiated; 200 ms floor
   like Linux; exponential backoff; ``max_retries`` then ``ConnectionTimedOut``).  On an
   RTO we go back to SND.UNA (go-back-N) with cwnd = 1 MSS (RFC 5681 section 3.1).
-* Congestion control: NewReno (RFC 5681, RFC 6582) with IW10 (RFC 6928) and
-  appropriate byte counting, L = 2 (RFC 3465); fast retransmit on 3 duplicate ACKs or
+* Congestion control: slow start with IW10 (RFC 6928) and appropriate byte counting,
+  L = 2 (RFC 3465); congestion avoidance and the reduction on loss by CUBIC (RFC 9438,
+  the default) or NewReno (``TcpConfig.congestion_control``, see ``congestion.py``);
+  NewReno loss recovery (RFC 6582); fast retransmit on 3 duplicate ACKs or
   on SACKed data above a hole (RFC 6675 section 5), loss recovery driven by a "pipe"
   estimate (RFC 6675 section 4): SACKed bytes and un-retransmitted holes below the
   highest SACK are out of the network; without SACK each duplicate ACK stands for one
@@ -31,7 +33,13 @@ congestion window, the peer's window and sender silly-window avoidance (RFC 9293
   RTO; a SACKed probe above a hole marks the hole lost (RACK reduced to that case).
   Early retransmit (RFC 5827) when fewer than four segments are in flight.
 * Spurious fast retransmits are undone with timestamps (Eifel, RFC 3522 / RFC 4015).
-  RTOs are never undone (go-back-N keeps that path simple).
+  RTOs are never undone (go-back-N keeps that path simple); after one, duplicate ACKs
+  start no fast recovery until everything then outstanding is acknowledged (RFC 6582
+  section 4.1, Linux's Loss state): the re-sent data may still be queued on the path.
+* Reordering: when a hole below SACKed data (or behind duplicate ACKs) fills without a
+  retransmission, or a fast retransmit proves spurious, the duplicate-ACK threshold
+  rises to the reordering seen, up to 300 segments (RFC 4653's idea; Linux's
+  tp->reordering).  Bytes that may have been sent twice are no evidence.
 * Zero window: persist probes (RFC 9293 3.8.6.1) use the Linux form, an ACK with
   SEQ = SND.UNA - 1, with exponential backoff.  Pure ACKs carry SEQ = the highest
   sequence sent (Linux's tcp_acceptable_seq), so they stay acceptable after an RTO.
@@ -57,6 +65,7 @@ import bisect
 import enum
 from dataclasses import dataclass
 
+from netstack import congestion
 from netstack import events as ev
 from netstack.sendbuf import SendBuffer
 from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
@@ -64,6 +73,7 @@ from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
 MASK32 = 0xFFFFFFFF
 _MAX_SACK_RANGES = 256
 _MAX_SEGMENTS_PER_CALL = 4096
+_MAX_REORDERING = 300  # segments, as Linux's net.ipv4.tcp_max_reordering
 _PERSIST_MAX = 60.0
 _INFINITY = float("inf")
 
@@ -131,6 +141,10 @@ class TcpConfig:
     keepalive_interval: float = 75.0
     keepalive_count: int = 9
     tail_loss_probe: bool = True
+    congestion_control: str = "cubic"  # or "newreno"
+
+    def __post_init__(self) -> None:
+        congestion.make(self.congestion_control)  # ValueError names the bad value
 
 
 def _unwrap(wire: int, base: int, reference: int) -> int:
@@ -191,8 +205,11 @@ class TcpConnection:
         # Congestion control and loss recovery.
         self._cwnd = 0
         self._ssthresh = 1 << 40
-        self._ca_acked = 0
+        self._cc = congestion.make(config.congestion_control)
         self._dupacks = 0
+        self._reordering = 3  # DupThresh, raised when reordering is seen
+        self._rexmit_high = 0  # bytes below may have been sent twice: no reordering proof
+        self._loss_recover = 0  # SND.MAX at the last RTO
         self._in_recovery = False
         self._recover = 0
         self._high_rxt = 0
@@ -245,7 +262,9 @@ class TcpConnection:
         self._undo_pending = False
         self._undo_cwnd = 0
         self._undo_ssthresh = 0
+        self._undo_cc: tuple[float, ...] = ()
         self._undo_seq = 0
+        self._undo_degree = 0
         self._undo_tsval: int | None = None
         # Counters for tests, benchmarks and metrics.
         self.stats_undo = 0
@@ -253,6 +272,7 @@ class TcpConnection:
         self.stats_rto = 0
         self.stats_recoveries = 0
         self.stats_retransmitted = 0
+        self.stats_reordering = 0  # times reordering was seen
         self.notify: object = None  # set by the Stack: called when output may be pending
 
     # ------------------------------------------------------------------ opening
@@ -771,6 +791,16 @@ class TcpConnection:
             self._sndbuf.consume(trim)
             self._sndbuf_start += trim
         flight_before = self._snd_nxt - self._snd_una
+        if (
+            not self._in_recovery
+            and (self._dupacks or (self._sacked and ack >= self._sacked[0][0]))
+            and self._snd_una >= self._rexmit_high
+        ):
+            # Duplicate ACKs, or a hole below SACKed data, then the hole filled without
+            # a retransmission: the segment was reordered, not lost (Linux's
+            # tcp_check_sack_reordering).
+            fack = self._sacked[-1][1] if self._sacked else self._snd_una
+            self._note_reordering(max(self._dupacks, (fack - self._snd_una) // self._send_mss()))
         self._snd_una = ack
         if self._snd_nxt < ack:
             self._snd_nxt = ack
@@ -807,10 +837,7 @@ class TcpConnection:
                 if self._cwnd < self._ssthresh:
                     self._cwnd += min(acked, 2 * mss)  # RFC 3465, L = 2
                 else:
-                    self._ca_acked += acked
-                    if self._ca_acked >= self._cwnd:
-                        self._ca_acked -= self._cwnd
-                        self._cwnd += mss
+                    self._cwnd = self._cc.on_ack(self._cwnd, acked, mss, now, self._srtt or 0.0)
                 self._cwnd = min(self._cwnd, 2 * self.config.send_buffer)
         self._rto_deadline = None if self._snd_una >= self._snd_max else now + self._rto
         self._tlp_out = False
@@ -820,14 +847,22 @@ class TcpConnection:
             self._emit(ev.SendSpaceAvailable())
 
     def _duplicate_ack(self) -> None:
+        if not self._in_recovery and (
+            self._snd_nxt < self._snd_max or self._snd_una < self._loss_recover
+        ):
+            # After an RTO until everything then outstanding is acknowledged (Linux's
+            # Loss state; RFC 6582 section 4.1): the re-sent data is still in flight,
+            # so duplicate ACKs start no fast recovery.  Without SACK the count stands
+            # in for the segments that left the network.
+            if not self._sack_ok:
+                self._dupacks += 1
+            return
         self._dupacks += 1
         if self._in_recovery:
             return
-        if self._snd_nxt < self._snd_max:
-            return  # still re-sending after an RTO (Linux's Loss state): no fast recovery
         mss = self._send_mss()
         sacked = sum(e - s for s, e in self._sacked)
-        threshold = 3
+        threshold = self._reordering
         outstanding = -(-(self._snd_max - self._snd_una) // mss)  # in segments
         data_end = self._sndbuf_start + len(self._sndbuf)
         if outstanding < 4 and (
@@ -842,12 +877,22 @@ class TcpConnection:
             # section 7.4, the RACK rule reduced to this one case).
             threshold = 1
         if self._dupacks >= threshold or (self._sack_ok and sacked >= threshold * mss):
+            self._undo_degree = min(max(self._dupacks, sacked // mss) + 1, outstanding)
             self._enter_recovery()
+
+    def _note_reordering(self, degree: int) -> None:
+        """Reordering of ``degree`` segments was seen: fast retransmit waits for that
+        many duplicate ACKs or SACKed segments from now on (RFC 4653's idea; Linux's
+        tp->reordering, capped like its tcp_max_reordering)."""
+        self.stats_reordering += 1
+        if degree > self._reordering:
+            self._reordering = min(degree, _MAX_REORDERING)
 
     def _arm_undo(self) -> None:
         self._undo_pending = self._ts_ok
         self._undo_cwnd = self._cwnd
         self._undo_ssthresh = self._ssthresh
+        self._undo_cc = self._cc.snapshot()
         self._undo_seq = self._snd_una
         self._undo_tsval = None
 
@@ -864,6 +909,8 @@ class TcpConnection:
         self.stats_undo += 1
         self._cwnd = max(self._cwnd, self._undo_cwnd)
         self._ssthresh = max(self._ssthresh, self._undo_ssthresh)
+        self._cc.restore(self._undo_cc)
+        self._note_reordering(self._undo_degree)
         if self._in_recovery:
             self._in_recovery = False
             self._dupacks = 0
@@ -871,26 +918,25 @@ class TcpConnection:
     def _enter_recovery(self) -> None:
         """Fast retransmit (RFC 5681 section 3.2; RFC 6675 section 5)."""
         self._arm_undo()
-        self._ssthresh = self._halved_window()
+        self._ssthresh = self._reduced_window()
         self._cwnd = self._ssthresh
-        self._ca_acked = 0
         self._in_recovery = True
         self.stats_recoveries += 1
         self._recover = self._snd_max
         self._high_rxt = self._snd_una
 
-    def _halved_window(self) -> int:
-        """ssthresh after a loss: half of what was really in flight (RFC 5681 eq. 4).
+    def _reduced_window(self) -> int:
+        """ssthresh after a loss, from the congestion controller.
 
         FlightSize can exceed cwnd right after recovery (everything sent but lost is
-        still outstanding), so it is capped by cwnd, as Linux's reno_ssthresh does.
+        still outstanding), so the controllers cap it by cwnd, as Linux does.
         """
-        flight = min(self._snd_max - self._snd_una, self._cwnd)
-        return max(flight // 2, 2 * self._send_mss())
+        return self._cc.on_loss(self._cwnd, self._snd_max - self._snd_una, self._send_mss())
 
     def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> bool:
         ranges = self._sacked
-        changed = False
+        fack = ranges[-1][1] if ranges else 0  # the highest SACKed byte so far
+        added: list[tuple[int, int]] = []
         for left_wire, right_wire in blocks:
             left = _unwrap(left_wire, self._iss, self._snd_una)
             right = _unwrap(right_wire, self._iss, self._snd_una)
@@ -898,10 +944,13 @@ class TcpConnection:
             if right <= left or right > self._snd_max:
                 continue  # D-SACK or bogus: ignored (RFC 2883 is not used)
             if not any(s <= left and right <= e for s, e in ranges):
-                changed = True
-            ranges.append((left, right))
-        if not changed:
+                if right <= fack and left >= self._rexmit_high:
+                    # Newly SACKed below the highest SACK and never re-sent: reordered.
+                    self._note_reordering((fack - left) // self._send_mss() + 1)
+                added.append((left, right))
+        if not added:
             return False
+        ranges = ranges + added
         ranges.sort()
         merged: list[tuple[int, int]] = []
         for s, e in ranges:
@@ -1129,12 +1178,13 @@ class TcpConnection:
         # (Linux's F-RTO does); go-back-N is the safe answer here.
         self._undo_pending = False
         if self._retries == 1:
-            self._ssthresh = self._halved_window()
+            self._ssthresh = self._reduced_window()
         self._cwnd = mss
-        self._ca_acked = 0
         self._in_recovery = False
         self._dupacks = 0
         self._sacked = []
+        self._rexmit_high = self._snd_max  # go-back-N re-sends all of it
+        self._loss_recover = self._snd_max
         self._snd_nxt = self._snd_una
         self._high_rxt = self._snd_una
         self._rtt_seq = None
@@ -1377,6 +1427,8 @@ class TcpConnection:
                 flags |= FIN
         if start < self._snd_max:
             self.stats_retransmitted += 1
+            if end > self._rexmit_high:
+                self._rexmit_high = end
             if self._undo_pending and self._undo_tsval is None:
                 self._undo_tsval = self._ts_now(now)
         if start >= self._snd_nxt or self._snd_nxt < end:

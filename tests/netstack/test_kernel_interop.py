@@ -339,17 +339,17 @@ async def test_many_concurrent_kernel_connections(tun_ns: TunNamespace, astack: 
             sock.close()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-async def test_100_megabytes_each_way(tun_ns: TunNamespace, astack: AsyncStack) -> None:
-    """The acceptance target: 100 MB kernel -> us and 100 MB us -> kernel, hash-checked."""
-    size = int(os.environ.get("KAKUREMICHI_INTEROP_BIG_BYTES", str(100 * 1024 * 1024)))
-    await astack.start_server(hashing_server, 8090)
+BIG = int(os.environ.get("KAKUREMICHI_INTEROP_BIG_BYTES", str(100 * 1024 * 1024)))
+
+
+async def each_way(tun_ns: TunNamespace, astack: AsyncStack, size: int, port: int) -> None:
+    """``size`` bytes kernel -> us and ``size`` bytes us -> kernel, hash-checked."""
+    await astack.start_server(hashing_server, port)
     loop = asyncio.get_running_loop()
-    data = payload(size, 100)
+    data = payload(size, port)
     sock = tun_ns.socket(socket.AF_INET)
     try:
-        await loop.sock_connect(sock, (STACK_V4, 8090))
+        await loop.sock_connect(sock, (STACK_V4, port))
         await loop.sock_sendall(sock, data)
         sock.shutdown(socket.SHUT_WR)
         answer = await asyncio.wait_for(kernel_recv_all(sock), 300)
@@ -358,7 +358,7 @@ async def test_100_megabytes_each_way(tun_ns: TunNamespace, astack: AsyncStack) 
     assert answer == hashlib.sha256(data).digest() + struct.pack("!Q", size)
 
     listener = tun_ns.socket(socket.AF_INET)
-    listener.bind((KERNEL_V4, 9093))
+    listener.bind((KERNEL_V4, port + 1000))
     listener.listen()
 
     async def kernel_hash() -> tuple[bytes, int]:
@@ -373,7 +373,7 @@ async def test_100_megabytes_each_way(tun_ns: TunNamespace, astack: AsyncStack) 
 
     task = asyncio.create_task(kernel_hash())
     try:
-        _, writer = await astack.open_connection(KERNEL_V4, 9093, timeout=10)
+        _, writer = await astack.open_connection(KERNEL_V4, port + 1000, timeout=10)
         view = memoryview(data)
         for start in range(0, size, 1 << 20):
             writer.write(view[start : start + (1 << 20)])
@@ -384,3 +384,29 @@ async def test_100_megabytes_each_way(tun_ns: TunNamespace, astack: AsyncStack) 
     finally:
         task.cancel()
         listener.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_100_megabytes_each_way(tun_ns: TunNamespace, astack: AsyncStack) -> None:
+    """The acceptance target: 100 MB kernel -> us and 100 MB us -> kernel, hash-checked."""
+    await each_way(tun_ns, astack, BIG, 8090)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_100_megabytes_each_way_impaired(tun_ns: TunNamespace) -> None:
+    """The same 100 MB each way through a seeded impairment between the TUN and the
+    stack: every packet delayed 1 ms, 0.5% lost, 0.5% duplicated, 2% reordered (the
+    harsher mix in ``test_impaired_both_directions`` runs on fewer bytes)."""
+    link = ImpairedLink(
+        TunLink(tun_ns.fd), seed=9, loss=0.005, duplicate=0.005, reorder=0.02, delay=0.001
+    )
+    astack = AsyncStack(Stack([STACK_V4, STACK_V6], mtu=1500, rng=random.Random(9)), link)
+    try:
+        await each_way(tun_ns, astack, BIG, 8095)
+    finally:
+        astack.close()
+        link.inner.detach()  # type: ignore[attr-defined]
+    assert link.stats["dropped"] > 0 and link.stats["reordered"] > 0
+    assert link.stats["duplicated"] > 0

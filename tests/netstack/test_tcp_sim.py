@@ -610,3 +610,99 @@ def test_tail_loss_probe_recovers_a_lost_tail_without_rto() -> None:
     assert len(dropped) == 2
     assert client.stats_tlp >= 1
     assert client.stats_rto == 0
+
+
+@pytest.mark.parametrize("algorithm", ["cubic", "newreno"])
+def test_congestion_control_cubic_and_newreno_transfer_with_loss(algorithm: str) -> None:
+    config = TcpConfig(congestion_control=algorithm)
+    net, a, b = make_net(seed=31, impairment=Impairment(loss=0.02, delay=0.01), config=config)
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 2_000_000, 1_000_000, seed=31)
+    assert client._cc.name == server._cc.name == algorithm
+    assert client.stats_recoveries > 0
+
+
+def test_cubic_beats_newreno_on_a_lossy_path() -> None:
+    # Same seed, same path: CUBIC's gentler reduction (beta 0.7) and its cubic
+    # regrowth move the same bytes in less virtual time.
+    elapsed = {}
+    for algorithm in ("cubic", "newreno"):
+        config = TcpConfig(congestion_control=algorithm)
+        net, a, b = make_net(seed=32, impairment=Impairment(loss=0.01, delay=0.02), config=config)
+        client, server = establish(net, a, b)
+        start = net.now
+        transfer(net, client, server, 4_000_000, 0, seed=32)
+        elapsed[algorithm] = net.now - start
+    assert elapsed["cubic"] < elapsed["newreno"]
+
+
+def reordering_run(monkeypatch: pytest.MonkeyPatch, adaptive: bool) -> TcpConnection:
+    if not adaptive:
+        monkeypatch.setattr("netstack.tcp._MAX_REORDERING", 3)
+    net, a, b = make_net(seed=21, impairment=Impairment(reorder=0.05, reorder_delay=0.05))
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 3_000_000, 0)
+    return client
+
+
+def test_reordering_raises_the_duplicate_ack_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Reordering only: once a late segment fills a hole that was never re-sent, fast
+    # retransmit waits for as many duplicate ACKs / SACKed segments as the reordering
+    # seen (RFC 4653's idea, Linux's tp->reordering), so far fewer spurious recoveries.
+    adaptive = reordering_run(monkeypatch, adaptive=True)
+    assert adaptive.stats_reordering > 0
+    assert adaptive._reordering > 3
+    fixed = reordering_run(monkeypatch, adaptive=False)
+    assert fixed._reordering == 3
+    assert adaptive.stats_recoveries * 3 < fixed.stats_recoveries * 2
+
+
+@pytest.mark.parametrize(
+    "impairment",
+    [
+        Impairment(loss=0.01, delay=0.01),
+        Impairment(delay=0.01, bandwidth=2_000_000, queue_limit=60_000),
+    ],
+    ids=["loss", "bottleneck"],
+)
+def test_loss_alone_is_not_taken_for_reordering(impairment: Impairment) -> None:
+    net, a, b = make_net(seed=21, impairment=impairment)
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 3_000_000, 0)
+    assert client.stats_retransmitted > 0
+    assert client._reordering == 3
+
+
+def test_drop_tail_bottleneck_costs_few_retransmissions() -> None:
+    # Slow start overshoots a 60 KB drop-tail queue.  After the RTO that follows, the
+    # re-sent data is still queued at the bottleneck: no fast recovery may start on
+    # those holes until it is all acknowledged (RFC 6582 section 4.1, Linux's Loss
+    # state), or each hole is sent a third time and the "spurious" undo misfires.
+    imp = Impairment(delay=0.01, bandwidth=2_000_000, queue_limit=60_000)
+    net, a, b = make_net(seed=21, impairment=imp)
+    client, server = establish(net, a, b)
+    start = net.now
+    transfer(net, client, server, 3_000_000, 0)
+    drops = net.paths[(id(a), id(b))].stats.queue_drops
+    assert drops > 0
+    assert client.stats_retransmitted < 2 * drops + 20
+    assert client.stats_undo == 0
+    assert net.now - start < 1.5 * 3_000_000 / 2_000_000 + 1.0
+
+
+def test_sack_scoreboard_stays_sorted_and_merged() -> None:
+    net, a, b = make_net()
+    client, _server = establish(net, a, b)
+    client._snd_una, client._snd_max = 1, 100_001
+    iss = client._iss
+
+    def wire(offset: int) -> int:
+        return (iss + offset) & 0xFFFFFFFF
+
+    assert client._update_scoreboard(((wire(5001), wire(7001)), (wire(1001), wire(3001))))
+    assert client._sacked == [(1001, 3001), (5001, 7001)]
+    # Blocks already known change nothing and leave no trace.
+    assert not client._update_scoreboard(((wire(5001), wire(7001)), (wire(1501), wire(2001))))
+    assert client._sacked == [(1001, 3001), (5001, 7001)]
+    assert client._update_scoreboard(((wire(3001), wire(5001)),))
+    assert client._sacked == [(1001, 7001)]
