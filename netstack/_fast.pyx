@@ -636,3 +636,150 @@ cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
     if v > 0xFF:
         raise OverflowError("value does not fit in 8 bits")
     return v
+
+
+# ---------------------------------------------------------------- TCP established path
+
+from netstack import events as _ev
+
+cdef enum:
+    _ACK_FLAG = 0x10
+    _CONTROL_FLAGS = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set here
+
+
+def tcp_receive_established(object conn, object seg, double now):
+    """The in-order, ACK-only segment of an ESTABLISHED connection, handled in full or
+    not at all (False: nothing changed, the general path takes it); the twin of
+    ``_pure.tcp_receive_established``, which documents the conditions."""
+    cdef long long flags = seg.flags
+    if (flags & _CONTROL_FLAGS) != _ACK_FLAG or seg.sack_blocks:
+        return False
+    if conn._in_recovery or conn._sacked or conn._dupacks or conn._undo_pending or conn._ooo:
+        return False
+    cdef long long rcv_nxt = conn._rcv_nxt
+    cdef long long wire_seq = seg.seq
+    cdef long long irs = conn._irs
+    if (<uint64_t>(wire_seq - irs - rcv_nxt)) & 0xFFFFFFFF:
+        return False
+    payload = seg.payload
+    cdef Py_ssize_t size = len(payload)
+    ts = seg.timestamp
+    cdef bint ts_ok = conn._ts_ok
+    cdef bint has_ts = ts_ok and ts is not None
+    cdef long long tsval = 0, tsecr = 0
+    cdef long long ts_recent = conn._ts_recent
+    if has_ts:
+        tsval = ts[0]
+        tsecr = ts[1]
+        if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) >= 0x80000000:
+            return False
+    if size and size > <long long>conn._rcv_adv - rcv_nxt:
+        return False
+    cdef long long snd_una = conn._snd_una
+    cdef long long wire_ack = seg.ack
+    cdef long long iss = conn._iss
+    cdef long long advance = (<uint64_t>(wire_ack - iss - snd_una)) & 0xFFFFFFFF
+    if advance >= 0x80000000:
+        return False
+    cdef long long ack = snd_una + advance
+    cdef long long snd_max = conn._snd_max
+    if ack > snd_max:
+        return False
+    fin = conn._fin_offset
+    if fin is not None and ack > <long long>fin >= snd_una:
+        return False
+    cdef long long window = (<long long>seg.window) << (<int>conn._snd_wscale)
+    if not advance and not size and snd_max > snd_una and window == <long long>conn._snd_wnd:
+        return False
+    # -- from here on the segment is ours.
+    conn._last_receive = now
+    conn._keepalive_probes = 0
+    cdef long long wl1 = conn._snd_wl1
+    if wl1 < rcv_nxt or (wl1 == rcv_nxt and <long long>conn._snd_wl2 <= ack):
+        conn._snd_wnd = window
+        conn._snd_wl1 = rcv_nxt
+        conn._snd_wl2 = ack
+        if window > <long long>conn._max_snd_wnd:
+            conn._max_snd_wnd = window
+    cdef long long start, trim, snd_nxt, flight_before, mss, cwnd, ts_now, pending, quickack
+    cdef double sample
+    if advance:
+        sndbuf = conn._sndbuf
+        start = conn._sndbuf_start
+        trim = min(ack, start + <long long>len(sndbuf)) - start
+        if trim > 0:
+            sndbuf.consume(trim)
+            conn._sndbuf_start = start + trim
+        snd_nxt = conn._snd_nxt
+        flight_before = snd_nxt - snd_una
+        conn._snd_una = ack
+        if snd_nxt < ack:
+            conn._snd_nxt = ack
+        if <long long>conn._high_rxt < ack:
+            conn._high_rxt = ack
+        if has_ts and tsecr:
+            ts_now = (<long long>(now * 1000.0) + <long long>conn._ts_offset) & 0xFFFFFFFF
+            sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
+            if sample < 60.0:
+                conn._rtt_sample(sample)
+            conn._rtt_seq = None
+        else:
+            rtt_seq = conn._rtt_seq
+            if rtt_seq is not None and ack > <long long>rtt_seq:
+                conn._rtt_sample(now - <double>conn._rtt_time)
+                conn._rtt_seq = None
+        conn._retries = 0
+        config = conn.config
+        mss = min(<long long>conn._peer_mss, <long long>config.mss)
+        if mss < 64:
+            mss = 64
+        cwnd = conn._cwnd
+        if flight_before + mss >= cwnd:
+            if cwnd < <long long>conn._ssthresh:
+                cwnd += min(advance, 2 * mss)
+            else:
+                srtt = conn._srtt
+                cwnd = conn._cc.on_ack(cwnd, advance, mss, now, srtt if srtt else 0.0)
+            conn._cwnd = min(cwnd, 2 * <long long>config.send_buffer)
+        conn._rto_deadline = None if ack >= snd_max else now + <double>conn._rto
+        conn._tlp_out = False
+        conn._arm_tail_loss_probe(now)
+        if conn._send_blocked and conn.send_buffer_space > 0:
+            conn._send_blocked = False
+            conn._emit(_ev.SendSpaceAvailable())
+    if has_ts and rcv_nxt <= <long long>conn._last_ack_sent:
+        if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) < 0x80000000:
+            conn._ts_recent = tsval
+        if size and tsecr:
+            ts_now = (<long long>(now * 1000.0) + <long long>conn._ts_offset) & 0xFFFFFFFF
+            sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
+            if sample < 60.0:
+                prev = conn._rcv_rtt
+                conn._rcv_rtt = sample if prev is None else min(<double>prev, sample) * 0.9 + sample * 0.1
+    if size:
+        conn._rcv_nxt = rcv_nxt + size
+        if not conn._discard_input:
+            rcvbuf = conn._rcvbuf
+            if not rcvbuf:
+                conn._emit(_ev.DataAvailable())
+            rcvbuf += payload
+        pending = <long long>conn._ack_pending + 1
+        conn._ack_pending = pending
+        quickack = conn._quickack
+        if pending >= 2 or quickack > 0:
+            conn._ack_now = True
+        elif conn._ack_deadline is None:
+            conn._ack_deadline = now + <double>config_delayed_ack(conn)
+        if quickack > 0:
+            conn._quickack = quickack - 1
+        rtt = conn._rcv_rtt
+        if rtt is None:
+            rtt = conn._srtt
+        interval = 0.1 if rtt is None else <double>rtt
+        if now - <double>conn._rcv_space_time >= max(interval, 0.005):
+            conn._autotune(now)
+    return True
+
+
+cdef inline double config_delayed_ack(object conn) except? -1.0:
+    return conn.config.delayed_ack

@@ -8,7 +8,9 @@ big-integer remainder does the word loop for us.  An odd trailing byte is padded
 a zero byte on the right (RFC 1071 section 4.1).
 
 The WireGuard transport twins use ``cryptography``'s ChaCha20-Poly1305; the TCP packet
-twins are defined by the full parsers/builders of ``ip`` and ``tcpwire``.
+twins are defined by the full parsers/builders of ``ip`` and ``tcpwire``; the
+established-state receive path is defined by ``TcpConnection.receive`` (the general
+path it short-cuts).
 
 Every function here has an identical twin in ``_fast.pyx``; ``netstack.speedups``
 picks one, and the same tests run against both.
@@ -22,6 +24,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from netstack import events as _ev
 
 
 def ones_sum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -269,3 +273,129 @@ def build_tcp_packet(segment: Any, src: bytes, dst: bytes) -> bytes:
 
 
 _BUILDERS: list[Any] = []
+
+
+_MASK32 = 0xFFFFFFFF
+_ACK, _PSH = 0x10, 0x08
+_CONTROL = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set on the fast path
+
+
+def tcp_receive_established(conn: Any, seg: Any, now: float) -> bool:
+    """The established-state receive path for the common segment: in order, ACK only
+    (PSH allowed), no SACK blocks, while nothing is being recovered or reassembled, and
+    not the ACK of our FIN (which changes the state).
+
+    Does exactly what ``TcpConnection.receive`` would do with it and returns True, or
+    changes nothing and returns False for the general path.  ``conn`` is in
+    ESTABLISHED, FIN-WAIT-1 or FIN-WAIT-2 (checked by the caller).
+    """
+    flags = seg.flags
+    if flags & _CONTROL != _ACK or seg.sack_blocks:
+        return False
+    if conn._in_recovery or conn._sacked or conn._dupacks or conn._undo_pending or conn._ooo:
+        return False
+    rcv_nxt = conn._rcv_nxt
+    if (seg.seq - conn._irs - rcv_nxt) & _MASK32:
+        return False  # not the next byte expected
+    payload = seg.payload
+    size = len(payload)
+    ts = seg.timestamp
+    ts_ok = conn._ts_ok
+    if ts_ok and ts is not None and (ts[0] - conn._ts_recent) & _MASK32 >= 0x80000000:
+        return False  # PAWS
+    if size and size > conn._rcv_adv - rcv_nxt:
+        return False  # beyond the window (or a zero window): trimmed by the general path
+    snd_una = conn._snd_una
+    advance = (seg.ack - conn._iss - snd_una) & _MASK32
+    if advance >= 0x80000000:
+        return False  # an old ACK
+    ack = snd_una + advance
+    snd_max = conn._snd_max
+    if ack > snd_max:
+        return False  # acknowledges what was never sent
+    fin = conn._fin_offset
+    if fin is not None and ack > fin >= snd_una:
+        return False  # acknowledges our FIN: a state change
+    window = seg.window << conn._snd_wscale
+    if not advance and not size and snd_max > snd_una and window == conn._snd_wnd:
+        return False  # a duplicate ACK
+    # -- from here on the segment is ours.
+    conn._last_receive = now
+    conn._keepalive_probes = 0
+    wl1 = conn._snd_wl1
+    if wl1 < rcv_nxt or (wl1 == rcv_nxt and conn._snd_wl2 <= ack):
+        conn._snd_wnd = window
+        conn._snd_wl1 = rcv_nxt
+        conn._snd_wl2 = ack
+        if window > conn._max_snd_wnd:
+            conn._max_snd_wnd = window
+    if advance:
+        sndbuf = conn._sndbuf
+        start = conn._sndbuf_start
+        trim = min(ack, start + len(sndbuf)) - start
+        if trim > 0:
+            sndbuf.consume(trim)
+            conn._sndbuf_start = start + trim
+        snd_nxt = conn._snd_nxt
+        flight_before = snd_nxt - snd_una
+        conn._snd_una = ack
+        if snd_nxt < ack:
+            conn._snd_nxt = ack
+        if conn._high_rxt < ack:
+            conn._high_rxt = ack
+        if ts_ok and ts is not None and ts[1]:
+            sample = ((conn._ts_now(now) - ts[1]) & _MASK32) / 1000.0
+            if sample < 60.0:
+                conn._rtt_sample(sample)
+            conn._rtt_seq = None
+        else:
+            rtt_seq = conn._rtt_seq
+            if rtt_seq is not None and ack > rtt_seq:
+                conn._rtt_sample(now - conn._rtt_time)
+                conn._rtt_seq = None
+        conn._retries = 0
+        mss = conn._send_mss()
+        cwnd = conn._cwnd
+        if flight_before + mss >= cwnd:  # cwnd-limited: grow
+            if cwnd < conn._ssthresh:
+                cwnd += min(advance, 2 * mss)
+            else:
+                cwnd = conn._cc.on_ack(cwnd, advance, mss, now, conn._srtt or 0.0)
+            conn._cwnd = min(cwnd, 2 * conn.config.send_buffer)
+        conn._rto_deadline = None if ack >= snd_max else now + conn._rto
+        conn._tlp_out = False
+        conn._arm_tail_loss_probe(now)
+        if conn._send_blocked and conn.send_buffer_space > 0:
+            conn._send_blocked = False
+            conn._emit(_ev.SendSpaceAvailable())
+    if ts_ok and ts is not None and rcv_nxt <= conn._last_ack_sent:
+        if (ts[0] - conn._ts_recent) & _MASK32 < 0x80000000:
+            conn._ts_recent = ts[0]
+        if size and ts[1]:
+            sample = ((conn._ts_now(now) - ts[1]) & _MASK32) / 1000.0
+            if sample < 60.0:
+                prev = conn._rcv_rtt
+                conn._rcv_rtt = sample if prev is None else min(prev, sample) * 0.9 + sample * 0.1
+    if size:
+        conn._rcv_nxt = rcv_nxt + size
+        if not conn._discard_input:
+            rcvbuf = conn._rcvbuf
+            if not rcvbuf:
+                conn._emit(_ev.DataAvailable())
+            rcvbuf += payload
+        pending = conn._ack_pending + 1
+        conn._ack_pending = pending
+        quickack = conn._quickack
+        if pending >= 2 or quickack > 0:
+            conn._ack_now = True
+        elif conn._ack_deadline is None:
+            conn._ack_deadline = now + conn.config.delayed_ack
+        if quickack > 0:
+            conn._quickack = quickack - 1
+        rtt = conn._rcv_rtt
+        if rtt is None:
+            rtt = conn._srtt
+        interval = 0.1 if rtt is None else rtt
+        if now - conn._rcv_space_time >= max(interval, 0.005):
+            conn._autotune(now)  # its own early return, checked here without the call
+    return True

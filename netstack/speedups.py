@@ -20,6 +20,7 @@ open_run = _pure.open_run
 seal_run = _pure.seal_run
 parse_tcp_packet = _pure.parse_tcp_packet
 build_tcp_packet = _pure.build_tcp_packet
+tcp_receive_established = _pure.tcp_receive_established
 
 if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
     try:
@@ -35,4 +36,5 @@ if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
         seal_run = _fast.seal_run  # type: ignore[assignment,unused-ignore]
         parse_tcp_packet = _fast.parse_tcp_packet
         build_tcp_packet = _fast.build_tcp_packet
+        tcp_receive_established = _fast.tcp_receive_established
         IMPLEMENTATION = "cython"

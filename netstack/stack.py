@@ -34,6 +34,7 @@ import random
 from collections.abc import Iterable
 
 from netstack import events as ev
+from netstack import tcp as tcpmodule
 from netstack.icmp import (
     ICMP_ECHO_REQUEST,
     ICMPV6_ECHO_REQUEST,
@@ -55,7 +56,7 @@ from netstack.ip import (
     parse_ip,
 )
 from netstack.speedups import build_tcp_packet, parse_tcp_packet
-from netstack.tcp import TcpConfig, TcpConnection
+from netstack.tcp import FAST_STATES, TcpConfig, TcpConnection
 from netstack.tcpwire import ACK, FIN, RST, SYN, TcpError, TcpSegment, parse_tcp
 from netstack.udp import UdpError, build_udp, parse_udp
 
@@ -256,6 +257,14 @@ class Stack:
         if parsed is not None:
             src, dst, segment = parsed
             if dst in self._local:
+                conn = self._conns.get((dst, segment.dst_port, src, segment.src_port))
+                if (
+                    conn is not None
+                    and conn.state in FAST_STATES
+                    and tcpmodule.receive_established(conn, segment, now)
+                ):
+                    self._dirty[conn] = None  # the established hot path, straight in
+                    return
                 self._receive_tcp(src, dst, segment, now)
                 return
         try:

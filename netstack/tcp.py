@@ -53,6 +53,12 @@ it per RTT (receive-window auto-tuning, as Linux's DRS).  ACKs are delayed (40 m
 sent for every second segment, immediately at start (quick-ACK), for out-of-order data,
 hole fills and FIN (RFC 9293 3.8.6.3; RFC 5681 section 4.2).
 
+Hot path: the common segment once established -- next in order, ACK only, no SACK
+blocks, nothing in recovery or reassembly, not the ACK of our FIN -- is handled whole
+by ``speedups.tcp_receive_established`` (Cython, or its pure-Python twin), which does
+exactly what the general path below would and declines anything else untouched;
+``tests/netstack/test_established_path.py`` holds the two to the same packets.
+
 Robustness: PAWS (RFC 7323 section 5), RST and SYN validation with challenge ACKs and
 ACK-range checks (RFC 5961 sections 3-5), TIME_WAIT of ``config.time_wait`` seconds
 (RFC 9293 3.6.1) which a newer SYN may end (RFC 6191, see ``accepts_new_syn``),
@@ -65,7 +71,7 @@ import bisect
 import enum
 from dataclasses import dataclass
 
-from netstack import congestion
+from netstack import congestion, speedups
 from netstack import events as ev
 from netstack.sendbuf import SendBuffer
 from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
@@ -73,6 +79,9 @@ from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
 MASK32 = 0xFFFFFFFF
 _MAX_SACK_RANGES = 256
 _MAX_SEGMENTS_PER_CALL = 4096
+# In-order, ACK-only segments once established (Cython or its twin); the Stack calls it
+# straight from its packet loop too.  Looked up at each call: tests swap it out.
+receive_established = speedups.tcp_receive_established
 _MAX_REORDERING = 300  # segments, as Linux's net.ipv4.tcp_max_reordering
 _PERSIST_MAX = 60.0
 _INFINITY = float("inf")
@@ -106,6 +115,7 @@ _SEND_STATES = frozenset(
         TcpState.LAST_ACK,
     }
 )
+FAST_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
 _RECEIVE_DATA_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
 _APP_SEND_STATES = frozenset(
     {TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT}
@@ -599,6 +609,8 @@ class TcpConnection:
     def receive(self, seg: TcpSegment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 3.10.7)."""
         state = self.state
+        if state in FAST_STATES and receive_established(self, seg, now):
+            return  # the common in-order segment, handled by the hot path
         if state is TcpState.CLOSED:
             return
         self._last_receive = now
