@@ -638,7 +638,7 @@ def test_cubic_beats_newreno_on_a_lossy_path() -> None:
 
 def reordering_run(monkeypatch: pytest.MonkeyPatch, adaptive: bool) -> TcpConnection:
     if not adaptive:
-        monkeypatch.setattr("netstack.tcp._MAX_REORDERING", 3)
+        monkeypatch.setattr("netstack.tcpsend._MAX_REORDERING", 3)
     net, a, b = make_net(seed=21, impairment=Impairment(reorder=0.05, reorder_delay=0.05))
     client, server = establish(net, a, b)
     transfer(net, client, server, 3_000_000, 0)
