@@ -110,6 +110,19 @@ def _window_shift(buffer_max: int) -> int:
     return shift
 
 
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``(start, end)`` ranges covering the same bytes."""
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in ranges:
+        if merged and s <= merged[-1][1]:
+            if e > merged[-1][1]:
+                merged[-1] = (merged[-1][0], e)
+        else:
+            merged.append((s, e))
+    return merged
+
+
 class TcpBase:
     """The fields of one connection and the helpers all its parts use."""
 

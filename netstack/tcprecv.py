@@ -6,7 +6,7 @@ peer's FIN."""
 from __future__ import annotations
 
 from netstack import events as ev
-from netstack.tcpbase import _RECEIVE_DATA_STATES, MASK32, TcpBase, TcpState
+from netstack.tcpbase import _RECEIVE_DATA_STATES, MASK32, TcpBase, TcpState, merge_ranges
 
 
 class ReceiveSide(TcpBase):
@@ -110,16 +110,7 @@ class ReceiveSide(TcpBase):
         self._ooo[seq] = payload
         self._ooo_bytes += len(payload)
         self._last_ooo = (seq, end)
-        ranges = [*self._ooo_ranges, (seq, end)]
-        ranges.sort()
-        merged: list[tuple[int, int]] = []
-        for s, e in ranges:
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        self._ooo_ranges = merged
+        self._ooo_ranges = merge_ranges([*self._ooo_ranges, (seq, end)])
 
     def _drain_ooo(self) -> None:
         ooo = self._ooo

@@ -17,6 +17,7 @@ from netstack.tcpbase import (
     TcpBase,
     TcpState,
     _unwrap,
+    merge_ranges,
 )
 from netstack.tcpwire import ACK, FIN, PSH, RST, TcpSegment
 
@@ -261,16 +262,8 @@ class SendSide(TcpBase):
                 added.append((left, right))
         if not added:
             return False
-        ranges = ranges + added
-        ranges.sort()
-        merged: list[tuple[int, int]] = []
-        for s, e in ranges:
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        self._sacked = merged[:_MAX_SACK_RANGES]  # the lowest ranges matter most
+        # The lowest ranges matter most.
+        self._sacked = merge_ranges(ranges + added)[:_MAX_SACK_RANGES]
         return True
 
     def _on_rto(self, now: float) -> None:
