@@ -276,7 +276,7 @@ _BUILDERS: list[Any] = []
 
 
 _MASK32 = 0xFFFFFFFF
-_ACK, _PSH = 0x10, 0x08
+_ACK = 0x10
 _CONTROL = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set on the fast path
 
 
@@ -392,10 +392,5 @@ def tcp_receive_established(conn: Any, seg: Any, now: float) -> bool:
             conn._ack_deadline = now + conn.config.delayed_ack
         if quickack > 0:
             conn._quickack = quickack - 1
-        rtt = conn._rcv_rtt
-        if rtt is None:
-            rtt = conn._srtt
-        interval = 0.1 if rtt is None else rtt
-        if now - conn._rcv_space_time >= max(interval, 0.005):
-            conn._autotune(now)  # its own early return, checked here without the call
+        conn._autotune(now)
     return True

@@ -34,7 +34,6 @@ import random
 from collections.abc import Iterable
 
 from netstack import events as ev
-from netstack import tcp as tcpmodule
 from netstack.icmp import (
     ICMP_ECHO_REQUEST,
     ICMPV6_ECHO_REQUEST,
@@ -258,12 +257,11 @@ class Stack:
             src, dst, segment = parsed
             if dst in self._local:
                 conn = self._conns.get((dst, segment.dst_port, src, segment.src_port))
-                if (
-                    conn is not None
-                    and conn.state in FAST_STATES
-                    and tcpmodule.receive_established(conn, segment, now)
-                ):
-                    self._dirty[conn] = None  # the established hot path, straight in
+                if conn is not None and conn.state in FAST_STATES:
+                    # Established: no SYN handling to do here, straight to the
+                    # connection (whose hot path takes the common segment).
+                    conn.receive(segment, now)
+                    self._dirty[conn] = None
                     return
                 self._receive_tcp(src, dst, segment, now)
                 return

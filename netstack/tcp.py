@@ -92,8 +92,8 @@ from netstack.tcpwire import ACK, FIN, RST, SYN, TcpSegment
 
 __all__ = ["FAST_STATES", "TcpConfig", "TcpConnection", "TcpState", "TcpStateError"]
 
-# In-order, ACK-only segments once established (Cython or its twin); the Stack calls it
-# straight from its packet loop too.  Looked up at each call: tests swap it out.
+# In-order, ACK-only segments once established (Cython or its twin).  Looked up at each
+# call: tests swap it out.
 receive_established = speedups.tcp_receive_established
 
 
@@ -316,31 +316,6 @@ class TcpConnection(SendSide, ReceiveSide):
             sack_permitted=self._sack_ok,
             timestamp=timestamp,
         )
-
-    def _enter_closed(self) -> None:
-        self.state = TcpState.CLOSED
-        self._rto_deadline = None
-        self._tlp_deadline = None
-        self._ack_deadline = None
-        self._persist_deadline = None
-        self._time_wait_deadline = None
-        self._ack_now = False
-        self._sndbuf.clear()
-        self._ooo.clear()
-        self._ooo_ranges.clear()
-        if not self._closed_reported:
-            self._closed_reported = True
-            self._emit(ev.ConnectionClosed())
-
-    def _enter_time_wait(self, now: float) -> None:
-        self.state = TcpState.TIME_WAIT
-        self._rto_deadline = None
-        self._tlp_deadline = None
-        self._persist_deadline = None
-        self._time_wait_deadline = now + self.config.time_wait
-        if not self._closed_reported:
-            self._closed_reported = True
-            self._emit(ev.ConnectionClosed())
 
     def receive(self, seg: TcpSegment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 3.10.7)."""

@@ -53,8 +53,8 @@ _SEND_STATES = frozenset(
         TcpState.LAST_ACK,
     }
 )
-FAST_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
 _RECEIVE_DATA_STATES = frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT_1, TcpState.FIN_WAIT_2})
+FAST_STATES = _RECEIVE_DATA_STATES  # where the established-state hot path may apply
 _APP_SEND_STATES = frozenset(
     {TcpState.SYN_SENT, TcpState.SYN_RECEIVED, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT}
 )
@@ -264,7 +264,32 @@ class TcpBase:
     def _emit(self, event: ev.TcpEvent) -> None:
         self._events.append(event)
 
-    # Defined by TcpConnection (tcp.py); declared here for the parts that call them.
+    def _enter_closed(self) -> None:
+        self.state = TcpState.CLOSED
+        self._rto_deadline = None
+        self._tlp_deadline = None
+        self._ack_deadline = None
+        self._persist_deadline = None
+        self._time_wait_deadline = None
+        self._ack_now = False
+        self._sndbuf.clear()
+        self._ooo.clear()
+        self._ooo_ranges.clear()
+        if not self._closed_reported:
+            self._closed_reported = True
+            self._emit(ev.ConnectionClosed())
+
+    def _enter_time_wait(self, now: float) -> None:
+        self.state = TcpState.TIME_WAIT
+        self._rto_deadline = None
+        self._tlp_deadline = None
+        self._persist_deadline = None
+        self._time_wait_deadline = now + self.config.time_wait
+        if not self._closed_reported:
+            self._closed_reported = True
+            self._emit(ev.ConnectionClosed())
+
+    # Defined by TcpConnection (tcp.py); declared here for the parts that call it.
 
     def _segment(
         self,
@@ -273,10 +298,4 @@ class TcpBase:
         payload: bytes = b"",
         now: float | None = None,
     ) -> TcpSegment:
-        raise NotImplementedError
-
-    def _enter_closed(self) -> None:
-        raise NotImplementedError
-
-    def _enter_time_wait(self, now: float) -> None:
         raise NotImplementedError
