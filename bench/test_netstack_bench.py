@@ -122,8 +122,7 @@ def _receive_all(stack: Stack, packets: list[bytes]) -> None:
     now = 1.0
     conn = next(iter(stack._conns.values()))
     for start in range(0, len(packets), 16):
-        for packet in packets[start : start + 16]:
-            stack.receive_packet(packet, now)
+        stack.receive_packets(packets[start : start + 16], now)
         stack.packets_to_send(now)
         conn.read()
         now += 0.0001

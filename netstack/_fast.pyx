@@ -385,9 +385,12 @@ def seal_run(list packets, Py_ssize_t start, TransportCipher cipher, unsigned in
 # value objects (IpPacket, TcpSegment).  Here IPv4 (header checksum, no fragments,
 # options skipped) or IPv6 without extension headers, then TCP (data offset, checksum
 # over the pseudo-header, options as tcpwire.parse_tcp reads them) are checked in one
-# pass and only the TcpSegment is built.  Anything else -- malformed, a fragment, not
-# TCP, IPv6 extension headers -- returns None and the stack's full Python path
-# classifies and counts it.  Twin: ``parse_tcp_packet`` in ``_pure.py``.
+# C pass into a ``TcpView`` struct; ``parse_tcp_packet`` then builds the TcpSegment and
+# ``tcp_receive_packet`` (below) first tries the established-state path straight from
+# the struct, building objects only when that path declines.  Anything else --
+# malformed, a fragment, not TCP, IPv6 extension headers -- is None and the stack's
+# full Python path classifies and counts it.  Twin: ``parse_tcp_packet`` in
+# ``_pure.py``.
 
 cdef inline unsigned int _be16(const unsigned char *p) noexcept nogil:
     return (p[0] << 8) | p[1]
@@ -397,61 +400,88 @@ cdef inline uint64_t _be32(const unsigned char *p) noexcept nogil:
     return ((<uint64_t>p[0]) << 24) | (p[1] << 16) | (p[2] << 8) | p[3]
 
 
-def parse_tcp_packet(packet, segment_type):
-    """``(src, dst, segment)`` for a well-formed IPv4/IPv6 TCP packet (``segment`` built
-    by calling ``segment_type`` like ``tcpwire.TcpSegment``), None for anything else."""
-    if type(packet) is not bytes:
-        return None
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(packet)
+cdef struct TcpView:
+    Py_ssize_t addr_off      # source address; the destination follows it
+    Py_ssize_t addr_len      # 4 or 16
+    Py_ssize_t tcp_off       # TCP header
+    Py_ssize_t tcp_len       # TCP header + payload
+    Py_ssize_t data_off      # TCP header length (payload at tcp_off + data_off)
+    unsigned int src_port
+    unsigned int dst_port
+    uint64_t seq
+    uint64_t ack
+    unsigned int flags
+    unsigned int window
+    int mss                  # -1: absent
+    int wscale               # -1: absent
+    bint sack_permitted
+    bint has_ts
+    uint64_t tsval
+    uint64_t tsecr
+    int blocks               # SACK blocks (40 option bytes hold at most 4)
+    uint64_t block_edges[8]
+
+
+cdef bint _view_tcp(const unsigned char *p, Py_ssize_t size, TcpView *v) noexcept nogil:
+    """Fill ``v`` from a well-formed IPv4/IPv6 TCP packet; False for anything else."""
     cdef Py_ssize_t header_len, end, tcp_len, offset, i, opt_len, j
     cdef uint64_t total
     cdef unsigned int kind
-    cdef object src, dst
     if size < 20:
-        return None
+        return False
     cdef int version = p[0] >> 4
     if version == 4:
         header_len = (p[0] & 0x0F) * 4
         if header_len < 20 or size < header_len:
-            return None
+            return False
         end = _be16(p + 2)
         if end < header_len or end > size:
-            return None
+            return False
         if _fold(kk_sum16(p, header_len)) != 0xFFFF:
-            return None
+            return False
         if _be16(p + 6) & 0x3FFF or p[9] != 6:
-            return None
-        src = PyBytes_FromStringAndSize(<const char *>p + 12, 4)
-        dst = PyBytes_FromStringAndSize(<const char *>p + 16, 4)
+            return False
+        v.addr_off = 12
+        v.addr_len = 4
         total = kk_sum16(p + 12, 8)
     elif version == 6:
         if size < 40 or p[6] != 6:
-            return None
+            return False
         header_len = 40
         end = 40 + _be16(p + 4)
         if end > size:
-            return None
-        src = PyBytes_FromStringAndSize(<const char *>p + 8, 16)
-        dst = PyBytes_FromStringAndSize(<const char *>p + 24, 16)
+            return False
+        v.addr_off = 8
+        v.addr_len = 16
         total = kk_sum16(p + 8, 32)
     else:
-        return None
+        return False
     cdef const unsigned char *t = p + header_len
     tcp_len = end - header_len
     if tcp_len < 20:
-        return None
+        return False
     offset = (t[12] >> 4) * 4
     if offset < 20 or offset > tcp_len:
-        return None
+        return False
     total += 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16) + kk_sum16(t, tcp_len)
     if _fold(total) != 0xFFFF:
-        return None
-    cdef object mss = None
-    cdef object wscale = None
-    cdef bint sack_permitted = False
-    cdef object timestamp = None
-    cdef list sack_blocks = []
+        return False
+    v.tcp_off = header_len
+    v.tcp_len = tcp_len
+    v.data_off = offset
+    v.src_port = _be16(t)
+    v.dst_port = _be16(t + 2)
+    v.seq = _be32(t + 4)
+    v.ack = _be32(t + 8)
+    v.flags = t[13]
+    v.window = _be16(t + 14)
+    v.mss = -1
+    v.wscale = -1
+    v.sack_permitted = False
+    v.has_ts = False
+    v.tsval = 0
+    v.tsecr = 0
+    v.blocks = 0
     i = 20
     while i < offset:
         kind = t[i]
@@ -461,30 +491,58 @@ def parse_tcp_packet(packet, segment_type):
             i += 1
             continue
         if i + 1 >= offset:
-            return None
+            return False
         opt_len = t[i + 1]
         if opt_len < 2 or i + opt_len > offset:
-            return None
+            return False
         if kind == 2 and opt_len == 4:
-            mss = _be16(t + i + 2)
+            v.mss = _be16(t + i + 2)
         elif kind == 3 and opt_len == 3:
-            wscale = t[i + 2] if t[i + 2] < 14 else 14
+            v.wscale = t[i + 2] if t[i + 2] < 14 else 14
         elif kind == 4 and opt_len == 2:
-            sack_permitted = True
+            v.sack_permitted = True
         elif kind == 5 and opt_len >= 10 and (opt_len - 2) % 8 == 0:
             j = i + 2
-            while j < i + opt_len:
-                sack_blocks.append((_be32(t + j), _be32(t + j + 4)))
+            while j < i + opt_len and v.blocks < 4:
+                v.block_edges[2 * v.blocks] = _be32(t + j)
+                v.block_edges[2 * v.blocks + 1] = _be32(t + j + 4)
+                v.blocks += 1
                 j += 8
         elif kind == 8 and opt_len == 10:
-            timestamp = (_be32(t + i + 2), _be32(t + i + 6))
+            v.has_ts = True
+            v.tsval = _be32(t + i + 2)
+            v.tsecr = _be32(t + i + 6)
         i += opt_len
-    cdef object payload = PyBytes_FromStringAndSize(<const char *>t + offset, tcp_len - offset)
-    segment = segment_type(
-        _be16(t), _be16(t + 2), _be32(t + 4), _be32(t + 8), t[13], _be16(t + 14), payload,
-        mss, wscale, sack_permitted, timestamp, tuple(sack_blocks),
+    return True
+
+
+cdef object _segment_of(const unsigned char *p, TcpView *v, object segment_type):
+    cdef const unsigned char *t = p + v.tcp_off
+    cdef int k
+    blocks = tuple([(v.block_edges[2 * k], v.block_edges[2 * k + 1]) for k in range(v.blocks)])
+    payload = PyBytes_FromStringAndSize(<const char *>t + v.data_off, v.tcp_len - v.data_off)
+    return segment_type(
+        v.src_port, v.dst_port, v.seq, v.ack, v.flags, v.window, payload,
+        v.mss if v.mss >= 0 else None,
+        v.wscale if v.wscale >= 0 else None,
+        v.sack_permitted,
+        (v.tsval, v.tsecr) if v.has_ts else None,
+        blocks,
     )
-    return src, dst, segment
+
+
+def parse_tcp_packet(packet, segment_type):
+    """``(src, dst, segment)`` for a well-formed IPv4/IPv6 TCP packet (``segment`` built
+    by calling ``segment_type`` like ``tcpwire.TcpSegment``), None for anything else."""
+    if type(packet) is not bytes:
+        return None
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
+    cdef TcpView v
+    if not _view_tcp(p, PyBytes_GET_SIZE(packet), &v):
+        return None
+    src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
+    dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len, v.addr_len)
+    return src, dst, _segment_of(p, &v, segment_type)
 
 
 # ---------------------------------------------------------------- TCP packet build
@@ -639,6 +697,18 @@ cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
 
 
 # ---------------------------------------------------------------- TCP established path
+#
+# Theory of operation: ``_established`` is the whole receive path of the common
+# segment once established (the conditions are documented on the twin,
+# ``_pure.tcp_receive_established``): it first checks everything that could send the
+# segment to the general path and changes nothing if one does; past that point the
+# segment is applied in full.  It takes the segment as C values, so the stack's
+# packet path (``tcp_receive_packet``) feeds it straight from the parsed header and
+# copies the payload from the packet into the receive buffer once, with no
+# TcpSegment, payload or timestamp objects made.  ``tcp_receive_established`` feeds it
+# from a TcpSegment (``TcpConnection.receive``).
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 
 from netstack import events as _ev
 
@@ -647,50 +717,50 @@ cdef enum:
     _CONTROL_FLAGS = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set here
 
 
-def tcp_receive_established(object conn, object seg, double now):
-    """The in-order, ACK-only segment of an ESTABLISHED connection, handled in full or
-    not at all (False: nothing changed, the general path takes it); the twin of
-    ``_pure.tcp_receive_established``, which documents the conditions."""
-    cdef long long flags = seg.flags
-    if (flags & _CONTROL_FLAGS) != _ACK_FLAG or seg.sack_blocks:
-        return False
+cdef int _established(object conn, unsigned int flags, uint64_t wire_seq, uint64_t wire_ack,
+                      unsigned int raw_window, bint has_sack, bint ts_present,
+                      uint64_t tsval_, uint64_t tsecr_, const char *data, Py_ssize_t size,
+                      double now) except -1:
+    """1 when the segment was handled here, 0 when it was left untouched."""
+    if (flags & _CONTROL_FLAGS) != _ACK_FLAG or has_sack:
+        return 0
     if conn._in_recovery or conn._sacked or conn._dupacks or conn._undo_pending or conn._ooo:
-        return False
+        return 0
     cdef long long rcv_nxt = conn._rcv_nxt
-    cdef long long wire_seq = seg.seq
     cdef long long irs = conn._irs
-    if (<uint64_t>(wire_seq - irs - rcv_nxt)) & 0xFFFFFFFF:
-        return False
-    payload = seg.payload
-    cdef Py_ssize_t size = len(payload)
-    ts = seg.timestamp
+    if (<uint64_t>(<long long>wire_seq - irs - rcv_nxt)) & 0xFFFFFFFF:
+        return 0
     cdef bint ts_ok = conn._ts_ok
-    cdef bint has_ts = ts_ok and ts is not None
-    cdef long long tsval = 0, tsecr = 0
-    cdef long long ts_recent = conn._ts_recent
+    cdef bint has_ts = ts_ok and ts_present
+    cdef long long tsval = tsval_, tsecr = tsecr_
+    cdef long long ts_recent = 0
     if has_ts:
-        tsval = ts[0]
-        tsecr = ts[1]
+        ts_recent = conn._ts_recent
         if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) >= 0x80000000:
-            return False
+            return 0
     if size and size > <long long>conn._rcv_adv - rcv_nxt:
-        return False
+        return 0
     cdef long long snd_una = conn._snd_una
-    cdef long long wire_ack = seg.ack
     cdef long long iss = conn._iss
-    cdef long long advance = (<uint64_t>(wire_ack - iss - snd_una)) & 0xFFFFFFFF
+    cdef long long advance = (<uint64_t>(<long long>wire_ack - iss - snd_una)) & 0xFFFFFFFF
     if advance >= 0x80000000:
-        return False
+        return 0
     cdef long long ack = snd_una + advance
     cdef long long snd_max = conn._snd_max
     if ack > snd_max:
-        return False
+        return 0
     fin = conn._fin_offset
     if fin is not None and ack > <long long>fin >= snd_una:
-        return False
-    cdef long long window = (<long long>seg.window) << (<int>conn._snd_wscale)
+        return 0
+    cdef long long window = (<long long>raw_window) << (<int>conn._snd_wscale)
     if not advance and not size and snd_max > snd_una and window == <long long>conn._snd_wnd:
-        return False
+        return 0
+    cdef bint keep = size > 0 and not conn._discard_input
+    cdef object rcvbuf = None
+    if keep:
+        rcvbuf = conn._rcvbuf
+        if type(rcvbuf) is not bytearray:
+            return 0
     # -- from here on the segment is ours.
     config = conn.config
     conn._last_receive = now
@@ -703,6 +773,7 @@ def tcp_receive_established(object conn, object seg, double now):
         if window > <long long>conn._max_snd_wnd:
             conn._max_snd_wnd = window
     cdef long long start, trim, snd_nxt, flight_before, mss, cwnd, ts_now, pending, quickack
+    cdef Py_ssize_t held
     cdef double sample
     if advance:
         sndbuf = conn._sndbuf
@@ -756,11 +827,12 @@ def tcp_receive_established(object conn, object seg, double now):
                 conn._rcv_rtt = sample if prev is None else min(<double>prev, sample) * 0.9 + sample * 0.1
     if size:
         conn._rcv_nxt = rcv_nxt + size
-        if not conn._discard_input:
-            rcvbuf = conn._rcvbuf
-            if not rcvbuf:
+        if keep:
+            held = PyByteArray_GET_SIZE(rcvbuf)
+            if not held:
                 conn._emit(_ev.DataAvailable())
-            rcvbuf += payload
+            PyByteArray_Resize(rcvbuf, held + size)
+            memcpy(PyByteArray_AS_STRING(rcvbuf) + held, data, size)
         pending = <long long>conn._ack_pending + 1
         conn._ack_pending = pending
         quickack = conn._quickack
@@ -778,4 +850,184 @@ def tcp_receive_established(object conn, object seg, double now):
         interval = 0.1 if rtt is None else <double>rtt
         if now - <double>conn._rcv_space_time >= max(interval, 0.005):
             conn._autotune(now)
-    return True
+    return 1
+
+
+def tcp_receive_established(object conn, object seg, double now):
+    """The in-order, ACK-only segment of an ESTABLISHED connection, handled in full or
+    not at all (False: nothing changed, the general path takes it); the twin of
+    ``_pure.tcp_receive_established``, which documents the conditions."""
+    payload = seg.payload
+    if type(payload) is not bytes:
+        payload = bytes(payload)
+    ts = seg.timestamp
+    cdef bint ts_present = ts is not None
+    cdef uint64_t tsval = 0, tsecr = 0
+    if ts_present:
+        tsval = ts[0]
+        tsecr = ts[1]
+    return _established(
+        conn, seg.flags, seg.seq, seg.ack, seg.window, bool(seg.sack_blocks), ts_present,
+        tsval, tsecr, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), now,
+    ) == 1
+
+
+cdef object _receive_one(object packet, double now, object local, dict conns, dict dirty,
+                         object fast_states, object segment_type):
+    if type(packet) is not bytes:
+        return None
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
+    cdef TcpView v
+    if not _view_tcp(p, PyBytes_GET_SIZE(packet), &v):
+        return None
+    src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
+    dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len, v.addr_len)
+    if dst in local:
+        conn = conns.get((dst, v.dst_port, src, v.src_port))
+        if conn is not None and conn.state in fast_states and _established(
+            conn, v.flags, v.seq, v.ack, v.window, v.blocks > 0, v.has_ts, v.tsval, v.tsecr,
+            <const char *>p + v.tcp_off + v.data_off, v.tcp_len - v.data_off, now,
+        ):
+            dirty[conn] = None
+            return True
+    return src, dst, _segment_of(p, &v, segment_type)
+
+
+def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conns,
+                    dict dirty, fast_states, segment_type):
+    """Received packets ``packets[start:]`` through the established-state path, in
+    order, up to the first one it does not take; the twin of ``_pure.tcp_receive_run``.
+
+    A packet is taken when it is a TCP segment of a connection in ``fast_states``
+    (keyed in ``conns`` by ``(local address, local port, remote address, remote
+    port)``, the local address in ``local``) that the hot path handled in full; the
+    connection is then marked in ``dirty``.  Returns ``(index, parsed)``: the index of
+    the first packet not taken (``len(packets)`` when all were) and what
+    ``parse_tcp_packet`` made of it -- ``(src, dst, segment)`` for the general path, or
+    None when it is not well-formed TCP (or when all were taken).
+    """
+    cdef Py_ssize_t i = start
+    cdef Py_ssize_t n = PyList_GET_SIZE(packets)
+    while i < n:
+        result = _receive_one(<object>PyList_GET_ITEM(packets, i), now, local, conns, dirty,
+                              fast_states, segment_type)
+        if result is not True:
+            return i, result
+        i += 1
+    return n, None
+
+
+# ---------------------------------------------------------------- TCP send run
+#
+# Theory of operation: a bulk sender's ``_transmit`` spends its time in one branch --
+# new, full-size data after the first segment of the call, which carries the first
+# segment's ACK fields (the ``template``) and differs only in SEQ, flags and payload.
+# ``tcp_send_run`` takes over that branch for as many segments in a row as it applies:
+# it stops, changing nothing for that segment, at the first one the branch would not
+# take (the congestion or peer window, sender SWS avoidance, old data, our FIN, the
+# end of the data) and ``_transmit`` carries on from there.  A payload inside one of
+# the send buffer's chunks is sliced from it directly (``SendBuffer.peek`` for one
+# that spans chunks or reaches the unfrozen tail, which peek then freezes), and the
+# connection's fields are written once at the end.
+# Twin: ``tcp_send_run`` in ``_pure.py``.
+
+import bisect as _bisect
+
+
+def tcp_send_run(object conn, object template, list out, long long pipe, long long data_end,
+                 object fin, long long mss, long long limit, double now):
+    """New data segments modelled on ``template`` appended to ``out`` while
+    ``_transmit``'s template branch applies (at most ``limit``); returns ``(segments,
+    pipe)``.  The twin of ``_pure.tcp_send_run``."""
+    cdef long long fin_offset = -1 if fin is None else <long long>fin
+    cdef long long cwnd = conn._cwnd
+    cdef long long snd_una = conn._snd_una
+    cdef long long wnd_right = snd_una + <long long>conn._snd_wnd
+    cdef long long half_window = (<long long>conn._max_snd_wnd) // 2
+    cdef long long nxt = conn._snd_nxt
+    cdef long long first_max = conn._snd_max
+    cdef long long snd_max = first_max
+    cdef long long iss = conn._iss
+    cdef long long room, usable, avail, length, end, local, chunk_start = 0, chunk_len = 0
+    cdef long long count = 0
+    cdef Py_ssize_t index = -1
+    cdef unsigned int flags
+    sndbuf = conn._sndbuf
+    cdef long long base = <long long>sndbuf._head - <long long>conn._sndbuf_start
+    cdef list chunks = sndbuf._chunks
+    cdef list starts = sndbuf._starts
+    cdef object chunk = None
+    segment_type = type(template)
+    src_port = template.src_port
+    dst_port = template.dst_port
+    wire_ack = template.ack
+    window = template.window
+    timestamp = template.timestamp
+    sack_blocks = template.sack_blocks
+    while count < limit:
+        room = cwnd - pipe
+        if room <= 0:
+            break
+        usable = wnd_right - nxt
+        if room < usable:
+            usable = room
+        avail = data_end - nxt
+        if avail <= 0:
+            break
+        length = avail if avail < mss else mss
+        if usable < length:
+            length = usable
+        if length <= 0:
+            break
+        if length < mss and length < avail and (room < mss or length < half_window):
+            break
+        end = nxt + length
+        if nxt < snd_max or end == fin_offset:
+            break
+        flags = 0x18 if end == data_end else 0x10  # ACK | PSH at the end of the data
+        # The payload: a slice of the chunk holding it, else SendBuffer.peek.
+        local = base + nxt
+        if index < 0 or local < chunk_start or local >= chunk_start + chunk_len:
+            first = sndbuf._first
+            index = _bisect.bisect_right(starts, local, first) - 1
+            if index >= <Py_ssize_t>first:
+                chunk = chunks[index]
+                chunk_start = starts[index]
+                chunk_len = PyBytes_GET_SIZE(chunk)
+            else:
+                index = -1
+        if index >= 0 and local + length <= chunk_start + chunk_len:
+            if local == chunk_start and length == chunk_len:
+                payload = chunk
+            else:
+                payload = PyBytes_FromStringAndSize(
+                    PyBytes_AS_STRING(chunk) + (local - chunk_start), length
+                )
+        else:
+            payload = sndbuf.peek(nxt - <long long>conn._sndbuf_start, length)
+            index = -1  # the chunks may have changed (the tail frozen)
+        out.append(
+            segment_type(
+                src_port, dst_port, (iss + nxt) & 0xFFFFFFFF, wire_ack, flags, window,
+                payload, None, None, False, timestamp, sack_blocks,
+            )
+        )
+        nxt = end
+        snd_max = end
+        pipe += length
+        count += 1
+    if count:
+        conn._snd_nxt = nxt
+        conn._ack_now = False  # as _segment: new data carries our ACK
+        conn._ack_pending = 0
+        conn._ack_deadline = None
+        conn._tlp_new_data = False
+        conn._persist_deadline = None
+        conn._persist_backoff = 0
+        if conn._rtt_seq is None and not conn._ts_ok:
+            conn._rtt_seq = first_max
+            conn._rtt_time = now
+        conn._snd_max = snd_max
+        if conn._rto_deadline is None:
+            conn._rto_deadline = now + <double>conn._rto
+    return count, pipe

@@ -277,6 +277,7 @@ _BUILDERS: list[Any] = []
 
 _MASK32 = 0xFFFFFFFF
 _ACK = 0x10
+_PSH = 0x08
 _CONTROL = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set on the fast path
 
 
@@ -394,3 +395,116 @@ def tcp_receive_established(conn: Any, seg: Any, now: float) -> bool:
             conn._quickack = quickack - 1
         conn._autotune(now)
     return True
+
+
+def tcp_receive_run(
+    packets: list[bytes],
+    start: int,
+    now: float,
+    local: frozenset[bytes],
+    conns: dict[Any, Any],
+    dirty: dict[Any, None],
+    fast_states: frozenset[Any],
+    segment_type: Any,
+) -> tuple[int, tuple[bytes, bytes, Any] | None]:
+    """Received packets ``packets[start:]`` through the established-state path, in
+    order, up to the first one it does not take; the twin of ``_fast.tcp_receive_run``
+    (which parses into a C struct and builds a segment only for a packet it declines).
+
+    A packet is taken when it is a TCP segment of a connection in ``fast_states``
+    (keyed in ``conns`` by ``(local address, local port, remote address, remote
+    port)``, the local address in ``local``) that ``tcp_receive_established`` handled
+    in full; the connection is then marked in ``dirty``.  Returns ``(index, parsed)``:
+    the index of the first packet not taken (``len(packets)`` when all were) and what
+    ``parse_tcp_packet`` made of it -- ``(src, dst, segment)`` for the general path, or
+    None when it is not well-formed TCP (or when all were taken).
+    """
+    n = len(packets)
+    for i in range(start, n):
+        parsed = parse_tcp_packet(packets[i], segment_type)
+        if parsed is None:
+            return i, None
+        src, dst, segment = parsed
+        if dst not in local:
+            return i, parsed
+        conn = conns.get((dst, segment.dst_port, src, segment.src_port))
+        if (
+            conn is None
+            or conn.state not in fast_states
+            or not tcp_receive_established(conn, segment, now)
+        ):
+            return i, parsed
+        dirty[conn] = None
+    return n, None
+
+
+def tcp_send_run(
+    conn: Any,
+    template: Any,
+    out: list[Any],
+    pipe: int,
+    data_end: int,
+    fin: int | None,
+    mss: int,
+    limit: int,
+    now: float,
+) -> tuple[int, int]:
+    """New data segments modelled on ``template`` (the first data segment of this
+    ``_transmit`` call: the same ACK fields) appended to ``out`` for as long as
+    ``_transmit``'s template branch applies, at most ``limit``; returns ``(segments,
+    pipe)``.  Stops, changing nothing for that segment, at the first one the branch
+    would not send: no congestion or peer window left, sender SWS avoidance, old data
+    (after an RTO), our FIN, or the end of the data.  The twin of
+    ``_fast.tcp_send_run``, which reads the send buffer's chunks directly.
+    """
+    count = 0
+    sndbuf = conn._sndbuf
+    while count < limit:
+        room = conn._cwnd - pipe
+        if room <= 0:
+            break
+        nxt = conn._snd_nxt
+        usable = min(conn._snd_una + conn._snd_wnd - nxt, room)
+        avail = data_end - nxt
+        if avail <= 0:
+            break
+        length = min(avail, mss, usable)
+        if length <= 0:
+            break
+        if length < mss and length < avail and (room < mss or length < conn._max_snd_wnd // 2):
+            break
+        end = nxt + length
+        if nxt < conn._snd_max or end == fin:
+            break
+        out.append(
+            type(template)(
+                template.src_port,
+                template.dst_port,
+                (conn._iss + nxt) & _MASK32,
+                template.ack,
+                _ACK | _PSH if end == data_end else _ACK,
+                template.window,
+                sndbuf.peek(nxt - conn._sndbuf_start, length),
+                None,
+                None,
+                False,
+                template.timestamp,
+                template.sack_blocks,
+            )
+        )
+        conn._snd_nxt = end
+        conn._ack_now = False  # as _segment: new data carries our ACK
+        conn._ack_pending = 0
+        conn._ack_deadline = None
+        conn._tlp_new_data = False
+        conn._persist_deadline = None
+        conn._persist_backoff = 0
+        if conn._rtt_seq is None and not conn._ts_ok:
+            conn._rtt_seq = conn._snd_max
+            conn._rtt_time = now
+        conn._snd_max = end
+        if conn._rto_deadline is None:
+            conn._rto_deadline = now + conn._rto
+        pipe += length
+        count += 1
+    return count, pipe

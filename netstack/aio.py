@@ -123,8 +123,7 @@ class AsyncStack:
         # would stretch ACKs (one per ~100 segments) and starve the peer's congestion
         # window.  Let the stack's output out every _RECEIVE_SLICE packets.
         for start in range(0, len(inbox), _RECEIVE_SLICE):
-            for packet in inbox[start : start + _RECEIVE_SLICE]:
-                stack.receive_packet(packet, now)
+            stack.receive_packets(inbox[start : start + _RECEIVE_SLICE], now)
             if start + _RECEIVE_SLICE < len(inbox):  # more to come: send what is due
                 self._transmit(stack.packets_to_send(now))
         stack.handle_timer(now)

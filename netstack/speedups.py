@@ -21,6 +21,8 @@ seal_run = _pure.seal_run
 parse_tcp_packet = _pure.parse_tcp_packet
 build_tcp_packet = _pure.build_tcp_packet
 tcp_receive_established = _pure.tcp_receive_established
+tcp_receive_run = _pure.tcp_receive_run
+tcp_send_run = _pure.tcp_send_run
 
 if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
     try:
@@ -37,4 +39,6 @@ if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
         parse_tcp_packet = _fast.parse_tcp_packet
         build_tcp_packet = _fast.build_tcp_packet
         tcp_receive_established = _fast.tcp_receive_established
+        tcp_receive_run = _fast.tcp_receive_run
+        tcp_send_run = _fast.tcp_send_run
         IMPLEMENTATION = "cython"

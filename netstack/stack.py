@@ -34,6 +34,7 @@ import random
 from collections.abc import Iterable
 
 from netstack import events as ev
+from netstack import speedups
 from netstack.icmp import (
     ICMP_ECHO_REQUEST,
     ICMPV6_ECHO_REQUEST,
@@ -54,7 +55,7 @@ from netstack.ip import (
     pack_address,
     parse_ip,
 )
-from netstack.speedups import build_tcp_packet, parse_tcp_packet
+from netstack.speedups import build_tcp_packet
 from netstack.tcp import FAST_STATES, TcpConfig, TcpConnection
 from netstack.tcpwire import ACK, FIN, RST, SYN, TcpError, TcpSegment, parse_tcp
 from netstack.udp import UdpError, build_udp, parse_udp
@@ -62,6 +63,11 @@ from netstack.udp import UdpError, build_udp, parse_udp
 Address = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 _EPHEMERAL_LOW = 32768
 _EPHEMERAL_HIGH = 60999
+
+# Parses received packets and hands established connections' in-order segments to the
+# hot path in the same step (Cython or its twin).  Looked up at each call: tests swap
+# it out for the general path alone.
+receive_tcp_run = speedups.tcp_receive_run
 
 
 class StackError(Exception):
@@ -251,16 +257,38 @@ class Stack:
 
     def receive_packet(self, packet: bytes, now: float) -> None:
         """Process one IP packet that arrived from the link."""
+        self.receive_packets([packet], now)
+
+    def receive_packets(self, packets: list[bytes], now: float) -> None:
+        """Process IP packets that arrived from the link together, in order.
+
+        The established connections' in-order segments are taken by the hot path in
+        one loop (``speedups.tcp_receive_run``); each packet it leaves goes through
+        the general path below, already parsed.
+        """
         self._now = now
-        parsed = parse_tcp_packet(packet, TcpSegment)  # the common case, in one step
+        start, count = 0, len(packets)
+        while start < count:
+            index, parsed = receive_tcp_run(
+                packets, start, now, self._local, self._conns, self._dirty, FAST_STATES, TcpSegment
+            )
+            if index >= count:
+                return
+            self._receive_general(packets[index], parsed, now)
+            start = index + 1
+
+    def _receive_general(
+        self, packet: bytes, parsed: tuple[bytes, bytes, TcpSegment] | None, now: float
+    ) -> None:
+        """A packet the hot path did not take (``parsed``: its TCP parse, if any)."""
         if parsed is not None:
             src, dst, segment = parsed
             if dst in self._local:
                 conn = self._conns.get((dst, segment.dst_port, src, segment.src_port))
                 if conn is not None and conn.state in FAST_STATES:
-                    # Established: no SYN handling to do here, straight to the
-                    # connection (whose hot path takes the common segment).
-                    conn.receive(segment, now)
+                    # Established but declined by the hot path just now: no SYN
+                    # handling to do here, straight to the connection's general path.
+                    conn._receive_general(segment, now)
                     self._dirty[conn] = None
                     return
                 self._receive_tcp(src, dst, segment, now)

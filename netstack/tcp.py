@@ -319,9 +319,14 @@ class TcpConnection(SendSide, ReceiveSide):
 
     def receive(self, seg: TcpSegment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 3.10.7)."""
-        state = self.state
-        if state in FAST_STATES and receive_established(self, seg, now):
+        if self.state in FAST_STATES and receive_established(self, seg, now):
             return  # the common in-order segment, handled by the hot path
+        self._receive_general(seg, now)
+
+    def _receive_general(self, seg: TcpSegment, now: float) -> None:
+        """``receive`` past the hot path (the Stack calls it directly when its packet
+        path already offered the segment to the hot path)."""
+        state = self.state
         if state is TcpState.CLOSED:
             return
         self._last_receive = now

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 
 from netstack import events as ev
+from netstack import speedups
 from netstack.tcpbase import (
     _INFINITY,
     _MAX_REORDERING,
@@ -20,6 +21,10 @@ from netstack.tcpbase import (
     merge_ranges,
 )
 from netstack.tcpwire import ACK, FIN, PSH, RST, TcpSegment
+
+# Runs of new full-size data segments in ``_transmit`` (Cython or its twin).  Looked up
+# at each call: tests swap it out for the general loop alone.
+send_run = speedups.tcp_send_run
 
 
 class SendSide(TcpBase):
@@ -357,6 +362,23 @@ class SendSide(TcpBase):
         pipe = self._pipe()
         template: TcpSegment | None = None  # the first data segment sent by this call
         while sent < _MAX_SEGMENTS_PER_CALL:
+            if template is not None and not self._in_recovery:
+                # The bulk of a sender's segments: the template branch below, many
+                # in a row (Cython or its twin); whatever it leaves comes back here.
+                count, pipe = send_run(
+                    self,
+                    template,
+                    out,
+                    pipe,
+                    data_end,
+                    fin,
+                    mss,
+                    _MAX_SEGMENTS_PER_CALL - sent,
+                    now,
+                )
+                sent += count
+                if sent >= _MAX_SEGMENTS_PER_CALL:
+                    break
             room = self._cwnd - pipe
             if self._tlp_new_data:
                 room = max(room, mss)

@@ -4,16 +4,19 @@ twin) must be invisible: the same packets, byte for byte, as the general path.""
 from __future__ import annotations
 
 import copy
+import importlib
 import random
 from typing import Any
 
 import pytest
 
-from netstack import speedups, tcp
+from netstack import _pure, speedups, stack, tcp, tcpsend
+from netstack.speedups import build_tcp_packet
 from netstack.tcp import TcpConnection, TcpState
 from netstack.tcpwire import ACK, FIN, PSH, RST, SYN, TcpSegment
 from tests.netstack.netsim import Impairment
 from tests.netstack.test_tcp_sim import establish, make_net, transfer, wait_closed
+from tests.support import need
 
 SCENARIOS = {
     "clean": Impairment(),
@@ -42,29 +45,50 @@ def traced_transfer(impairment: Impairment, seed: int) -> tuple[list[bytes], flo
     return trace, net.now, [state_of(c) | {"cc": c._cc.snapshot()} for c in (client, server)]
 
 
+def general_receive_run(packets: list[bytes], start: int, *_: Any) -> tuple[int, Any]:
+    """``tcp_receive_run`` that takes nothing: every packet to the general path."""
+    return start, speedups.parse_tcp_packet(packets[start], TcpSegment)
+
+
+def general_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hot path off: the Stack's packet run, the connection's established-state
+    path and ``_transmit``'s send run."""
+    monkeypatch.setattr(stack, "receive_tcp_run", general_receive_run)
+    monkeypatch.setattr(tcp, "receive_established", lambda conn, seg, now: False)
+    monkeypatch.setattr(tcpsend, "send_run", lambda conn, template, out, pipe, *_: (0, pipe))
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_same_packets_with_and_without_the_hot_path(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    handled = 0
-    real = speedups.tcp_receive_established
+    taken = sent = 0
+    real_run, real_send = speedups.tcp_receive_run, speedups.tcp_send_run
 
-    def counting(conn: TcpConnection, seg: TcpSegment, now: float) -> bool:
-        nonlocal handled
-        done = real(conn, seg, now)
-        handled += done
-        return done
+    def counting_run(packets: list[bytes], start: int, *rest: Any) -> tuple[int, Any]:
+        nonlocal taken
+        index, parsed = real_run(packets, start, *rest)
+        taken += index - start
+        return index, parsed
 
-    monkeypatch.setattr(tcp, "receive_established", counting)
+    def counting_send(*args: Any) -> tuple[int, int]:
+        nonlocal sent
+        count, pipe = real_send(*args)
+        sent += count
+        return count, pipe
+
+    monkeypatch.setattr(stack, "receive_tcp_run", counting_run)
+    monkeypatch.setattr(tcpsend, "send_run", counting_send)
     fast = traced_transfer(SCENARIOS[name], seed=41)
-    monkeypatch.setattr(tcp, "receive_established", lambda conn, seg, now: False)
+    general_only(monkeypatch)
     general = traced_transfer(SCENARIOS[name], seed=41)
     assert fast[1:] == general[1:]
     assert len(fast[0]) == len(general[0])
     assert fast[0] == general[0]
-    # On a clean path it carries the bulk of the traffic; with reordering and loss
+    # On a clean path they carry the bulk of the traffic; with reordering and loss
     # much of it is recovery and reassembly, which the general path keeps.
-    assert handled > (len(fast[0]) // 2 if name == "clean" else 50)
+    assert taken > (len(fast[0]) // 2 if name == "clean" else 50)
+    assert sent > (len(fast[0]) // 4 if name == "clean" else 50)
 
 
 def connected_pair() -> tuple[TcpConnection, TcpConnection, Any]:
@@ -239,3 +263,113 @@ def test_differential_random_segments(monkeypatch: pytest.MonkeyPatch) -> None:
         }, (case, seg)
         assert fast.segments_to_send(now) == general.segments_to_send(now), case
     assert taken > 300
+
+
+def twins() -> list[Any]:
+    """The Cython module and its pure twin (both, whichever the switch selects)."""
+    try:
+        fast = importlib.import_module("netstack._fast")
+    except ImportError:
+        need(False, "the Cython extension netstack._fast is not built")
+        raise
+    return [fast, _pure]
+
+
+def random_packets(
+    conn: TcpConnection, local: bytes, remote: bytes, rng: random.Random, count: int
+) -> list[bytes]:
+    """Mostly the hot path's segments (next in order, data or pure ACK), with random
+    segments, mangled copies and other ports mixed in."""
+    packets = []
+    offset = 0
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.9:
+            seg = in_order(conn, payload=rng.randbytes(rng.choice([0, 1, 100, 1000])))
+            seg.seq = (seg.seq + offset) & 0xFFFFFFFF
+            offset += len(seg.payload)
+        else:
+            seg = random_segment(conn, rng)
+            seg.flags &= ~(RST | FIN)  # keep the connection established
+            if roll > 0.95:
+                seg.dst_port ^= 1
+        packet = build_tcp_packet(seg, remote, local)
+        packets.append(packet)
+        if rng.random() < 0.1:  # a mangled copy as well
+            mangled = bytearray(packet)
+            mangled[rng.randrange(len(packet))] ^= 1 << rng.randrange(8)
+            packets.append(bytes(mangled[: rng.choice([len(packet), rng.randrange(len(packet))])]))
+    return packets
+
+
+def test_receive_run_twins_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same random packets into two identical stacks, one taking them through the
+    Cython run, one through its twin: the same connection state and the same output,
+    with the same packets taken (and the rest left in the same place)."""
+    results = []
+    for module in twins():
+        monkeypatch.setattr(stack, "receive_tcp_run", speedups.tcp_receive_run)
+        _client, server, net = connected_pair()
+        host = next(s for s in net.unique_stacks() if server in s._keys)
+        local, _, remote, _ = host._keys[server]
+        taken: list[int] = []
+
+        def run(
+            packets: list[bytes], start: int, *rest: Any, module: Any = module, taken: Any = taken
+        ) -> Any:
+            index, parsed = module.tcp_receive_run(packets, start, *rest)
+            taken.append(index - start)
+            return index, parsed
+
+        monkeypatch.setattr(stack, "receive_tcp_run", run)
+        rng = random.Random(77)
+        out = []
+        now = net.now
+        for _ in range(40):
+            now += 0.001
+            host.receive_packets(random_packets(server, local, remote, rng, 25), now)
+            out.append(host.packets_to_send(now))
+            out.append([getattr(e, "event", e) for e in host.events()])
+            server.read(rng.choice([500, -1, -1]))
+        results.append((taken, out, state_of(server), dict(host.counters)))
+    for part in range(4):
+        assert results[0][part] == results[1][part], part
+    assert sum(results[0][0]) > 250
+
+
+def sending_connection(rng: random.Random) -> TcpConnection:
+    """A connected client with data queued in writes of mixed sizes (chunks and tail)
+    and the send-side fields perturbed."""
+    client, _server, _net = connected_pair()
+    client.notify = None
+    for _ in range(rng.randrange(1, 12)):
+        client.send(rng.randbytes(rng.choice([1, 700, 1448, 5000, 70_000])))
+    if rng.random() < 0.3:
+        client.close()
+    client._cwnd = rng.choice([1448, 14480, 10**6, rng.randrange(0, 200_000)])
+    client._snd_wnd = rng.choice([0, 3000, 65535 << 7, rng.randrange(0, 300_000)])
+    client._max_snd_wnd = max(client._snd_wnd, rng.randrange(0, 300_000))
+    if rng.random() < 0.2:
+        client._rtt_seq = None
+    return client
+
+
+def test_send_run_twins_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_transmit`` with the Cython send run, with its twin and with neither on
+    copies of randomly perturbed connections: the same segments, the same state."""
+    for case in range(60):
+        base = sending_connection(random.Random(case))
+        outcomes = []
+        for send in [*(m.tcp_send_run for m in twins()), None]:
+            conn = copy.deepcopy(base)
+            if send is None:
+                monkeypatch.setattr(tcpsend, "send_run", lambda c, t, o, pipe, *_: (0, pipe))
+            else:
+                monkeypatch.setattr(tcpsend, "send_run", send)
+            segments = []
+            for step in range(4):
+                segments.append(conn.segments_to_send(0.06 + step * 0.01))
+                conn._snd_wnd += 20_000
+                conn._cwnd += 30_000
+            outcomes.append((segments, state_of(conn)))
+        assert outcomes[0] == outcomes[1] == outcomes[2], case
