@@ -62,4 +62,5 @@ def tcp_send_run(
     mss: int,
     limit: int,
     now: float,
+    wire: tuple[bytes, bytes] | None,
 ) -> tuple[int, int]: ...

@@ -564,9 +564,8 @@ cdef inline void _put32(unsigned char *p, uint64_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
-def build_tcp_packet(segment, bytes src not None, bytes dst not None):
-    """The IP packet carrying ``segment`` from ``src`` to ``dst`` (packed addresses)."""
-    cdef unsigned char opts[40]
+cdef Py_ssize_t _tcp_options(object segment, unsigned char *opts) except -1:
+    """``segment``'s options as ``tcpwire.build_tcp`` lays them out; their length."""
     cdef Py_ssize_t n = 0, room, count, k
     cdef object mss = segment.mss
     cdef object timestamp = segment.timestamp
@@ -621,25 +620,23 @@ def build_tcp_packet(segment, bytes src not None, bytes dst not None):
             _put32(opts + n, left)
             _put32(opts + n + 4, right)
             n += 8
-    cdef const unsigned char[:] payload = segment.payload
-    cdef Py_ssize_t payload_len = payload.shape[0]
-    cdef Py_ssize_t tcp_len = 20 + n + payload_len
-    cdef Py_ssize_t address_len = len(src)
-    if address_len != len(dst) or (address_len != 4 and address_len != 16):
+    return n
+
+
+cdef Py_ssize_t _address_length(bytes src, bytes dst) except -1:
+    cdef Py_ssize_t address_len = PyBytes_GET_SIZE(src)
+    if address_len != PyBytes_GET_SIZE(dst) or (address_len != 4 and address_len != 16):
         raise ValueError("addresses must both be 4 or both 16 bytes")
-    cdef Py_ssize_t ip_len = 20 if address_len == 4 else 40
-    if tcp_len + (ip_len if address_len == 4 else 0) > 0xFFFF:
-        raise ValueError("TCP segment too large for one IP packet")
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, ip_len + tcp_len)
-    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
-    cdef unsigned char *t = p + ip_len
-    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(src)
-    cdef const unsigned char *d = <const unsigned char *>PyBytes_AS_STRING(dst)
-    cdef uint64_t total
+    return address_len
+
+
+cdef inline void _ip_header(unsigned char *p, const unsigned char *s, const unsigned char *d,
+                            Py_ssize_t address_len, Py_ssize_t tcp_len) noexcept nogil:
+    """IPv4 (DF, TTL 64, header checksum) or IPv6 (hop limit 64) around TCP."""
     if address_len == 4:
         p[0] = 0x45
         p[1] = 0
-        _put16(p + 2, <unsigned int>(ip_len + tcp_len))
+        _put16(p + 2, <unsigned int>(20 + tcp_len))
         _put16(p + 4, 0)
         _put16(p + 6, 0x4000)
         p[8] = 64
@@ -648,7 +645,6 @@ def build_tcp_packet(segment, bytes src not None, bytes dst not None):
         memcpy(p + 12, s, 4)
         memcpy(p + 16, d, 4)
         _put16(p + 10, (~_fold(kk_sum16(p, 20))) & 0xFFFF)
-        total = kk_sum16(s, 4) + kk_sum16(d, 4)
     else:
         _put32(p, 0x60000000)
         _put16(p + 4, <unsigned int>tcp_len)
@@ -656,22 +652,63 @@ def build_tcp_packet(segment, bytes src not None, bytes dst not None):
         p[7] = 64
         memcpy(p + 8, s, 16)
         memcpy(p + 24, d, 16)
-        total = kk_sum16(s, 16) + kk_sum16(d, 16)
-    _put16(t, <unsigned int>_u16(segment.src_port))
-    _put16(t + 2, <unsigned int>_u16(segment.dst_port))
-    _put32(t + 4, _u32(segment.seq))
-    _put32(t + 8, _u32(segment.ack))
+
+
+cdef inline void _tcp_checksum(unsigned char *t, const unsigned char *s, const unsigned char *d,
+                               Py_ssize_t address_len, Py_ssize_t tcp_len) noexcept nogil:
+    """Fill in the checksum of the TCP segment at ``t`` (its field zero until now)."""
+    cdef uint64_t total = kk_sum16(s, address_len) + kk_sum16(d, address_len)
+    total += 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16) + kk_sum16(t, tcp_len)
+    _put16(t + 16, (~_fold(total)) & 0xFFFF)
+
+
+def build_tcp_packet(segment, bytes src not None, bytes dst not None):
+    """The IP packet carrying ``segment`` from ``src`` to ``dst`` (packed addresses)."""
+    cdef unsigned char opts[40]
+    cdef Py_ssize_t n = _tcp_options(segment, opts)
+    cdef const unsigned char[:] view
+    cdef const unsigned char *data = NULL
+    cdef Py_ssize_t payload_len
+    payload = segment.payload
+    if type(payload) is bytes:
+        data = <const unsigned char *>PyBytes_AS_STRING(payload)
+        payload_len = PyBytes_GET_SIZE(payload)
+    else:
+        view = payload
+        payload_len = view.shape[0]
+        if payload_len:
+            data = &view[0]
+    cdef Py_ssize_t tcp_len = 20 + n + payload_len
+    cdef Py_ssize_t address_len = _address_length(src, dst)
+    cdef Py_ssize_t ip_len = 20 if address_len == 4 else 40
+    if tcp_len + (ip_len if address_len == 4 else 0) > 0xFFFF:
+        raise ValueError("TCP segment too large for one IP packet")
+    cdef unsigned int src_port = <unsigned int>_u16(segment.src_port)
+    cdef unsigned int dst_port = <unsigned int>_u16(segment.dst_port)
+    cdef uint64_t seq = _u32(segment.seq)
+    cdef uint64_t ack = _u32(segment.ack)
+    cdef unsigned char flags = <unsigned char>_u8(segment.flags)
+    cdef unsigned int window = <unsigned int>_u16(segment.window)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, ip_len + tcp_len)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef unsigned char *t = p + ip_len
+    cdef const unsigned char *s = <const unsigned char *>PyBytes_AS_STRING(src)
+    cdef const unsigned char *d = <const unsigned char *>PyBytes_AS_STRING(dst)
+    _ip_header(p, s, d, address_len, tcp_len)
+    _put16(t, src_port)
+    _put16(t + 2, dst_port)
+    _put32(t + 4, seq)
+    _put32(t + 8, ack)
     t[12] = <unsigned char>(((20 + n) // 4) << 4)
-    t[13] = <unsigned char>_u8(segment.flags)
-    _put16(t + 14, <unsigned int>_u16(segment.window))
+    t[13] = flags
+    _put16(t + 14, window)
     _put16(t + 16, 0)
     _put16(t + 18, 0)
     if n:
         memcpy(t + 20, opts, n)
     if payload_len:
-        memcpy(t + 20 + n, &payload[0], payload_len)
-    total += 6 + (tcp_len & 0xFFFF) + (tcp_len >> 16) + kk_sum16(t, tcp_len)
-    _put16(t + 16, (~_fold(total)) & 0xFFFF)
+        memcpy(t + 20 + n, data, payload_len)
+    _tcp_checksum(t, s, d, address_len, tcp_len)
     return out
 
 
@@ -706,7 +743,11 @@ cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
 # packet path (``tcp_receive_packet``) feeds it straight from the parsed header and
 # copies the payload from the packet into the receive buffer once, with no
 # TcpSegment, payload or timestamp objects made.  ``tcp_receive_established`` feeds it
-# from a TcpSegment (``TcpConnection.receive``).
+# from a TcpSegment (``TcpConnection.receive``).  The connection's fields are plain
+# instance attributes (all set in ``TcpBase.__init__``), read and written here in its
+# ``__dict__`` directly: a generic attribute lookup first searches the class hierarchy
+# for a descriptor, which cost more than the dictionary itself.  Methods and
+# properties still go through the class.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 
@@ -722,133 +763,134 @@ cdef int _established(object conn, unsigned int flags, uint64_t wire_seq, uint64
                       uint64_t tsval_, uint64_t tsecr_, const char *data, Py_ssize_t size,
                       double now) except -1:
     """1 when the segment was handled here, 0 when it was left untouched."""
+    cdef dict d = conn.__dict__
     if (flags & _CONTROL_FLAGS) != _ACK_FLAG or has_sack:
         return 0
-    if conn._in_recovery or conn._sacked or conn._dupacks or conn._undo_pending or conn._ooo:
+    if d["_in_recovery"] or d["_sacked"] or d["_dupacks"] or d["_undo_pending"] or d["_ooo"]:
         return 0
-    cdef long long rcv_nxt = conn._rcv_nxt
-    cdef long long irs = conn._irs
+    cdef long long rcv_nxt = d["_rcv_nxt"]
+    cdef long long irs = d["_irs"]
     if (<uint64_t>(<long long>wire_seq - irs - rcv_nxt)) & 0xFFFFFFFF:
         return 0
-    cdef bint ts_ok = conn._ts_ok
+    cdef bint ts_ok = d["_ts_ok"]
     cdef bint has_ts = ts_ok and ts_present
     cdef long long tsval = tsval_, tsecr = tsecr_
     cdef long long ts_recent = 0
     if has_ts:
-        ts_recent = conn._ts_recent
+        ts_recent = d["_ts_recent"]
         if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) >= 0x80000000:
             return 0
-    if size and size > <long long>conn._rcv_adv - rcv_nxt:
+    if size and size > <long long>d["_rcv_adv"] - rcv_nxt:
         return 0
-    cdef long long snd_una = conn._snd_una
-    cdef long long iss = conn._iss
+    cdef long long snd_una = d["_snd_una"]
+    cdef long long iss = d["_iss"]
     cdef long long advance = (<uint64_t>(<long long>wire_ack - iss - snd_una)) & 0xFFFFFFFF
     if advance >= 0x80000000:
         return 0
     cdef long long ack = snd_una + advance
-    cdef long long snd_max = conn._snd_max
+    cdef long long snd_max = d["_snd_max"]
     if ack > snd_max:
         return 0
-    fin = conn._fin_offset
+    fin = d["_fin_offset"]
     if fin is not None and ack > <long long>fin >= snd_una:
         return 0
-    cdef long long window = (<long long>raw_window) << (<int>conn._snd_wscale)
-    if not advance and not size and snd_max > snd_una and window == <long long>conn._snd_wnd:
+    cdef long long window = (<long long>raw_window) << (<int>d["_snd_wscale"])
+    if not advance and not size and snd_max > snd_una and window == <long long>d["_snd_wnd"]:
         return 0
-    cdef bint keep = size > 0 and not conn._discard_input
+    cdef bint keep = size > 0 and not d["_discard_input"]
     cdef object rcvbuf = None
     if keep:
-        rcvbuf = conn._rcvbuf
+        rcvbuf = d["_rcvbuf"]
         if type(rcvbuf) is not bytearray:
             return 0
     # -- from here on the segment is ours.
     config = conn.config
-    conn._last_receive = now
-    conn._keepalive_probes = 0
-    cdef long long wl1 = conn._snd_wl1
-    if wl1 < rcv_nxt or (wl1 == rcv_nxt and <long long>conn._snd_wl2 <= ack):
-        conn._snd_wnd = window
-        conn._snd_wl1 = rcv_nxt
-        conn._snd_wl2 = ack
-        if window > <long long>conn._max_snd_wnd:
-            conn._max_snd_wnd = window
+    d["_last_receive"] = now
+    d["_keepalive_probes"] = 0
+    cdef long long wl1 = d["_snd_wl1"]
+    if wl1 < rcv_nxt or (wl1 == rcv_nxt and <long long>d["_snd_wl2"] <= ack):
+        d["_snd_wnd"] = window
+        d["_snd_wl1"] = rcv_nxt
+        d["_snd_wl2"] = ack
+        if window > <long long>d["_max_snd_wnd"]:
+            d["_max_snd_wnd"] = window
     cdef long long start, trim, snd_nxt, flight_before, mss, cwnd, ts_now, pending, quickack
     cdef Py_ssize_t held
     cdef double sample
     if advance:
-        sndbuf = conn._sndbuf
-        start = conn._sndbuf_start
+        sndbuf = d["_sndbuf"]
+        start = d["_sndbuf_start"]
         trim = min(ack, start + <long long>len(sndbuf)) - start
         if trim > 0:
             sndbuf.consume(trim)
-            conn._sndbuf_start = start + trim
-        snd_nxt = conn._snd_nxt
+            d["_sndbuf_start"] = start + trim
+        snd_nxt = d["_snd_nxt"]
         flight_before = snd_nxt - snd_una
-        conn._snd_una = ack
+        d["_snd_una"] = ack
         if snd_nxt < ack:
-            conn._snd_nxt = ack
-        if <long long>conn._high_rxt < ack:
-            conn._high_rxt = ack
+            d["_snd_nxt"] = ack
+        if <long long>d["_high_rxt"] < ack:
+            d["_high_rxt"] = ack
         if has_ts and tsecr:
             ts_now = conn._ts_now(now)
             sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
             if sample < 60.0:
                 conn._rtt_sample(sample)
-            conn._rtt_seq = None
+            d["_rtt_seq"] = None
         else:
-            rtt_seq = conn._rtt_seq
+            rtt_seq = d["_rtt_seq"]
             if rtt_seq is not None and ack > <long long>rtt_seq:
-                conn._rtt_sample(now - <double>conn._rtt_time)
-                conn._rtt_seq = None
-        conn._retries = 0
+                conn._rtt_sample(now - <double>d["_rtt_time"])
+                d["_rtt_seq"] = None
+        d["_retries"] = 0
         mss = conn._send_mss()
-        cwnd = conn._cwnd
+        cwnd = d["_cwnd"]
         if flight_before + mss >= cwnd:
-            if cwnd < <long long>conn._ssthresh:
+            if cwnd < <long long>d["_ssthresh"]:
                 cwnd += min(advance, 2 * mss)
             else:
-                srtt = conn._srtt
-                cwnd = conn._cc.on_ack(cwnd, advance, mss, now, srtt if srtt else 0.0)
-            conn._cwnd = min(cwnd, 2 * <long long>config.send_buffer)
-        conn._rto_deadline = None if ack >= snd_max else now + <double>conn._rto
-        conn._tlp_out = False
+                srtt = d["_srtt"]
+                cwnd = d["_cc"].on_ack(cwnd, advance, mss, now, srtt if srtt else 0.0)
+            d["_cwnd"] = min(cwnd, 2 * <long long>config.send_buffer)
+        d["_rto_deadline"] = None if ack >= snd_max else now + <double>d["_rto"]
+        d["_tlp_out"] = False
         conn._arm_tail_loss_probe(now)
-        if conn._send_blocked and conn.send_buffer_space > 0:
-            conn._send_blocked = False
+        if d["_send_blocked"] and conn.send_buffer_space > 0:
+            d["_send_blocked"] = False
             conn._emit(_ev.SendSpaceAvailable())
-    if has_ts and rcv_nxt <= <long long>conn._last_ack_sent:
+    if has_ts and rcv_nxt <= <long long>d["_last_ack_sent"]:
         if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) < 0x80000000:
-            conn._ts_recent = tsval
+            d["_ts_recent"] = tsval
         if size and tsecr:
             ts_now = conn._ts_now(now)
             sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
             if sample < 60.0:
-                prev = conn._rcv_rtt
-                conn._rcv_rtt = sample if prev is None else min(<double>prev, sample) * 0.9 + sample * 0.1
+                prev = d["_rcv_rtt"]
+                d["_rcv_rtt"] = sample if prev is None else min(<double>prev, sample) * 0.9 + sample * 0.1
     if size:
-        conn._rcv_nxt = rcv_nxt + size
+        d["_rcv_nxt"] = rcv_nxt + size
         if keep:
             held = PyByteArray_GET_SIZE(rcvbuf)
             if not held:
                 conn._emit(_ev.DataAvailable())
             PyByteArray_Resize(rcvbuf, held + size)
             memcpy(PyByteArray_AS_STRING(rcvbuf) + held, data, size)
-        pending = <long long>conn._ack_pending + 1
-        conn._ack_pending = pending
-        quickack = conn._quickack
+        pending = <long long>d["_ack_pending"] + 1
+        d["_ack_pending"] = pending
+        quickack = d["_quickack"]
         if pending >= 2 or quickack > 0:
-            conn._ack_now = True
-        elif conn._ack_deadline is None:
-            conn._ack_deadline = now + <double>config.delayed_ack
+            d["_ack_now"] = True
+        elif d["_ack_deadline"] is None:
+            d["_ack_deadline"] = now + <double>config.delayed_ack
         if quickack > 0:
-            conn._quickack = quickack - 1
+            d["_quickack"] = quickack - 1
         # ReceiveSide._autotune's own early return, tested here to spare the call
         # (about 0.35 us a segment); the twin just calls it.
-        rtt = conn._rcv_rtt
+        rtt = d["_rcv_rtt"]
         if rtt is None:
-            rtt = conn._srtt
+            rtt = d["_srtt"]
         interval = 0.1 if rtt is None else <double>rtt
-        if now - <double>conn._rcv_space_time >= max(interval, 0.005):
+        if now - <double>d["_rcv_space_time"] >= max(interval, 0.005):
             conn._autotune(now)
     return 1
 
@@ -935,29 +977,57 @@ import bisect as _bisect
 
 
 def tcp_send_run(object conn, object template, list out, long long pipe, long long data_end,
-                 object fin, long long mss, long long limit, double now):
+                 object fin, long long mss, long long limit, double now, object wire):
     """New data segments modelled on ``template`` appended to ``out`` while
-    ``_transmit``'s template branch applies (at most ``limit``); returns ``(segments,
-    pipe)``.  The twin of ``_pure.tcp_send_run``."""
+    ``_transmit``'s template branch applies (at most ``limit``), as TcpSegments or, when
+    ``wire`` is ``(source, destination)``, straight as their IP packets; returns
+    ``(segments, pipe)``.  The twin of ``_pure.tcp_send_run``."""
+    cdef dict d = conn.__dict__
     cdef long long fin_offset = -1 if fin is None else <long long>fin
-    cdef long long cwnd = conn._cwnd
-    cdef long long snd_una = conn._snd_una
-    cdef long long wnd_right = snd_una + <long long>conn._snd_wnd
-    cdef long long half_window = (<long long>conn._max_snd_wnd) // 2
-    cdef long long nxt = conn._snd_nxt
-    cdef long long first_max = conn._snd_max
+    cdef long long cwnd = d["_cwnd"]
+    cdef long long snd_una = d["_snd_una"]
+    cdef long long wnd_right = snd_una + <long long>d["_snd_wnd"]
+    cdef long long half_window = (<long long>d["_max_snd_wnd"]) // 2
+    cdef long long nxt = d["_snd_nxt"]
+    cdef long long first_max = d["_snd_max"]
     cdef long long snd_max = first_max
-    cdef long long iss = conn._iss
+    cdef long long iss = d["_iss"]
     cdef long long room, usable, avail, length, end, local, chunk_start = 0, chunk_len = 0
     cdef long long count = 0
     cdef Py_ssize_t index = -1
     cdef unsigned int flags
-    sndbuf = conn._sndbuf
-    cdef long long base = <long long>sndbuf._head - <long long>conn._sndbuf_start
+    sndbuf = d["_sndbuf"]
+    cdef long long base = <long long>sndbuf._head - <long long>d["_sndbuf_start"]
     cdef list chunks = sndbuf._chunks
     cdef list starts = sndbuf._starts
     cdef object chunk = None
     segment_type = type(template)
+    # The packet form: every packet of the run has the same headers but for the
+    # lengths, SEQ, flags and checksums; they are laid out once here.
+    cdef unsigned char header[100]
+    cdef unsigned char *hp
+    cdef Py_ssize_t address_len = 0, ip_len = 0, tcp_header = 0, n_opts
+    cdef const unsigned char *s = NULL
+    cdef const unsigned char *dp = NULL
+    cdef const char *source = NULL
+    cdef bytes packet
+    cdef unsigned char *pp
+    if wire is not None:
+        wire_src, wire_dst = wire
+        address_len = _address_length(wire_src, wire_dst)
+        s = <const unsigned char *>PyBytes_AS_STRING(wire_src)
+        dp = <const unsigned char *>PyBytes_AS_STRING(wire_dst)
+        ip_len = 20 if address_len == 4 else 40
+        hp = header + ip_len
+        n_opts = _tcp_options(template, hp + 20)
+        tcp_header = 20 + n_opts
+        _put16(hp, <unsigned int>_u16(template.src_port))
+        _put16(hp + 2, <unsigned int>_u16(template.dst_port))
+        _put32(hp + 8, _u32(template.ack))
+        hp[12] = <unsigned char>((tcp_header // 4) << 4)
+        _put16(hp + 14, <unsigned int>_u16(template.window))
+        _put16(hp + 16, 0)
+        _put16(hp + 18, 0)
     src_port = template.src_port
     dst_port = template.dst_port
     wire_ack = template.ack
@@ -996,38 +1066,51 @@ def tcp_send_run(object conn, object template, list out, long long pipe, long lo
                 chunk_len = PyBytes_GET_SIZE(chunk)
             else:
                 index = -1
+        payload = None
         if index >= 0 and local + length <= chunk_start + chunk_len:
-            if local == chunk_start and length == chunk_len:
-                payload = chunk
-            else:
-                payload = PyBytes_FromStringAndSize(
-                    PyBytes_AS_STRING(chunk) + (local - chunk_start), length
-                )
+            source = PyBytes_AS_STRING(chunk) + (local - chunk_start)
+            if wire is None:
+                if local == chunk_start and length == chunk_len:
+                    payload = chunk
+                else:
+                    payload = PyBytes_FromStringAndSize(source, length)
         else:
-            payload = sndbuf.peek(nxt - <long long>conn._sndbuf_start, length)
+            payload = sndbuf.peek(nxt - <long long>d["_sndbuf_start"], length)
+            source = PyBytes_AS_STRING(payload)
             index = -1  # the chunks may have changed (the tail frozen)
-        out.append(
-            segment_type(
-                src_port, dst_port, (iss + nxt) & 0xFFFFFFFF, wire_ack, flags, window,
-                payload, None, None, False, timestamp, sack_blocks,
+        if wire is None:
+            out.append(
+                segment_type(
+                    src_port, dst_port, (iss + nxt) & 0xFFFFFFFF, wire_ack, flags, window,
+                    payload, None, None, False, timestamp, sack_blocks,
+                )
             )
-        )
+        else:
+            packet = PyBytes_FromStringAndSize(NULL, ip_len + tcp_header + length)
+            pp = <unsigned char *>PyBytes_AS_STRING(packet)
+            _ip_header(pp, s, dp, address_len, tcp_header + length)
+            memcpy(pp + ip_len, header + ip_len, tcp_header)
+            _put32(pp + ip_len + 4, (iss + nxt) & 0xFFFFFFFF)
+            pp[ip_len + 13] = <unsigned char>flags
+            memcpy(pp + ip_len + tcp_header, source, length)
+            _tcp_checksum(pp + ip_len, s, dp, address_len, tcp_header + length)
+            out.append(packet)
         nxt = end
         snd_max = end
         pipe += length
         count += 1
     if count:
-        conn._snd_nxt = nxt
-        conn._ack_now = False  # as _segment: new data carries our ACK
-        conn._ack_pending = 0
-        conn._ack_deadline = None
-        conn._tlp_new_data = False
-        conn._persist_deadline = None
-        conn._persist_backoff = 0
-        if conn._rtt_seq is None and not conn._ts_ok:
-            conn._rtt_seq = first_max
-            conn._rtt_time = now
-        conn._snd_max = snd_max
-        if conn._rto_deadline is None:
-            conn._rto_deadline = now + <double>conn._rto
+        d["_snd_nxt"] = nxt
+        d["_ack_now"] = False  # as _segment: new data carries our ACK
+        d["_ack_pending"] = 0
+        d["_ack_deadline"] = None
+        d["_tlp_new_data"] = False
+        d["_persist_deadline"] = None
+        d["_persist_backoff"] = 0
+        if d["_rtt_seq"] is None and not d["_ts_ok"]:
+            d["_rtt_seq"] = first_max
+            d["_rtt_time"] = now
+        d["_snd_max"] = snd_max
+        if d["_rto_deadline"] is None:
+            d["_rto_deadline"] = now + <double>d["_rto"]
     return count, pipe

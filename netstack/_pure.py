@@ -448,10 +448,12 @@ def tcp_send_run(
     mss: int,
     limit: int,
     now: float,
+    wire: tuple[bytes, bytes] | None,
 ) -> tuple[int, int]:
     """New data segments modelled on ``template`` (the first data segment of this
     ``_transmit`` call: the same ACK fields) appended to ``out`` for as long as
-    ``_transmit``'s template branch applies, at most ``limit``; returns ``(segments,
+    ``_transmit``'s template branch applies, at most ``limit``, as TcpSegments or, when
+    ``wire`` is ``(source, destination)``, as their IP packets; returns ``(segments,
     pipe)``.  Stops, changing nothing for that segment, at the first one the branch
     would not send: no congestion or peer window left, sender SWS avoidance, old data
     (after an RTO), our FIN, or the end of the data.  The twin of
@@ -476,22 +478,21 @@ def tcp_send_run(
         end = nxt + length
         if nxt < conn._snd_max or end == fin:
             break
-        out.append(
-            type(template)(
-                template.src_port,
-                template.dst_port,
-                (conn._iss + nxt) & _MASK32,
-                template.ack,
-                _ACK | _PSH if end == data_end else _ACK,
-                template.window,
-                sndbuf.peek(nxt - conn._sndbuf_start, length),
-                None,
-                None,
-                False,
-                template.timestamp,
-                template.sack_blocks,
-            )
+        segment = type(template)(
+            template.src_port,
+            template.dst_port,
+            (conn._iss + nxt) & _MASK32,
+            template.ack,
+            _ACK | _PSH if end == data_end else _ACK,
+            template.window,
+            sndbuf.peek(nxt - conn._sndbuf_start, length),
+            None,
+            None,
+            False,
+            template.timestamp,
+            template.sack_blocks,
         )
+        out.append(segment if wire is None else build_tcp_packet(segment, *wire))
         conn._snd_nxt = end
         conn._ack_now = False  # as _segment: new data carries our ACK
         conn._ack_pending = 0

@@ -445,8 +445,7 @@ class Stack:
             if key is None:
                 continue
             local, _, remote, _ = key
-            for seg in conn.segments_to_send(now):
-                out.append(build_tcp_packet(seg, local, remote))
+            out.extend(conn.packets_to_send(now, local, remote))
             listener = self._conn_listener.get(conn)
             for event in conn.events():
                 if listener is not None and isinstance(event, ev.Connected):
@@ -461,8 +460,7 @@ class Stack:
                     continue
                 self._events.append(ev.TcpConnectionEvent(conn, event))
             if conn.is_closed:
-                for seg in conn.segments_to_send(now):  # a final RST from abort()
-                    out.append(build_tcp_packet(seg, local, remote))
+                out.extend(conn.packets_to_send(now, local, remote))  # a final RST (abort)
                 self._forget(conn, key)
                 continue
             deadline = conn.next_deadline()

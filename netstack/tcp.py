@@ -74,6 +74,7 @@ from __future__ import annotations
 
 from netstack import events as ev
 from netstack import speedups
+from netstack.speedups import build_tcp_packet
 from netstack.tcpbase import (
     _APP_SEND_STATES,
     _PERSIST_MAX,
@@ -498,7 +499,20 @@ class TcpConnection(SendSide, ReceiveSide):
 
     def segments_to_send(self, now: float) -> list[TcpSegment]:
         """Every segment that should go out now (control, data, then a pure ACK)."""
-        out = self._control
+        return self._output(now, None)  # type: ignore[return-value]  # no wire: segments
+
+    def packets_to_send(self, now: float, local: bytes, remote: bytes) -> list[bytes]:
+        """``segments_to_send`` as the IP packets carrying them from ``local`` to
+        ``remote`` (packed addresses); runs of bulk data are built straight into
+        packets, never made segments first."""
+        out = self._output(now, (local, remote))
+        for index, item in enumerate(out):
+            if type(item) is not bytes:
+                out[index] = build_tcp_packet(item, local, remote)
+        return out  # type: ignore[return-value]  # every item is a packet now
+
+    def _output(self, now: float, wire: tuple[bytes, bytes] | None) -> list[TcpSegment | bytes]:
+        out: list[TcpSegment | bytes] = self._control  # type: ignore[assignment]
         self._control = []
         state = self.state
         if state is TcpState.CLOSED:
@@ -515,7 +529,7 @@ class TcpConnection(SendSide, ReceiveSide):
             if state is TcpState.SYN_SENT:
                 return out
         elif state in _SEND_STATES:
-            self._transmit(now, out)
+            self._transmit(now, out, wire)
         if self._ack_now:
             # SEQ of a pure ACK is the highest sent, as Linux's tcp_acceptable_seq():
             # after an RTO SND.NXT went back, and the peer would find it too old.

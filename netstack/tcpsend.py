@@ -352,7 +352,14 @@ class SendSide(TcpBase):
             return None  # nothing SACKed above: not known lost (RFC 6675 IsLost)
         return start, min(sacked[index][0], start + mss)
 
-    def _transmit(self, now: float, out: list[TcpSegment]) -> None:
+    def _transmit(
+        self,
+        now: float,
+        out: list[TcpSegment | bytes],
+        wire: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        """Send what the windows allow (see ``tcp.py``), into ``out``; with ``wire``
+        (the addresses) the runs of bulk data arrive there already as IP packets."""
         mss = self._data_mss()
         sent = 0
         data_end = self._sndbuf_start + len(self._sndbuf)
@@ -375,6 +382,7 @@ class SendSide(TcpBase):
                     mss,
                     _MAX_SEGMENTS_PER_CALL - sent,
                     now,
+                    wire,
                 )
                 sent += count
                 if sent >= _MAX_SEGMENTS_PER_CALL:

@@ -356,20 +356,36 @@ def sending_connection(rng: random.Random) -> TcpConnection:
 
 def test_send_run_twins_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """``_transmit`` with the Cython send run, with its twin and with neither on
-    copies of randomly perturbed connections: the same segments, the same state."""
+    copies of randomly perturbed connections: the same segments, the same state; and
+    ``packets_to_send`` (runs built straight into packets, IPv4 and IPv6) the same
+    packets as the segments built one by one."""
     for case in range(60):
         base = sending_connection(random.Random(case))
+        v6 = case % 2 == 1
+        local, remote = (
+            (bytes(range(16)), bytes(range(16, 32))) if v6 else (b"\n\0\0\1", b"\n\0\0\2")
+        )
         outcomes = []
         for send in [*(m.tcp_send_run for m in twins()), None]:
-            conn = copy.deepcopy(base)
             if send is None:
                 monkeypatch.setattr(tcpsend, "send_run", lambda c, t, o, pipe, *_: (0, pipe))
             else:
                 monkeypatch.setattr(tcpsend, "send_run", send)
-            segments = []
-            for step in range(4):
-                segments.append(conn.segments_to_send(0.06 + step * 0.01))
-                conn._snd_wnd += 20_000
-                conn._cwnd += 30_000
-            outcomes.append((segments, state_of(conn)))
-        assert outcomes[0] == outcomes[1] == outcomes[2], case
+            for as_packets in (False, True):
+                conn = copy.deepcopy(base)
+                packets = []
+                for step in range(4):
+                    now = 0.06 + step * 0.01
+                    if as_packets:
+                        packets.append(conn.packets_to_send(now, local, remote))
+                    else:
+                        built = [
+                            build_tcp_packet(seg, local, remote)
+                            for seg in conn.segments_to_send(now)
+                        ]
+                        packets.append(built)
+                    conn._snd_wnd += 20_000
+                    conn._cwnd += 30_000
+                outcomes.append((packets, state_of(conn)))
+        assert all(outcome == outcomes[0] for outcome in outcomes), case
+    assert sum(len(step) for step in outcomes[0][0]) > 20
