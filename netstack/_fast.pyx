@@ -90,7 +90,7 @@ def pseudo_header_sum(bytes src, bytes dst, int protocol, int length):
 # the plaintext object.  Twin: ``TransportCipher`` in ``_pure.py``.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 
 cdef extern from "openssl/evp.h":
@@ -735,19 +735,22 @@ cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
 
 # ---------------------------------------------------------------- TCP established path
 #
-# Theory of operation: ``_established`` is the whole receive path of the common
-# segment once established (the conditions are documented on the twin,
+# Theory of operation: ``_take`` is the whole receive path of the common segment once
+# established (the conditions are documented on the twin,
 # ``_pure.tcp_receive_established``): it first checks everything that could send the
 # segment to the general path and changes nothing if one does; past that point the
-# segment is applied in full.  It takes the segment as C values, so the stack's
-# packet path (``tcp_receive_packet``) feeds it straight from the parsed header and
-# copies the payload from the packet into the receive buffer once, with no
-# TcpSegment, payload or timestamp objects made.  ``tcp_receive_established`` feeds it
-# from a TcpSegment (``TcpConnection.receive``).  The connection's fields are plain
-# instance attributes (all set in ``TcpBase.__init__``), read and written here in its
-# ``__dict__`` directly: a generic attribute lookup first searches the class hierarchy
-# for a descriptor, which cost more than the dictionary itself.  Methods and
-# properties still go through the class.
+# segment is applied in full.  It works on a ``Fields`` struct, C copies of the
+# connection's fields that the path reads and writes, loaded from the connection's
+# ``__dict__`` (they are plain instance attributes, all set in ``TcpBase.__init__``)
+# and stored back once: ``tcp_receive_run`` keeps one loaded across consecutive
+# packets of the same connection (recognised by their addresses and ports, without
+# a table lookup), so a burst of a bulk transfer costs a parse, a few C comparisons
+# and a copy of the payload into the receive buffer per packet -- no TcpSegment,
+# payload or timestamp objects.  Whatever calls back into Python (the ACK branch:
+# send buffer, RTT, congestion control, tail loss probe; receive-window auto-tuning)
+# stores the struct first and reloads it after, so the Python side always sees the
+# connection as the twin would leave it.  ``tcp_receive_established`` runs it for one
+# TcpSegment (``TcpConnection.receive``).
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 
@@ -757,142 +760,248 @@ cdef enum:
     _ACK_FLAG = 0x10
     _CONTROL_FLAGS = 0x37  # FIN, SYN, RST, ACK, URG: only ACK may be set here
 
+# Fields written by ``_take`` (bits of ``Fields.dirty``).
+cdef enum:
+    _D_RECEIVE = 1       # _last_receive, _keepalive_probes
+    _D_WINDOW = 2        # _snd_wnd, _snd_wl1, _snd_wl2, _max_snd_wnd
+    _D_TS_RECENT = 4
+    _D_RCV_RTT = 8
+    _D_RCV_NXT = 16
+    _D_ACK = 32          # _ack_pending, _ack_now, _ack_deadline, _quickack
 
-cdef int _established(object conn, unsigned int flags, uint64_t wire_seq, uint64_t wire_ack,
-                      unsigned int raw_window, bint has_sack, bint ts_present,
-                      uint64_t tsval_, uint64_t tsecr_, const char *data, Py_ssize_t size,
-                      double now) except -1:
+
+cdef struct Fields:
+    bint blocked         # recovery, SACK scoreboard, undo or reassembly under way
+    bint ts_ok
+    bint discard_input
+    bint has_fin
+    bint ack_now
+    bint has_ack_deadline
+    bint has_rcv_rtt
+    bint has_srtt
+    int dirty
+    long long rcv_nxt, irs, ts_recent, rcv_adv, snd_una, iss, snd_max, fin, snd_wscale
+    long long snd_wnd, snd_wl1, snd_wl2, max_snd_wnd, last_ack_sent, ack_pending, quickack
+    long long keepalive_probes
+    double last_receive, ack_deadline, rcv_rtt, srtt, rcv_space_time, delayed_ack
+
+
+cdef int _load(Fields *f, dict d) except -1:
+    f.blocked = bool(d["_in_recovery"] or d["_sacked"] or d["_dupacks"] or d["_undo_pending"]
+                     or d["_ooo"])
+    f.ts_ok = d["_ts_ok"]
+    f.discard_input = d["_discard_input"]
+    f.rcv_nxt = d["_rcv_nxt"]
+    f.irs = d["_irs"]
+    f.ts_recent = d["_ts_recent"]
+    f.rcv_adv = d["_rcv_adv"]
+    f.snd_una = d["_snd_una"]
+    f.iss = d["_iss"]
+    f.snd_max = d["_snd_max"]
+    fin = d["_fin_offset"]
+    f.has_fin = fin is not None
+    f.fin = fin if f.has_fin else 0
+    f.snd_wscale = d["_snd_wscale"]
+    f.snd_wnd = d["_snd_wnd"]
+    f.snd_wl1 = d["_snd_wl1"]
+    f.snd_wl2 = d["_snd_wl2"]
+    f.max_snd_wnd = d["_max_snd_wnd"]
+    f.last_ack_sent = d["_last_ack_sent"]
+    f.ack_pending = d["_ack_pending"]
+    f.quickack = d["_quickack"]
+    f.ack_now = d["_ack_now"]
+    deadline = d["_ack_deadline"]
+    f.has_ack_deadline = deadline is not None
+    f.ack_deadline = deadline if f.has_ack_deadline else 0.0
+    rtt = d["_rcv_rtt"]
+    f.has_rcv_rtt = rtt is not None
+    f.rcv_rtt = rtt if f.has_rcv_rtt else 0.0
+    srtt = d["_srtt"]
+    f.has_srtt = srtt is not None
+    f.srtt = srtt if f.has_srtt else 0.0
+    f.rcv_space_time = d["_rcv_space_time"]
+    f.delayed_ack = d["config"].delayed_ack
+    f.dirty = 0
+    return 0
+
+
+cdef int _store(Fields *f, dict d) except -1:
+    cdef int dirty = f.dirty
+    if dirty & _D_RECEIVE:
+        d["_last_receive"] = f.last_receive
+        d["_keepalive_probes"] = 0
+    if dirty & _D_WINDOW:
+        d["_snd_wnd"] = f.snd_wnd
+        d["_snd_wl1"] = f.snd_wl1
+        d["_snd_wl2"] = f.snd_wl2
+        d["_max_snd_wnd"] = f.max_snd_wnd
+    if dirty & _D_TS_RECENT:
+        d["_ts_recent"] = f.ts_recent
+    if dirty & _D_RCV_RTT:
+        d["_rcv_rtt"] = f.rcv_rtt
+    if dirty & _D_RCV_NXT:
+        d["_rcv_nxt"] = f.rcv_nxt
+    if dirty & _D_ACK:
+        d["_ack_pending"] = f.ack_pending
+        d["_ack_now"] = True if f.ack_now else False
+        d["_ack_deadline"] = f.ack_deadline if f.has_ack_deadline else None
+        d["_quickack"] = f.quickack
+    f.dirty = 0
+    return 0
+
+
+cdef int _take(Fields *f, object conn, dict d, unsigned int flags, uint64_t wire_seq,
+               uint64_t wire_ack, unsigned int raw_window, bint has_sack, bint ts_present,
+               uint64_t tsval_, uint64_t tsecr_, const char *data, Py_ssize_t size,
+               double now) except -1:
     """1 when the segment was handled here, 0 when it was left untouched."""
-    cdef dict d = conn.__dict__
-    if (flags & _CONTROL_FLAGS) != _ACK_FLAG or has_sack:
+    if (flags & _CONTROL_FLAGS) != _ACK_FLAG or has_sack or f.blocked:
         return 0
-    if d["_in_recovery"] or d["_sacked"] or d["_dupacks"] or d["_undo_pending"] or d["_ooo"]:
+    cdef long long rcv_nxt = f.rcv_nxt
+    if (<uint64_t>(<long long>wire_seq - f.irs - rcv_nxt)) & 0xFFFFFFFF:
         return 0
-    cdef long long rcv_nxt = d["_rcv_nxt"]
-    cdef long long irs = d["_irs"]
-    if (<uint64_t>(<long long>wire_seq - irs - rcv_nxt)) & 0xFFFFFFFF:
-        return 0
-    cdef bint ts_ok = d["_ts_ok"]
-    cdef bint has_ts = ts_ok and ts_present
+    cdef bint has_ts = f.ts_ok and ts_present
     cdef long long tsval = tsval_, tsecr = tsecr_
-    cdef long long ts_recent = 0
-    if has_ts:
-        ts_recent = d["_ts_recent"]
-        if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) >= 0x80000000:
-            return 0
-    if size and size > <long long>d["_rcv_adv"] - rcv_nxt:
+    cdef long long ts_recent = f.ts_recent
+    if has_ts and ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) >= 0x80000000:
         return 0
-    cdef long long snd_una = d["_snd_una"]
-    cdef long long iss = d["_iss"]
-    cdef long long advance = (<uint64_t>(<long long>wire_ack - iss - snd_una)) & 0xFFFFFFFF
+    if size and size > f.rcv_adv - rcv_nxt:
+        return 0
+    cdef long long snd_una = f.snd_una
+    cdef long long advance = (<uint64_t>(<long long>wire_ack - f.iss - snd_una)) & 0xFFFFFFFF
     if advance >= 0x80000000:
         return 0
     cdef long long ack = snd_una + advance
-    cdef long long snd_max = d["_snd_max"]
+    cdef long long snd_max = f.snd_max
     if ack > snd_max:
         return 0
-    fin = d["_fin_offset"]
-    if fin is not None and ack > <long long>fin >= snd_una:
+    if f.has_fin and ack > f.fin >= snd_una:
         return 0
-    cdef long long window = (<long long>raw_window) << (<int>d["_snd_wscale"])
-    if not advance and not size and snd_max > snd_una and window == <long long>d["_snd_wnd"]:
+    cdef long long window = (<long long>raw_window) << (<int>f.snd_wscale)
+    if not advance and not size and snd_max > snd_una and window == f.snd_wnd:
         return 0
-    cdef bint keep = size > 0 and not d["_discard_input"]
+    cdef bint keep = size > 0 and not f.discard_input
     cdef object rcvbuf = None
     if keep:
         rcvbuf = d["_rcvbuf"]
         if type(rcvbuf) is not bytearray:
             return 0
     # -- from here on the segment is ours.
-    config = conn.config
-    d["_last_receive"] = now
-    d["_keepalive_probes"] = 0
-    cdef long long wl1 = d["_snd_wl1"]
-    if wl1 < rcv_nxt or (wl1 == rcv_nxt and <long long>d["_snd_wl2"] <= ack):
-        d["_snd_wnd"] = window
-        d["_snd_wl1"] = rcv_nxt
-        d["_snd_wl2"] = ack
-        if window > <long long>d["_max_snd_wnd"]:
-            d["_max_snd_wnd"] = window
-    cdef long long start, trim, snd_nxt, flight_before, mss, cwnd, ts_now, pending, quickack
-    cdef Py_ssize_t held
-    cdef double sample
+    f.last_receive = now
+    f.dirty |= _D_RECEIVE
+    cdef long long wl1 = f.snd_wl1
+    if wl1 < rcv_nxt or (wl1 == rcv_nxt and f.snd_wl2 <= ack):
+        f.snd_wnd = window
+        f.snd_wl1 = rcv_nxt
+        f.snd_wl2 = ack
+        if window > f.max_snd_wnd:
+            f.max_snd_wnd = window
+        f.dirty |= _D_WINDOW
     if advance:
-        sndbuf = d["_sndbuf"]
-        start = d["_sndbuf_start"]
-        trim = min(ack, start + <long long>len(sndbuf)) - start
-        if trim > 0:
-            sndbuf.consume(trim)
-            d["_sndbuf_start"] = start + trim
-        snd_nxt = d["_snd_nxt"]
-        flight_before = snd_nxt - snd_una
-        d["_snd_una"] = ack
-        if snd_nxt < ack:
-            d["_snd_nxt"] = ack
-        if <long long>d["_high_rxt"] < ack:
-            d["_high_rxt"] = ack
-        if has_ts and tsecr:
-            ts_now = conn._ts_now(now)
-            sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
-            if sample < 60.0:
-                conn._rtt_sample(sample)
-            d["_rtt_seq"] = None
-        else:
-            rtt_seq = d["_rtt_seq"]
-            if rtt_seq is not None and ack > <long long>rtt_seq:
-                conn._rtt_sample(now - <double>d["_rtt_time"])
-                d["_rtt_seq"] = None
-        d["_retries"] = 0
-        mss = conn._send_mss()
-        cwnd = d["_cwnd"]
-        if flight_before + mss >= cwnd:
-            if cwnd < <long long>d["_ssthresh"]:
-                cwnd += min(advance, 2 * mss)
-            else:
-                srtt = d["_srtt"]
-                cwnd = d["_cc"].on_ack(cwnd, advance, mss, now, srtt if srtt else 0.0)
-            d["_cwnd"] = min(cwnd, 2 * <long long>config.send_buffer)
-        d["_rto_deadline"] = None if ack >= snd_max else now + <double>d["_rto"]
-        d["_tlp_out"] = False
-        conn._arm_tail_loss_probe(now)
-        if d["_send_blocked"] and conn.send_buffer_space > 0:
-            d["_send_blocked"] = False
-            conn._emit(_ev.SendSpaceAvailable())
-    if has_ts and rcv_nxt <= <long long>d["_last_ack_sent"]:
+        _store(f, d)
+        _acknowledged(conn, d, snd_una, ack, advance, snd_max, has_ts, tsecr, now)
+        _load(f, d)
+    cdef long long ts_now, pending, quickack
+    cdef Py_ssize_t held
+    cdef double sample, interval
+    if has_ts and rcv_nxt <= f.last_ack_sent:
         if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) < 0x80000000:
-            d["_ts_recent"] = tsval
+            f.ts_recent = tsval
+            f.dirty |= _D_TS_RECENT
         if size and tsecr:
             ts_now = conn._ts_now(now)
             sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
             if sample < 60.0:
-                prev = d["_rcv_rtt"]
-                d["_rcv_rtt"] = sample if prev is None else min(<double>prev, sample) * 0.9 + sample * 0.1
+                if f.has_rcv_rtt:
+                    f.rcv_rtt = min(f.rcv_rtt, sample) * 0.9 + sample * 0.1
+                else:
+                    f.rcv_rtt = sample
+                    f.has_rcv_rtt = True
+                f.dirty |= _D_RCV_RTT
     if size:
-        d["_rcv_nxt"] = rcv_nxt + size
+        f.rcv_nxt = rcv_nxt + size
+        f.dirty |= _D_RCV_NXT
         if keep:
             held = PyByteArray_GET_SIZE(rcvbuf)
             if not held:
                 conn._emit(_ev.DataAvailable())
             PyByteArray_Resize(rcvbuf, held + size)
             memcpy(PyByteArray_AS_STRING(rcvbuf) + held, data, size)
-        pending = <long long>d["_ack_pending"] + 1
-        d["_ack_pending"] = pending
-        quickack = d["_quickack"]
+        pending = f.ack_pending + 1
+        f.ack_pending = pending
+        quickack = f.quickack
         if pending >= 2 or quickack > 0:
-            d["_ack_now"] = True
-        elif d["_ack_deadline"] is None:
-            d["_ack_deadline"] = now + <double>config.delayed_ack
+            f.ack_now = True
+        elif not f.has_ack_deadline:
+            f.ack_deadline = now + f.delayed_ack
+            f.has_ack_deadline = True
         if quickack > 0:
-            d["_quickack"] = quickack - 1
-        # ReceiveSide._autotune's own early return, tested here to spare the call
-        # (about 0.35 us a segment); the twin just calls it.
-        rtt = d["_rcv_rtt"]
-        if rtt is None:
-            rtt = d["_srtt"]
-        interval = 0.1 if rtt is None else <double>rtt
-        if now - <double>d["_rcv_space_time"] >= max(interval, 0.005):
+            f.quickack = quickack - 1
+        f.dirty |= _D_ACK
+        # ReceiveSide._autotune's own early return, tested here to spare the call;
+        # the twin just calls it.
+        if f.has_rcv_rtt:
+            interval = f.rcv_rtt
+        elif f.has_srtt:
+            interval = f.srtt
+        else:
+            interval = 0.1
+        if now - f.rcv_space_time >= max(interval, 0.005):
+            _store(f, d)
             conn._autotune(now)
+            _load(f, d)
     return 1
+
+
+cdef int _acknowledged(object conn, dict d, long long snd_una, long long ack,
+                       long long advance, long long snd_max, bint has_ts, long long tsecr,
+                       double now) except -1:
+    """The ACK branch of the established path: new data acknowledged (the fields the
+    struct holds are stored; this works on the connection itself)."""
+    cdef long long start, trim, snd_nxt, flight_before, mss, cwnd, ts_now
+    cdef double sample
+    config = d["config"]
+    sndbuf = d["_sndbuf"]
+    start = d["_sndbuf_start"]
+    trim = min(ack, start + <long long>len(sndbuf)) - start
+    if trim > 0:
+        sndbuf.consume(trim)
+        d["_sndbuf_start"] = start + trim
+    snd_nxt = d["_snd_nxt"]
+    flight_before = snd_nxt - snd_una
+    d["_snd_una"] = ack
+    if snd_nxt < ack:
+        d["_snd_nxt"] = ack
+    if <long long>d["_high_rxt"] < ack:
+        d["_high_rxt"] = ack
+    if has_ts and tsecr:
+        ts_now = conn._ts_now(now)
+        sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
+        if sample < 60.0:
+            conn._rtt_sample(sample)
+        d["_rtt_seq"] = None
+    else:
+        rtt_seq = d["_rtt_seq"]
+        if rtt_seq is not None and ack > <long long>rtt_seq:
+            conn._rtt_sample(now - <double>d["_rtt_time"])
+            d["_rtt_seq"] = None
+    d["_retries"] = 0
+    mss = conn._send_mss()
+    cwnd = d["_cwnd"]
+    if flight_before + mss >= cwnd:
+        if cwnd < <long long>d["_ssthresh"]:
+            cwnd += min(advance, 2 * mss)
+        else:
+            srtt = d["_srtt"]
+            cwnd = d["_cc"].on_ack(cwnd, advance, mss, now, srtt if srtt else 0.0)
+        d["_cwnd"] = min(cwnd, 2 * <long long>config.send_buffer)
+    d["_rto_deadline"] = None if ack >= snd_max else now + <double>d["_rto"]
+    d["_tlp_out"] = False
+    conn._arm_tail_loss_probe(now)
+    if d["_send_blocked"] and conn.send_buffer_space > 0:
+        d["_send_blocked"] = False
+        conn._emit(_ev.SendSpaceAvailable())
+    return 0
 
 
 def tcp_receive_established(object conn, object seg, double now):
@@ -908,31 +1017,15 @@ def tcp_receive_established(object conn, object seg, double now):
     if ts_present:
         tsval = ts[0]
         tsecr = ts[1]
-    return _established(
-        conn, seg.flags, seg.seq, seg.ack, seg.window, bool(seg.sack_blocks), ts_present,
+    cdef dict d = conn.__dict__
+    cdef Fields f
+    _load(&f, d)
+    cdef int taken = _take(
+        &f, conn, d, seg.flags, seg.seq, seg.ack, seg.window, bool(seg.sack_blocks), ts_present,
         tsval, tsecr, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), now,
-    ) == 1
-
-
-cdef object _receive_one(object packet, double now, object local, dict conns, dict dirty,
-                         object fast_states, object segment_type):
-    if type(packet) is not bytes:
-        return None
-    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(packet)
-    cdef TcpView v
-    if not _view_tcp(p, PyBytes_GET_SIZE(packet), &v):
-        return None
-    src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
-    dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len, v.addr_len)
-    if dst in local:
-        conn = conns.get((dst, v.dst_port, src, v.src_port))
-        if conn is not None and conn.state in fast_states and _established(
-            conn, v.flags, v.seq, v.ack, v.window, v.blocks > 0, v.has_ts, v.tsval, v.tsecr,
-            <const char *>p + v.tcp_off + v.data_off, v.tcp_len - v.data_off, now,
-        ):
-            dirty[conn] = None
-            return True
-    return src, dst, _segment_of(p, &v, segment_type)
+    )
+    _store(&f, d)
+    return taken == 1
 
 
 def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conns,
@@ -950,13 +1043,58 @@ def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conn
     """
     cdef Py_ssize_t i = start
     cdef Py_ssize_t n = PyList_GET_SIZE(packets)
-    while i < n:
-        result = _receive_one(<object>PyList_GET_ITEM(packets, i), now, local, conns, dirty,
-                              fast_states, segment_type)
-        if result is not True:
-            return i, result
-        i += 1
-    return n, None
+    cdef const unsigned char *p
+    cdef TcpView v
+    cdef Fields f
+    cdef object conn = None  # the connection ``f`` holds, while it holds one
+    cdef dict d = None
+    cdef unsigned char last_key[36]  # addresses and ports of the packets of ``conn``
+    cdef Py_ssize_t key_len = 0, address_bytes
+    cdef object src, dst, found
+    try:
+        while i < n:
+            packet = <object>PyList_GET_ITEM(packets, i)
+            if type(packet) is not bytes:
+                return i, None
+            p = <const unsigned char *>PyBytes_AS_STRING(packet)
+            if not _view_tcp(p, PyBytes_GET_SIZE(packet), &v):
+                return i, None
+            address_bytes = 2 * v.addr_len
+            if not (conn is not None and key_len == address_bytes + 4
+                    and memcmp(last_key, p + v.addr_off, address_bytes) == 0
+                    and memcmp(last_key + address_bytes, p + v.tcp_off, 4) == 0):
+                if conn is not None:
+                    _store(&f, d)
+                    conn = None
+                src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
+                dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len,
+                                                v.addr_len)
+                if dst not in local:
+                    return i, (src, dst, _segment_of(p, &v, segment_type))
+                found = conns.get((dst, v.dst_port, src, v.src_port))
+                if found is None or found.state not in fast_states:
+                    return i, (src, dst, _segment_of(p, &v, segment_type))
+                conn = found
+                d = conn.__dict__
+                _load(&f, d)
+                memcpy(last_key, p + v.addr_off, address_bytes)
+                memcpy(last_key + address_bytes, p + v.tcp_off, 4)
+                key_len = address_bytes + 4
+            if not _take(&f, conn, d, v.flags, v.seq, v.ack, v.window, v.blocks > 0, v.has_ts,
+                         v.tsval, v.tsecr, <const char *>p + v.tcp_off + v.data_off,
+                         v.tcp_len - v.data_off, now):
+                _store(&f, d)
+                conn = None
+                src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
+                dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len,
+                                                v.addr_len)
+                return i, (src, dst, _segment_of(p, &v, segment_type))
+            dirty[conn] = None
+            i += 1
+        return n, None
+    finally:
+        if conn is not None:
+            _store(&f, d)
 
 
 # ---------------------------------------------------------------- TCP send run

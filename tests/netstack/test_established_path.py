@@ -291,8 +291,12 @@ def random_packets(
         else:
             seg = random_segment(conn, rng)
             seg.flags &= ~(RST | FIN)  # keep the connection established
-            if roll > 0.95:
+        if rng.random() < 0.05:  # the same addresses, another connection's ports
+            if rng.random() < 0.5:
                 seg.dst_port ^= 1
+            else:
+                seg.src_port ^= 1
+            offset -= len(seg.payload) if roll < 0.9 else 0
         packet = build_tcp_packet(seg, remote, local)
         packets.append(packet)
         if rng.random() < 0.1:  # a mangled copy as well
