@@ -706,3 +706,83 @@ def test_sack_scoreboard_stays_sorted_and_merged() -> None:
     assert client._sacked == [(1001, 3001), (5001, 7001)]
     assert client._update_scoreboard(((wire(3001), wire(5001)),))
     assert client._sacked == [(1001, 7001)]
+
+
+def _acks_for_first_segments(config: TcpConfig | None, segments: int) -> int:
+    """Pure ACKs the receiver sends for the first ``segments`` data segments, which a
+    1 MB/s bottleneck delivers one at a time."""
+    net, a, b = make_net(impairment=Impairment(bandwidth=1_000_000), config=config)
+    client, _server = establish(net, a, b)
+    data, acks = [0], [0]
+
+    def count_data(packet: bytes) -> bool:
+        data[0] += len(packet) > 100
+        return True
+
+    def count_acks(packet: bytes) -> bool:
+        acks[0] += len(packet) <= 100
+        return True
+
+    net.paths[(id(a), id(b))].filter = count_data
+    net.paths[(id(b), id(a))].filter = count_acks
+    client.send(b"q" * 1368 * segments)
+    net.run_until(lambda: client.bytes_in_send_buffer == 0, timeout=2)
+    assert data[0] == segments
+    return acks[0]
+
+
+def test_quick_ack_at_start_then_every_second_segment() -> None:
+    """Quick-ACK mode (Linux's): the first segments of a connection are each ACKed at
+    once so the peer's slow start is not held back; afterwards every second one."""
+    assert _acks_for_first_segments(None, 8) >= 8
+    assert _acks_for_first_segments(TcpConfig(quickack_segments=0), 8) <= 5
+
+
+def test_karn_no_rtt_sample_from_a_retransmission() -> None:
+    """Without timestamps an ACK of retransmitted data is ambiguous (RFC 6298 section
+    3, Karn's rule): the time until the RTO must not become an RTT sample."""
+    config = TcpConfig(timestamps=False, tail_loss_probe=False)
+    net, a, b = make_net(config=config)
+    client, _server = establish(net, a, b)
+    srtt_before = client._srtt
+    assert srtt_before is not None and srtt_before < 0.05
+    dropped = [0]
+
+    def drop_first(packet: bytes) -> bool:
+        if len(packet) > 100 and not dropped[0]:
+            dropped[0] = 1
+            return False
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_first
+    client.send(b"k" * 1000)
+    net.run_until(lambda: client.bytes_in_send_buffer == 0, timeout=10)
+    assert client.stats_rto == 1
+    assert client._srtt == srtt_before  # the only segment timed was re-sent: no sample
+
+
+def test_nagle_off_small_writes_leave_while_data_is_in_flight() -> None:
+    """Nagle's algorithm is off (TCP_NODELAY, as a proxy wants): a small write goes out
+    at once even while earlier data is unacknowledged."""
+    net, a, b = make_net()
+    client, _server = establish(net, a, b)
+    client.notify = None
+    client.send(b"first")
+    first = client.segments_to_send(net.now)
+    client.send(b"second")
+    second = client.segments_to_send(net.now)
+    assert [s.payload for s in first] == [b"first"]
+    assert [s.payload for s in second] == [b"second"]
+    assert client._snd_una < client._snd_max
+
+
+def test_receive_window_auto_tuning_grows_the_buffer() -> None:
+    """A reader that keeps up makes the receive buffer (and so the advertised window)
+    grow from its initial size towards ``receive_buffer_max`` (like Linux's DRS)."""
+    config = TcpConfig(receive_buffer=64 * 1024, receive_buffer_max=4 * 1024 * 1024)
+    net, a, b = make_net(impairment=Impairment(delay=0.02), config=config)
+    client, server = establish(net, a, b)
+    assert server._rcv_cap == 64 * 1024
+    transfer(net, client, server, 6_000_000, 0)
+    assert server._rcv_cap >= 512 * 1024
+    assert client._max_snd_wnd > 64 * 1024
