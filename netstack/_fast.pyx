@@ -7,7 +7,13 @@ Chosen by profiling the agent's data plane, in the order it paid off:
 * WireGuard transport messages: ``TransportCipher`` and the batch runs ``open_run`` /
   ``seal_run`` (OpenSSL's libcrypto called directly, one EVP context per session);
 * a received TCP packet parsed in one pass (``parse_tcp_packet``) and a segment to send
-  built into its IP packet in one allocation (``build_tcp_packet``).
+  built into its IP packet in one allocation (``build_tcp_packet``);
+* the established-state receive path, first per segment (``tcp_receive_established``),
+  then for the Stack's whole packet loop (``tcp_receive_run``: parse, connection
+  lookup and the segment applied from C values, a burst of one connection's packets
+  on one load of its fields);
+* the bulk sender's run of new full-size segments (``tcp_send_run``), built straight
+  into IP packets.
 
 Theory of operation of the checksum: the Internet checksum (RFC 1071) summed 16 bits
 at a time into a 64-bit accumulator, carries folded at the end (RFC 1071 section 2(C),

@@ -9,8 +9,9 @@ a zero byte on the right (RFC 1071 section 4.1).
 
 The WireGuard transport twins use ``cryptography``'s ChaCha20-Poly1305; the TCP packet
 twins are defined by the full parsers/builders of ``ip`` and ``tcpwire``; the
-established-state receive path is defined by ``TcpConnection.receive`` (the general
-path it short-cuts).
+established-state receive path and its packet loop are defined by
+``TcpConnection.receive`` and ``Stack.receive_packets`` without them (the general path
+they short-cut), the send run by ``_transmit``'s loop without it.
 
 Every function here has an identical twin in ``_fast.pyx``; ``netstack.speedups``
 picks one, and the same tests run against both.

@@ -61,8 +61,13 @@ hole fills and FIN (RFC 9293 3.8.6.3; RFC 5681 section 4.2).
 Hot path: the common segment once established -- next in order, ACK only, no SACK
 blocks, nothing in recovery or reassembly, not the ACK of our FIN -- is handled whole
 by ``speedups.tcp_receive_established`` (Cython, or its pure-Python twin), which does
-exactly what the general path below would and declines anything else untouched;
-``tests/netstack/test_established_path.py`` holds the two to the same packets.
+exactly what the general path below would and declines anything else untouched; the
+Stack runs the same path straight from its packet loop (``speedups.tcp_receive_run``)
+and hands what it declines to ``_receive_general``.  On the send side
+``speedups.tcp_send_run`` emits ``_transmit``'s runs of new full-size segments, as IP
+packets when the Stack asks through ``packets_to_send``.
+``tests/netstack/test_established_path.py`` holds each to the general path, packet for
+packet.
 
 Robustness: PAWS (RFC 7323 section 5), RST and SYN validation with challenge ACKs and
 ACK-range checks (RFC 5961 sections 3-5), TIME_WAIT of ``config.time_wait`` seconds

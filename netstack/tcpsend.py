@@ -360,10 +360,15 @@ class SendSide(TcpBase):
     ) -> None:
         """Send what the windows allow (see ``tcp.py``), into ``out``; with ``wire``
         (the addresses) the runs of bulk data arrive there already as IP packets."""
-        mss = self._data_mss()
-        sent = 0
         data_end = self._sndbuf_start + len(self._sndbuf)
         fin = self._fin_offset
+        if self._snd_nxt >= data_end and self._snd_nxt != fin and not self._in_recovery:
+            # Nothing new, no FIN, no hole: what the loop below would find at once
+            # (a receiver's every ACK comes by here).
+            self._tlp_new_data = False
+            return
+        mss = self._data_mss()
+        sent = 0
         # The pipe is computed once, then grows by what each segment adds: new data
         # grows the outstanding bytes, a retransmitted hole stops counting as lost.
         pipe = self._pipe()
