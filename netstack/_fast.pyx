@@ -760,6 +760,27 @@ cdef inline uint64_t _u8(object value) except? 0xFFFFFFFFFFFFFFFF:
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 
+
+cdef extern from "Python.h":
+    ctypedef struct PyByteArrayObject:
+        Py_ssize_t ob_alloc
+        char *ob_bytes
+        char *ob_start
+
+
+cdef int _append(object buffer, const char *data, Py_ssize_t size) except -1:
+    """``buffer += data[:size]`` for a bytearray, growing it by doubling: CPython's
+    own resize adds an eighth (a copy of the whole buffer every few packets), and
+    after a read from the front (``del buffer[:n]``) every growth copies it."""
+    cdef Py_ssize_t held = PyByteArray_GET_SIZE(buffer)
+    cdef Py_ssize_t need = held + size
+    cdef PyByteArrayObject *raw = <PyByteArrayObject *>buffer
+    if need + (raw.ob_start - raw.ob_bytes) + 1 > raw.ob_alloc:
+        PyByteArray_Resize(buffer, 2 * need)  # then a "minor downsize", which keeps it
+    PyByteArray_Resize(buffer, need)
+    memcpy(PyByteArray_AS_STRING(buffer) + held, data, size)
+    return 0
+
 from netstack import events as _ev
 
 cdef enum:
@@ -908,7 +929,6 @@ cdef int _take(Fields *f, object conn, dict d, unsigned int flags, uint64_t wire
         _acknowledged(conn, d, snd_una, ack, advance, snd_max, has_ts, tsecr, now)
         _load(f, d)
     cdef long long ts_now, pending, quickack
-    cdef Py_ssize_t held
     cdef double sample, interval
     if has_ts and rcv_nxt <= f.last_ack_sent:
         if ((<uint64_t>(tsval - ts_recent)) & 0xFFFFFFFF) < 0x80000000:
@@ -928,11 +948,9 @@ cdef int _take(Fields *f, object conn, dict d, unsigned int flags, uint64_t wire
         f.rcv_nxt = rcv_nxt + size
         f.dirty |= _D_RCV_NXT
         if keep:
-            held = PyByteArray_GET_SIZE(rcvbuf)
-            if not held:
+            if not PyByteArray_GET_SIZE(rcvbuf):
                 conn._emit(_ev.DataAvailable())
-            PyByteArray_Resize(rcvbuf, held + size)
-            memcpy(PyByteArray_AS_STRING(rcvbuf) + held, data, size)
+            _append(rcvbuf, data, size)
         pending = f.ack_pending + 1
         f.ack_pending = pending
         quickack = f.quickack
