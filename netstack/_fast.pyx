@@ -537,6 +537,13 @@ cdef object _segment_of(const unsigned char *p, TcpView *v, object segment_type)
     )
 
 
+cdef tuple _parsed(const unsigned char *p, TcpView *v, object segment_type):
+    """What ``parse_tcp_packet`` returns for the packet ``v`` describes."""
+    src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
+    dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len, v.addr_len)
+    return src, dst, _segment_of(p, v, segment_type)
+
+
 def parse_tcp_packet(packet, segment_type):
     """``(src, dst, segment)`` for a well-formed IPv4/IPv6 TCP packet (``segment`` built
     by calling ``segment_type`` like ``tcpwire.TcpSegment``), None for anything else."""
@@ -546,9 +553,7 @@ def parse_tcp_packet(packet, segment_type):
     cdef TcpView v
     if not _view_tcp(p, PyBytes_GET_SIZE(packet), &v):
         return None
-    src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
-    dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len, v.addr_len)
-    return src, dst, _segment_of(p, &v, segment_type)
+    return _parsed(p, &v, segment_type)
 
 
 # ---------------------------------------------------------------- TCP packet build
@@ -1094,10 +1099,10 @@ def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conn
                 dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len,
                                                 v.addr_len)
                 if dst not in local:
-                    return i, (src, dst, _segment_of(p, &v, segment_type))
+                    return i, _parsed(p, &v, segment_type)
                 found = conns.get((dst, v.dst_port, src, v.src_port))
                 if found is None or found.state not in fast_states:
-                    return i, (src, dst, _segment_of(p, &v, segment_type))
+                    return i, _parsed(p, &v, segment_type)
                 conn = found
                 d = conn.__dict__
                 _load(&f, d)
@@ -1109,10 +1114,7 @@ def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conn
                          v.tcp_len - v.data_off, now):
                 _store(&f, d)
                 conn = None
-                src = PyBytes_FromStringAndSize(<const char *>p + v.addr_off, v.addr_len)
-                dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len,
-                                                v.addr_len)
-                return i, (src, dst, _segment_of(p, &v, segment_type))
+                return i, _parsed(p, &v, segment_type)
             dirty[conn] = None
             i += 1
         return n, None
