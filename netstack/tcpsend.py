@@ -442,7 +442,9 @@ class SendSide(TcpBase):
                 if template is not None and nxt >= self._snd_max and end != fin:
                     # New data after the first segment of this call: the ACK fields
                     # (ack, window, timestamps, SACK) are the first's, so only the
-                    # payload and the sequence number change.
+                    # payload and the sequence number change.  ``send_run`` above
+                    # takes every such segment; this is its definition, which the
+                    # tests run with the send run switched off.
                     flags = ACK | PSH if end == data_end else ACK
                     out.append(
                         TcpSegment(
