@@ -392,7 +392,7 @@ def seal_run(list packets, Py_ssize_t start, TransportCipher cipher, unsigned in
 # options skipped) or IPv6 without extension headers, then TCP (data offset, checksum
 # over the pseudo-header, options as tcpwire.parse_tcp reads them) are checked in one
 # C pass into a ``TcpView`` struct; ``parse_tcp_packet`` then builds the TcpSegment and
-# ``tcp_receive_packet`` (below) first tries the established-state path straight from
+# ``tcp_receive_run`` (below) first tries the established-state path straight from
 # the struct, building objects only when that path declines.  Anything else --
 # malformed, a fragment, not TCP, IPv6 extension headers -- is None and the stack's
 # full Python path classifies and counts it.  Twin: ``parse_tcp_packet`` in
@@ -814,7 +814,6 @@ cdef struct Fields:
     int dirty
     long long rcv_nxt, irs, ts_recent, rcv_adv, snd_una, iss, snd_max, fin, snd_wscale
     long long snd_wnd, snd_wl1, snd_wl2, max_snd_wnd, last_ack_sent, ack_pending, quickack
-    long long keepalive_probes
     double last_receive, ack_deadline, rcv_rtt, srtt, rcv_space_time, delayed_ack
 
 
@@ -1099,10 +1098,10 @@ def tcp_receive_run(list packets, Py_ssize_t start, double now, local, dict conn
                 dst = PyBytes_FromStringAndSize(<const char *>p + v.addr_off + v.addr_len,
                                                 v.addr_len)
                 if dst not in local:
-                    return i, _parsed(p, &v, segment_type)
+                    return i, (src, dst, _segment_of(p, &v, segment_type))
                 found = conns.get((dst, v.dst_port, src, v.src_port))
                 if found is None or found.state not in fast_states:
-                    return i, _parsed(p, &v, segment_type)
+                    return i, (src, dst, _segment_of(p, &v, segment_type))
                 conn = found
                 d = conn.__dict__
                 _load(&f, d)
@@ -1166,6 +1165,12 @@ def tcp_send_run(object conn, object template, list out, long long pipe, long lo
     cdef list starts = sndbuf._starts
     cdef object chunk = None
     segment_type = type(template)
+    src_port = template.src_port
+    dst_port = template.dst_port
+    wire_ack = template.ack
+    window = template.window
+    timestamp = template.timestamp
+    sack_blocks = template.sack_blocks
     # The packet form: every packet of the run has the same headers but for the
     # lengths, SEQ, flags and checksums; they are laid out once here.
     cdef unsigned char header[100]
@@ -1185,19 +1190,13 @@ def tcp_send_run(object conn, object template, list out, long long pipe, long lo
         hp = header + ip_len
         n_opts = _tcp_options(template, hp + 20)
         tcp_header = 20 + n_opts
-        _put16(hp, <unsigned int>_u16(template.src_port))
-        _put16(hp + 2, <unsigned int>_u16(template.dst_port))
-        _put32(hp + 8, _u32(template.ack))
+        _put16(hp, <unsigned int>_u16(src_port))
+        _put16(hp + 2, <unsigned int>_u16(dst_port))
+        _put32(hp + 8, _u32(wire_ack))
         hp[12] = <unsigned char>((tcp_header // 4) << 4)
-        _put16(hp + 14, <unsigned int>_u16(template.window))
+        _put16(hp + 14, <unsigned int>_u16(window))
         _put16(hp + 16, 0)
         _put16(hp + 18, 0)
-    src_port = template.src_port
-    dst_port = template.dst_port
-    wire_ack = template.ack
-    window = template.window
-    timestamp = template.timestamp
-    sack_blocks = template.sack_blocks
     while count < limit:
         room = cwnd - pipe
         if room <= 0:
