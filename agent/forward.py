@@ -2,25 +2,25 @@
 
 Theory of operation
 -------------------
-The gateway's proxy already does everything an HTTP hop needs (h11 on both sides,
-keep-alive, streaming and chunked bodies, ``Expect: 100-continue``, WebSocket upgrade,
-clear error pages), and its TCP/UDP forwarders splice raw tunnels with half-close and
-back-pressure.  The agent reuses them, pointed the other way:
+The agent never parses HTTP: the gateway has already routed, rewritten and admitted
+every request before a byte enters the tunnel.
 
-* one routing table (:class:`gateway.proxy.router.Router`) built with an upstream
-  resolver, so a tunnel's route leads to its ``target`` (``host:port`` or an
-  ``http(s)://host:port/prefix`` URL on this machine) instead of its ``agentIp``;
-* HTTP tunnels: the user-space stack listens on ``agentIP:80``; each accepted stream is
-  served by a :class:`~gateway.proxy.http.ProxyServer` that routes on Host, keeps the
-  gateway's ``X-Forwarded-*`` as they are, applies no per-client limits (every peer is
-  a gateway speaking for many clients) and calls the upstream "local service" in its
-  pages: 404 for a host with no tunnel, 503 for a disabled one, 502 when the local
-  service refuses or is unreachable, 504 when it does not answer;
-* raw TCP tunnels: a :class:`~gateway.proxy.tcp.TcpForwarder` whose listeners are on
-  the user-space stack (``agentIP:publicPort``) and whose dialer reaches the target
+* HTTP tunnels: the user-space stack listens on ``agentIP:80``.  Every connection
+  starts with a PROXY v2 header naming its tunnel (``kakuremichi.relay.proxyproto``);
+  the agent reads it (bounded in size and time), looks the tunnel up by id, dials its
+  target (``host:port``, or the host and port of an ``http(s)://`` URL target: the
+  gateway already applied the URL's path prefix) and splices bytes both ways with
+  half-close and back-pressure (``kakuremichi.relay.splice``).  A connection whose
+  header is missing, malformed, late, or names a tunnel this agent does not serve (or
+  has disabled) is reset without dialling anything; a target that refuses or does not
+  answer within ``connect_timeout`` resets the tunnelled connection too, which the
+  gateway turns into its 502 page.  The gateway pools these connections per tunnel,
+  so one connection carries many requests of that tunnel.
+* raw TCP tunnels: a :class:`~kakuremichi.relay.tcp.TcpForwarder` whose listeners are
+  on the user-space stack (``agentIP:publicPort``) and whose dialer reaches the target
   (connect timeout; a refused target resets the tunnelled connection);
-* UDP tunnels: a :class:`~gateway.proxy.udp.UdpForwarder` bound on the stack, with one
-  kernel UDP socket per flow towards the target and an idle timeout per flow.
+* UDP tunnels: a :class:`~kakuremichi.relay.udp.UdpForwarder` bound on the stack, with
+  one kernel UDP socket per flow towards the target and an idle timeout per flow.
 
 ``https://`` targets are dialled with TLS (SNI = the target host, no certificate
 verification: the service is local and usually self-signed; the public side of the
@@ -34,23 +34,23 @@ import logging
 import ssl
 from typing import Any
 
-from agent.targets import Target
-from gateway.proxy.http import ProxyServer
-from gateway.proxy.limits import LimitSettings
-from gateway.proxy.metrics import Metrics
-from gateway.proxy.router import Router
-from gateway.proxy.settings import ProxySettings
-from gateway.proxy.tcp import TcpForwarder, TcpSettings
-from gateway.proxy.udp import UdpForwarder, UdpSettings
+from kakuremichi.relay import proxyproto
+from kakuremichi.relay.metrics import Metrics
+from kakuremichi.relay.router import Router
+from kakuremichi.relay.splice import close_writer, splice
+from kakuremichi.relay.targets import Target
+from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
+from kakuremichi.relay.udp import UdpForwarder, UdpSettings
 from netstack.aio import NetstackServer
 from netstack.tunnel import UserspaceTunnel
 
 log = logging.getLogger("agent.forward")
 
-#: the agent's peers are gateways: per-client limits would throttle everybody at once
-_NO_CLIENT_LIMITS = LimitSettings(
-    rate=0, max_connections_per_client=0, max_connections=0, max_body_bytes=None
-)
+#: a gateway writes its PROXY header with the connection's first bytes
+HEADER_TIMEOUT = 10.0
+#: how long ``close()`` lets spliced HTTP connections end on their own (the gateway
+#: closes its idle pooled ones within seconds)
+SHUTDOWN_GRACE = 5.0
 
 
 def resolve_target(text: str) -> tuple[str, int, str]:
@@ -97,6 +97,100 @@ class LocalDialer:
         )
 
 
+class HttpTunnels:
+    """The agent's HTTP-tunnel listener: PROXY header → tunnel → splice to its target."""
+
+    def __init__(
+        self,
+        router: Router,
+        dialer: LocalDialer,
+        metrics: Metrics,
+        *,
+        connect_timeout: float,
+        idle_timeout: float = 3600.0,
+        header_timeout: float = HEADER_TIMEOUT,
+    ) -> None:
+        self.router = router
+        self.dialer = dialer
+        self.metrics = metrics
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self._connections: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one tunnelled connection until both directions end; never raises."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        target_writer: asyncio.StreamWriter | None = None
+        reset = True
+        self.metrics.connection_opened("http_tunnel")
+        try:
+            try:
+                header = await proxyproto.read_header(reader, self.header_timeout)
+            except proxyproto.ProxyHeaderError as exc:
+                self.metrics.rejected.inc(reason="proxy_header")
+                log.warning("refused a tunnelled connection: %s", exc)
+                return
+            tunnel_id = header.tunnel_id
+            route = self.router.lookup_tunnel(tunnel_id) if tunnel_id is not None else None
+            if route is None or not route.enabled:
+                self.metrics.rejected.inc(reason="unknown_tunnel")
+                log.warning(
+                    "refused a connection for a tunnel this agent does not serve: %r",
+                    (tunnel_id or "")[:64],
+                )
+                return
+            tunnel = route.tunnel_id
+            self.metrics.http_tunnel_connections.inc(tunnel=tunnel)
+            try:
+                target_reader, target_writer = await self.dialer(
+                    route.agent_ip, route.upstream_port or 80, self.connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                kind = "refused" if isinstance(exc, ConnectionRefusedError) else "unreachable"
+                self.metrics.upstream_errors.inc(tunnel=tunnel, kind=kind)
+                return
+            reset = False
+            try:
+                await splice(
+                    reader,
+                    writer,
+                    target_reader,
+                    target_writer,
+                    idle_timeout=self.idle_timeout,
+                    on_a_to_b=lambda n: self.metrics.http_tunnel_bytes.inc(
+                        n, tunnel=tunnel, direction="in"
+                    ),
+                    on_b_to_a=lambda n: self.metrics.http_tunnel_bytes.inc(
+                        n, tunnel=tunnel, direction="out"
+                    ),
+                )
+            except (ConnectionError, OSError, TimeoutError):
+                reset = True  # a broken side: the other must not see a clean end
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("unexpected error in a tunnelled HTTP connection")
+        finally:
+            self.metrics.connection_closed("http_tunnel")
+            self._connections.discard(task)
+            if target_writer is not None:
+                await close_writer(target_writer, abort=reset)
+            await close_writer(writer, abort=reset)
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Let open connections end on their own for ``grace`` seconds, then end them."""
+        tasks = list(self._connections)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Forwarder:
     """HTTP, TCP and UDP tunnels of one agent (see the module docstring)."""
 
@@ -114,16 +208,8 @@ class Forwarder:
         self.metrics = metrics if metrics is not None else Metrics()
         self.router = Router(upstream=resolve_target)
         self.dialer = LocalDialer()
-        self.proxy = ProxyServer(
-            self.router,
-            self.dialer,
-            settings=ProxySettings(
-                connect_timeout=connect_timeout,
-                preserve_forwarded=True,
-                upstream_name="local service",
-                limits=_NO_CLIENT_LIMITS,
-            ),
-            metrics=self.metrics,
+        self.http = HttpTunnels(
+            self.router, self.dialer, self.metrics, connect_timeout=connect_timeout
         )
         self.tcp = TcpForwarder(
             self.router,
@@ -152,10 +238,7 @@ class Forwarder:
         self.router.replace_all(tunnels)
 
     async def start(self) -> None:
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self.proxy.serve_connection(reader, writer, "http")
-
-        self._http = await self.tunnel.start_server(on_connect, self.http_port)
+        self._http = await self.tunnel.start_server(self.http.serve, self.http_port)
         await self.tcp.start()
         await self.udp.start()
 
@@ -165,9 +248,9 @@ class Forwarder:
         await self.udp.wait_reconciled(within)
 
     async def close(self) -> None:
-        """Stop accepting; let in-flight HTTP requests finish (bounded); end the rest."""
+        """Stop accepting; let open HTTP connections end (bounded); end the rest."""
         if self._http is not None:
             self._http.close()
-        await self.proxy.close()
+        await self.http.close()
         await self.tcp.close()
         await self.udp.close()

@@ -16,8 +16,8 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent.targets import Target
 from kakuremichi.logs import kv
+from kakuremichi.relay.targets import Target
 
 log = logging.getLogger("agent.health")
 

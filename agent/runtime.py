@@ -30,11 +30,11 @@ from typing import Any
 from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDevice, gateways_from_config
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
-from gateway.proxy.admin import AdminServer
 from kakuremichi import __version__
 from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
 from kakuremichi.keys import load_or_create
 from kakuremichi.logs import kv
+from kakuremichi.relay.admin import AdminServer
 
 log = logging.getLogger("agent")
 

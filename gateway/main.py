@@ -12,7 +12,6 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from gateway.proxy.limits import LimitSettings
 from gateway.runtime import Gateway, GatewaySettings
 from kakuremichi import logs
 from kakuremichi.config import (
@@ -25,6 +24,7 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.controlclient import websocket_url
+from kakuremichi.relay.limits import LimitSettings
 from kakuremichi.service import run_until_signalled
 
 SETTINGS: tuple[Setting, ...] = (

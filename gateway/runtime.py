@@ -29,13 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
-from gateway.proxy.admin import AdminServer
 from gateway.proxy.http import ProxyServer, ProxySettings
-from gateway.proxy.limits import LimitSettings
-from gateway.proxy.metrics import Metrics
-from gateway.proxy.router import Router
-from gateway.proxy.tcp import TcpForwarder, TcpSettings
-from gateway.proxy.udp import FlowDialer, UdpForwarder, UdpSettings
 from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import WgDevice, WgError
 from gateway.wg.state import WgState
@@ -44,6 +38,12 @@ from kakuremichi import __version__
 from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
 from kakuremichi.keys import load_or_create
 from kakuremichi.logs import kv
+from kakuremichi.relay.admin import AdminServer
+from kakuremichi.relay.limits import LimitSettings
+from kakuremichi.relay.metrics import Metrics
+from kakuremichi.relay.router import Router
+from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
+from kakuremichi.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 
 log = logging.getLogger("gateway")
 

@@ -17,14 +17,15 @@ Wiring (see each module's docstring for the theory of operation)::
     await admin.start("127.0.0.1", 9090)       # /metrics and /healthz
 """
 
-from .admin import AdminServer
+from kakuremichi.relay.admin import AdminServer
+from kakuremichi.relay.dial import Dialer, open_tcp
+from kakuremichi.relay.limits import LimitSettings
+from kakuremichi.relay.metrics import Metrics, Registry
+from kakuremichi.relay.router import PortRoute, Route, Router
+from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
+from kakuremichi.relay.udp import FlowDialer, UdpForwarder, UdpSettings, open_udp_flow
+
 from .http import ProxyServer, ProxySettings
-from .limits import LimitSettings
-from .metrics import Metrics, Registry
-from .pool import Dialer, open_tcp
-from .router import PortRoute, Route, Router
-from .tcp import TcpForwarder, TcpSettings
-from .udp import FlowDialer, UdpForwarder, UdpSettings, open_udp_flow
 
 __all__ = [
     "AdminServer",

@@ -5,8 +5,12 @@ Theory of operation
 ``ForwardingMixin`` is the agent-facing half of a client session (``http.py`` holds the
 client-facing half: reading heads, admission, the gateway's own pages).
 
-1. **Connect**: take a keep-alive connection to ``agent_ip:upstream_port`` from the
-   pool (``pool.py``); dial errors become 502 ("refused" / "unreachable").  A request
+1. **Connect**: take a keep-alive connection of this tunnel to
+   ``agent_ip:upstream_port`` from the pool (``pool.py``); a new one starts with a
+   PROXY v2 header naming the tunnel (``kakuremichi.relay.proxyproto``), after which
+   the agent splices the connection to the tunnel's target.  Dial errors become 502
+   ("refused" / "unreachable"); so does a connection the agent resets before any
+   response byte, which is how it says the local service refused or is unreachable.  A request
    that cannot be replayed only takes a connection used within the last second; an
    idempotent bodiless one that meets a connection the agent just closed is retried
    once on a fresh connection.
@@ -38,13 +42,15 @@ from typing import TYPE_CHECKING
 
 import h11
 
+from kakuremichi.relay import proxyproto
+from kakuremichi.relay.limits import LimitSettings
+from kakuremichi.relay.metrics import Metrics
+from kakuremichi.relay.router import Route
+from kakuremichi.relay.splice import CHUNK, drain, splice
+
 from .headers import get_header, response_headers_for_client
-from .limits import LimitSettings
-from .metrics import Metrics
 from .pool import PoolBusy, UpstreamConnection
-from .router import Route
 from .settings import ProxySettings
-from .splice import CHUNK, drain, splice
 
 if TYPE_CHECKING:
     from .http import ProxyServer
@@ -134,6 +140,9 @@ class ForwardingMixin:
         started: float,
     ) -> None:
         port = route.upstream_port or self.settings.upstream_port
+        preamble = (
+            proxyproto.encode(tunnel_id=route.tunnel_id) if self.settings.tunnel_header else b""
+        )
         fresh = False
         for _attempt in range(2):
             try:
@@ -145,6 +154,8 @@ class ForwardingMixin:
                     # a request we cannot replay only takes a recently used connection:
                     # the older one is, the likelier the agent is closing it right now
                     max_idle_age=None if retry_allowed else _UNSAFE_REUSE_MAX_IDLE,
+                    tunnel=route.tunnel_id,
+                    preamble=preamble,
                 )
             except PoolBusy:
                 self.metrics.rejected.inc(reason="agent_busy")
@@ -183,9 +194,18 @@ class ForwardingMixin:
                 ):
                     fresh = True
                     continue  # a stale keep-alive connection: retry once on a new one
-                self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=failure.kind)
                 if exchange.response_started:
+                    self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=failure.kind)
                     raise Abort from None
+                if failure.kind == "closed" and not upstream.reused and preamble:
+                    # a new tunnel connection ended before any answer: the agent
+                    # resets it when the tunnel's local service cannot be reached
+                    failure = UpstreamFailed(
+                        "target",
+                        "The local service refused the connection or is unreachable "
+                        "(reported by the agent).",
+                    )
+                self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=failure.kind)
                 status = 504 if failure.kind == "timeout" else 502
                 await self._send_page(
                     status, failure.reason, plain=plain, route=route, started=started

@@ -25,10 +25,8 @@ lower-cased by h11).
     wants one trustworthy value need not parse the list.
   - ``X-Forwarded-Host`` / ``X-Forwarded-Proto``: overwritten (the gateway is the
     edge; a client-supplied value would be a lie).
-  - ``Host`` is passed through unchanged: the agent routes on it.
-  - With ``preserve=True`` (the agent, whose only peers are gateways) the four
-    forwarding fields are kept as received and only missing ones are filled in, so
-    the application sees what the gateway vouched for.
+  - ``Host`` is passed through unchanged: the application behind the agent sees it
+    (the agent splices bytes and never parses HTTP).
 """
 
 from __future__ import annotations
@@ -147,7 +145,6 @@ def request_headers_for_agent(
     chunked: bool,
     upgrade: bool,
     peer_ip: str | None = None,
-    preserve: bool = False,
 ) -> Headers:
     """The header list to send to the agent for a client's request.
 
@@ -163,14 +160,10 @@ def request_headers_for_agent(
         b"x-forwarded-host": host,
         b"x-forwarded-proto": proto.encode("ascii"),
     }
-    if preserve:
-        present = {k for k, _ in out}
-        out.extend((k, v) for k, v in wanted.items() if k not in present)
-    else:
-        prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
-        out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
-        wanted[b"x-forwarded-for"] = b", ".join([*prior, peer])
-        out.extend(wanted.items())
+    prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
+    out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
+    wanted[b"x-forwarded-for"] = b", ".join([*prior, peer])
+    out.extend(wanted.items())
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
     return out

@@ -42,6 +42,11 @@ from urllib.parse import urlsplit
 
 import h11
 
+from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter
+from kakuremichi.relay.metrics import Metrics
+from kakuremichi.relay.router import Route, Router, normalize_host
+from kakuremichi.relay.splice import CHUNK, close_writer, drain, half_close
+
 from . import pages
 from .forward import Abort, ForwardingMixin
 from .headers import (
@@ -53,12 +58,8 @@ from .headers import (
     parse_networks,
     request_headers_for_agent,
 )
-from .limits import ConnectionLimiter, RateLimiter
-from .metrics import Metrics
 from .pool import Dialer, UpstreamPool, open_tcp
-from .router import Route, Router, normalize_host
 from .settings import ProxySettings
-from .splice import CHUNK, close_writer, drain, half_close
 
 __all__ = ["ProxyServer", "ProxySettings"]
 
@@ -407,7 +408,6 @@ class _ClientSession(ForwardingMixin):
             proto=self.proto,
             chunked=chunked,
             upgrade=upgrade,
-            preserve=self.settings.preserve_forwarded,
         )
         if route.path_prefix and target.startswith(b"/"):
             target = route.path_prefix.encode("latin-1") + target
@@ -521,8 +521,6 @@ class _ClientSession(ForwardingMixin):
     ) -> None:
         tunnel = route.tunnel_id if route is not None else ""
         domain = route.domain if route is not None else ""
-        if self.settings.upstream_name != "agent":
-            reason = reason.replace("agent", self.settings.upstream_name)
         elapsed = self.loop.time() - started if started is not None else None
         self._record(tunnel, domain, status, elapsed)
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

@@ -1,4 +1,4 @@
-"""Keep-alive connections to agents, a few per agent address.
+"""Keep-alive connections to agents, a few per (agent address, tunnel).
 
 Theory of operation
 -------------------
@@ -6,9 +6,14 @@ An ``UpstreamConnection`` is one TCP stream to an agent plus the client-role h11
 machine that frames requests on it.  After a response ends cleanly (both h11 sides
 ``DONE``) the proxy hands the connection back with ``release``; the pool calls
 ``start_next_cycle()`` and keeps it idle, at most ``max_idle_per_agent`` per
-``(host, port)``, each for at most ``idle_timeout`` seconds (a timer handle per idle
-connection closes it; taking it out cancels the timer).  Anything else - an error, an
-upgrade, a ``Connection: close`` - is closed instead of pooled.
+``(host, port, tunnel)``, each for at most ``idle_timeout`` seconds (a timer handle per
+idle connection closes it; taking it out cancels the timer).  Anything else - an error,
+an upgrade, a ``Connection: close`` - is closed instead of pooled.
+
+A connection belongs to one tunnel: the agent splices it to that tunnel's target after
+reading the ``preamble`` (a PROXY v2 header naming the tunnel) that ``acquire`` writes
+right after dialling, so it is only ever reused for the same tunnel.  The cap on
+connections in use (``max_active_per_agent``) counts per agent address, across tunnels.
 
 Agents may close idle keep-alive connections at any moment, so ``acquire`` skips
 connections whose reader already saw EOF, and the proxy retries a request once on a
@@ -22,30 +27,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 
 import h11
 
-from .splice import close_writer
+from kakuremichi.relay.dial import Dialer, open_tcp
+from kakuremichi.relay.splice import close_writer
 
-Dialer = Callable[[str, int, float], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+__all__ = ["Dialer", "PoolBusy", "UpstreamConnection", "UpstreamPool", "open_tcp"]
 
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
-
-
-async def open_tcp(
-    host: str,
-    port: int,
-    timeout: float,  # noqa: ASYNC109 - the dialer interface takes a timeout
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The default dialer: a kernel TCP connection with a connect timeout."""
-    return await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
 
 
 class UpstreamConnection:
     """One stream to an agent with its client-side HTTP/1.1 state."""
 
     __slots__ = (
+        "agent",
         "checked_out",
         "conn",
         "expiry",
@@ -57,9 +54,13 @@ class UpstreamConnection:
     )
 
     def __init__(
-        self, key: tuple[str, int], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        key: tuple[str, int, str],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         self.key = key
+        self.agent = (key[0], key[1])
         self.reader = reader
         self.writer = writer
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEADER_BYTES)
@@ -98,7 +99,7 @@ class UpstreamPool:
         self.max_idle_per_agent = max_idle_per_agent
         self.idle_timeout = idle_timeout
         self.max_active_per_agent = max_active_per_agent
-        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._idle: dict[tuple[str, int, str], list[UpstreamConnection]] = {}
         self._active: dict[tuple[str, int], int] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.dials = 0
@@ -112,15 +113,19 @@ class UpstreamPool:
         *,
         fresh: bool = False,
         max_idle_age: float | None = None,
+        tunnel: str = "",
+        preamble: bytes = b"",
     ) -> UpstreamConnection:
-        """A pooled connection if a live one is idle (unless ``fresh``), else a new one.
+        """A pooled connection of ``tunnel`` if a live one is idle (unless ``fresh``),
+        else a new one, on which ``preamble`` is written first.
 
         ``max_idle_age`` skips (and keeps pooled) connections idle for longer than that.
         Dial errors (``OSError``, ``TimeoutError``) propagate to the caller;
         ``PoolBusy`` if the agent's cap of connections in use is reached.
         """
-        key = (host, port)
-        if self.max_active_per_agent and self._active.get(key, 0) >= self.max_active_per_agent:
+        agent = (host, port)
+        key = (host, port, tunnel)
+        if self.max_active_per_agent and self._active.get(agent, 0) >= self.max_active_per_agent:
             raise PoolBusy
         idle = None if fresh else self._idle.get(key)
         now = asyncio.get_running_loop().time()
@@ -144,23 +149,25 @@ class UpstreamPool:
         if idle is not None and not idle:
             self._idle.pop(key, None)
         self.dials += 1
-        self._active[key] = self._active.get(key, 0) + 1  # reserve while dialling
+        self._active[agent] = self._active.get(agent, 0) + 1  # reserve while dialling
         try:
             reader, writer = await self.dialer(host, port, connect_timeout)
         finally:
-            self._return(key)
+            self._return(agent)
+        if preamble:
+            writer.write(preamble)
         upstream = UpstreamConnection(key, reader, writer)
         self._check_out(upstream)
         return upstream
 
     def _check_out(self, upstream: UpstreamConnection) -> None:
         upstream.checked_out = True
-        self._active[upstream.key] = self._active.get(upstream.key, 0) + 1
+        self._active[upstream.agent] = self._active.get(upstream.agent, 0) + 1
 
     def _check_in(self, upstream: UpstreamConnection) -> None:
         if upstream.checked_out:
             upstream.checked_out = False
-            self._return(upstream.key)
+            self._return(upstream.agent)
 
     def _return(self, key: tuple[str, int]) -> None:
         count = self._active.get(key, 0) - 1
@@ -201,9 +208,12 @@ class UpstreamPool:
         self._close_later(upstream)
 
     def idle_count(self, host: str | None = None, port: int | None = None) -> int:
-        if host is None:
-            return sum(len(v) for v in self._idle.values())
-        return len(self._idle.get((host, port or 0), []))
+        """Idle connections in all, or to one agent address (over all its tunnels)."""
+        return sum(
+            len(v)
+            for key, v in self._idle.items()
+            if host is None or (key[0] == host and key[1] == (port or 0))
+        )
 
     async def close(self) -> None:
         for idle in self._idle.values():

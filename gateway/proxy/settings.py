@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .limits import LimitSettings
+from kakuremichi.relay.limits import LimitSettings
 
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     """Timeouts, pool size and limits of the HTTP proxy (seconds, bytes)."""
 
-    #: port the agent accepts HTTP on (the agent routes by Host)
+    #: port the agent accepts HTTP tunnels' connections on inside WireGuard
     upstream_port: int = 80
+    #: open each agent connection with a PROXY v2 header naming the tunnel
+    #: (``kakuremichi.relay.proxyproto``): the agent splices it to that tunnel's
+    #: target without parsing HTTP.  Off only in front of a plain HTTP upstream.
+    tunnel_header: bool = True
     #: dialling an agent (through WireGuard); exceeded -> 502 "agent unreachable"
     connect_timeout: float = 5.0
     #: from request fully sent to the agent's response head; exceeded -> 504
@@ -31,12 +35,6 @@ class ProxySettings:
     #: networks (CIDR) of load balancers in front of the gateway whose
     #: X-Forwarded-For is believed; empty = the TCP peer is always the client
     trusted_proxies: tuple[str, ...] = ()
-    #: keep X-Forwarded-For/-Host/-Proto and X-Real-IP as received, only filling in
-    #: missing ones (the agent: its only clients are gateways, which set them)
-    preserve_forwarded: bool = False
-    #: what the pages call the upstream ("agent" on the gateway; the agent's proxy
-    #: says "local service")
-    upstream_name: str = "agent"
     #: one INFO line per request (method, host, path without query, status, bytes)
     access_log: bool = False
     limits: LimitSettings = field(default_factory=LimitSettings)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.health import HealthMonitor, check_target
-from agent.targets import Target
+from kakuremichi.relay.targets import Target
 from tests.support import free_port
 
 

@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from agent.runtime import Agent
 from gateway.runtime import Gateway
+from kakuremichi.relay import proxyproto
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
 from tests.controlserver import RunningControl
@@ -34,8 +35,11 @@ async def raw_request(system: System, request: bytes) -> bytes:
     reader, writer = await system.gateway.wg.dial(await agent_ip(system), 80, 5)  # type: ignore[union-attr]
     writer.write(request)
     await writer.drain()
-    async with asyncio.timeout(10):
-        data = await reader.read()
+    try:
+        async with asyncio.timeout(10):
+            data = await reader.read()
+    except ConnectionResetError:
+        data = b""  # the agent refused the connection
     writer.close()
     return data
 
@@ -89,17 +93,23 @@ async def test_http_tunnel_end_to_end(
             await ws.send(b"\x00\x01binary")
             assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\x01binary"
 
-        # The agent's own refusals, asked directly through WireGuard.
-        unknown = await raw_request(
-            system, b"GET / HTTP/1.1\r\nHost: nope.example.com\r\nConnection: close\r\n\r\n"
-        )
-        assert unknown.startswith(b"HTTP/1.1 404") and b"nope.example.com" in unknown
+        # Straight to the agent through WireGuard: without a PROXY header naming the
+        # tunnel the connection is reset and nothing reaches the app; with one, the
+        # agent splices it to the app as it is (no HTTP parsing, no rewriting).
+        request = b"GET /headers HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"
+        assert await raw_request(system, request) == b""
+        tunnel_id = system.gateway.router.lookup_host("app.example.com").tunnel_id  # type: ignore[union-attr]
+        header = proxyproto.encode(tunnel_id=tunnel_id)
+        answer = await raw_request(system, header + request)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"host":"other.example"' in answer
+        assert await raw_request(system, proxyproto.encode(tunnel_id="nope") + request) == b""
 
         # The agent's own /metrics and /healthz.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as admin:
             assert (await admin.get("/healthz")).status_code == 200
             metrics = (await admin.get("/metrics")).text
-        assert 'code="200"' in metrics and 'code="404"' in metrics
+        assert f'kakuremichi_http_tunnel_connections_total{{tunnel="{tunnel_id}"}}' in metrics
+        assert 'reason="proxy_header"' in metrics and 'reason="unknown_tunnel"' in metrics
 
 
 async def test_local_service_down_and_disabled_tunnel(

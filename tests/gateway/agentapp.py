@@ -4,7 +4,8 @@
 agent (in production the agent's local target sits behind it, reached by Host).
 ``RawServer`` is a tiny asyncio server for answers uvicorn would never send (odd
 hop-by-hop fields, connection drops).  ``ProxyHarness`` starts a ``ProxyServer`` with
-a router pointing at them.
+a router pointing at them, with the PROXY header to agents switched off (the agent's
+side of it is tested in ``tests/agent/``).
 """
 
 from __future__ import annotations
@@ -247,6 +248,8 @@ class ProxyHarness:
     ) -> None:
         self.router = Router()
         self.metrics = Metrics()
+        # the upstreams here are plain HTTP servers, not agents: no PROXY header
+        settings.setdefault("tunnel_header", False)
         self.settings = ProxySettings(upstream_port=upstream_port, **settings)
         self.proxy = ProxyServer(self.router, dialer, self.settings, self.metrics)
         self.ssl_context = ssl_context

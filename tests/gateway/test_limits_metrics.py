@@ -11,8 +11,8 @@ import pytest
 
 from gateway.proxy import AdminServer, Metrics
 from gateway.proxy.headers import request_headers_for_agent, strip_hop_by_hop
-from gateway.proxy.limits import ConnectionLimiter, RateLimiter, TokenBucket, client_key
-from gateway.proxy.metrics import Registry
+from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter, TokenBucket, client_key
+from kakuremichi.relay.metrics import Registry
 from tests.gateway.agentapp import ProxyHarness
 
 

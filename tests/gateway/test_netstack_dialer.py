@@ -18,7 +18,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from gateway.proxy.splice import close_writer, splice
+from kakuremichi.relay.splice import close_writer, splice
 from tests.gateway.agentapp import ProxyHarness, Uvicorn, pattern_sha256, tunnel
 from tests.support import need
 

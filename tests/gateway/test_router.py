@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.proxy.router import Route, Router, normalize_host
+from kakuremichi.relay.router import Route, Router, normalize_host
 from tests.gateway.agentapp import tunnel
 
 

@@ -1,5 +1,6 @@
 """A stand-in agent for gateway tests: kernel TCP/IP + wireguard-go, configured from
-Control through our Control client, serving a small HTTP app on port 80.
+Control through our Control client, serving a small HTTP app on port 80 behind the
+PROXY v2 header every gateway connection starts with (the app echoes the tunnel id).
 
 Run inside a network namespace:
     STANDIN_API_KEY=agt_… python -m tests.gateway_core.agent_standin CONTROL_URL IFNAME
@@ -15,6 +16,7 @@ import sys
 
 from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
 from kakuremichi.keys import KeyPair
+from kakuremichi.relay import proxyproto
 
 
 def sh(*argv: str, input_text: str | None = None) -> None:
@@ -23,6 +25,10 @@ def sh(*argv: str, input_text: str | None = None) -> None:
 
 async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
+        try:
+            tunnel = (await proxyproto.read_header(reader, 5.0)).tunnel_id
+        except proxyproto.ProxyHeaderError:
+            return
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
@@ -34,7 +40,7 @@ async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Non
             body = await reader.readexactly(length) if length else b""
             text = (
                 f"agent says hi\nhost={headers.get('host')}\nxff={headers.get('x-forwarded-for')}\n"
-                f"path={lines[0].split(' ')[1]}\nbody={len(body)}\n"
+                f"path={lines[0].split(' ')[1]}\nbody={len(body)}\ntunnel={tunnel}\n"
             ).encode()
             writer.write(
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "

@@ -139,6 +139,7 @@ def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path, backend: 
             _, body = wait_status(gw_ns, "app.example.com", 200, 30)
             assert "agent says hi" in body and "host=app.example.com" in body
             assert "xff=127.0.0.1" in body
+            assert f"tunnel={tunnel['id']}" in body  # the PROXY v2 header named the tunnel
             assert fetch(gw_ns, "APP.example.com:8080")[0] == 200
             assert fetch(gw_ns, "unknown.example.com")[0] == 404
             # Delete → 404 within 1 s.

@@ -233,7 +233,7 @@ class Registry:
 
 
 class Metrics:
-    """The gateway's metric families and the calls the data path makes on them."""
+    """The data path's metric families (gateway and agent) and the calls made on them."""
 
     def __init__(self, registry: Registry | None = None) -> None:
         self.registry = registry if registry is not None else Registry()
@@ -291,6 +291,17 @@ class Metrics:
         self.tcp_bytes = r.counter(
             "kakuremichi_tcp_bytes_total",
             "Raw TCP tunnel bytes, by tunnel and direction (in = from client).",
+            ("tunnel", "direction"),
+        )
+        self.http_tunnel_connections = r.counter(
+            "kakuremichi_http_tunnel_connections_total",
+            "Connections of HTTP tunnels spliced to their local target (agent), by tunnel.",
+            ("tunnel",),
+        )
+        self.http_tunnel_bytes = r.counter(
+            "kakuremichi_http_tunnel_bytes_total",
+            "Bytes of HTTP tunnels spliced at the agent, by tunnel and direction "
+            "(in = towards the local target).",
             ("tunnel", "direction"),
         )
         self.udp_bytes = r.counter(

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from typing import Any
 
-from .router import Router
+from kakuremichi.relay.router import Router
 
 log = logging.getLogger(__name__)
 

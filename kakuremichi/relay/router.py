@@ -28,11 +28,14 @@ synchronously after every change.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from .targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +152,17 @@ def _parse_tunnel(raw: Mapping[str, Any], upstream: UpstreamResolver | None = No
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise TunnelError(f"tunnel {tunnel_id}: bad publicPort")
         public_port = port
-    if upstream is None:
-        return _Tunnel(tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled)
     target = raw.get("target")
+    if upstream is None:
+        # the gateway dials the agent; only a URL target's path prefix matters here,
+        # since every HTTP rewrite happens once, at the gateway
+        prefix = ""
+        if protocol == "http" and isinstance(target, str):
+            with contextlib.suppress(ValueError):
+                prefix = Target.parse(target).path_prefix
+        return _Tunnel(
+            tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled, None, prefix
+        )
     try:
         if not isinstance(target, str):
             raise ValueError("no target")
@@ -177,6 +188,7 @@ class Router:
         self._upstream = upstream
         self._tunnels: dict[str, _Tunnel] = {}
         self._domains: dict[str, Route] = {}
+        self._http_by_id: dict[str, Route] = {}
         self._ports: dict[tuple[str, int], PortRoute] = {}
         self._listeners: list[Callable[[], None]] = []
         self.version = 0
@@ -239,6 +251,11 @@ class Router:
             return self._domains.get("*." + parent)
         return None
 
+    def lookup_tunnel(self, tunnel_id: str) -> Route | None:
+        """The route of an HTTP tunnel by its id (how the agent finds the tunnel a
+        PROXY header names), whether or not it won its domain."""
+        return self._http_by_id.get(tunnel_id)
+
     def lookup_port(self, protocol: str, port: int) -> PortRoute | None:
         """The raw TCP/UDP tunnel listening on ``port``."""
         return self._ports.get((protocol, port))
@@ -275,6 +292,19 @@ class Router:
                 t.tunnel_id, d, t.agent_id, t.agent_ip, t.enabled, t.upstream_port, t.path_prefix
             )
             for d, t in by_domain.items()
+        }
+        self._http_by_id = {
+            t.tunnel_id: Route(
+                t.tunnel_id,
+                t.domain,
+                t.agent_id,
+                t.agent_ip,
+                t.enabled,
+                t.upstream_port,
+                t.path_prefix,
+            )
+            for t in self._tunnels.values()
+            if t.domain is not None
         }
         self._ports = {
             key: PortRoute(
