@@ -148,15 +148,25 @@ class AsyncStack:
                 self.link.send(packet)
 
     def _arm_timer(self) -> None:
+        """Make sure the loop wakes the stack by its next deadline.
+
+        Deadlines mostly move *later* (every segment sent pushes the retransmission or
+        tail-loss-probe deadline forward), so a timer already armed for an earlier
+        moment is left alone: it fires, the stack finds nothing due, and the timer is
+        armed again for what is due then.  Only a deadline earlier than the armed one
+        replaces it.  That is one timer per deadline period instead of a cancelled and
+        re-created ``TimerHandle`` per request on a busy connection.
+        """
         deadline = self.stack.next_deadline()
-        if deadline == self._timer_when:
+        if deadline is None:
+            return  # an armed timer fires once more, finds nothing, and is not re-armed
+        armed = self._timer_when
+        if armed is not None and armed <= deadline:
             return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._timer_when = deadline
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _dispatch(self, event: ev.StackEvent) -> None:
         if isinstance(event, ev.TcpConnectionEvent):
