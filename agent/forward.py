@@ -30,14 +30,16 @@ tunnel is where trust is established).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from kakuremichi.relay import proxyproto
 from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.router import Router
-from kakuremichi.relay.splice import close_writer, splice
+from kakuremichi.relay.pipe import TransportSplice
+from kakuremichi.relay.router import Route, Router
 from kakuremichi.relay.targets import Target
 from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
 from kakuremichi.relay.udp import UdpForwarder, UdpSettings
@@ -79,6 +81,28 @@ class LocalDialer:
                 tls.add((target.host, target.port))
         self.tls = tls
 
+    async def connect(
+        self,
+        protocol: asyncio.Protocol,
+        host: str,
+        port: int,
+        timeout: float,  # noqa: ASYNC109 - like the dialer interface
+    ) -> asyncio.Transport:
+        """Connect ``protocol`` to a target (no streams): the HTTP tunnels' splice."""
+        secure = (host, port) in self.tls
+        loop = asyncio.get_running_loop()
+        transport, _ = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: protocol,
+                host,
+                port,
+                ssl=self._context if secure else None,
+                server_hostname=host if secure else None,
+            ),
+            timeout,
+        )
+        return transport
+
     async def __call__(
         self,
         host: str,
@@ -98,7 +122,13 @@ class LocalDialer:
 
 
 class HttpTunnels:
-    """The agent's HTTP-tunnel listener: PROXY header → tunnel → splice to its target."""
+    """The agent's HTTP-tunnel listener: PROXY header → tunnel → splice to its target.
+
+    ``protocol`` is the protocol factory for the listener (the user-space stack's
+    ``create_server``, or ``loop.create_server`` in tests); each connection is a
+    :class:`_TunnelledConnection` until its header is read, then one end of a
+    :class:`~kakuremichi.relay.pipe.TransportSplice` with the target's connection.
+    """
 
     def __init__(
         self,
@@ -116,79 +146,158 @@ class HttpTunnels:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
-        self._connections: set[asyncio.Task[None]] = set()
+        #: connections being read, dialled or spliced (ended by ``close``)
+        self.open: set[_TunnelledConnection] = set()
+        self._byte_counters: dict[tuple[str, str], Callable[[float], None]] = {}
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one tunnelled connection until both directions end; never raises."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
-        target_writer: asyncio.StreamWriter | None = None
-        reset = True
-        self.metrics.connection_opened("http_tunnel")
-        try:
-            try:
-                header = await proxyproto.read_header(reader, self.header_timeout)
-            except proxyproto.ProxyHeaderError as exc:
-                self.metrics.rejected.inc(reason="proxy_header")
-                log.warning("refused a tunnelled connection: %s", exc)
-                return
-            tunnel_id = header.tunnel_id
-            route = self.router.lookup_tunnel(tunnel_id) if tunnel_id is not None else None
-            if route is None or not route.enabled:
-                self.metrics.rejected.inc(reason="unknown_tunnel")
-                log.warning(
-                    "refused a connection for a tunnel this agent does not serve: %r",
-                    (tunnel_id or "")[:64],
-                )
-                return
-            tunnel = route.tunnel_id
-            self.metrics.http_tunnel_connections.inc(tunnel=tunnel)
-            try:
-                target_reader, target_writer = await self.dialer(
-                    route.agent_ip, route.upstream_port or 80, self.connect_timeout
-                )
-            except (OSError, TimeoutError) as exc:
-                kind = "refused" if isinstance(exc, ConnectionRefusedError) else "unreachable"
-                self.metrics.upstream_errors.inc(tunnel=tunnel, kind=kind)
-                return
-            reset = False
-            try:
-                await splice(
-                    reader,
-                    writer,
-                    target_reader,
-                    target_writer,
-                    idle_timeout=self.idle_timeout,
-                    on_a_to_b=lambda n: self.metrics.http_tunnel_bytes.inc(
-                        n, tunnel=tunnel, direction="in"
-                    ),
-                    on_b_to_a=lambda n: self.metrics.http_tunnel_bytes.inc(
-                        n, tunnel=tunnel, direction="out"
-                    ),
-                )
-            except (ConnectionError, OSError, TimeoutError):
-                reset = True  # a broken side: the other must not see a clean end
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("unexpected error in a tunnelled HTTP connection")
-        finally:
-            self.metrics.connection_closed("http_tunnel")
-            self._connections.discard(task)
-            if target_writer is not None:
-                await close_writer(target_writer, abort=reset)
-            await close_writer(writer, abort=reset)
+    def protocol(self) -> asyncio.Protocol:
+        return _TunnelledConnection(self)
+
+    def count_bytes(self, tunnel: str, direction: str) -> Callable[[float], None]:
+        """The metrics counter of one (tunnel, direction), its label key built once."""
+        key = (tunnel, direction)
+        counter = self._byte_counters.get(key)
+        if counter is None:
+            counter = self.metrics.http_tunnel_bytes.child(tunnel=tunnel, direction=direction)
+            self._byte_counters[key] = counter
+        return counter
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Let open connections end on their own for ``grace`` seconds, then end them."""
-        tasks = list(self._connections)
-        if not tasks:
+        waiting = [c.finished for c in self.open]
+        if waiting:
+            await asyncio.wait(waiting, timeout=grace)
+        for connection in list(self.open):
+            connection.abort()
+        if waiting:
+            await asyncio.wait(waiting, timeout=1.0)
+
+
+class _TunnelledConnection(asyncio.Protocol):
+    """One connection from a gateway until its PROXY header is read and its target
+    dialled (see the module docstring); then its transport belongs to the splice."""
+
+    def __init__(self, owner: HttpTunnels) -> None:
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.splice: TransportSplice | None = None
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._dial: asyncio.Task[None] | None = None
+
+    # -- the header phase (asyncio.Protocol) ------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.open.add(self)
+        self.owner.metrics.connection_opened("http_tunnel")
+        self._deadline = self.loop.call_later(self.owner.header_timeout, self._header_late)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) < proxyproto.FIXED_BYTES:
+            if not proxyproto.SIGNATURE.startswith(bytes(self.buffer[:12])):
+                self._refuse("proxy_header", "no PROXY v2 signature")
             return
-        _, pending = await asyncio.wait(tasks, timeout=grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            total = proxyproto.header_length(bytes(self.buffer[: proxyproto.FIXED_BYTES]))
+            if len(self.buffer) < total:
+                return
+            header = proxyproto.decode(bytes(self.buffer[:total]))
+        except proxyproto.ProxyHeaderError as exc:
+            self._refuse("proxy_header", str(exc))
+            return
+        rest = bytes(self.buffer[total:])
+        self.buffer.clear()
+        self._header_done(header, rest)
+
+    def eof_received(self) -> bool:
+        self._refuse("proxy_header", "connection ended inside the PROXY header")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    # -- after the header -------------------------------------------------------------
+
+    def _header_done(self, header: proxyproto.ProxyHeader, rest: bytes) -> None:
+        owner = self.owner
+        tunnel_id = header.tunnel_id
+        route = owner.router.lookup_tunnel(tunnel_id) if tunnel_id is not None else None
+        if route is None or not route.enabled:
+            self._refuse(
+                "unknown_tunnel",
+                f"for a tunnel this agent does not serve: {(tunnel_id or '')[:64]!r}",
+            )
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        tunnel = route.tunnel_id
+        owner.metrics.http_tunnel_connections.inc(tunnel=tunnel)
+        splice = TransportSplice(
+            idle_timeout=owner.idle_timeout,
+            on_a_to_b=owner.count_bytes(tunnel, "in"),
+            on_b_to_a=owner.count_bytes(tunnel, "out"),
+        )
+        assert self.transport is not None
+        self.transport.pause_reading()
+        splice.attach(splice.a, self.transport)  # from now on the splice reads this connection
+        self.splice = splice
+        self._dial = self.loop.create_task(self._connect(route, rest))
+
+    async def _connect(self, route: Route, rest: bytes) -> None:
+        owner, splice = self.owner, self.splice
+        assert splice is not None
+        try:
+            await owner.dialer.connect(
+                splice.b, route.agent_ip, route.upstream_port or 80, owner.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            kind = "refused" if isinstance(exc, ConnectionRefusedError) else "unreachable"
+            owner.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
+            splice.abort()  # the gateway turns the reset into its 502 page
+        except asyncio.CancelledError:
+            splice.abort()
+        else:
+            splice.start(rest)
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await splice.done
+        self._end()
+
+    def abort(self) -> None:
+        """End this connection now (shutdown)."""
+        if self.splice is not None:
+            if self._dial is not None and not self._dial.done():
+                self._dial.cancel()
+            self.splice.abort()
+        elif self.transport is not None:
+            self.transport.abort()
+
+    def _header_late(self) -> None:
+        self._deadline = None
+        self._refuse("proxy_header", "no PROXY header in time")
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.owner.metrics.rejected.inc(reason=reason)
+        log.warning("refused a tunnelled connection: %s", detail)
+        if self.transport is not None:
+            self.transport.abort()
+        self._end()
+
+    def _end(self) -> None:
+        if self.splice is not None and not self.splice.done.done():
+            return  # the splice owns the transport now; it ends via _connect
+        if self.finished.done():
+            return
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.owner.open.discard(self)
+        self.owner.metrics.connection_closed("http_tunnel")
+        self.finished.set_result(None)
 
 
 class Forwarder:
@@ -238,7 +347,7 @@ class Forwarder:
         self.router.replace_all(tunnels)
 
     async def start(self) -> None:
-        self._http = await self.tunnel.start_server(self.http.serve, self.http_port)
+        self._http = await self.tunnel.create_server(self.http.protocol, self.http_port)
         await self.tcp.start()
         await self.udp.start()
 

@@ -253,8 +253,25 @@ class AsyncStack:
         limit: int = 2**16,
     ) -> NetstackServer:
         """Listen on ``port``; like ``asyncio.start_server``."""
+        loop = self._loop
+
+        def streams() -> asyncio.StreamReaderProtocol:
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            return asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
+
+        return await self.create_server(streams, port, backlog=backlog)
+
+    async def create_server(
+        self,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        port: int,
+        *,
+        backlog: int = 128,
+    ) -> NetstackServer:
+        """Listen on ``port`` with a protocol per connection; like
+        ``loop.create_server`` (no streams, no task per connection)."""
         listener = self.stack.listen(port, backlog)
-        server = NetstackServer(self, listener, client_connected_cb, limit)
+        server = NetstackServer(self, listener, protocol_factory)
         self._servers[port] = server
         return server
 
@@ -279,23 +296,18 @@ class NetstackServer:
         self,
         astack: AsyncStack,
         listener: TcpListener,
-        callback: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None],
-        limit: int,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
     ) -> None:
         self._astack = astack
         self._listener = listener
-        self._callback = callback
-        self._limit = limit
+        self._protocol_factory = protocol_factory
         self._closed = False
         self.port = listener.port
 
     def _accept_all(self) -> None:
         astack = self._astack
-        loop = astack._loop
         while (conn := self._listener.accept()) is not None:
-            reader = asyncio.StreamReader(limit=self._limit, loop=loop)
-            protocol = asyncio.StreamReaderProtocol(reader, self._callback, loop=loop)
-            transport = _TcpTransport(astack, conn, protocol)
+            transport = _TcpTransport(astack, conn, self._protocol_factory())
             transport._deliver()
 
     def close(self) -> None:
@@ -355,6 +367,12 @@ class _TcpTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol  # type: ignore[no-any-return]
 
     def is_closing(self) -> bool:
         return self._closing

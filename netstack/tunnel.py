@@ -148,6 +148,14 @@ class UserspaceTunnel:
         assert self.streams is not None
         return await self.streams.start_server(callback, port, backlog=backlog)
 
+    async def create_server(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], port: int, backlog: int = 4096
+    ) -> NetstackServer:
+        """Listen on ``port`` with a protocol per connection (like ``loop.create_server``);
+        ``backlog`` as for :meth:`start_server`."""
+        assert self.streams is not None
+        return await self.streams.create_server(protocol_factory, port, backlog=backlog)
+
     def stats(self) -> list[TunnelPeerStats]:
         now = self.udp.now() if self.udp is not None else 0.0
         result = []

@@ -93,6 +93,16 @@ class Counter(_Family):
     def get(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
+    def child(self, **labels: str) -> Callable[[float], None]:
+        """An ``inc`` bound to one label set, its key built once (for hot paths)."""
+        key = self._key(labels)
+        values = self._values
+
+        def inc(amount: float = 1.0) -> None:
+            values[key] = values.get(key, 0.0) + amount
+
+        return inc
+
     def samples(self) -> list[str]:
         return [
             f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}"

@@ -23,18 +23,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import Callable
 
 CHUNK = 64 * 1024
 
 
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Abort a transport so that its peer sees a reset: a kernel socket closed with
+    ``SO_LINGER`` 0 sends an RST (``abort()`` alone closes it with a FIN); the
+    user-space stack's transport sends one on ``abort()``."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(Exception):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    transport.abort()  # type: ignore[attr-defined]
+
+
 async def close_writer(writer: asyncio.StreamWriter, *, abort: bool = False) -> None:
-    """Close a writer without raising; ``abort`` drops buffered data (RST on sockets)."""
+    """Close a writer without raising; ``abort`` drops buffered data and resets."""
     try:
         if abort:
             transport = writer.transport
             if transport is not None and hasattr(transport, "abort"):
-                transport.abort()
+                reset(transport)
         writer.close()
     except Exception:  # noqa: S110 - closing a broken stream must not raise
         pass
