@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 
 import h11
 
-from kakuremichi.relay.metrics import CONTENT_TYPE, Metrics
-from kakuremichi.relay.splice import close_writer
+from .metrics import CONTENT_TYPE, Metrics
+from .splice import close_writer
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from typing import Any
 
-from kakuremichi.relay.router import Router
+from .router import Router
 
 log = logging.getLogger(__name__)
 

@@ -25,13 +25,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from kakuremichi.relay.limits import ConnectionLimiter
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.reconcile import PortReconciler
-from kakuremichi.relay.router import Router
-from kakuremichi.relay.splice import close_writer, splice
-
 from .dial import Dialer, open_tcp
+from .limits import ConnectionLimiter
+from .metrics import Metrics
+from .reconcile import PortReconciler
+from .router import Router
+from .splice import close_writer, splice
 
 StreamCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

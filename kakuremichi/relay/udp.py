@@ -27,10 +27,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
-from kakuremichi.relay.limits import client_key
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.reconcile import PortReconciler
-from kakuremichi.relay.router import Router
+from .limits import client_key
+from .metrics import Metrics
+from .reconcile import PortReconciler
+from .router import Router
 
 log = logging.getLogger(__name__)
 
