@@ -124,6 +124,8 @@ def encode(
     else:
         family, kind, command = _FAMILY_UNSPEC, _TRANSPORT_UNSPEC, COMMAND_LOCAL
     all_tlvs = list(tlvs)
+    if any(tlv_type == TLV_TUNNEL for tlv_type, _ in all_tlvs):
+        raise ValueError("name the tunnel with tunnel_id, not as a raw TLV")
     if tunnel_id is not None:
         raw = tunnel_id.encode("utf-8")
         if not 0 < len(raw) <= MAX_TUNNEL_ID_BYTES:

@@ -103,10 +103,10 @@ async def agent_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await _json(send, {"sha256": digest.hexdigest(), "length": length})
     elif path == "/download":
         total = int(query.get("n", "0"))
-        headers = [(b"content-type", b"application/octet-stream")]
+        response_headers = [(b"content-type", b"application/octet-stream")]
         if query.get("cl") == "1":
-            headers.append((b"content-length", str(total).encode()))
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+            response_headers.append((b"content-length", str(total).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
         sent = 0
         while sent < total:
             piece = BLOCK[: min(len(BLOCK), total - sent)]
