@@ -7,14 +7,13 @@ finish, close the Control connection; exit code 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import logging
 from pathlib import Path
 from typing import Any
 
 from agent.runtime import Agent, AgentSettings
-from kakuremichi import logs
+from kakuremichi import eventloop, logs
 from kakuremichi.config import (
     COMMON,
     ConfigError,
@@ -25,6 +24,7 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.controlclient import websocket_url
+from kakuremichi.eventloop import EVENT_LOOP
 from kakuremichi.service import run_until_signalled
 
 
@@ -97,6 +97,7 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         parse=port,
     ),
+    EVENT_LOOP,
     *COMMON,
 )
 
@@ -148,7 +149,7 @@ async def serve(settings: AgentSettings) -> int:
 def run(args: argparse.Namespace) -> int:
     values = resolve(args, SETTINGS)
     logs.setup(values["log_format"], values["log_level"])
-    return asyncio.run(serve(settings_from(values)))
+    return eventloop.run(serve(settings_from(values)), values["event_loop"], "agent")
 
 
 def register(subparsers: Any) -> None:

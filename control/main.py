@@ -22,7 +22,7 @@ import uvicorn
 from control import protocol
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.app import ControlSettings, create_app
-from kakuremichi import logs
+from kakuremichi import eventloop, logs
 from kakuremichi.config import (
     COMMON,
     ConfigError,
@@ -32,6 +32,7 @@ from kakuremichi.config import (
     positive_float,
     resolve,
 )
+from kakuremichi.eventloop import EVENT_LOOP
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on", "0.0.0.0"),
@@ -69,6 +70,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse=positive_float,
         metavar="SECONDS",
     ),
+    EVENT_LOOP,
     *COMMON,
 )
 
@@ -137,23 +139,28 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-dir: cannot create {data_dir}: {exc.strerror}") from exc
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(f"--data-dir: {data_dir} is not writable")
-    server = server_for(create_app(settings), values["host"], values["port"])
+    server = server_for(create_app(settings), values["host"], values["port"], values["event_loop"])
     log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op
     # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
-    server.run()
+    # What ``server.run()`` does, with the loop made by the helper every command uses.
+    eventloop.run(server.serve(), values["event_loop"], "control")
     # uvicorn leaves ``started`` False when binding or the lifespan failed.
     return 0 if server.started else 1
 
 
-def server_for(app: Any, host: str, port: int) -> _Server:
-    """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``)."""
+def server_for(app: Any, host: str, port: int, event_loop: str = "auto") -> _Server:
+    """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``).
+
+    ``event_loop`` is an ``--event-loop`` choice; uvicorn's ``loop`` setting gets the
+    loop it stands for, the same one :func:`kakuremichi.eventloop.run` creates."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        loop=eventloop.resolve(event_loop),
         log_config=None,
         ws_max_size=protocol.MAX_FRAME_BYTES,
         # Frames are small JSON and broadcasts go to thousands of clients: compressing

@@ -7,13 +7,12 @@ connection and remove the WireGuard interface; exit code 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 from pathlib import Path
 from typing import Any
 
 from gateway.runtime import Gateway, GatewaySettings
-from kakuremichi import logs
+from kakuremichi import eventloop, logs
 from kakuremichi.config import (
     COMMON,
     ConfigError,
@@ -24,6 +23,7 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.controlclient import websocket_url
+from kakuremichi.eventloop import EVENT_LOOP
 from kakuremichi.relay.limits import LimitSettings
 from kakuremichi.service import run_until_signalled
 
@@ -76,6 +76,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "acme-ca-file", "CA bundle to trust for the ACME server (e.g. Pebble)", None, metavar="FILE"
     ),
+    EVENT_LOOP,
     *COMMON,
 )
 
@@ -138,7 +139,7 @@ async def serve(settings: GatewaySettings) -> int:
 def run(args: argparse.Namespace) -> int:
     values = resolve(args, SETTINGS)
     logs.setup(values["log_format"], values["log_level"])
-    return asyncio.run(serve(settings_from(values)))
+    return eventloop.run(serve(settings_from(values)), values["event_loop"], "gateway")
 
 
 def register(subparsers: Any) -> None:

@@ -31,8 +31,9 @@ from agent.runtime import Agent, AgentSettings
 from control.app import ControlSettings, create_app
 from control.main import server_for
 from gateway.runtime import Gateway, GatewaySettings
-from kakuremichi import logs, sampleapp
+from kakuremichi import eventloop, logs, sampleapp
 from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, boolean, port, resolve
+from kakuremichi.eventloop import EVENT_LOOP
 
 log = logging.getLogger("demo")
 
@@ -71,6 +72,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse=float,
         metavar="SECONDS",
     ),
+    EVENT_LOOP,
     *COMMON,
 )
 
@@ -154,6 +156,7 @@ async def demo(values: dict[str, Any], data: Path) -> int:
             ),
             HOST,
             values["control_port"],
+            values["event_loop"],
         ),
         f"Control on {HOST}:{values['control_port']}",
     )
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(values["log_format"], values["log_level"])
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
-        return asyncio.run(demo(values, data.resolve()))
+        return eventloop.run(demo(values, data.resolve()), values["event_loop"], "demo")
     except RuntimeError as exc:
         print(f"kakuremichi demo: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import shutil
 
 from gateway.wg.state import PeerStats, WgState
@@ -35,13 +36,31 @@ class WgError(Exception):
 
 
 async def run(*argv: str, check: bool = True, input_text: str | None = None) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if input_text is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate(input_text.encode() if input_text is not None else None)
+    """Run a command; ``input_text`` (small: a key) is its standard input.
+
+    The input goes through an ``os.pipe()`` filled before the child starts, not
+    ``stdin=PIPE``: under uvloop that is a socketpair, which ``wg``'s
+    ``fopen("/dev/stdin")`` cannot open (ENXIO), and uvloop's ``communicate()`` raises
+    instead of ignoring a child that exited before reading its input.
+    """
+    stdin: int = asyncio.subprocess.DEVNULL
+    if input_text is not None:
+        data = input_text.encode()
+        if len(data) > select.PIPE_BUF:
+            raise ValueError("input_text must fit in one pipe write")
+        stdin, write_end = os.pipe()
+        try:
+            os.write(write_end, data)
+        finally:
+            os.close(write_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+    finally:
+        if input_text is not None:
+            os.close(stdin)
+    out, err = await proc.communicate()
     if check and proc.returncode != 0:
         raise WgError(
             f"{' '.join(argv[:4])}…: {err.decode(errors='replace').strip() or proc.returncode}"
