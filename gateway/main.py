@@ -25,7 +25,7 @@ from kakuremichi.config import (
 from kakuremichi.controlclient import websocket_url
 from kakuremichi.eventloop import EVENT_LOOP
 from kakuremichi.relay.limits import LimitSettings
-from kakuremichi.service import run_until_signalled
+from kakuremichi.service import raise_open_file_limit, run_until_signalled
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
@@ -71,6 +71,13 @@ SETTINGS: tuple[Setting, ...] = (
         256,
         parse=int,
     ),
+    Setting(
+        "max-connections",
+        "concurrent client connections in all (0: unlimited; beyond: 429); the open-file "
+        "limit is raised to fit at start",
+        10_000,
+        parse=int,
+    ),
     Setting("acme-directory", "ACME directory URL; unset disables ACME", None, metavar="URL"),
     Setting("acme-email", "contact e-mail for the ACME account", None, metavar="EMAIL"),
     Setting(
@@ -106,9 +113,12 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
             rate=values["rate_limit"],
             burst=values["rate_burst"],
             max_connections_per_client=values["max_connections_per_client"],
+            max_connections=values["max_connections"],
         )
     except ValueError as exc:
-        raise ConfigError(f"--rate-limit/--rate-burst/--max-connections-per-client: {exc}") from exc
+        raise ConfigError(
+            f"--rate-limit/--rate-burst/--max-connections-per-client/--max-connections: {exc}"
+        ) from exc
     return GatewaySettings(
         control_url=values["control_url"],
         api_key=values["api_key"],
@@ -132,6 +142,9 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
 
 
 async def serve(settings: GatewaySettings) -> int:
+    # a client connection and its connection to the agent, plus room for the rest
+    cap = settings.limits.max_connections
+    raise_open_file_limit(2 * cap + 1024 if cap else None, "gateway")
     gateway = Gateway(settings)
     return await run_until_signalled(gateway, "gateway")
 
