@@ -1,58 +1,94 @@
-"""Harness for ``bench/test_e2e_bench.py``: small HTTP responses end to end, through
-kakuremichi, beside the same origin reached directly and through nginx.
+"""Harness for ``bench/test_e2e_bench.py``: one HTTP origin reached seven ways, measured
+with ``wrk`` (Debian) and ``curl``, every piece its own process.
 
-Three paths to one origin, all on loopback, every piece its own process::
+Rows (``ROWS``; "A", "B", "C" are network namespaces this harness creates)::
 
-    direct  client ──────────────────────────────────────────────▶ origin
-    nginx   client ──▶ nginx (Debian, 1 worker, upstream keepalive) ──▶ origin
-    ours    client ──▶ kakuremichi gateway ══WireGuard══▶ kakuremichi agent ──▶ origin
-                       (userspace backend)     (UDP)     (user-space stack)
+    direct         wrk ─▶ origin                                         (root namespace)
+    nginx-edge     wrk ─▶ nginx ─▶ origin                                (root namespace)
+    privileged     A: wrk ─▶ nginx ─▶ wireguard-go ══UDP══▶ B: wireguard-go ─▶ origin
+                   (kernel TCP over both TUN interfaces: what a root-run agent gives)
+    newt           A: wrk ─▶ nginx ─▶ wireguard-go ══UDP══▶ B: gofwd ─▶ origin
+                   (Newt's design: bench/gofwd, wireguard-go's device on a gVisor
+                   netstack, io.Copy of every accepted connection to 127.0.0.1:80)
+    gateway-alone  C: wrk ─▶ ``kakuremichi gateway`` ─▶ origin       (no tunnel at all)
+    all-userspace  wrk ─▶ gateway (userspace backend) ══UDP══▶ agent ─▶ origin  (root ns)
+    production     A: wrk ─▶ gateway (wireguard-go backend) ══UDP══▶ B: agent ─▶ origin
 
-Roles of this module (``python -m bench.e2ebench ROLE 'JSON'``):
+A and B are joined by one veth pair (192.0.2.1 ↔ 192.0.2.2).  In A one wireguard-go
+interface (10.90.0.1) has two peers: B's wireguard-go interface (10.90.0.2, the
+privileged row) and gofwd (10.90.0.3, the Newt row); the production gateway brings up
+its own wireguard-go interface in A (addresses from Control's pool, 100.64.0.0/10).
 
-``origin``
-    The app: a hand-written HTTP/1.1 keep-alive server on an ``asyncio.Protocol``
-    that answers every request with the 13-byte ``hello, world\\n``.  It costs a few
-    microseconds per request, so the proxies' cost is what the paths differ by (the
-    Starlette sample app would be the bottleneck of all three).  Prints ``{"port": N}``
-    when listening, exits when its stdin closes.
-``client``
-    The load generator: ``connections`` keep-alive connections (no pipelining), a
-    warm-up of ``warmup`` requests per connection, then exactly ``requests`` requests
-    shared among the connections (closed loop: a connection sends its next request when
-    the previous answer is complete).  Every answer must be ``200`` with the exact body.
-    Prints one JSON line: requests/s, p50/p99 latency, errors, its own CPU use and the
-    CPU used by the ``watch`` processes (and their children) during the timed window.
+**Client placement**: in every row ``wrk`` (and ``curl``) runs in the namespace of the
+first hop and reaches it over loopback (127.0.0.1), so the client costs the same
+everywhere and only the path behind the first hop differs.
 
-Both use uvloop when it is importable (it comes with ``uvicorn[standard]``) so that
-neither is what limits the direct path; the gateway and agent run exactly as shipped
-(``kakuremichi gateway`` / ``kakuremichi agent``, default asyncio loop).
+**The origin** is nginx (Debian, 1 worker, keep-alive, ``access_log off``):
+``GET /`` is ``return 200 "hello, world\\n"`` (13 bytes), ``/100m`` and ``/10m`` are
+sparse files served by nginx's static module (``sendfile on``).  It answers a small
+request in a few microseconds with no interpreter in the way, so every row measures
+the path rather than the app, and the download rows have an origin that is never the
+bottleneck.  There is one origin per namespace that needs one (root, B, C), configured
+alike.
 
-Settings that matter for the comparison: the gateway gets ``--rate-limit 0`` (its
-default 50 req/s per client address would measure the limiter; one client address is
-all a loopback bench has) and every kakuremichi process ``--log-level warning`` (no
-per-request logging either way: the access log is off by default).  nginx runs with
-``worker_processes 1`` (the gateway and the agent are one single-threaded process each,
-and on 2 cores a second worker would only take CPU from the origin and the client),
-``access_log off``, ``proxy_http_version 1.1`` with ``Connection ""`` and an upstream
-``keepalive 64`` pool; started as root its worker drops to ``nobody`` (it writes
-nothing: the error log is opened by the master, GET requests need no temp files).
-No process is pinned to a core: the scheduler places them.
+**gateway-alone** runs ``kakuremichi gateway`` exactly as shipped (wireguard-go
+backend, Control, REST-configured tunnel) with nothing changed for the bench: its
+tunnel's agent is registered in Control but never runs, so the tunnel's ``agentIp``
+(100.64.0.100) routes nowhere through WireGuard; that address is put on C's loopback
+and the origin listens on it.  The gateway thus dials the origin over loopback with
+its kernel TCP dialer, as in production, and opens each pooled connection with its
+PROXY v2 header; the origin's ``listen … proxy_protocol`` reads that (once per
+connection; the pool keeps them).  This is the gateway's HTTP layer alone, the fair
+comparison with nginx-edge.
 
-:class:`Processes` starts the servers (origin, nginx, Control, gateway, agent) as
-separate sessions and always stops them: SIGTERM, then SIGKILL to the process group.
-``KAKUREMICHI_E2E_BENCH_PROFILE=DIR`` runs the gateway and the agent under cProfile and
-leaves ``gateway.prof`` / ``agent.prof`` in DIR when they exit.
+Settings that matter: every gateway gets ``--rate-limit 0`` (its default 50 req/s per
+client address would measure the limiter: a bench has one client address) and every
+kakuremichi process ``--log-level warning``; otherwise they run as shipped (their
+default ``--event-loop``, Control's address allocation).  Both nginx roles run
+``worker_processes 1`` (the gateway and the agent are one single-threaded process
+each; on 2 cores a second worker would only take CPU from the others), HTTP/1.1 with an
+upstream ``keepalive 64`` pool, and ``proxy_max_temp_file_size 0`` (a download streams
+through memory buffers as in our gateway, never spooled to disk).  No process is
+pinned to a core.
+
+wireguard-go is Debian 12's (0.0.20220316), which predates upstream's own 7 MiB UDP
+socket buffers: at the default 208 KiB its receive queue overflows in a fast download
+(``RcvbufErrors`` in the receiving namespace) and TCP inside the tunnel recovers from
+the losses, so the download rows crossing it (privileged, newt, production) vary from
+round to round; the net.core buffer sysctls are read-only inside a namespace and the
+host's are left alone.  Medians of several downloads are reported.  The Newt row's
+first download after the wrk load sometimes stalls: gofwd's gVisor (Debian's
+20221219) then counts dozens of retransmission timeouts (90 in one 20 s, 10 MB
+download) where later downloads count none; so the full run starts the downloads with
+an untimed 10 MB one on every row, and a stalled CI-mode download is slow, not wrong.
+
+CPU of each process: utime+stime deltas from /proc/PID/stat over the timed window
+(nginx with its worker; the gateway without its wireguard-go child, which is listed on
+its own); wrk's own from ``getrusage(RUSAGE_CHILDREN)``.
+
+:class:`E2EBench` starts what a row needs on first use and always stops everything:
+SIGTERM then SIGKILL of each process group, processes left in the namespaces killed,
+namespaces deleted, wireguard-go sockets and temporary directories removed.
+``KAKUREMICHI_E2E_BENCH_PROFILE=DIR`` runs the gateways and agents under cProfile
+(``<name>.prof`` in DIR when they exit); ``KAKUREMICHI_E2E_BENCH_GATEWAY_ARGS`` and
+``KAKUREMICHI_E2E_BENCH_AGENT_ARGS`` add command-line options to every gateway / agent
+(e.g. ``--event-loop asyncio`` to compare loops); unset, they run as shipped.
+
+Roles (``python -m bench.e2ebench configure 'JSON'``): ``configure`` waits for Control
+and creates the agent, the gateway and the tunnel through its REST API (run inside the
+namespace Control listens in), printing their keys and the agent's address.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import hashlib
 import json
-import math
 import os
+import re
+import resource
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -61,274 +97,99 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 DOMAIN = "bench.example.com"
 BODY = b"hello, world\n"
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (
-    len(BODY),
-    BODY,
-)
-CLOSE_RESPONSE = RESPONSE.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
-BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-MAX_HEAD = 64 * 1024
+MB = 1_000_000
+DOWNLOADS = {"/100m": 100 * MB, "/10m": 10 * MB}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+ROWS = (
+    "direct",
+    "nginx-edge",
+    "privileged",
+    "newt",
+    "gateway-alone",
+    "all-userspace",
+    "production",
+)
+#: rows that need root, namespaces and wireguard-go
+NETNS_ROWS = frozenset({"privileged", "newt", "gateway-alone", "production"})
 
-def emit(**fields: Any) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+# namespaces A/B (veth) and the wireguard-go tunnel of the privileged and Newt rows
+VETH = ("192.0.2.1", "192.0.2.2")
+WG_NET = "10.90.0"
+WG_A, WG_B, WG_GOFWD = f"{WG_NET}.1", f"{WG_NET}.2", f"{WG_NET}.3"
+WG_PORT_A, WG_PORT_B, WG_PORT_GOFWD = 51820, 51820, 51821
+# fixed ports inside the namespaces (each namespace is ours alone)
+CONTROL_PORT, GATEWAY_HTTP, GATEWAY_ADMIN, GATEWAY_WG = 7700, 8080, 9090, 51830
+EDGE_PRIVILEGED, EDGE_NEWT, ORIGIN_PORT = 8081, 8082, 80
 
-
-def fast_loop() -> str:
-    """Install uvloop's event loop policy if uvloop is there; name the loop in use."""
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return "uvloop"
-
-
-def _stop_on_stdin_eof(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
-    stop = asyncio.Event()
-
-    def read() -> None:
-        for _ in sys.stdin:
-            pass
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=read, daemon=True).start()
-    return stop
+GOFWD_SRC = Path(__file__).resolve().parent / "gofwd" / "main.go"
+GOPATH = "/usr/share/gocode"
 
 
-# ------------------------------------------------------------------------- the origin
+# ---------------------------------------------------------------------- small helpers
 
 
-def _content_length(head: bytes) -> int | None:
-    """The request's body length (0 without one); None for what we do not serve
-    (chunked bodies, a malformed length)."""
-    lowered = head.lower()
-    if b"transfer-encoding:" in lowered:
-        return None
-    at = lowered.find(b"\r\ncontent-length:")
-    if at < 0:
-        return 0
-    end = lowered.find(b"\r\n", at + 2)
-    value = lowered[at + 17 : end if end >= 0 else len(lowered)].strip()
-    return int(value) if value.isdigit() else None
+def sh(*argv: str, input_text: str | None = None, check: bool = True, timeout: float = 30) -> str:
+    done = subprocess.run(
+        argv, check=False, capture_output=True, text=True, input=input_text, timeout=timeout
+    )
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+    return done.stdout
 
 
-def _wants_close(head: bytes) -> bool:
-    lowered = head.lower()
-    if b"\r\nconnection: close" in lowered:
-        return True
-    return lowered.split(b"\r\n", 1)[0].endswith(b"http/1.0") and b"keep-alive" not in lowered
+def in_ns(ns: str | None, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv] if ns else argv
 
 
-class OriginProtocol(asyncio.Protocol):
-    """One keep-alive connection of the origin: every complete request gets ``BODY``."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def data_received(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.buffer += data
-        out: list[bytes] = []
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            head = self.buffer[:end]
-            length = _content_length(head)
-            if length is None:
-                out.append(BAD_REQUEST)
-                break
-            if len(self.buffer) < end + 4 + length:
-                break  # the rest of the body is still on its way
-            self.buffer = self.buffer[end + 4 + length :]
-            if _wants_close(head):
-                out.append(CLOSE_RESPONSE)
-                break
-            out.append(RESPONSE)
-        else:
-            if len(self.buffer) > MAX_HEAD:
-                out.append(BAD_REQUEST)
-        if out:
-            self.transport.write(b"".join(out))
-            if out[-1] is not RESPONSE:
-                self.transport.close()
+def free_port(kind: str = "tcp") -> int:
+    with socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
+    ) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
 
 
-async def run_origin(cfg: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(OriginProtocol, HOST, cfg.get("port", 0), backlog=1024)
-    stop = _stop_on_stdin_eof(loop)
-    emit(port=server.sockets[0].getsockname()[1], pid=os.getpid())
-    try:
-        await asyncio.wait_for(stop.wait(), cfg.get("lifetime", 3600))
-    except TimeoutError:
-        pass
-    finally:
-        server.close()
+def nginx_binary() -> str | None:
+    """nginx from PATH or Debian's /usr/sbin (not on a normal user's PATH)."""
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
 
 
-# ------------------------------------------------------------------------- the client
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-class ClientError(Exception):
-    """An answer that was not ``200`` with the expected body, or a lost connection."""
-
-
-def _parse_response(buffer: bytes) -> tuple[int, bytes, int] | None:
-    """(status, body, bytes consumed) of the first complete response, None if incomplete.
-    Content-Length and chunked bodies; anything else is a ClientError."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buffer) > MAX_HEAD:
-            raise ClientError("response head too large")
-        return None
-    head = buffer[:end].lower()
-    lines = head.split(b"\r\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise ClientError(f"bad status line {lines[0][:80]!r}")
-    status = int(parts[1])
-    start = end + 4
-    length: int | None = None
-    chunked = False
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        if name == b"content-length":
-            length = int(value.strip())
-        elif name == b"transfer-encoding":
-            chunked = b"chunked" in value
-    if chunked:
-        return _parse_chunked(buffer, status, start)
-    if length is None:
-        raise ClientError("response without Content-Length (keep-alive needs one)")
-    if len(buffer) < start + length:
-        return None
-    return status, buffer[start : start + length], start + length
-
-
-def _parse_chunked(buffer: bytes, status: int, at: int) -> tuple[int, bytes, int] | None:
-    body = bytearray()
-    while True:
-        eol = buffer.find(b"\r\n", at)
-        if eol < 0:
-            return None
-        size = int(buffer[at:eol].split(b";", 1)[0], 16)
-        if size == 0:
-            trailer_end = buffer.find(b"\r\n\r\n", eol)
-            if buffer[eol : eol + 4] == b"\r\n\r\n":
-                return status, bytes(body), eol + 4
-            if trailer_end < 0:
-                return None
-            return status, bytes(body), trailer_end + 4
-        if len(buffer) < eol + 2 + size + 2:
-            return None
-        body += buffer[eol + 2 : eol + 2 + size]
-        at = eol + 2 + size + 2
-
-
-class Budget:
-    """Requests left in the current phase, shared by the connections, and what they saw."""
-
-    def __init__(self) -> None:
-        self.left = 0
-        self.latencies_ns: list[int] = []
-        self.record = False
-
-
-class ClientConnection(asyncio.Protocol):
-    """One keep-alive connection of the load generator: one request in flight at most."""
-
-    def __init__(self, budget: Budget, request: bytes) -> None:
-        self.budget = budget
-        self.request = request
-        self.transport: asyncio.Transport | None = None
-        self.buffer = b""
-        self.sent_at = 0
-        self.done: asyncio.Future[None] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-
-    def run(self) -> asyncio.Future[None]:
-        """Send requests from the budget until it is empty; the future says when."""
-        self.done = asyncio.get_running_loop().create_future()
-        self._send_next()
-        return self.done
-
-    def _send_next(self) -> None:
-        assert self.transport is not None and self.done is not None
-        if self.budget.left <= 0:
-            if not self.done.done():
-                self.done.set_result(None)
-            return
-        self.budget.left -= 1
-        self.sent_at = time.perf_counter_ns()
-        self.transport.write(self.request)
-
-    def _fail(self, error: Exception) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(error)
-        if self.transport is not None:
-            self.transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        try:
-            parsed = _parse_response(self.buffer)
-        except (ClientError, ValueError) as exc:
-            self._fail(ClientError(f"unparsable response: {exc}"))
-            return
-        if parsed is None:
-            return
-        status, body, used = parsed
-        elapsed = time.perf_counter_ns() - self.sent_at
-        self.buffer = self.buffer[used:]
-        if status != 200 or body != BODY:
-            self._fail(ClientError(f"wanted 200 {BODY!r}, got {status} {body[:80]!r}"))
-            return
-        if self.buffer:
-            self._fail(ClientError("bytes after the response (nothing was pipelined)"))
-            return
-        if self.budget.record:
-            self.budget.latencies_ns.append(elapsed)
-        self._send_next()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(ClientError(f"connection lost: {exc or 'closed by peer'}"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its live descendants (0 for a vanished one)."""
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime of a process (and its live descendants if asked; 0 if gone)."""
     total = 0.0
-    for one in [pid, *_descendants(pid)]:
+    for one in [pid, *(_descendants(pid) if children else [])]:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(one)
             total += (int(fields[11]) + int(fields[12])) / CLK_TCK
     return total
 
 
-def _descendants(pid: int) -> list[int]:
+def _children_map() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int(_stat_fields(int(entry.name))[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_map()
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -338,79 +199,52 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def percentile(sorted_values: list[int], fraction: float) -> int:
-    """Nearest-rank percentile of an ascending list."""
-    rank = math.ceil(fraction * len(sorted_values))
-    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
+def child_named(pid: int, comm: str) -> int | None:
+    """A direct child of ``pid`` whose command name is ``comm``."""
+    for kid in _children_map().get(pid, []):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{kid}/comm").read_text().strip() == comm:
+                return kid
+    return None
 
 
-async def run_client(cfg: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    request = (
-        f"GET / HTTP/1.1\r\nHost: {cfg.get('host_header', DOMAIN)}\r\n"
-        "User-Agent: kakuremichi-e2ebench\r\nAccept: */*\r\n\r\n"
-    ).encode()
-    budget = Budget()
-    conns: list[ClientConnection] = []
-    timeout = cfg.get("timeout", 120)
-    try:
-        async with asyncio.timeout(timeout):
-            for _ in range(cfg["connections"]):
-                _, conn = await loop.create_connection(
-                    lambda: ClientConnection(budget, request), HOST, cfg["port"]
-                )
-                conns.append(conn)
-            budget.left = cfg["warmup"] * len(conns)
-            await asyncio.gather(*(c.run() for c in conns))
-            budget.left, budget.record = cfg["requests"], True
-            watch = {name: int(pid) for name, pid in cfg.get("watch", {}).items()}
-            cpu_before = {name: cpu_seconds(pid) for name, pid in watch.items()}
-            own_before = time.process_time()
-            started = time.perf_counter()
-            await asyncio.gather(*(c.run() for c in conns))
-            wall = time.perf_counter() - started
-            own = time.process_time() - own_before
-            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in watch.items()}
-    except (ClientError, OSError, TimeoutError) as exc:
-        kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
-        emit(ok=False, error=f"{kind}: {exc}", answered=len(budget.latencies_ns))
-        return
-    finally:
-        for conn in conns:
-            if conn.transport is not None:
-                conn.transport.close()
-    latencies = sorted(budget.latencies_ns)
-    emit(
-        ok=len(latencies) == cfg["requests"],
-        error=None if len(latencies) == cfg["requests"] else "answers missing",
-        requests=len(latencies),
-        connections=len(conns),
-        seconds=wall,
-        rps=len(latencies) / wall,
-        p50_us=percentile(latencies, 0.50) / 1000,
-        p99_us=percentile(latencies, 0.99) / 1000,
-        max_us=latencies[-1] / 1000,
-        client_cpu=own / wall,
-        loop=cfg.get("loop", "asyncio"),
-        cpu={name: used / wall for name, used in cpu.items()},
-    )
-
-
-# ---------------------------------------------------------------- processes and paths
+# ------------------------------------------------------------------------- processes
 
 
 @dataclass
 class Child:
-    """A server process in its own session; its output goes to a log file."""
+    """A server process in its own session; stderr (and stdout unless piped) to a log."""
 
     name: str
     proc: subprocess.Popen[str]
     log: Path
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid  # `ip netns exec` execs the program: the same pid
+
     def tail(self, lines: int = 30) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+
+    def readline(self, within: float) -> str:
+        """The next stdout line (stdout must be piped), or the log if none comes."""
+        assert self.proc.stdout is not None
+        result: list[str] = []
+        reader = threading.Thread(
+            target=lambda: result.append(self.proc.stdout.readline()),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        reader.start()
+        reader.join(within)
+        if not result or not result[0].strip():
+            raise RuntimeError(f"{self.name} said nothing within {within:g}s:\n{self.tail()}")
+        return result[0]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -421,7 +255,7 @@ class Child:
                 self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(15)
-        # the whole session: nginx's workers, anything a child left behind
+        # the whole session: nginx's worker, the gateway's wireguard-go, anything left
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -433,36 +267,28 @@ class Child:
 
 
 class Processes:
-    """Every server of the three paths, started on demand and always stopped."""
+    """Started processes, each in its own session, always stopped by :meth:`close`."""
 
-    def __init__(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="kakuremichi-e2ebench-"))
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
         self.children: list[Child] = []
-        self.ports: dict[str, int] = {}
-        self.pids: dict[str, int] = {}
-        self.profile = os.environ.get("KAKUREMICHI_E2E_BENCH_PROFILE")
-
-    def __enter__(self) -> Processes:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
-        self.children.clear()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, stdin: bool = False
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        netns: str | None = None,
+        env: dict[str, str] | None = None,
+        pipes: bool = False,
     ) -> Child:
+        """Start ``argv`` (in ``netns``); ``pipes``: stdin and stdout are pipes to us."""
         log = self.tmp / f"{name}.log"
         with log.open("w") as out:
             proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE if stdin else out,
+                in_ns(netns, argv),
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else out,
                 stderr=out,
                 text=True,
                 cwd=REPO,
@@ -471,224 +297,245 @@ class Processes:
             )
         child = Child(name, proc, log)
         self.children.append(child)
-        self.pids[name] = proc.pid
         return child
 
-    def _role(self, role: str, cfg: dict[str, Any]) -> list[str]:
-        return [sys.executable, "-m", "bench.e2ebench", role, json.dumps(cfg)]
-
-    def start_origin(self) -> int:
-        child = self.spawn("origin", self._role("origin", {}), stdin=True)
-        assert child.proc.stdout is not None
-        line = _readline(child, 20)
-        self.ports["origin"] = int(json.loads(line)["port"])
-        return self.ports["origin"]
-
-    def start_nginx(self, nginx: str) -> int:
-        """nginx in front of the origin: one worker, HTTP/1.1 + keepalive upstream."""
-        port = free_port()
-        prefix = self.tmp / "nginx"
-        for sub in ("logs", "tmp"):
-            (prefix / sub).mkdir(parents=True, exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            NGINX_CONF.format(
-                prefix=prefix,
-                port=port,
-                origin=self.ports["origin"],
-            )
-        )
-        argv = [nginx, "-p", f"{prefix}/", "-c", str(conf), "-e", f"{prefix}/logs/error.log"]
-        test = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=30)
-        if test.returncode != 0:
-            raise RuntimeError(f"nginx -t failed: {test.stderr.strip()}")
-        child = self.spawn("nginx", [*argv, "-g", "daemon off;"])
-        _wait_listening(child, port, 20)
-        self.ports["nginx"] = port
-        return port
-
-    def start_ours(self) -> int:
-        """Control, then gateway and agent as their own processes, configured through the
-        REST API the way ``kakuremichi demo`` (and an operator) does it."""
-        import httpx  # only here: the origin and client roles start without it
-
-        token = "adm_bench_" + secrets.token_urlsafe(24)
-        control_port, http_port = free_port(), free_port()
-        control_url = f"http://{HOST}:{control_port}"
-        cli = [sys.executable, "-m", "kakuremichi.cli"]
-        quiet = ["--log-level", "warning"]
-        control = self.spawn(
-            "control",
-            [
-                *cli,
-                "control",
-                *("--host", HOST, "--port", str(control_port)),
-                *("--data-dir", str(self.tmp / "control")),
-                *quiet,
-            ],
-            env={"KAKUREMICHI_ADMIN_TOKEN": token},
-        )
-        with httpx.Client(
-            base_url=control_url, headers={"Authorization": f"Bearer {token}"}, timeout=10
-        ) as api:
-
-            def healthy() -> bool:
-                try:
-                    return api.get("/healthz").status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            _poll(control, healthy, 30, "Control")
-            agent_row = _create(api, "/api/agents", {"name": "bench-agent"})
-            gateway_row = _create(api, "/api/gateways", {"name": "bench-gateway"})
-            _create(
-                api,
-                "/api/tunnels",
-                {
-                    "domain": DOMAIN,
-                    "agent": "bench-agent",
-                    "target": f"http://{HOST}:{self.ports['origin']}",
-                },
-            )
-        gateway = self.spawn(
-            "gateway",
-            [
-                *self._profiled(cli, "gateway"),
-                "gateway",
-                *("--control-url", control_url, "--data-dir", str(self.tmp / "gateway")),
-                *("--public-ip", HOST, "--wireguard-backend", "userspace"),
-                *("--wireguard-port", str(free_port(kind="udp"))),
-                *("--host", HOST, "--http-port", str(http_port), "--https-port", "0"),
-                *("--admin-host", HOST, "--admin-port", str(free_port())),
-                # one client hammering from one address: no per-client rate limit
-                *("--rate-limit", "0"),
-                *quiet,
-            ],
-            env={"KAKUREMICHI_API_KEY": gateway_row["apiKey"]},
-        )
-        agent = self.spawn(
-            "agent",
-            [
-                *self._profiled(cli, "agent"),
-                "agent",
-                *("--control-url", control_url, "--data-dir", str(self.tmp / "agent")),
-                *("--wireguard-host", HOST),
-                *quiet,
-            ],
-            env={"KAKUREMICHI_API_KEY": agent_row["apiKey"]},
-        )
-
-        def through() -> bool:
-            for child in (gateway, agent):
-                if child.proc.poll() is not None:
-                    raise RuntimeError(f"{child.name} exited:\n{child.tail()}")
-            try:
-                response = httpx.get(
-                    f"http://{HOST}:{http_port}/", headers={"Host": DOMAIN}, timeout=5
-                )
-            except httpx.HTTPError:
-                return False
-            return response.status_code == 200 and response.content == BODY
-
-        _poll(gateway, through, 60, "a request through gateway → WireGuard → agent")
-        self.ports["ours"] = http_port
-        return http_port
-
-    def _profiled(self, cli: list[str], name: str) -> list[str]:
-        if not self.profile:
-            return cli
-        Path(self.profile).mkdir(parents=True, exist_ok=True)
-        out = str(Path(self.profile, f"{name}.prof").resolve())
-        return [sys.executable, "-m", "cProfile", "-o", out, *cli[1:]]
-
-    def watch(self, path: str) -> dict[str, int]:
-        """The server processes whose CPU the client should measure for one path."""
-        names = {"direct": ["origin"], "nginx": ["nginx", "origin"]}.get(
-            path, ["gateway", "agent", "origin"]
-        )
-        return {name: self.pids[name] for name in names}
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.children.clear()
 
 
-def _create(api: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = api.post(path, json=body)
-    if response.status_code != 201:
-        raise RuntimeError(f"POST {path}: {response.status_code} {response.text[:300]}")
-    data: dict[str, Any] = response.json()
-    return data
+# ---------------------------------------------------------------------- HTTP via curl
 
 
-def _readline(child: Child, within: float) -> str:
-    """The first stdout line of a role process, or its log if it dies or stays silent."""
-    assert child.proc.stdout is not None
-    result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(child.proc.stdout.readline()))  # type: ignore[union-attr]
-    reader.daemon = True
-    reader.start()
-    reader.join(within)
-    if not result or not result[0].strip():
-        raise RuntimeError(f"{child.name} did not start:\n{child.tail()}")
-    return result[0]
+def curl_get(
+    ns: str | None, url: str, count: int = 1, max_time: float = 5
+) -> list[tuple[int, bytes]]:
+    """``count`` GETs of ``url`` on one keep-alive connection (curl in ``ns``):
+    (status, body) of each; [] if curl could not connect at all."""
+    marker = "[kkm-status %{http_code}]"  # not "@…": -w would read a file
+    argv = ["curl", "-s", "--max-time", str(max_time), "-H", f"Host: {DOMAIN}"]
+    argv += ["-w", marker, *([url] * count)]
+    done = subprocess.run(in_ns(ns, argv), capture_output=True, timeout=max_time * count + 30)
+    answers = re.findall(rb"(.*?)\[kkm-status (\d{3})\]", done.stdout, re.DOTALL)
+    return [(int(status), body) for body, status in answers]
 
 
-def _poll(child: Child, ready: Callable[[], bool], within: float, what: str) -> None:
+def check_answers(ns: str | None, port: int, count: int = 5) -> None:
+    """``count`` requests; every one must be 200 with the exact body."""
+    answers = curl_get(ns, f"http://{HOST}:{port}/", count)
+    assert len(answers) == count, f"{count} requests, {len(answers)} answers: {answers[:3]}"
+    for status, body in answers:
+        assert (status, body) == (200, BODY), f"wanted 200 {BODY!r}, got {status} {body[:200]!r}"
+
+
+def wait_answering(ns: str | None, port: int, within: float, watch: list[Child], what: str) -> None:
+    """Poll until ``GET /`` on ``port`` answers 200 with the body."""
+    deadline = time.monotonic() + within
+    last: list[tuple[int, bytes]] = []
+    while time.monotonic() < deadline:
+        for child in watch:
+            child.check_alive()
+        last = curl_get(ns, f"http://{HOST}:{port}/", 1, max_time=2)
+        if last == [(200, BODY)]:
+            return
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {c.name}:\n{c.tail()}" for c in watch)
+    raise RuntimeError(f"{what} not answering within {within:g}s (last {last[:1]!r}):\n{logs}")
+
+
+def wait_listening(ns: str | None, port: int, within: float, child: Child) -> None:
+    """Poll until something accepts on 127.0.0.1:``port`` in ``ns`` (any HTTP answer)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
-        with contextlib.suppress(OSError):
-            if ready():
-                return
+        child.check_alive()
+        done = subprocess.run(
+            in_ns(
+                ns, ["curl", "-s", "-o", "/dev/null", "--max-time", "2", f"http://{HOST}:{port}/"]
+            ),
+            capture_output=True,
+            timeout=30,
+        )
+        if done.returncode == 0:
+            return
         time.sleep(0.1)
-    raise RuntimeError(f"{what} not ready within {within:g}s:\n{child.tail()}")
+    raise RuntimeError(f"{child.name} not listening on {port} within {within:g}s:\n{child.tail()}")
 
 
-def _wait_listening(child: Child, port: int, within: float) -> None:
-    def connects() -> bool:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-
-    _poll(child, connects, within, f"{child.name} on port {port}")
+# ------------------------------------------------------------------------ measuring
 
 
-def free_port(kind: str = "tcp") -> int:
-    with socket.socket(
-        socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
-    ) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+@dataclass(frozen=True)
+class Target:
+    """Where a row's client connects and whose CPU it watches."""
+
+    row: str
+    netns: str | None
+    port: int
+    #: process label → (pid, count its descendants too)
+    watch: dict[str, tuple[int, bool]]
 
 
-def run_load(port: int, requests: int, connections: int, warmup: int, watch: dict[str, int]) -> Any:
-    """One round: a client process against ``port``; its JSON result."""
-    cfg = {
-        "port": port,
-        "requests": requests,
-        "connections": connections,
-        "warmup": warmup,
-        "watch": watch,
-        "timeout": 300,
+_TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def _micros(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not match:
+        raise ValueError(f"unparsable wrk time {text!r}")
+    return float(match[1]) * _TIME_UNITS[match[2]]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """req/s, p50/p99 (µs), requests and errors from ``wrk --latency`` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    done = re.search(r"^\s*(\d+) requests in ([\d.]+\w+),", out, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)$", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)$", out, re.M)
+    if not (rps and done and p50 and p99):
+        raise ValueError(f"unparsable wrk output:\n{out}")
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = sum(int(n) for n in sock.groups()) if sock else 0
+    status_errors = int(non2xx[1]) if non2xx else 0
+    return {
+        "rps": float(rps[1]),
+        "requests": int(done[1]),
+        "p50_us": _micros(p50[1]),
+        "p99_us": _micros(p99[1]),
+        "socket_errors": socket_errors,
+        "status_errors": status_errors,
+        "errors": socket_errors + status_errors,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.e2ebench", "client", json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        timeout=330,
-    )
-    if done.returncode != 0 or not done.stdout.strip():
-        raise RuntimeError(f"client failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# nginx as a Debian admin would put it in front of an app: HTTP/1.1 to the upstream with a
-# keepalive pool, no access log (our gateway logs no requests by default either).
-NGINX_CONF = """\
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def cpu_window(watch: dict[str, tuple[int, bool]]) -> Iterator[dict[str, Any]]:
+    """Yields a dict filled on exit: ``cpu`` (cores per process label, ``client`` being
+    the programs this process ran and reaped meanwhile) and ``seconds``."""
+    report: dict[str, Any] = {}
+    before = {name: cpu_seconds(pid, kids) for name, (pid, kids) in watch.items()}
+    reaped = _children_cpu()
+    started = time.perf_counter()
+    yield report
+    wall = time.perf_counter() - started
+    cpu = {
+        name: (cpu_seconds(pid, kids) - before[name]) / wall for name, (pid, kids) in watch.items()
+    }
+    report["cpu"] = {"client": (_children_cpu() - reaped) / wall, **cpu}
+    report["seconds"] = wall
+
+
+def run_wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
+    """One ``wrk -t1`` run against the target; parsed results plus CPU."""
+    wrk = shutil.which("wrk") or "wrk"
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
+    argv += ["-H", f"Host: {DOMAIN}", f"http://{HOST}:{target.port}/"]
+    with cpu_window(target.watch) as usage:
+        done = subprocess.run(
+            in_ns(target.netns, argv), capture_output=True, text=True, timeout=seconds + 60
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()}")
+    return {**parse_wrk(done.stdout), **usage, "connections": connections}
+
+
+def run_download(target: Target, path: str) -> dict[str, Any]:
+    """One GET of a large file with curl (body discarded); MB/s plus CPU."""
+    size = DOWNLOADS[path]
+    limit = max(120, 5 * size // MB)  # bounded: at least 0.2 MB/s
+    url = f"http://{HOST}:{target.port}{path}"
+    write_out = "%{http_code} %{size_download} %{time_total}"
+    argv = ["curl", "-sS", "--max-time", str(limit), "-o", "/dev/null", "-w", write_out]
+    argv += ["-H", f"Host: {DOMAIN}", url]
+    with cpu_window(target.watch) as usage:
+        done = subprocess.run(
+            in_ns(target.netns, argv), capture_output=True, text=True, timeout=limit + 30
+        )
+    assert done.returncode == 0, f"curl failed ({done.returncode}): {done.stderr.strip()}"
+    status, received, seconds = done.stdout.split()
+    assert (int(status), int(received)) == (200, size), (status, received, size)
+    return {"bytes": size, "seconds": float(seconds), "mb_s": size / MB / float(seconds), **usage}
+
+
+# ------------------------------------------------------------------------- the Go side
+
+
+def go_build_key() -> str:
+    """A hash of what the gofwd binary is built from (source, toolchain, libraries)."""
+    digest = hashlib.sha256(GOFWD_SRC.read_bytes())
+    digest.update(sh("go", "version").encode())
+    for package in ("golang-golang.zx2c4-wireguard-dev", "golang-gvisor-gvisor-dev"):
+        version = sh("dpkg-query", "-W", "-f=${Version}", package, check=False)
+        digest.update(f"{package}={version}".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_gofwd() -> tuple[Path, float, bool]:
+    """The gofwd binary, how long its build took (s) and whether it came from the cache.
+
+    Built with ``GO111MODULE=off GOPATH=/usr/share/gocode go build`` against Debian's
+    golang-golang.zx2c4-wireguard-dev and golang-gvisor-gvisor-dev (about 30 s cold
+    on the 2-core machine, mostly gVisor; GOCACHE in a temporary directory), then kept
+    in ``$XDG_CACHE_HOME/kakuremichi`` or ``/var/tmp/kakuremichi-bench`` under a hash of
+    the source, toolchain and library versions, so later sessions reuse it
+    (``KAKUREMICHI_E2E_BENCH_REBUILD=1`` forces a build)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    cache = Path(base, "kakuremichi") if base else Path("/var/tmp/kakuremichi-bench")
+    binary = cache / f"gofwd-{go_build_key()}"
+    note = binary.with_name(binary.name + ".json")
+    if binary.is_file() and not os.environ.get("KAKUREMICHI_E2E_BENCH_REBUILD"):
+        took = 0.0
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            took = float(json.loads(note.read_text())["build_seconds"])
+        return binary, took, True
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kakuremichi-gofwd-") as work:
+        env = {
+            **os.environ,
+            "GO111MODULE": "off",
+            "GOPATH": GOPATH,
+            "GOCACHE": str(Path(work, "cache")),
+            "GOFLAGS": "",
+            "CGO_ENABLED": "0",
+        }
+        started = time.perf_counter()
+        out = Path(work, "gofwd")
+        done = subprocess.run(
+            ["go", "build", "-o", str(out), "."],
+            cwd=GOFWD_SRC.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        took = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"go build of bench/gofwd failed:\n{done.stderr[-3000:]}")
+        partial = binary.with_name(f"{binary.name}.tmp{os.getpid()}")
+        shutil.copy2(out, partial)
+        partial.replace(binary)
+    note.write_text(json.dumps({"build_seconds": round(took, 1)}))
+    for stale in cache.glob("gofwd-*"):  # builds of other sources
+        if stale not in (binary, note):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return binary, took, False
+
+
+# ------------------------------------------------------------------------- nginx configs
+
+_NGINX_HEAD = """\
 worker_processes 1;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log warn;
 events {{
-    worker_connections 1024;
+    worker_connections 4096;
 }}
 http {{
     access_log off;
@@ -698,31 +545,504 @@ http {{
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;
     keepalive_requests 1000000;
-    upstream origin {{
-        server 127.0.0.1:{origin};
+    keepalive_timeout 75s;
+"""
+
+# The app: a 13-byte answer for GET / and big static files, keep-alive.
+_ORIGIN_SERVER = """\
+    sendfile on;
+    tcp_nopush on;
+    server {{
+{listens}
+        location = / {{
+            default_type text/plain;
+            return 200 "hello, world\\n";
+        }}
+        location / {{
+            root {www};
+            default_type application/octet-stream;
+        }}
+    }}
+"""
+
+# nginx as a Debian admin would put it in front of an app: HTTP/1.1 to the upstream
+# with a keepalive pool, no access log (our gateway logs no requests by default either).
+_EDGE_SERVER = """\
+    upstream up{index} {{
+        server {upstream};
         keepalive 64;
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         location / {{
-            proxy_pass http://origin;
+            proxy_pass http://up{index};
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_max_temp_file_size 0;
         }}
     }}
-}}
 """
+
+
+def origin_conf(prefix: Path, www: Path, listens: list[str]) -> str:
+    lines = "\n".join(f"        listen {listen};" for listen in listens)
+    return _NGINX_HEAD.format(prefix=prefix) + _ORIGIN_SERVER.format(listens=lines, www=www) + "}\n"
+
+
+def edge_conf(prefix: Path, servers: list[tuple[str, str]]) -> str:
+    """``servers``: (listen, upstream address) pairs."""
+    body = "".join(
+        _EDGE_SERVER.format(index=i, listen=listen, upstream=upstream)
+        for i, (listen, upstream) in enumerate(servers)
+    )
+    return _NGINX_HEAD.format(prefix=prefix) + body + "}\n"
+
+
+# ------------------------------------------------------------------------- the bench
+
+
+class E2EBench:
+    """Every row's servers, started on first use (:meth:`target`), always torn down."""
+
+    def __init__(self) -> None:
+        from kakuremichi.keys import KeyPair
+        from tests.support import unique_name
+
+        self.tmp = Path(tempfile.mkdtemp(prefix="kakuremichi-e2e-"))
+        self.targets: dict[str, Target] = {}
+        #: facts for the report (the Go build)
+        self.info: dict[str, Any] = {}
+        self.tokens: dict[str, str] = {}
+        self.keys = {k: KeyPair.generate() for k in ("a", "b", "gofwd")}
+        self.edge_a: Child | None = None
+        self.procs = Processes(self.tmp)
+        self.nginx = nginx_binary() or "nginx"
+        self.www = Path(tempfile.mkdtemp(prefix="kakuremichi-e2e-www-"))
+        self.www.chmod(0o755)  # nginx's worker runs as nobody
+        for path, size in DOWNLOADS.items():
+            with open(self.www / path.lstrip("/"), "wb") as handle:
+                handle.truncate(size)  # sparse: zeros, no disk
+            (self.www / path.lstrip("/")).chmod(0o644)
+        self.names = {
+            key: unique_name("ke" + prefix)
+            for key, prefix in {
+                "a": "a", "b": "b", "c": "c", "veth_a": "va", "veth_b": "vb",
+                "wg_a": "wa", "wg_b": "wb", "gw_a": "ga", "gw_c": "gc",
+            }.items()
+        }  # fmt: skip
+        self.namespaces: list[str] = []
+        self.pids: dict[str, int] = {}
+        self.origin_port = 0  # the root namespace's origin (0: not started)
+        self.profile = os.environ.get("KAKUREMICHI_E2E_BENCH_PROFILE")
+        self._started: set[str] = set()
+
+    def __enter__(self) -> E2EBench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.procs.close()
+        for ns in reversed(self.namespaces):
+            for pid in sh("ip", "netns", "pids", ns, check=False).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            sh("ip", "netns", "del", ns, check=False)
+        self.namespaces.clear()
+        for key in ("wg_a", "wg_b", "gw_a", "gw_c"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"/var/run/wireguard/{self.names[key]}.sock").unlink()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.www, ignore_errors=True)
+
+    # -- rows
+
+    def target(self, row: str) -> Target:
+        """The row's client target, its servers started (and answering) first."""
+        if row not in self.targets:
+            self.targets[row] = getattr(self, "_row_" + row.replace("-", "_"))()
+        return self.targets[row]
+
+    def _once(self, what: str, start: Callable[[], None]) -> None:
+        if what not in self._started:
+            start()
+            self._started.add(what)
+
+    def _row_direct(self) -> Target:
+        self._once("origin", self._origin_root)
+        return Target("direct", None, self.origin_port, {"origin": (self.pids["origin"], True)})
+
+    def _row_nginx_edge(self) -> Target:
+        self._once("origin", self._origin_root)
+        port = free_port()
+        conf = edge_conf(self._prefix("edge"), [(f"{HOST}:{port}", f"{HOST}:{self.origin_port}")])
+        edge = self._nginx("edge", conf, None)
+        wait_answering(None, port, 20, [edge], "nginx edge")
+        watch = {"nginx": (edge.pid, True), "origin": (self.pids["origin"], True)}
+        return Target("nginx-edge", None, port, watch)
+
+    def _row_privileged(self) -> Target:
+        self._once("pair", self._pair)
+        wait_answering(self.ns_a, EDGE_PRIVILEGED, 30, [self.edge], "privileged row")
+        watch = {
+            "nginx": (self.edge.pid, True),
+            "wg-go A": (self.pids["wg_a"], False),
+            "wg-go B": (self.pids["wg_b"], False),
+            "origin": (self.pids["origin_b"], True),
+        }
+        return Target("privileged", self.ns_a, EDGE_PRIVILEGED, watch)
+
+    def _row_newt(self) -> Target:
+        self._once("pair", self._pair)
+        binary, took, cached = build_gofwd()
+        self.info["gofwd_build_seconds"] = round(took, 1)
+        self.info["gofwd_build_cached"] = cached
+        self.info["gofwd_binary"] = str(binary)
+        uapi = "\\n".join(
+            [
+                f"private_key={self.keys['gofwd'].private.hex()}",
+                f"listen_port={WG_PORT_GOFWD}",
+                f"public_key={self.keys['a'].public.hex()}",
+                f"endpoint={VETH[0]}:{WG_PORT_A}",
+                f"allowed_ip={WG_A}/32",
+                "persistent_keepalive_interval=25",
+            ]
+        )
+        gofwd = self.procs.spawn(
+            "gofwd",
+            [str(binary), "-address", WG_GOFWD, "-port", "80", "-target", f"{HOST}:{ORIGIN_PORT}"],
+            netns=self.ns_b,
+            pipes=True,
+        )
+        assert gofwd.proc.stdin is not None
+        gofwd.proc.stdin.write(uapi + "\n")
+        gofwd.proc.stdin.flush()
+        assert gofwd.readline(20).strip() == "ready"
+        wait_answering(self.ns_a, EDGE_NEWT, 30, [self.edge, gofwd], "Newt row (gofwd)")
+        watch = {
+            "nginx": (self.edge.pid, True),
+            "wg-go A": (self.pids["wg_a"], False),
+            "gofwd": (gofwd.pid, False),
+            "origin": (self.pids["origin_b"], True),
+        }
+        return Target("newt", self.ns_a, EDGE_NEWT, watch)
+
+    def _row_gateway_alone(self) -> Target:
+        ns = self._namespace("c")
+        control_url = f"http://{HOST}:{CONTROL_PORT}"
+        control = self._control("control-c", ns, HOST)
+        # (the target is the never-running agent's business: unused)
+        keys = self._configure(ns, control_url, self.tokens["control-c"], "http://127.0.0.1:9")
+        agent_ip = keys["agent_ip"]
+        # the tunnel's agent never runs: its address is the origin's, on C's loopback
+        sh("ip", "-n", ns, "addr", "add", f"{agent_ip}/32", "dev", "lo")
+        prefix = self._prefix("origin-c")
+        origin = self._nginx(
+            "origin-c",
+            origin_conf(prefix, self.www, [f"{agent_ip}:{ORIGIN_PORT} proxy_protocol"]),
+            ns,
+        )
+        gateway = self._gateway(
+            "gateway-c",
+            ns,
+            control_url,
+            keys["gateway_key"],
+            "wireguard-go",
+            HOST,
+            self.names["gw_c"],
+        )
+        wait_answering(ns, GATEWAY_HTTP, 60, [control, gateway, origin], "gateway alone")
+        watch = {
+            "gateway": (gateway.pid, False),
+            "origin": (origin.pid, True),
+            "control": (control.pid, False),
+        }
+        return Target("gateway-alone", ns, GATEWAY_HTTP, watch)
+
+    def _row_all_userspace(self) -> Target:
+        self._once("origin", self._origin_root)
+        control_port, http_port = free_port(), free_port()
+        control_url = f"http://{HOST}:{control_port}"
+        control = self._control("control-u", None, HOST, control_port)
+        keys = self._configure(
+            None, control_url, self.tokens["control-u"], f"http://{HOST}:{self.origin_port}"
+        )
+        gateway = self._gateway(
+            "gateway-u", None, control_url, keys["gateway_key"], "userspace", HOST, None,
+            http_port=http_port, admin_port=free_port(), wg_port=free_port("udp"),
+        )  # fmt: skip
+        agent = self._agent("agent-u", None, control_url, keys["agent_key"], HOST)
+        wait_answering(None, http_port, 60, [control, gateway, agent], "all-userspace row")
+        watch = {
+            "gateway": (gateway.pid, False),
+            "agent": (agent.pid, False),
+            "origin": (self.pids["origin"], True),
+            "control": (control.pid, False),
+        }
+        return Target("all-userspace", None, http_port, watch)
+
+    def _row_production(self) -> Target:
+        self._once("pair", self._pair)
+        control_url = f"http://{VETH[0]}:{CONTROL_PORT}"
+        control = self._control("control-a", self.ns_a, VETH[0])
+        keys = self._configure(
+            self.ns_a, control_url, self.tokens["control-a"], f"http://{HOST}:{ORIGIN_PORT}"
+        )
+        gateway = self._gateway(
+            "gateway-a",
+            self.ns_a,
+            control_url,
+            keys["gateway_key"],
+            "wireguard-go",
+            VETH[0],
+            self.names["gw_a"],
+        )
+        agent = self._agent("agent-b", self.ns_b, control_url, keys["agent_key"], VETH[1])
+        wait_answering(self.ns_a, GATEWAY_HTTP, 60, [control, gateway, agent], "production row")
+        wg_child = child_named(gateway.pid, "wireguard-go")
+        watch = {"gateway": (gateway.pid, False)}
+        if wg_child is not None:
+            watch["gateway wg-go"] = (wg_child, False)
+        watch |= {
+            "agent": (agent.pid, False),
+            "origin": (self.pids["origin_b"], True),
+            "control": (control.pid, False),
+        }
+        return Target("production", self.ns_a, GATEWAY_HTTP, watch)
+
+    # -- building blocks
+
+    @property
+    def edge(self) -> Child:
+        """A's nginx edge (the privileged and Newt rows' first hop)."""
+        assert self.edge_a is not None
+        return self.edge_a
+
+    @property
+    def ns_a(self) -> str:
+        return self.names["a"]
+
+    @property
+    def ns_b(self) -> str:
+        return self.names["b"]
+
+    def _prefix(self, name: str) -> Path:
+        prefix = self.tmp / name
+        for sub in ("logs", "tmp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        return prefix
+
+    def _nginx(self, name: str, conf: str, ns: str | None) -> Child:
+        prefix = self._prefix(name)
+        path = prefix / "nginx.conf"
+        path.write_text(conf)
+        argv = [self.nginx, "-p", f"{prefix}/", "-c", str(path), "-e", f"{prefix}/logs/error.log"]
+        test = subprocess.run(in_ns(ns, [*argv, "-t"]), capture_output=True, text=True, timeout=30)
+        if test.returncode != 0:
+            raise RuntimeError(f"nginx -t ({name}) failed: {test.stderr.strip()}")
+        child = self.procs.spawn(name, [*argv, "-g", "daemon off;"], netns=ns)
+        self.pids[name] = child.pid
+        return child
+
+    def _origin_root(self) -> None:
+        port = free_port()
+        origin = self._nginx(
+            "origin", origin_conf(self._prefix("origin"), self.www, [f"{HOST}:{port}"]), None
+        )
+        wait_answering(None, port, 20, [origin], "origin")
+        self.origin_port = port
+
+    def _namespace(self, key: str) -> str:
+        ns = self.names[key]
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def _pair(self) -> None:
+        """Namespaces A and B on a veth pair, the wireguard-go tunnel of the privileged
+        and Newt rows, B's origin and A's nginx edge (both upstreams)."""
+        a, b = self._namespace("a"), self._namespace("b")
+        n = self.names
+        sh("ip", "link", "add", n["veth_a"], "netns", a, "type", "veth",
+           "peer", "name", n["veth_b"], "netns", b)  # fmt: skip
+        for ns, dev, ip in ((a, n["veth_a"], VETH[0]), (b, n["veth_b"], VETH[1])):
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        self.pids["wg_a"] = self._wireguard_go(a, n["wg_a"], self.keys["a"], WG_PORT_A).pid
+        sh("ip", "netns", "exec", a, "wg", "set", n["wg_a"],
+           "peer", self.keys["b"].public_b64, "allowed-ips", f"{WG_B}/32",
+           "endpoint", f"{VETH[1]}:{WG_PORT_B}",
+           "peer", self.keys["gofwd"].public_b64, "allowed-ips", f"{WG_GOFWD}/32",
+           "endpoint", f"{VETH[1]}:{WG_PORT_GOFWD}")  # fmt: skip
+        sh("ip", "-n", a, "addr", "add", f"{WG_A}/24", "dev", n["wg_a"])
+        sh("ip", "-n", a, "link", "set", n["wg_a"], "up")
+        self.pids["wg_b"] = self._wireguard_go(b, n["wg_b"], self.keys["b"], WG_PORT_B).pid
+        sh("ip", "netns", "exec", b, "wg", "set", n["wg_b"],
+           "peer", self.keys["a"].public_b64, "allowed-ips", f"{WG_A}/32",
+           "endpoint", f"{VETH[0]}:{WG_PORT_A}", "persistent-keepalive", "25")  # fmt: skip
+        sh("ip", "-n", b, "addr", "add", f"{WG_B}/24", "dev", n["wg_b"])
+        sh("ip", "-n", b, "link", "set", n["wg_b"], "up")
+        origin = self._nginx(
+            "origin-b", origin_conf(self._prefix("origin-b"), self.www, [str(ORIGIN_PORT)]), b
+        )
+        wait_answering(b, ORIGIN_PORT, 20, [origin], "origin in B")
+        self.pids["origin_b"] = origin.pid
+        servers = [
+            (f"{HOST}:{EDGE_PRIVILEGED}", f"{WG_B}:{ORIGIN_PORT}"),
+            (f"{HOST}:{EDGE_NEWT}", f"{WG_GOFWD}:80"),
+        ]
+        self.edge_a = self._nginx("edge-a", edge_conf(self._prefix("edge-a"), servers), a)
+        wait_listening(a, EDGE_PRIVILEGED, 20, self.edge_a)
+
+    def _wireguard_go(self, ns: str, ifname: str, keys: Any, port: int) -> Child:
+        daemon = self.procs.spawn(
+            f"wireguard-go-{ifname}", ["wireguard-go", "-f", ifname], netns=ns
+        )
+        sock = Path(f"/var/run/wireguard/{ifname}.sock")
+        for _ in range(400):
+            if sock.exists():
+                break
+            daemon.check_alive()
+            time.sleep(0.025)
+        else:
+            raise RuntimeError(f"wireguard-go did not create {sock}:\n{daemon.tail()}")
+        sh("ip", "netns", "exec", ns, "wg", "set", ifname, "listen-port", str(port),
+           "private-key", "/dev/stdin", input_text=keys.private_b64)  # fmt: skip
+        return daemon
+
+    def _cli(self, name: str, profiled: bool = False) -> list[str]:
+        if profiled and self.profile:
+            Path(self.profile).mkdir(parents=True, exist_ok=True)
+            out = str(Path(self.profile, f"{name}.prof").resolve())
+            return [sys.executable, "-m", "cProfile", "-o", out, "-m", "kakuremichi.cli"]
+        return [sys.executable, "-m", "kakuremichi.cli"]
+
+    def _control(self, name: str, ns: str | None, host: str, port: int = CONTROL_PORT) -> Child:
+        token = "adm_bench_" + secrets.token_urlsafe(24)
+        self.tokens[name] = token
+        argv = [*self._cli(name), "control", "--host", host, "--port", str(port)]
+        argv += ["--data-dir", str(self.tmp / name), "--log-level", "warning"]
+        child = self.procs.spawn(name, argv, netns=ns, env={"KAKUREMICHI_ADMIN_TOKEN": token})
+        self.pids[name] = child.pid
+        return child
+
+    def _configure(self, ns: str | None, url: str, token: str, target: str) -> dict[str, Any]:
+        cfg = {"url": url, "token": token, "target": target}
+        argv = [sys.executable, "-m", "bench.e2ebench", "configure", json.dumps(cfg)]
+        done = subprocess.run(
+            in_ns(ns, argv),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=90,
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            raise RuntimeError(f"configuring Control at {url} failed: {done.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    def _gateway(
+        self,
+        name: str,
+        ns: str | None,
+        control_url: str,
+        api_key: str,
+        backend: str,
+        public_ip: str,
+        interface: str | None,
+        *,
+        http_port: int = GATEWAY_HTTP,
+        admin_port: int = GATEWAY_ADMIN,
+        wg_port: int = GATEWAY_WG,
+    ) -> Child:
+        argv = [
+            *self._cli(name, profiled=True),
+            "gateway",
+            *("--control-url", control_url, "--data-dir", str(self.tmp / name)),
+            *("--public-ip", public_ip, "--wireguard-backend", backend),
+            *("--wireguard-port", str(wg_port)),
+            *(("--interface", interface) if interface else ()),
+            *("--host", HOST, "--http-port", str(http_port), "--https-port", "0"),
+            *("--admin-host", HOST, "--admin-port", str(admin_port)),
+            # one client hammering from one address: no per-client rate limit
+            *("--rate-limit", "0"),
+            *("--log-level", "warning"),
+            *shlex.split(os.environ.get("KAKUREMICHI_E2E_BENCH_GATEWAY_ARGS", "")),
+        ]
+        child = self.procs.spawn(name, argv, netns=ns, env={"KAKUREMICHI_API_KEY": api_key})
+        self.pids[name] = child.pid
+        return child
+
+    def _agent(
+        self, name: str, ns: str | None, control_url: str, api_key: str, wg_host: str
+    ) -> Child:
+        argv = [
+            *self._cli(name, profiled=True),
+            "agent",
+            *("--control-url", control_url, "--data-dir", str(self.tmp / name)),
+            *("--wireguard-host", wg_host, "--log-level", "warning"),
+            *shlex.split(os.environ.get("KAKUREMICHI_E2E_BENCH_AGENT_ARGS", "")),
+        ]
+        child = self.procs.spawn(name, argv, netns=ns, env={"KAKUREMICHI_API_KEY": api_key})
+        self.pids[name] = child.pid
+        return child
+
+
+# ------------------------------------------------------------------------- configure role
+
+
+def configure(cfg: dict[str, Any]) -> None:
+    """Control's REST API, as an operator (or ``kakuremichi demo``) uses it."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg['token']}"}
+    with httpx.Client(base_url=cfg["url"], headers=headers, timeout=10) as api:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if api.get("/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"Control at {cfg['url']} not healthy within 60 s")
+            time.sleep(0.1)
+
+        def create(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            response = api.post(path, json=body)
+            if response.status_code != 201:
+                raise SystemExit(f"POST {path}: {response.status_code} {response.text[:300]}")
+            data: dict[str, Any] = response.json()
+            return data
+
+        agent = create("/api/agents", {"name": "bench-agent"})
+        gateway = create("/api/gateways", {"name": "bench-gateway"})
+        create("/api/tunnels", {"domain": DOMAIN, "agent": "bench-agent", "target": cfg["target"]})
+    print(
+        json.dumps(
+            {
+                "agent_key": agent["apiKey"],
+                "gateway_key": gateway["apiKey"],
+                "agent_ip": agent["virtualIp"],
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
     role, cfg = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    cfg["loop"] = fast_loop()
-    runner = {"origin": run_origin, "client": run_client}[role]
-    asyncio.run(runner(cfg))
+    if role == "configure":
+        configure(cfg)
+    else:
+        raise SystemExit(f"unknown role {role!r}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends \
         python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble \
-        build-essential python3-dev libssl-dev buildah debootstrap nginx-light >/dev/null
+        build-essential python3-dev libssl-dev buildah debootstrap nginx-light \
+        wrk curl golang-go golang-golang.zx2c4-wireguard-dev golang-gvisor-gvisor-dev >/dev/null
 fi
 
 PY=${PYTHON:-python3}
