@@ -939,7 +939,7 @@ cdef int _take(Fields *f, object conn, dict d, unsigned int flags, uint64_t wire
             f.ts_recent = tsval
             f.dirty |= _D_TS_RECENT
         if size and tsecr:
-            ts_now = conn._ts_now(now)
+            ts_now = _ts_now(d, now)
             sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
             if sample < 60.0:
                 if f.has_rcv_rtt:
@@ -981,6 +981,11 @@ cdef int _take(Fields *f, object conn, dict d, unsigned int flags, uint64_t wire
     return 1
 
 
+cdef inline long long _ts_now(dict d, double now) except? -1:
+    """``TcpBase._ts_now``: int() and the C cast both truncate toward zero."""
+    return (<long long>(now * 1000) + <long long>d["_ts_offset"]) & 0xFFFFFFFF
+
+
 cdef int _acknowledged(object conn, dict d, long long snd_una, long long ack,
                        long long advance, long long snd_max, bint has_ts, long long tsecr,
                        double now) except -1:
@@ -1003,7 +1008,7 @@ cdef int _acknowledged(object conn, dict d, long long snd_una, long long ack,
     if <long long>d["_high_rxt"] < ack:
         d["_high_rxt"] = ack
     if has_ts and tsecr:
-        ts_now = conn._ts_now(now)
+        ts_now = _ts_now(d, now)
         sample = ((<uint64_t>(ts_now - tsecr)) & 0xFFFFFFFF) / 1000.0
         if sample < 60.0:
             conn._rtt_sample(sample)
@@ -1014,7 +1019,7 @@ cdef int _acknowledged(object conn, dict d, long long snd_una, long long ack,
             conn._rtt_sample(now - <double>d["_rtt_time"])
             d["_rtt_seq"] = None
     d["_retries"] = 0
-    mss = conn._send_mss()
+    mss = d["_snd_mss"]  # TcpBase._send_mss()
     cwnd = d["_cwnd"]
     if flight_before + mss >= cwnd:
         if cwnd < <long long>d["_ssthresh"]:
@@ -1025,7 +1030,10 @@ cdef int _acknowledged(object conn, dict d, long long snd_una, long long ack,
         d["_cwnd"] = min(cwnd, 2 * <long long>config.send_buffer)
     d["_rto_deadline"] = None if ack >= snd_max else now + <double>d["_rto"]
     d["_tlp_out"] = False
-    conn._arm_tail_loss_probe(now)
+    if ack >= snd_max:
+        d["_tlp_deadline"] = None  # all of _arm_tail_loss_probe with nothing in flight
+    else:
+        conn._arm_tail_loss_probe(now)
     if d["_send_blocked"] and conn.send_buffer_space > 0:
         d["_send_blocked"] = False
         conn._emit(_ev.SendSpaceAvailable())

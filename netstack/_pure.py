@@ -356,7 +356,7 @@ def tcp_receive_established(conn: Any, seg: Any, now: float) -> bool:
                 conn._rtt_sample(now - conn._rtt_time)
                 conn._rtt_seq = None
         conn._retries = 0
-        mss = conn._send_mss()
+        mss = conn._snd_mss  # TcpBase._send_mss()
         cwnd = conn._cwnd
         if flight_before + mss >= cwnd:  # cwnd-limited: grow
             if cwnd < conn._ssthresh:

@@ -5,7 +5,9 @@ Theory of operation: a ``bytearray`` does all three, but dropping from its head 
 a gap that the next append past its allocation closes by moving the whole contents --
 with a 4 MB send buffer that is a multi-megabyte ``memmove`` every few writes, the
 single largest cost of a bulk sender.  Here the data lives in immutable chunks: large
-writes become a chunk of their own (no copy when they are ``bytes``), small writes are
+writes become a chunk of their own (no copy when they are ``bytes``), and so does a
+write into an empty buffer (a request or a response, usually sent whole before the
+next write: gathering it would cost two copies for nothing); other small writes are
 gathered in a ``bytearray`` tail that is frozen into a chunk at ``COALESCE`` bytes, so a
 stream of tiny writes does not become a list of tiny chunks.  Dropping from the head
 only moves a start offset and forgets whole chunks; a segment is normally one slice of
@@ -50,7 +52,7 @@ class SendBuffer:
         if not size:
             return
         tail = self._tail
-        if not tail and size >= LARGE:
+        if not tail and (size >= LARGE or not self._length):
             self._chunks.append(data if type(data) is bytes else bytes(data))
             self._starts.append(self._head + self._length)
         else:

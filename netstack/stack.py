@@ -56,13 +56,14 @@ from netstack.ip import (
     parse_ip,
 )
 from netstack.speedups import build_tcp_packet
-from netstack.tcp import FAST_STATES, TcpConfig, TcpConnection
+from netstack.tcp import FAST_STATES, TcpConfig, TcpConnection, TcpState
 from netstack.tcpwire import ACK, FIN, RST, SYN, TcpError, TcpSegment, parse_tcp
 from netstack.udp import UdpError, build_udp, parse_udp
 
 Address = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 _EPHEMERAL_LOW = 32768
 _EPHEMERAL_HIGH = 60999
+_CLOSED = TcpState.CLOSED
 
 # Parses received packets and hands established connections' in-order segments to the
 # hot path in the same step (Cython or its twin).  Looked up at each call: tests swap
@@ -434,19 +435,22 @@ class Stack:
 
     def _service(self) -> None:
         """Collect output, events and deadlines of every dirty connection."""
-        if not self._dirty:
-            return
         dirty = self._dirty
+        if not dirty:
+            return
         self._dirty = {}
         now = self._now
         out = self._out
+        keys = self._keys
+        armed = self._armed
+        conn_listener = self._conn_listener  # empty but for handshakes under way
         for conn in dirty:
-            key = self._keys.get(conn)
+            key = keys.get(conn)
             if key is None:
                 continue
             local, _, remote, _ = key
             out.extend(conn.packets_to_send(now, local, remote))
-            listener = self._conn_listener.get(conn)
+            listener = conn_listener.get(conn) if conn_listener else None
             for event in conn.events():
                 if listener is not None and isinstance(event, ev.Connected):
                     listener._half_open.discard(conn)
@@ -459,17 +463,17 @@ class Stack:
                     listener = None
                     continue
                 self._events.append(ev.TcpConnectionEvent(conn, event))
-            if conn.is_closed:
+            if conn.state is _CLOSED:  # conn.is_closed
                 out.extend(conn.packets_to_send(now, local, remote))  # a final RST (abort)
                 self._forget(conn, key)
                 continue
             deadline = conn.next_deadline()
-            if deadline is not None and self._armed.get(conn) != deadline:
-                self._armed[conn] = deadline
+            if deadline is None:
+                armed.pop(conn, None)
+            elif armed.get(conn) != deadline:
+                armed[conn] = deadline
                 self._timer_seq += 1
                 heapq.heappush(self._timers, (deadline, self._timer_seq, conn))
-            elif deadline is None:
-                self._armed.pop(conn, None)
 
     def _forget(self, conn: TcpConnection, key: tuple[bytes, int, bytes, int]) -> None:
         del self._conns[key]

@@ -163,6 +163,11 @@ class TcpBase:
         self._snd_wscale = 0
         self._wscale_ok = config.window_scaling
         self._peer_mss = 536
+        # ``_send_mss()`` and the data MSS without SACK blocks, kept by ``_fix_mss``
+        # whenever ``_peer_mss`` or ``_ts_ok`` changes (only when a SYN is taken).
+        self._snd_mss = 0
+        self._snd_data_mss = 0
+        self._fix_mss()
         # Congestion control and loss recovery.
         self._cwnd = 0
         self._ssthresh = 1 << 40
@@ -246,17 +251,23 @@ class TcpBase:
         if callable(notify):
             notify(self)
 
+    def _fix_mss(self) -> None:
+        """Recompute the cached MSS fields; call after ``_peer_mss`` or ``_ts_ok``
+        changes (``config`` never does)."""
+        self._snd_mss = max(64, min(self._peer_mss, self.config.mss))
+        self._snd_data_mss = self._snd_mss - 12 if self._ts_ok else self._snd_mss
+
     def _send_mss(self) -> int:
         """Largest payload plus options per segment towards the peer (RFC 9293 3.7.1)."""
-        return max(64, min(self._peer_mss, self.config.mss))
+        return self._snd_mss
 
     def _data_mss(self) -> int:
-        mss = self._send_mss()
-        if self._ts_ok:
-            mss -= 12
+        """Largest payload per segment: ``_send_mss`` less the options it carries."""
         if self._sack_ok and self._ooo_ranges:
-            mss -= 4 + 8 * min(len(self._ooo_ranges), 3 if self._ts_ok else 4)
-        return mss
+            return self._snd_data_mss - (
+                4 + 8 * min(len(self._ooo_ranges), 3 if self._ts_ok else 4)
+            )
+        return self._snd_data_mss
 
     def _ts_now(self, now: float) -> int:
         return (int(now * 1000) + self._ts_offset) & MASK32

@@ -29,17 +29,26 @@ class ReceiveSide(TcpBase):
 
     def _advertise(self) -> int:
         """The window field to send; moves ``_rcv_adv`` (never shrinks it)."""
-        free = self._rcv_cap - len(self._rcvbuf)
-        right = self._rcv_nxt + max(0, free)
-        if right - self._rcv_adv < min(self._rcv_cap // 2, self.config.mss):
-            right = max(self._rcv_adv, self._rcv_nxt)
-        window = right - self._rcv_nxt
+        # Comparisons rather than max()/min(): the same values, on every ACK's path.
+        rcv_nxt = self._rcv_nxt
+        rcv_adv = self._rcv_adv
+        cap = self._rcv_cap
+        free = cap - len(self._rcvbuf)
+        right = rcv_nxt + free if free > 0 else rcv_nxt
+        step = cap // 2
+        if self.config.mss < step:
+            step = self.config.mss
+        if right - rcv_adv < step:
+            right = rcv_adv if rcv_adv > rcv_nxt else rcv_nxt
         shift = self._rcv_wscale
-        field = window >> shift
-        if self._rcv_nxt + (field << shift) < self._rcv_adv:
+        field = (right - rcv_nxt) >> shift
+        if rcv_nxt + (field << shift) < rcv_adv:
             field += 1  # round up rather than shrink (as Linux does)
-        field = min(field, 0xFFFF)
-        self._rcv_adv = max(self._rcv_adv, self._rcv_nxt + (field << shift))
+        if field > 0xFFFF:
+            field = 0xFFFF
+        edge = rcv_nxt + (field << shift)
+        if edge > rcv_adv:
+            self._rcv_adv = edge
         return field
 
     def _maybe_window_update(self) -> None:

@@ -90,15 +90,22 @@ class SendSide(TcpBase):
 
     def _rtt_sample(self, rtt: float) -> None:
         """RFC 6298 section 2."""
-        rtt = max(rtt, 0.0)
-        if self._srtt is None:
-            self._srtt = rtt
-            self._rttvar = rtt / 2
+        # Comparisons rather than max()/min(): the same values, on every ACK's path.
+        if rtt < 0.0:
+            rtt = 0.0
+        srtt = self._srtt
+        if srtt is None:
+            srtt = self._srtt = rtt
+            rttvar = self._rttvar = rtt / 2
         else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
-            self._srtt = 0.875 * self._srtt + 0.125 * rtt
-        rto = self._srtt + max(0.001, 4 * self._rttvar)
-        self._rto = min(self.config.max_rto, max(self.config.min_rto, rto))
+            rttvar = self._rttvar = 0.75 * self._rttvar + 0.25 * abs(srtt - rtt)
+            srtt = self._srtt = 0.875 * srtt + 0.125 * rtt
+        spread = 4 * rttvar
+        rto = srtt + (spread if spread > 0.001 else 0.001)
+        config = self.config
+        if not rto > config.min_rto:
+            rto = config.min_rto
+        self._rto = rto if rto < config.max_rto else config.max_rto
 
     def _ack_advanced(self, ack: int, seg: TcpSegment, now: float) -> None:
         acked = ack - self._snd_una
@@ -117,7 +124,7 @@ class SendSide(TcpBase):
             # a retransmission: the segment was reordered, not lost (Linux's
             # tcp_check_sack_reordering).
             fack = self._sacked[-1][1] if self._sacked else self._snd_una
-            self._note_reordering(max(self._dupacks, (fack - self._snd_una) // self._send_mss()))
+            self._note_reordering(max(self._dupacks, (fack - self._snd_una) // self._snd_mss))
         self._snd_una = ack
         if self._snd_nxt < ack:
             self._snd_nxt = ack
@@ -135,7 +142,7 @@ class SendSide(TcpBase):
             self._rtt_sample(now - self._rtt_time)
             self._rtt_seq = None
         self._retries = 0
-        mss = self._send_mss()
+        mss = self._snd_mss
         if self._undo_pending and ack > self._undo_seq:
             self._check_spurious(seg)
         if self._in_recovery:
@@ -177,7 +184,7 @@ class SendSide(TcpBase):
         self._dupacks += 1
         if self._in_recovery:
             return
-        mss = self._send_mss()
+        mss = self._snd_mss
         sacked = sum(e - s for s, e in self._sacked)
         threshold = self._reordering
         outstanding = -(-(self._snd_max - self._snd_una) // mss)  # in segments
@@ -248,7 +255,7 @@ class SendSide(TcpBase):
         FlightSize can exceed cwnd right after recovery (everything sent but lost is
         still outstanding), so the controllers cap it by cwnd, as Linux does.
         """
-        return self._cc.on_loss(self._cwnd, self._snd_max - self._snd_una, self._send_mss())
+        return self._cc.on_loss(self._cwnd, self._snd_max - self._snd_una, self._snd_mss)
 
     def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> bool:
         ranges = self._sacked
@@ -263,7 +270,7 @@ class SendSide(TcpBase):
             if not any(s <= left and right <= e for s, e in ranges):
                 if right <= fack and left >= self._rexmit_high:
                     # Newly SACKed below the highest SACK and never re-sent: reordered.
-                    self._note_reordering((fack - left) // self._send_mss() + 1)
+                    self._note_reordering((fack - left) // self._snd_mss + 1)
                 added.append((left, right))
         if not added:
             return False
@@ -294,7 +301,7 @@ class SendSide(TcpBase):
             self._emit(ev.ConnectionTimedOut())
             self._enter_closed()
             return
-        mss = self._send_mss()
+        mss = self._snd_mss
         # No undo after an RTO: the response would have to keep the SACK scoreboard
         # (Linux's F-RTO does); go-back-N is the safe answer here.
         self._undo_pending = False
@@ -316,6 +323,8 @@ class SendSide(TcpBase):
         """Bytes believed in the network (RFC 6675 section 4, simplified)."""
         nxt = self._snd_nxt
         outstanding = nxt - self._snd_una
+        if not self._dupacks and not self._in_recovery and not self._sacked:
+            return outstanding if outstanding > 0 else 0  # all of it (the common case)
         if self._sacked:
             sacked = 0
             lost = 0
@@ -332,9 +341,9 @@ class SendSide(TcpBase):
                         lost += s - hole_start
                 cursor = e
             return max(0, outstanding - sacked - lost)
-        pipe = outstanding - min(self._dupacks, 1000) * self._send_mss()
+        pipe = outstanding - min(self._dupacks, 1000) * self._snd_mss
         if self._in_recovery and self._high_rxt <= self._snd_una:
-            pipe -= self._send_mss()
+            pipe -= self._snd_mss
         return max(0, pipe)
 
     def _next_hole(self, mss: int) -> tuple[int, int] | None:
@@ -367,7 +376,7 @@ class SendSide(TcpBase):
             # (a receiver's every ACK comes by here).
             self._tlp_new_data = False
             return
-        mss = self._data_mss()
+        mss = self._data_mss() if self._ooo_ranges else self._snd_data_mss
         sent = 0
         # The pipe is computed once, then grows by what each segment adds: new data
         # grows the outstanding bytes, a retransmitted hole stops counting as lost.
@@ -375,6 +384,11 @@ class SendSide(TcpBase):
         template: TcpSegment | None = None  # the first data segment sent by this call
         while sent < _MAX_SEGMENTS_PER_CALL:
             if template is not None and not self._in_recovery:
+                nxt = self._snd_nxt
+                if nxt >= data_end and nxt != fin and nxt >= self._snd_max:
+                    # All sent (a request or response: one segment) -- what the send
+                    # run and the checks below would find, without their work.
+                    break
                 # The bulk of a sender's segments: the template branch below, many
                 # in a row (Cython or its twin); whatever it leaves comes back here.
                 count, pipe = send_run(
@@ -509,8 +523,10 @@ class SendSide(TcpBase):
             return
         pto = 2 * srtt
         if self._snd_max - self._snd_una <= self._data_mss():
-            pto = max(pto, 1.5 * srtt + 0.2)
-        deadline = now + max(pto, 0.01)
+            floor = 1.5 * srtt + 0.2
+            if floor > pto:  # max(): the same value without the call
+                pto = floor
+        deadline = now + (0.01 if pto < 0.01 else pto)
         if self._rto_deadline is None or deadline < self._rto_deadline:
             self._tlp_deadline = deadline
 

@@ -140,6 +140,32 @@ def test_handshake_options_window_scaling_sack_timestamps_mss() -> None:
     assert c6._send_mss() == 1420 - 60
 
 
+@pytest.mark.parametrize("peer_mss", [None, 40, 536, 1200, 9000])
+@pytest.mark.parametrize("timestamps", [True, False])
+@pytest.mark.parametrize("passive", [True, False])
+def test_cached_send_mss_follows_the_syn(
+    peer_mss: int | None, timestamps: bool, passive: bool
+) -> None:
+    """``_snd_mss`` / ``_snd_data_mss`` are caches: they must equal the formula they
+    stand for after the SYN that fixed ``_peer_mss`` and ``_ts_ok``, either way round."""
+    config = TcpConfig(mss=1380)
+    stamp = (5, 0) if timestamps else None
+    syn = TcpSegment(4000, 80, 77, 0, SYN, 65535, mss=peer_mss, timestamp=stamp)
+    if passive:
+        conn = TcpConnection.accept(syn, iss=1, ts_offset=0, now=0.0, config=config)
+    else:
+        conn = TcpConnection.connect(
+            local_port=80, remote_port=4000, iss=1, ts_offset=0, now=0.0, config=config
+        )
+        conn.segments_to_send(0.0)
+        conn.receive(dataclasses.replace(syn, flags=SYN | ACK, ack=2), 0.0)
+        assert conn.state is TcpState.ESTABLISHED
+    expected = max(64, min(536 if peer_mss is None else peer_mss, config.mss))
+    assert conn._snd_mss == conn._send_mss() == expected
+    assert conn._snd_data_mss == expected - (12 if timestamps else 0)
+    assert conn._data_mss() == conn._snd_data_mss  # nothing held out of order
+
+
 def test_window_scaling_lets_the_window_exceed_64k() -> None:
     net, a, b = make_net(impairment=Impairment(delay=0.05))
     client, server = establish(net, a, b)
