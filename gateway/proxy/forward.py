@@ -14,23 +14,29 @@ client-facing half: reading heads, admission, the gateway's own pages).
    that cannot be replayed only takes a connection used within the last second; an
    idempotent bodiless one that meets a connection the agent just closed is retried
    once on a fresh connection.
-2. **Send**: the rewritten head (``headers.py``) goes out through a client-role h11
-   machine; the body is pumped in a task while the session waits for the response
-   head, so an agent may answer early (413, 401, a streaming echo) and
-   ``Expect: 100-continue`` works end to end: the agent's ``100 Continue`` is relayed
-   and only then does the client send its body.  Requests without a body skip the
-   task.  The response-head deadline (504) starts once the request is fully sent.
-3. **Relay**: the response streams through both h11 machines (``Content-Length``
-   kept, otherwise re-chunked; trailers dropped).  Bytes the agent already sent are
-   gathered and written before the next read, at most ``CHUNK`` at a time with a
-   bounded drain, so nothing is buffered whole and a slow client back-pressures the
-   agent.  A failure after the head was sent aborts the client connection: a
-   truncated body must never look complete.  If the client's body fails mid-way
-   (too large, stalled) after the response started, the agent connection is reset so
-   neither side waits forever.
+2. **Send**: the rewritten head (``headers.py``, serialised by ``h1.request_head``)
+   is written, and the connection's ``h1.ResponseReader`` is told what it answers
+   (HEAD: no body; an upgrade request: a 101 may come).  The body is pumped in a task
+   while the session waits for the response head, so an agent may answer early (413,
+   401, a streaming echo) and ``Expect: 100-continue`` works end to end: the agent's
+   ``100 Continue`` is relayed and only then does the client send its body.  A
+   ``Content-Length`` body goes on as the bytes read; a chunked one is decoded and
+   re-chunked, one chunk per read (extensions and trailers dropped).  Requests
+   without a body skip the task.  The response-head deadline (504) starts once the
+   request is fully sent.
+3. **Relay**: the response head is re-framed for the client by ``h1.frame_response``
+   (``Content-Length`` kept, otherwise chunked, or close-delimited for HTTP/1.0;
+   chunked wins over ``Content-Length``).  Bytes the agent already sent are gathered
+   and written before the next read, at most ``CHUNK`` at a time with a bounded
+   drain, so nothing is buffered whole and a slow client back-pressures the agent.
+   A failure after the head was sent aborts the client connection: a truncated body
+   must never look complete.  If the client's body fails mid-way (too large,
+   stalled) after the response started, the agent connection is reset so neither
+   side waits forever.
 4. **Upgrade**: a ``101`` is relayed and the streams are spliced with half-close
-   (``splice.py``), including bytes either h11 machine had already buffered.
-5. The agent connection returns to the pool only if both its h11 sides are ``DONE``.
+   (``splice.py``), including bytes either reader had already buffered.
+5. The agent connection returns to the pool only if the request went out whole and
+   the response ended cleanly with keep-alive (``UpstreamConnection.reusable``).
 """
 
 from __future__ import annotations
@@ -40,15 +46,14 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import h11
-
 from kakuremichi.relay import proxyproto
 from kakuremichi.relay.limits import LimitSettings
 from kakuremichi.relay.metrics import Metrics
 from kakuremichi.relay.router import Route
 from kakuremichi.relay.splice import CHUNK, drain, splice
 
-from .headers import get_header, response_headers_for_client
+from . import h1
+from .headers import response_headers_for_client
 from .pool import PoolBusy, UpstreamConnection
 from .settings import ProxySettings
 
@@ -106,7 +111,11 @@ class ForwardingMixin:
     settings: ProxySettings
     limits: LimitSettings
     metrics: Metrics
-    conn: h11.Connection
+    requests: h1.RequestReader
+    request: h1.RequestHead | None
+    response_started: bool
+    response_done: bool
+    keep_alive: bool
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     loop: asyncio.AbstractEventLoop
@@ -132,7 +141,9 @@ class ForwardingMixin:
 
     async def _forward(
         self,
-        upstream_request: h11.Request,
+        head: bytes,
+        method: bytes,
+        upgrade: bool,
         route: Route,
         plain: bool,
         has_body: bool,
@@ -182,7 +193,7 @@ class ForwardingMixin:
             self.metrics.upstream_connections.inc(result="reused" if upstream.reused else "dialed")
             exchange = Exchange(route, upstream, plain)
             try:
-                await self._exchange(exchange, upstream_request, has_body, started)
+                await self._exchange(exchange, head, method, upgrade, has_body, started)
                 return
             except UpstreamFailed as failure:
                 self.server.pool.discard(upstream)
@@ -216,28 +227,28 @@ class ForwardingMixin:
                 raise
 
     async def _exchange(
-        self, ex: Exchange, upstream_request: h11.Request, has_body: bool, started: float
+        self,
+        ex: Exchange,
+        head: bytes,
+        method: bytes,
+        upgrade: bool,
+        has_body: bool,
+        started: float,
     ) -> None:
         upstream = ex.upstream
-        try:
-            upstream.writer.write(upstream.conn.send(upstream_request) or b"")
-        except h11.LocalProtocolError:
-            raise UpstreamFailed("protocol", "The request could not be forwarded.") from None
+        upstream.begin(method, upgrade=upgrade)
+        upstream.writer.write(head)
         pump: asyncio.Task[None] | None = None
         if has_body:
             pump = asyncio.ensure_future(self._pump_request_body(ex))
         else:
-            try:
-                await self._pump_request_body(ex)
-            except ClientProtocolError:
-                await self._send_page(400, "Malformed request.", plain=ex.plain, close=True)
-                raise Abort from None
+            self._request_sent(ex)
         try:
-            head = await self._await_response_head(ex, pump)
-            if isinstance(head, h11.InformationalResponse):  # 101 Switching Protocols
-                await self._upgrade(ex, head, started)
+            response = await self._await_response_head(ex, pump)
+            if response.status == 101:
+                await self._upgrade(ex, response, started)
                 return
-            await self._stream_response(ex, head, started)
+            await self._stream_response(ex, response, started)
             if pump is not None and not pump.done():
                 pump.cancel()
             if upstream.reusable() and not self.server.closing:
@@ -251,139 +262,128 @@ class ForwardingMixin:
                 with contextlib.suppress(BaseException):
                     await pump  # also marks a stored exception as retrieved
 
+    def _request_sent(self, ex: Exchange) -> None:
+        ex.request_sent_at = self.loop.time()
+        ex.upstream.request_done = True
+
     # -- request body: client -> agent -----------------------------------------------
 
-    async def _next_client_event(self, idle: float) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError:
-                raise ClientProtocolError from None
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            try:
-                async with asyncio.timeout(idle):
-                    data = await self.reader.read(CHUNK)
-            except TimeoutError:
-                raise ClientTimeout from None
-            except (ConnectionError, OSError):
-                raise ClientGone from None
-            self.conn.receive_data(data)
-
     async def _pump_request_body(self, ex: Exchange) -> None:
-        upstream = ex.upstream
-        if self.conn.their_state is not h11.SEND_BODY:
-            # the body was already consumed (a retry on a fresh agent connection)
-            upstream.writer.write(upstream.conn.send(h11.EndOfMessage()) or b"")
-            ex.request_sent_at = self.loop.time()
-            return
         try:
-            await self._pump_body_events(ex)
+            await self._pump_body(ex)
         except (BodyTooLarge, ClientTimeout, ClientProtocolError, ClientGone):
             if ex.response_started:
                 # the agent would wait forever for the rest: reset it, which also
                 # ends the response we are relaying (the client sees the abort)
-                abort = getattr(upstream.writer.transport, "abort", None)
+                abort = getattr(ex.upstream.writer.transport, "abort", None)
                 if abort is not None:
                     abort()
             raise
 
-    async def _pump_body_events(self, ex: Exchange) -> None:
-        upstream = ex.upstream
+    async def _pump_body(self, ex: Exchange) -> None:
+        requests = self.requests
+        writer = ex.upstream.writer
+        chunked = requests.framing == h1.CHUNKED
         received = 0
         max_body = self.limits.max_body_bytes
         timeout = self.settings.body_idle_timeout
+        tunnel = ex.route.tunnel_id
         while True:
-            event = await self._next_client_event(timeout)
             try:
-                if isinstance(event, h11.Data):
-                    received += len(event.data)
-                    if max_body is not None and received > max_body:
-                        raise BodyTooLarge
-                    self.metrics.request_bytes.inc(len(event.data), tunnel=ex.route.tunnel_id)
-                    payload = upstream.conn.send(h11.Data(data=event.data)) or b""
-                elif isinstance(event, h11.EndOfMessage):
-                    payload = upstream.conn.send(h11.EndOfMessage()) or b""
-                else:
-                    raise ClientGone
-            except h11.LocalProtocolError:
-                # the body does not fit the framing we announced to the agent
-                raise UpstreamFailed(
-                    "protocol", "The request body could not be forwarded."
-                ) from None
+                data = requests.body()
+            except h1.ProtocolError:
+                raise ClientProtocolError from None
+            done = requests.state != h1.BODY
+            if data:
+                received += len(data)
+                if max_body is not None and received > max_body:
+                    raise BodyTooLarge
+                self.metrics.request_bytes.inc(len(data), tunnel=tunnel)
+                if chunked:
+                    data = h1.encode_chunk(data)
+            if done and chunked:
+                data += h1.LAST_CHUNK
+            if data:
+                try:
+                    writer.write(data)
+                    await drain(writer, timeout)
+                except (ConnectionError, OSError, TimeoutError):
+                    # the agent stopped reading (it may have answered early, e.g. 413):
+                    # stop sending and let the response side report what it said
+                    return
+            if done:
+                self._request_sent(ex)
+                return
             try:
-                if payload:
-                    upstream.writer.write(payload)
-                    await drain(upstream.writer, timeout)
-            except (ConnectionError, OSError, TimeoutError):
-                # the agent stopped reading (it may have answered early, e.g. 413):
-                # stop sending and let the response side report what it said
-                return
-            if isinstance(event, h11.EndOfMessage):
-                ex.request_sent_at = self.loop.time()
-                return
+                async with asyncio.timeout(timeout):
+                    more = await self.reader.read(CHUNK)
+            except TimeoutError:
+                raise ClientTimeout from None
+            except (ConnectionError, OSError):
+                raise ClientGone from None
+            if not more:
+                try:
+                    requests.eof()  # in the middle of the body: always an error
+                except h1.ProtocolError:
+                    raise ClientProtocolError from None
+            requests.receive(more)
 
     # -- response head ---------------------------------------------------------------
 
-    async def _next_upstream_event(self, upstream: UpstreamConnection) -> h11.Event:
+    async def _next_response_head(self, upstream: UpstreamConnection) -> h1.ResponseHead:
+        responses = upstream.responses
         while True:
             try:
-                event = upstream.conn.next_event()
-            except h11.RemoteProtocolError:
+                head = responses.next_head()
+            except h1.ProtocolError:
                 raise UpstreamFailed(
                     "closed", "The agent closed the connection or sent an invalid response."
                 ) from None
-            if event is h11.NEED_DATA:
-                try:
-                    data = await upstream.reader.read(CHUNK)
-                except (ConnectionError, OSError):
-                    raise UpstreamFailed("closed", "The connection to the agent broke.") from None
-                upstream.conn.receive_data(data)
-                continue
-            if isinstance(event, h11.ConnectionClosed):
+            if head is not None:
+                return head
+            try:
+                data = await upstream.reader.read(CHUNK)
+            except (ConnectionError, OSError):
+                raise UpstreamFailed("closed", "The connection to the agent broke.") from None
+            if not data:
                 raise UpstreamFailed("closed", "The agent closed the connection without answering.")
-            return event  # type: ignore[return-value]
+            responses.receive(data)
 
     async def _await_response_head(
         self, ex: Exchange, pump: asyncio.Task[None] | None
-    ) -> h11.Response | h11.InformationalResponse:
+    ) -> h1.ResponseHead:
         timeout = self.settings.response_header_timeout
         while True:
             if pump is None or pump.done():
-                event = await self._response_head_event(ex, pump, timeout)
+                head = await self._response_head(ex, pump, timeout)
             else:
-                event = await self._response_head_event_with_pump(ex, pump, timeout)
-            if isinstance(event, h11.Response):
-                return event
-            if isinstance(event, h11.InformationalResponse):
-                if event.status_code == 101:
-                    return event
-                await self._relay_informational(event)
-                continue
-            raise UpstreamFailed("protocol", "The agent sent an unexpected message.")
+                head = await self._response_head_with_pump(ex, pump, timeout)
+            if head.status >= 200 or head.status == 101:
+                return head
+            await self._relay_informational(head)
 
     def _timeout_failure(self, timeout: float) -> UpstreamFailed:
         return UpstreamFailed("timeout", f"The agent did not answer within {timeout:g} seconds.")
 
-    async def _response_head_event(
+    async def _response_head(
         self, ex: Exchange, pump: asyncio.Task[None] | None, limit: float
-    ) -> h11.Event:
+    ) -> h1.ResponseHead:
         """The request is completely sent (or its pump ended): wait with the deadline."""
         if pump is not None:
             await self._pump_outcome(ex, pump)
         sent = ex.request_sent_at or self.loop.time()
         try:
             async with asyncio.timeout_at(sent + limit):
-                return await self._next_upstream_event(ex.upstream)
+                return await self._next_response_head(ex.upstream)
         except TimeoutError:
             raise self._timeout_failure(limit) from None
 
-    async def _response_head_event_with_pump(
+    async def _response_head_with_pump(
         self, ex: Exchange, pump: asyncio.Task[None], limit: float
-    ) -> h11.Event:
+    ) -> h1.ResponseHead:
         """The body is still flowing: the agent may answer before it ends (early 413,
         100 Continue, a streaming echo), so wait for whichever comes first."""
-        read = asyncio.ensure_future(self._next_upstream_event(ex.upstream))
+        read = asyncio.ensure_future(self._next_response_head(ex.upstream))
         try:
             while not pump.done() and not read.done():
                 await asyncio.wait({read, pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -437,108 +437,89 @@ class ForwardingMixin:
         self.server.pool.discard(ex.upstream)
         raise Abort from None
 
-    async def _relay_informational(self, event: h11.InformationalResponse) -> None:
-        if self.conn.their_http_version != b"1.1":
+    async def _relay_informational(self, head: h1.ResponseHead) -> None:
+        request = self.request
+        if request is None or request.version != b"1.1":
             return  # 1xx must not be sent to HTTP/1.0 clients (RFC 9110 §15.2)
-        with contextlib.suppress(h11.LocalProtocolError):
-            info = h11.InformationalResponse(
-                status_code=event.status_code,
-                headers=response_headers_for_client(list(event.headers)),
-                reason=event.reason,
-            )
-            await self._write(self.conn.send(info))
+        headers = response_headers_for_client(head.headers)
+        await self._write(h1.response_head(head.status, head.reason, headers))
 
     # -- response body: agent -> client ----------------------------------------------
 
-    async def _stream_response(self, ex: Exchange, head: h11.Response, started: float) -> None:
-        upstream_headers = list(head.headers)
-        headers = response_headers_for_client(upstream_headers)
-        if get_header(upstream_headers, b"transfer-encoding") is not None:
-            # chunked wins over Content-Length (RFC 9112 §6.3); h11 re-frames it
+    async def _stream_response(self, ex: Exchange, head: h1.ResponseHead, started: float) -> None:
+        request = self.request
+        assert request is not None
+        headers = response_headers_for_client(head.headers)
+        if head.chunked:
+            # chunked wins over Content-Length (RFC 9112 §6.3); the body is re-framed
             headers = [(k, v) for k, v in headers if k != b"content-length"]
-        if self.server.closing:
-            headers.append((b"connection", b"close"))
-        try:
-            response = h11.Response(
-                status_code=head.status_code, headers=headers, reason=head.reason
-            )
-            data = self.conn.send(response)
-        except h11.LocalProtocolError:
-            raise UpstreamFailed("protocol", "The agent sent an invalid response.") from None
-        ex.response_started = True
-        ex.status = head.status_code
+        data, framing, self.keep_alive = h1.frame_response(
+            head.status,
+            head.reason,
+            headers,
+            content_length=head.content_length is not None,
+            head_request=request.method == b"HEAD",
+            http10=request.version == b"1.0",
+            keep_alive=self.keep_alive and not self.server.closing,
+        )
+        ex.response_started = self.response_started = True
+        ex.status = head.status
         tunnel = ex.route.tunnel_id
         upstream = ex.upstream
+        responses = upstream.responses
+        chunked = framing == h1.CHUNKED
         # Output is gathered while the agent's bytes are already here and written
         # before waiting for more: a small response leaves in one send, a large one
         # in CHUNK-sized writes with back-pressure.
-        out = [data or b""]
-        pending = len(out[0])
+        out = [data]
         timeout = self.settings.body_idle_timeout
         try:
             while True:
                 try:
-                    event = upstream.conn.next_event()
-                except h11.RemoteProtocolError:
+                    body = responses.body()
+                except h1.ProtocolError:
                     raise UpstreamFailed("closed", "The agent broke off its response.") from None
-                if event is h11.NEED_DATA:
-                    if pending:
+                if body:
+                    self.metrics.response_bytes.inc(len(body), tunnel=tunnel)
+                    out.append(h1.encode_chunk(body) if chunked else body)
+                if responses.state != h1.BODY:
+                    if chunked:
+                        out.append(h1.LAST_CHUNK)
+                    if out:
                         await self._write(b"".join(out))
-                        out, pending = [], 0
-                    try:
-                        async with asyncio.timeout(timeout):
-                            received = await upstream.reader.read(CHUNK)
-                    except TimeoutError:
-                        raise UpstreamFailed("timeout", "The agent stalled mid-response.") from None
-                    except (ConnectionError, OSError):
-                        raise UpstreamFailed(
-                            "closed", "The connection to the agent broke."
-                        ) from None
-                    upstream.conn.receive_data(received)
+                    break
+                if out:
+                    await self._write(out[0] if len(out) == 1 else b"".join(out))
+                    out = []
+                try:
+                    async with asyncio.timeout(timeout):
+                        received = await upstream.reader.read(CHUNK)
+                except TimeoutError:
+                    raise UpstreamFailed("timeout", "The agent stalled mid-response.") from None
+                except (ConnectionError, OSError):
+                    raise UpstreamFailed("closed", "The connection to the agent broke.") from None
+                if received:
+                    responses.receive(received)
                     continue
                 try:
-                    if isinstance(event, h11.Data):
-                        self.metrics.response_bytes.inc(len(event.data), tunnel=tunnel)
-                        chunk = self.conn.send(h11.Data(data=event.data)) or b""
-                    elif isinstance(event, h11.EndOfMessage):
-                        chunk = self.conn.send(h11.EndOfMessage()) or b""
-                    else:
-                        raise UpstreamFailed("protocol", "The agent sent an unexpected message.")
-                except h11.LocalProtocolError:
-                    raise UpstreamFailed(
-                        "protocol", "The agent's body did not match its framing."
-                    ) from None
-                out.append(chunk)
-                pending += len(chunk)
-                if isinstance(event, h11.EndOfMessage):
-                    await self._write(b"".join(out))
-                    break
-                if pending >= CHUNK:
-                    await self._write(b"".join(out))
-                    out, pending = [], 0
+                    responses.eof()  # the end of a close-delimited body, or a cut
+                except h1.ProtocolError:
+                    raise UpstreamFailed("closed", "The agent broke off its response.") from None
         finally:
             self._record(tunnel, ex.route.domain, ex.status, self.loop.time() - started)
+        self.response_done = True
 
     # -- upgrade (WebSocket) ---------------------------------------------------------
 
-    async def _upgrade(self, ex: Exchange, head: h11.InformationalResponse, started: float) -> None:
+    async def _upgrade(self, ex: Exchange, head: h1.ResponseHead, started: float) -> None:
         route = ex.route
-        try:
-            data = self.conn.send(
-                h11.InformationalResponse(
-                    status_code=101,
-                    headers=response_headers_for_client(list(head.headers), upgrade=True),
-                    reason=head.reason,
-                )
-            )
-        except h11.LocalProtocolError:
-            raise UpstreamFailed("protocol", "The agent switched protocols unexpectedly.") from None
-        ex.response_started = True
+        headers = response_headers_for_client(head.headers, upgrade=True)
+        ex.response_started = self.response_started = True
         ex.status = 101
         self._record(route.tunnel_id, route.domain, 101, self.loop.time() - started)
-        await self._write(data or b"")
-        client_pending, _ = self.conn.trailing_data
-        agent_pending, _ = ex.upstream.conn.trailing_data
+        await self._write(h1.response_head(101, head.reason, headers))
+        client_pending = self.requests.trailing()
+        agent_pending = ex.upstream.responses.trailing()
         tunnel = route.tunnel_id
         self.metrics.connection_opened("websocket")
         try:
@@ -548,8 +529,8 @@ class ForwardingMixin:
                 ex.upstream.reader,
                 ex.upstream.writer,
                 idle_timeout=self.settings.tunnel_idle_timeout,
-                a_to_b_prefix=bytes(client_pending),
-                b_to_a_prefix=bytes(agent_pending),
+                a_to_b_prefix=client_pending,
+                b_to_a_prefix=agent_pending,
                 on_a_to_b=lambda n: self.metrics.request_bytes.inc(n, tunnel=tunnel),
                 on_b_to_a=lambda n: self.metrics.response_bytes.inc(n, tunnel=tunnel),
             )

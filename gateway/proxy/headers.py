@@ -2,15 +2,16 @@
 
 Theory of operation
 -------------------
-Pure functions over h11 header lists (``list[tuple[bytes, bytes]]``, names already
-lower-cased by h11).
+Pure functions over header lists (``list[tuple[bytes, bytes]]``, names already
+lower-cased by the reader, ``h1/``).
 
 * Hop-by-hop fields are removed in both directions: the fixed set below plus every
   field named in ``Connection`` (RFC 9110 §7.6.1), except ``Host`` and
   ``Content-Length``, which a client must not be able to "name away".  Message framing is then re-stated
   explicitly: a request keeps ``Content-Length`` or gets ``Transfer-Encoding: chunked``
-  back (h11 validated and de-chunked it, and re-chunks it towards the agent); a
-  response keeps ``Content-Length`` and otherwise lets h11 choose chunked or close.
+  back (the reader validated and de-chunked it; it is re-chunked towards the agent);
+  a response keeps ``Content-Length`` and otherwise ``h1.frame_response`` chooses
+  chunked or close.
 * For an Upgrade (WebSocket) exchange, ``Connection: upgrade`` and ``Upgrade`` are
   carried through (RFC 9110 §7.8), since the agent must see them to switch.
 * The client address: the TCP peer, unless the peer is a configured trusted proxy
@@ -80,11 +81,16 @@ def is_upgrade_request(headers: Headers) -> bool:
 _NEVER_NAMED_AWAY = frozenset({b"host", b"content-length"})
 
 
+def _hop_by_hop(headers: Headers) -> frozenset[bytes]:
+    """The fields to drop: the fixed set and those ``Connection`` names."""
+    named = _connection_tokens(headers)
+    return HOP_BY_HOP | (named - _NEVER_NAMED_AWAY) if named else HOP_BY_HOP
+
+
 def strip_hop_by_hop(headers: Headers, *, keep_upgrade: bool = False) -> Headers:
     """Remove hop-by-hop fields; optionally keep ``Upgrade`` (+ ``Connection: upgrade``)."""
-    named = _connection_tokens(headers) - _NEVER_NAMED_AWAY
-    drop = HOP_BY_HOP | named
-    out = [(k, v) for k, v in headers if k not in drop]
+    drop = _hop_by_hop(headers)
+    out = [field for field in headers if field[0] not in drop]
     if keep_upgrade:
         upgrade = get_header(headers, b"upgrade")
         if upgrade is not None:
@@ -149,24 +155,38 @@ def request_headers_for_agent(
     """The header list to send to the agent for a client's request.
 
     ``peer_ip`` (default ``client_ip``) is appended to ``X-Forwarded-For``;
-    ``client_ip`` becomes ``X-Real-IP``.
+    ``client_ip`` becomes ``X-Real-IP``.  Host goes first (RFC 9110 §7.2).
     """
-    host = get_header(headers, b"host") or b""
-    out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
+    drop = _hop_by_hop(headers)
+    host: tuple[bytes, bytes] | None = None
+    prior: list[bytes] = []
+    out: Headers = []
+    for field in headers:  # one pass: this runs for every request
+        name = field[0]
+        if name in drop or name in _FORWARDED_OVERWRITE:
+            continue
+        if name == b"x-forwarded-for":
+            value = field[1].strip()
+            if value:
+                prior.append(value)
+        elif name == b"host" and host is None:
+            host = field
+        else:
+            out.append(field)
+    if upgrade:
+        protocol = get_header(headers, b"upgrade")
+        if protocol is not None:
+            out += [(b"connection", b"upgrade"), (b"upgrade", protocol)]
     peer = (peer_ip or client_ip).encode("ascii", "replace")
-    wanted = {
-        b"x-forwarded-for": peer,
-        b"x-real-ip": client_ip.encode("ascii", "replace"),
-        b"x-forwarded-host": host,
-        b"x-forwarded-proto": proto.encode("ascii"),
-    }
-    prior = [v.strip() for k, v in out if k == b"x-forwarded-for" and v.strip()]
-    out = [(k, v) for k, v in out if k not in _FORWARDED_OVERWRITE and k != b"x-forwarded-for"]
-    wanted[b"x-forwarded-for"] = b", ".join([*prior, peer])
-    out.extend(wanted.items())
+    out += [
+        (b"x-forwarded-for", b", ".join([*prior, peer]) if prior else peer),
+        (b"x-real-ip", client_ip.encode("ascii", "replace")),
+        (b"x-forwarded-host", host[1] if host is not None else b""),
+        (b"x-forwarded-proto", proto.encode("ascii")),
+    ]
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
-    return out
+    return out if host is None else [host, *out]
 
 
 def response_headers_for_client(headers: Headers, *, upgrade: bool = False) -> Headers:

@@ -2,28 +2,35 @@
 
 Theory of operation
 -------------------
-Each accepted client connection is one ``_ClientSession`` driving a server-role h11
-state machine.  The session loops over requests (keep-alive):
+Each accepted client connection is one ``_ClientSession`` reading requests with an
+``h1.RequestReader`` (llhttp parses the heads, ``h1/``).  The session loops over
+requests (keep-alive):
 
 1. **Read the request head** under two deadlines (slowloris protection): a fresh
    connection must deliver complete headers within ``header_timeout``; a keep-alive
    connection may idle up to ``idle_timeout`` for the first byte of its next request,
    then has ``header_timeout`` to finish the headers.  A partial head that misses its
-   deadline gets 408; a silent idle connection is just closed.  h11 rejects malformed
-   heads (400) and heads that grow past ``max_header_bytes`` while incomplete (431).
+   deadline gets 408; a silent idle connection is just closed.  The reader rejects
+   malformed heads (400; 501 for an unknown method or transfer coding, 505 for a
+   version other than HTTP/1.x), heads that grow past ``max_header_bytes`` while
+   incomplete (431), and, being the place where message framing is decided, the
+   smuggling shapes: ``Content-Length`` together with ``Transfer-Encoding``, two
+   ``Content-Length`` or ``Host`` fields, obs-fold, bare CR or LF (all 400).
 2. **Admit**, cheapest and least trusting first: per-client connection limit (429),
-   header count and size (431), ``CONNECT`` (405), ambiguous framing (400:
-   ``Content-Length`` together with ``Transfer-Encoding`` is how requests get
-   smuggled), Host (400 if missing; an absolute-form target's authority wins), ACME
+   header count and size (431), ``CONNECT`` (405), Host (400 if missing: only an
+   HTTP/1.0 request gets this far without one; an absolute-form target's authority
+   wins), ACME
    HTTP-01 challenges (answered here, before rate limits and routing, RFC 8555 §8.3),
    rate limit (429 + ``Retry-After``), route (404 unknown host, 503 disabled tunnel),
    optional HTTP -> HTTPS redirect (308), declared body size (413).
 3. **Forward** to the agent and relay its answer, streaming both bodies, with
    ``Expect: 100-continue`` and WebSocket upgrades: ``forward.py``.
-4. Continue with the next request if both h11 sides are ``DONE``, else close
-   (lingering briefly so an unread request body does not turn our answer into a
-   reset).  ``close()`` stops the listeners, ends idle keep-alive connections at once
-   and gives in-flight ones ``shutdown_timeout`` seconds.
+4. Continue with the next request if the request was read to its end, the response
+   was sent whole and neither side asked to close, else close (lingering briefly so
+   an unread request body does not turn our answer into a reset).  A response to
+   HEAD never carries a body, not even the gateway's own pages.  ``close()`` stops
+   the listeners, ends idle keep-alive connections at once and gives in-flight ones
+   ``shutdown_timeout`` seconds.
 
 Every page the gateway writes itself comes from ``pages.py``.  No exception escapes a
 session: unexpected ones are logged (without headers, which may carry credentials)
@@ -40,14 +47,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import h11
-
 from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter
 from kakuremichi.relay.metrics import Metrics
 from kakuremichi.relay.router import Route, Router, normalize_host
 from kakuremichi.relay.splice import CHUNK, close_writer, drain, half_close
 
-from . import pages
+from . import h1, pages
 from .forward import Abort, ForwardingMixin
 from .headers import (
     Headers,
@@ -185,7 +190,7 @@ class ProxyServer:
 
 
 class _ClientSession(ForwardingMixin):
-    """One public client connection: a server-role h11 loop (see module docstring)."""
+    """One public client connection: requests read, admitted, forwarded (module docstring)."""
 
     def __init__(
         self,
@@ -209,9 +214,14 @@ class _ClientSession(ForwardingMixin):
         #: (method, host, path) of the request in progress, for the access log
         self.current: tuple[str, str, str] = ("", "", "")
         self.admitted = admitted
-        self.conn = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes
-        )
+        self.requests = h1.RequestReader(self.limits.max_header_bytes)
+        #: the request being answered (None while reading the next head)
+        self.request: h1.RequestHead | None = None
+        #: a final response (or a page) was started for it / was sent whole
+        self.response_started = False
+        self.response_done = False
+        #: the connection may carry another request after this one
+        self.keep_alive = True
         self.loop = asyncio.get_running_loop()
         self.idle = True
 
@@ -230,37 +240,36 @@ class _ClientSession(ForwardingMixin):
             first = False
             if request is None:
                 return
+            self.request = request
+            self.keep_alive = request.keep_alive
             await self._handle(request)
             if self.server.closing:
                 return
-            if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-                self.conn.start_next_cycle()
+            if self.response_done and self.keep_alive and self.requests.state == h1.DONE:
                 continue
-            if self.conn.their_state is h11.SEND_BODY:
+            if self.requests.state == h1.BODY:
                 await self._linger()
             return
 
-    async def _read_request_head(self, first: bool) -> h11.Request | None:
+    async def _read_request_head(self, first: bool) -> h1.RequestHead | None:
         now = self.loop.time()
         header_deadline: float | None = None
-        if first or self.conn.trailing_data[0]:
+        if first or self.requests.buffered:
             header_deadline = now + self.limits.header_timeout
         idle_deadline = now + self.limits.idle_timeout
+        requests = self.requests
+        self.request = None
+        self.response_started = self.response_done = False
         while True:
             try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                if status == 431:
-                    self.metrics.rejected.inc(reason="header_too_large")
-                    reason = "The request headers are too large."
-                else:
-                    self.metrics.rejected.inc(reason="malformed")
-                    reason = "The request could not be parsed as HTTP/1.1."
-                await self._send_page(status, reason, close=True)
+                head = requests.next_head()
+            except h1.ProtocolError as exc:
+                too_large = exc.status == 431
+                self.metrics.rejected.inc(reason="header_too_large" if too_large else "malformed")
+                await self._send_page(exc.status, exc.reason, close=True)
                 await self._linger()
                 return None
-            if event is h11.NEED_DATA:
+            if head is None:
                 deadline = header_deadline if header_deadline is not None else idle_deadline
                 remaining = deadline - self.loop.time()
                 data: bytes | None = None
@@ -280,19 +289,24 @@ class _ClientSession(ForwardingMixin):
                         408, "The request headers did not arrive in time.", close=True
                     )
                     return None
-                if data and header_deadline is None:
+                if not data:
+                    try:
+                        requests.eof()
+                    except h1.ProtocolError:  # half a head, then EOF
+                        self.metrics.rejected.inc(reason="malformed")
+                        await self._send_page(400, "The request was cut off.", close=True)
+                    return None
+                if header_deadline is None:
                     header_deadline = self.loop.time() + self.limits.header_timeout
-                self.conn.receive_data(data)
+                requests.receive(data)
                 continue
-            if isinstance(event, h11.Request):
-                return event
-            return None  # ConnectionClosed (or PAUSED, which cannot happen here)
+            return head
 
     # -- one request -----------------------------------------------------------------
 
-    async def _handle(self, request: h11.Request) -> None:
+    async def _handle(self, request: h1.RequestHead) -> None:
         started = self.loop.time()
-        headers: Headers = list(request.headers)
+        headers: Headers = request.headers
         plain = pages.wants_plain(get_header(headers, b"accept"))
 
         if not self.admitted:
@@ -309,37 +323,19 @@ class _ClientSession(ForwardingMixin):
             self.metrics.rejected.inc(reason="header_count")
             await self._send_page(431, "Too many request header fields.", plain=plain, close=True)
             raise Abort
-        # h11 only bounds an *incomplete* head; a complete one read in one go is
-        # measured here (request line + fields, as they were on the wire, roughly)
-        head_size = len(request.method) + len(request.target) + 12
-        head_size += sum(len(k) + len(v) + 4 for k, v in headers)
-        if head_size > self.limits.max_header_bytes:
+        # the reader only bounds an *incomplete* head; one read in one go is measured here
+        if request.size > self.limits.max_header_bytes:
             self.metrics.rejected.inc(reason="header_too_large")
             await self._send_page(
                 431, "The request headers are too large.", plain=plain, close=True
             )
             raise Abort
-        if request.method == b"CONNECT":
+        method = request.method
+        if method == b"CONNECT":
             await self._send_page(405, "CONNECT is not supported.", plain=plain, close=True)
             raise Abort
 
-        chunked = get_header(headers, b"transfer-encoding") is not None
-        length_value = get_header(headers, b"content-length")
-        if chunked and length_value is not None:
-            # RFC 9112 §6.3: ambiguous framing is how requests get smuggled; refuse it
-            self.metrics.rejected.inc(reason="malformed")
-            await self._send_page(
-                400,
-                "Both Content-Length and Transfer-Encoding were sent.",
-                plain=plain,
-                close=True,
-            )
-            raise Abort
-
-        if sum(1 for name, _ in headers if name == b"host") > 1:
-            # RFC 9112 §3.2: more than one Host is a 400 (and a routing ambiguity)
-            await self._send_page(400, "More than one Host header.", plain=plain, close=True)
-            raise Abort
+        # (both framing fields at once, two Host fields: refused by the reader)
         target = request.target
         host_value = get_header(headers, b"host")
         if not target.startswith(b"/") and target != b"*":
@@ -358,8 +354,8 @@ class _ClientSession(ForwardingMixin):
             raise Abort
         host = host_value.decode("latin-1")
         path = target.split(b"?", 1)[0].decode("latin-1")
-        self.current = (request.method.decode("latin-1"), host[:255], path[:1024])
-        if await self._answer_acme_challenge(request.method, target):
+        self.current = (method.decode("latin-1"), host[:255], path[:1024])
+        if await self._answer_acme_challenge(method, target):
             return
         self.client_ip = client_address(self.peer_ip, headers, self.server.trusted_proxies)
         decision = self.server.rate_limiter.check(self.client_ip, started)
@@ -387,7 +383,8 @@ class _ClientSession(ForwardingMixin):
             await self._redirect_to_https(host, target, route)
             return
 
-        length = int(length_value) if length_value is not None else 0
+        chunked = request.chunked
+        length = request.content_length or 0
         max_body = self.limits.max_body_bytes
         if max_body is not None and length > max_body:
             self.metrics.rejected.inc(reason="body_too_large")
@@ -411,13 +408,14 @@ class _ClientSession(ForwardingMixin):
         )
         if route.path_prefix and target.startswith(b"/"):
             target = route.path_prefix.encode("latin-1") + target
-        try:
-            upstream_request = h11.Request(method=request.method, target=target, headers=forwarded)
-        except h11.LocalProtocolError:
-            await self._send_page(400, "Bad request target.", plain=plain, route=route, close=True)
-            raise Abort from None
-        retry_allowed = not has_body and request.method in _IDEMPOTENT
-        await self._forward(upstream_request, route, plain, has_body, retry_allowed, started)
+            if not h1.valid_target(target):
+                await self._send_page(
+                    400, "Bad request target.", plain=plain, route=route, close=True
+                )
+                raise Abort
+        head = h1.request_head(method, target, forwarded)
+        retry_allowed = not has_body and method in _IDEMPOTENT
+        await self._forward(head, method, upgrade, route, plain, has_body, retry_allowed, started)
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -445,7 +443,7 @@ class _ClientSession(ForwardingMixin):
             await self._send_page(404, "Unknown ACME challenge token.", plain=True)
             return True
         body = answer.encode()
-        await self._send_simple(200, body, b"text/plain", body_allowed=method != b"HEAD")
+        await self._send_simple(200, body, b"text/plain")
         self._record("", "", 200, None)
         return True
 
@@ -469,26 +467,31 @@ class _ClientSession(ForwardingMixin):
         content_type: bytes,
         *,
         extra: list[tuple[bytes, bytes]] | None = None,
-        body_allowed: bool = True,
     ) -> None:
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            raise Abort
         headers = [
             (b"content-type", content_type),
             (b"content-length", str(len(body)).encode()),
             (b"server", pages.SERVER_NAME),
             *(extra or []),
         ]
-        if self.server.closing:
-            headers.append((b"connection", b"close"))
-        try:
-            data = self.conn.send(h11.Response(status_code=status, headers=headers)) or b""
-            if body_allowed and body:
-                data += self.conn.send(h11.Data(data=body)) or b""
-            data += self.conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            raise Abort from None
+        await self._send_own(status, pages.reason_phrase(status), headers, body, close=False)
+
+    async def _send_own(
+        self, status: int, phrase: bytes, headers: Headers, body: bytes, *, close: bool
+    ) -> None:
+        """Write a whole response the gateway makes itself (a page, a redirect, ACME)."""
+        if self.response_started:
+            raise Abort  # another response is under way: the client sees it cut off
+        if close or self.server.closing or not self.keep_alive:
+            self.keep_alive = False
+            headers = [*headers, (b"connection", b"close")]
+        data = h1.response_head(status, phrase, headers)
+        request = self.request
+        if body and (request is None or request.method != b"HEAD"):
+            data += body  # a response to HEAD has no body (RFC 9110 §9.3.2)
+        self.response_started = True
         await self._write(data)
+        self.response_done = True
 
     # -- gateway pages ---------------------------------------------------------------
 
@@ -523,20 +526,8 @@ class _ClientSession(ForwardingMixin):
         domain = route.domain if route is not None else ""
         elapsed = self.loop.time() - started if started is not None else None
         self._record(tunnel, domain, status, elapsed)
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            raise Abort
-        extra_headers = list(extra or [])
-        if close or self.server.closing:
-            extra_headers.append((b"connection", b"close"))
-        page = pages.render(status, reason, plain=plain, extra_headers=extra_headers)
-        try:
-            head = h11.Response(status_code=page.status, headers=page.headers, reason=page.reason)
-            data = self.conn.send(head)
-            data = (data or b"") + (self.conn.send(h11.Data(data=page.body)) or b"")
-            data += self.conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            raise Abort from None
-        await self._write(data)
+        page = pages.render(status, reason, plain=plain, extra_headers=extra)
+        await self._send_own(page.status, page.reason, page.headers, page.body, close=close)
 
     async def _linger(self) -> None:
         """Half-close and discard what the client still sends, briefly, before closing.

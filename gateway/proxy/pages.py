@@ -37,10 +37,7 @@ def render(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> ErrorPage:
     """Build the page for ``status`` explaining ``reason`` (already user-safe text)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
+    phrase = _phrase(status)
     if plain:
         body = f"{status} {phrase}\n{reason}\n".encode()
         ctype = b"text/plain; charset=utf-8"
@@ -61,6 +58,18 @@ def render(
         *(extra_headers or []),
     ]
     return ErrorPage(status, phrase.encode(), headers, body)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def reason_phrase(status: int) -> bytes:
+    """The standard reason phrase of ``status`` for a status line."""
+    return _phrase(status).encode()
 
 
 def wants_plain(accept: bytes | None) -> bool:

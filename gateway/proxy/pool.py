@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-An ``UpstreamConnection`` is one TCP stream to an agent plus the client-role h11 state
-machine that frames requests on it.  After a response ends cleanly (both h11 sides
-``DONE``) the proxy hands the connection back with ``release``; the pool calls
-``start_next_cycle()`` and keeps it idle, at most ``max_idle_per_agent`` per
-``(host, port, tunnel)``, each for at most ``idle_timeout`` seconds (a timer handle per
-idle connection closes it; taking it out cancels the timer).  Anything else - an error,
-an upgrade, a ``Connection: close`` - is closed instead of pooled.
+An ``UpstreamConnection`` is one TCP stream to an agent plus the ``h1.ResponseReader``
+that frames the responses on it.  After an exchange ends cleanly (the request sent
+whole, the response read to its end, keep-alive on both sides: ``reusable()``) the
+proxy hands the connection back with ``release``; the pool keeps it idle, at most
+``max_idle_per_agent`` per ``(host, port, tunnel)``, each for at most ``idle_timeout``
+seconds (a timer handle per idle connection closes it; taking it out cancels the
+timer).  Anything else - an error, an upgrade, a ``Connection: close``, bytes after
+the response - is closed instead of pooled.
 
 A connection belongs to one tunnel: the agent splices it to that tunnel's target after
 reading the ``preamble`` (a PROXY v2 header naming the tunnel) that ``acquire`` writes
@@ -28,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import h11
-
 from kakuremichi.relay.dial import Dialer, open_tcp
 from kakuremichi.relay.splice import close_writer
+
+from .h1 import ResponseReader
 
 __all__ = ["Dialer", "PoolBusy", "UpstreamConnection", "UpstreamPool", "open_tcp"]
 
@@ -44,11 +45,12 @@ class UpstreamConnection:
     __slots__ = (
         "agent",
         "checked_out",
-        "conn",
         "expiry",
         "idle_since",
         "key",
         "reader",
+        "request_done",
+        "responses",
         "reused",
         "writer",
     )
@@ -63,18 +65,22 @@ class UpstreamConnection:
         self.agent = (key[0], key[1])
         self.reader = reader
         self.writer = writer
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEADER_BYTES)
+        self.responses = ResponseReader(MAX_UPSTREAM_HEADER_BYTES)
+        #: the current request went out whole (head and body)
+        self.request_done = False
         self.reused = False
         self.checked_out = False
         self.idle_since = 0.0
         self.expiry: asyncio.TimerHandle | None = None
 
+    def begin(self, method: bytes, *, upgrade: bool = False) -> None:
+        """A request with ``method`` is being sent (``upgrade``: it asks to switch)."""
+        self.request_done = False
+        self.responses.start(method, upgrade=upgrade)
+
     def reusable(self) -> bool:
-        return (
-            self.conn.our_state is h11.DONE
-            and self.conn.their_state is h11.DONE
-            and not self.reader.at_eof()
-        )
+        """The last exchange ended cleanly and both sides allow another."""
+        return self.request_done and self.responses.reusable() and not self.reader.at_eof()
 
     async def close(self) -> None:
         await close_writer(self.writer)
@@ -190,7 +196,6 @@ class UpstreamPool:
         if len(idle) >= self.max_idle_per_agent:
             self._close_later(upstream)
             return
-        upstream.conn.start_next_cycle()
         loop = asyncio.get_running_loop()
         upstream.idle_since = loop.time()
         upstream.expiry = loop.call_later(self.idle_timeout, self._expire, upstream)

@@ -1,0 +1,84 @@
+"""Writing HTTP/1.1: heads as one bytes join, chunks, and how a relayed response is
+framed towards the client (see the package docstring, ``h1/__init__``)."""
+
+from __future__ import annotations
+
+import re
+
+from .read import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers
+
+__all__ = [
+    "LAST_CHUNK",
+    "encode_chunk",
+    "frame_response",
+    "request_head",
+    "response_head",
+    "valid_target",
+]
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
+def request_head(method: bytes, target: bytes, headers: Headers) -> bytes:
+    """The request line and ``headers`` (already valid) as they go on the wire."""
+    return b"".join([b"%s %s HTTP/1.1\r\n" % (method, target), *map(_field, headers), b"\r\n"])
+
+
+def _field(field: tuple[bytes, bytes]) -> bytes:
+    return b"%s: %s\r\n" % field
+
+
+def response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A status line and ``headers`` (a 1xx, a page, or a head ``frame_response`` framed)."""
+    return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reason), *map(_field, headers), b"\r\n"])
+
+
+def frame_response(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    content_length: bool,
+    head_request: bool,
+    http10: bool,
+    keep_alive: bool,
+) -> tuple[bytes, int, bool]:
+    """The head for relaying a final response to the client, the framing of its body
+    on the client's side, and whether the connection persists after it.
+
+    ``headers`` carry no framing fields except a ``Content-Length`` that describes the
+    body (``content_length``); ``keep_alive`` is what the request allows.  As RFC 9112
+    §6.1-6.3 ask: 204/304 and responses to HEAD carry no body (a HEAD response keeps
+    the GET's framing fields, RFC 9110 §9.3.2); a ``Content-Length`` is kept; else the
+    body is chunked, or for an HTTP/1.0 client ends with the connection.
+    """
+    if status in (204, 304):
+        framing = NO_BODY
+    elif content_length:
+        framing = LENGTH
+    elif http10:
+        framing = UNTIL_CLOSE
+        if not head_request:
+            keep_alive = False
+    else:
+        headers = [*headers, (b"transfer-encoding", b"chunked")]
+        framing = CHUNKED
+    if head_request:
+        framing = NO_BODY
+    if not keep_alive:
+        headers = [*headers, (b"connection", b"close")]
+    return response_head(status, reason, headers), framing, keep_alive
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk (nothing for empty data: that would end the body)."""
+    if not data:
+        return b""
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+
+
+def valid_target(target: bytes) -> bool:
+    """Whether a request target we built is still sendable (visible ASCII only)."""
+    return _TARGET.fullmatch(target) is not None
