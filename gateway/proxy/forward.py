@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,6 +62,12 @@ if TYPE_CHECKING:
     from .http import ProxyServer
 
 _UNSAFE_REUSE_MAX_IDLE = 1.0
+
+
+@functools.lru_cache(maxsize=4096)
+def tunnel_preamble(tunnel_id: str) -> bytes:
+    """The PROXY v2 header a new connection of this tunnel starts with (built once)."""
+    return proxyproto.encode(tunnel_id=tunnel_id)
 
 
 class Abort(Exception):
@@ -151,9 +158,7 @@ class ForwardingMixin:
         started: float,
     ) -> None:
         port = route.upstream_port or self.settings.upstream_port
-        preamble = (
-            proxyproto.encode(tunnel_id=route.tunnel_id) if self.settings.tunnel_header else b""
-        )
+        preamble = tunnel_preamble(route.tunnel_id) if self.settings.tunnel_header else b""
         fresh = False
         for _attempt in range(2):
             try:

@@ -164,7 +164,13 @@ class Histogram(_Family):
         self._sums: dict[LabelValues, float] = {}
 
     def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
+        self.observe_key(self._key(labels), value)
+
+    def key(self, **labels: str) -> LabelValues:
+        """The label key of one label set, for ``observe_key`` on a hot path."""
+        return self._key(labels)
+
+    def observe_key(self, key: LabelValues, value: float) -> None:
         counts = self._counts.get(key)
         if counts is None:
             counts = self._counts[key] = [0] * len(self.bounds)
@@ -240,6 +246,10 @@ class Registry:
             lines.extend(family.header())
             lines.extend(family.samples())
         return "\n".join(lines) + "\n"
+
+
+#: bound label keys kept for request_done (cleared when full: tunnels come and go)
+_MAX_BOUND_KEYS = 4096
 
 
 class Metrics:
@@ -336,13 +346,26 @@ class Metrics:
         )
         # counters for WireGuard are fed from absolute readings; keep the last ones
         self._wg_last: dict[tuple[str, str], float] = {}
+        self._request_keys: dict[
+            tuple[str, str, int], tuple[Callable[[float], None], LabelValues]
+        ] = {}
 
     # -- data path -------------------------------------------------------------------
 
     def request_done(self, tunnel: str, domain: str, status: int, seconds: float | None) -> None:
-        self.requests.inc(tunnel=tunnel, domain=domain, code=str(status))
+        # once per request: the label keys are built once per (tunnel, domain, status)
+        bound = self._request_keys.get((tunnel, domain, status))
+        if bound is None:
+            if len(self._request_keys) >= _MAX_BOUND_KEYS:
+                self._request_keys.clear()
+            bound = (
+                self.requests.child(tunnel=tunnel, domain=domain, code=str(status)),
+                self.latency.key(tunnel=tunnel),
+            )
+            self._request_keys[(tunnel, domain, status)] = bound
+        bound[0](1.0)
         if seconds is not None:
-            self.latency.observe(seconds, tunnel=tunnel)
+            self.latency.observe_key(bound[1], seconds)
 
     def connection_opened(self, listener: str) -> None:
         self.active_connections.inc(listener=listener)
