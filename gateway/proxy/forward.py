@@ -170,7 +170,9 @@ class ForwardingMixin:
                     # a request we cannot replay only takes a recently used connection:
                     # the older one is, the likelier the agent is closing it right now
                     max_idle_age=None if retry_allowed else _UNSAFE_REUSE_MAX_IDLE,
-                    tunnel=route.tunnel_id,
+                    # a changed target must not be reached through connections the
+                    # agent spliced to the old one: they stay in their own pool slot
+                    tunnel=f"{route.tunnel_id} {route.target}",
                     preamble=preamble,
                 )
             except PoolBusy:

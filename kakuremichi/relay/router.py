@@ -55,6 +55,9 @@ class Route:
     upstream_port: int | None = None
     #: prepended to every request path (an agent's ``http://host:port/prefix`` target)
     path_prefix: str = ""
+    #: the tunnel's target as Control gave it: a connection spliced by the agent leads
+    #: to one target, so the gateway pools connections per (tunnel, target)
+    target: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,7 @@ class _Tunnel:
     enabled: bool
     upstream_port: int | None = None
     path_prefix: str = ""
+    target: str = ""
 
 
 class TunnelError(ValueError):
@@ -161,7 +165,16 @@ def _parse_tunnel(raw: Mapping[str, Any], upstream: UpstreamResolver | None = No
             with contextlib.suppress(ValueError):
                 prefix = Target.parse(target).path_prefix
         return _Tunnel(
-            tunnel_id, protocol, domain, public_port, agent_id, agent_ip, enabled, None, prefix
+            tunnel_id,
+            protocol,
+            domain,
+            public_port,
+            agent_id,
+            agent_ip,
+            enabled,
+            None,
+            prefix,
+            target if isinstance(target, str) else "",
         )
     try:
         if not isinstance(target, str):
@@ -170,7 +183,16 @@ def _parse_tunnel(raw: Mapping[str, Any], upstream: UpstreamResolver | None = No
     except ValueError as exc:
         raise TunnelError(f"tunnel {tunnel_id}: unusable target ({exc})") from None
     return _Tunnel(
-        tunnel_id, protocol, domain, public_port, agent_id, host, enabled, upstream_port, prefix
+        tunnel_id,
+        protocol,
+        domain,
+        public_port,
+        agent_id,
+        host,
+        enabled,
+        upstream_port,
+        prefix,
+        target,
     )
 
 
@@ -289,7 +311,14 @@ class Router:
                 by_port[key] = tunnel if old is None else _preferred(old, tunnel)
         self._domains = {
             d: Route(
-                t.tunnel_id, d, t.agent_id, t.agent_ip, t.enabled, t.upstream_port, t.path_prefix
+                t.tunnel_id,
+                d,
+                t.agent_id,
+                t.agent_ip,
+                t.enabled,
+                t.upstream_port,
+                t.path_prefix,
+                t.target,
             )
             for d, t in by_domain.items()
         }
@@ -302,6 +331,7 @@ class Router:
                 t.enabled,
                 t.upstream_port,
                 t.path_prefix,
+                t.target,
             )
             for t in self._tunnels.values()
             if t.domain is not None

@@ -48,9 +48,11 @@ def test_lookup_http_routes() -> None:
         ]
     )
     route = router.lookup_host("APP.example.com.:443")
-    assert route == Route("t1", "app.example.com", "agent-t1", "100.64.0.100", True)
+    assert route == Route(
+        "t1", "app.example.com", "agent-t1", "100.64.0.100", True, target="localhost:8080"
+    )
     assert router.lookup_host("off.example.com") == Route(
-        "t2", "off.example.com", "agent-t2", "127.0.0.1", False
+        "t2", "off.example.com", "agent-t2", "127.0.0.1", False, target="localhost:8080"
     )
     assert router.lookup_host("nope.example.com") is None
     assert router.lookup_host("a.wild.example.com") is not None

@@ -204,6 +204,21 @@ async def test_two_tunnels_on_one_agent_get_separate_connections() -> None:
                 assert b"\r\nhost: " + host + b"\r\n" in head.lower()
 
 
+async def test_a_changed_target_gets_a_new_connection() -> None:
+    # the agent spliced the first connection to the old target: it must not carry
+    # requests for the new one (REST changes take effect at once, not after the
+    # pool's idle timeout)
+    async with gateway() as (proxy, agent):
+        client = await Client.open(proxy.port)
+        assert (await client.get("a.example.com"))["tunnel"] == "t1"
+        moved = {**tunnel("t1", "a.example.com"), "target": "127.0.0.1:9"}
+        proxy.router.upsert(moved)
+        assert (await client.get("a.example.com"))["tunnel"] == "t1"
+        await client.close()
+        assert agent.accepts == 2
+        assert [len(conn.requests) for conn in agent.connections] == [1, 1]
+
+
 async def test_concurrent_requests_each_open_a_connection_with_its_own_header() -> None:
     async with gateway() as (proxy, agent):
         clients = [await Client.open(proxy.port) for _ in range(3)]
