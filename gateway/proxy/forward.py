@@ -100,6 +100,22 @@ class UpstreamFailed(Exception):
 
 
 @dataclass(slots=True)
+class ForwardPlan:
+    """An admitted request, ready to go to its agent (built by ``http._admit``)."""
+
+    #: the rewritten request head, as it goes on the wire
+    head: bytes
+    method: bytes
+    upgrade: bool
+    route: Route
+    plain: bool
+    has_body: bool
+    #: replaying it on a fresh connection is safe (idempotent and bodiless)
+    retry_allowed: bool
+    started: float
+
+
+@dataclass(slots=True)
 class Exchange:
     """Mutable bookkeeping of one request/response exchange."""
 
@@ -123,9 +139,15 @@ class ForwardingMixin:
     response_started: bool
     response_done: bool
     keep_alive: bool
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
     loop: asyncio.AbstractEventLoop
+
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        raise NotImplementedError
+
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        raise NotImplementedError
 
     async def _send_page(
         self,
@@ -146,20 +168,18 @@ class ForwardingMixin:
     def _record(self, tunnel: str, domain: str, status: int, elapsed: float | None) -> None:
         raise NotImplementedError
 
-    async def _forward(
-        self,
-        head: bytes,
-        method: bytes,
-        upgrade: bool,
-        route: Route,
-        plain: bool,
-        has_body: bool,
-        retry_allowed: bool,
-        started: float,
-    ) -> None:
+    async def _forward(self, plan: ForwardPlan, *, fresh: bool = False) -> None:
+        """Send an admitted request to its agent and relay the answer (``fresh``: not
+        on a pooled connection, as when the fast path met a stale one)."""
+        head, method, upgrade, route = plan.head, plan.method, plan.upgrade, plan.route
+        plain, has_body, retry_allowed, started = (
+            plan.plain,
+            plan.has_body,
+            plan.retry_allowed,
+            plan.started,
+        )
         port = route.upstream_port or self.settings.upstream_port
         preamble = tunnel_preamble(route.tunnel_id) if self.settings.tunnel_header else b""
-        fresh = False
         for _attempt in range(2):
             try:
                 upstream = await self.server.pool.acquire(
@@ -172,7 +192,7 @@ class ForwardingMixin:
                     max_idle_age=None if retry_allowed else _UNSAFE_REUSE_MAX_IDLE,
                     # a changed target must not be reached through connections the
                     # agent spliced to the old one: they stay in their own pool slot
-                    tunnel=f"{route.tunnel_id} {route.target}",
+                    tunnel=route.pool_key,
                     preamble=preamble,
                 )
             except PoolBusy:

@@ -2,35 +2,54 @@
 
 Theory of operation
 -------------------
-Each accepted client connection is one ``_ClientSession`` reading requests with an
-``h1.RequestReader`` (llhttp parses the heads, ``h1/``).  The session loops over
-requests (keep-alive):
+Each accepted client connection is one ``_ClientSession``, an ``asyncio.Protocol``
+reading requests with an ``h1.RequestReader`` (llhttp parses the heads, ``h1/``).  The
+session is a small state machine (``mode``) over a keep-alive connection:
 
-1. **Read the request head** under two deadlines (slowloris protection): a fresh
-   connection must deliver complete headers within ``header_timeout``; a keep-alive
-   connection may idle up to ``idle_timeout`` for the first byte of its next request,
-   then has ``header_timeout`` to finish the headers.  A partial head that misses its
-   deadline gets 408; a silent idle connection is just closed.  The reader rejects
-   malformed heads (400; 501 for an unknown method or transfer coding, 505 for a
-   version other than HTTP/1.x), heads that grow past ``max_header_bytes`` while
-   incomplete (431), and, being the place where message framing is decided, the
-   smuggling shapes: ``Content-Length`` together with ``Transfer-Encoding``, two
-   ``Content-Length`` or ``Host`` fields, obs-fold, bare CR or LF (all 400).
-2. **Admit**, cheapest and least trusting first: per-client connection limit (429),
-   header count and size (431), ``CONNECT`` (405), Host (400 if missing: only an
-   HTTP/1.0 request gets this far without one; an absolute-form target's authority
-   wins), ACME
-   HTTP-01 challenges (answered here, before rate limits and routing, RFC 8555 §8.3),
-   rate limit (429 + ``Retry-After``), route (404 unknown host, 503 disabled tunnel),
-   optional HTTP -> HTTPS redirect (308), declared body size (413).
-3. **Forward** to the agent and relay its answer, streaming both bodies, with
-   ``Expect: 100-continue`` and WebSocket upgrades: ``forward.py``.
+1. **Heads** (``_HEAD``) are read in the transport's callback under one deadline per
+   connection (slowloris protection): a fresh connection must deliver complete
+   headers within ``header_timeout``; a keep-alive connection may idle up to
+   ``idle_timeout`` for the first byte of its next request, then has
+   ``header_timeout`` to finish the headers.  A partial head that misses its deadline
+   gets 408; a silent idle connection is just closed.  The reader rejects malformed
+   heads (400; 501 for an unknown method or transfer coding, 505 for a version other
+   than HTTP/1.x), heads that grow past ``max_header_bytes`` while incomplete (431),
+   and, being the place where message framing is decided, the smuggling shapes:
+   ``Content-Length`` together with ``Transfer-Encoding``, two ``Content-Length`` or
+   ``Host`` fields, obs-fold, bare CR or LF (all 400).
+2. **Admit** (``_admit``, synchronous), cheapest and least trusting first: per-client
+   connection limit (429), header count and size (431), ``CONNECT`` (405), Host (400
+   if missing: only an HTTP/1.0 request gets this far without one; an absolute-form
+   target's authority wins), ACME HTTP-01 challenges (answered here, before rate
+   limits and routing, RFC 8555 §8.3), rate limit (429 + ``Retry-After``), route (404
+   unknown host, 503 disabled tunnel), optional HTTP -> HTTPS redirect (308), declared
+   body size (413).  Every such answer is written at once, from the callback.
+3. **Forward** an admitted request one of two ways:
+
+   * the **fast path** (``_FAST``, this module), for what most requests are: no body,
+     no upgrade, a method that may be replayed, and an idle pooled agent connection
+     of the tunnel at hand.  The request head is written to that connection and its
+     ``Tap`` (``pool.py``) hands the agent's bytes straight to this session, which
+     relays the response as it arrives (``h1.frame_response``; 1xx relayed too) and
+     back-pressures the agent (``pause_reading``) while the client's transport is
+     paused.  No task, future or timer per request: the connection's one deadline
+     covers the response head (504) and a stalled body (abort).  If the pooled
+     connection turns out dead before any response byte, the request goes to the
+     coroutine path on a fresh connection (replaying it is safe);
+   * the **coroutine path** (``_SLOW``, ``forward.py``) for everything else: request
+     bodies (pumped with ``Expect: 100-continue``), WebSocket upgrades, requests that
+     must not be replayed, and the first request of a tunnel, which dials.  A task
+     serves the one request over a ``StreamReader``/``StreamWriter`` pair made for the
+     connection the first time it is needed; the session returns to reading heads in
+     the callback afterwards.
 4. Continue with the next request if the request was read to its end, the response
    was sent whole and neither side asked to close, else close (lingering briefly so
-   an unread request body does not turn our answer into a reset).  A response to
-   HEAD never carries a body, not even the gateway's own pages.  ``close()`` stops
-   the listeners, ends idle keep-alive connections at once and gives in-flight ones
-   ``shutdown_timeout`` seconds.
+   an unread request body does not turn our answer into a reset: ``_LINGER``).  A
+   response to HEAD never carries a body, not even the gateway's own pages.  A client
+   that stops reading stops being read (``pause_writing`` pauses reading it), so
+   nothing it asks for piles up.  ``close()`` stops the listeners, ends idle
+   keep-alive connections at once and gives in-flight ones ``shutdown_timeout``
+   seconds.
 
 Every page the gateway writes itself comes from ``pages.py``.  No exception escapes a
 session: unexpected ones are logged (without headers, which may carry credentials)
@@ -44,16 +63,16 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter
 from kakuremichi.relay.metrics import Metrics
 from kakuremichi.relay.router import Route, Router, normalize_host
-from kakuremichi.relay.splice import CHUNK, close_writer, drain, half_close
+from kakuremichi.relay.splice import CHUNK, drain
 
 from . import h1, pages
-from .forward import Abort, ForwardingMixin
+from .forward import Abort, ForwardingMixin, ForwardPlan
 from .headers import (
     Headers,
     client_address,
@@ -62,8 +81,9 @@ from .headers import (
     is_upgrade_request,
     parse_networks,
     request_headers_for_agent,
+    response_headers_for_client,
 )
-from .pool import Dialer, UpstreamPool, open_tcp
+from .pool import Dialer, UpstreamConnection, UpstreamPool, open_tcp
 from .settings import ProxySettings
 
 __all__ = ["ProxyServer", "ProxySettings"]
@@ -74,6 +94,23 @@ ACME_CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1024 * 1024
+#: pipelined bytes buffered while a fast exchange runs before the client is paused
+_MAX_PIPELINED = 256 * 1024
+
+# -- session modes
+_HEAD = 0  # reading the next request head in the transport's callback
+_FAST = 1  # a fast-path exchange is in flight
+_SLOW = 2  # a task serves the current request (forward.py)
+_LINGER = 3  # answered and half-closed; discarding what the client still sends
+_CLOSED = 4
+
+#: ``_admit`` answered the request itself: go on per keep-alive rules / close now
+_ANSWERED = 0
+_CLOSE = 1
+
+
+def _ignore(amount: float) -> None:
+    pass
 
 
 class ProxyServer:
@@ -102,8 +139,10 @@ class ProxyServer:
             limits.max_connections_per_client, limits.max_connections
         )
         self._servers: list[asyncio.Server] = []
-        self._sessions: dict[asyncio.Task[None], _ClientSession] = {}
+        self._sessions: set[_ClientSession] = set()
         self.closing = False
+        #: exchanges relayed by the fast path (module docstring, step 3)
+        self.fast_exchanges = 0
         #: answers ACME HTTP-01 challenges: full request path -> key authorization
         self.challenge_responder: Callable[[str], str | None] | None = None
         #: on plain-HTTP listeners, send tunnel hosts to https:// (308) instead
@@ -115,20 +154,16 @@ class ProxyServer:
     ) -> asyncio.Server:
         """Listen on ``host:port`` (TLS if ``ssl_context``); may be called per listener."""
         proto = "https" if ssl_context is not None else "http"
-
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self.serve_connection(reader, writer, proto)
-
         tls_options: dict[str, Any] = {}
         if ssl_context is not None:
             # a client that never finishes its TLS handshake is a slowloris too
             tls_options["ssl_handshake_timeout"] = max(self.settings.limits.header_timeout, 1.0)
-        server = await asyncio.start_server(
-            on_connect,
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _ClientSession(self, proto),
             host,
             port,
             ssl=ssl_context,
-            limit=CHUNK * 2,
             backlog=1024,
             **tls_options,
         )
@@ -145,14 +180,20 @@ class ProxyServer:
         self.closing = True
         for server in self._servers:
             server.close()
-        for task, session in list(self._sessions.items()):
-            if session.idle:
-                task.cancel()
-        tasks = list(self._sessions)
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.shutdown()
+        waits = [s.closed for s in sessions if not s.closed.done()]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=self.settings.shutdown_timeout)
+            if pending:
+                for session in sessions:
+                    session.abort()
+                await asyncio.wait(pending, timeout=1.0)
+        tasks = [s.task for s in sessions if s.task is not None]
+        for task in tasks:
+            task.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
-            for task in pending:
-                task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for server in self._servers:
             with contextlib.suppress(Exception):
@@ -160,60 +201,35 @@ class ProxyServer:
         self._servers.clear()
         await self.pool.close()
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, proto: str = "http"
-    ) -> None:
-        """Serve one accepted connection until it ends (also for streams accepted
-        elsewhere, e.g. by a user-space TCP/IP stack); never raises."""
-        peer = writer.get_extra_info("peername")
-        peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
-        # a trusted load balancer speaks for many clients: only the total applies
-        exempt = is_trusted_proxy(peer_ip, self.trusted_proxies)
-        admitted = self.connection_limiter.try_acquire(peer_ip, exempt=exempt)
-        session = _ClientSession(self, reader, writer, peer_ip, proto, admitted)
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions[task] = session
-        self.metrics.connection_opened(proto)
-        try:
-            await session.run()
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("unexpected error serving a client connection")
-        finally:
-            self.metrics.connection_closed(proto)
-            if admitted:
-                self.connection_limiter.release(peer_ip, exempt=exempt)
-            self._sessions.pop(task, None)
-            await close_writer(writer)
+
+class _StreamReader(asyncio.StreamReader):
+    """The coroutine path's reader; what it did not consume goes back to the session."""
+
+    def take(self) -> bytes:
+        data = bytes(self._buffer)  # type: ignore[attr-defined]
+        self._buffer.clear()  # type: ignore[attr-defined]
+        self._maybe_resume_transport()  # type: ignore[attr-defined]
+        return data
 
 
-class _ClientSession(ForwardingMixin):
+class _ClientSession(asyncio.Protocol, ForwardingMixin):
     """One public client connection: requests read, admitted, forwarded (module docstring)."""
 
-    def __init__(
-        self,
-        server: ProxyServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer_ip: str,
-        proto: str,
-        admitted: bool,
-    ) -> None:
+    def __init__(self, server: ProxyServer, proto: str) -> None:
         self.server = server
         self.settings = server.settings
         self.limits = server.settings.limits
         self.metrics = server.metrics
-        self.reader = reader
-        self.writer = writer
-        self.peer_ip = peer_ip
-        #: the client as far as we can tell (see ``headers.client_address``), per request
-        self.client_ip = peer_ip
         self.proto = proto
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = "0.0.0.0"
+        #: the client as far as we can tell (see ``headers.client_address``), per request
+        self.client_ip = self.peer_ip
+        self.exempt = False
+        self.admitted = False
         #: (method, host, path) of the request in progress, for the access log
         self.current: tuple[str, str, str] = ("", "", "")
-        self.admitted = admitted
         self.requests = h1.RequestReader(self.limits.max_header_bytes)
         #: the request being answered (None while reading the next head)
         self.request: h1.RequestHead | None = None
@@ -222,118 +238,281 @@ class _ClientSession(ForwardingMixin):
         self.response_done = False
         #: the connection may carry another request after this one
         self.keep_alive = True
-        self.loop = asyncio.get_running_loop()
-        self.idle = True
+        self.mode = _HEAD
+        #: resolved once the connection is gone
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        #: the coroutine path's task (``_SLOW``) and streams (made on first use)
+        self.task: asyncio.Task[None] | None = None
+        self._inner: asyncio.StreamReaderProtocol | None = None
+        self._reader: _StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        # the one deadline of the connection (see _on_timer); the timer may fire early
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        #: _HEAD: the deadline is the header deadline (else the idle one)
+        self._header_due = True
+        self._client_eof = False
+        self._write_paused = False
+        self._read_paused = False
+        self._lingered = 0
+        # the fast path's exchange
+        self._up: UpstreamConnection | None = None
+        self._plan: ForwardPlan | None = None
+        self._up_paused = False
+        self._sent_at = 0.0
+        self._active_at = 0.0
+        self._status = 0
+        self._framing = h1.NO_BODY
+        self._response_bytes: Callable[[float], None] = _ignore
 
-    # -- main loop ---------------------------------------------------------------------
+    # -- the coroutine path's streams ----------------------------------------------
 
-    async def run(self) -> None:
-        with contextlib.suppress(Abort):
-            await self._run()
+    @property
+    def reader(self) -> asyncio.StreamReader:
+        self._streams()
+        assert self._reader is not None
+        return self._reader
 
-    async def _run(self) -> None:
-        first = True
-        while True:
-            self.idle = True
-            request = await self._read_request_head(first)
-            self.idle = False
-            first = False
-            if request is None:
-                return
-            self.request = request
-            self.keep_alive = request.keep_alive
-            await self._handle(request)
-            if self.server.closing:
-                return
-            if self.response_done and self.keep_alive and self.requests.state == h1.DONE:
-                continue
-            if self.requests.state == h1.BODY:
-                await self._linger()
+    @property
+    def writer(self) -> asyncio.StreamWriter:
+        self._streams()
+        assert self._writer is not None
+        return self._writer
+
+    def _streams(self) -> None:
+        if self._inner is not None:
             return
+        transport = self.transport
+        assert transport is not None
+        reader = _StreamReader(limit=CHUNK * 2, loop=self.loop)
+        inner = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+        inner.connection_made(transport)
+        if self._write_paused:
+            inner.pause_writing()
+        if self._client_eof:
+            reader.feed_eof()
+        self._inner, self._reader = inner, reader
+        self._writer = asyncio.StreamWriter(transport, inner, reader, self.loop)
 
-    async def _read_request_head(self, first: bool) -> h1.RequestHead | None:
+    # -- transport callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = self.client_ip = (
+            str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
+        )
+        # a trusted load balancer speaks for many clients: only the total applies
+        self.exempt = is_trusted_proxy(self.peer_ip, server.trusted_proxies)
+        self.admitted = server.connection_limiter.try_acquire(self.peer_ip, exempt=self.exempt)
+        server._sessions.add(self)
+        self.metrics.connection_opened(self.proto)
+        self._arm(self.loop.time() + self.limits.header_timeout)
+        if server.closing:
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        mode = self.mode
+        self.mode = _CLOSED
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if mode == _FAST:
+            self._fast_abandon()
+        if self.admitted:
+            self.admitted = False
+            self.server.connection_limiter.release(self.peer_ip, exempt=self.exempt)
+        self.metrics.connection_closed(self.proto)
+        self.server._sessions.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        mode = self.mode
+        if mode == _HEAD:
+            self.requests.receive(data)
+            self._heads()
+        elif mode == _FAST:
+            self.requests.receive(data)  # pipelined: read after this exchange
+            if self.requests.buffered > _MAX_PIPELINED:
+                self._pause_reading()
+        elif mode == _SLOW:
+            assert self._inner is not None
+            self._inner.data_received(data)
+        elif mode == _LINGER:
+            self._lingered += len(data)
+            if self._lingered >= _LINGER_BYTES:
+                self._close()
+
+    def eof_received(self) -> bool:
+        self._client_eof = True
+        if self._inner is not None:
+            self._inner.eof_received()
+        if self.mode == _HEAD:
+            self._heads()
+        elif self.mode == _LINGER:
+            self._close()
+        return True  # half-open: an answer may still be on its way
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self._inner is not None:
+            self._inner.pause_writing()
+        if self.mode == _FAST:
+            self._pause_upstream()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._inner is not None:
+            self._inner.resume_writing()
+        mode = self.mode
+        if mode == _FAST:
+            self._active_at = self.loop.time()
+            self._resume_upstream()
+        elif mode == _HEAD and self._read_paused:
+            self._resume_reading()
+            self._heads()
+
+    # -- the connection's one deadline -----------------------------------------------
+
+    def _arm(self, deadline: float) -> None:
+        """Make ``deadline`` the connection's; a timer set earlier only re-arms."""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        mode = self.mode
+        if mode in (_SLOW, _CLOSED):
+            return  # the task keeps its own deadlines; leaving _SLOW arms again
         now = self.loop.time()
-        header_deadline: float | None = None
-        if first or self.requests.buffered:
-            header_deadline = now + self.limits.header_timeout
-        idle_deadline = now + self.limits.idle_timeout
+        if mode == _FAST:
+            if self.response_started:
+                deadline = self._active_at + self.settings.body_idle_timeout
+            else:
+                deadline = self._sent_at + self.settings.response_header_timeout
+        else:
+            deadline = self._deadline
+        if now < deadline:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+            return
+        if mode == _FAST:
+            if self.response_started:
+                self._fast_failed("timeout", "The agent stalled mid-response.")
+            else:
+                limit = self.settings.response_header_timeout
+                self._fast_failed("timeout", f"The agent did not answer within {limit:g} seconds.")
+        elif mode == _HEAD:
+            if self._header_due:
+                self.metrics.rejected.inc(reason="header_timeout")
+                self._page_now(408, "The request headers did not arrive in time.", close=True)
+            self._close()
+        else:
+            self._close()  # _LINGER
+
+    # -- reading heads ---------------------------------------------------------------
+
+    def _heads(self) -> None:
+        """Take requests from what arrived while in ``_HEAD`` (several if pipelined)."""
         requests = self.requests
-        self.request = None
-        self.response_started = self.response_done = False
-        while True:
+        while self.mode == _HEAD:
+            if self._write_paused:
+                self._pause_reading()  # the client does not read our answers: wait
+                return
             try:
-                head = requests.next_head()
+                head = requests.next_head() if requests.buffered else None
             except h1.ProtocolError as exc:
                 too_large = exc.status == 431
                 self.metrics.rejected.inc(reason="header_too_large" if too_large else "malformed")
-                await self._send_page(exc.status, exc.reason, close=True)
-                await self._linger()
-                return None
+                self._page_now(exc.status, exc.reason, close=True)
+                self._linger()
+                return
             if head is None:
-                deadline = header_deadline if header_deadline is not None else idle_deadline
-                remaining = deadline - self.loop.time()
-                data: bytes | None = None
-                if remaining > 0:
-                    try:
-                        async with asyncio.timeout(remaining):
-                            data = await self.reader.read(CHUNK)
-                    except TimeoutError:
-                        data = None
-                    except (ConnectionError, OSError):
-                        return None
-                if data is None:
-                    if header_deadline is None:
-                        return None  # quiet keep-alive connection: just close
-                    self.metrics.rejected.inc(reason="header_timeout")
-                    await self._send_page(
-                        408, "The request headers did not arrive in time.", close=True
-                    )
-                    return None
-                if not data:
+                if self._client_eof:
                     try:
                         requests.eof()
                     except h1.ProtocolError:  # half a head, then EOF
                         self.metrics.rejected.inc(reason="malformed")
-                        await self._send_page(400, "The request was cut off.", close=True)
-                    return None
-                if header_deadline is None:
-                    header_deadline = self.loop.time() + self.limits.header_timeout
-                requests.receive(data)
-                continue
-            return head
+                        self._page_now(400, "The request was cut off.", close=True)
+                    self._close()
+                elif requests.buffered and not self._header_due:
+                    self._header_due = True  # a new head started: it has header_timeout
+                    self._arm(self.loop.time() + self.limits.header_timeout)
+                if self._read_paused:
+                    self._resume_reading()
+                return
+            self._header_due = False
+            self.request = head
+            self.keep_alive = head.keep_alive
+            self.response_started = self.response_done = False
+            try:
+                outcome = self._admit(head)
+                if isinstance(outcome, ForwardPlan):
+                    self._dispatch(outcome)
+                elif outcome == _CLOSE:
+                    self._close()
+                else:
+                    self._request_finished()
+            except Exception:
+                log.exception("unexpected error serving a client connection")
+                self.abort()
+                return
 
-    # -- one request -----------------------------------------------------------------
+    def _request_finished(self) -> None:
+        """The response went out (``_HEAD`` again): next request, linger or close."""
+        self.mode = _HEAD
+        if self.server.closing:
+            self._close()
+        elif self.response_done and self.keep_alive and self.requests.state == h1.DONE:
+            self.request = None
+            self.response_started = self.response_done = False
+            self._header_due = bool(self.requests.buffered)
+            limit = self.limits.header_timeout if self._header_due else self.limits.idle_timeout
+            self._arm(self.loop.time() + limit)
+        elif self.requests.state == h1.BODY:
+            self._linger()
+        else:
+            self._close()
 
-    async def _handle(self, request: h1.RequestHead) -> None:
+    # -- admission (synchronous) -----------------------------------------------------
+
+    def _admit(self, request: h1.RequestHead) -> ForwardPlan | int:
+        """Check a request head (module docstring, step 2): a plan to forward it, or
+        ``_ANSWERED`` / ``_CLOSE`` once the answer was written here."""
         started = self.loop.time()
         headers: Headers = request.headers
         plain = pages.wants_plain(get_header(headers, b"accept"))
 
         if not self.admitted:
             self.metrics.rejected.inc(reason="connections_per_client")
-            await self._send_page(
+            self._page_now(
                 429,
                 "Too many concurrent connections from your address.",
                 plain=plain,
                 close=True,
                 extra=[(b"retry-after", b"1")],
             )
-            raise Abort
+            return _CLOSE
         if len(headers) > self.limits.max_header_count:
             self.metrics.rejected.inc(reason="header_count")
-            await self._send_page(431, "Too many request header fields.", plain=plain, close=True)
-            raise Abort
+            self._page_now(431, "Too many request header fields.", plain=plain, close=True)
+            return _CLOSE
         # the reader only bounds an *incomplete* head; one read in one go is measured here
         if request.size > self.limits.max_header_bytes:
             self.metrics.rejected.inc(reason="header_too_large")
-            await self._send_page(
-                431, "The request headers are too large.", plain=plain, close=True
-            )
-            raise Abort
+            self._page_now(431, "The request headers are too large.", plain=plain, close=True)
+            return _CLOSE
         method = request.method
         if method == b"CONNECT":
-            await self._send_page(405, "CONNECT is not supported.", plain=plain, close=True)
-            raise Abort
+            self._page_now(405, "CONNECT is not supported.", plain=plain, close=True)
+            return _CLOSE
 
         # (both framing fields at once, two Host fields: refused by the reader)
         target = request.target
@@ -342,60 +521,60 @@ class _ClientSession(ForwardingMixin):
             # absolute-form (RFC 9112 §3.2.2): the target's authority wins over Host
             parts = urlsplit(target.decode("ascii", "replace"))
             if parts.scheme not in ("http", "https") or not parts.netloc:
-                await self._send_page(400, "Bad request target.", plain=plain, close=True)
-                raise Abort
+                self._page_now(400, "Bad request target.", plain=plain, close=True)
+                return _CLOSE
             host_value = parts.netloc.rpartition("@")[2].encode()  # drop any userinfo
             target = (parts.path or "/").encode() + (
                 b"?" + parts.query.encode() if parts.query else b""
             )
             headers = [(k, v) for k, v in headers if k != b"host"] + [(b"host", host_value)]
         if not host_value:
-            await self._send_page(400, "The request has no Host header.", plain=plain, close=True)
-            raise Abort
+            self._page_now(400, "The request has no Host header.", plain=plain, close=True)
+            return _CLOSE
         host = host_value.decode("latin-1")
         path = target.split(b"?", 1)[0].decode("latin-1")
         self.current = (method.decode("latin-1"), host[:255], path[:1024])
-        if await self._answer_acme_challenge(method, target):
-            return
+        if self._answer_acme_challenge(method, target):
+            return _ANSWERED
         self.client_ip = client_address(self.peer_ip, headers, self.server.trusted_proxies)
         decision = self.server.rate_limiter.check(self.client_ip, started)
         if not decision.allowed:
             self.metrics.rejected.inc(reason="rate_limit")
-            await self._send_page(
+            self._page_now(
                 429,
                 "Too many requests from your address; slow down.",
                 plain=plain,
                 extra=[(b"retry-after", str(decision.retry_after).encode())],
             )
-            return
+            return _ANSWERED
         route = self.server.router.lookup_host(host)
         if route is None:
-            await self._send_page(
+            self._page_now(
                 404, f"No tunnel is configured for the host {host[:255]!s}.", plain=plain
             )
-            return
+            return _ANSWERED
         if not route.enabled:
-            await self._send_page(
+            self._page_now(
                 503, f"The tunnel for {route.domain} is disabled.", plain=plain, route=route
             )
-            return
+            return _ANSWERED
         if self.proto == "http" and self.server.redirect_https:
-            await self._redirect_to_https(host, target, route)
-            return
+            self._redirect_to_https(host, target, route)
+            return _ANSWERED
 
         chunked = request.chunked
         length = request.content_length or 0
         max_body = self.limits.max_body_bytes
         if max_body is not None and length > max_body:
             self.metrics.rejected.inc(reason="body_too_large")
-            await self._send_page(
+            self._page_now(
                 413,
                 "The request body is larger than allowed.",
                 plain=plain,
                 route=route,
                 close=True,
             )
-            raise Abort
+            return _CLOSE
         has_body = chunked or length > 0
         upgrade = is_upgrade_request(headers)
         forwarded = request_headers_for_agent(
@@ -409,24 +588,315 @@ class _ClientSession(ForwardingMixin):
         if route.path_prefix and target.startswith(b"/"):
             target = route.path_prefix.encode("latin-1") + target
             if not h1.valid_target(target):
-                await self._send_page(
-                    400, "Bad request target.", plain=plain, route=route, close=True
-                )
-                raise Abort
+                self._page_now(400, "Bad request target.", plain=plain, route=route, close=True)
+                return _CLOSE
         head = h1.request_head(method, target, forwarded)
         retry_allowed = not has_body and method in _IDEMPOTENT
-        await self._forward(head, method, upgrade, route, plain, has_body, retry_allowed, started)
+        return ForwardPlan(head, method, upgrade, route, plain, has_body, retry_allowed, started)
+
+    def _dispatch(self, plan: ForwardPlan) -> None:
+        if plan.retry_allowed and not plan.upgrade and not self.server.closing:
+            route = plan.route
+            upstream = self.server.pool.take_idle(
+                route.agent_ip,
+                route.upstream_port or self.settings.upstream_port,
+                route.pool_key,
+                self,
+            )
+            if upstream is not None:
+                self._fast_start(plan, upstream)
+                return
+        self._go_slow(plan)
+
+    # -- the coroutine path ------------------------------------------------------------
+
+    def _go_slow(self, plan: ForwardPlan, *, fresh: bool = False) -> None:
+        self.mode = _SLOW
+        self._streams()
+        self.task = self.loop.create_task(self._slow(plan, fresh))
+
+    async def _slow(self, plan: ForwardPlan, fresh: bool) -> None:
+        close = False
+        try:
+            await self._forward(plan, fresh=fresh)
+        except Abort:
+            close = True
+        except asyncio.CancelledError:
+            close = True
+        except Exception:
+            log.exception("unexpected error serving a client connection")
+            close = True
+        finally:
+            self.task = None
+        if self.mode != _SLOW:
+            return  # the connection is gone
+        if close or (self.transport is not None and self.transport.is_closing()):
+            self._close()
+            return
+        assert self._reader is not None
+        self.requests.receive(self._reader.take())
+        self._request_finished()
+        self._heads()
 
     async def _write(self, data: bytes) -> None:
         try:
-            self.writer.write(data)
-            await drain(self.writer, self.settings.body_idle_timeout)
-        except (ConnectionError, OSError, TimeoutError):
+            writer = self.writer
+            writer.write(data)
+            await drain(writer, self.settings.body_idle_timeout)
+        except (ConnectionError, OSError, TimeoutError, RuntimeError):
             raise Abort from None
+
+    # -- the fast path ---------------------------------------------------------------
+
+    def _fast_start(self, plan: ForwardPlan, upstream: UpstreamConnection) -> None:
+        self.mode = _FAST
+        self.server.fast_exchanges += 1
+        self._up = upstream
+        self._plan = plan
+        self._status = 0
+        self.metrics.upstream_reused(1.0)
+        self._response_bytes = self.metrics.response_bytes_for(plan.route.tunnel_id)
+        upstream.begin(plan.method)
+        upstream.request_done = True
+        self._sent_at = self._active_at = now = self.loop.time()
+        if self._write_paused:
+            self._pause_upstream()
+        try:
+            upstream.transport.write(plan.head)
+        except (ConnectionError, OSError, RuntimeError):
+            self._fast_failed("closed", "The connection to the agent broke.")
+            return
+        settings = self.settings
+        self._arm(now + min(settings.response_header_timeout, settings.body_idle_timeout))
+
+    def upstream_data(self, data: bytes) -> None:
+        up = self._up
+        if self.mode != _FAST or up is None:
+            return
+        up.responses.receive(data)
+        self._active_at = self.loop.time()
+        self._fast_relay(up)
+
+    def upstream_eof(self) -> None:
+        up = self._up
+        if self.mode != _FAST or up is None:
+            return
+        try:
+            up.responses.eof()  # the end of a close-delimited body, or a cut
+        except h1.ProtocolError:
+            self._fast_failed("closed", "The agent broke off its response.")
+            return
+        if not self.response_started:
+            self._fast_failed("closed", "The agent closed the connection without answering.")
+        else:
+            self._fast_relay(up)
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        if self.mode == _FAST and self._up is not None:
+            self._fast_failed("closed", "The connection to the agent broke.")
+
+    def _fast_relay(self, up: UpstreamConnection) -> None:
+        """Relay what the agent sent of the response (head first, then body bytes)."""
+        responses = up.responses
+        plan = self._plan
+        assert plan is not None and self.transport is not None
+        out: list[bytes] = []
+        try:
+            if not self.response_started:
+                while True:
+                    head = responses.next_head()
+                    if head is None:
+                        return
+                    if head.status >= 200:
+                        break
+                    self._informational_now(head)
+                out.append(self._fast_head(head))
+            if responses.state == h1.BODY:
+                body = responses.body()
+                if body:
+                    self._response_bytes(len(body))
+                    out.append(h1.encode_chunk(body) if self._framing == h1.CHUNKED else body)
+        except h1.ProtocolError:
+            if not self.response_started:
+                self._fast_failed(
+                    "closed", "The agent closed the connection or sent an invalid response."
+                )
+            else:
+                self._fast_failed("closed", "The agent broke off its response.")
+            return
+        done = responses.state != h1.BODY
+        if done and self._framing == h1.CHUNKED:
+            out.append(h1.LAST_CHUNK)
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if done:
+            self._fast_done()
+
+    def _fast_head(self, head: h1.ResponseHead) -> bytes:
+        request = self.request
+        assert request is not None
+        headers = response_headers_for_client(head.headers)
+        if head.chunked:
+            # chunked wins over Content-Length (RFC 9112 §6.3); the body is re-framed
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+        data, self._framing, self.keep_alive = h1.frame_response(
+            head.status,
+            head.reason,
+            headers,
+            content_length=head.content_length is not None,
+            head_request=request.method == b"HEAD",
+            http10=request.version == b"1.0",
+            keep_alive=self.keep_alive and not self.server.closing,
+        )
+        self.response_started = True
+        self._status = head.status
+        return data
+
+    def _informational_now(self, head: h1.ResponseHead) -> None:
+        request = self.request
+        if request is None or request.version != b"1.1" or self.transport is None:
+            return  # 1xx must not be sent to HTTP/1.0 clients (RFC 9110 §15.2)
+        headers = response_headers_for_client(head.headers)
+        self.transport.write(h1.response_head(head.status, head.reason, headers))
+
+    def _fast_release(self) -> UpstreamConnection | None:
+        up, self._up = self._up, None
+        if up is not None:
+            up.tap_sink(None)
+            if self._up_paused:
+                self._up_paused = False
+                with contextlib.suppress(Exception):
+                    up.transport.resume_reading()
+        return up
+
+    def _fast_done(self) -> None:
+        up = self._fast_release()
+        plan = self._plan
+        assert up is not None and plan is not None
+        self._plan = None
+        self.response_done = True
+        route = plan.route
+        self._record(route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started)
+        if up.reusable() and not self.server.closing:
+            self.server.pool.release(up)
+        else:
+            self.server.pool.discard(up)
+        self._request_finished()
+        if self.mode == _HEAD:
+            self._heads()
+
+    def _fast_failed(self, kind: str, reason: str) -> None:
+        up = self._fast_release()
+        plan = self._plan
+        assert up is not None and plan is not None
+        self._plan = None
+        self.server.pool.discard(up)
+        route = plan.route
+        if self.response_started:
+            # a truncated body must never look complete: the client sees an abort
+            self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
+            self._record(
+                route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started
+            )
+            self.abort()
+            return
+        if kind == "closed":
+            # the pooled connection was stale: replay on a fresh one (safe: idempotent
+            # and bodiless), with the coroutine path's errors if that fails too
+            self._go_slow(plan, fresh=True)
+            return
+        self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
+        self._page_now(504, reason, plain=plan.plain, route=route, started=plan.started)
+        self._request_finished()
+        if self.mode == _HEAD:
+            self._heads()
+
+    def _fast_abandon(self) -> None:
+        """The client went away in the middle of a fast exchange."""
+        up = self._fast_release()
+        plan, self._plan = self._plan, None
+        if up is not None:
+            self.server.pool.discard(up)
+        if plan is not None and self.response_started:
+            route = plan.route
+            self._record(
+                route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started
+            )
+
+    def _pause_upstream(self) -> None:
+        up = self._up
+        if up is not None and not self._up_paused:
+            self._up_paused = True
+            with contextlib.suppress(Exception):
+                up.transport.pause_reading()
+
+    def _resume_upstream(self) -> None:
+        up = self._up
+        if up is not None and self._up_paused:
+            self._up_paused = False
+            with contextlib.suppress(Exception):
+                up.transport.resume_reading()
+
+    # -- connection control ----------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if self.transport is not None and self.mode != _CLOSED:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now (buffered output is lost)."""
+        if self.transport is not None and self.mode != _CLOSED:
+            self.transport.abort()
+
+    def shutdown(self) -> None:
+        """The server is closing: end the connection now if it is between requests."""
+        if self.mode == _LINGER or (
+            self.mode == _HEAD and not self.requests.buffered and self.request is None
+        ):
+            self._close()
+
+    def _linger(self) -> None:
+        """Half-close and discard what the client still sends, briefly, before closing.
+
+        Closing with unread data makes the kernel send a reset, which can destroy the
+        error page we just wrote before the client reads it.
+        """
+        transport = self.transport
+        if transport is None or self.mode == _CLOSED:
+            return
+        if self._reader is not None:
+            self._lingered = len(self._reader.take())
+        self.mode = _LINGER
+        self._lingered += self.requests.buffered
+        self._resume_reading()
+        try:
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        if self._client_eof or self._lingered >= _LINGER_BYTES:
+            transport.close()
+            return
+        self._arm(self.loop.time() + _LINGER_SECONDS)
 
     # -- answers the gateway gives itself -----------------------------------------------
 
-    async def _answer_acme_challenge(self, method: bytes, target: bytes) -> bool:
+    def _answer_acme_challenge(self, method: bytes, target: bytes) -> bool:
         """Serve an ACME HTTP-01 key authorization (RFC 8555 §8.3) if we hold one."""
         responder = self.server.challenge_responder
         if responder is None or method not in (b"GET", b"HEAD"):
@@ -440,14 +910,14 @@ class _ClientSession(ForwardingMixin):
             log.exception("ACME challenge responder failed")
             answer = None
         if answer is None:
-            await self._send_page(404, "Unknown ACME challenge token.", plain=True)
+            self._page_now(404, "Unknown ACME challenge token.", plain=True)
             return True
         body = answer.encode()
-        await self._send_simple(200, body, b"text/plain")
+        self._send_simple(200, body, b"text/plain")
         self._record("", "", 200, None)
         return True
 
-    async def _redirect_to_https(self, host: str, target: bytes, route: Route) -> None:
+    def _redirect_to_https(self, host: str, target: bytes, route: Route) -> None:
         name = normalize_host(host) or route.domain
         if ":" in name:
             name = f"[{name}]"
@@ -456,11 +926,11 @@ class _ClientSession(ForwardingMixin):
         location = f"https://{authority}".encode() + (target if target.startswith(b"/") else b"/")
         self._record(route.tunnel_id, route.domain, 308, None)
         page = pages.render(308, "This site is served over HTTPS.", plain=True)
-        await self._send_simple(
+        self._send_simple(
             308, page.body, b"text/plain; charset=utf-8", extra=[(b"location", location)]
         )
 
-    async def _send_simple(
+    def _send_simple(
         self,
         status: int,
         body: bytes,
@@ -474,12 +944,10 @@ class _ClientSession(ForwardingMixin):
             (b"server", pages.SERVER_NAME),
             *(extra or []),
         ]
-        await self._send_own(status, pages.reason_phrase(status), headers, body, close=False)
+        self._send_own_now(self._own(status, pages.reason_phrase(status), headers, body, False))
 
-    async def _send_own(
-        self, status: int, phrase: bytes, headers: Headers, body: bytes, *, close: bool
-    ) -> None:
-        """Write a whole response the gateway makes itself (a page, a redirect, ACME)."""
+    def _own(self, status: int, phrase: bytes, headers: Headers, body: bytes, close: bool) -> bytes:
+        """A whole response the gateway makes itself (a page, a redirect, ACME)."""
         if self.response_started:
             raise Abort  # another response is under way: the client sees it cut off
         if close or self.server.closing or not self.keep_alive:
@@ -490,7 +958,11 @@ class _ClientSession(ForwardingMixin):
         if body and (request is None or request.method != b"HEAD"):
             data += body  # a response to HEAD has no body (RFC 9110 §9.3.2)
         self.response_started = True
-        await self._write(data)
+        return data
+
+    def _send_own_now(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
         self.response_done = True
 
     # -- gateway pages ---------------------------------------------------------------
@@ -511,6 +983,44 @@ class _ClientSession(ForwardingMixin):
                 f"{elapsed * 1000:.1f}ms" if elapsed is not None else "-",
             )
 
+    def _page(
+        self,
+        status: int,
+        reason: str,
+        *,
+        plain: bool,
+        close: bool,
+        route: Route | None,
+        extra: list[tuple[bytes, bytes]] | None,
+        started: float | None,
+    ) -> bytes:
+        tunnel = route.tunnel_id if route is not None else ""
+        domain = route.domain if route is not None else ""
+        elapsed = self.loop.time() - started if started is not None else None
+        self._record(tunnel, domain, status, elapsed)
+        page = pages.render(status, reason, plain=plain, extra_headers=extra)
+        return self._own(page.status, page.reason, page.headers, page.body, close)
+
+    def _page_now(
+        self,
+        status: int,
+        reason: str,
+        *,
+        plain: bool = False,
+        close: bool = False,
+        route: Route | None = None,
+        extra: list[tuple[bytes, bytes]] | None = None,
+        started: float | None = None,
+    ) -> None:
+        """Write one of the gateway's pages from the transport's callback."""
+        if self.response_started:
+            self.abort()  # another response is under way: the client sees it cut off
+            return
+        data = self._page(
+            status, reason, plain=plain, close=close, route=route, extra=extra, started=started
+        )
+        self._send_own_now(data)
+
     async def _send_page(
         self,
         status: int,
@@ -522,29 +1032,8 @@ class _ClientSession(ForwardingMixin):
         extra: list[tuple[bytes, bytes]] | None = None,
         started: float | None = None,
     ) -> None:
-        tunnel = route.tunnel_id if route is not None else ""
-        domain = route.domain if route is not None else ""
-        elapsed = self.loop.time() - started if started is not None else None
-        self._record(tunnel, domain, status, elapsed)
-        page = pages.render(status, reason, plain=plain, extra_headers=extra)
-        await self._send_own(page.status, page.reason, page.headers, page.body, close=close)
-
-    async def _linger(self) -> None:
-        """Half-close and discard what the client still sends, briefly, before closing.
-
-        Closing with unread data makes the kernel send a reset, which can destroy the
-        error page we just wrote before the client reads it.
-        """
-        half_close(self.writer)
-        deadline = self.loop.time() + _LINGER_SECONDS
-        drained = 0
-        with contextlib.suppress(Exception):
-            while drained < _LINGER_BYTES:
-                remaining = deadline - self.loop.time()
-                if remaining <= 0:
-                    break
-                async with asyncio.timeout(remaining):
-                    data = await self.reader.read(CHUNK)
-                if not data:
-                    break
-                drained += len(data)
+        data = self._page(
+            status, reason, plain=plain, close=close, route=route, extra=extra, started=started
+        )
+        await self._write(data)
+        self.response_done = True

@@ -7,8 +7,8 @@ that frames the responses on it.  After an exchange ends cleanly (the request se
 whole, the response read to its end, keep-alive on both sides: ``reusable()``) the
 proxy hands the connection back with ``release``; the pool keeps it idle, at most
 ``max_idle_per_agent`` per ``(host, port, tunnel)``, each for at most ``idle_timeout``
-seconds (a timer handle per idle connection closes it; taking it out cancels the
-timer).  Anything else - an error, an upgrade, a ``Connection: close``, bytes after
+seconds (one timer for the whole pool sweeps out those idle too long, and a
+connection found too old when taken is closed instead).  Anything else - an error, an upgrade, a ``Connection: close``, bytes after
 the response - is closed instead of pooled.
 
 A connection belongs to one tunnel: the agent splices it to that tunnel's target after
@@ -17,26 +17,101 @@ right after dialling, so it is only ever reused for the same tunnel.  The cap on
 connections in use (``max_active_per_agent``) counts per agent address, across tunnels.
 
 Agents may close idle keep-alive connections at any moment, so ``acquire`` skips
-connections whose reader already saw EOF, and the proxy retries a request once on a
+connections whose reader already saw EOF (or that received anything while idle: a
+``Tap`` watches every idle connection), and the proxy retries a request once on a
 fresh connection when a *reused* connection fails before any response byte arrived, if
 the request is idempotent and has no body (RFC 9110 §9.2.2: replaying it is safe).
 Requests that cannot be replayed only take a connection used within the last second,
 which narrows the race with an agent closing an idle connection to almost nothing.
+
+**Taps.**  Right after dialling, a ``Tap`` is put between the connection's transport
+and its stream protocol (``transport.set_protocol``; kernel sockets under either event
+loop and the user-space stack's transports all allow it).  With no ``sink`` the bytes
+go on to the ``StreamReader`` as before (the coroutine path of ``forward.py``); with a
+sink they are handed to it from the transport's callback: the client session's fast
+path (``http.py``) relays a small exchange that way without a task or a future, and an
+idle pooled connection's sink is the connection itself, which marks it broken if the
+agent sends anything or closes.  ``take_idle`` hands out a tapped idle connection
+synchronously, for the fast path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol, cast
 
 from kakuremichi.relay.dial import Dialer, open_tcp
 from kakuremichi.relay.splice import close_writer
 
 from .h1 import ResponseReader
 
-__all__ = ["Dialer", "PoolBusy", "UpstreamConnection", "UpstreamPool", "open_tcp"]
+__all__ = ["Dialer", "PoolBusy", "Sink", "Tap", "UpstreamConnection", "UpstreamPool", "open_tcp"]
 
 MAX_UPSTREAM_HEADER_BYTES = 64 * 1024
+
+
+class Sink(Protocol):
+    """Who takes an agent connection's events from its ``Tap`` instead of the reader."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_eof(self) -> None: ...
+
+    def upstream_lost(self, exc: BaseException | None) -> None: ...
+
+
+class Tap(asyncio.Protocol):
+    """Between an agent connection's transport and its ``StreamReaderProtocol``: the
+    events go to ``sink`` if one is set, else on to the stream protocol (which always
+    hears of EOF, the end of the connection and flow control, so the reader and the
+    writer stay truthful for the coroutine path)."""
+
+    __slots__ = ("inner", "sink")
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        self.sink: Sink | None = None
+
+    @classmethod
+    def install(cls, transport: asyncio.BaseTransport) -> Tap | None:
+        """Put a tap on ``transport`` (None if the transport cannot swap protocols)."""
+        try:
+            inner = transport.get_protocol()
+            if not isinstance(inner, asyncio.Protocol) or isinstance(inner, Tap):
+                return None
+            tap = cls(inner)
+            transport.set_protocol(tap)
+        except (AttributeError, NotImplementedError):
+            return None
+        return tap
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            self.inner.data_received(data)
+        else:
+            sink.upstream_data(data)
+
+    def eof_received(self) -> bool | None:
+        keep_open = self.inner.eof_received()
+        sink = self.sink
+        if sink is not None:
+            sink.upstream_eof()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 class UpstreamConnection:
@@ -44,14 +119,16 @@ class UpstreamConnection:
 
     __slots__ = (
         "agent",
+        "broken",
         "checked_out",
-        "expiry",
         "idle_since",
         "key",
         "reader",
         "request_done",
         "responses",
         "reused",
+        "tap",
+        "transport",
         "writer",
     )
 
@@ -71,7 +148,22 @@ class UpstreamConnection:
         self.reused = False
         self.checked_out = False
         self.idle_since = 0.0
-        self.expiry: asyncio.TimerHandle | None = None
+        self.transport = cast(asyncio.Transport, writer.transport)
+        #: None if the transport cannot be tapped (then only the coroutine path uses it)
+        self.tap = Tap.install(self.transport)
+        #: the agent sent something or closed while the connection was idle
+        self.broken = False
+
+    # -- the sink of an idle connection: anything from the agent ends it
+
+    def upstream_data(self, data: bytes) -> None:
+        self.broken = True
+
+    def upstream_eof(self) -> None:
+        self.broken = True
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        self.broken = True
 
     def begin(self, method: bytes, *, upgrade: bool = False) -> None:
         """A request with ``method`` is being sent (``upgrade``: it asks to switch)."""
@@ -80,7 +172,21 @@ class UpstreamConnection:
 
     def reusable(self) -> bool:
         """The last exchange ended cleanly and both sides allow another."""
-        return self.request_done and self.responses.reusable() and not self.reader.at_eof()
+        return (
+            self.request_done
+            and self.responses.reusable()
+            and not self.broken
+            and not self.reader.at_eof()
+        )
+
+    def tap_sink(self, sink: Sink | None) -> None:
+        """Where the agent's bytes go from now: ``sink``, or the reader (None)."""
+        if self.tap is not None:
+            self.tap.sink = sink
+
+    def dead(self) -> bool:
+        """The connection cannot carry another exchange (seen while it was idle)."""
+        return self.broken or self.reader.at_eof() or self.transport.is_closing()
 
     async def close(self) -> None:
         await close_writer(self.writer)
@@ -108,6 +214,7 @@ class UpstreamPool:
         self._idle: dict[tuple[str, int, str], list[UpstreamConnection]] = {}
         self._active: dict[tuple[str, int], int] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.dials = 0
         self.reuses = 0
 
@@ -133,27 +240,11 @@ class UpstreamPool:
         key = (host, port, tunnel)
         if self.max_active_per_agent and self._active.get(agent, 0) >= self.max_active_per_agent:
             raise PoolBusy
-        idle = None if fresh else self._idle.get(key)
-        now = asyncio.get_running_loop().time()
-        # newest first: the most recently used connection is the least likely stale
-        for index in range(len(idle) - 1, -1, -1) if idle else ():
-            assert idle is not None
-            upstream = idle[index]
-            if upstream.reader.at_eof() or upstream.writer.is_closing():
-                del idle[index]
-                self._cancel_expiry(upstream)
-                self._close_later(upstream)
-                continue
-            if max_idle_age is not None and now - upstream.idle_since > max_idle_age:
-                continue
-            del idle[index]
-            self._cancel_expiry(upstream)
-            upstream.reused = True
-            self.reuses += 1
-            self._check_out(upstream)
-            return upstream
-        if idle is not None and not idle:
-            self._idle.pop(key, None)
+        if not fresh:
+            upstream = self._take(key, max_idle_age, tapped=False)
+            if upstream is not None:
+                upstream.tap_sink(None)
+                return upstream
         self.dials += 1
         self._active[agent] = self._active.get(agent, 0) + 1  # reserve while dialling
         try:
@@ -165,6 +256,51 @@ class UpstreamPool:
         upstream = UpstreamConnection(key, reader, writer)
         self._check_out(upstream)
         return upstream
+
+    def take_idle(
+        self, host: str, port: int, tunnel: str, sink: Sink, max_idle_age: float | None = None
+    ) -> UpstreamConnection | None:
+        """A live idle connection of ``tunnel`` whose events now go to ``sink``, or None
+        (none idle, none tapped, or the agent's cap of connections in use reached: the
+        caller then takes the coroutine path, which says so)."""
+        if (
+            self.max_active_per_agent
+            and self._active.get((host, port), 0) >= self.max_active_per_agent
+        ):
+            return None
+        upstream = self._take((host, port, tunnel), max_idle_age, tapped=True)
+        if upstream is not None:
+            upstream.tap_sink(sink)
+        return upstream
+
+    def _take(
+        self, key: tuple[str, int, str], max_idle_age: float | None, *, tapped: bool
+    ) -> UpstreamConnection | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        # newest first: the most recently used connection is the least likely stale
+        for index in range(len(idle) - 1, -1, -1):
+            upstream = idle[index]
+            if upstream.dead() or now - upstream.idle_since >= self.idle_timeout:
+                del idle[index]
+                self._close_later(upstream)
+                continue
+            if max_idle_age is not None and now - upstream.idle_since > max_idle_age:
+                continue
+            if tapped and upstream.tap is None:
+                continue
+            del idle[index]
+            upstream.reused = True
+            self.reuses += 1
+            self._check_out(upstream)
+            if not idle:
+                del self._idle[key]
+            return upstream
+        if not idle:
+            del self._idle[key]
+        return None
 
     def _check_out(self, upstream: UpstreamConnection) -> None:
         upstream.checked_out = True
@@ -198,14 +334,30 @@ class UpstreamPool:
             return
         loop = asyncio.get_running_loop()
         upstream.idle_since = loop.time()
-        upstream.expiry = loop.call_later(self.idle_timeout, self._expire, upstream)
+        upstream.tap_sink(upstream)
         idle.append(upstream)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.idle_timeout / 2, self._sweep)
 
-    @staticmethod
-    def _cancel_expiry(upstream: UpstreamConnection) -> None:
-        if upstream.expiry is not None:
-            upstream.expiry.cancel()
-            upstream.expiry = None
+    def _sweep(self) -> None:
+        """Close connections idle for ``idle_timeout`` or more; one timer for the whole
+        pool (every ``idle_timeout / 2`` while any is idle), none per connection."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.idle_timeout
+        for key, idle in list(self._idle.items()):
+            keep = []
+            for upstream in idle:
+                if upstream.idle_since <= cutoff or upstream.dead():
+                    self._close_later(upstream)
+                else:
+                    keep.append(upstream)
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = loop.call_later(self.idle_timeout / 2, self._sweep)
 
     def discard(self, upstream: UpstreamConnection) -> None:
         """Close a connection that must not be reused (idempotent)."""
@@ -221,22 +373,15 @@ class UpstreamPool:
         )
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for upstream in idle:
-                if upstream.expiry is not None:
-                    upstream.expiry.cancel()
                 self._close_later(upstream)
         self._idle.clear()
         if self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
-
-    def _expire(self, upstream: UpstreamConnection) -> None:
-        idle = self._idle.get(upstream.key)
-        if idle is not None and upstream in idle:
-            idle.remove(upstream)
-            if not idle:
-                del self._idle[upstream.key]
-        self._close_later(upstream)
 
     def _close_later(self, upstream: UpstreamConnection) -> None:
         with contextlib.suppress(Exception):

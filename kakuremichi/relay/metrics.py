@@ -349,6 +349,9 @@ class Metrics:
         self._request_keys: dict[
             tuple[str, str, int], tuple[Callable[[float], None], LabelValues]
         ] = {}
+        self._response_bytes: dict[str, Callable[[float], None]] = {}
+        #: ``upstream_connections`` of a reused connection, bound once
+        self.upstream_reused = self.upstream_connections.child(result="reused")
 
     # -- data path -------------------------------------------------------------------
 
@@ -366,6 +369,15 @@ class Metrics:
         bound[0](1.0)
         if seconds is not None:
             self.latency.observe_key(bound[1], seconds)
+
+    def response_bytes_for(self, tunnel: str) -> Callable[[float], None]:
+        """``response_bytes.inc`` bound to one tunnel (its key built once per tunnel)."""
+        bound = self._response_bytes.get(tunnel)
+        if bound is None:
+            if len(self._response_bytes) >= _MAX_BOUND_KEYS:
+                self._response_bytes.clear()
+            bound = self._response_bytes[tunnel] = self.response_bytes.child(tunnel=tunnel)
+        return bound
 
     def connection_opened(self, listener: str) -> None:
         self.active_connections.inc(listener=listener)

@@ -32,7 +32,7 @@ import contextlib
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .targets import Target
@@ -58,6 +58,11 @@ class Route:
     #: the tunnel's target as Control gave it: a connection spliced by the agent leads
     #: to one target, so the gateway pools connections per (tunnel, target)
     target: str = ""
+    #: that pool slot's key (computed once, not per request)
+    pool_key: str = field(init=False, default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_key", f"{self.tunnel_id} {self.target}")
 
 
 @dataclass(frozen=True, slots=True)
