@@ -36,10 +36,11 @@ pytest -q -p no:cacheprovider "$@" tests
 echo "==> netstack again, on the pure-Python twin of the Cython hot path"
 KAKUREMICHI_NETSTACK_PURE=1 pytest -q -p no:cacheprovider "$@" tests/netstack \
     --ignore=tests/netstack/wireguard
-echo "==> netstack and agent again, on uvloop (the main run uses asyncio's loop)"
+echo "==> netstack, agent and gateway again, on uvloop (the main run uses asyncio's loop)"
 KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/netstack \
     --ignore=tests/netstack/wireguard
 KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/agent \
     --ignore=tests/agent/test_image.py
+KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/gateway
 echo "==> benchmarks (one round each, to prove they run; scripts/bench.sh for numbers)"
 pytest -q -p no:cacheprovider --benchmark-disable bench

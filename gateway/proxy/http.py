@@ -457,7 +457,12 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 if isinstance(outcome, ForwardPlan):
                     self._dispatch(outcome)
                 elif outcome == _CLOSE:
-                    self._close()
+                    # the rest of the request may still be on its way: closing now
+                    # would answer it with a reset that can destroy the page
+                    if requests.state == h1.BODY or requests.buffered:
+                        self._linger()
+                    else:
+                        self._close()
                 else:
                     self._request_finished()
             except Exception:
@@ -630,8 +635,13 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             self.task = None
         if self.mode != _SLOW:
             return  # the connection is gone
-        if close or (self.transport is not None and self.transport.is_closing()):
-            self._close()
+        if self.transport is not None and self.transport.is_closing():
+            return
+        if close:
+            if self.response_done and self.requests.state == h1.BODY:
+                self._linger()  # a page answered an unfinished body (413, 408, 400)
+            else:
+                self._close()
             return
         assert self._reader is not None
         self.requests.receive(self._reader.take())
