@@ -7,9 +7,9 @@ that frames the responses on it.  After an exchange ends cleanly (the request se
 whole, the response read to its end, keep-alive on both sides: ``reusable()``) the
 proxy hands the connection back with ``release``; the pool keeps it idle, at most
 ``max_idle_per_agent`` per ``(host, port, tunnel)``, each for at most ``idle_timeout``
-seconds (one timer for the whole pool sweeps out those idle too long, and a
-connection found too old when taken is closed instead).  Anything else - an error, an upgrade, a ``Connection: close``, bytes after
-the response - is closed instead of pooled.
+seconds (one timer for the whole pool sweeps out those idle too long, and a connection
+found too old when taken is closed instead).  Anything else - an error, an upgrade, a
+``Connection: close``, bytes after the response - is closed instead of pooled.
 
 A connection belongs to one tunnel: the agent splices it to that tunnel's target after
 reading the ``preamble`` (a PROXY v2 header naming the tunnel) that ``acquire`` writes
@@ -238,7 +238,7 @@ class UpstreamPool:
         """
         agent = (host, port)
         key = (host, port, tunnel)
-        if self.max_active_per_agent and self._active.get(agent, 0) >= self.max_active_per_agent:
+        if self._at_cap(agent):
             raise PoolBusy
         if not fresh:
             upstream = self._take(key, max_idle_age, tapped=False)
@@ -257,18 +257,13 @@ class UpstreamPool:
         self._check_out(upstream)
         return upstream
 
-    def take_idle(
-        self, host: str, port: int, tunnel: str, sink: Sink, max_idle_age: float | None = None
-    ) -> UpstreamConnection | None:
+    def take_idle(self, host: str, port: int, tunnel: str, sink: Sink) -> UpstreamConnection | None:
         """A live idle connection of ``tunnel`` whose events now go to ``sink``, or None
         (none idle, none tapped, or the agent's cap of connections in use reached: the
         caller then takes the coroutine path, which says so)."""
-        if (
-            self.max_active_per_agent
-            and self._active.get((host, port), 0) >= self.max_active_per_agent
-        ):
+        if self._at_cap((host, port)):
             return None
-        upstream = self._take((host, port, tunnel), max_idle_age, tapped=True)
+        upstream = self._take((host, port, tunnel), None, tapped=True)
         if upstream is not None:
             upstream.tap_sink(sink)
         return upstream
@@ -283,7 +278,7 @@ class UpstreamPool:
         # newest first: the most recently used connection is the least likely stale
         for index in range(len(idle) - 1, -1, -1):
             upstream = idle[index]
-            if upstream.dead() or now - upstream.idle_since >= self.idle_timeout:
+            if self._expired(upstream, now):
                 del idle[index]
                 self._close_later(upstream)
                 continue
@@ -301,6 +296,15 @@ class UpstreamPool:
         if not idle:
             del self._idle[key]
         return None
+
+    def _at_cap(self, agent: tuple[str, int]) -> bool:
+        """The agent has ``max_active_per_agent`` connections in use (0: no cap)."""
+        cap = self.max_active_per_agent
+        return bool(cap) and self._active.get(agent, 0) >= cap
+
+    def _expired(self, upstream: UpstreamConnection, now: float) -> bool:
+        """An idle connection that must be closed: idle too long, or seen dead."""
+        return now - upstream.idle_since >= self.idle_timeout or upstream.dead()
 
     def _check_out(self, upstream: UpstreamConnection) -> None:
         upstream.checked_out = True
@@ -344,11 +348,11 @@ class UpstreamPool:
         pool (every ``idle_timeout / 2`` while any is idle), none per connection."""
         self._sweeper = None
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.idle_timeout
+        now = loop.time()
         for key, idle in list(self._idle.items()):
             keep = []
             for upstream in idle:
-                if upstream.idle_since <= cutoff or upstream.dead():
+                if self._expired(upstream, now):
                     self._close_later(upstream)
                 else:
                     keep.append(upstream)
