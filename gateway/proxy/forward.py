@@ -172,12 +172,8 @@ class ForwardingMixin:
         """Send an admitted request to its agent and relay the answer (``fresh``: not
         on a pooled connection, as when the fast path met a stale one)."""
         head, method, upgrade, route = plan.head, plan.method, plan.upgrade, plan.route
-        plain, has_body, retry_allowed, started = (
-            plan.plain,
-            plan.has_body,
-            plan.retry_allowed,
-            plan.started,
-        )
+        plain, has_body, started = plan.plain, plan.has_body, plan.started
+        retry_allowed = plan.retry_allowed
         port = route.upstream_port or self.settings.upstream_port
         preamble = tunnel_preamble(route.tunnel_id) if self.settings.tunnel_header else b""
         for _attempt in range(2):
@@ -464,16 +460,24 @@ class ForwardingMixin:
         self.server.pool.discard(ex.upstream)
         raise Abort from None
 
-    async def _relay_informational(self, head: h1.ResponseHead) -> None:
+    def _informational_head(self, head: h1.ResponseHead) -> bytes:
+        """A 1xx as relayed to the client (nothing for an HTTP/1.0 one, RFC 9110 §15.2)."""
         request = self.request
         if request is None or request.version != b"1.1":
-            return  # 1xx must not be sent to HTTP/1.0 clients (RFC 9110 §15.2)
+            return b""
         headers = response_headers_for_client(head.headers)
-        await self._write(h1.response_head(head.status, head.reason, headers))
+        return h1.response_head(head.status, head.reason, headers)
+
+    async def _relay_informational(self, head: h1.ResponseHead) -> None:
+        data = self._informational_head(head)
+        if data:
+            await self._write(data)
 
     # -- response body: agent -> client ----------------------------------------------
 
-    async def _stream_response(self, ex: Exchange, head: h1.ResponseHead, started: float) -> None:
+    def _final_head(self, head: h1.ResponseHead) -> tuple[bytes, int]:
+        """The final response head as the client gets it, and the client-side framing
+        of its body (``h1.frame_response``); the response has started from here on."""
         request = self.request
         assert request is not None
         headers = response_headers_for_client(head.headers)
@@ -489,7 +493,12 @@ class ForwardingMixin:
             http10=request.version == b"1.0",
             keep_alive=self.keep_alive and not self.server.closing,
         )
-        ex.response_started = self.response_started = True
+        self.response_started = True
+        return data, framing
+
+    async def _stream_response(self, ex: Exchange, head: h1.ResponseHead, started: float) -> None:
+        data, framing = self._final_head(head)
+        ex.response_started = True
         ex.status = head.status
         tunnel = ex.route.tunnel_id
         upstream = ex.upstream

@@ -81,7 +81,6 @@ from .headers import (
     is_upgrade_request,
     parse_networks,
     request_headers_for_agent,
-    response_headers_for_client,
 )
 from .pool import Dialer, UpstreamConnection, UpstreamPool, open_tcp
 from .settings import ProxySettings
@@ -624,9 +623,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         close = False
         try:
             await self._forward(plan, fresh=fresh)
-        except Abort:
-            close = True
-        except asyncio.CancelledError:
+        except (Abort, asyncio.CancelledError):
             close = True
         except Exception:
             log.exception("unexpected error serving a client connection")
@@ -645,8 +642,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return
         assert self._reader is not None
         self.requests.receive(self._reader.take())
-        self._request_finished()
-        self._heads()
+        self._next_request()
 
     async def _write(self, data: bytes) -> None:
         try:
@@ -743,71 +739,57 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             self._fast_done()
 
     def _fast_head(self, head: h1.ResponseHead) -> bytes:
-        request = self.request
-        assert request is not None
-        headers = response_headers_for_client(head.headers)
-        if head.chunked:
-            # chunked wins over Content-Length (RFC 9112 §6.3); the body is re-framed
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-        data, self._framing, self.keep_alive = h1.frame_response(
-            head.status,
-            head.reason,
-            headers,
-            content_length=head.content_length is not None,
-            head_request=request.method == b"HEAD",
-            http10=request.version == b"1.0",
-            keep_alive=self.keep_alive and not self.server.closing,
-        )
-        self.response_started = True
+        data, self._framing = self._final_head(head)
         self._status = head.status
         return data
 
     def _informational_now(self, head: h1.ResponseHead) -> None:
-        request = self.request
-        if request is None or request.version != b"1.1" or self.transport is None:
-            return  # 1xx must not be sent to HTTP/1.0 clients (RFC 9110 §15.2)
-        headers = response_headers_for_client(head.headers)
-        self.transport.write(h1.response_head(head.status, head.reason, headers))
+        data = self._informational_head(head)
+        if data and self.transport is not None:
+            self.transport.write(data)
 
-    def _fast_release(self) -> UpstreamConnection | None:
+    def _fast_end(self) -> tuple[UpstreamConnection | None, ForwardPlan | None]:
+        """End the fast exchange: its agent connection (tap detached, reading resumed)
+        and its plan, for the caller to pool or discard and to record."""
         up, self._up = self._up, None
+        plan, self._plan = self._plan, None
         if up is not None:
             up.tap_sink(None)
             if self._up_paused:
                 self._up_paused = False
                 with contextlib.suppress(Exception):
                     up.transport.resume_reading()
-        return up
+        return up, plan
 
-    def _fast_done(self) -> None:
-        up = self._fast_release()
-        plan = self._plan
-        assert up is not None and plan is not None
-        self._plan = None
-        self.response_done = True
+    def _fast_record(self, plan: ForwardPlan) -> None:
         route = plan.route
         self._record(route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started)
+
+    def _next_request(self) -> None:
+        """The exchange is over: next request (pipelined ones at once), linger or close."""
+        self._request_finished()
+        self._heads()
+
+    def _fast_done(self) -> None:
+        up, plan = self._fast_end()
+        assert up is not None and plan is not None
+        self.response_done = True
+        self._fast_record(plan)
         if up.reusable() and not self.server.closing:
             self.server.pool.release(up)
         else:
             self.server.pool.discard(up)
-        self._request_finished()
-        if self.mode == _HEAD:
-            self._heads()
+        self._next_request()
 
     def _fast_failed(self, kind: str, reason: str) -> None:
-        up = self._fast_release()
-        plan = self._plan
+        up, plan = self._fast_end()
         assert up is not None and plan is not None
-        self._plan = None
         self.server.pool.discard(up)
         route = plan.route
         if self.response_started:
             # a truncated body must never look complete: the client sees an abort
             self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
-            self._record(
-                route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started
-            )
+            self._fast_record(plan)
             self.abort()
             return
         if kind == "closed":
@@ -817,21 +799,15 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return
         self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
         self._page_now(504, reason, plain=plan.plain, route=route, started=plan.started)
-        self._request_finished()
-        if self.mode == _HEAD:
-            self._heads()
+        self._next_request()
 
     def _fast_abandon(self) -> None:
         """The client went away in the middle of a fast exchange."""
-        up = self._fast_release()
-        plan, self._plan = self._plan, None
+        up, plan = self._fast_end()
         if up is not None:
             self.server.pool.discard(up)
         if plan is not None and self.response_started:
-            route = plan.route
-            self._record(
-                route.tunnel_id, route.domain, self._status, self.loop.time() - plan.started
-            )
+            self._fast_record(plan)
 
     def _pause_upstream(self) -> None:
         up = self._up
