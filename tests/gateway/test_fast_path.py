@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from kakuremichi.relay.splice import reset
 from tests.gateway.agentapp import ProxyHarness, RawServer, read_response, tunnel
 
 HOST = "app.example.com"
 GET = f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -50,6 +52,34 @@ async def open_client(harness: ProxyHarness) -> tuple[asyncio.StreamReader, asyn
     return await asyncio.open_connection("127.0.0.1", harness.port)
 
 
+def after_first(then: Callable[[asyncio.StreamWriter, int], Awaitable[None]]) -> Handler:
+    """An agent that answers the first request on a connection with ``OK`` (so the
+    gateway pools that connection) and each later one (numbered from 2) with ``then``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        calls = 0
+        async for _ in requests_of(reader):
+            calls += 1
+            if calls == 1:
+                writer.write(OK)
+            else:
+                await then(writer, calls)
+            await writer.drain()
+
+    return handler
+
+
+async def pooled_client(
+    harness: ProxyHarness,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose first request went through: its agent connection is now pooled,
+    so the next request takes the fast path."""
+    reader, writer = await open_client(harness)
+    writer.write(GET)
+    assert (await read_response(reader))[0] == 200
+    return reader, writer
+
+
 async def test_a_keep_alive_run_of_gets_takes_the_fast_path() -> None:
     async with gateway(ok_server) as harness:
         reader, writer = await open_client(harness)
@@ -65,9 +95,7 @@ async def test_a_keep_alive_run_of_gets_takes_the_fast_path() -> None:
 
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with gateway(ok_server) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200  # now a pooled connection exists
+        reader, writer = await pooled_client(harness)
         writer.write(
             b"".join(f"GET /{i} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode() for i in range(50))
         )
@@ -103,21 +131,13 @@ async def test_informational_responses_and_chunked_bodies_are_relayed() -> None:
 
 
 async def test_an_agent_that_does_not_answer_gets_504_and_the_connection_goes_on() -> None:
-    calls = 0
+    async def second_never(writer: asyncio.StreamWriter, call: int) -> None:
+        if call == 2:
+            await asyncio.sleep(30)  # the second request is never answered
+        writer.write(OK)
 
-    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal calls
-        async for _ in requests_of(reader):
-            calls += 1
-            if calls == 2:
-                await asyncio.sleep(30)  # the second request is never answered
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    async with gateway(answers_once, response_header_timeout=0.3) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+    async with gateway(after_first(second_never), response_header_timeout=0.3) as harness:
+        reader, writer = await pooled_client(harness)
         writer.write(GET)
         status, _, _ = await read_response(reader)
         assert status == 504 and harness.proxy.fast_exchanges == 1
@@ -129,22 +149,11 @@ async def test_an_agent_that_does_not_answer_gets_504_and_the_connection_goes_on
 
 
 async def test_a_body_that_stalls_aborts_the_client_connection() -> None:
-    calls = 0
+    async def stalls(writer: asyncio.StreamWriter, call: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
 
-    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal calls
-        async for _ in requests_of(reader):
-            calls += 1
-            if calls == 1:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            else:
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhal")
-            await writer.drain()
-
-    async with gateway(stalls, body_idle_timeout=0.3) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+    async with gateway(after_first(stalls), body_idle_timeout=0.3) as harness:
+        reader, writer = await pooled_client(harness)
         writer.write(GET)
         head = await reader.readuntil(b"\r\n\r\n")
         assert b"content-length: 10" in head.lower()
@@ -159,27 +168,18 @@ async def test_a_body_that_stalls_aborts_the_client_connection() -> None:
 async def test_a_client_that_does_not_read_back_pressures_the_agent() -> None:
     total = 64 * 1024 * 1024
     sent = 0
-    first = True
 
-    async def big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent, first
-        async for _ in requests_of(reader):
-            if first:
-                first = False
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-                continue
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
-            block = b"x" * 65536
-            while sent < total:
-                writer.write(block)
-                sent += len(block)
-                await writer.drain()
+    async def big(writer: asyncio.StreamWriter, call: int) -> None:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        while sent < total:
+            writer.write(block)
+            sent += len(block)
+            await writer.drain()
 
-    async with gateway(big) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+    async with gateway(after_first(big)) as harness:
+        reader, writer = await pooled_client(harness)
         writer.write(GET)
         await asyncio.sleep(1.0)  # the client reads nothing meanwhile
         stalled_at = sent
@@ -218,25 +218,15 @@ async def test_pipelining_client_that_never_reads_is_paused() -> None:
 
 async def test_a_client_that_leaves_mid_response_drops_the_agent_connection() -> None:
     gate = asyncio.Event()
-    first = True
 
-    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal first
-        async for _ in requests_of(reader):
-            if first:
-                first = False
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-                continue
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
-            await writer.drain()
-            gate.set()
-            await asyncio.sleep(30)
+    async def slow(writer: asyncio.StreamWriter, call: int) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart")
+        await writer.drain()
+        gate.set()
+        await asyncio.sleep(30)
 
-    async with gateway(slow) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+    async with gateway(after_first(slow)) as harness:
+        reader, writer = await pooled_client(harness)
         writer.write(GET)
         await gate.wait()
         await reader.readuntil(b"\r\n\r\n")
@@ -265,9 +255,7 @@ async def test_bodies_and_unsafe_methods_take_the_coroutine_path() -> None:
             await writer.drain()
 
     async with gateway(echo) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+        reader, writer = await pooled_client(harness)
         for _ in range(3):
             writer.write(
                 f"POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n\r\nhello".encode()
@@ -281,9 +269,7 @@ async def test_bodies_and_unsafe_methods_take_the_coroutine_path() -> None:
 
 async def test_a_client_that_half_closes_still_gets_its_answer() -> None:
     async with gateway(ok_server) as harness:
-        reader, writer = await open_client(harness)
-        writer.write(GET)
-        assert (await read_response(reader))[0] == 200
+        reader, writer = await pooled_client(harness)
         writer.write(GET)
         writer.write_eof()  # e.g. `nc -N`: the request, then FIN
         status, _, body = await read_response(reader)
