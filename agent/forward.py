@@ -15,7 +15,11 @@ every request before a byte enters the tunnel.
   has disabled) is reset without dialling anything; a target that refuses or does not
   answer within ``connect_timeout`` resets the tunnelled connection too, which the
   gateway turns into its 502 page.  The gateway pools these connections per tunnel,
-  so one connection carries many requests of that tunnel.
+  so one connection carries many requests of that tunnel.  Hence a change of
+  Control's tunnel list also ends open connections (``HttpTunnels.reconcile``): those
+  of a tunnel deleted or disabled, and those whose tunnel's target moved (a pooled
+  connection would otherwise keep reaching the old target for as long as requests
+  keep it busy).  The gateway's next request of such a tunnel dials afresh.
 * raw TCP tunnels: a :class:`~kakuremichi.relay.tcp.TcpForwarder` whose listeners are
   on the user-space stack (``agentIP:publicPort``) and whose dialer reaches the target
   (connect timeout; a refused target resets the tunnelled connection);
@@ -162,6 +166,25 @@ class HttpTunnels:
             self._byte_counters[key] = counter
         return counter
 
+    def reconcile(self) -> int:
+        """End open connections the router no longer allows as they were dialled:
+        tunnel deleted or disabled, or its target changed.  Returns how many."""
+        ended = 0
+        for connection in list(self.open):
+            route = connection.route
+            # no route yet: still reading its header, judged by the new table then
+            if route is None or connection.aborted:
+                continue
+            now = self.router.lookup_tunnel(route.tunnel_id)
+            if now is None or not now.enabled or now.target != route.target:
+                why = "deleted" if now is None else "disabled" if not now.enabled else "retargeted"
+                log.info(
+                    "ending a tunnelled connection of tunnel %s: %s", route.tunnel_id[:64], why
+                )
+                connection.abort()
+                ended += 1
+        return ended
+
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Let open connections end on their own for ``grace`` seconds, then end them."""
         waiting = [c.finished for c in self.open]
@@ -183,9 +206,13 @@ class _TunnelledConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.splice: TransportSplice | None = None
+        #: the route the connection was dialled for (set once its header is read)
+        self.route: Route | None = None
+        self.aborted = False
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self._deadline: asyncio.TimerHandle | None = None
         self._dial: asyncio.Task[None] | None = None
+        self._dialling = False
 
     # -- the header phase (asyncio.Protocol) ------------------------------------------
 
@@ -235,6 +262,7 @@ class _TunnelledConnection(asyncio.Protocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+        self.route = route
         tunnel = route.tunnel_id
         owner.metrics.http_tunnel_connections.inc(tunnel=tunnel)
         splice = TransportSplice(
@@ -246,6 +274,7 @@ class _TunnelledConnection(asyncio.Protocol):
         self.transport.pause_reading()
         splice.attach(splice.a, self.transport)  # from now on the splice reads this connection
         self.splice = splice
+        self._dialling = True
         self._dial = self.loop.create_task(self._connect(route, rest))
 
     async def _connect(self, route: Route, rest: bytes) -> None:
@@ -263,15 +292,19 @@ class _TunnelledConnection(asyncio.Protocol):
             splice.abort()
         else:
             splice.start(rest)
-        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-            await splice.done
-        self._end()
+        self._dialling = False
+        try:
+            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+                await splice.done
+        finally:
+            self._end()
 
     def abort(self) -> None:
-        """End this connection now (shutdown)."""
+        """End this connection now (shutdown, or its tunnel changed)."""
+        self.aborted = True
         if self.splice is not None:
-            if self._dial is not None and not self._dial.done():
-                self._dial.cancel()
+            if self._dialling and self._dial is not None:
+                self._dial.cancel()  # (once spliced, the splice's end ends the task)
             self.splice.abort()
         elif self.transport is not None:
             self.transport.abort()
@@ -345,6 +378,7 @@ class Forwarder:
         """Install Control's current tunnel list (malformed entries are skipped)."""
         self.dialer.update(tunnels)
         self.router.replace_all(tunnels)
+        self.http.reconcile()
 
     async def start(self) -> None:
         self._http = await self.tunnel.create_server(self.http.protocol, self.http_port)

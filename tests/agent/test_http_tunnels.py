@@ -551,3 +551,79 @@ async def test_listener_keeps_serving_after_refusals() -> None:
         await close(writer)
         assert agent.rejected("proxy_header") == agent.rejected("unknown_tunnel") == 1
         assert target.accepts == 1
+
+
+# -- Control changes the tunnel list -------------------------------------------------
+
+
+async def open_splice(
+    agent: Agent, tunnel_id: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await agent.connect()
+    writer.write(header(tunnel_id))
+    assert await reader.readline() == b"hello from the target\n"
+    return reader, writer
+
+
+@pytest.mark.parametrize("change", ["deleted", "disabled", "retargeted"])
+async def test_a_changed_tunnel_ends_its_open_connections(change: str) -> None:
+    async with (
+        asyncio.timeout(10),
+        LocalService(greeter) as target,
+        LocalService(greeter) as other_target,
+    ):
+        tunnels = [http_tunnel("t1", target.port), http_tunnel("t2", target.port)]
+        async with running_agent(tunnels) as agent:
+            reader1, writer1 = await open_splice(agent, "t1")
+            reader2, writer2 = await open_splice(agent, "t2")
+            if change == "deleted":
+                changed = [tunnels[1]]
+            elif change == "disabled":
+                changed = [http_tunnel("t1", target.port, enabled=False), tunnels[1]]
+            else:
+                changed = [http_tunnel("t1", other_target.port), tunnels[1]]
+            agent.tunnels.router.replace_all(changed)
+            assert agent.tunnels.reconcile() == 1
+            await expect_refused(reader1)  # ended: reset or EOF, nothing more
+            # the other tunnel's connection is untouched and still spliced
+            assert agent.tunnels.reconcile() == 0
+            writer2.write(b"ping")
+            await writer2.drain()
+            assert not reader2.at_eof()
+            await close(writer1)
+            await close(writer2)
+            await agent.wait_idle()
+            if change == "retargeted":
+                _, writer = await open_splice(agent, "t1")  # now the new target
+                await close(writer)
+                assert other_target.accepts == 1
+            assert target.accepts == 2
+
+
+async def test_an_unchanged_list_ends_nothing() -> None:
+    async with asyncio.timeout(10), LocalService(greeter) as target:
+        tunnels = [http_tunnel("t1", target.port)]
+        async with running_agent(tunnels) as agent:
+            reader, writer = await open_splice(agent, "t1")
+            _, pending = await agent.connect()  # no header yet: not judged by reconcile
+            agent.tunnels.router.replace_all([http_tunnel("t1", target.port)])
+            assert agent.tunnels.reconcile() == 0
+            writer.write_eof()
+            assert await reader.read() == b""  # the target saw EOF and closed: half-close works
+            await close(writer)
+            await close(pending)
+            assert target.accepts == 1
+
+
+async def test_close_ends_spliced_connections_within_its_grace() -> None:
+    async with (
+        asyncio.timeout(10),
+        LocalService(greeter) as target,
+        running_agent([http_tunnel("t1", target.port)]) as agent,
+    ):
+        reader, writer = await open_splice(agent, "t1")
+        await agent.tunnels.close(grace=0.1)
+        assert agent.open_connections() == 0
+        assert not agent.tunnels.open
+        await expect_refused(reader)
+        await close(writer)
