@@ -1,0 +1,56 @@
+"""The Cython hot path's field-name contract with the pure-Python connection.
+
+``netstack/_fast.pyx`` reads and writes a TCP connection's state through its
+``__dict__`` (``d["_snd_una"]``) and calls a few of its methods and those of its send
+buffer and configuration by name.  Cython cannot check those names at build time: a
+field renamed in ``TcpBase.__init__`` would only fail as a ``KeyError`` (or a silently
+new key) at run time, on the hot path.  This test reads every such name out of the
+``.pyx`` source and checks it against a real, established connection, so a rename on
+either side fails here first.  It needs no compiled extension.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from netstack.sendbuf import SendBuffer
+from tests.netstack.test_established_path import connected_pair
+
+PYX = Path(__file__).resolve().parents[2] / "netstack" / "_fast.pyx"
+
+
+def names(pattern: str) -> set[str]:
+    found = set(re.findall(pattern, PYX.read_text()))
+    assert found, f"no match for {pattern!r}: has _fast.pyx changed its style?"
+    return found
+
+
+def test_every_field_the_hot_path_touches_is_set_by_the_connection() -> None:
+    client, server, _ = connected_pair()
+    for conn in (client, server):
+        missing = names(r'\bd\["(\w+)"\]') - set(vars(conn))
+        assert not missing, f"_fast.pyx uses fields TcpBase does not set: {sorted(missing)}"
+
+
+def test_every_method_and_attribute_it_calls_exists() -> None:
+    client, _, _ = connected_pair()
+    for name in names(r"\bconn\.(\w+)"):
+        if name != "__dict__":
+            assert hasattr(client, name), f"TcpConnection has no {name!r}"
+    for name in names(r"\bconfig\.(\w+)") | names(r'd\["config"\]\.(\w+)'):
+        assert hasattr(client.config, name), f"the TCP config has no {name!r}"
+    sndbuf = vars(client)["_sndbuf"]
+    assert isinstance(sndbuf, SendBuffer)
+    for name in names(r"\bsndbuf\.(\w+)"):
+        assert hasattr(sndbuf, name), f"SendBuffer has no {name!r}"
+    for name in names(r'd\["_cc"\]\.(\w+)'):
+        assert callable(getattr(vars(client)["_cc"], name, None)), f"the controller has no {name!r}"
+
+
+def test_the_contract_check_would_catch_a_rename() -> None:
+    # the check is only worth something if a name missing from the connection shows
+    client, _, _ = connected_pair()
+    fields = set(vars(client))
+    renamed = fields - {"_snd_una"}
+    assert names(r'\bd\["(\w+)"\]') - renamed == {"_snd_una"}
