@@ -44,7 +44,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "interface", "WireGuard interface name (at most 15 characters)", "kkm0", metavar="NAME"
     ),
-    Setting("host", "address the public listeners bind", "0.0.0.0"),
+    Setting(
+        "host",
+        "address the public listeners bind (HTTP(S), raw TCP/UDP tunnels and, on the "
+        "userspace backend, WireGuard's UDP socket)",
+        "0.0.0.0",
+    ),
     Setting("http-port", "public HTTP port", 80, parse=port),
     Setting("https-port", "public HTTPS port (0 disables HTTPS)", 443, parse=port),
     Setting(

@@ -90,7 +90,7 @@ class Gateway:
         dialer = None  # the kernel's TCP, through the WireGuard interface
         flow_dialer: FlowDialer | None = None  # likewise the kernel's UDP
         if use_userspace:
-            self.wg = UserspaceDevice(self.keys, settings.wireguard_port)
+            self.wg = UserspaceDevice(self.keys, settings.wireguard_port, settings.host)
             dialer = self.wg.dial
             flow_dialer = self.wg.udp_flow
         else:

@@ -16,6 +16,7 @@ from websockets.asyncio.client import connect
 
 from agent.runtime import Agent
 from gateway.runtime import Gateway
+from gateway.wg.userspace import UserspaceDevice
 from kakuremichi.relay import proxyproto
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
@@ -53,6 +54,10 @@ async def test_http_tunnel_end_to_end(
         await system.wait_status("app.example.com", 200, 30)
         home = await system.get("app.example.com")
         assert "sample app" in home.text
+        # the userspace WireGuard socket honours the gateway's --host (127.0.0.1 here)
+        wg = system.gateway.wg
+        assert isinstance(wg, UserspaceDevice) and wg.tunnel.udp is not None
+        assert wg.tunnel.udp.local_address[0] == "127.0.0.1"
 
         # The gateway's X-Forwarded-* reach the app unchanged (the agent adds nothing).
         seen = (await system.get("app.example.com", "/headers?x=1")).json()
