@@ -212,7 +212,6 @@ class _TunnelledConnection(asyncio.Protocol):
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self._deadline: asyncio.TimerHandle | None = None
         self._dial: asyncio.Task[None] | None = None
-        self._dialling = False
 
     # -- the header phase (asyncio.Protocol) ------------------------------------------
 
@@ -274,7 +273,6 @@ class _TunnelledConnection(asyncio.Protocol):
         self.transport.pause_reading()
         splice.attach(splice.a, self.transport)  # from now on the splice reads this connection
         self.splice = splice
-        self._dialling = True
         self._dial = self.loop.create_task(self._connect(route, rest))
 
     async def _connect(self, route: Route, rest: bytes) -> None:
@@ -292,7 +290,6 @@ class _TunnelledConnection(asyncio.Protocol):
             splice.abort()
         else:
             splice.start(rest)
-        self._dialling = False
         try:
             with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                 await splice.done
@@ -303,8 +300,8 @@ class _TunnelledConnection(asyncio.Protocol):
         """End this connection now (shutdown, or its tunnel changed)."""
         self.aborted = True
         if self.splice is not None:
-            if self._dialling and self._dial is not None:
-                self._dial.cancel()  # (once spliced, the splice's end ends the task)
+            if not self.splice.started and self._dial is not None:
+                self._dial.cancel()  # still dialling (once spliced, its end ends the task)
             self.splice.abort()
         elif self.transport is not None:
             self.transport.abort()
