@@ -14,7 +14,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from netstack.sendbuf import SendBuffer
+from netstack.tcp import TcpConnection
 from tests.netstack.test_established_path import connected_pair
 
 PYX = Path(__file__).resolve().parents[2] / "netstack" / "_fast.pyx"
@@ -26,15 +29,25 @@ def names(pattern: str) -> set[str]:
     return found
 
 
-def test_every_field_the_hot_path_touches_is_set_by_the_connection() -> None:
+@pytest.fixture(scope="module")
+def pair() -> tuple[TcpConnection, TcpConnection]:
+    """One established connection pair (both ends), shared by the module's tests."""
     client, server, _ = connected_pair()
-    for conn in (client, server):
+    return client, server
+
+
+def test_every_field_the_hot_path_touches_is_set_by_the_connection(
+    pair: tuple[TcpConnection, TcpConnection],
+) -> None:
+    for conn in pair:
         missing = names(r'\bd\["(\w+)"\]') - set(vars(conn))
         assert not missing, f"_fast.pyx uses fields TcpBase does not set: {sorted(missing)}"
 
 
-def test_every_method_and_attribute_it_calls_exists() -> None:
-    client, _, _ = connected_pair()
+def test_every_method_and_attribute_it_calls_exists(
+    pair: tuple[TcpConnection, TcpConnection],
+) -> None:
+    client = pair[0]
     for name in names(r"\bconn\.(\w+)"):
         if name != "__dict__":
             assert hasattr(client, name), f"TcpConnection has no {name!r}"
@@ -48,9 +61,10 @@ def test_every_method_and_attribute_it_calls_exists() -> None:
         assert callable(getattr(vars(client)["_cc"], name, None)), f"the controller has no {name!r}"
 
 
-def test_the_contract_check_would_catch_a_rename() -> None:
+def test_the_contract_check_would_catch_a_rename(
+    pair: tuple[TcpConnection, TcpConnection],
+) -> None:
     # the check is only worth something if a name missing from the connection shows
-    client, _, _ = connected_pair()
-    fields = set(vars(client))
+    fields = set(vars(pair[0]))
     renamed = fields - {"_snd_una"}
     assert names(r'\bd\["(\w+)"\]') - renamed == {"_snd_una"}
