@@ -203,13 +203,19 @@ class UdpDevice:
             for event in device.events():
                 self._on_event(event)
         deadline = device.next_deadline()
-        if deadline != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._timer_at = deadline
-            if deadline is not None:
-                self._timer = self._loop.call_at(deadline, self._on_timer)
+        # A timer armed for an earlier moment is left alone: it fires, the device finds
+        # nothing due, and the timer is armed for what is due then.  The deadline moves
+        # on every data packet (send and receive reset different WireGuard timers),
+        # so re-creating the TimerHandle on each change cost one per flush.
+        if deadline is None:
+            return  # an armed timer fires once more, finds nothing, and is not re-armed
+        armed = self._timer_at
+        if armed is not None and armed <= deadline:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _send_all(self, out: list[tuple[bytes, Address]]) -> None:
         if self._pending:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import random
 from collections.abc import Callable, Iterable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -126,6 +127,9 @@ class Device:
         self.public_key = public_key_of(self._static)
         self.mtu = mtu
         self._random = random_bytes
+        # timer jitter needs no secrecy: a PRNG seeded once, not a getrandom() per
+        # data packet sent after a receive (that was one syscall per HTTP exchange)
+        self._jitter_rng = random.Random(int.from_bytes(random_bytes(8), "little"))
         self._responder_base = noise.begin(self.public_key)
         self._cookies = CookieChecker(self.public_key, random_bytes)
         self._rate = RateLimiter()
@@ -143,6 +147,8 @@ class Device:
         # all peers.
         self._dirty: set[Peer] = set()
         self._heap: list[tuple[float, int, Peer]] = []
+        #: the deadline each peer has in ``_heap`` (other entries of it are stale)
+        self._armed: dict[Peer, float] = {}
         self._heap_seq = itertools.count()
         self._out: list[tuple[bytes, Address]] = []
         self._in: list[bytes] = []
@@ -241,6 +247,7 @@ class Device:
         self._zero_and_flush(peer)
         peer.timers.stop()
         self._dirty.discard(peer)
+        self._armed.pop(peer, None)
 
     # ------------------------------------------------------------------ input
 
@@ -454,41 +461,55 @@ class Device:
         """The earliest time ``handle_timer`` must be called, or None."""
         self._refresh_heap()
         heap = self._heap
-        for _ in range(len(heap) + 1):
-            if not heap:
-                return None
+        armed = self._armed
+        while heap:
             deadline, _, peer = heap[0]
-            current = (
-                peer.timers.next_deadline() if self._peers.get(peer.public_key) is peer else None
-            )
+            if armed.get(peer) != deadline:
+                heapq.heappop(heap)  # stale: the peer is gone or its deadline moved
+                continue
+            current = peer.timers.next_deadline()
             if current == deadline:
                 return deadline
-            heapq.heappop(heap)  # stale: the peer is gone or its timers moved
-            if current is not None:
+            # moved without the peer being marked dirty: take its current deadline
+            heapq.heappop(heap)
+            if current is None:
+                del armed[peer]
+            else:
+                armed[peer] = current
                 heapq.heappush(heap, (current, next(self._heap_seq), peer))
-        raise AssertionError("unreachable: each pass pops a stale entry")  # pragma: no cover
+        return None
 
     def _refresh_heap(self) -> None:
+        """Give every dirty peer's deadline an entry, if it changed (one push per
+        change, not a heap rebuild per packet; stale entries are popped lazily)."""
         heap = self._heap
+        armed = self._armed
         if len(heap) > 2 * len(self._peers) + 64:  # compact away stale entries
-            self._dirty.update(self._peers.values())
-            heap.clear()
-        if self._dirty:
-            seq = self._heap_seq
-            for peer in self._dirty:
-                deadline = peer.timers.next_deadline()
-                if deadline is not None:
-                    heap.append((deadline, next(seq), peer))
-            self._dirty.clear()
+            heap[:] = [entry for entry in heap if armed.get(entry[2]) == entry[0]]
             heapq.heapify(heap)
+        dirty = self._dirty
+        if dirty:
+            seq = self._heap_seq
+            for peer in dirty:
+                deadline = peer.timers.next_deadline()
+                if deadline is None:
+                    armed.pop(peer, None)
+                elif armed.get(peer) != deadline:
+                    armed[peer] = deadline
+                    heapq.heappush(heap, (deadline, next(seq), peer))
+            dirty.clear()
 
     def handle_timer(self, now: float) -> None:
         """Fire every peer timer whose deadline is at or before ``now``."""
         self._refresh_heap()
         heap = self._heap
+        armed = self._armed
         due: dict[Peer, None] = {}
         while heap and heap[0][0] <= now:
-            due[heapq.heappop(heap)[2]] = None
+            deadline, _, peer = heapq.heappop(heap)
+            if armed.get(peer) == deadline:
+                del armed[peer]  # re-armed below once its timers ran (it is dirty)
+            due[peer] = None
         for peer in due:
             if self._peers.get(peer.public_key) is not peer:
                 continue  # removed
@@ -531,8 +552,7 @@ class Device:
             self._send_handshake_initiation(peer, now, is_retry=True)
 
     def _jitter(self) -> float:
-        raw = int.from_bytes(self._random(2), "little")
-        return (raw % REKEY_TIMEOUT_JITTER_MAX_MS) / 1000.0
+        return int(self._jitter_rng.random() * REKEY_TIMEOUT_JITTER_MAX_MS) / 1000.0
 
     # ------------------------------------------------------------------ handshake
 

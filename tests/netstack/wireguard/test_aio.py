@@ -141,3 +141,61 @@ async def test_batches_leave_with_udp_gso_and_arrive_as_datagrams() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_timer_is_not_recreated_when_the_deadline_only_moves_later() -> None:
+    """Every data packet moves the device's deadline; the adapter keeps one timer armed
+    for the earliest moment asked and re-arms only when asked for an earlier one, and
+    a timer that fires early finds nothing due and re-arms for what is due then."""
+
+    class FakeDevice:
+        def __init__(self) -> None:
+            self.deadline: float | None = None
+            self.fired: list[float] = []
+
+        def datagrams_to_send(self) -> list[tuple[bytes, tuple[str, int]]]:
+            return []
+
+        def packets_received(self) -> list[bytes]:
+            return []
+
+        def events(self) -> list[ev.Event]:
+            return []
+
+        def next_deadline(self) -> float | None:
+            return self.deadline
+
+        def handle_timer(self, now: float) -> None:
+            self.fired.append(now)
+            if self.deadline is not None and self.deadline <= now:
+                self.deadline = None
+
+    import socket
+
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    fake = FakeDevice()
+    udp = UdpDevice(fake, sock)  # type: ignore[arg-type]
+    try:
+        now = loop.time()
+        fake.deadline = now + 0.05
+        udp.flush()
+        first = udp._timer
+        assert first is not None and udp._timer_at == now + 0.05
+        fake.deadline = now + 60  # later: the armed timer stays
+        udp.flush()
+        assert udp._timer is first and udp._timer_at == now + 0.05
+        fake.deadline = now + 0.02  # earlier: replaced
+        udp.flush()
+        assert udp._timer is not first and udp._timer_at == now + 0.02
+        assert first.cancelled()
+        fake.deadline = now + 0.2  # the armed 0.02 s timer fires early, re-arms for 0.2
+        await asyncio.sleep(0.1)
+        assert len(fake.fired) == 1 and fake.deadline == now + 0.2
+        assert udp._timer_at == now + 0.2
+        await asyncio.sleep(0.2)
+        assert len(fake.fired) == 2 and fake.deadline is None
+        assert udp._timer is None  # nothing due any more: not re-armed
+    finally:
+        udp.close()

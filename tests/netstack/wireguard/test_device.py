@@ -24,7 +24,19 @@ from netstack.wireguard.timers import (
     ZERO_KEY_MATERIAL_AFTER,
 )
 
-from .harness import A_ADDR, A_IP, B_ADDR, B_IP, Clock, Net, ipv4_udp, ipv6_udp, make_device, pair
+from .harness import (
+    A_ADDR,
+    A_IP,
+    B_ADDR,
+    B_IP,
+    Clock,
+    Net,
+    ipv4_udp,
+    ipv6_udp,
+    keypair,
+    make_device,
+    pair,
+)
 
 
 def kinds(net: Net, start: int = 0) -> list[int]:
@@ -599,3 +611,43 @@ def test_next_deadline_matches_naive_minimum_under_random_operations() -> None:
                 d is None or d > clock.now
                 for d in (p.timers.next_deadline() for p in device.peers.values())
             ), "handle_timer left an expired timer behind"
+
+
+def test_established_exchanges_draw_no_random_bytes() -> None:
+    """Request/response traffic on an established session asks ``random_bytes`` for
+    nothing: the timers' jitter comes from a PRNG seeded once (each call of the real
+    ``os.urandom`` is a system call, and one per exchange was measurable)."""
+    clock = Clock()
+    private_a, _ = keypair(1)
+    calls: list[int] = []
+    rng = random.Random(5)
+
+    def counted(n: int) -> bytes:
+        calls.append(n)
+        return rng.randbytes(n)
+
+    a = Device(private_a, random_bytes=counted, wall_clock=clock.wall)
+    b = make_device(2, clock)
+    net = Net(clock)
+    net.attach(A_ADDR, a)
+    net.attach(B_ADDR, b)
+    a.set_peer(b.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=B_ADDR)
+    b.set_peer(a.public_key, allowed_ips=[f"{A_IP}/32"], endpoint=A_ADDR)
+    a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"), clock.now)
+    net.pump()
+    assert net.received[B_ADDR] == [ipv4_udp(A_IP, B_IP, b"hello")]
+    before = len(calls)
+    jitters = set()
+    for i in range(200):
+        clock.now += 0.01
+        b.send_packet(ipv4_udp(B_IP, A_IP, b"request %d" % i), clock.now)
+        net.pump()
+        a.send_packet(ipv4_udp(A_IP, B_IP, b"response %d" % i), clock.now)
+        net.pump()
+        peer = a.peers[b.public_key]
+        if peer.timers.new_handshake is not None:
+            jitters.add(round(peer.timers.new_handshake - clock.now, 6))
+    assert len(net.received[A_ADDR]) == 200
+    assert len(calls) == before  # no draw per exchange
+    assert len(jitters) > 50  # and the jitter still varies
+    assert all(15.0 <= j <= 15.0 + 0.334 for j in jitters)
