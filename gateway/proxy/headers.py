@@ -60,7 +60,12 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            if b"," in value:
+                tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            else:  # the usual one token ("keep-alive", "close"): no split, no generator
+                token = value.strip().lower()
+                if token:
+                    tokens.add(token)
     return tokens
 
 

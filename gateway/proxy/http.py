@@ -606,6 +606,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 route.upstream_port or self.settings.upstream_port,
                 route.pool_key,
                 self,
+                plan.started,  # the loop's time at admission, a moment ago
             )
             if upstream is not None:
                 self._fast_start(plan, upstream)
@@ -776,7 +777,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self.response_done = True
         self._fast_record(plan)
         if up.reusable() and not self.server.closing:
-            self.server.pool.release(up)
+            self.server.pool.release(up, self._active_at)  # (set as the last bytes came)
         else:
             self.server.pool.discard(up)
         self._next_request()

@@ -257,24 +257,34 @@ class UpstreamPool:
         self._check_out(upstream)
         return upstream
 
-    def take_idle(self, host: str, port: int, tunnel: str, sink: Sink) -> UpstreamConnection | None:
+    def take_idle(
+        self, host: str, port: int, tunnel: str, sink: Sink, now: float | None = None
+    ) -> UpstreamConnection | None:
         """A live idle connection of ``tunnel`` whose events now go to ``sink``, or None
         (none idle, none tapped, or the agent's cap of connections in use reached: the
-        caller then takes the coroutine path, which says so)."""
+        caller then takes the coroutine path, which says so).  ``now`` is the loop's
+        time if the caller has it (``asyncio.get_running_loop()`` is not free: it asks
+        the kernel for the process id every time)."""
         if self._at_cap((host, port)):
             return None
-        upstream = self._take((host, port, tunnel), None, tapped=True)
+        upstream = self._take((host, port, tunnel), None, tapped=True, now=now)
         if upstream is not None:
             upstream.tap_sink(sink)
         return upstream
 
     def _take(
-        self, key: tuple[str, int, str], max_idle_age: float | None, *, tapped: bool
+        self,
+        key: tuple[str, int, str],
+        max_idle_age: float | None,
+        *,
+        tapped: bool,
+        now: float | None = None,
     ) -> UpstreamConnection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
-        now = asyncio.get_running_loop().time()
+        if now is None:
+            now = asyncio.get_running_loop().time()
         # newest first: the most recently used connection is the least likely stale
         for index in range(len(idle) - 1, -1, -1):
             upstream = idle[index]
@@ -326,8 +336,9 @@ class UpstreamPool:
         """Connections to ``host:port`` in use (or being dialled) right now."""
         return self._active.get((host, port), 0)
 
-    def release(self, upstream: UpstreamConnection) -> None:
-        """Return a connection after a complete exchange; closes it if not reusable."""
+    def release(self, upstream: UpstreamConnection, now: float | None = None) -> None:
+        """Return a connection after a complete exchange; closes it if not reusable
+        (``now``: the loop's time, as for ``take_idle``)."""
         self._check_in(upstream)
         if not upstream.reusable() or self.max_idle_per_agent <= 0:
             self._close_later(upstream)
@@ -336,12 +347,13 @@ class UpstreamPool:
         if len(idle) >= self.max_idle_per_agent:
             self._close_later(upstream)
             return
-        loop = asyncio.get_running_loop()
-        upstream.idle_since = loop.time()
+        upstream.idle_since = asyncio.get_running_loop().time() if now is None else now
         upstream.tap_sink(upstream)
         idle.append(upstream)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(self.idle_timeout / 2, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.idle_timeout / 2, self._sweep
+            )
 
     def _sweep(self) -> None:
         """Close connections idle for ``idle_timeout`` or more; one timer for the whole

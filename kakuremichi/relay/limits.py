@@ -125,6 +125,10 @@ class RateDecision:
     retry_after: int  # whole seconds (>= 1) when not allowed, else 0
 
 
+#: the usual answer, made once (a frozen dataclass costs a call per request)
+_ALLOWED = RateDecision(True, 0)
+
+
 class RateLimiter:
     """Per-client token buckets in a bounded LRU."""
 
@@ -140,7 +144,7 @@ class RateLimiter:
 
     def check(self, client_ip: str, now: float) -> RateDecision:
         if not self.enabled:
-            return RateDecision(True, 0)
+            return _ALLOWED
         key = client_key(client_ip)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -152,7 +156,7 @@ class RateLimiter:
             self._buckets.move_to_end(key)
         wait = bucket.take(now)
         if wait == 0.0:
-            return RateDecision(True, 0)
+            return _ALLOWED
         return RateDecision(False, max(1, math.ceil(wait)))
 
     def __len__(self) -> int:

@@ -171,7 +171,13 @@ _FRAMING_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b
 
 def _has_token(values: list[bytes], token: bytes) -> bool:
     """Whether a comma-separated list field (``Connection``) names ``token``."""
-    return any(t.strip().lower() == token for value in values for t in value.split(b","))
+    for value in values:
+        if b"," not in value:
+            if value.strip().lower() == token:  # the usual single token
+                return True
+        elif any(t.strip().lower() == token for t in value.split(b",")):
+            return True
+    return False
 
 
 def _version(text: str) -> bytes:
