@@ -24,7 +24,7 @@ from pydantic.alias_generators import to_camel
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _URL = re.compile(
-    r"^(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]?#\s]+)(?::(?P<port>\d{1,5}))?"
+    r"^(?P<scheme>https?)://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]?#\s]+)(?::(?P<port>[0-9]{1,5}))?"
     r"(?P<path>/[^\s#]*)?$"
 )
 
@@ -81,7 +81,7 @@ def check_target(value: str, *, allow_url: bool) -> str:
     if "://" in target:
         raise ValueError("target URL must start with http:// or https://")
     host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError("target must be host:port (e.g. 127.0.0.1:8080) or an http(s) URL")
     if not 1 <= int(port) <= 65535:
         raise ValueError("target port must be 1-65535")

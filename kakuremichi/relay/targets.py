@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+
+#: what a path may carry unescaped (RFC 3986 §3.3 pchar and "/"; "%" keeps the
+#: escapes it already has); everything else, Unicode included, is sent as UTF-8 %XX
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
 
 
 @dataclass(frozen=True)
@@ -26,9 +30,15 @@ class Target:
                 raise ValueError(f"unsupported target URL {text!r}")
             tls = parts.scheme == "https"
             port = parts.port or (443 if tls else 80)
-            return cls(parts.hostname, port, tls, parts.path.rstrip("/"), http=True)
+            # the prefix goes on the wire in front of every request target: ASCII only
+            prefix = quote(parts.path.rstrip("/"), safe=_PATH_SAFE)
+            return cls(parts.hostname, port, tls, prefix, http=True)
         host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if (
+            not sep
+            or not (port_text.isascii() and port_text.isdigit())
+            or not 1 <= int(port_text) <= 65535
+        ):
             raise ValueError(f"target {text!r} is not host:port")
         return cls(host.strip("[]"), int(port_text))
 

@@ -21,7 +21,20 @@ def test_target_parsing() -> None:
     )
     assert Target.parse("https://localhost") == Target("localhost", 443, True, "", http=True)
     assert str(Target.parse("[::1]:22")) == "[::1]:22"
-    for bad in ("nope", "h:0", "h:99999", "ftp://x", "http://"):
+    # a Unicode path goes on the wire percent-encoded (UTF-8); escapes already there stay
+    unicode = Target.parse("http://127.0.0.1:8080/caf\u00e9 \u00fc/\u8def\u5f84/")
+    assert unicode.path_prefix == "/caf%C3%A9%20%C3%BC/%E8%B7%AF%E5%BE%84"
+    assert unicode.path_prefix.isascii()
+    assert Target.parse("http://h:1/a%20b/~x;y=1").path_prefix == "/a%20b/~x;y=1"
+    for bad in (
+        "nope",
+        "h:0",
+        "h:99999",
+        "ftp://x",
+        "http://",
+        "h:\u0668\u0660",
+        "http://h:\u0668\u0660/",
+    ):
         with pytest.raises(ValueError):
             Target.parse(bad)
 

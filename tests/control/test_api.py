@@ -117,6 +117,12 @@ async def test_pool_exhaustion_is_a_clear_409(tmp_path: Any) -> None:
         ({"domain": "a.example.com", "target": "ftp://x.example.com", "agent": "a"}, "body"),
         ({"domain": "a.example.com", "target": "::1:80", "agent": "a"}, "body"),
         ({"domain": "a.example.com", "target": "999.1.1.1:80", "agent": "a"}, "body"),
+        # digits that int() takes but no URL parser should: ASCII only
+        ({"domain": "a.example.com", "target": "127.0.0.1:\u0668\u0660", "agent": "a"}, "body"),
+        (
+            {"domain": "a.example.com", "target": "http://h.example:\uff18\uff10", "agent": "a"},
+            "body",
+        ),
         ({"protocol": "tcp", "target": "127.0.0.1:22", "agent": "a"}, "body"),
         (
             {"protocol": "tcp", "publicPort": 0, "target": "127.0.0.1:22", "agent": "a"},

@@ -552,3 +552,31 @@ async def test_connection_header_cannot_remove_host_or_framing(proxy: ProxyHarne
     )
     assert reply.startswith(b"HTTP/1.1 200 ")
     assert b'"length": 10' in reply
+
+
+async def test_unicode_path_prefix_goes_out_percent_encoded() -> None:
+    """A tunnel whose target URL has a non-ASCII path: requests carry the prefix as
+    UTF-8 %XX in front of their own target (it used to raise in the gateway)."""
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            seen.append(head.split(b"\r\n", 1)[0])
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    upstream = await RawServer(answer).start()
+    harness = await ProxyHarness(upstream.port).start()
+    route = tunnel("t1", "app.example.com")
+    route["target"] = "http://127.0.0.1:8080/caf\u00e9/\u8def\u5f84"
+    harness.router.replace_all([route])
+    try:
+        async with client(harness) as http:
+            for _ in range(2):  # the first dials (coroutine path), the second is pooled
+                response = await http.get("/x?q=1", headers={"Host": "app.example.com"})
+                assert response.status_code == 200 and response.text == "ok"
+        assert seen == [b"GET /caf%C3%A9/%E8%B7%AF%E5%BE%84/x?q=1 HTTP/1.1"] * 2
+    finally:
+        await harness.close()
+        await upstream.stop()
