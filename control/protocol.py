@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from kakuremichi import jsonsafe
+
 MAX_FRAME_BYTES = 1 << 20
 AUTH_TIMEOUT = 5.0
 HEARTBEAT_INTERVAL = 30.0
@@ -104,9 +106,9 @@ def decode(text: str | bytes) -> Frame:
     if len(text) > MAX_FRAME_BYTES:
         raise ProtocolError("frame_too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
     try:
-        value = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError("malformed_json", f"frame is not valid JSON: {exc}") from exc
+        value = jsonsafe.loads(text)
+    except jsonsafe.JsonError as exc:
+        raise ProtocolError("malformed_json", f"frame is {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError("malformed_frame", "frame must be a JSON object")
     type_ = value.get("type")
@@ -118,8 +120,10 @@ def decode(text: str | bytes) -> Frame:
     if not isinstance(data, dict):
         raise ProtocolError("malformed_frame", "'data' must be a JSON object")
     version = value.get("configVersion")
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-        raise ProtocolError("malformed_frame", "'configVersion' must be an integer")
+    if version is not None and (
+        not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= 2**62
+    ):
+        raise ProtocolError("malformed_frame", "'configVersion' must be an integer in 0..2**62")
     return Frame(type_, data, version)
 
 

@@ -8,7 +8,6 @@ in the one shape of ``errors.py``.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any, TypeVar
 
 from cryptography import x509
@@ -23,6 +22,7 @@ from control.api import models as m
 from control.api.errors import ApiError, from_validation
 from control.db.store import ClientKind, Row, Store
 from control.ws.hub import Hub
+from kakuremichi import jsonsafe
 
 Model = TypeVar("Model", bound=BaseModel)
 MAX_BODY = 256 * 1024
@@ -107,9 +107,9 @@ async def _body(request: Request, model: type[Model]) -> Model:
     if len(raw) > MAX_BODY:
         raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
     try:
-        data = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ApiError(400, "malformed_json", f"request body is not valid JSON: {exc}") from exc
+        data = jsonsafe.loads(raw or b"null")
+    except jsonsafe.JsonError as exc:
+        raise ApiError(400, "malformed_json", f"request body is {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(422, "validation_failed", "request body must be a JSON object")
     try:
@@ -123,7 +123,13 @@ def _page(request: Request) -> tuple[int, int]:
         text = request.query_params.get(name)
         if text is None:
             return default
-        if not text.isdigit() or not low <= int(text) <= high:
+        # ASCII digits only (str.isdigit() takes "²", which int() refuses) and few of
+        # them (int() of thousands of digits raises, or costs quadratic time)
+        if (
+            not (text.isascii() and text.isdigit())
+            or len(text) > 12
+            or not low <= int(text) <= high
+        ):
             raise ApiError(
                 422,
                 "validation_failed",

@@ -320,3 +320,41 @@ async def test_generated_admin_token_is_printed_once(tmp_path: Any) -> None:
         await second.stop()
     with sqlite3.connect(tmp_path / "gen.db") as db:
         assert token not in "\n".join(db.iterdump())
+
+
+async def test_numbers_no_field_can_hold_are_refused_not_500(api: httpx.AsyncClient) -> None:
+    """Integers of thousands of digits, 1e400 and NaN in bodies: 400 malformed_json (they
+    used to be 500s); paging parameters with non-ASCII or too many digits: 422."""
+    agent = await create(api, "agent", "numbers")
+    tunnel = (
+        await api.post(
+            "/api/tunnels",
+            json={"domain": "n.example.com", "target": "127.0.0.1:80", "agent": agent["id"]},
+        )
+    ).json()
+    big = "9" * 5000
+    bodies = [
+        '{"name": "x", "extra": ' + big + "}",
+        '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": -'
+        + big
+        + "}",
+        '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": 1e400}',
+        '{"enabled": NaN}',
+    ]
+    for method, path in [
+        ("POST", "/api/agents"),
+        ("POST", "/api/tunnels"),
+        ("PATCH", f"/api/tunnels/{tunnel['id']}"),
+        ("PATCH", f"/api/agents/{agent['id']}"),
+        ("POST", "/api/certificates"),
+    ]:
+        for body in bodies:
+            response = await api.request(
+                method, path, content=body, headers={"content-type": "application/json"}
+            )
+            error = assert_error(response, 400, "malformed_json")
+            assert big not in error["message"]
+    for path in ("/api/agents", "/api/tunnels", "/api/certificates"):
+        for query in ("limit=\u00b2", "limit=\u0665", "offset=" + big, "offset=" + "0" * 13):
+            error = assert_error(await api.get(f"{path}?{query}"), 422, "validation_failed")
+            assert error["details"][0]["field"] in ("limit", "offset")

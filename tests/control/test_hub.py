@@ -314,7 +314,20 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ('{"type": "heartbeat", "data": {"timestamp": "x", "configVersion": 1}}', "invalid_field"),
     ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": -1}}', "invalid_field"),
     ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": true}}', "invalid_field"),
-    ('{"type": "heartbeat", "data": {"timestamp": 1e999, "configVersion": 1}}', "invalid_field"),
+    # numbers no field can hold are refused by the parser (kakuremichi/jsonsafe.py)
+    ('{"type": "heartbeat", "data": {"timestamp": 1e999, "configVersion": 1}}', "malformed_json"),
+    ('{"type": "heartbeat", "data": {"timestamp": NaN, "configVersion": 1}}', "malformed_json"),
+    ('{"type": "heartbeat", "configVersion": 1' + "0" * 5000 + ', "data": {}}', "malformed_json"),
+    (
+        '{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": -' + "9" * 4400 + "}}",
+        "malformed_json",
+    ),
+    # ones that parse but fit no counter are invalid fields, not crashes
+    (
+        '{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": 99999999999999999999}}',
+        "invalid_field",
+    ),
+    ('{"type": "heartbeat", "configVersion": 99999999999999999999, "data": {}}', "malformed_frame"),
     ('{"type": "heartbeat", "configVersion": "1", "data": {}}', "malformed_frame"),
     ('{"type": "status", "data": {"tunnels": "all"}}', "invalid_field"),
     (

@@ -1,0 +1,46 @@
+"""Bounded JSON parsing (kakuremichi/jsonsafe.py): what plain json.loads lets through or
+fails on with the wrong exception."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kakuremichi import jsonsafe
+
+
+def test_ordinary_json_parses_as_json_loads_does() -> None:
+    text = (
+        '{"a": [1, -2, 3.5, -0.0, 1e300, true, null, "\\u00e9"], "b": {"c": 18446744073709551615}}'
+    )
+    assert jsonsafe.loads(text) == json.loads(text)
+    assert jsonsafe.loads(text.encode()) == json.loads(text)
+    assert jsonsafe.loads("-" + "9" * jsonsafe.MAX_INT_DIGITS) == -int(
+        "9" * jsonsafe.MAX_INT_DIGITS
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("1" + "0" * jsonsafe.MAX_INT_DIGITS, "digits"),
+        ('{"n": -' + "9" * 5000 + "}", "5000 digits"),  # json.loads: plain ValueError
+        ("[" + "1" * 100_000 + "]", "digits"),
+        ("1e400", "out of range"),
+        ("-1e400", "out of range"),
+        ("NaN", "not a JSON number"),
+        ('{"x": Infinity}', "not a JSON number"),
+        ("-Infinity", "not a JSON number"),
+        ("0." + "1" * 100, "64 characters"),
+        ("{not json", "not valid JSON"),
+        ("[" * 100_000, "not valid JSON"),  # too deep or cut off: either way a JsonError
+        (b"\xff\xfe", "not valid JSON"),
+        ("", "not valid JSON"),
+    ],
+)
+def test_what_no_field_can_hold_is_a_json_error(text: str | bytes, says: str) -> None:
+    with pytest.raises(jsonsafe.JsonError, match=says) as caught:
+        jsonsafe.loads(text)
+    assert isinstance(caught.value, ValueError)
+    assert len(str(caught.value)) < 200  # the input is never echoed back
