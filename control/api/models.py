@@ -269,7 +269,8 @@ class CertificateOut(BaseModel):
 
     id: str
     domain: str
-    notAfter: str
+    #: null only for a stored time no clock can show (never stored since certs.py)
+    notAfter: str | None
     source: str
     certificate: str
     createdAt: str

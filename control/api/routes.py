@@ -10,13 +10,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from control import certs
 from control import protocol as p
 from control.api import models as m
 from control.api.errors import ApiError, from_validation
@@ -31,7 +30,10 @@ MAX_BODY = 256 * 1024
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat().replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):  # a stored time no clock can show
+        return None
 
 
 def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
@@ -146,38 +148,11 @@ def _paged(items: list[dict[str, Any]], total: int, limit: int, offset: int) -> 
 
 
 def _parse_certificate(domain: str, certificate: str, private_key: str) -> float:
-    """Check the PEM chain and key; return the leaf's expiry (epoch seconds)."""
+    """Check the PEM chain and key (``control/certs.py``); return the leaf's expiry."""
     try:
-        chain = x509.load_pem_x509_certificates(certificate.encode())
-    except ValueError as exc:
-        raise ApiError(422, "invalid_certificate", "certificate is not a PEM chain") from exc
-    try:
-        key = serialization.load_pem_private_key(private_key.encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(
-            422, "invalid_certificate", "privateKey is not an unencrypted PEM key"
-        ) from exc
-    except Exception as exc:  # unsupported key algorithm
-        raise ApiError(422, "invalid_certificate", "privateKey is not a supported key") from exc
-    leaf = chain[0]
-    leaf_public = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    key_public = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if leaf_public != key_public:
-        raise ApiError(422, "invalid_certificate", "privateKey does not match the certificate")
-    names: list[str] = []
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = [n.lower() for n in san.value.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        pass
-    wildcard = "*." + domain.split(".", 1)[1]
-    if domain not in names and wildcard not in names:
-        raise ApiError(422, "invalid_certificate", f"certificate does not cover {domain!r}")
-    return leaf.not_valid_after_utc.timestamp()
+        return certs.verify(domain, certificate, private_key)
+    except certs.CertificateError as exc:
+        raise ApiError(422, "invalid_certificate", str(exc)) from None
 
 
 class Api:

@@ -43,6 +43,7 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from control import certs
 from control import protocol as p
 from control.db.store import ClientKind, Row, Store
 from control.ws.configs import agent_config, gateway_config, tunnel_wire
@@ -272,9 +273,15 @@ class Hub:
             tunnels = await self.store.all_tunnels()
             if not any(t["domain"] == cert.domain for t in tunnels):
                 raise p.ProtocolError("unknown_domain", f"no tunnel uses {cert.domain!r}")
+            try:
+                # checked as an upload is (a bad one must not replace a good one and go
+                # out to every gateway); the expiry stored is the leaf's own
+                not_after = certs.verify(cert.domain, cert.certificate, cert.private_key)
+            except certs.CertificateError as exc:
+                raise p.ProtocolError("invalid_certificate", str(exc)) from None
             async with self.lock:
                 await self.store.upsert_certificate(
-                    cert.domain, cert.certificate, cert.private_key, cert.not_after, "acme"
+                    cert.domain, cert.certificate, cert.private_key, not_after, "acme"
                 )
                 await self.push_config_locked("gateway")
             log.info("certificate stored", extra=kv(domain=cert.domain, gateway=conn.name))

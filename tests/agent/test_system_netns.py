@@ -316,6 +316,20 @@ def test_agent_system_in_namespaces(tmp_path: Path) -> None:
                         break
                     assert time.monotonic() < deadline, out.stderr[-500:]
                     time.sleep(0.5)
+                # Control stored what the gateway reported (a real ACME chain passes the
+                # check every stored certificate passes, control/certs.py)
+                deadline = time.monotonic() + 30
+                while True:
+                    listed = sh(
+                        sys.executable, "-m", "kakuremichi.cli", "admin", "certificate", "list",
+                        "--json", "--control-url", CONTROL, "--admin-token", TOKEN, netns=h0,
+                    )  # fmt: skip
+                    stored = json.loads(listed.stdout)
+                    if stored:
+                        break
+                    assert time.monotonic() < deadline, "Control never stored the certificate"
+                    time.sleep(0.5)
+                assert [(c["domain"], c["source"]) for c in stored] == [("app.example.com", "acme")]
                 secure = client(
                     h3, "https", edge1_tls, "app.example.com", f"/bytes/{BIG}", str(roots)
                 )

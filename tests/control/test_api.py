@@ -358,3 +358,19 @@ async def test_numbers_no_field_can_hold_are_refused_not_500(api: httpx.AsyncCli
         for query in ("limit=\u00b2", "limit=\u0665", "offset=" + big, "offset=" + "0" * 13):
             error = assert_error(await api.get(f"{path}?{query}"), 422, "validation_failed")
             assert error["details"][0]["field"] in ("limit", "offset")
+
+
+async def test_a_stored_time_no_clock_can_show_does_not_break_listing(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    cert, key = _self_signed("clock.example.com")
+    created = await api.post(
+        "/api/certificates",
+        json={"domain": "clock.example.com", "certificate": cert, "privateKey": key},
+    )
+    assert created.status_code == 201, created.text
+    with sqlite3.connect(control.db_path) as db:  # as an older version could have stored
+        db.execute("UPDATE certificates SET not_after = 1e300")
+    listing = await api.get("/api/certificates")
+    assert listing.status_code == 200, listing.text
+    assert listing.json()["items"][0]["notAfter"] is None

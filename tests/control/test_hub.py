@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -279,17 +280,41 @@ async def test_status_and_certificate_obtained(
     gw2_row = await create(api, "gateway", "g2")
     gw2 = await connect_client(control, gw2_row["apiKey"], "gateway", 52)
     cert, key = _self_signed("app.example.com")
+    # the notAfter claimed is ignored: what is stored and pushed is the leaf's own
+    not_after = x509.load_pem_x509_certificate(cert.encode()).not_valid_after_utc.timestamp()
     await gw.send(
         "certificate_obtained",
-        {"domain": "app.example.com", "certificate": cert, "privateKey": key, "notAfter": 1.9e9},
+        {"domain": "app.example.com", "certificate": cert, "privateKey": key, "notAfter": 1e300},
     )
     for g in (gw, gw2):
         certs = (await g.expect("config"))["data"]["certificates"]
         assert certs == [
-            {"domain": "app.example.com", "certificate": cert, "privateKey": key, "notAfter": 1.9e9}
+            {
+                "domain": "app.example.com",
+                "certificate": cert,
+                "privateKey": key,
+                "notAfter": not_after,
+            }
         ]
     listed = (await api.get("/api/certificates")).json()["items"]
     assert listed[0]["source"] == "acme" and "privateKey" not in listed[0]
+    # a chain that does not parse, or whose key is another one, is refused and the good
+    # certificate stays (it used to be stored over it and pushed to every gateway)
+    _, other_key = _self_signed("app.example.com")
+    broken = "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+    for bad_cert, bad_key in ((broken, key), (cert, other_key)):
+        await gw.send(
+            "certificate_obtained",
+            {
+                "domain": "app.example.com",
+                "certificate": bad_cert,
+                "privateKey": bad_key,
+                "notAfter": 1.9e9,
+            },
+        )
+        assert (await gw.expect("error"))["data"]["code"] == "invalid_certificate"
+    stored = (await api.get("/api/certificates")).json()["items"]
+    assert [(c["domain"], c["certificate"]) for c in stored] == [("app.example.com", cert)]
     # Agents never receive certificates; and a domain without a tunnel is refused.
     assert all("certificates" not in f["data"] for f in peer.frames if f["type"] == "config")
     await gw.send(
