@@ -12,6 +12,7 @@ import re
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -28,10 +29,25 @@ _URL = re.compile(
     r"(?P<path>/[^\s#]*)?$"
 )
 
+#: the shape of the ids Control makes (uuid4): a name of that shape is refused, so a
+#: reference in a path (an id or a name) always means one object
+_ID_SHAPE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _not_an_id(value: str) -> str:
+    if _ID_SHAPE.match(value):
+        raise ValueError("a name may not have the shape of an id (8-4-4-4-12 hex digits)")
+    return value
+
+
 Name = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$"),
-    Field(description="lower-case letters, digits, '.', '_', '-'; 1-63 characters"),
+    AfterValidator(_not_an_id),
+    Field(
+        description="lower-case letters, digits, '.', '_', '-'; 1-63 characters; "
+        "not shaped like an id"
+    ),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
 

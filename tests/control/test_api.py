@@ -374,3 +374,19 @@ async def test_a_stored_time_no_clock_can_show_does_not_break_listing(
     listing = await api.get("/api/certificates")
     assert listing.status_code == 200, listing.text
     assert listing.json()["items"][0]["notAfter"] is None
+
+
+async def test_names_cannot_take_the_shape_of_an_id(api: httpx.AsyncClient) -> None:
+    """/api/agents/{ref} takes an id or a name: a name equal to another agent's id would
+    make the reference ambiguous, so no name may look like an id."""
+    first = await create(api, "agent", "first")
+    for kind in ("agents", "gateways"):
+        refused = await api.post(f"/api/{kind}", json={"name": first["id"]})
+        error = assert_error(refused, 422, "validation_failed")
+        assert error["details"][0]["field"] == "name" and "shape of an id" in error["message"]
+    renamed = await api.patch("/api/agents/first", json={"name": first["id"]})
+    assert_error(renamed, 422, "validation_failed")
+    # a near miss is an ordinary name
+    near = first["id"][:-1]
+    assert (await api.post("/api/agents", json={"name": near})).status_code == 201
+    assert (await api.get(f"/api/agents/{first['id']}")).json()["name"] == "first"
