@@ -52,6 +52,12 @@ from kakuremichi.logs import kv
 log = logging.getLogger("control.hub")
 
 SEND_QUEUE_FRAMES = 256
+#: bad frames a client may send in a burst, and how fast its allowance refills (per
+#: second); past it the connection is closed with CLOSE_BAD_FRAMES
+BAD_FRAME_BURST = 40
+BAD_FRAME_REFILL = 0.5
+#: a connection's bad frames are logged once per code per this many seconds
+BAD_FRAME_LOG_INTERVAL = 60.0
 CLOSE_TIMEOUT = 2.0
 
 
@@ -71,6 +77,21 @@ class Connection:
     )
     writer: asyncio.Task[None] | None = None
     closing: bool = False
+    #: the bad-frame allowance (a token bucket) and when it was last refilled
+    bad_allowance: float = BAD_FRAME_BURST
+    bad_refilled: float = field(default_factory=time.monotonic)
+    #: bad frames by code since each was last logged, and when that was
+    bad_unlogged: dict[str, int] = field(default_factory=dict)
+    bad_logged_at: dict[str, float] = field(default_factory=dict)
+
+    def spend_bad_frame(self, now: float) -> bool:
+        """Count one bad frame; False once the allowance is used up."""
+        self.bad_allowance = min(
+            BAD_FRAME_BURST, self.bad_allowance + (now - self.bad_refilled) * BAD_FRAME_REFILL
+        )
+        self.bad_refilled = now
+        self.bad_allowance -= 1
+        return self.bad_allowance >= 0
 
     def enqueue(self, frame: str) -> bool:
         if self.closing:
@@ -99,6 +120,8 @@ class Hub:
         self._monitor: asyncio.Task[None] | None = None
         self._shutting_down = False
         self._background: set[asyncio.Task[Any]] = set()
+        #: closed by the hub and out of ``connections``, not yet unregistered
+        self._removed: set[Connection] = set()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -236,7 +259,7 @@ class Hub:
         await self._safe_close(ws, p.CLOSE_AUTH_FAILED, message[:120])
 
     async def _serve(self, conn: Connection) -> None:
-        while True:
+        while not conn.closing:  # closed by the hub (too slow, bad frames): stop reading
             message = await conn.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
@@ -248,11 +271,37 @@ class Hub:
                 frame = p.decode(message["text"])
                 await self._dispatch(conn, frame)
             except p.ProtocolError as exc:
-                log.info(
-                    "bad frame from client",
-                    extra=kv(kind=conn.kind, client=conn.name, code=exc.code, reason=exc.message),
-                )
-                self._send(conn, "error", {"code": exc.code, "message": exc.message})
+                await self._bad_frame(conn, exc)
+
+    async def _bad_frame(self, conn: Connection, exc: p.ProtocolError) -> None:
+        """One policy for a bad frame: answer an ``error`` frame and keep the session;
+        log once per code per interval; close (4007) a client past its allowance."""
+        now = time.monotonic()
+        if not conn.spend_bad_frame(now):
+            counts = dict(conn.bad_unlogged)
+            counts[exc.code] = counts.get(exc.code, 0) + 1
+            log.warning(
+                "closing client that sends too many bad frames",
+                extra=kv(kind=conn.kind, client=conn.name, unlogged=counts),
+            )
+            await self._close(conn, p.CLOSE_BAD_FRAMES, "too many bad frames")
+            return
+        self._send(conn, "error", {"code": exc.code, "message": exc.message})
+        last = conn.bad_logged_at.get(exc.code)
+        if last is not None and now - last < BAD_FRAME_LOG_INTERVAL:
+            conn.bad_unlogged[exc.code] = conn.bad_unlogged.get(exc.code, 0) + 1
+            return
+        conn.bad_logged_at[exc.code] = now
+        log.info(
+            "bad frame from client",
+            extra=kv(
+                kind=conn.kind,
+                client=conn.name,
+                code=exc.code,
+                reason=exc.message,
+                since_last_logged=conn.bad_unlogged.pop(exc.code, 0),
+            ),
+        )
 
     async def _dispatch(self, conn: Connection, frame: p.Frame) -> None:
         if frame.type == "heartbeat":
@@ -342,6 +391,11 @@ class Hub:
         if conn.closing:
             return
         conn.closing = True
+        # out of the registry at once: a client told it is too slow (or closed for
+        # bad frames) is offline now, gets no pushes, and a reconnect is not "replacing"
+        if self.connections.get((conn.kind, conn.client_id)) is conn:
+            del self.connections[(conn.kind, conn.client_id)]
+            self._removed.add(conn)
         if conn.writer is not None:
             conn.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -352,8 +406,11 @@ class Hub:
         conn.closing = True
         if conn.writer is not None and not conn.writer.done():
             conn.writer.cancel()
-        if self.connections.get((conn.kind, conn.client_id)) is conn:
-            del self.connections[(conn.kind, conn.client_id)]
+        registered = self.connections.get((conn.kind, conn.client_id)) is conn
+        if registered or conn in self._removed:
+            self._removed.discard(conn)
+            if registered:
+                del self.connections[(conn.kind, conn.client_id)]
             with contextlib.suppress(Exception):  # the client may have been deleted
                 await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -504,3 +505,46 @@ async def test_rotated_key_closes_connection_and_old_key_fails(
         await connect_client(control, agent["apiKey"], "agent", 70)
     fresh = await connect_client(control, new_key, "agent", 70)
     await fresh.close()
+
+
+async def test_a_flood_of_bad_frames_is_logged_once_and_closed_with_4007(
+    control: RunningControl, api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from control.ws.hub import BAD_FRAME_BURST
+
+    a = await create(api, "agent", "flooder")
+    b = await create(api, "agent", "calm")
+    flooder = await connect_client(control, a["apiKey"], "agent", 70)
+    calm = await connect_client(control, b["apiKey"], "agent", 71)
+    caplog.set_level("INFO", logger="control.hub")
+    for _ in range(BAD_FRAME_BURST * 3):  # far past the allowance, as fast as it goes
+        with contextlib.suppress(ConnectionClosed):
+            await flooder.ws.send("{not json")
+    assert "too many bad frames" in await closed_with(flooder, protocol.CLOSE_BAD_FRAMES)
+    bad_lines = [r for r in caplog.records if r.getMessage() == "bad frame from client"]
+    assert len(bad_lines) == 1  # one line per code per interval, not one per frame
+    closing = [r for r in caplog.records if "too many bad frames" in r.getMessage()]
+    assert len(closing) == 1
+    # gone from the registry at once; the other client is untouched
+    health = (await api.get("/api/agents/flooder")).json()
+    assert health["online"] is False
+    await calm.heartbeat(0)
+    await calm.expect("config")
+    await calm.close()
+
+
+async def test_a_client_closed_as_too_slow_is_offline_at_once(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    hub = control.app.state.hub
+    a = await create(api, "agent", "slowpoke")
+    peer = await connect_client(control, a["apiKey"], "agent", 72)
+    conn = hub.connections[("agent", a["id"])]
+    hub._too_slow(conn)  # what a full send queue does
+    await asyncio.sleep(0)
+    assert ("agent", a["id"]) not in hub.connections
+    assert (await api.get("/api/agents/slowpoke")).json()["online"] is False
+    await closed_with(peer, protocol.CLOSE_TOO_SLOW)
+    again = await connect_client(control, a["apiKey"], "agent", 72)  # and it may come back
+    assert (await api.get("/api/agents/slowpoke")).json()["online"] is True
+    await again.close()
