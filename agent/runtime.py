@@ -19,9 +19,7 @@ Control connection closes with 1001, the UDP socket closes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,40 +125,11 @@ class Agent:
         return self.settings.data_dir / STATE_FILE
 
     def _load_state(self) -> None:
-        try:
-            data = json.loads(self.state_path.read_text())
-            view = self.client.view
-            me, peers, tunnels = data["agent"], data["gateways"], data["tunnels"]
-            if not isinstance(me, dict) or not isinstance(peers, list):
-                raise ValueError("bad sections")
-            if not isinstance(tunnels, list) or not all(isinstance(t, dict) for t in tunnels):
-                raise ValueError("bad tunnels")
-            view.me, view.peers = me, peers
-            view.tunnels = {str(t["id"]): t for t in tunnels}
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning(
-                "stored configuration unreadable; waiting for control",
-                extra=kv(file=str(self.state_path), error=str(exc)[:200]),
-            )
-            return
-        log.info(
-            "serving the stored configuration until control answers",
-            extra=kv(gateways=len(view.peers), tunnels=len(view.tunnels)),
-        )
-        self._dirty.set()
+        if self.client.view.restore(self.state_path, "agent"):
+            self._dirty.set()
 
     def _store_state(self, view: ControlView) -> None:
-        data = {"agent": view.me, "gateways": view.peers, "tunnels": list(view.tunnels.values())}
-        tmp = self.state_path.with_suffix(".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle)
-            os.replace(tmp, self.state_path)
-        except OSError as exc:
-            log.warning("could not store the configuration", extra=kv(error=str(exc)))
+        view.store(self.state_path, "agent")
 
     # -- reconciliation -------------------------------------------------------------------
 

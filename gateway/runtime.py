@@ -7,7 +7,9 @@ HTTPS when enabled), raw TCP and UDP forwarders and the admin port, then connect
 Every change of Control's view sets a flag; one reconcile task applies the newest view
 (WireGuard peers and addresses, routing table, Control's certificates) so bursts of
 changes cost one pass.  A failed pass is retried with back-off while the previous
-state keeps serving.  The ACME task orders certificates for enabled HTTP tunnel
+state keeps serving (an unexpected error is logged with its traceback and retried
+the same way).  The last configuration applied is stored (0600, ``last-config.json``
+in the data directory) and served after a restart until Control answers.  The ACME task orders certificates for enabled HTTP tunnel
 domains that lack a usable one (none, or expiring within ``renew_before``), persists
 them in the state directory and reports them to Control (``certificate_obtained``),
 backing off per domain after failures; it runs when Control's view changes (a new
@@ -46,6 +48,9 @@ from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
 from kakuremichi.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 
 log = logging.getLogger("gateway")
+
+#: the last configuration applied, in the data directory (see ``Gateway.state_path``)
+STATE_FILE = "last-config.json"
 
 
 @dataclass
@@ -155,6 +160,11 @@ class Gateway:
 
     # -- reconciliation -------------------------------------------------------------------
 
+    @property
+    def state_path(self) -> Path:
+        """The last configuration applied (0600: it holds certificate keys)."""
+        return self.settings.data_dir / STATE_FILE
+
     def _changed(self, view: ControlView) -> None:
         self._dirty.set()
         self._acme_wakeup.set()
@@ -176,11 +186,22 @@ class Gateway:
                         "configuration applied",
                         extra=kv(agents=len(state.peers), tunnels=len(view.tunnels)),
                     )
+                if view.has_config:
+                    # served after a restart while Control is away (like the agent's)
+                    view.store(self.state_path, "gateway")
                 delay = 1.0
             except (WgError, OSError) as exc:
                 log.error(
                     "applying configuration failed; retrying",
                     extra=kv(error=str(exc), retry_in_s=delay),
+                )
+                await asyncio.sleep(delay)
+                delay = min(60.0, delay * 2)
+                self._dirty.set()
+            except Exception:  # a bug must not end the task silently: log, retry
+                log.exception(
+                    "applying configuration failed unexpectedly; retrying",
+                    extra=kv(retry_in_s=delay),
                 )
                 await asyncio.sleep(delay)
                 delay = min(60.0, delay * 2)
@@ -315,6 +336,8 @@ class Gateway:
         await self.tcp.start()
         await self.udp.start()
         self._load_acme_certificates()
+        if self.client.view.restore(self.state_path, "gateway"):
+            self._dirty.set()  # serve it until Control answers
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.client.run()),

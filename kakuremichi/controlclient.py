@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import random
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,6 +41,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from control import protocol as p
+from kakuremichi import jsonsafe
 from kakuremichi.logs import kv
 
 log = logging.getLogger("kakuremichi.controlclient")
@@ -67,6 +71,55 @@ class ControlView:
     certificates: list[dict[str, Any]] = field(default_factory=list)
     config_version: int = 0
     has_config: bool = False
+
+    # -- the last good configuration, kept across restarts ---------------------------
+
+    def snapshot(self, client_type: str) -> dict[str, Any]:
+        """The view as the data of a ``config`` frame (what :meth:`restore` reads)."""
+        data: dict[str, Any] = {
+            client_type: self.me,
+            "gateways" if client_type == "agent" else "agents": self.peers,
+            "tunnels": list(self.tunnels.values()),
+        }
+        if client_type == "gateway":
+            data["certificates"] = self.certificates
+        return data
+
+    def store(self, path: Path, client_type: str) -> None:
+        """Write :meth:`snapshot` to ``path`` atomically, readable by the owner only (a
+        gateway's holds certificate keys); an error is logged, never raised."""
+        tmp = path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(self.snapshot(client_type), handle)
+            os.chmod(tmp, 0o600)  # an older file of ours may have had other bits
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not store the configuration", extra=kv(error=str(exc)))
+
+    def restore(self, path: Path, client_type: str) -> bool:
+        """Load what :meth:`store` wrote, checked as a ``config`` frame is; False (and a
+        warning) if there is none or it is unreadable.  The view keeps its
+        ``config_version`` of 0, so Control's first config replaces it."""
+        try:
+            data = jsonsafe.loads(path.read_bytes())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            self.apply(p.Frame("config", data, None), client_type)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, p.ProtocolError) as exc:
+            log.warning(
+                "stored configuration unreadable; waiting for control",
+                extra=kv(file=str(path), error=str(exc)[:200]),
+            )
+            return False
+        log.info(
+            "serving the stored configuration until control answers",
+            extra=kv(peers=len(self.peers), tunnels=len(self.tunnels)),
+        )
+        return True
 
     def apply(self, frame: p.Frame, client_type: str) -> bool:
         """Apply one frame; True if the view changed."""

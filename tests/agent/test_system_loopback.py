@@ -252,11 +252,23 @@ async def test_control_outage_keeps_traffic_and_resyncs(
         for _ in range(20):
             assert (await system.get("app.example.com")).status_code == 200
             await asyncio.sleep(0.05)
-        # The agent remembers its configuration: restarted while Control is down, it
-        # serves again.
+        # Both remember their configuration: restarted while Control is down (the
+        # gateway first, then the agent, which handshakes afresh), they serve again.
         stored = json.loads((system.agent.state_path).read_text())
         assert [t["domain"] for t in stored["tunnels"]] == ["app.example.com"]
         assert oct(system.agent.state_path.stat().st_mode & 0o777) == "0o600"
+        gateway_state = system.gateway.state_path
+        stored = json.loads(gateway_state.read_text())
+        assert [t["domain"] for t in stored["tunnels"]] == ["app.example.com"]
+        assert [a["publicKey"] for a in stored["agents"]] == [system.agent.keys.public_b64]
+        assert oct(gateway_state.stat().st_mode & 0o777) == "0o600"
+        settings = system.gateway.settings
+        await system.gateway.stop()
+        system.gateway = Gateway(settings)
+        await system.gateway.start()
+        async with asyncio.timeout(5):  # routed from the stored file, Control still down
+            while system.gateway.router.lookup_host("app.example.com") is None:
+                await asyncio.sleep(0.02)
         await system.agent.stop()
         system.agent = Agent(system.agent.settings)
         await system.agent.start()

@@ -200,3 +200,39 @@ def test_view_is_idempotent() -> None:
     assert view.apply(delete, "gateway") is True
     assert view.apply(delete, "gateway") is False
     assert view.config_version == 5 and set(view.tunnels) == {"t"}
+
+
+def test_view_stored_and_restored_as_a_config_frame(tmp_path: Path) -> None:
+    """The last good configuration survives a restart: written 0600, read back through
+    the same checks as a ``config`` frame; a damaged file is refused, not half-read."""
+    from control.protocol import Frame
+    from kakuremichi.controlclient import ControlView
+
+    view = ControlView()
+    data = {
+        "gateway": {"id": "g", "virtualIp": "100.64.0.1"},
+        "agents": [{"publicKey": "k", "virtualIp": "100.64.0.100"}],
+        "tunnels": [{"id": "t1", "domain": "app.example.com"}],
+        "certificates": [{"domain": "app.example.com", "privateKey": "secret"}],
+    }
+    view.apply(Frame("config", data, 7), "gateway")
+    path = tmp_path / "last-config.json"
+    path.write_text("{}")
+    path.chmod(0o644)
+    view.store(path, "gateway")
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = ControlView()
+    assert again.restore(path, "gateway")
+    assert (again.me, again.peers, again.tunnels, again.certificates) == (
+        view.me,
+        view.peers,
+        view.tunnels,
+        view.certificates,
+    )
+    assert again.has_config and again.config_version == 0  # Control's first config wins
+    assert not ControlView().restore(tmp_path / "missing.json", "gateway")
+    for damaged in ('{"gateway": {}, "agents": "x", "tunnels": []}', "[1]", "{", "1" * 30):
+        path.write_text(damaged)
+        fresh = ControlView()
+        assert not fresh.restore(path, "gateway")
+        assert not fresh.has_config and fresh.tunnels == {}
