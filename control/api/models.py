@@ -11,6 +11,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
+import idna
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,8 +54,22 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 def check_domain(value: str) -> str:
-    """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels."""
-    domain = value.strip().rstrip(".").lower()
+    """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels;
+    an internationalised name is stored as its A-labels (IDNA 2008 with UTS #46
+    mapping: ``Café.Example`` → ``xn--caf-dma.example``), which is what clients send in
+    Host and SNI and what the gateways' routers and ACME match."""
+    domain = value.strip().rstrip(".")
+    if not domain.isascii():
+        try:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise ValueError("domain is not a valid internationalised domain name") from None
+    domain = domain.lower()
+    if "xn--" in domain:  # A-labels given as such must decode (RFC 5891 §5.4)
+        try:
+            idna.decode(domain)
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise ValueError("domain has an A-label that is not valid punycode") from None
     if len(domain) > 253:
         raise ValueError("domain is longer than 253 characters")
     labels = domain.split(".")

@@ -390,3 +390,25 @@ async def test_names_cannot_take_the_shape_of_an_id(api: httpx.AsyncClient) -> N
     near = first["id"][:-1]
     assert (await api.post("/api/agents", json={"name": near})).status_code == 201
     assert (await api.get(f"/api/agents/{first['id']}")).json()["name"] == "first"
+
+
+async def test_internationalised_domains_are_stored_as_a_labels(api: httpx.AsyncClient) -> None:
+    """What the router and ACME match is what clients send: A-labels, lower case, no
+    trailing dot; names that IDNA refuses are a 422 on the domain field."""
+    await create(api, "agent", "idn")
+    made = await api.post(
+        "/api/tunnels",
+        json={"domain": "Caf\u00e9.Example.com.", "target": "127.0.0.1:80", "agent": "idn"},
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["domain"] == "xn--caf-dma.example.com"
+    again = await api.post(
+        "/api/tunnels",
+        json={"domain": "xn--caf-dma.example.com", "target": "127.0.0.1:80", "agent": "idn"},
+    )
+    assert_error(again, 409)  # the same name, however written
+    for bad in ("\u2603.example.com", "a\u200d.example.com", "xn--zz.example.com"):
+        refused = await api.post(
+            "/api/tunnels", json={"domain": bad, "target": "127.0.0.1:80", "agent": "idn"}
+        )
+        assert assert_error(refused, 422)["details"][0]["field"] == "domain"
