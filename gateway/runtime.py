@@ -9,8 +9,8 @@ Every change of Control's view sets a flag; one reconcile task applies the newes
 changes cost one pass.  A failed pass is retried with back-off while the previous
 state keeps serving (an unexpected error is logged with its traceback and retried
 the same way).  The last configuration applied is stored (0600, ``last-config.json``
-in the data directory) and served after a restart until Control answers.  The ACME task orders certificates for enabled HTTP tunnel
-domains that lack a usable one (none, or expiring within ``renew_before``), persists
+in the data directory) and served after a restart until Control answers.  The ACME
+task orders certificates for enabled HTTP tunnel domains that lack a usable one (none, or expiring within ``renew_before``), persists
 them in the state directory and reports them to Control (``certificate_obtained``),
 backing off per domain after failures; it runs when Control's view changes (a new
 domain is ordered at once) and every 15 s.  A stats task feeds WireGuard peer readings to
@@ -190,19 +190,17 @@ class Gateway:
                     # served after a restart while Control is away (like the agent's)
                     view.store(self.state_path, "gateway")
                 delay = 1.0
-            except (WgError, OSError) as exc:
-                log.error(
-                    "applying configuration failed; retrying",
-                    extra=kv(error=str(exc), retry_in_s=delay),
-                )
-                await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
-                self._dirty.set()
-            except Exception:  # a bug must not end the task silently: log, retry
-                log.exception(
-                    "applying configuration failed unexpectedly; retrying",
-                    extra=kv(retry_in_s=delay),
-                )
+            except Exception as exc:  # whatever it is, the task never ends silently
+                if isinstance(exc, WgError | OSError):
+                    log.error(
+                        "applying configuration failed; retrying",
+                        extra=kv(error=str(exc), retry_in_s=delay),
+                    )
+                else:  # a bug: its traceback, then the same retry
+                    log.exception(
+                        "applying configuration failed unexpectedly; retrying",
+                        extra=kv(retry_in_s=delay),
+                    )
                 await asyncio.sleep(delay)
                 delay = min(60.0, delay * 2)
                 self._dirty.set()

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from netstack import events as ev
 from netstack.ip import format_address
+from netstack.looptimer import EarliestTimer
 from netstack.stack import Address, Stack, TcpListener, UdpSocket
 from netstack.tcp import TcpConnection
 
@@ -86,8 +87,7 @@ class AsyncStack:
         self._loop = asyncio.get_running_loop()
         self._inbox: list[bytes] = []
         self._kick_scheduled = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
+        self._timer = EarliestTimer(self._loop, self._kick)
         self._transports: dict[TcpConnection, _TcpTransport] = {}
         self._connecting: dict[TcpConnection, asyncio.Future[None]] = {}
         self._servers: dict[int, NetstackServer] = {}
@@ -106,11 +106,6 @@ class AsyncStack:
         if not self._kick_scheduled and not self.closed:
             self._kick_scheduled = True
             self._loop.call_soon(self._kick)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_when = None
-        self._kick()
 
     def _kick(self) -> None:
         self._kick_scheduled = False
@@ -148,25 +143,9 @@ class AsyncStack:
                 self.link.send(packet)
 
     def _arm_timer(self) -> None:
-        """Make sure the loop wakes the stack by its next deadline.
-
-        Deadlines mostly move *later* (every segment sent pushes the retransmission or
-        tail-loss-probe deadline forward), so a timer already armed for an earlier
-        moment is left alone: it fires, the stack finds nothing due, and the timer is
-        armed again for what is due then.  Only a deadline earlier than the armed one
-        replaces it.  That is one timer per deadline period instead of a cancelled and
-        re-created ``TimerHandle`` per request on a busy connection.
-        """
-        deadline = self.stack.next_deadline()
-        if deadline is None:
-            return  # an armed timer fires once more, finds nothing, and is not re-armed
-        armed = self._timer_when
-        if armed is not None and armed <= deadline:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_when = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+        """Make sure the loop wakes the stack by its next deadline (one timer per
+        deadline period, not one per segment sent: ``netstack.looptimer``)."""
+        self._timer.arm(self.stack.next_deadline())
 
     def _dispatch(self, event: ev.StackEvent) -> None:
         if isinstance(event, ev.TcpConnectionEvent):
@@ -205,9 +184,7 @@ class AsyncStack:
             server.close()
         self._kick()
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
         detach = getattr(self.link, "detach", None)
         if callable(detach):
             detach()

@@ -64,12 +64,13 @@ def check_domain(value: str) -> str:
             domain = idna.encode(domain, uts46=True).decode("ascii")
         except (idna.IDNAError, UnicodeError, ValueError):
             raise ValueError("domain is not a valid internationalised domain name") from None
-    domain = domain.lower()
-    if "xn--" in domain:  # A-labels given as such must decode (RFC 5891 §5.4)
-        try:
-            idna.decode(domain)
-        except (idna.IDNAError, UnicodeError, ValueError):
-            raise ValueError("domain has an A-label that is not valid punycode") from None
+    else:
+        domain = domain.lower()
+        if "xn--" in domain:  # A-labels given as such must decode (RFC 5891 §5.4)
+            try:
+                idna.decode(domain)
+            except (idna.IDNAError, UnicodeError, ValueError):
+                raise ValueError("domain has an A-label that is not valid punycode") from None
     if len(domain) > 253:
         raise ValueError("domain is longer than 253 characters")
     labels = domain.split(".")

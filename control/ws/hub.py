@@ -120,8 +120,6 @@ class Hub:
         self._monitor: asyncio.Task[None] | None = None
         self._shutting_down = False
         self._background: set[asyncio.Task[Any]] = set()
-        #: closed by the hub and out of ``connections``, not yet unregistered
-        self._removed: set[Connection] = set()
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -390,12 +388,9 @@ class Hub:
     async def _close(self, conn: Connection, code: int, reason: str) -> None:
         if conn.closing:
             return
-        conn.closing = True
         # out of the registry at once: a client told it is too slow (or closed for
         # bad frames) is offline now, gets no pushes, and a reconnect is not "replacing"
-        if self.connections.get((conn.kind, conn.client_id)) is conn:
-            del self.connections[(conn.kind, conn.client_id)]
-            self._removed.add(conn)
+        await self._unregister(conn)
         if conn.writer is not None:
             conn.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -406,11 +401,8 @@ class Hub:
         conn.closing = True
         if conn.writer is not None and not conn.writer.done():
             conn.writer.cancel()
-        registered = self.connections.get((conn.kind, conn.client_id)) is conn
-        if registered or conn in self._removed:
-            self._removed.discard(conn)
-            if registered:
-                del self.connections[(conn.kind, conn.client_id)]
+        if self.connections.get((conn.kind, conn.client_id)) is conn:
+            del self.connections[(conn.kind, conn.client_id)]
             with contextlib.suppress(Exception):  # the client may have been deleted
                 await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))

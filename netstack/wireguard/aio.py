@@ -31,6 +31,8 @@ import sys
 from collections import deque
 from collections.abc import Callable
 
+from netstack.looptimer import EarliestTimer
+
 from .config import Config
 from .device import Device
 from .errors import ConfigError
@@ -118,8 +120,7 @@ class UdpDevice:
         self.packets: asyncio.Queue[bytes] = asyncio.Queue(maxsize=4096)
         self._buffer = bytearray(_RECV_SIZE)
         self._view = memoryview(self._buffer)
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer = EarliestTimer(self._loop, self._on_timer)
         self._pending: deque[tuple[bytes, Address]] = deque()
         #: batch equal-sized datagrams with UDP GSO (Linux >= 4.18); off after a refusal
         self.gso = sys.platform == "linux" and sock.type == socket.SOCK_DGRAM
@@ -182,8 +183,6 @@ class UdpDevice:
         return unroutable
 
     def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
         self.device.handle_timer(self._loop.time())
         self.flush()
 
@@ -202,20 +201,9 @@ class UdpDevice:
         if self._on_event is not None:
             for event in device.events():
                 self._on_event(event)
-        deadline = device.next_deadline()
-        # A timer armed for an earlier moment is left alone: it fires, the device finds
-        # nothing due, and the timer is armed for what is due then.  The deadline moves
-        # on every data packet (send and receive reset different WireGuard timers),
-        # so re-creating the TimerHandle on each change cost one per flush.
-        if deadline is None:
-            return  # an armed timer fires once more, finds nothing, and is not re-armed
-        armed = self._timer_at
-        if armed is not None and armed <= deadline:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = deadline
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+        # the deadline moves on every data packet (send and receive reset different
+        # WireGuard timers): an earlier-armed timer is kept (``netstack.looptimer``)
+        self._timer.arm(device.next_deadline())
 
     def _send_all(self, out: list[tuple[bytes, Address]]) -> None:
         if self._pending:
@@ -294,8 +282,7 @@ class UdpDevice:
         if self._closed:
             return
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._timer.cancel()
         self._loop.remove_reader(self.sock.fileno())
         if self._writing:
             self._loop.remove_writer(self.sock.fileno())

@@ -181,21 +181,21 @@ async def test_timer_is_not_recreated_when_the_deadline_only_moves_later() -> No
         now = loop.time()
         fake.deadline = now + 0.05
         udp.flush()
-        first = udp._timer
-        assert first is not None and udp._timer_at == now + 0.05
+        first = udp._timer.handle
+        assert first is not None and udp._timer.when == now + 0.05
         fake.deadline = now + 60  # later: the armed timer stays
         udp.flush()
-        assert udp._timer is first and udp._timer_at == now + 0.05
+        assert udp._timer.handle is first and udp._timer.when == now + 0.05
         fake.deadline = now + 0.02  # earlier: replaced
         udp.flush()
-        assert udp._timer is not first and udp._timer_at == now + 0.02
+        assert udp._timer.handle is not first and udp._timer.when == now + 0.02
         assert first.cancelled()
         fake.deadline = now + 0.2  # the armed 0.02 s timer fires early, re-arms for 0.2
         await asyncio.sleep(0.1)
         assert len(fake.fired) == 1 and fake.deadline == now + 0.2
-        assert udp._timer_at == now + 0.2
+        assert udp._timer.when == now + 0.2
         await asyncio.sleep(0.2)
         assert len(fake.fired) == 2 and fake.deadline is None
-        assert udp._timer is None  # nothing due any more: not re-armed
+        assert udp._timer.handle is None  # nothing due any more: not re-armed
     finally:
         udp.close()
