@@ -4,10 +4,10 @@ Theory of operation: WireGuard fixes its primitives -- BLAKE2s for HASH, MAC
 (keyed BLAKE2s, 16 bytes), HMAC-BLAKE2s for the HKDF-style KDF1/2/3, X25519 for DH
 and ChaCha20-Poly1305 for AEAD, plus XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha)
 for the cookie reply.  Everything expensive is done by ``cryptography`` or
-``hashlib``; the only primitive written in Python is HChaCha20, which sits on the
-(rare, rate-limited) cookie path.  HMAC is built from precomputed pads with
-``bytes.translate`` because that is ~3x faster than the ``hmac`` module for the tiny
-inputs the handshake uses.
+``hashlib``, HChaCha20 included (one ChaCha20 keystream block, see :func:`hchacha20`),
+so a cookie reply costs a small fraction of a handshake.  HMAC is built from
+precomputed pads with ``bytes.translate`` because that is ~3x faster than the ``hmac``
+module for the tiny inputs the handshake uses.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import struct
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
 
 from .errors import HandshakeError
 
@@ -142,38 +144,38 @@ def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, ad: bytes) -> byte
 
 _SIGMA = struct.unpack("<4I", b"expand 32-byte k")
 _M32 = 0xFFFFFFFF
+_ZERO_BLOCK = bytes(64)
+_BLOCK_WORDS = struct.Struct("<16I")
+_NONCE_WORDS = struct.Struct("<4I")
+_SUBKEY = struct.Struct("<8I")
 
 
 def hchacha20(key: bytes, nonce16: bytes) -> bytes:
-    """HChaCha20 (draft-irtf-cfrg-xchacha section 2.2): 32-byte subkey from key and nonce."""
+    """HChaCha20 (draft-irtf-cfrg-xchacha section 2.2): 32-byte subkey from key and nonce.
+
+    HChaCha20 is the ChaCha20 block function without the final addition of the input
+    state, keeping words 0..3 and 12..15.  ``cryptography``'s ChaCha20 takes a 16-byte
+    nonce that is exactly state words 12..15 (OpenSSL: 32-bit block counter then
+    96-bit nonce, little endian), so one keystream block for ``nonce16`` is the
+    permuted state plus the input state; subtracting the known input words mod 2**32
+    leaves HChaCha20's output.  ~7 us in C instead of ~140 us of Python rounds.
+    """
     if len(key) != KEY_SIZE or len(nonce16) != 16:
         raise HandshakeError("HChaCha20 takes a 32-byte key and a 16-byte nonce")
-    s = [*_SIGMA, *struct.unpack("<8I", key), *struct.unpack("<4I", nonce16)]
-
-    def quarter(a: int, b: int, c: int, d: int) -> None:
-        s[a] = (s[a] + s[b]) & _M32
-        x = s[d] ^ s[a]
-        s[d] = ((x << 16) | (x >> 16)) & _M32
-        s[c] = (s[c] + s[d]) & _M32
-        x = s[b] ^ s[c]
-        s[b] = ((x << 12) | (x >> 20)) & _M32
-        s[a] = (s[a] + s[b]) & _M32
-        x = s[d] ^ s[a]
-        s[d] = ((x << 8) | (x >> 24)) & _M32
-        s[c] = (s[c] + s[d]) & _M32
-        x = s[b] ^ s[c]
-        s[b] = ((x << 7) | (x >> 25)) & _M32
-
-    for _ in range(10):
-        quarter(0, 4, 8, 12)
-        quarter(1, 5, 9, 13)
-        quarter(2, 6, 10, 14)
-        quarter(3, 7, 11, 15)
-        quarter(0, 5, 10, 15)
-        quarter(1, 6, 11, 12)
-        quarter(2, 7, 8, 13)
-        quarter(3, 4, 9, 14)
-    return struct.pack("<8I", *s[0:4], *s[12:16])
+    block = Cipher(ChaCha20(key, nonce16), None).encryptor().update(_ZERO_BLOCK)
+    w = _BLOCK_WORDS.unpack(block)
+    s0, s1, s2, s3 = _SIGMA
+    n0, n1, n2, n3 = _NONCE_WORDS.unpack(nonce16)
+    return _SUBKEY.pack(
+        (w[0] - s0) & _M32,
+        (w[1] - s1) & _M32,
+        (w[2] - s2) & _M32,
+        (w[3] - s3) & _M32,
+        (w[12] - n0) & _M32,
+        (w[13] - n1) & _M32,
+        (w[14] - n2) & _M32,
+        (w[15] - n3) & _M32,
+    )
 
 
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes:

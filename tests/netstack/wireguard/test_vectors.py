@@ -7,6 +7,7 @@ import hashlib
 import hmac as std_hmac
 import json
 import random
+import struct
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,75 @@ def test_hchacha20_draft_vector() -> None:
     nonce = x("000000090000004a0000000031415927")
     expected = x("82413b4227b27bfed30e42508a877d73a0f9e4d58a74a853c12ec41326d3ecdc")
     assert hchacha20(key, nonce) == expected
+
+
+def _reference_hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 written out from the draft (section 2.2): 20 rounds, no feed-forward."""
+    mask = 0xFFFFFFFF
+    s = [*struct.unpack("<4I", b"expand 32-byte k"), *struct.unpack("<8I", key)]
+    s += struct.unpack("<4I", nonce16)
+
+    def rotl(value: int, bits: int) -> int:
+        return ((value << bits) | (value >> (32 - bits))) & mask
+
+    def quarter(a: int, b: int, c: int, d: int) -> None:  # RFC 8439 section 2.1
+        s[a] = (s[a] + s[b]) & mask
+        s[d] = rotl(s[d] ^ s[a], 16)
+        s[c] = (s[c] + s[d]) & mask
+        s[b] = rotl(s[b] ^ s[c], 12)
+        s[a] = (s[a] + s[b]) & mask
+        s[d] = rotl(s[d] ^ s[a], 8)
+        s[c] = (s[c] + s[d]) & mask
+        s[b] = rotl(s[b] ^ s[c], 7)
+
+    for _ in range(10):
+        for column in range(4):
+            quarter(column, 4 + column, 8 + column, 12 + column)
+        for diagonal in range(4):
+            quarter(
+                diagonal,
+                4 + (diagonal + 1) % 4,
+                8 + (diagonal + 2) % 4,
+                12 + (diagonal + 3) % 4,
+            )
+    return struct.pack("<8I", *s[0:4], *s[12:16])
+
+
+def test_hchacha20_matches_the_rounds_written_out() -> None:
+    """The keystream-minus-input-state construction equals the block function without
+    feed-forward for any key and nonce, including a counter word of 2**32 - 1."""
+    key = bytes(range(32))
+    nonce = x("000000090000004a0000000031415927")
+    assert _reference_hchacha20(key, nonce) == hchacha20(key, nonce)
+    rng = random.Random(14)
+    nonces = [b"\xff" * 16, bytes(16), b"\xff\xff\xff\xff" + bytes(12)]
+    nonces += [rng.randbytes(16) for _ in range(50)]
+    for nonce in nonces:
+        key = rng.randbytes(32)
+        assert hchacha20(key, nonce) == _reference_hchacha20(key, nonce)
+
+
+def test_hchacha20_and_xchacha20_refuse_bad_sizes() -> None:
+    with pytest.raises(HandshakeError):
+        hchacha20(bytes(31), bytes(16))
+    with pytest.raises(HandshakeError):
+        hchacha20(bytes(32), bytes(12))
+    with pytest.raises(HandshakeError):
+        xaead_encrypt(bytes(32), bytes(12), b"", b"")
+    with pytest.raises(HandshakeError):
+        xaead_decrypt(bytes(32), bytes(23), bytes(16), b"")
+
+
+def test_xchacha20poly1305_is_chacha20poly1305_under_the_subkey() -> None:
+    """XChaCha20-Poly1305 (draft section 2.3): subkey = HChaCha20(key, nonce[:16]),
+    then the IETF AEAD with nonce 0x00000000 || nonce[16:24]."""
+    rng = random.Random(15)
+    for size in (0, 1, 16, 32, 100):
+        key, nonce, data, ad = rng.randbytes(32), rng.randbytes(24), rng.randbytes(size), b"ad"
+        subkey = _reference_hchacha20(key, nonce[:16])
+        expected = ChaCha20Poly1305(subkey).encrypt(bytes(4) + nonce[16:], data, ad)
+        assert xaead_encrypt(key, nonce, data, ad) == expected
+        assert xaead_decrypt(key, nonce, expected, ad) == data
 
 
 def test_xchacha20poly1305_draft_vector() -> None:
