@@ -30,6 +30,8 @@ from control.api.openapi import build_openapi
 from control.api.routes import Api
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
+from control.protocol import AUTH_TIMEOUT
+from control.ws.admission import DEFAULT_PER_ADDRESS
 from control.ws.hub import Hub
 from kakuremichi.logs import kv
 
@@ -48,6 +50,10 @@ class ControlSettings:
     agent_prefix: int = DEFAULT_PREFIX
     agent_host: int = DEFAULT_AGENT_HOST
     offline_after: float = 60.0
+    #: unauthenticated WebSocket connections allowed at once per remote address
+    max_unauthenticated_per_address: int = DEFAULT_PER_ADDRESS
+    #: seconds a WebSocket client has to authenticate (not a flag; tests shorten it)
+    auth_timeout: float = AUTH_TIMEOUT
     announce: Callable[[str], None] = field(default=print)
 
 
@@ -91,7 +97,12 @@ def create_app(settings: ControlSettings) -> Starlette:
     plan = AddressPlan(settings.address_pool, settings.agent_prefix, settings.agent_host)
     engine = create_engine(settings.database_url)
     store = Store(engine, plan)
-    hub = Hub(store, offline_after=settings.offline_after)
+    hub = Hub(
+        store,
+        offline_after=settings.offline_after,
+        auth_timeout=settings.auth_timeout,
+        pending_per_address=settings.max_unauthenticated_per_address,
+    )
     api = Api(store, hub)
     auth_state: dict[str, Any] = {}
     openapi = build_openapi()

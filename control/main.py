@@ -22,6 +22,7 @@ import uvicorn
 from control import protocol
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.app import ControlSettings, create_app
+from control.ws.admission import DEFAULT_PER_ADDRESS
 from kakuremichi import eventloop, logs
 from kakuremichi.config import (
     COMMON,
@@ -33,6 +34,16 @@ from kakuremichi.config import (
     resolve,
 )
 from kakuremichi.eventloop import EVENT_LOOP
+
+
+def positive_int(value: str) -> int:
+    if not value.strip().isascii() or not value.strip().isdigit():
+        raise ValueError("must be a whole number")
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on", "0.0.0.0"),
@@ -69,6 +80,14 @@ SETTINGS: tuple[Setting, ...] = (
         60.0,
         parse=positive_float,
         metavar="SECONDS",
+    ),
+    Setting(
+        "max-unauthenticated-per-address",
+        "WebSocket connections one address (IPv6: one /64) may hold open before they "
+        "authenticate; more get HTTP 429",
+        DEFAULT_PER_ADDRESS,
+        parse=positive_int,
+        metavar="N",
     ),
     EVENT_LOOP,
     *COMMON,
@@ -122,6 +141,7 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             agent_prefix=values["agent_prefix"],
             agent_host=values["agent_host"],
             offline_after=values["offline_after"],
+            max_unauthenticated_per_address=values["max_unauthenticated_per_address"],
             announce=announce,
         ),
         data_dir,

@@ -2,7 +2,10 @@
 
 Theory of operation
 -------------------
-A client connects to ``/ws`` and must send ``auth`` within ``AUTH_TIMEOUT`` seconds.
+A client connects to ``/ws`` and must send ``auth`` within ``auth_timeout`` seconds
+(default ``AUTH_TIMEOUT``).  Until then it is *pending*, and each remote address may
+hold only so many pending connections (``control.ws.admission``): one more gets HTTP
+429 instead of the upgrade.  Authenticated connections are not counted.
 A valid key yields ``auth_success`` and a full ``config``; the client's public key (and
 a gateway's endpoint) are stored, and if they changed, the other side is sent a fresh
 ``config`` so it can update its WireGuard peers.  A second connection with the same
@@ -41,11 +44,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from control import certs
 from control import protocol as p
+from control.api.errors import error_response
 from control.db.store import ClientKind, Row, Store
+from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
 from control.ws.configs import agent_config, gateway_config, tunnel_wire
 from kakuremichi.logs import kv
 
@@ -107,9 +113,18 @@ class Hub:
     """Registry of live connections plus everything that pushes to them."""
 
     def __init__(
-        self, store: Store, offline_after: float = 60.0, coalesce_delay: float = 0.05
+        self,
+        store: Store,
+        offline_after: float = 60.0,
+        coalesce_delay: float = 0.05,
+        *,
+        auth_timeout: float = p.AUTH_TIMEOUT,
+        pending_per_address: int = DEFAULT_PER_ADDRESS,
     ) -> None:
         self.store = store
+        self.auth_timeout = auth_timeout
+        #: connections not yet authenticated, counted per remote address
+        self.pending = PendingAuth(pending_per_address)
         self.offline_after = offline_after
         self.coalesce_delay = coalesce_delay
         self._pending_push: set[ClientKind] = set()
@@ -166,11 +181,18 @@ class Hub:
     # -- the endpoint -----------------------------------------------------------------
 
     async def endpoint(self, ws: WebSocket) -> None:
-        await ws.accept()
-        if self._shutting_down:
-            await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
+        key = address_key(ws.client.host if ws.client else None)
+        if not self.pending.enter(key):
+            await self._refuse_pending(ws, key)
             return
-        conn = await self._authenticate(ws)
+        try:
+            await ws.accept()
+            if self._shutting_down:
+                await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
+                return
+            conn = await self._authenticate(ws)
+        finally:
+            self.pending.leave(key)  # authenticated, refused or gone: no longer pending
         if conn is None:
             return
         try:
@@ -183,16 +205,47 @@ class Hub:
         finally:
             await self._unregister(conn)
 
+    async def _refuse_pending(self, ws: WebSocket, key: str) -> None:
+        """Over the per-address cap: HTTP 429 instead of the upgrade (a close before
+        the upgrade, which uvicorn answers with 403, where the server cannot)."""
+        refused = self.pending.refused(key, time.monotonic())
+        if refused is not None:
+            log.warning(
+                "refusing connections over the per-address cap on unauthenticated ones",
+                extra=kv(address=key, cap=self.pending.per_address, refused=refused),
+            )
+        with contextlib.suppress(Exception):  # the client may be gone already
+            if "websocket.http.response" in ws.scope.get("extensions", {}):
+                await ws.send_denial_response(
+                    error_response(
+                        429,
+                        "too_many_pending",
+                        f"more than {self.pending.per_address} unauthenticated connections "
+                        "from this address; authenticate or retry later",
+                        headers={"Retry-After": "5"},
+                    )
+                )
+            else:
+                await ws.close(p.CLOSE_POLICY, "too many unauthenticated connections")
+
     async def _authenticate(self, ws: WebSocket) -> Connection | None:
         peer = f"{ws.client.host}:{ws.client.port}" if ws.client else "?"
         try:
-            message = await asyncio.wait_for(ws.receive(), p.AUTH_TIMEOUT)
+            message = await asyncio.wait_for(ws.receive(), self.auth_timeout)
         except TimeoutError:
             log.info("closing client that did not authenticate in time", extra=kv(peer=peer))
             await self._safe_close(ws, p.CLOSE_AUTH_TIMEOUT, "auth timeout")
             return None
         if message["type"] == "websocket.disconnect":
             return None
+        return await self.authenticate_message(ws, message, peer)
+
+    async def authenticate_message(
+        self, ws: WebSocket, message: Message, peer: str
+    ) -> Connection | None:
+        """Handle a connection's first ASGI ``websocket.receive`` message: the ``auth``
+        frame.  Registers and returns the connection, or answers ``auth_error`` and
+        closes (4001).  Called once per connection, and directly by the frame fuzzer."""
         try:
             text = message.get("text")
             frame = p.decode(text if text is not None else bytes(message.get("bytes") or b""))
@@ -261,15 +314,22 @@ class Hub:
             message = await conn.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            conn.last_seen = time.monotonic()
-            conn.last_seen_wall = time.time()
-            try:
-                if message.get("text") is None:
-                    raise p.ProtocolError("binary_frame", "frames must be JSON text frames")
-                frame = p.decode(message["text"])
-                await self._dispatch(conn, frame)
-            except p.ProtocolError as exc:
-                await self._bad_frame(conn, exc)
+            await self.handle_message(conn, message)
+
+    async def handle_message(self, conn: Connection, message: Message) -> None:
+        """Handle one ASGI ``websocket.receive`` message from an authenticated client:
+        dispatch its frame, or answer a bad one by the bad-frame policy.  Raises only
+        for a bug.  Called by the read loop, and directly by the frame fuzzer."""
+        conn.last_seen = time.monotonic()
+        conn.last_seen_wall = time.time()
+        try:
+            text = message.get("text")
+            if text is None:
+                raise p.ProtocolError("binary_frame", "frames must be JSON text frames")
+            frame = p.decode(text)
+            await self._dispatch(conn, frame)
+        except p.ProtocolError as exc:
+            await self._bad_frame(conn, exc)
 
     async def _bad_frame(self, conn: Connection, exc: p.ProtocolError) -> None:
         """One policy for a bad frame: answer an ``error`` frame and keep the session;
