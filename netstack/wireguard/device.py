@@ -14,10 +14,12 @@ in seconds; the wall clock (for TAI64N only) and the random source are injected.
 The message flow follows the whitepaper (section 5) and, where the paper is silent,
 wireguard-go's device package, so that timing and state match the real thing:
 
-* initiation (5.4.2): mac1 is always checked; under load (a handshake backlog of at
-  least 128, remembered for 1 s) mac2 is required, or a cookie reply is sent instead,
-  and each source IP is rate limited.  A valid initiation whose timestamp is newer
-  than the last one and that comes >= 20 ms after the previous one is answered.
+* initiation (5.4.2): mac1 is always checked; under load (see :mod:`.load`: a
+  handshake backlog of at least 128, or handshakes arriving faster than ~500/s for a
+  while, remembered for 1 s) mac2 is required, or a cookie reply is sent instead, and
+  each source IP is rate limited (20/s, burst 5); responses are gated alike.  A valid
+  initiation whose timestamp is newer than the last one and that comes >= 20 ms after
+  the previous one is answered.
 * response (5.4.3): the responder derives its keypair at once but keeps it as
   ``next`` until the first transport packet confirms it (5.4.6); the initiator makes
   its keypair ``current`` on the response and sends a keepalive (or staged data).
@@ -59,6 +61,7 @@ from .events import (
     HandshakeGaveUp,
     KeysZeroed,
 )
+from .load import HandshakeLoad
 from .messages import (
     INITIATION_SIZE,
     MESSAGE_COOKIE_REPLY,
@@ -87,8 +90,6 @@ from .timers import (
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX_MS,
-    UNDER_LOAD_AFTER_TIME,
-    UNDER_LOAD_QUEUE,
     ZERO_KEY_MATERIAL_AFTER,
 )
 
@@ -134,7 +135,7 @@ class Device:
         self._cookies = CookieChecker(self.public_key, random_bytes)
         self._rate = RateLimiter()
         self._clock = Tai64nClock(wall_clock, last_timestamp)
-        self._under_load_until = float("-inf")
+        self._load = HandshakeLoad()
         self._peers: dict[bytes, Peer] = {}
         self._routes: AllowedIPs[Peer] = AllowedIPs()
         self._route_cache = self._routes.cache  # probed inline on the data path
@@ -255,7 +256,8 @@ class Device:
         """Process one UDP datagram from ``addr``.
 
         ``backlog`` is how many handshake datagrams are still waiting behind this one
-        (the adapter knows its batch); 128 or more puts the device under load for 1 s.
+        (the adapter knows its batch); 128 or more puts the device under load for 1 s
+        (:mod:`.load` has the other signal, the rate of handshakes).
         """
         if len(data) >= TRANSPORT_MIN_SIZE:
             kind, receiver, counter = TRANSPORT_HEADER.unpack_from(data)
@@ -556,18 +558,12 @@ class Device:
 
     # ------------------------------------------------------------------ handshake
 
-    def _is_under_load(self, now: float, backlog: int) -> bool:
-        if backlog >= UNDER_LOAD_QUEUE:
-            self._under_load_until = now + UNDER_LOAD_AFTER_TIME
-            return True
-        return now < self._under_load_until
-
     def _receive_handshake(
         self, kind: int, data: bytes, addr: Address, now: float, backlog: int
     ) -> None:
         if not self._cookies.check_mac1(data):
             return
-        if self._is_under_load(now, backlog):
+        if self._load.observe(now, backlog):
             src = address_bytes(addr)
             if not self._cookies.check_mac2(data, src, now):
                 sender = int.from_bytes(data[4:8], "little")
