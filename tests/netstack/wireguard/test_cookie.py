@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 from netstack.wireguard import events as ev
@@ -47,6 +48,17 @@ def test_cookie_round_trip_and_expiry() -> None:
     assert not checker.check_mac2(bytes(msg), SRC, 121.0)
     # and the initiator stops sending a cookie older than 120 s
     assert _message(rng, generator, 121.0)[-16:] == bytes(16)
+
+
+def test_address_bytes_packs_ip_and_port() -> None:
+    assert address_bytes(("192.0.2.1", 51820)) == bytes([192, 0, 2, 1]) + b"\xca\x6c"
+    v6 = ipaddress.ip_address("2001:db8::1").packed
+    assert address_bytes(("2001:db8::1", 1, 0, 0)) == v6 + b"\x00\x01"
+    link_local = ipaddress.ip_address("fe80::1").packed
+    assert address_bytes(("fe80::1%eth0", 2, 0, 3)) == link_local + b"\x00\x02"
+    mapped = ipaddress.ip_address("::ffff:192.0.2.1").packed
+    assert address_bytes(("::ffff:192.0.2.1", 3)) == mapped + b"\x00\x03"
+    assert address_bytes(("not-an-ip", 4)) == b"not-an-ip\x00\x04"  # e.g. a test fake
 
 
 def test_cookie_reply_for_another_message_rejected() -> None:
