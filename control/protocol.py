@@ -136,6 +136,11 @@ def _str(data: dict[str, Any], key: str, *, max_len: int = 256, optional: bool =
         raise ProtocolError("invalid_field", f"'{key}' must be a string")
     if len(value) > max_len:
         raise ProtocolError("invalid_field", f"'{key}' is longer than {max_len} characters")
+    if not value.isascii():
+        try:  # a JSON escape can write a lone surrogate, which no database or log takes
+            value.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("invalid_field", f"'{key}' is not valid Unicode") from None
     return value
 
 

@@ -364,6 +364,12 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
         '{"type": "status", "data": {"tunnels": [{"tunnelId": "x", "health": "great"}]}}',
         "invalid_field",
     ),
+    # a lone surrogate (valid as a JSON escape) cannot be stored or logged: it was a 1011
+    (
+        '{"type": "status", "data": {"tunnels": [{"tunnelId": "x", "health": "healthy", '
+        '"detail": "\\udfff"}]}}',
+        "invalid_field",
+    ),
     ('{"type": "auth", "data": {}}', "unexpected_type"),
     ('{"type": "launch_missiles", "data": {}}', "unknown_type"),
     ("[" * 5000 + "]" * 5000, "malformed_json"),
@@ -417,6 +423,18 @@ async def test_bad_frames_get_errors_and_harm_nobody(
             {
                 "type": "auth",
                 "data": {"apiKey": "agt_x", "clientType": "agent", "publicKey": "short"},
+            },
+            "invalid_field",
+        ),
+        (  # a lone surrogate in any string (here the version) was an exception, no reply
+            {
+                "type": "auth",
+                "data": {
+                    "apiKey": "agt_x",
+                    "clientType": "agent",
+                    "publicKey": public_key(1),
+                    "version": "1.0\ud800",
+                },
             },
             "invalid_field",
         ),

@@ -49,6 +49,20 @@ def test_auth_parsing() -> None:
         p.parse_auth({"apiKey": "gtw_x", "clientType": "gateway", "publicKey": key})
 
 
+def test_lone_surrogates_are_invalid_fields() -> None:
+    # JSON can escape a lone surrogate; Python decodes it, but no database, log or
+    # UTF-8 encoder takes it, so it is refused where strings are parsed
+    frame = p.decode('{"type": "auth", "data": {"version": "\\ud800", "apiKey": "agt_\\udfff"}}')
+    assert frame.data["version"] == "\ud800"
+    with pytest.raises(p.ProtocolError, match="'apiKey' is not valid Unicode"):
+        p.parse_auth(frame.data)
+    entry = {"tunnelId": "x", "health": "healthy", "detail": "ok \U0001f600 \ud83d"}
+    with pytest.raises(p.ProtocolError, match="'detail' is not valid Unicode"):
+        p.parse_status({"tunnels": [entry]})
+    entry["detail"] = "ok \U0001f600 café"  # anything else non-ASCII is fine
+    assert p.parse_status({"tunnels": [entry]})[0].detail == "ok \U0001f600 café"
+
+
 @settings(max_examples=1500, deadline=None)
 @given(st.one_of(st.text(max_size=200), st.binary(max_size=50), json_values.map(json.dumps)))
 def test_decode_never_raises_anything_else(raw: Any) -> None:
