@@ -7,6 +7,9 @@ socket cannot starve the loop), which is several times faster than asyncio's
 ``DatagramProtocol`` (one datagram per loop iteration).  Because it sees the whole
 batch, it knows how many handshake messages are still queued behind the current one
 and passes that as the device's load signal (wireguard-go's handshake queue length).
+Like wireguard-go's separate queues, a batch's transport messages are processed and
+flushed first and its handshake messages after them: under a handshake flood the
+tunnel's packets in a batch do not wait for up to 2047 answers ahead of them.
 
 After every input -- datagrams, an outbound IP packet, a timer -- :meth:`flush`
 sends what the device produced, hands decrypted packets to ``on_packet`` and events
@@ -167,7 +170,12 @@ class UdpDevice:
             batch.append((bytes(view[:size]), addr))
         if not batch:
             return
-        self.device.receive_datagrams(batch, self._loop.time())
+        now = self._loop.time()
+        handshakes: list[tuple[bytes, Address]] = []
+        self.device.receive_datagrams(batch, now, deferred=handshakes)
+        if handshakes:  # the tunnel's packets leave before the handshake work starts
+            self.flush()
+            self.device.receive_datagrams(handshakes, now)
         self.flush()
 
     def send_packet(self, packet: bytes) -> bool:

@@ -275,10 +275,22 @@ class Device:
         except MessageError:  # pragma: no cover - sizes were checked by message_type
             return
 
-    def receive_datagrams(self, batch: Iterable[tuple[bytes, Address]], now: float) -> None:
+    def receive_datagrams(
+        self,
+        batch: Iterable[tuple[bytes, Address]],
+        now: float,
+        *,
+        deferred: list[tuple[bytes, Address]] | None = None,
+    ) -> None:
         """Process a batch of UDP datagrams received together (what the asyncio adapter
         drains per wake-up); the same result as :meth:`receive_datagram` on each in
         turn, with the per-peer bookkeeping of a run of transport messages done once.
+
+        With ``deferred``, every datagram that is not a transport message (handshakes,
+        cookie replies, garbage) is appended to it instead, for the caller to pass back
+        here once it has flushed what the transport messages produced: wireguard-go's
+        separate handshake queue, so a flood of initiations in the same batch does not
+        hold the tunnel's packets back until every one of them has been answered.
 
         A run is what follows a data message that authenticated: transport messages
         for the same session from the same endpoint.  Its first message went the whole
@@ -324,6 +336,9 @@ class Device:
                     if data_packets:
                         peer.timers.need_another_keepalive = True
                     continue
+            if deferred is not None:
+                deferred.append((data, addr))
+                continue
             if handshakes < 0:
                 handshakes = sum(1 for item, _ in batch[position - 1 :] if is_handshake(item))
             if handshakes and is_handshake(data):

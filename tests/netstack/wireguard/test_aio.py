@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -78,6 +79,57 @@ async def test_drained_backlog_puts_device_under_load() -> None:
         assert len(replies) >= 300 - 127 - 1
     finally:
         sender.close()
+        b.close()
+
+
+async def test_batch_delivers_tunnel_packets_before_answering_handshakes() -> None:
+    """A tunnel packet queued between 400 flood initiations is handed over before the
+    first cookie reply leaves (wireguard-go's separate handshake queue)."""
+    import hashlib
+    import socket
+
+    a = await UdpDevice.open(_device(1), "127.0.0.1", 0)
+    replies_when_delivered: list[int] = []
+    flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    flooder.bind(("127.0.0.1", 0))
+    flooder.setblocking(False)
+
+    def on_packet(packet: bytes) -> None:
+        # loopback sendto queues at once: any cookie reply sent so far is readable now
+        waiting = 0
+        with contextlib.suppress(BlockingIOError):
+            while flooder.recv(2048):
+                waiting += 1
+        replies_when_delivered.append(waiting)
+
+    b = await UdpDevice.open(_device(2), "127.0.0.1", 0, on_packet=on_packet)
+    try:
+        a.device.set_peer(b.device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.device.set_peer(a.device.public_key, allowed_ips=[f"{A_IP}/32"])
+        a.send_packet(ipv4_udp(A_IP, B_IP, b"handshake"))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if replies_when_delivered:
+                break
+        assert replies_when_delivered == [0]
+        key = hashlib.blake2s(b"mac1----" + b.device.public_key).digest()
+        body = b"\x01\x00\x00\x00" + bytes(range(112))
+        message = body + hashlib.blake2s(body, digest_size=16, key=key).digest() + bytes(16)
+        for _ in range(200):  # no await in between: all land before b's reader runs
+            flooder.sendto(message, b.local_address)
+        a.send_packet(ipv4_udp(A_IP, B_IP, b"during the flood"))
+        for _ in range(200):
+            flooder.sendto(message, b.local_address)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(replies_when_delivered) == 2:
+                break
+        assert replies_when_delivered == [0, 0]
+        await asyncio.sleep(0.1)
+        assert len(flooder.recv(2048)) == 64  # and the flood was answered after it
+    finally:
+        flooder.close()
+        a.close()
         b.close()
 
 

@@ -141,6 +141,43 @@ def test_receive_datagrams_matches_one_at_a_time(seed: int) -> None:
     assert one == other
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_deferred_handshakes_match_transport_first(seed: int) -> None:
+    """With ``deferred`` the batch's transport messages are processed, everything else
+    is set aside; passing that back gives the state of one-at-a-time calls on the
+    transport messages first, then the rest in their order."""
+    _, a1, b1, clock1 = world()
+    _, a2, b2, clock2 = world()
+    batch = scenario(seed, a1, b1, clock1)
+    assert scenario(seed, a2, b2, clock2) == batch
+    rng = random.Random(seed)
+    peer = a1.peer(b1.public_key)
+    assert peer is not None
+    for _ in range(3):  # handshake messages among the transport ones
+        peer.last_sent_handshake = float("-inf")
+        a1.initiate_handshake(b1.public_key, clock1.now)
+        ((initiation, _),) = a1.datagrams_to_send()
+        batch.insert(rng.randrange(len(batch)), (initiation, A_ADDR))
+    clock1.now = clock2.now = clock1.now + 0.5
+    deferred: list[tuple[bytes, Any]] = []
+    b1.receive_datagrams(batch, clock1.now, deferred=deferred)
+    transport = [item for item in batch if item[0][:4] == b"\x04\0\0\0" and len(item[0]) >= 32]
+    assert deferred == [item for item in batch if item not in transport]
+    assert sum(1 for data, _ in deferred if is_handshake(data)) >= 3
+    assert b1.packets_received(), "the transport messages were processed at once"
+    b1.receive_datagrams(deferred, clock1.now)
+    for data, addr in transport:
+        b2.receive_datagram(data, addr, clock2.now)
+    handshakes = sum(1 for data, _ in deferred if is_handshake(data))
+    for data, addr in deferred:
+        if is_handshake(data):
+            handshakes -= 1
+        b2.receive_datagram(data, addr, clock2.now, backlog=handshakes)
+    b1_state, b2_state = device_state(b1), device_state(b2)
+    b1_state.pop("packets"), b2_state.pop("packets")  # drained above on b1
+    assert b1_state == b2_state
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_send_packets_matches_one_at_a_time(seed: int) -> None:
     _, a1, b1, clock1 = world()
