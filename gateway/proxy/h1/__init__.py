@@ -26,6 +26,19 @@ or after an upgrade the other protocol (``trailing()``).
   A parser is reused for the next head when the last message ended with its head and
   kept the connection open (a run of GETs allocates none); otherwise the next head
   gets a fresh one.
+* **Plain heads skip llhttp.**  Most heads are a known method, an origin-form
+  target of URL characters, HTTP/1.0 or 1.1 and field lines of visible ASCII; a
+  typed Cython scanner (``_scan.pyx``) takes exactly those, complete in the buffer and
+  within ``max_head_bytes``, in one pass that builds the same pieces llhttp's
+  callbacks would (names lower-cased, values stripped, the framing fields noted),
+  and the same framing rules are then checked on them.  Anything else - an unknown
+  or lower-case method, another target form, obs-text, obs-fold, a bare CR or LF,
+  space before a colon, a second ``Content-Length``, a chunked request, a head still
+  arriving - is declined and llhttp judges the very same bytes, so every refusal
+  and every lenient corner stays llhttp's; ``tests/gateway/test_h1_scan.py`` checks
+  that a reader with the scanner and one without agree on every head, body and
+  refusal.  It halves the cost of reading a request and a response head.
+  ``KAKUREMICHI_H1_SCAN=0`` leaves every head to llhttp.
 * **Bodies** are framed by the readers, not by llhttp, which cannot be told that a
   response answers a HEAD request and cannot stop at the end of a message: a
   ``Content-Length`` body is counted and handed on as the received ``bytes`` objects
@@ -38,6 +51,9 @@ or after an upgrade the other protocol (``trailing()``).
   ``encode_chunk``).  ``frame_response`` decides how a relayed response travels to
   the client: ``Content-Length`` kept, else chunked, else (HTTP/1.0 client) delimited
   by closing the connection (RFC 9112 §6.1-6.3).
+
+``read.py``, ``write.py`` and ``../headers.py`` are compiled by Cython as they are
+(``setup.py``): the ``.py`` files are the source.
 
 Heads are plain ``__slots__`` dataclasses, not frozen ones: building a frozen
 dataclass of eight fields costs 2.7 µs, five times a plain one and half of parsing a

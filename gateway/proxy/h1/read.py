@@ -7,10 +7,13 @@ this is stricter or more lenient than h11.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
 import httptools
+
+from ._scan import scan_request, scan_response
 
 __all__ = [
     "BODY",
@@ -216,6 +219,9 @@ _ParserType = httptools.HttpRequestParser | httptools.HttpResponseParser
 class _Reader:
     """The buffer, head feeding and body framing both readers share."""
 
+    #: plain heads go to the scanner first (``KAKUREMICHI_H1_SCAN=0``: all to llhttp)
+    _scan = os.environ.get("KAKUREMICHI_H1_SCAN", "1") != "0"
+
     __slots__ = (
         "_buf",
         "_eof",
@@ -277,15 +283,20 @@ class _Reader:
 
     # -- heads ------------------------------------------------------------------------
 
+    def _skip_empty_lines(self) -> bytes:
+        """The buffer, without the empty lines before a message (RFC 9112 §2.2)."""
+        buf = self._buf
+        if buf[:1] in (b"\r", b"\n"):
+            buf = self._buf = buf.lstrip(b"\r\n")
+        return buf
+
     def _read_head(self) -> int | None:
         """Feed what arrived of a head to llhttp; the head's length once complete."""
         buf = self._buf
         fed = self._fed
         fields = self._fields
         if fed == 0:
-            if buf[:1] in (b"\r", b"\n"):
-                # empty lines before a message are ignored (RFC 9112 §2.2)
-                buf = self._buf = buf.lstrip(b"\r\n")
+            buf = self._skip_empty_lines()
             if not buf:
                 return None
             if self._parser is None or not fields.message_complete:
@@ -467,6 +478,11 @@ class RequestReader(_Reader):
         if self._undecided:
             self._method_verdict()
             return None
+        if self._fed == 0 and self._scan:
+            scanned = scan_request(self._skip_empty_lines(), self._max_head)
+            if scanned is not None:
+                self._parser = None  # llhttp saw nothing: a fresh one for what it judges
+                return self._request(*scanned)
         stop = self._read_head()
         if stop is None:
             return None
@@ -481,30 +497,53 @@ class RequestReader(_Reader):
         # between them (RFC 9112 §3); llhttp would take several
         if buf.count(b" ", 0, buf.find(b"\r\n")) != 2:
             raise ProtocolError(400, _BAD_HEAD)
-        version = _version(parser.get_http_version())
+        return self._request(
+            stop,
+            parser.get_method(),
+            fields.target,
+            _version(parser.get_http_version()),
+            fields.headers,
+            fields.hosts,
+            fields.content_length,
+            fields.transfer_encodings,
+            fields.connection,
+        )
+
+    def _request(
+        self,
+        stop: int,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: Headers,
+        hosts: int,
+        content_length: bytes | None,
+        transfer_encodings: list[bytes],
+        connection: list[bytes],
+    ) -> RequestHead:
+        """The framing rules on a parsed head (from llhttp or the scanner alike)."""
         # RFC 9112 §3.2: a request with two Host fields, or an HTTP/1.1 one without,
         # is a 400 (and the Host picks the route: no ambiguity allowed)
-        if fields.hosts != 1:
-            if fields.hosts:
+        if hosts != 1:
+            if hosts:
                 raise ProtocolError(400, "More than one Host header.")
             if version == b"1.1":
                 raise ProtocolError(400, "The request has no Host header.")
-        chunked = _transfer_coding(fields.transfer_encodings)
-        length = _content_length(fields.content_length)
+        chunked = _transfer_coding(transfer_encodings)
+        length = _content_length(content_length)
         if chunked and length is not None:
             # RFC 9112 §6.3 ¶3: both is how requests get smuggled; refuse, then close
             raise ProtocolError(400, "Both Content-Length and Transfer-Encoding were sent.")
         head = RequestHead(
-            parser.get_method(),
-            fields.target,
+            method,
+            target,
             version,
-            fields.headers,
+            headers,
             stop,
             length,
             chunked,
             # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 does not here
-            version == b"1.1"
-            and not (fields.connection and _has_token(fields.connection, b"close")),
+            version == b"1.1" and not (connection and _has_token(connection, b"close")),
         )
         self._reuse(head.keep_alive)
         self._consume(stop)
@@ -567,6 +606,11 @@ class ResponseReader(_Reader):
         """
         if self.state != HEAD:
             raise RuntimeError("no response is expected")
+        if self._fed == 0 and self._scan:
+            scanned = scan_response(self._skip_empty_lines(), self._max_head)
+            if scanned is not None:
+                self._parser = None  # llhttp saw nothing: a fresh one for what it judges
+                return self._response(*scanned)
         stop = self._read_head()
         if stop is None:
             return None
@@ -581,17 +625,35 @@ class ResponseReader(_Reader):
             raise ProtocolError(400, "Invalid status code.")  # status-code = 3DIGIT, RFC 9110 §15
         if fields.reason and _REASON.fullmatch(fields.reason) is None:
             raise ProtocolError(400, "Invalid reason phrase.")
-        version = _version(parser.get_http_version())
-        chunked = _transfer_coding(fields.transfer_encodings)
-        length = _content_length(fields.content_length)
+        return self._response(
+            stop,
+            status,
+            fields.reason,
+            _version(parser.get_http_version()),
+            fields.headers,
+            fields.content_length,
+            fields.transfer_encodings,
+            fields.connection,
+        )
+
+    def _response(
+        self,
+        stop: int,
+        status: int,
+        reason: bytes,
+        version: bytes,
+        headers: Headers,
+        content_length: bytes | None,
+        transfer_encodings: list[bytes],
+        connection: list[bytes],
+    ) -> ResponseHead:
+        """The framing rules on a parsed head (from llhttp or the scanner alike)."""
+        chunked = _transfer_coding(transfer_encodings)
+        length = _content_length(content_length)
         if chunked:
             length = None  # chunked wins over Content-Length (RFC 9112 §6.3 ¶3)
-        keep_alive = version == b"1.1" and not (
-            fields.connection and _has_token(fields.connection, b"close")
-        )
-        head = ResponseHead(
-            status, fields.reason, version, fields.headers, length, chunked, keep_alive
-        )
+        keep_alive = version == b"1.1" and not (connection and _has_token(connection, b"close"))
+        head = ResponseHead(status, reason, version, headers, length, chunked, keep_alive)
         self._reuse(keep_alive)
         self._consume(stop)
         if status < 200:
