@@ -25,6 +25,11 @@ Modes: ``baseline`` (no flood), ``no_cookies`` (the device never counts as under
 so every flood message costs an X25519), ``cookies`` (as shipped).  Reported per mode:
 requests/s, p50/p99/max round trip, requests lost (no echo within 1 s), and the
 flooder's sent/cookie-replies-received counts.  Traffic stays on 127.0.0.1.
+
+``A`` shares ``G``'s process and loop, so a round trip can wait behind two wake-ups'
+handshake work, not one, and the flood mode is near ``G``'s capacity (20,000 cookie
+replies/s is about half a core here): on a busy machine its numbers swing several-fold
+between runs; compare modes within one run.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ from .events import (
     HandshakeGaveUp,
     KeysZeroed,
 )
-from .load import HandshakeLoad
+from .load import QUEUE_HANDSHAKE_SIZE, HandshakeLoad
 from .messages import (
     INITIATION_SIZE,
     MESSAGE_COOKIE_REPLY,
@@ -284,7 +284,9 @@ class Device:
     ) -> None:
         """Process a batch of UDP datagrams received together (what the asyncio adapter
         drains per wake-up); the same result as :meth:`receive_datagram` on each in
-        turn, with the per-peer bookkeeping of a run of transport messages done once.
+        turn, with the per-peer bookkeeping of a run of transport messages done once,
+        except that handshake messages beyond the batch's first QUEUE_HANDSHAKE_SIZE
+        (1024) are dropped, as wireguard-go drops them when its handshake queue is full.
 
         With ``deferred``, every datagram that is not a transport message (handshakes,
         cookie replies, garbage) is appended to it instead, for the caller to pass back
@@ -300,6 +302,7 @@ class Device:
         """
         batch = batch if isinstance(batch, list) else list(batch)
         handshakes = -1  # handshake messages from here on; counted at the first one
+        taken = 0  # handshake messages of this batch so far
         index = self._index
         cache = self._route_cache
         lookup = self._routes.lookup
@@ -343,6 +346,9 @@ class Device:
                 handshakes = sum(1 for item, _ in batch[position - 1 :] if is_handshake(item))
             if handshakes and is_handshake(data):
                 handshakes -= 1
+                taken += 1
+                if taken > QUEUE_HANDSHAKE_SIZE:
+                    continue  # wireguard-go's handshake queue is full: dropped unread
             self.receive_datagram(data, addr, now, backlog=handshakes)
 
     def _receive_transport(

@@ -12,7 +12,10 @@ and either one sets the one-second state:
 
 * ``backlog``, the handshake messages the adapter still holds behind this one (it
   drained them from the socket in one batch): the real queue, so ``backlog >= 128``
-  means the same as in wireguard-go -- we are behind.
+  means the same as in wireguard-go -- we are behind.  Like wireguard-go's queue it
+  holds QUEUE_HANDSHAKE_SIZE: ``Device.receive_datagrams`` drops the handshake
+  messages of a batch beyond the first 1024 unread, so a wake-up's handshake work
+  (cookie replies under a flood) stays bounded when the device falls behind.
 * a virtual queue: every handshake message that passed mac1 adds one, and it drains
   at UNDER_LOAD_RATE per second, the pace a worker given about 1/8 of a core keeps
   (one consumed initiation plus the response costs ~250 us here, see
@@ -30,7 +33,8 @@ should not be able to make the device demand cookies from everyone.  Time is pas
 
 from __future__ import annotations
 
-UNDER_LOAD_QUEUE = 1024 // 8  # wireguard-go: QueueHandshakeSize / 8
+QUEUE_HANDSHAKE_SIZE = 1024  # wireguard-go: QueueHandshakeSize
+UNDER_LOAD_QUEUE = QUEUE_HANDSHAKE_SIZE // 8
 UNDER_LOAD_AFTER_TIME = 1.0  # wireguard-go: UnderLoadAfterTime
 UNDER_LOAD_RATE = 500.0  # handshake messages per second the virtual queue drains
 

@@ -8,6 +8,7 @@ import random
 from netstack.wireguard import events as ev
 from netstack.wireguard.cookie import CookieChecker, CookieGenerator, address_bytes
 from netstack.wireguard.load import (
+    QUEUE_HANDSHAKE_SIZE,
     UNDER_LOAD_AFTER_TIME,
     UNDER_LOAD_QUEUE,
     UNDER_LOAD_RATE,
@@ -231,6 +232,20 @@ def test_mac2_gets_through_a_flood_from_another_source() -> None:
     assert retry[0][-16:] != bytes(16)
     net.deliver(retry)
     assert [len(d) for d, _ in b.datagrams_to_send()] == [RESPONSE_SIZE]
+
+
+def test_batch_beyond_the_handshake_queue_is_dropped() -> None:
+    """Of 1500 handshake messages drained at once, the first 1024 (wireguard-go's
+    queue) get cookie replies and the rest are dropped unread."""
+    clock = Clock()
+    net, a, b = pair(clock)
+    flood = _initiation(net, a.public_key, b.public_key)[0]
+    flooder = ("198.51.100.66", 40000)
+    batch = [(flood, flooder)] * 1500
+    b.receive_datagrams(batch, clock.now)
+    out = b.datagrams_to_send()
+    assert len(out) == QUEUE_HANDSHAKE_SIZE
+    assert {len(d) for d, _ in out} == {COOKIE_REPLY_SIZE}
 
 
 def test_tai64n_encoding_and_monotonicity() -> None:
