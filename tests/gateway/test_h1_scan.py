@@ -161,8 +161,23 @@ def _mutate(draw: st.DrawFn, data: bytes) -> bytes:
 def request_bytes(draw: st.DrawFn) -> bytes:
     method = draw(
         st.sampled_from(
-            [b"GET", b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"]
-            + [b"TRACE", b"CONNECT", b"get", b"PRI", b"FOO", b"GETX", b""]  # noqa: RUF005
+            [
+                b"GET",
+                b"GET",
+                b"HEAD",
+                b"POST",
+                b"PUT",
+                b"DELETE",
+                b"OPTIONS",
+                b"PATCH",
+                b"TRACE",
+                b"CONNECT",
+                b"get",
+                b"PRI",
+                b"FOO",
+                b"GETX",
+                b"",
+            ]
         )
     )
     target = draw(
@@ -195,8 +210,22 @@ def response_bytes(draw: st.DrawFn) -> bytes:
     version = draw(st.sampled_from([b"HTTP/1.1"] * 4 + [b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.2"]))
     status = draw(
         st.sampled_from(
-            [b"200", b"200", b"204", b"304", b"101", b"100", b"103", b"404", b"502", b"099"]
-            + [b"600", b"20", b"2000", b"abc"]  # noqa: RUF005
+            [
+                b"200",
+                b"200",
+                b"204",
+                b"304",
+                b"101",
+                b"100",
+                b"103",
+                b"404",
+                b"502",
+                b"099",
+                b"600",
+                b"20",
+                b"2000",
+                b"abc",
+            ]
         )
     )
     reason = draw(
