@@ -31,19 +31,10 @@ from kakuremichi.config import (
     add_settings,
     port,
     positive_float,
+    positive_int,
     resolve,
 )
 from kakuremichi.eventloop import EVENT_LOOP
-
-
-def positive_int(value: str) -> int:
-    if not value.strip().isascii() or not value.strip().isdigit():
-        raise ValueError("must be a whole number")
-    number = int(value)
-    if number < 1:
-        raise ValueError("must be at least 1")
-    return number
-
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on", "0.0.0.0"),

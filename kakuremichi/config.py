@@ -70,6 +70,15 @@ def positive_float(value: str) -> float:
     return number
 
 
+def positive_int(value: str) -> int:
+    if not value.strip().isascii() or not value.strip().isdigit():
+        raise ValueError("must be a whole number")
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 COMMON: tuple[Setting, ...] = (
     Setting("log-format", "log line format", "text", choices=("text", "json")),
     Setting(

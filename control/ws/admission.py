@@ -16,7 +16,7 @@ Sans-IO: callers pass the current time; nothing here reads a clock.
 
 from __future__ import annotations
 
-import ipaddress
+from kakuremichi.relay.limits import client_key
 
 #: default cap on not-yet-authenticated connections per address
 #: (``--max-unauthenticated-per-address``)
@@ -28,18 +28,9 @@ _LOGGED_PRUNE_AT = 4096
 
 
 def address_key(host: str | None) -> str:
-    """What the cap counts by: the IPv4 address, the IPv6 /64, or the host as given."""
-    if not host:
-        return "?"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host  # not an IP (a unix socket path, a test client): count it as is
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    """What the cap counts by: the IPv4 address, the IPv6 /64, or the host as given
+    (the rate limiter's ``client_key``; "?" when the server knows no peer)."""
+    return client_key(host) if host else "?"
 
 
 class PendingAuth:
