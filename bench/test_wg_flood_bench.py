@@ -55,6 +55,7 @@ from tests.netstack.wireguard.harness import (
     A_IP,
     B_IP,
     Clock,
+    fresh_initiation,
     ipv4_udp,
     keypair,
     make_device,
@@ -95,15 +96,9 @@ def _handshake_parts() -> tuple[Any, Any]:
     """setup() making a fresh initiation from a real peer and run() answering it."""
     clock = Clock()
     _, a, b = pair(clock)
-    peer = a.peer(b.public_key)
-    assert peer is not None
 
     def setup() -> tuple[tuple[bytes], dict[str, Any]]:
-        clock.now += 1.0  # past the 20 ms initiation rate limit, out of any load state
-        peer.last_sent_handshake = float("-inf")
-        a.initiate_handshake(b.public_key, clock.now)
-        ((data, _),) = a.datagrams_to_send()
-        return (data,), {}
+        return (fresh_initiation(a, b, clock),), {}
 
     def run(data: bytes) -> None:
         b.receive_datagram(data, A_ADDR, clock.now)

@@ -19,7 +19,16 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from netstack.wireguard.device import Device
-from tests.netstack.wireguard.harness import A_ADDR, A_IP, B_IP, Clock, Net, ipv4_udp, pair
+from tests.netstack.wireguard.harness import (
+    A_ADDR,
+    A_IP,
+    B_IP,
+    Clock,
+    Net,
+    fresh_initiation,
+    ipv4_udp,
+    pair,
+)
 
 BATCH = 100
 SIZES = [1420, 64]
@@ -143,15 +152,9 @@ def test_handshake_responder(benchmark: Any) -> None:
     """Consume an initiation and create the response (the responder's whole role)."""
     benchmark.group = "handshake"
     _, a, b, clock = _handshake_parts()
-    peer = a.peer(b.public_key)
-    assert peer is not None
 
     def setup() -> tuple[tuple[bytes], dict[str, Any]]:
-        clock.now += 1.0
-        peer.last_sent_handshake = float("-inf")
-        a.initiate_handshake(b.public_key, clock.now)
-        ((data, _),) = a.datagrams_to_send()
-        return (data,), {}
+        return (fresh_initiation(a, b, clock),), {}
 
     def run(data: bytes) -> None:
         b.receive_datagram(data, A_ADDR, clock.now)
@@ -163,15 +166,9 @@ def test_handshake_responder(benchmark: Any) -> None:
 def test_handshake_initiator_consume_response(benchmark: Any) -> None:
     benchmark.group = "handshake"
     _, a, b, clock = _handshake_parts()
-    peer = a.peer(b.public_key)
-    assert peer is not None
 
     def setup() -> tuple[tuple[bytes], dict[str, Any]]:
-        clock.now += 1.0
-        peer.last_sent_handshake = float("-inf")
-        a.initiate_handshake(b.public_key, clock.now)
-        ((data, _),) = a.datagrams_to_send()
-        b.receive_datagram(data, A_ADDR, clock.now)
+        b.receive_datagram(fresh_initiation(a, b, clock), A_ADDR, clock.now)
         ((response, _),) = b.datagrams_to_send()
         return (response,), {}
 

@@ -236,24 +236,27 @@ def random_frame(rng: random.Random) -> str | bytes:
     return _dumps(rng, frame)
 
 
+#: every key a gateway's or an agent's frame may carry (random objects mostly use these)
+FRAME_KEYS = (
+    "apiKey",
+    "clientType",
+    "publicKey",
+    "version",
+    "publicIp",
+    "wireguardPort",
+    "timestamp",
+    "configVersion",
+    "tunnels",
+    "domain",
+    "certificate",
+    "privateKey",
+    "notAfter",
+)
+
+
 def _random_object(rng: random.Random) -> dict[str, Any]:
-    keys = (
-        "apiKey",
-        "clientType",
-        "publicKey",
-        "version",
-        "publicIp",
-        "wireguardPort",
-        "timestamp",
-        "configVersion",
-        "tunnels",
-        "domain",
-        "certificate",
-        "privateKey",
-        "notAfter",
-    )
     return {
-        (rng.choice(keys) if rng.random() < 0.8 else random_text(rng, 10)): random_value(rng)
+        (rng.choice(FRAME_KEYS) if rng.random() < 0.8 else random_text(rng, 10)): random_value(rng)
         for _ in range(rng.randint(0, 6))
     }
 

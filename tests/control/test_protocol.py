@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from control import protocol as p
+from tests.control.hubfuzz import FRAME_KEYS
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -75,23 +76,7 @@ def test_decode_never_raises_anything_else(raw: Any) -> None:
 @settings(max_examples=1500, deadline=None)
 @given(
     st.dictionaries(
-        st.sampled_from(
-            [
-                "apiKey",
-                "clientType",
-                "publicKey",
-                "version",
-                "publicIp",
-                "wireguardPort",
-                "timestamp",
-                "configVersion",
-                "tunnels",
-                "domain",
-                "certificate",
-                "privateKey",
-                "notAfter",
-            ]
-        ),
+        st.sampled_from(FRAME_KEYS),
         json_values,
         max_size=8,
     ),

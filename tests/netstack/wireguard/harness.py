@@ -178,3 +178,15 @@ def pair(
         preshared_key=psk,
     )
     return net, a, b
+
+
+def fresh_initiation(a: Device, b: Device, clock: Clock) -> bytes:
+    """A new initiation from ``a`` to its peer ``b``, one second on (past the 20 ms
+    initiation rate limit and out of any load state): what a responder bench answers."""
+    peer = a.peer(b.public_key)
+    assert peer is not None
+    clock.now += 1.0
+    peer.last_sent_handshake = float("-inf")
+    a.initiate_handshake(b.public_key, clock.now)
+    ((data, _),) = a.datagrams_to_send()
+    return data
