@@ -130,7 +130,7 @@ cdef Py_ssize_t _fields(const char* p, Py_ssize_t pos, Py_ssize_t stop, _Fields 
             pos += 1
         name_len = pos - start
         if name_len == 0 or name_len > MAX_NAME or p[pos] != b":":
-            return -1
+            return -1  # also obs-fold: a line that starts with SP or HTAB has no name
         for i in range(name_len):
             c = <unsigned char>p[start + i]
             if b"A" <= c <= b"Z":
@@ -148,8 +148,6 @@ cdef Py_ssize_t _fields(const char* p, Py_ssize_t pos, Py_ssize_t stop, _Fields 
         while value_end > value_start and (p[value_end - 1] == b" " or p[value_end - 1] == b"\t"):
             value_end -= 1
         pos += 2
-        if pos < stop and (p[pos] == b" " or p[pos] == b"\t"):
-            return -1  # obs-fold
         value = PyBytes_FromStringAndSize(p + value_start, value_end - value_start) \
             if value_end > value_start else _EMPTY
         if name_len == 4 and memcmp(name, b"host", 4) == 0:
