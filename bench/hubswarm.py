@@ -42,6 +42,10 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+#: ``--max-unauthenticated-per-address`` of the bench's Control (above any swarm size)
+UNAUTHENTICATED_CAP = 1_000_000
+
+
 class ControlProcess:
     """``kakuremichi control`` as a subprocess on loopback."""
 
@@ -67,6 +71,10 @@ class ControlProcess:
                 TOKEN,
                 "--log-level",
                 "warning",
+                # every swarm client connects from 127.0.0.1, thousands at once: the cap
+                # on unauthenticated connections per address is for real hosts
+                "--max-unauthenticated-per-address",
+                str(UNAUTHENTICATED_CAP),
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
