@@ -1,7 +1,9 @@
 """Build of the Cython hot paths; everything else is in pyproject.toml.
 
-* ``netstack._fast``: the TCP/IP and WireGuard hot path; ``KAKUREMICHI_NETSTACK_PURE=1``
-  selects its pure-Python twin at run time.
+* ``netstack._fast``: the TCP/IP stack's hot path and the Internet checksum;
+  ``netstack.wireguard._fast``: WireGuard's transport messages through OpenSSL's
+  libcrypto.  ``KAKUREMICHI_NETSTACK_PURE=1`` selects their pure-Python twins at run
+  time.
 * ``gateway.proxy.h1._scan``: the scanner of plain HTTP/1.1 heads; whatever it does not
   take, llhttp judges (``gateway/proxy/h1/read.py``), and
   ``KAKUREMICHI_H1_SCAN=0`` leaves every head to llhttp.
@@ -20,7 +22,10 @@ from setuptools import Extension, setup
 setup(
     ext_modules=cythonize(
         [
-            Extension("netstack._fast", ["netstack/_fast.pyx"], libraries=["crypto"]),
+            Extension("netstack._fast", ["netstack/_fast.pyx"]),
+            Extension(
+                "netstack.wireguard._fast", ["netstack/wireguard/_fast.pyx"], libraries=["crypto"]
+            ),
             Extension("gateway.proxy.h1._scan", ["gateway/proxy/h1/_scan.pyx"]),
             Extension("gateway.proxy.headers", ["gateway/proxy/headers.py"]),
             Extension("gateway.proxy.h1.read", ["gateway/proxy/h1/read.py"]),

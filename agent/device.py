@@ -30,10 +30,10 @@ import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
-from kakuremichi.keys import KeyPair
-from kakuremichi.logs import kv
+from common.keys import KeyPair
+from common.logs import kv
+from common.protocol import GatewayPeerSpec, check_endpoint
 from netstack.tunnel import UserspaceTunnel
 from netstack.wireguard.errors import ConfigError
 
@@ -73,36 +73,18 @@ class GatewayPeer:
         return self.name or self.id
 
 
-def gateways_from_config(entries: Iterable[Any]) -> list[GatewayPeer]:
-    """The ``gateways`` section of an agent's config; malformed entries are skipped."""
-    peers = []
-    for entry in entries:
-        try:
-            if not isinstance(entry, dict):
-                raise ValueError("not an object")
-            key = entry.get("publicKey")
-            if not isinstance(key, str) or not key:
-                raise ValueError("no publicKey")
-            allowed = entry.get("allowedIps")
-            if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
-                raise ValueError("allowedIps must be a list of prefixes")
-            for prefix in allowed:
-                ipaddress.ip_network(prefix, strict=False)
-            raw_endpoint = entry.get("endpoint")
-            endpoint = parse_endpoint(raw_endpoint) if isinstance(raw_endpoint, str) else None
-            peers.append(
-                GatewayPeer(
-                    str(entry.get("id", "")),
-                    str(entry.get("name", "")),
-                    key,
-                    endpoint,
-                    tuple(allowed),
-                )
-            )
-        except ValueError as exc:
-            gid = entry.get("id") if isinstance(entry, dict) else None
-            log.warning("ignoring malformed gateway in config", extra=kv(id=gid, reason=str(exc)))
-    return peers
+def gateways_from_config(entries: Iterable[GatewayPeerSpec]) -> list[GatewayPeer]:
+    """The ``gateways`` section of an agent's config (parsed by ``common.protocol``)."""
+    return [
+        GatewayPeer(
+            g.id,
+            g.name,
+            g.public_key,
+            check_endpoint(g.endpoint) if g.endpoint is not None else None,
+            g.allowed_ips,
+        )
+        for g in entries
+    ]
 
 
 class AgentDevice:

@@ -6,11 +6,11 @@ The agent never parses HTTP: the gateway has already routed, rewritten and admit
 every request before a byte enters the tunnel.
 
 * HTTP tunnels: the user-space stack listens on ``agentIP:80``.  Every connection
-  starts with a PROXY v2 header naming its tunnel (``kakuremichi.relay.proxyproto``);
+  starts with a PROXY v2 header naming its tunnel (``common.relay.proxyproto``);
   the agent reads it (bounded in size and time), looks the tunnel up by id, dials its
   target (``host:port``, or the host and port of an ``http(s)://`` URL target: the
   gateway already applied the URL's path prefix) and splices bytes both ways with
-  half-close and back-pressure (``kakuremichi.relay.splice``).  A connection whose
+  half-close and back-pressure (``common.relay.splice``).  A connection whose
   header is missing, malformed, late, or names a tunnel this agent does not serve (or
   has disabled) is reset without dialling anything; a target that refuses or does not
   answer within ``connect_timeout`` resets the tunnelled connection too, which the
@@ -20,10 +20,10 @@ every request before a byte enters the tunnel.
   of a tunnel deleted or disabled, and those whose tunnel's target moved (a pooled
   connection would otherwise keep reaching the old target for as long as requests
   keep it busy).  The gateway's next request of such a tunnel dials afresh.
-* raw TCP tunnels: a :class:`~kakuremichi.relay.tcp.TcpForwarder` whose listeners are
+* raw TCP tunnels: a :class:`~common.relay.tcp.TcpForwarder` whose listeners are
   on the user-space stack (``agentIP:publicPort``) and whose dialer reaches the target
   (connect timeout; a refused target resets the tunnelled connection);
-* UDP tunnels: a :class:`~kakuremichi.relay.udp.UdpForwarder` bound on the stack, with
+* UDP tunnels: a :class:`~common.relay.udp.UdpForwarder` bound on the stack, with
   one kernel UDP socket per flow towards the target and an idle timeout per flow.
 
 ``https://`` targets are dialled with TLS (SNI = the target host, no certificate
@@ -37,16 +37,16 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
-from kakuremichi.relay import proxyproto
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.pipe import TransportSplice
-from kakuremichi.relay.router import Route, Router
-from kakuremichi.relay.targets import Target
-from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
-from kakuremichi.relay.udp import UdpForwarder, UdpSettings
+from common.protocol import TunnelSpec
+from common.relay import proxyproto
+from common.relay.metrics import Metrics
+from common.relay.pipe import TransportSplice
+from common.relay.router import Route, Router
+from common.relay.targets import Target
+from common.relay.tcp import TcpForwarder, TcpSettings
+from common.relay.udp import UdpForwarder, UdpSettings
 from netstack.aio import NetstackServer
 from netstack.tunnel import UserspaceTunnel
 
@@ -74,11 +74,11 @@ class LocalDialer:
         self._context.check_hostname = False
         self._context.verify_mode = ssl.CERT_NONE
 
-    def update(self, tunnels: list[dict[str, Any]]) -> None:
+    def update(self, tunnels: Iterable[TunnelSpec]) -> None:
         tls = set()
         for tunnel in tunnels:
             try:
-                target = Target.parse(str(tunnel.get("target", "")))
+                target = Target.parse(tunnel.target)
             except ValueError:
                 continue
             if target.tls:
@@ -131,7 +131,7 @@ class HttpTunnels:
     ``protocol`` is the protocol factory for the listener (the user-space stack's
     ``create_server``, or ``loop.create_server`` in tests); each connection is a
     :class:`_TunnelledConnection` until its header is read, then one end of a
-    :class:`~kakuremichi.relay.pipe.TransportSplice` with the target's connection.
+    :class:`~common.relay.pipe.TransportSplice` with the target's connection.
     """
 
     def __init__(
@@ -371,8 +371,9 @@ class Forwarder:
         )
         self._http: NetstackServer | None = None
 
-    def update(self, tunnels: list[dict[str, Any]]) -> None:
-        """Install Control's current tunnel list (malformed entries are skipped)."""
+    def update(self, tunnels: Sequence[TunnelSpec]) -> None:
+        """Install Control's current tunnels (one whose target does not parse is
+        skipped, with a log line)."""
         self.dialer.update(tunnels)
         self.router.replace_all(tunnels)
         self.http.reconcile()

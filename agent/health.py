@@ -16,8 +16,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kakuremichi.logs import kv
-from kakuremichi.relay.targets import Target
+from common.logs import kv
+from common.protocol import TunnelHealth, TunnelSpec, status_wire
+from common.relay.targets import Target
 
 log = logging.getLogger("agent.health")
 
@@ -70,7 +71,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        tunnels: Callable[[], dict[str, dict[str, Any]]],
+        tunnels: Callable[[], dict[str, TunnelSpec]],
         report: Callable[[dict[str, Any]], Awaitable[bool]],
         interval: float = 15.0,
         timeout: float = 3.0,
@@ -84,16 +85,16 @@ class HealthMonitor:
         self.last: dict[str, Health] = {}
 
     async def check_all(self) -> dict[str, Health]:
-        current = {tid: t for tid, t in self.tunnels().items() if t.get("enabled", True)}
+        current = {tid: t for tid, t in self.tunnels().items() if t.enabled}
         results: dict[str, Health] = {}
 
-        async def one(tunnel_id: str, tunnel: dict[str, Any]) -> None:
+        async def one(tunnel_id: str, tunnel: TunnelSpec) -> None:
             try:
-                target = Target.parse(str(tunnel.get("target", "")))
+                target = Target.parse(tunnel.target)
             except ValueError as exc:
                 results[tunnel_id] = ("unhealthy", str(exc))
                 return
-            if tunnel.get("protocol") == "udp":
+            if tunnel.protocol == "udp":
                 results[tunnel_id] = ("unknown", "udp targets are not probed")
                 return
             results[tunnel_id] = await check_target(target, self.timeout)
@@ -115,12 +116,9 @@ class HealthMonitor:
                 )
             rounds += 1
             if changed or rounds % self.report_every == 0:
-                payload = {
-                    "tunnels": [
-                        {"tunnelId": tid, "health": h, "detail": d}
-                        for tid, (h, d) in results.items()
-                    ]
-                }
+                payload = status_wire(
+                    [TunnelHealth(tid, h, d[:512]) for tid, (h, d) in results.items()]
+                )
                 if await self.report(payload):
                     self.last = results
             await asyncio.sleep(self.interval)

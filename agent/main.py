@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime import Agent, AgentSettings
-from kakuremichi import eventloop, logs
-from kakuremichi.config import (
+from common import eventloop, logs
+from common.config import (
     COMMON,
     ConfigError,
     Setting,
@@ -23,9 +23,9 @@ from kakuremichi.config import (
     positive_float,
     resolve,
 )
-from kakuremichi.controlclient import websocket_url
-from kakuremichi.eventloop import EVENT_LOOP
-from kakuremichi.service import run_until_signalled
+from common.controlclient import websocket_url
+from common.eventloop import EVENT_LOOP
+from common.service import run_until_signalled
 
 
 def _keepalive(value: str) -> int:

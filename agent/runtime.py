@@ -28,11 +28,12 @@ from typing import Any
 from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDevice, gateways_from_config
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
-from kakuremichi import __version__
-from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
-from kakuremichi.keys import load_or_create
-from kakuremichi.logs import kv
-from kakuremichi.relay.admin import AdminServer
+from common import __version__
+from common.controlclient import ControlClient, ControlClientSettings, ControlView
+from common.keys import load_or_create
+from common.logs import kv
+from common.protocol import TunnelSpec
+from common.relay.admin import AdminServer
 
 log = logging.getLogger("agent")
 
@@ -59,13 +60,13 @@ class AgentSettings:
     metrics_port: int = 0  # 0: no /metrics and /healthz listener
 
 
-def _describe(tunnel: dict[str, Any]) -> dict[str, Any]:
+def _describe(tunnel: TunnelSpec) -> dict[str, Any]:
     return {
-        "tunnel": tunnel.get("id"),
-        "protocol": tunnel.get("protocol"),
-        "public": tunnel.get("domain") or tunnel.get("publicPort"),
-        "target": tunnel.get("target"),
-        "enabled": tunnel.get("enabled"),
+        "tunnel": tunnel.id,
+        "protocol": tunnel.protocol,
+        "public": tunnel.domain or tunnel.public_port,
+        "target": tunnel.target,
+        "enabled": tunnel.enabled,
     }
 
 
@@ -106,13 +107,13 @@ class Agent:
             interval=settings.health_interval,
         )
         self._dirty = asyncio.Event()
-        self._applied_tunnels: dict[str, dict[str, Any]] = {}
+        self._applied_tunnels: dict[str, TunnelSpec] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self.applied = 0  # reconcile passes done (tests wait on it)
         self.ready = asyncio.Event()
 
     def _health(self) -> bool | str:
-        if not self.client.view.me and not self.client.connected.is_set():
+        if not self.client.view.has_config and not self.client.connected.is_set():
             return "no configuration from control yet"
         if self.device.gateways and not self.device.connected_gateways():
             return "no gateway has completed a WireGuard handshake"
@@ -129,7 +130,7 @@ class Agent:
             self._dirty.set()
 
     def _store_state(self, view: ControlView) -> None:
-        view.store(self.state_path, "agent")
+        view.store(self.state_path)
 
     # -- reconciliation -------------------------------------------------------------------
 
@@ -139,12 +140,12 @@ class Agent:
     def apply(self) -> None:
         """Make the data plane match the current view (one pass)."""
         view = self.client.view
-        address = view.me.get("virtualIp")
-        self.device.apply(
-            address if isinstance(address, str) else None, gateways_from_config(view.peers)
-        )
-        tunnels = dict(view.tunnels)
-        self.forwarder.update(list(tunnels.values()))
+        config = view.agent_config()
+        if config is None:
+            return
+        self.device.apply(config.agent.virtual_ip, gateways_from_config(config.gateways))
+        tunnels = {t.id: t for t in config.tunnels}
+        self.forwarder.update(config.tunnels)
         for tid in self._applied_tunnels.keys() - tunnels.keys():
             log.info("tunnel removed", extra=kv(**_describe(self._applied_tunnels[tid])))
         for tid, tunnel in tunnels.items():
@@ -154,8 +155,7 @@ class Agent:
             elif before != tunnel:
                 log.info("tunnel updated", extra=kv(**_describe(tunnel)))
         self._applied_tunnels = tunnels
-        if view.has_config:
-            self._store_state(view)
+        self._store_state(view)
         self.applied += 1
 
     async def _reconcile_loop(self) -> None:

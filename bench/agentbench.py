@@ -143,7 +143,7 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     """Our agent's data plane: ``AgentDevice`` (WireGuard + stack) and its Forwarder."""
     from agent.device import AgentDevice, GatewayPeer
     from agent.forward import Forwarder
-    from kakuremichi.keys import KeyPair
+    from common.keys import KeyPair
 
     raise_fd_limit()
     loop = asyncio.get_running_loop()
@@ -492,7 +492,7 @@ class Topology:
     # -- set-up
 
     def up(self) -> None:
-        from kakuremichi.keys import KeyPair
+        from common.keys import KeyPair
 
         n = self.names
         for ns in (n["g"], n["a"], n["b"]):

@@ -609,7 +609,7 @@ class E2EBench:
     """Every row's servers, started on first use (:meth:`target`), always torn down."""
 
     def __init__(self) -> None:
-        from kakuremichi.keys import KeyPair
+        from common.keys import KeyPair
         from tests.support import unique_name
 
         self.tmp = Path(tempfile.mkdtemp(prefix="kakuremichi-e2e-"))

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, resolve
+from common.config import COMMON, ConfigError, Setting, add_settings, resolve
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's base URL", "http://127.0.0.1:7700", metavar="URL"),

@@ -24,16 +24,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.logs import kv
+from common.protocol import AUTH_TIMEOUT
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
 from control.api.routes import Api
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
-from control.protocol import AUTH_TIMEOUT
 from control.ws.admission import DEFAULT_PER_ADDRESS
 from control.ws.hub import Hub
-from kakuremichi.logs import kv
 
 log = logging.getLogger("control")
 

@@ -19,12 +19,8 @@ from typing import Any
 
 import uvicorn
 
-from control import protocol
-from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
-from control.app import ControlSettings, create_app
-from control.ws.admission import DEFAULT_PER_ADDRESS
-from kakuremichi import eventloop, logs
-from kakuremichi.config import (
+from common import eventloop, logs, protocol
+from common.config import (
     COMMON,
     ConfigError,
     Setting,
@@ -34,7 +30,10 @@ from kakuremichi.config import (
     positive_int,
     resolve,
 )
-from kakuremichi.eventloop import EVENT_LOOP
+from common.eventloop import EVENT_LOOP
+from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.app import ControlSettings, create_app
+from control.ws.admission import DEFAULT_PER_ADDRESS
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on", "0.0.0.0"),
@@ -166,7 +165,7 @@ def server_for(app: Any, host: str, port: int, event_loop: str = "auto") -> _Ser
     """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``).
 
     ``event_loop`` is an ``--event-loop`` choice; uvicorn's ``loop`` setting gets the
-    loop it stands for, the same one :func:`kakuremichi.eventloop.run` creates."""
+    loop it stands for, the same one :func:`common.eventloop.run` creates."""
     config = uvicorn.Config(
         app,
         host=host,

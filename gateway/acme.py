@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from josepy.jwa import ES256
 from josepy.jwk import JWKEC
 
+from common.logs import kv
 from gateway.tls import Certificate
-from kakuremichi.logs import kv
 
 log = logging.getLogger("gateway.acme")
 

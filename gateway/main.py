@@ -11,9 +11,8 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from gateway.runtime import Gateway, GatewaySettings
-from kakuremichi import eventloop, logs
-from kakuremichi.config import (
+from common import eventloop, logs
+from common.config import (
     COMMON,
     ConfigError,
     Setting,
@@ -22,10 +21,11 @@ from kakuremichi.config import (
     port,
     resolve,
 )
-from kakuremichi.controlclient import websocket_url
-from kakuremichi.eventloop import EVENT_LOOP
-from kakuremichi.relay.limits import LimitSettings
-from kakuremichi.service import raise_open_file_limit, run_until_signalled
+from common.controlclient import websocket_url
+from common.eventloop import EVENT_LOOP
+from common.relay.limits import LimitSettings
+from common.service import raise_open_file_limit, run_until_signalled
+from gateway.runtime import Gateway, GatewaySettings
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),

@@ -30,22 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import __version__
+from common.controlclient import ControlClient, ControlClientSettings, ControlView
+from common.keys import load_or_create
+from common.logs import kv
+from common.protocol import CertificateObtained
+from common.relay.admin import AdminServer
+from common.relay.limits import LimitSettings
+from common.relay.metrics import Metrics
+from common.relay.router import Router
+from common.relay.tcp import TcpForwarder, TcpSettings
+from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import WgDevice, WgError
 from gateway.wg.state import WgState
 from gateway.wg.userspace import UserspaceDevice
-from kakuremichi import __version__
-from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
-from kakuremichi.keys import load_or_create
-from kakuremichi.logs import kv
-from kakuremichi.relay.admin import AdminServer
-from kakuremichi.relay.limits import LimitSettings
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.router import Router
-from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
-from kakuremichi.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 
 log = logging.getLogger("gateway")
 
@@ -174,21 +175,22 @@ class Gateway:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
-            view = self.client.view
+            config = self.client.view.gateway_config()
+            if config is None:
+                continue
             try:
-                self.router.replace_all(list(view.tunnels.values()))
-                self.certificates.set_control_certificates(view.certificates)
-                state = WgState.from_view(view.me, view.peers)
+                self.router.replace_all(config.tunnels)
+                self.certificates.set_control_certificates(config.certificates)
+                state = WgState.from_config(config.gateway, config.agents)
                 if state != self._applied_wg:
                     await self.wg.apply(state)
                     self._applied_wg = state
                     log.info(
                         "configuration applied",
-                        extra=kv(agents=len(state.peers), tunnels=len(view.tunnels)),
+                        extra=kv(agents=len(state.peers), tunnels=len(config.tunnels)),
                     )
-                if view.has_config:
-                    # served after a restart while Control is away (like the agent's)
-                    view.store(self.state_path, "gateway")
+                # served after a restart while Control is away (like the agent's)
+                self.client.view.store(self.state_path)
                 delay = 1.0
             except Exception as exc:  # whatever it is, the task never ends silently
                 if isinstance(exc, WgError | OSError):
@@ -210,7 +212,9 @@ class Gateway:
         while True:
             await asyncio.sleep(10)
             with contextlib.suppress(WgError, OSError, ValueError):
-                names = {p.get("publicKey"): str(p.get("id")) for p in self.client.view.peers}
+                config = self.client.view.gateway_config()
+                agents = config.agents if config is not None else ()
+                names = {a.public_key: a.id for a in agents}
                 seen = set()
                 now = time.time()
                 for stat in await self.wg.stats():
@@ -264,12 +268,8 @@ class Gateway:
     def domains_needing_certificates(self, now: float) -> list[str]:
         wanted = []
         for tunnel in self.client.view.tunnels.values():
-            domain = tunnel.get("domain")
-            if (
-                tunnel.get("protocol") != "http"
-                or not tunnel.get("enabled")
-                or not isinstance(domain, str)
-            ):
+            domain = tunnel.domain
+            if tunnel.protocol != "http" or not tunnel.enabled or domain is None:
                 continue
             cert = self.certificates.certificate_for(domain)
             if cert is None or cert.not_after - now < self.settings.renew_before:
@@ -298,15 +298,8 @@ class Gateway:
             self._store_acme_certificate(cert)
             self.certificates.add_acme_certificate(cert)
             obtained += 1
-            await self.client.send(
-                "certificate_obtained",
-                {
-                    "domain": cert.domain,
-                    "certificate": cert.chain_pem,
-                    "privateKey": cert.key_pem,
-                    "notAfter": cert.not_after,
-                },
-            )
+            report = CertificateObtained(cert.domain, cert.chain_pem, cert.key_pem, cert.not_after)
+            await self.client.send("certificate_obtained", report.to_wire())
         return obtained
 
     async def _acme_loop(self) -> None:

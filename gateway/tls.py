@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from kakuremichi.logs import kv
+from common.logs import kv
+from common.protocol import CertificateSpec
 
 log = logging.getLogger("gateway.tls")
 
@@ -126,22 +128,13 @@ class CertificateStore:
             fingerprints[domain] = fingerprint
         self._contexts, self._fingerprints = contexts, fingerprints
 
-    def set_control_certificates(self, certificates: list[dict[str, object]]) -> None:
-        """Replace the certificates that came from Control's config."""
-        found = {}
-        for item in certificates:
-            try:
-                domain = str(item["domain"]).lower()
-                found[domain] = Certificate(
-                    domain,
-                    str(item["certificate"]),
-                    str(item["privateKey"]),
-                    float(str(item["notAfter"])),
-                    "control",
-                )
-            except (KeyError, TypeError, ValueError):
-                log.warning("malformed certificate in config skipped")
-        self._from_control = found
+    def set_control_certificates(self, certificates: Iterable[CertificateSpec]) -> None:
+        """Replace the certificates that came from Control's config (parsed by
+        ``common.protocol``; one that OpenSSL refuses is skipped with its reason)."""
+        self._from_control = {
+            c.domain: Certificate(c.domain, c.certificate, c.private_key, c.not_after, "control")
+            for c in certificates
+        }
         self._rebuild()
 
     def add_acme_certificate(self, cert: Certificate) -> None:

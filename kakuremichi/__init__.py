@@ -1,3 +1,6 @@
-"""kakuremichi: shared command-line, configuration and logging helpers."""
+"""kakuremichi's top floor: the ``kakuremichi`` command line (control, gateway, agent,
+admin, demo), the one-machine demo and its sample app."""
 
-__version__ = "0.1.0"
+from common import __version__
+
+__all__ = ["__version__"]

@@ -16,8 +16,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from kakuremichi import __version__
-from kakuremichi.config import ConfigError
+from common import __version__
+from common.config import ConfigError
 
 # (verb, one-line help, module path of a function register(subparsers) -> None)
 _VERBS: tuple[tuple[str, str], ...] = (

@@ -28,12 +28,13 @@ import httpx
 import uvicorn
 
 from agent.runtime import Agent, AgentSettings
+from common import eventloop, logs
+from common.config import COMMON, ConfigError, Setting, add_settings, boolean, port, resolve
+from common.eventloop import EVENT_LOOP
 from control.app import ControlSettings, create_app
 from control.main import server_for
 from gateway.runtime import Gateway, GatewaySettings
-from kakuremichi import eventloop, logs, sampleapp
-from kakuremichi.config import COMMON, ConfigError, Setting, add_settings, boolean, port, resolve
-from kakuremichi.eventloop import EVENT_LOOP
+from kakuremichi import sampleapp
 
 log = logging.getLogger("demo")
 

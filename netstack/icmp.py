@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from netstack.speedups import checksum, pseudo_header_sum
+from netstack.checksum import checksum, pseudo_header_sum
 
 PROTO_ICMP = 1
 PROTO_ICMPV6 = 58

@@ -26,7 +26,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from netstack.speedups import checksum
+from netstack.checksum import checksum
 
 PROTO_ICMP = 1
 PROTO_TCP = 6

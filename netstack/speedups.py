@@ -1,7 +1,9 @@
-"""Chooses the hot-path implementation: the Cython module or its pure-Python twin.
+"""Chooses the TCP/IP stack's hot-path implementation: the Cython module
+(``netstack/_fast.pyx``) or its pure-Python twin (``netstack/_pure.py``).
 
-Set ``KAKUREMICHI_NETSTACK_PURE=1`` to force the twin (tests run against both).
-``IMPLEMENTATION`` names the one in use.
+Set ``KAKUREMICHI_NETSTACK_PURE=1`` to force the twin (tests run against both); the
+same variable chooses the checksum (``netstack/checksum.py``) and WireGuard's transport
+path (``netstack/wireguard/speedups.py``).  ``IMPLEMENTATION`` names the one in use.
 """
 
 from __future__ import annotations
@@ -12,12 +14,6 @@ from netstack import _pure
 
 IMPLEMENTATION = "pure"
 
-checksum = _pure.checksum
-ones_sum = _pure.ones_sum
-pseudo_header_sum = _pure.pseudo_header_sum
-TransportCipher: type[_pure.TransportCipher] = _pure.TransportCipher
-open_run = _pure.open_run
-seal_run = _pure.seal_run
 parse_tcp_packet = _pure.parse_tcp_packet
 build_tcp_packet = _pure.build_tcp_packet
 tcp_receive_established = _pure.tcp_receive_established
@@ -30,12 +26,6 @@ if os.environ.get("KAKUREMICHI_NETSTACK_PURE") != "1":  # pragma: no branch
     except ImportError:  # the extension is not built in this checkout
         pass
     else:
-        checksum = _fast.checksum
-        ones_sum = _fast.ones_sum
-        pseudo_header_sum = _fast.pseudo_header_sum
-        TransportCipher = _fast.TransportCipher  # type: ignore[assignment,unused-ignore]
-        open_run = _fast.open_run  # type: ignore[assignment,unused-ignore]
-        seal_run = _fast.seal_run  # type: ignore[assignment,unused-ignore]
         parse_tcp_packet = _fast.parse_tcp_packet
         build_tcp_packet = _fast.build_tcp_packet
         tcp_receive_established = _fast.tcp_receive_established

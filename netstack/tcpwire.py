@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from netstack.speedups import checksum, pseudo_header_sum
+from netstack.checksum import checksum, pseudo_header_sum
 
 FIN = 0x01
 SYN = 0x02

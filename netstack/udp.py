@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from netstack.speedups import checksum, pseudo_header_sum
+from netstack.checksum import checksum, pseudo_header_sum
 
 PROTO_UDP = 17
 UDP_HEADER_LEN = 8

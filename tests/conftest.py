@@ -3,7 +3,7 @@ an authenticated REST client for it (``api``).
 
 The event loop of the async tests: ``KAKUREMICHI_TEST_EVENT_LOOP=uvloop`` (or
 ``asyncio``) runs every pytest-asyncio test and fixture on that loop, made by the same
-factory as ``--event-loop`` (``kakuremichi.eventloop``), through pytest-asyncio's
+factory as ``--event-loop`` (``common.eventloop``), through pytest-asyncio's
 ``pytest_asyncio_loop_factories`` hook (1.4+; test ids stay the same).  Unset,
 pytest-asyncio's default loop is used.  uvloop asked for but not importable is an
 error under ``CI=true`` and skips the async tests elsewhere, like ``need()``.  Loops a
@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from pytest_asyncio.plugin import PytestAsyncioSpecs
 
-from kakuremichi import eventloop
+from common import eventloop
 from tests.controlserver import api, control
 from tests.support import IN_CI
 

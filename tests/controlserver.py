@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 
-from control import protocol
+from common import protocol
 from control.app import ControlSettings, create_app
 from control.main import _Server
 from tests.support import free_port

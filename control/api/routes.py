@@ -15,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from common import jsonsafe
+from common import protocol as p
 from control import certs
-from control import protocol as p
 from control.api import models as m
 from control.api.errors import ApiError, from_validation
 from control.db.store import ClientKind, Row, Store
 from control.ws.hub import Hub
-from kakuremichi import jsonsafe
 
 Model = TypeVar("Model", bound=BaseModel)
 MAX_BODY = 256 * 1024

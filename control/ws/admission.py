@@ -16,7 +16,7 @@ Sans-IO: callers pass the current time; nothing here reads a clock.
 
 from __future__ import annotations
 
-from kakuremichi.relay.limits import client_key
+from common.relay.limits import client_key
 
 #: default cap on not-yet-authenticated connections per address
 #: (``--max-unauthenticated-per-address``)

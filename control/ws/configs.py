@@ -1,27 +1,31 @@
-"""What each client is told: full ``config`` snapshots and tunnel objects on the wire.
+"""What each client is told: full ``config`` snapshots and tunnel objects, built as the
+typed messages of ``common.protocol`` from database rows.
 
-Pure functions over database rows.  No WireGuard private key exists in Control, so
-none can appear here; TLS private keys go to gateways only (they terminate TLS).
+Pure functions over rows.  No WireGuard private key exists in Control, so none can
+appear here; TLS private keys go to gateways only (they terminate TLS).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+from common import protocol as p
 from control.db.store import Row, Store
 
 
-def tunnel_wire(row: Row) -> dict[str, Any]:
-    return {
-        "id": row["id"],
-        "protocol": row["protocol"],
-        "domain": row["domain"],
-        "publicPort": row["public_port"],
-        "target": row["target"],
-        "agentId": row["agent_id"],
-        "agentIp": row["agent_ip"],
-        "enabled": bool(row["enabled"]),
-    }
+def tunnel_spec(row: Row) -> p.TunnelSpec:
+    return p.TunnelSpec(
+        id=row["id"],
+        protocol=row["protocol"],
+        domain=row["domain"] if row["protocol"] == "http" else None,
+        public_port=row["public_port"] if row["protocol"] != "http" else None,
+        target=row["target"],
+        agent_id=row["agent_id"],
+        agent_ip=row["agent_ip"],
+        enabled=bool(row["enabled"]),
+    )
+
+
+def tunnel_wire(row: Row) -> dict[str, object]:
+    return tunnel_spec(row).to_wire()
 
 
 def _endpoint(gateway: Row) -> str | None:
@@ -33,70 +37,74 @@ def _endpoint(gateway: Row) -> str | None:
 
 def agent_config(
     store: Store, agent: Row, gateways: list[Row], tunnels: list[Row]
-) -> dict[str, Any]:
+) -> p.AgentConfig:
     """An agent's view: itself, every gateway it should peer with, its own tunnels."""
-    return {
-        "agent": {
-            "id": agent["id"],
-            "name": agent["name"],
-            "subnet": agent["subnet"],
-            "virtualIp": agent["virtual_ip"],
-        },
-        "gateways": [
-            {
-                "id": gateway["id"],
-                "name": gateway["name"],
-                "publicKey": gateway["public_key"],
-                "endpoint": _endpoint(gateway),
-                "virtualIp": store.gateway_address(agent["subnet"], gateway["slot"]),
-                "allowedIps": [store.gateway_address(agent["subnet"], gateway["slot"]) + "/32"],
-            }
-            for gateway in gateways
-            if gateway["public_key"]
-        ],
-        "tunnels": [tunnel_wire(t) for t in tunnels if t["agent_id"] == agent["id"]],
-    }
+    peers = []
+    for gateway in gateways:
+        if not gateway["public_key"]:
+            continue
+        address = store.gateway_address(agent["subnet"], gateway["slot"])
+        peers.append(
+            p.GatewayPeerSpec(
+                id=gateway["id"],
+                name=gateway["name"],
+                public_key=gateway["public_key"],
+                endpoint=_endpoint(gateway),
+                virtual_ip=address,
+                allowed_ips=(address + "/32",),
+            )
+        )
+    return p.AgentConfig(
+        agent=p.AgentSelf(
+            id=agent["id"],
+            name=agent["name"],
+            subnet=agent["subnet"],
+            virtual_ip=agent["virtual_ip"],
+        ),
+        gateways=tuple(peers),
+        tunnels=tuple(tunnel_spec(t) for t in tunnels if t["agent_id"] == agent["id"]),
+    )
 
 
 def gateway_config(
     store: Store, gateway: Row, agents: list[Row], tunnels: list[Row], certificates: list[Row]
-) -> dict[str, Any]:
+) -> p.GatewayConfig:
     """A gateway's view: itself, every agent (peer), all tunnels, all certificates."""
     peers = [a for a in agents if a["public_key"]]
-    return {
-        "gateway": {
-            "id": gateway["id"],
-            "name": gateway["name"],
-            "slot": gateway["slot"],
-            "publicIp": gateway["public_ip"],
-            "wireguardPort": gateway["wireguard_port"],
-            "addresses": [
+    return p.GatewayConfig(
+        gateway=p.GatewaySelf(
+            id=gateway["id"],
+            name=gateway["name"],
+            slot=gateway["slot"],
+            public_ip=gateway["public_ip"],
+            wireguard_port=gateway["wireguard_port"],
+            addresses=tuple(
                 store.gateway_address(a["subnet"], gateway["slot"])
                 + "/"
                 + a["subnet"].split("/")[1]
                 for a in peers
-            ],
-        },
-        "agents": [
-            {
-                "id": agent["id"],
-                "name": agent["name"],
-                "publicKey": agent["public_key"],
-                "subnet": agent["subnet"],
-                "virtualIp": agent["virtual_ip"],
-                "allowedIps": [agent["virtual_ip"] + "/32"],
-                "gatewayIp": store.gateway_address(agent["subnet"], gateway["slot"]),
-            }
+            ),
+        ),
+        agents=tuple(
+            p.AgentPeerSpec(
+                id=agent["id"],
+                name=agent["name"],
+                public_key=agent["public_key"],
+                subnet=agent["subnet"],
+                virtual_ip=agent["virtual_ip"],
+                allowed_ips=(agent["virtual_ip"] + "/32",),
+                gateway_ip=store.gateway_address(agent["subnet"], gateway["slot"]),
+            )
             for agent in peers
-        ],
-        "tunnels": [tunnel_wire(t) for t in tunnels],
-        "certificates": [
-            {
-                "domain": cert["domain"],
-                "certificate": cert["certificate_pem"],
-                "privateKey": cert["private_key_pem"],
-                "notAfter": cert["not_after"],
-            }
+        ),
+        tunnels=tuple(tunnel_spec(t) for t in tunnels),
+        certificates=tuple(
+            p.CertificateSpec(
+                domain=cert["domain"],
+                certificate=cert["certificate_pem"],
+                private_key=cert["private_key_pem"],
+                not_after=cert["not_after"],
+            )
             for cert in certificates
-        ],
-    }
+        ),
+    )

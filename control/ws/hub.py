@@ -47,13 +47,13 @@ from typing import Any
 from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from common import protocol as p
+from common.logs import OncePer, kv
 from control import certs
-from control import protocol as p
 from control.api.errors import error_response
 from control.db.store import ClientKind, Row, Store
 from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
 from control.ws.configs import agent_config, gateway_config, tunnel_wire
-from kakuremichi.logs import kv
 
 log = logging.getLogger("control.hub")
 
@@ -86,9 +86,9 @@ class Connection:
     #: the bad-frame allowance (a token bucket) and when it was last refilled
     bad_allowance: float = BAD_FRAME_BURST
     bad_refilled: float = field(default_factory=time.monotonic)
-    #: bad frames by code since each was last logged, and when that was
-    bad_unlogged: dict[str, int] = field(default_factory=dict)
-    bad_logged_at: dict[str, float] = field(default_factory=dict)
+    #: bad frames logged once per code per interval; the client's own error reports too
+    bad_log: OncePer = field(default_factory=lambda: OncePer(BAD_FRAME_LOG_INTERVAL))
+    reported_log: OncePer = field(default_factory=lambda: OncePer(BAD_FRAME_LOG_INTERVAL))
 
     def spend_bad_frame(self, now: float) -> bool:
         """Count one bad frame; False once the allowance is used up."""
@@ -279,12 +279,7 @@ class Hub:
                 conn.enqueue(
                     p.encode(
                         "auth_success",
-                        {
-                            "id": row["id"],
-                            "name": row["name"],
-                            "clientType": kind,
-                            "heartbeatInterval": p.HEARTBEAT_INTERVAL,
-                        },
+                        p.AuthSuccess(row["id"], row["name"], kind, p.HEARTBEAT_INTERVAL).to_wire(),
                         conn.config_version,
                     )
                 )
@@ -306,7 +301,7 @@ class Hub:
     async def _reject(self, ws: WebSocket, message: str, peer: str, code: str) -> None:
         log.warning("authentication failed", extra=kv(peer=peer, reason=code))
         with contextlib.suppress(Exception):
-            await ws.send_text(p.encode("auth_error", {"code": code, "message": message}))
+            await ws.send_text(p.encode("auth_error", p.ErrorReport(code, message).to_wire()))
         await self._safe_close(ws, p.CLOSE_AUTH_FAILED, message[:120])
 
     async def _serve(self, conn: Connection) -> None:
@@ -336,7 +331,7 @@ class Hub:
         log once per code per interval; close (4007) a client past its allowance."""
         now = time.monotonic()
         if not conn.spend_bad_frame(now):
-            counts = dict(conn.bad_unlogged)
+            counts = conn.bad_log.pending()
             counts[exc.code] = counts.get(exc.code, 0) + 1
             log.warning(
                 "closing client that sends too many bad frames",
@@ -344,22 +339,21 @@ class Hub:
             )
             await self._close(conn, p.CLOSE_BAD_FRAMES, "too many bad frames")
             return
-        self._send(conn, "error", {"code": exc.code, "message": exc.message})
-        last = conn.bad_logged_at.get(exc.code)
-        if last is not None and now - last < BAD_FRAME_LOG_INTERVAL:
-            conn.bad_unlogged[exc.code] = conn.bad_unlogged.get(exc.code, 0) + 1
-            return
-        conn.bad_logged_at[exc.code] = now
-        log.info(
-            "bad frame from client",
-            extra=kv(
-                kind=conn.kind,
-                client=conn.name,
-                code=exc.code,
-                reason=exc.message,
-                since_last_logged=conn.bad_unlogged.pop(exc.code, 0),
-            ),
-        )
+        # no configVersion: an error changes nothing the client holds
+        if not conn.enqueue(p.encode("error", p.ErrorReport(exc.code, exc.message).to_wire())):
+            self._too_slow(conn)
+        due, unlogged = conn.bad_log.due(exc.code, now)
+        if due:
+            log.info(
+                "bad frame from client",
+                extra=kv(
+                    kind=conn.kind,
+                    client=conn.name,
+                    code=exc.code,
+                    reason=exc.message,
+                    since_last_logged=unlogged,
+                ),
+            )
 
     async def _dispatch(self, conn: Connection, frame: p.Frame) -> None:
         if frame.type == "heartbeat":
@@ -392,6 +386,21 @@ class Hub:
                 )
                 await self.push_config_locked("gateway")
             log.info("certificate stored", extra=kv(domain=cert.domain, gateway=conn.name))
+        elif frame.type == "error":
+            # the client could not use something we sent (it keeps its last good view)
+            report = p.parse_error(frame.data)
+            due, unlogged = conn.reported_log.due(report.code)
+            if due:
+                log.warning(
+                    "client reports an error",
+                    extra=kv(
+                        kind=conn.kind,
+                        client=conn.name,
+                        code=report.code,
+                        reason=report.message,
+                        since_last_logged=unlogged,
+                    ),
+                )
         elif frame.type in ("status", "certificate_obtained", "auth"):
             raise p.ProtocolError(
                 "unexpected_type", f"'{frame.type}' is not accepted from this {conn.kind} now"
@@ -499,7 +508,7 @@ class Hub:
             return {
                 conn: agent_config(
                     self.store, rows[conn.client_id], gateways, by_agent.get(conn.client_id, [])
-                )
+                ).to_wire()
                 for conn in conns
                 if conn.client_id in rows
             }
@@ -509,7 +518,7 @@ class Hub:
         return {
             conn: gateway_config(
                 self.store, gateway_rows[conn.client_id], agents, tunnels, certificates
-            )
+            ).to_wire()
             for conn in conns
             if conn.client_id in gateway_rows
         }
@@ -555,7 +564,7 @@ class Hub:
 
         Call with ``lock`` held, right after the change committed."""
         if type_ == "tunnel_delete":
-            data: dict[str, Any] = {"id": tunnel["id"], "agentId": tunnel["agent_id"]}
+            data: dict[str, Any] = p.TunnelDelete(tunnel["id"], tunnel["agent_id"]).to_wire()
         else:
             data = tunnel_wire(tunnel)
         self._broadcast(self.connected("agent", agent_ids) + self.connected("gateway"), type_, data)
@@ -565,7 +574,7 @@ class Hub:
         self._broadcast(
             self.connected("agent", [before["agent_id"]]),
             "tunnel_delete",
-            {"id": before["id"], "agentId": before["agent_id"]},
+            p.TunnelDelete(before["id"], before["agent_id"]).to_wire(),
         )
         self._broadcast(
             self.connected("agent", [after["agent_id"]]), "tunnel_create", tunnel_wire(after)

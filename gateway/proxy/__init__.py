@@ -17,13 +17,13 @@ Wiring (see each module's docstring for the theory of operation)::
     await admin.start("127.0.0.1", 9090)       # /metrics and /healthz
 """
 
-from kakuremichi.relay.admin import AdminServer
-from kakuremichi.relay.dial import Dialer, open_tcp
-from kakuremichi.relay.limits import LimitSettings
-from kakuremichi.relay.metrics import Metrics, Registry
-from kakuremichi.relay.router import PortRoute, Route, Router
-from kakuremichi.relay.tcp import TcpForwarder, TcpSettings
-from kakuremichi.relay.udp import FlowDialer, UdpForwarder, UdpSettings, open_udp_flow
+from common.relay.admin import AdminServer
+from common.relay.dial import Dialer, open_tcp
+from common.relay.limits import LimitSettings
+from common.relay.metrics import Metrics, Registry
+from common.relay.router import PortRoute, Route, Router
+from common.relay.tcp import TcpForwarder, TcpSettings
+from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings, open_udp_flow
 
 from .http import ProxyServer, ProxySettings
 

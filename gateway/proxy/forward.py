@@ -7,7 +7,7 @@ client-facing half: reading heads, admission, the gateway's own pages).
 
 1. **Connect**: take a keep-alive connection of this tunnel to
    ``agent_ip:upstream_port`` from the pool (``pool.py``); a new one starts with a
-   PROXY v2 header naming the tunnel (``kakuremichi.relay.proxyproto``), after which
+   PROXY v2 header naming the tunnel (``common.relay.proxyproto``), after which
    the agent splices the connection to the tunnel's target.  Dial errors become 502
    ("refused" / "unreachable"); so does a connection the agent resets before any
    response byte, which is how it says the local service refused or is unreachable.  A request
@@ -47,11 +47,11 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kakuremichi.relay import proxyproto
-from kakuremichi.relay.limits import LimitSettings
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.router import Route
-from kakuremichi.relay.splice import CHUNK, drain, splice
+from common.relay import proxyproto
+from common.relay.limits import LimitSettings
+from common.relay.metrics import Metrics
+from common.relay.router import Route
+from common.relay.splice import CHUNK, drain, splice
 
 from . import h1
 from .headers import response_headers_for_client

@@ -66,10 +66,10 @@ from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.router import Route, Router, normalize_host
-from kakuremichi.relay.splice import CHUNK, drain
+from common.relay.limits import ConnectionLimiter, RateLimiter
+from common.relay.metrics import Metrics
+from common.relay.router import Route, Router, normalize_host
+from common.relay.splice import CHUNK, drain
 
 from . import h1, pages
 from .forward import Abort, ForwardingMixin, ForwardPlan

@@ -41,8 +41,8 @@ import asyncio
 import contextlib
 from typing import Protocol, cast
 
-from kakuremichi.relay.dial import Dialer, open_tcp
-from kakuremichi.relay.splice import close_writer
+from common.relay.dial import Dialer, open_tcp
+from common.relay.splice import close_writer
 
 from .h1 import ResponseReader
 

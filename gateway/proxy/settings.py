@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kakuremichi.relay.limits import LimitSettings
+from common.relay.limits import LimitSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +14,7 @@ class ProxySettings:
     #: port the agent accepts HTTP tunnels' connections on inside WireGuard
     upstream_port: int = 80
     #: open each agent connection with a PROXY v2 header naming the tunnel
-    #: (``kakuremichi.relay.proxyproto``): the agent splices it to that tunnel's
+    #: (``common.relay.proxyproto``): the agent splices it to that tunnel's
     #: target without parsing HTTP.  Off only in front of a plain HTTP upstream.
     tunnel_header: bool = True
     #: dialling an agent (through WireGuard); exceeded -> 502 "agent unreachable"

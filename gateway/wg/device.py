@@ -24,9 +24,9 @@ import os
 import select
 import shutil
 
+from common.keys import KeyPair
+from common.logs import kv
 from gateway.wg.state import PeerStats, WgState
-from kakuremichi.keys import KeyPair
-from kakuremichi.logs import kv
 
 log = logging.getLogger("gateway.wg")
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from common.protocol import AgentPeerSpec, GatewaySelf
 
 
 @dataclass(frozen=True)
@@ -24,26 +25,10 @@ class WgState:
     peers: tuple[WgPeer, ...]
 
     @classmethod
-    def from_view(cls, me: dict[str, Any], peers: list[dict[str, Any]]) -> WgState:
-        addresses = []
-        for text in me.get("addresses") or []:
-            try:
-                addresses.append(str(ipaddress.ip_interface(text)))
-            except ValueError:
-                continue  # a malformed address from Control is skipped, not fatal
-        wg_peers = []
-        for peer in peers:
-            key, allowed = peer.get("publicKey"), peer.get("allowedIps") or []
-            if not isinstance(key, str) or not isinstance(allowed, list):
-                continue
-            clean = []
-            for prefix in allowed:
-                try:
-                    clean.append(str(ipaddress.ip_network(prefix, strict=False)))
-                except (TypeError, ValueError):
-                    continue
-            wg_peers.append(WgPeer(key, tuple(sorted(clean)), str(peer.get("name", ""))))
-        return cls(tuple(sorted(addresses)), tuple(sorted(wg_peers, key=lambda p: p.public_key)))
+    def from_config(cls, me: GatewaySelf, agents: Sequence[AgentPeerSpec]) -> WgState:
+        """From the gateway's config (parsed and checked by ``common.protocol``)."""
+        peers = (WgPeer(a.public_key, tuple(sorted(a.allowed_ips)), a.name) for a in agents)
+        return cls(tuple(sorted(me.addresses)), tuple(sorted(peers, key=lambda p: p.public_key)))
 
 
 @dataclass(frozen=True)

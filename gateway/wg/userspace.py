@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from common.keys import KeyPair
+from common.logs import kv
 from gateway.wg.state import PeerStats, WgState
-from kakuremichi.keys import KeyPair
-from kakuremichi.logs import kv
 from netstack.tunnel import UserspaceTunnel
 
 log = logging.getLogger("gateway.wg")

@@ -45,8 +45,6 @@ from collections.abc import Callable, Iterable
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from netstack.speedups import open_run, seal_run
-
 from . import noise
 from .allowedips import AllowedIPs, Network, parse_network
 from .cookie import CookieChecker, address_bytes
@@ -78,6 +76,7 @@ from .messages import (
 )
 from .peer import HandshakeStage, Keypair, Peer
 from .ratelimit import RateLimiter
+from .speedups import open_run, seal_run
 from .tai64n import Tai64nClock
 from .timers import (
     HANDSHAKE_INITIATION_RATE,

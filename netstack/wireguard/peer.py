@@ -22,12 +22,11 @@ from enum import IntEnum
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from netstack.speedups import TransportCipher
-
 from . import noise
 from .cookie import CookieGenerator
 from .events import Address
 from .replay import ReplayFilter
+from .speedups import TransportCipher
 from .tai64n import TIMESTAMP_SIZE
 from .timers import MAX_STAGED_PACKETS, PeerTimers
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.main import settings_from
-from kakuremichi.config import ConfigError
+from common.config import ConfigError
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,6 +15,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from agent.device import gateways_from_config, parse_endpoint
 from agent.runtime import Agent, AgentSettings
+from common import protocol as p
 from netstack.wireguard.crypto import private_key_from_bytes, public_key_of
 
 
@@ -72,7 +73,7 @@ GARBAGE: list[str | bytes] = [
     '{"type": "surprise", "data": {}}',
     "[" * 100_000 + "]" * 100_000,
     json.dumps({"type": "error", "data": {"code": "x" * 5000, "message": None}}),
-    # a config that parses but whose entries are nonsense: skipped one by one
+    # a config that decodes but whose entries are nonsense: refused whole
     json.dumps(
         {
             "type": "config",
@@ -112,9 +113,7 @@ async def test_garbage_from_control_never_stops_the_agent(
 
     async def fake_control(ws: ServerConnection) -> None:
         received.append(json.loads(await ws.recv()))
-        await ws.send(
-            json.dumps({"type": "auth_success", "data": {"id": "a1", "heartbeatInterval": 1}})
-        )
+        await ws.send(p.encode("auth_success", p.AuthSuccess("a1", "laptop", "agent", 1).to_wire()))
         for frame in GARBAGE:
             await ws.send(frame)
         await ws.send(json.dumps(GOOD_CONFIG))
@@ -164,25 +163,32 @@ def test_gateways_from_config_and_endpoints() -> None:
     for bad in ("192.0.2.1", "host.example.com:1", "192.0.2.1:0", "[::1]:99999", ":1"):
         with pytest.raises(ValueError):
             parse_endpoint(bad)
-    peers = gateways_from_config(
-        [
-            {
-                "id": "g1",
-                "name": "a",
-                "publicKey": gateway_key(1),
-                "endpoint": None,
-                "allowedIps": ["100.64.0.1/32"],
-            },
-            {"id": "g2", "publicKey": gateway_key(2), "endpoint": "bad", "allowedIps": []},
-            7,
-        ]
+    good = {
+        "id": "g1",
+        "name": "a",
+        "publicKey": gateway_key(1),
+        "endpoint": None,
+        "virtualIp": "100.64.0.1",
+        "allowedIps": ["100.64.0.1/32"],
+    }
+    config = {"agent": GOOD_CONFIG["data"]["agent"], "tunnels": []}
+    parsed = p.parse_agent_config(
+        {**config, "gateways": [good, {**good, "id": "g2", "endpoint": "[2001:db8::1]:7"}]}
     )
-    assert [(p.id, p.endpoint, p.allowed_ips) for p in peers] == [("g1", None, ("100.64.0.1/32",))]
+    peers = gateways_from_config(parsed.gateways)
+    assert [(g.id, g.endpoint, g.allowed_ips) for g in peers] == [
+        ("g1", None, ("100.64.0.1/32",)),
+        ("g2", ("2001:db8::1", 7), ("100.64.0.1/32",)),
+    ]
+    # a gateway Control could not have sent spoils the config before the agent sees it
+    for bad in ({**good, "endpoint": "bad"}, {**good, "allowedIps": ["x"]}, 7):
+        with pytest.raises(p.ProtocolError):
+            p.parse_agent_config({**config, "gateways": [good, bad]})
 
 
 async def test_device_follows_gateway_changes(tmp_path: Path) -> None:
     from agent.device import AgentDevice, GatewayPeer
-    from kakuremichi.keys import load_or_create
+    from common.keys import load_or_create
 
     device = AgentDevice(load_or_create(tmp_path), "127.0.0.1")
     await device.start()

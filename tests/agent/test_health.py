@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from agent.health import HealthMonitor, check_target
-from kakuremichi.relay.targets import Target
+from common.protocol import TunnelSpec
+from common.relay.targets import Target
 from tests.support import free_port
 
 
@@ -72,6 +73,12 @@ async def test_checks() -> None:
         bad.close()
 
 
+def spec(tunnel_id: str, protocol: str, target: str, enabled: bool) -> TunnelSpec:
+    http = protocol == "http"
+    domain, port = (f"{tunnel_id}.example.com", None) if http else (None, 2222)
+    return TunnelSpec(tunnel_id, protocol, domain, port, target, "a", "100.64.0.100", enabled)
+
+
 async def test_monitor_reports_changes() -> None:
     server, port = await http_server(200)
     reports: list[dict[str, Any]] = []
@@ -81,9 +88,9 @@ async def test_monitor_reports_changes() -> None:
         return True
 
     tunnels = {
-        "t1": {"id": "t1", "protocol": "http", "target": f"127.0.0.1:{port}", "enabled": True},
-        "t2": {"id": "t2", "protocol": "tcp", "target": "bad target", "enabled": True},
-        "t3": {"id": "t3", "protocol": "http", "target": "127.0.0.1:1", "enabled": False},
+        "t1": spec("t1", "http", f"127.0.0.1:{port}", True),
+        "t2": spec("t2", "tcp", "bad target", True),
+        "t3": spec("t3", "http", "127.0.0.1:1", False),
     }
     monitor = HealthMonitor(lambda: tunnels, report, interval=0.05, report_every=1000)
     task = asyncio.create_task(monitor.run())

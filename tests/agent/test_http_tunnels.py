@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,9 +20,10 @@ from typing import Any
 import pytest
 
 from agent.forward import HttpTunnels, LocalDialer, resolve_target
-from kakuremichi.relay import proxyproto
-from kakuremichi.relay.metrics import Metrics
-from kakuremichi.relay.router import Router
+from common.protocol import TunnelSpec, parse_tunnel
+from common.relay import proxyproto
+from common.relay.metrics import Metrics
+from common.relay.router import Router
 from tests.support import free_port
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -91,18 +93,20 @@ async def greeter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
     await reader.read()
 
 
-def http_tunnel(tunnel_id: str, port: int, **extra: Any) -> dict[str, Any]:
-    """An HTTP tunnel in Control's wire format, its target on 127.0.0.1:``port``."""
-    return {
-        "id": tunnel_id,
-        "protocol": "http",
-        "domain": f"{tunnel_id}.example.com",
-        "target": f"127.0.0.1:{port}",
-        "agentId": "a",
-        "agentIp": "100.64.0.100",
-        "enabled": True,
-        **extra,
-    }
+def http_tunnel(tunnel_id: str, port: int, **extra: Any) -> TunnelSpec:
+    """An HTTP tunnel as Control describes it, its target on 127.0.0.1:``port``."""
+    return parse_tunnel(
+        {
+            "id": tunnel_id,
+            "protocol": "http",
+            "domain": f"{tunnel_id}.example.com",
+            "target": f"127.0.0.1:{port}",
+            "agentId": "a",
+            "agentIp": "100.64.0.100",
+            "enabled": True,
+            **extra,
+        }
+    )
 
 
 @dataclass
@@ -142,7 +146,7 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    tunnels: list[dict[str, Any]],
+    tunnels: list[TunnelSpec],
     *,
     header_timeout: float = 5.0,
     connect_timeout: float = 2.0,
@@ -484,12 +488,14 @@ async def test_header_naming_a_tunnel_not_served_is_refused(data: bytes) -> None
         tunnels = [
             http_tunnel("t1", port),
             http_tunnel("off", port, enabled=False),
-            {**http_tunnel("raw", port), "protocol": "tcp", "domain": None, "publicPort": 2222},
+            dataclasses.replace(
+                http_tunnel("raw", port), protocol="tcp", domain=None, public_port=2222
+            ),
             http_tunnel("gone", port),
         ]
         async with running_agent(tunnels) as agent:
             router = agent.tunnels.router
-            router.replace_all([t for t in tunnels if t["id"] != "gone"])
+            router.replace_all([t for t in tunnels if t.id != "gone"])
             assert router.lookup_tunnel("off") is not None  # known, but disabled
             assert router.lookup_port("tcp", 2222) is not None
             await refuse_case(agent, target, data + b"GET / HTTP/1.1\r\n\r\n")

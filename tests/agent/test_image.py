@@ -143,12 +143,16 @@ def test_compiled_netstack_is_in_use(container: str) -> None:
         container,
         "python",
         "-c",
-        "import netstack._fast, netstack.speedups as s; print(s.IMPLEMENTATION, netstack._fast.__file__)",
+        "import netstack._fast, netstack.wireguard._fast, netstack.speedups as s,"
+        " netstack.wireguard.speedups as w;"
+        " print(s.IMPLEMENTATION, w.IMPLEMENTATION, netstack._fast.__file__,"
+        " netstack.wireguard._fast.__file__)",
     )
     assert result.returncode == 0, result.stderr
-    implementation, path = result.stdout.split()
-    assert implementation == "cython"
-    assert path.startswith("/opt/kakuremichi/") and path.endswith(".so"), path
+    tcp, wireguard, *paths = result.stdout.split()
+    assert tcp == wireguard == "cython"
+    for path in paths:
+        assert path.startswith("/opt/kakuremichi/") and path.endswith(".so"), path
 
 
 def test_no_compiler_headers_or_sources_in_the_image(container: str) -> None:

@@ -15,9 +15,9 @@ import httpx
 from websockets.asyncio.client import connect
 
 from agent.runtime import Agent
+from common.relay import proxyproto
 from gateway.runtime import Gateway
 from gateway.wg.userspace import UserspaceDevice
-from kakuremichi.relay import proxyproto
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
 from tests.controlserver import RunningControl

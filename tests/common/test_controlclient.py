@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from control import protocol as p
-from kakuremichi.controlclient import (
+from common import protocol as p
+from common.controlclient import (
     ControlClient,
     ControlClientSettings,
     ControlView,
@@ -84,7 +84,8 @@ async def test_sync_pushes_and_restart(tmp_path: Path) -> None:
     try:
         await wait_for(lambda: client.view.has_config)
         assert set(client.view.tunnels) == {t1["id"]}
-        assert client.view.me["virtualIp"] == "100.64.0.100"
+        config = client.view.agent_config()
+        assert config is not None and config.agent.virtual_ip == "100.64.0.100"
         async with server.api() as api:
             t2 = (
                 await api.post(
@@ -134,43 +135,102 @@ async def test_bad_key_keeps_retrying_without_crashing(control: RunningControl) 
             await task
 
 
+def tunnel(tunnel_id: str, domain: str = "app.example.com") -> dict[str, Any]:
+    """A tunnel as Control sends it."""
+    return p.TunnelSpec(
+        tunnel_id, "http", domain, None, "127.0.0.1:8080", "a", "100.64.0.100", True
+    ).to_wire()
+
+
+def agent_config(*tunnels: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "agent": {
+            "id": "a",
+            "name": "laptop",
+            "subnet": "100.64.0.0/24",
+            "virtualIp": "100.64.0.100",
+        },
+        "gateways": [
+            {
+                "id": "g",
+                "name": "edge",
+                "publicKey": public_key(3),
+                "endpoint": "192.0.2.1:51820",
+                "virtualIp": "100.64.0.1",
+                "allowedIps": ["100.64.0.1/32"],
+            }
+        ],
+        "tunnels": list(tunnels),
+    }
+
+
+def gateway_config(*tunnels: dict[str, Any], certificates: Any = ()) -> dict[str, Any]:
+    return {
+        "gateway": {
+            "id": "g",
+            "name": "edge",
+            "slot": 1,
+            "publicIp": "192.0.2.1",
+            "wireguardPort": 51820,
+            "addresses": ["100.64.0.1/24"],
+        },
+        "agents": [
+            {
+                "id": "a",
+                "name": "laptop",
+                "publicKey": public_key(4),
+                "subnet": "100.64.0.0/24",
+                "virtualIp": "100.64.0.100",
+                "allowedIps": ["100.64.0.100/32"],
+                "gatewayIp": "100.64.0.1",
+            }
+        ],
+        "tunnels": list(tunnels),
+        "certificates": list(certificates),
+    }
+
+
 async def test_hostile_control_cannot_crash_the_client() -> None:
-    """A fake Control sends garbage after auth; the client logs, skips and stays up."""
+    """A fake Control sends garbage after auth; the client skips each bad frame whole
+    (its view keeps the last good content), answers it with an ``error`` frame and
+    stays connected."""
     garbage: list[str | bytes] = [
         "{nope",
         "[]",
         '{"type": 1}',
         b"\x00\xff",
         '{"type": "config", "data": {"agent": 5}}',
-        '{"type": "config", "data": {"agent": {}, "gateways": [], "tunnels": [5]}}',
+        json.dumps({"type": "config", "data": {**agent_config(), "tunnels": [5]}}),
+        json.dumps({"type": "config", "configVersion": 4, "data": agent_config(tunnel("t0"))}),
         '{"type": "tunnel_create", "data": {"id": 7}}',
         '{"type": "tunnel_delete", "data": {}}',
         '{"type": "surprise", "data": {}}',
         '{"type": "error", "data": {"code": "x"}}',
+        json.dumps({"type": "config", "configVersion": 5, "data": agent_config(tunnel("t1"))}),
+        # one bad tunnel spoils the whole config: t1 stays, t9 does not arrive
         json.dumps(
             {
                 "type": "config",
-                "configVersion": 5,
-                "data": {
-                    "agent": {"id": "a"},
-                    "gateways": [],
-                    "tunnels": [{"id": "t1", "domain": "x"}],
-                },
+                "configVersion": 6,
+                "data": agent_config(tunnel("t9"), {**tunnel("t8"), "agentIp": "nope"}),
             }
         ),
-        json.dumps({"type": "tunnel_create", "configVersion": 6, "data": {"id": "t2"}}),
-        json.dumps({"type": "tunnel_create", "configVersion": 7, "data": {"id": "t2"}}),
+        json.dumps({"type": "tunnel_create", "data": {**tunnel("t3"), "domain": "a b"}}),
+        json.dumps({"type": "tunnel_create", "configVersion": 6, "data": tunnel("t2")}),
+        json.dumps({"type": "tunnel_create", "configVersion": 7, "data": tunnel("t2")}),
     ]
     seen: list[dict[str, Any]] = []
 
     async def handler(ws: ServerConnection) -> None:
         seen.append(json.loads(await ws.recv()))
-        await ws.send(p.encode("auth_success", {"id": "a", "heartbeatInterval": 1}, 1))
+        await ws.send(
+            p.encode("auth_success", p.AuthSuccess("a", "laptop", "agent", 1).to_wire(), 1)
+        )
         for item in garbage:
             await ws.send(item)
         with contextlib.suppress(Exception):
-            async for _ in ws:
-                pass
+            async for message in ws:
+                seen.append(json.loads(message))
 
     port = free_port()
     async with serve(handler, "127.0.0.1", port):
@@ -180,6 +240,11 @@ async def test_hostile_control_cannot_crash_the_client() -> None:
             await wait_for(lambda: client.view.config_version == 7)
             assert set(client.view.tunnels) == {"t1", "t2"}
             assert seen[0]["type"] == "auth" and seen[0]["data"]["publicKey"] == public_key(9)
+            errors = lambda: [m["data"]["code"] for m in seen if m["type"] == "error"]  # noqa: E731
+            # every bad frame answered: 4 undecodable, 2 bad configs before t0's, the
+            # bad tunnel_create/delete, the unknown type, the spoilt config, the bad domain
+            await wait_for(lambda: len(errors()) == 11)
+            assert {"malformed_json", "invalid_field", "unknown_type"} <= set(errors())
             assert client.connected.is_set() and not task.done()
         finally:
             await client.stop()
@@ -190,45 +255,53 @@ async def test_hostile_control_cannot_crash_the_client() -> None:
 
 def test_view_is_idempotent() -> None:
     view = ControlView()
-    config = p.Frame("config", {"gateway": {"id": "g"}, "agents": [], "tunnels": [{"id": "t"}]}, 3)
+    config = p.Frame("config", gateway_config(tunnel("t")), 3)
     assert view.apply(config, "gateway") is True
     assert view.apply(config, "gateway") is False
-    create_frame = p.Frame("tunnel_create", {"id": "u", "domain": "d"}, 4)
+    create_frame = p.Frame("tunnel_create", tunnel("u", "u.example.com"), 4)
     assert view.apply(create_frame, "gateway") is True
     assert view.apply(create_frame, "gateway") is False
     delete = p.Frame("tunnel_delete", {"id": "u"}, 5)
     assert view.apply(delete, "gateway") is True
     assert view.apply(delete, "gateway") is False
     assert view.config_version == 5 and set(view.tunnels) == {"t"}
+    current = view.gateway_config()
+    assert current is not None and [t.id for t in current.tunnels] == ["t"]
+    assert view.agent_config() is None  # a gateway's view is no agent's
+
+
+def test_view_refuses_a_bad_frame_whole() -> None:
+    view = ControlView()
+    view.apply(p.Frame("config", agent_config(tunnel("t")), 3), "agent")
+    bad = agent_config(tunnel("new"), {**tunnel("x"), "enabled": "yes"})
+    with pytest.raises(p.ProtocolError):
+        view.apply(p.Frame("config", bad, 4), "agent")
+    with pytest.raises(p.ProtocolError):
+        view.apply(p.Frame("config", gateway_config(), 4), "agent")  # another role's
+    assert set(view.tunnels) == {"t"} and view.config_version == 3
 
 
 def test_view_stored_and_restored_as_a_config_frame(tmp_path: Path) -> None:
     """The last good configuration survives a restart: written 0600, read back through
     the same checks as a ``config`` frame; a damaged file is refused, not half-read."""
-    from control.protocol import Frame
-    from kakuremichi.controlclient import ControlView
-
     view = ControlView()
-    data = {
-        "gateway": {"id": "g", "virtualIp": "100.64.0.1"},
-        "agents": [{"publicKey": "k", "virtualIp": "100.64.0.100"}],
-        "tunnels": [{"id": "t1", "domain": "app.example.com"}],
-        "certificates": [{"domain": "app.example.com", "privateKey": "secret"}],
+    certificate = {
+        "domain": "app.example.com",
+        "certificate": "-----BEGIN CERTIFICATE-----\n...",
+        "privateKey": "-----BEGIN PRIVATE KEY-----\nsecret",
+        "notAfter": 2e9,
     }
-    view.apply(Frame("config", data, 7), "gateway")
+    data = gateway_config(tunnel("t1"), certificates=[certificate])
+    view.apply(p.Frame("config", data, 7), "gateway")
+    view.apply(p.Frame("tunnel_create", tunnel("t2", "b.example.com"), 8), "gateway")
     path = tmp_path / "last-config.json"
     path.write_text("{}")
     path.chmod(0o644)
-    view.store(path, "gateway")
+    view.store(path)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     again = ControlView()
     assert again.restore(path, "gateway")
-    assert (again.me, again.peers, again.tunnels, again.certificates) == (
-        view.me,
-        view.peers,
-        view.tunnels,
-        view.certificates,
-    )
+    assert again.current() == view.current() and set(again.tunnels) == {"t1", "t2"}
     assert again.has_config and again.config_version == 0  # Control's first config wins
     assert not ControlView().restore(tmp_path / "missing.json", "gateway")
     for damaged in ('{"gateway": {}, "agents": "x", "tunnels": []}', "[1]", "{", "1" * 30):

@@ -20,10 +20,11 @@ import pytest
 import agent.main
 import control.main
 import gateway.main
-from kakuremichi import demo, eventloop
+from common import eventloop
+from common.config import ConfigError, resolve
+from kakuremichi import demo
 from kakuremichi.cli import build_parser
 from kakuremichi.cli import main as cli_main
-from kakuremichi.config import ConfigError, resolve
 from tests.agent.test_cli import cli
 from tests.support import free_port, need
 

@@ -1,4 +1,4 @@
-"""Bounded JSON parsing (kakuremichi/jsonsafe.py): what plain json.loads lets through or
+"""Bounded JSON parsing (common/jsonsafe.py): what plain json.loads lets through or
 fails on with the wrong exception."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kakuremichi import jsonsafe
+from common import jsonsafe
 
 
 def test_ordinary_json_parses_as_json_loads_does() -> None:

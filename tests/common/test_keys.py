@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from kakuremichi.config import ConfigError
-from kakuremichi.keys import KEY_FILE, load_or_create
+from common.config import ConfigError
+from common.keys import KEY_FILE, load_or_create
 
 
 def test_generated_once_private_and_stable(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """The gateway's connection cap as a user sets it (``--max-connections``) and the
-open-file limit raised to fit it at start (``kakuremichi.service``)."""
+open-file limit raised to fit it at start (``common.service``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import pytest
 
 import gateway.main
+from common.config import ConfigError, resolve
+from common.service import raise_open_file_limit
 from kakuremichi.cli import build_parser
-from kakuremichi.config import ConfigError, resolve
-from kakuremichi.service import raise_open_file_limit
 
 BASE = ["gateway", "--control-url", "http://127.0.0.1:1", "--public-ip", "192.0.2.1"]
 ENV = {"KAKUREMICHI_API_KEY": "gtw_test"}

@@ -1,4 +1,4 @@
-"""``kakuremichi.relay.pipe``: the protocol-level splice over real loopback sockets and
+"""``common.relay.pipe``: the protocol-level splice over real loopback sockets and
 over the user-space netstack: bytes exact both ways, half-close, back-pressure, the idle
 deadline, a reset passed on as a reset, bytes that arrive before the second end."""
 
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kakuremichi.relay.pipe import TransportSplice
+from common.relay.pipe import TransportSplice
 from tests.common.test_splice import Streams, socket_pair
 
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kakuremichi.relay import proxyproto
-from kakuremichi.relay.proxyproto import (
+from common.relay import proxyproto
+from common.relay.proxyproto import (
     COMMAND_LOCAL,
     COMMAND_PROXY,
     MAX_HEADER_BYTES,

@@ -1,4 +1,4 @@
-"""``kakuremichi.relay.splice``: bytes exact both ways, half-close, the one idle deadline
+"""``common.relay.splice``: bytes exact both ways, half-close, the one idle deadline
 for the pair (both directions quiet → ``TimeoutError``; a one-way stream is never cut),
 and back-pressure, over real loopback sockets."""
 
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kakuremichi.relay.splice import splice
+from common.relay.splice import splice
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 

@@ -15,10 +15,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from control import protocol
+from common import protocol
+from common.config import ConfigError, add_settings, resolve
 from control.main import SETTINGS, settings_from
 from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
-from kakuremichi.config import ConfigError, add_settings, resolve
 from tests.controlserver import RunningControl, connect_client, create, public_key
 
 CAP = 3

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kakuremichi.config import ConfigError, Setting, add_settings, port, resolve
-from kakuremichi.logs import redact
+from common.config import ConfigError, Setting, add_settings, port, resolve
+from common.logs import redact
 
 SETTINGS = (
     Setting("listen-port", "port", 7700, parse=port),

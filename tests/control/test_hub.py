@@ -15,7 +15,7 @@ from cryptography import x509
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from control import protocol
+from common import protocol
 from tests.control.test_api import _self_signed
 from tests.controlserver import Peer, RunningControl, connect_client, create, public_key
 
@@ -102,6 +102,10 @@ async def test_agent_and_gateway_auth_and_config(
         51820,
         True,
     )
+    # every frame Control sent parses as the typed message the client reads
+    assert protocol.parse_gateway_config(fresh).agents[0].gateway_ip == "100.64.0.1"
+    assert protocol.parse_agent_config(config).gateways[0].endpoint == "203.0.113.7:51820"
+    assert protocol.parse_auth_success(auth_ok["data"]).client_type == "gateway"
     for frame in gw.frames + ag.frames:
         for text in _all_strings(frame):
             assert "PRIVATE" not in text and not text.startswith(("agt_", "gtw_"))
@@ -340,7 +344,7 @@ BAD_FRAMES: list[tuple[str | bytes, str]] = [
     ('{"type": "heartbeat", "data": {"timestamp": "x", "configVersion": 1}}', "invalid_field"),
     ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": -1}}', "invalid_field"),
     ('{"type": "heartbeat", "data": {"timestamp": 1, "configVersion": true}}', "invalid_field"),
-    # numbers no field can hold are refused by the parser (kakuremichi/jsonsafe.py)
+    # numbers no field can hold are refused by the parser (common/jsonsafe.py)
     ('{"type": "heartbeat", "data": {"timestamp": 1e999, "configVersion": 1}}', "malformed_json"),
     ('{"type": "heartbeat", "data": {"timestamp": NaN, "configVersion": 1}}', "malformed_json"),
     ('{"type": "heartbeat", "configVersion": 1' + "0" * 5000 + ', "data": {}}', "malformed_json"),
@@ -566,3 +570,26 @@ async def test_a_client_closed_as_too_slow_is_offline_at_once(
     again = await connect_client(control, a["apiKey"], "agent", 72)  # and it may come back
     assert (await api.get("/api/agents/slowpoke")).json()["online"] is True
     await again.close()
+
+
+async def test_a_clients_error_reports_are_logged_once_and_change_nothing(
+    control: RunningControl, api: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that cannot use what Control sent says so with an ``error`` frame:
+    Control logs it once per code per interval, answers nothing, keeps the session;
+    Control's own error frames carry no configVersion (they change nothing held)."""
+    a = await create(api, "agent", "reporter")
+    client = await connect_client(control, a["apiKey"], "agent", 72)
+    caplog.set_level("INFO", logger="control.hub")
+    report = protocol.ErrorReport("invalid_field", "'agentIp' must be an IP address")
+    for _ in range(5):
+        await client.ws.send(protocol.encode("error", report.to_wire()))
+    await client.nothing()
+    lines = [r for r in caplog.records if r.getMessage() == "client reports an error"]
+    assert len(lines) == 1 and lines[0].fields["code"] == "invalid_field"  # type: ignore[attr-defined]
+    await client.ws.send('{"type": "error", "data": {"code": 5}}')  # a bad report is bad
+    error = await client.expect("error")
+    assert error["data"]["code"] == "invalid_field" and "configVersion" not in error
+    await client.heartbeat(0)
+    await client.expect("config")
+    await client.close()

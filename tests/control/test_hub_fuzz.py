@@ -33,10 +33,10 @@ from starlette.websockets import WebSocketState
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from control import protocol as p
+from common import protocol as p
+from common.logs import JsonFormatter, LogfmtFormatter
 from control.app import ControlSettings, create_app
 from control.ws.hub import BAD_FRAME_BURST, Connection, Hub
-from kakuremichi.logs import JsonFormatter, LogfmtFormatter
 from tests.control.hubfuzz import ValidFrames, mutate, random_frame
 from tests.control.test_api import _self_signed
 from tests.controlserver import ADMIN_TOKEN, Peer, RunningControl, connect_client, public_key

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from control import protocol as p
+from common import protocol as p
 from tests.control.hubfuzz import FRAME_KEYS
 
 json_values = st.recursive(

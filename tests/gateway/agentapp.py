@@ -20,6 +20,7 @@ from urllib.parse import parse_qs
 
 import uvicorn
 
+from common.protocol import TunnelSpec, parse_tunnel
 from gateway.proxy import Metrics, ProxyServer, ProxySettings, Router
 from gateway.proxy.pool import Dialer
 from tests.support import free_port
@@ -221,18 +222,22 @@ def tunnel(
     enabled: bool = True,
     protocol: str = "http",
     public_port: int | None = None,
-) -> dict[str, Any]:
-    """A tunnel in Control's wire format."""
-    return {
-        "id": tunnel_id,
-        "protocol": protocol,
-        "domain": domain,
-        "publicPort": public_port,
-        "target": "localhost:8080",
-        "agentId": f"agent-{tunnel_id}",
-        "agentIp": agent_ip,
-        "enabled": enabled,
-    }
+    target: str = "localhost:8080",
+) -> TunnelSpec:
+    """A tunnel as Control describes it (built through its wire form, so a test cannot
+    hand the router what the protocol would refuse)."""
+    return parse_tunnel(
+        {
+            "id": tunnel_id,
+            "protocol": protocol,
+            "domain": domain,
+            "publicPort": public_port,
+            "target": target,
+            "agentId": f"agent-{tunnel_id}",
+            "agentIp": agent_ip,
+            "enabled": enabled,
+        }
+    )
 
 
 class ProxyHarness:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from kakuremichi.relay.splice import reset
+from common.relay.splice import reset
 from tests.gateway.agentapp import ProxyHarness, RawServer, read_response, tunnel
 
 HOST = "app.example.com"

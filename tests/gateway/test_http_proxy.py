@@ -568,8 +568,7 @@ async def test_unicode_path_prefix_goes_out_percent_encoded() -> None:
 
     upstream = await RawServer(answer).start()
     harness = await ProxyHarness(upstream.port).start()
-    route = tunnel("t1", "app.example.com")
-    route["target"] = "http://127.0.0.1:8080/caf\u00e9/\u8def\u5f84"
+    route = tunnel("t1", "app.example.com", target="http://127.0.0.1:8080/caf\u00e9/\u8def\u5f84")
     harness.router.replace_all([route])
     try:
         async with client(harness) as http:

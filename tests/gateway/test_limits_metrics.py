@@ -9,10 +9,10 @@ import re
 import httpx
 import pytest
 
+from common.relay.limits import ConnectionLimiter, RateLimiter, TokenBucket, client_key
+from common.relay.metrics import Registry
 from gateway.proxy import AdminServer, Metrics
 from gateway.proxy.headers import request_headers_for_agent, strip_hop_by_hop
-from kakuremichi.relay.limits import ConnectionLimiter, RateLimiter, TokenBucket, client_key
-from kakuremichi.relay.metrics import Registry
 from tests.gateway.agentapp import ProxyHarness
 
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from kakuremichi.relay.splice import close_writer, splice
+from common.relay.splice import close_writer, splice
 from tests.gateway.agentapp import ProxyHarness, Uvicorn, pattern_sha256, tunnel
 from tests.support import need
 

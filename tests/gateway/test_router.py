@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kakuremichi.relay.router import Route, Router, normalize_host
+from common.protocol import ProtocolError, parse_tunnel
+from common.relay.router import Route, Router, normalize_host
+from common.relay.targets import Target
 from tests.gateway.agentapp import tunnel
 
 
@@ -101,19 +103,24 @@ def test_updates_and_listeners() -> None:
         "not a dict",
     ],
 )
-def test_malformed_tunnels_are_skipped_not_raised(bad: Any) -> None:
-    router = Router()
-    router.replace_all([bad, tunnel("ok", "ok.example")])
-    assert len(router) == 1
-    assert router.lookup_host("ok.example") is not None
-    assert router.upsert(bad) is False
-    assert len(router) == 1
+def test_malformed_tunnels_never_reach_the_router(bad: Any) -> None:
+    # the protocol module refuses them (the whole message is skipped by the client);
+    # the router only ever holds typed, bounded tunnels
+    with pytest.raises(ProtocolError):
+        parse_tunnel(bad)
 
 
-def test_replace_all_tolerates_non_list() -> None:
-    router = Router()
-    router.replace_all("junk")  # type: ignore[arg-type]
-    assert len(router) == 0
+def test_a_target_this_side_cannot_use_is_skipped_not_raised() -> None:
+    def resolve(text: str) -> tuple[str, int, str]:
+        target = Target.parse(text)  # ValueError for what the agent cannot dial
+        return target.host, target.port, target.path_prefix
+
+    router = Router(upstream=resolve)
+    unusable = tunnel("bad", "bad.example", target="ftp://x")
+    router.replace_all([unusable, tunnel("ok", "ok.example")])
+    assert len(router) == 1 and router.lookup_host("ok.example") is not None
+    assert router.upsert(unusable) is False
+    assert len(router) == 1
 
 
 def test_duplicate_domain_prefers_enabled_then_smallest_id() -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from common.protocol import TunnelSpec
 from gateway.proxy import Metrics, Router, TcpForwarder, TcpSettings
 from tests.gateway.agentapp import RawServer, tunnel
 from tests.support import free_port
@@ -52,7 +53,7 @@ async def setup() -> AsyncIterator[Setup]:
         await s.agent.stop()
 
 
-def tcp_tunnel(port: int, tid: str = "tcp1", enabled: bool = True) -> dict[str, object]:
+def tcp_tunnel(port: int, tid: str = "tcp1", enabled: bool = True) -> TunnelSpec:
     return tunnel(tid, None, protocol="tcp", public_port=port, agent_ip=AGENT_IP, enabled=enabled)
 
 

@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from kakuremichi.relay import proxyproto
+from common.relay import proxyproto
 from tests.gateway.agentapp import ProxyHarness, read_response, tunnel
 
 
@@ -211,7 +211,7 @@ async def test_a_changed_target_gets_a_new_connection() -> None:
     async with gateway() as (proxy, agent):
         client = await Client.open(proxy.port)
         assert (await client.get("a.example.com"))["tunnel"] == "t1"
-        moved = {**tunnel("t1", "a.example.com"), "target": "127.0.0.1:9"}
+        moved = tunnel("t1", "a.example.com", target="127.0.0.1:9")
         proxy.router.upsert(moved)
         assert (await client.get("a.example.com"))["tunnel"] == "t1"
         await client.close()

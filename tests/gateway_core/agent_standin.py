@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 
-from kakuremichi.controlclient import ControlClient, ControlClientSettings, ControlView
-from kakuremichi.keys import KeyPair
-from kakuremichi.relay import proxyproto
+from common.controlclient import ControlClient, ControlClientSettings, ControlView
+from common.keys import KeyPair
+from common.relay import proxyproto
 
 
 def sh(*argv: str, input_text: str | None = None) -> None:
@@ -73,23 +73,26 @@ async def main(control_url: str, ifname: str) -> None:
     applied: dict[str, str] = {}
 
     def on_change(view: ControlView) -> None:
-        me = view.me
-        if me.get("virtualIp") and "address" not in applied:
-            prefix = str(me["subnet"]).split("/")[1]
-            sh("ip", "addr", "add", f"{me['virtualIp']}/{prefix}", "dev", ifname)
-            applied["address"] = me["virtualIp"]
-        for gw in view.peers:
-            if gw.get("publicKey") and gw.get("endpoint"):
+        config = view.agent_config()
+        if config is None:
+            return
+        me = config.agent
+        if "address" not in applied:
+            prefix = me.subnet.split("/")[1]
+            sh("ip", "addr", "add", f"{me.virtual_ip}/{prefix}", "dev", ifname)
+            applied["address"] = me.virtual_ip
+        for gw in config.gateways:
+            if gw.endpoint:
                 sh(
                     "wg",
                     "set",
                     ifname,
                     "peer",
-                    gw["publicKey"],
+                    gw.public_key,
                     "endpoint",
-                    gw["endpoint"],
+                    gw.endpoint,
                     "allowed-ips",
-                    ",".join(gw["allowedIps"]),
+                    ",".join(gw.allowed_ips),
                     "persistent-keepalive",
                     "2",
                 )

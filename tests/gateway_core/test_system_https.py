@@ -16,7 +16,7 @@ from cryptography import x509
 from websockets.asyncio.client import connect
 
 from agent.runtime import Agent
-from kakuremichi.relay.limits import LimitSettings
+from common.relay.limits import LimitSettings
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system
 from tests.controlserver import RunningControl

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from common.protocol import CertificateSpec
 from gateway.tls import CertificateStore, self_signed
 from tests.support import free_port
 
@@ -34,17 +35,15 @@ async def test_sni_selection_priority_and_updates(tmp_path: Path) -> None:
     store = CertificateStore(tmp_path / "certs")
     app = self_signed("app.example.com")
     wild = self_signed("*.wild.example.com")
+    broken = CertificateSpec(  # parses as a message, but OpenSSL refuses it: skipped
+        "broken.example.com",
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+        "-----BEGIN PRIVATE KEY-----\nnope\n",
+        2e9,
+    )
     store.set_control_certificates(
-        [
-            {
-                "domain": c.domain,
-                "certificate": c.chain_pem,
-                "privateKey": c.key_pem,
-                "notAfter": c.not_after,
-            }
-            for c in (app, wild)
-        ]
-        + [{"domain": "broken.example.com"}]
+        [CertificateSpec(c.domain, c.chain_pem, c.key_pem, c.not_after) for c in (app, wild)]
+        + [broken]
     )
     port = free_port()
 

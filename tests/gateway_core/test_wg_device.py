@@ -10,9 +10,9 @@ import time
 
 import pytest
 
+from common.keys import KeyPair
 from gateway.wg.device import WgDevice, WgError
 from gateway.wg.state import WgPeer, WgState
-from kakuremichi.keys import KeyPair
 from tests.gateway_core.netns import sh, two_hosts
 from tests.support import need_binary, need_root, unique_name
 

@@ -68,3 +68,18 @@ def test_the_contract_check_would_catch_a_rename(
     fields = set(vars(pair[0]))
     renamed = fields - {"_snd_una"}
     assert names(r'\bd\["(\w+)"\]') - renamed == {"_snd_una"}
+
+
+TWIN = PYX.with_name("_pure.py")
+
+
+def test_every_field_the_pure_twin_touches_is_set_by_the_connection(
+    pair: tuple[TcpConnection, TcpConnection],
+) -> None:
+    # the twin reads the same state as attributes (``conn._snd_una``): one list of
+    # names, the connection's own, checked for both hot paths
+    twin = set(re.findall(r"\bconn\.(_\w+)", TWIN.read_text()))
+    assert len(twin) > 20, "no match: has _pure.py changed its style?"
+    for conn in pair:
+        fields = set(vars(conn)) | {n for n in dir(type(conn)) if n.startswith("_")}
+        assert not twin - fields, f"_pure.py uses fields TcpBase lacks: {sorted(twin - fields)}"

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from netstack.aio import AsyncStack
-from netstack.speedups import checksum
+from netstack.checksum import checksum
 from netstack.stack import Stack
 from netstack.tun import TunLink
 from tests.netstack.linkutil import ImpairedLink

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import os
 
-from kakuremichi.keys import KeyPair
+from common.keys import KeyPair
 from netstack.tunnel import UserspaceTunnel
 
 

@@ -8,7 +8,7 @@ import resource
 import signal
 from typing import Protocol
 
-from kakuremichi.logs import kv
+from common.logs import kv
 
 
 class Service(Protocol):

@@ -32,7 +32,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -40,9 +40,9 @@ from urllib.parse import urlsplit, urlunsplit
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
-from control import protocol as p
-from kakuremichi import jsonsafe
-from kakuremichi.logs import kv
+from common import jsonsafe
+from common import protocol as p
+from common.logs import OncePer, kv
 
 log = logging.getLogger("kakuremichi.controlclient")
 
@@ -63,50 +63,60 @@ def websocket_url(control_url: str) -> str:
 
 @dataclass
 class ControlView:
-    """What Control last told us; survives disconnects."""
+    """What Control last told us, parsed (``common.protocol``); survives disconnects.
 
-    me: dict[str, Any] = field(default_factory=dict)
-    peers: list[dict[str, Any]] = field(default_factory=list)
-    tunnels: dict[str, dict[str, Any]] = field(default_factory=dict)
-    certificates: list[dict[str, Any]] = field(default_factory=list)
+    ``config`` is the last full snapshot, ``tunnels`` its tunnels with every
+    ``tunnel_*`` event since applied; :meth:`agent_config` / :meth:`gateway_config`
+    give both together."""
+
+    config: p.AgentConfig | p.GatewayConfig | None = None
+    tunnels: dict[str, p.TunnelSpec] = field(default_factory=dict)
     config_version: int = 0
-    has_config: bool = False
+
+    @property
+    def has_config(self) -> bool:
+        return self.config is not None
+
+    def current(self) -> p.AgentConfig | p.GatewayConfig | None:
+        """The snapshot with the tunnels as they stand now."""
+        if self.config is None:
+            return None
+        return replace(self.config, tunnels=tuple(self.tunnels.values()))
+
+    def agent_config(self) -> p.AgentConfig | None:
+        current = self.current()
+        return current if isinstance(current, p.AgentConfig) else None
+
+    def gateway_config(self) -> p.GatewayConfig | None:
+        current = self.current()
+        return current if isinstance(current, p.GatewayConfig) else None
 
     # -- the last good configuration, kept across restarts ---------------------------
 
-    def snapshot(self, client_type: str) -> dict[str, Any]:
-        """The view as the data of a ``config`` frame (what :meth:`restore` reads)."""
-        data: dict[str, Any] = {
-            client_type: self.me,
-            "gateways" if client_type == "agent" else "agents": self.peers,
-            "tunnels": list(self.tunnels.values()),
-        }
-        if client_type == "gateway":
-            data["certificates"] = self.certificates
-        return data
-
-    def store(self, path: Path, client_type: str) -> None:
-        """Write :meth:`snapshot` to ``path`` atomically, readable by the owner only (a
-        gateway's holds certificate keys); an error is logged, never raised."""
+    def store(self, path: Path) -> None:
+        """Write the current config as a ``config`` frame's data to ``path``
+        atomically, readable by the owner only (a gateway's holds certificate keys);
+        an error is logged, never raised."""
+        current = self.current()
+        if current is None:
+            return
         tmp = path.with_suffix(".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
-                json.dump(self.snapshot(client_type), handle)
+                json.dump(current.to_wire(), handle)
             os.chmod(tmp, 0o600)  # an older file of ours may have had other bits
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("could not store the configuration", extra=kv(error=str(exc)))
 
     def restore(self, path: Path, client_type: str) -> bool:
-        """Load what :meth:`store` wrote, checked as a ``config`` frame is; False (and a
+        """Load what :meth:`store` wrote, parsed as a ``config`` frame is; False (and a
         warning) if there is none or it is unreadable.  The view keeps its
         ``config_version`` of 0, so Control's first config replaces it."""
         try:
             data = jsonsafe.loads(path.read_bytes())
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            self.apply(p.Frame("config", data, None), client_type)
+            self.apply(p.Frame("config", data if isinstance(data, dict) else {}, None), client_type)
         except FileNotFoundError:
             return False
         except (OSError, ValueError, p.ProtocolError) as exc:
@@ -117,47 +127,29 @@ class ControlView:
             return False
         log.info(
             "serving the stored configuration until control answers",
-            extra=kv(peers=len(self.peers), tunnels=len(self.tunnels)),
+            extra=kv(tunnels=len(self.tunnels)),
         )
         return True
 
     def apply(self, frame: p.Frame, client_type: str) -> bool:
-        """Apply one frame; True if the view changed."""
+        """Apply one frame; True if the view changed.  A frame that does not parse
+        raises :class:`~common.protocol.ProtocolError` and changes nothing."""
+        if frame.type == "config":
+            config = p.parse_config(client_type, frame.data)
+            changed = config != self.current()
+            self.config = config
+            self.tunnels = {t.id: t for t in config.tunnels}
+        elif frame.type in ("tunnel_create", "tunnel_update"):
+            tunnel = p.parse_tunnel(frame.data)
+            changed = self.tunnels.get(tunnel.id) != tunnel
+            self.tunnels[tunnel.id] = tunnel
+        elif frame.type == "tunnel_delete":
+            changed = self.tunnels.pop(p.parse_tunnel_delete(frame.data).id, None) is not None
+        else:
+            return False
         if frame.config_version is not None:
             self.config_version = frame.config_version
-        data = frame.data
-        if frame.type == "config":
-            me = data.get(client_type)
-            peers = data.get("gateways" if client_type == "agent" else "agents")
-            tunnels = data.get("tunnels")
-            certificates = data.get("certificates", [])
-            if (
-                not isinstance(me, dict)
-                or not isinstance(peers, list)
-                or not isinstance(tunnels, list)
-            ):
-                raise p.ProtocolError("malformed_config", "config lacks its sections")
-            if not all(isinstance(t, dict) and isinstance(t.get("id"), str) for t in tunnels):
-                raise p.ProtocolError("malformed_config", "config has a malformed tunnel")
-            if not all(isinstance(x, dict) for x in peers) or not isinstance(certificates, list):
-                raise p.ProtocolError("malformed_config", "config has malformed peers")
-            new = (me, peers, {t["id"]: t for t in tunnels}, certificates)
-            old = (self.me, self.peers, self.tunnels, self.certificates)
-            self.me, self.peers, self.tunnels, self.certificates = new
-            self.has_config = True
-            return new != old
-        if frame.type in ("tunnel_create", "tunnel_update"):
-            if not isinstance(data.get("id"), str):
-                raise p.ProtocolError("malformed_tunnel", "tunnel without an id")
-            if self.tunnels.get(data["id"]) == data:
-                return False
-            self.tunnels[data["id"]] = data
-            return True
-        if frame.type == "tunnel_delete":
-            if not isinstance(data.get("id"), str):
-                raise p.ProtocolError("malformed_tunnel", "tunnel_delete without an id")
-            return self.tunnels.pop(data["id"], None) is not None
-        return False
+        return changed
 
 
 @dataclass
@@ -192,12 +184,14 @@ class ControlClient:
         self.on_change = on_change
         self.rng = rng or random.Random()
         self.connected = asyncio.Event()
-        self.identity: dict[str, Any] = {}
+        self.identity: p.AuthSuccess | None = None
         self.attempts = 0
         self.last_error = ""
         self._ws: ClientConnection | None = None
         self._stopping = False
         self._heartbeat_interval = p.HEARTBEAT_INTERVAL
+        self._bad_log = OncePer(60.0)  # malformed frames from Control, by code
+        self._reported_log = OncePer(60.0)  # error frames from Control, by code
 
     # -- outbound messages --------------------------------------------------------------
 
@@ -258,38 +252,38 @@ class ControlClient:
             compression=None,
         ) as ws:
             self._ws = ws
-            auth: dict[str, Any] = {
-                "apiKey": self.settings.api_key,
-                "clientType": self.settings.client_type,
-                "publicKey": self.settings.public_key,
-                "version": self.settings.version,
-            }
-            if self.settings.client_type == "gateway":
-                auth["publicIp"] = self.settings.public_ip
-                auth["wireguardPort"] = self.settings.wireguard_port
-            await ws.send(p.encode("auth", auth))
+            auth = p.Auth(
+                api_key=self.settings.api_key,
+                client_type=self.settings.client_type,
+                public_key=self.settings.public_key,
+                version=self.settings.version,
+                public_ip=self.settings.public_ip,
+                wireguard_port=self.settings.wireguard_port,
+            )
+            await ws.send(p.encode("auth", auth.to_wire()))
             first = p.decode(await asyncio.wait_for(ws.recv(), p.AUTH_TIMEOUT * 2))
             if first.type != "auth_success":
-                message = first.data.get("message", first.type)
-                self.last_error = f"authentication refused: {message}"
-                log.error("control refused our credentials", extra=kv(reason=str(message)[:200]))
+                refusal = p.parse_error(first.data)
+                self.last_error = f"authentication refused: {refusal.message or refusal.code}"
+                log.error(
+                    "control refused our credentials",
+                    extra=kv(code=refusal.code, reason=refusal.message[:200]),
+                )
                 return
-            self.identity = first.data
-            interval = first.data.get("heartbeatInterval")
-            if isinstance(interval, int | float) and 1 <= interval <= 3600:
-                self._heartbeat_interval = float(interval)
+            self.identity = p.parse_auth_success(first.data)
+            self._heartbeat_interval = self.identity.heartbeat_interval
             if first.config_version is not None:
                 self.view.config_version = first.config_version
             self.connected.set()
             self.last_error = ""
             log.info(
                 "connected to control",
-                extra=kv(url=self.url, id=first.data.get("id"), name=first.data.get("name")),
+                extra=kv(url=self.url, id=self.identity.id, name=self.identity.name),
             )
             heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(ws))
             try:
                 async for raw in ws:
-                    self._handle(raw)
+                    await self._handle(raw)
             finally:
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -297,26 +291,37 @@ class ControlClient:
             if ws.close_code is not None:
                 self.last_error = f"closed by control ({ws.close_code} {ws.close_reason})"
 
-    def _handle(self, raw: str | bytes) -> None:
+    async def _handle(self, raw: str | bytes) -> None:
+        """Apply one frame from Control.  One policy for a bad one: it is skipped (the
+        view keeps its last good content), logged once per code per interval, and
+        answered with an ``error`` frame so that Control's log shows it too; the
+        session goes on."""
         try:
             frame = p.decode(raw)
             if frame.type == "error":
-                log.warning(
-                    "control reported an error",
-                    extra=kv(
-                        code=str(frame.data.get("code"))[:64],
-                        message=str(frame.data.get("message"))[:200],
-                    ),
-                )
+                report = p.parse_error(frame.data)
+                due, unlogged = self._reported_log.due(report.code)
+                if due:
+                    log.warning(
+                        "control reported an error",
+                        extra=kv(
+                            code=report.code,
+                            message=report.message[:200],
+                            since_last_logged=unlogged,
+                        ),
+                    )
                 return
             if frame.type not in ("config", "tunnel_create", "tunnel_update", "tunnel_delete"):
-                log.info("ignoring unknown frame from control", extra=kv(type=frame.type[:64]))
-                return
+                raise p.ProtocolError("unknown_type", f"unknown frame type {frame.type[:64]!r}")
             changed = self.view.apply(frame, self.settings.client_type)
         except p.ProtocolError as exc:
-            log.warning(
-                "malformed frame from control, skipped", extra=kv(code=exc.code, reason=exc.message)
-            )
+            due, unlogged = self._bad_log.due(exc.code)
+            if due:
+                log.warning(
+                    "malformed frame from control, skipped",
+                    extra=kv(code=exc.code, reason=exc.message, since_last_logged=unlogged),
+                )
+            await self.send("error", p.ErrorReport(exc.code, exc.message[:512]).to_wire())
             return
         if changed and self.on_change is not None:
             try:
@@ -327,9 +332,5 @@ class ControlClient:
     async def _heartbeats(self, ws: ClientConnection) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
-            await ws.send(
-                p.encode(
-                    "heartbeat",
-                    {"timestamp": time.time(), "configVersion": self.view.config_version},
-                )
-            )
+            beat = p.Heartbeat(time.time(), self.view.config_version)
+            await ws.send(p.encode("heartbeat", beat.to_wire()))

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from kakuremichi.config import ConfigError, Setting
-from kakuremichi.logs import kv
+from common.config import ConfigError, Setting
+from common.logs import kv
 
 T = TypeVar("T")
 

@@ -28,6 +28,34 @@ def kv(**fields: Any) -> dict[str, Any]:
     return {"fields": fields}
 
 
+class OncePer:
+    """Log a recurring event once per key (an error code, a frame type) per interval;
+    :meth:`due` answers whether to log now and how many of that key went unlogged since
+    the last line.  Keys are bounded (``max_keys``): past it, unseen keys share one."""
+
+    def __init__(self, interval: float = 60.0, max_keys: int = 64) -> None:
+        self.interval = interval
+        self.max_keys = max_keys
+        self._logged_at: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def due(self, key: str, now: float | None = None) -> tuple[bool, int]:
+        """``(log it now?, occurrences not logged since the last line of this key)``."""
+        now = time.monotonic() if now is None else now
+        if key not in self._logged_at and len(self._logged_at) >= self.max_keys:
+            key = "(other)"
+        last = self._logged_at.get(key)
+        if last is not None and now - last < self.interval:
+            self._unlogged[key] = self._unlogged.get(key, 0) + 1
+            return False, 0
+        self._logged_at[key] = now
+        return True, self._unlogged.pop(key, 0)
+
+    def pending(self) -> dict[str, int]:
+        """Occurrences not yet logged, by key (for a last line before closing)."""
+        return dict(self._unlogged)
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields = getattr(record, "fields", None)
     return dict(fields) if isinstance(fields, dict) else {}

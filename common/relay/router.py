@@ -29,11 +29,11 @@ synchronously after every change.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+
+from common.protocol import TunnelSpec
 
 from .targets import Target
 
@@ -98,7 +98,7 @@ class _Tunnel:
 
 
 class TunnelError(ValueError):
-    """A tunnel dict from Control is malformed."""
+    """A tunnel from Control that this side cannot serve (its target does not parse)."""
 
 
 def normalize_host(host: str) -> str | None:
@@ -126,78 +126,43 @@ def normalize_host(host: str) -> str | None:
     return host or None
 
 
-def _parse_tunnel(raw: Mapping[str, Any], upstream: UpstreamResolver | None = None) -> _Tunnel:
-    if not isinstance(raw, Mapping):
-        raise TunnelError("tunnel is not an object")
-    tunnel_id = raw.get("id")
-    if not isinstance(tunnel_id, str) or not tunnel_id:
-        raise TunnelError("tunnel has no id")
-    protocol = raw.get("protocol", "http")
-    if protocol not in ("http", "tcp", "udp"):
-        raise TunnelError(f"tunnel {tunnel_id}: unknown protocol")
-    agent_ip = raw.get("agentIp")
-    if not isinstance(agent_ip, str):
-        raise TunnelError(f"tunnel {tunnel_id}: no agentIp")
-    try:
-        ipaddress.ip_address(agent_ip)
-    except ValueError:
-        raise TunnelError(f"tunnel {tunnel_id}: agentIp is not an IP address") from None
-    agent_id = raw.get("agentId")
-    agent_id = agent_id if isinstance(agent_id, str) else ""
-    enabled = raw.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise TunnelError(f"tunnel {tunnel_id}: enabled is not a boolean")
-    domain: str | None = None
-    public_port: int | None = None
-    if protocol == "http":
-        raw_domain = raw.get("domain")
-        if not isinstance(raw_domain, str):
-            raise TunnelError(f"tunnel {tunnel_id}: http tunnel without domain")
-        domain = normalize_host(raw_domain)
-        if domain is None or ":" in domain or len(domain) > _MAX_DOMAIN_LENGTH:
-            raise TunnelError(f"tunnel {tunnel_id}: bad domain")
-    else:
-        port = raw.get("publicPort")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise TunnelError(f"tunnel {tunnel_id}: bad publicPort")
-        public_port = port
-    target = raw.get("target")
+def _parse_tunnel(spec: TunnelSpec, upstream: UpstreamResolver | None = None) -> _Tunnel:
+    """A tunnel from Control (already parsed and bounded by ``common.protocol``) as the
+    table holds it; TunnelError when this side cannot use its target."""
     if upstream is None:
         # the gateway dials the agent; only a URL target's path prefix matters here,
         # since every HTTP rewrite happens once, at the gateway
         prefix = ""
-        if protocol == "http" and isinstance(target, str):
+        if spec.protocol == "http":
             with contextlib.suppress(ValueError):
-                prefix = Target.parse(target).path_prefix
+                prefix = Target.parse(spec.target).path_prefix
         return _Tunnel(
-            tunnel_id,
-            protocol,
-            domain,
-            public_port,
-            agent_id,
-            agent_ip,
-            enabled,
+            spec.id,
+            spec.protocol,
+            spec.domain,
+            spec.public_port,
+            spec.agent_id,
+            spec.agent_ip,
+            spec.enabled,
             None,
             prefix,
-            target if isinstance(target, str) else "",
+            spec.target,
         )
     try:
-        if not isinstance(target, str):
-            raise ValueError("no target")
-        host, upstream_port, prefix = upstream(target)
+        host, upstream_port, prefix = upstream(spec.target)
     except ValueError as exc:
-        raise TunnelError(f"tunnel {tunnel_id}: unusable target ({exc})") from None
+        raise TunnelError(f"tunnel {spec.id}: unusable target ({exc})") from None
     return _Tunnel(
-        tunnel_id,
-        protocol,
-        domain,
-        public_port,
-        agent_id,
+        spec.id,
+        spec.protocol,
+        spec.domain,
+        spec.public_port,
+        spec.agent_id,
         host,
-        enabled,
+        spec.enabled,
         upstream_port,
         prefix,
-        target,
+        spec.target,
     )
 
 
@@ -222,12 +187,13 @@ class Router:
 
     # -- updates (from the control client) -------------------------------------------
 
-    def replace_all(self, tunnels: list[dict[str, Any]]) -> None:
-        """Install a full ``config`` snapshot; malformed entries are skipped."""
+    def replace_all(self, tunnels: Iterable[TunnelSpec]) -> None:
+        """Install a full ``config`` snapshot; a tunnel whose target this side cannot
+        use is skipped (and logged)."""
         table: dict[str, _Tunnel] = {}
-        for raw in tunnels if isinstance(tunnels, list) else []:
+        for spec in tunnels:
             try:
-                tunnel = _parse_tunnel(raw, self._upstream)
+                tunnel = _parse_tunnel(spec, self._upstream)
             except TunnelError as exc:
                 log.warning("ignoring tunnel from config: %s", exc)
                 continue
@@ -235,10 +201,11 @@ class Router:
         self._tunnels = table
         self._rebuild()
 
-    def upsert(self, tunnel: dict[str, Any]) -> bool:
-        """Add or replace one tunnel; returns False (and changes nothing) if malformed."""
+    def upsert(self, spec: TunnelSpec) -> bool:
+        """Add or replace one tunnel; returns False (and changes nothing) if this side
+        cannot use its target."""
         try:
-            parsed = _parse_tunnel(tunnel, self._upstream)
+            parsed = _parse_tunnel(spec, self._upstream)
         except TunnelError as exc:
             log.warning("ignoring tunnel update: %s", exc)
             return False

@@ -20,8 +20,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from kakuremichi.config import ConfigError
-from kakuremichi.logs import kv
+from common.config import ConfigError
+from common.logs import kv
 
 log = logging.getLogger("kakuremichi.keys")
 

@@ -1,0 +1,704 @@
+"""The Control WebSocket protocol (DESIGN.md, "Control protocol"), shared by all sides.
+
+Every frame is a JSON text frame ``{"type": str, "data": object}``; frames from Control
+also carry ``"configVersion": int``.  This module turns frames into checked value
+objects and back.  Any malformed input raises :class:`ProtocolError` with a stable
+``code`` that the hub sends back in an ``error`` frame; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from common import jsonsafe
+
+MAX_FRAME_BYTES = 1 << 20
+AUTH_TIMEOUT = 5.0
+HEARTBEAT_INTERVAL = 30.0
+
+CLIENT_TYPES = ("agent", "gateway")
+HEALTH_STATES = ("healthy", "unhealthy", "unknown")
+
+# Close codes (RFC 6455 §7.4.2: 4000-4999 are for applications).
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_AUTH_FAILED = 4001
+CLOSE_AUTH_TIMEOUT = 4002
+CLOSE_REPLACED = 4003
+CLOSE_REVOKED = 4004
+CLOSE_HEARTBEAT_TIMEOUT = 4005
+CLOSE_TOO_SLOW = 4006
+CLOSE_BAD_FRAMES = 4007
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow the protocol; ``code`` is machine-readable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame."""
+
+    type: str
+    data: dict[str, Any]
+    config_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Auth:
+    """``auth`` from a client: who it is and how to reach it."""
+
+    api_key: str
+    client_type: str
+    public_key: str
+    version: str
+    public_ip: str | None = None
+    wireguard_port: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "apiKey": self.api_key,
+            "clientType": self.client_type,
+            "publicKey": self.public_key,
+            "version": self.version,
+        }
+        if self.client_type == "gateway":
+            data["publicIp"] = self.public_ip
+            data["wireguardPort"] = self.wireguard_port
+        return data
+
+    def __repr__(self) -> str:  # never the API key, in a log or a traceback
+        return f"Auth(client_type={self.client_type!r}, public_key={self.public_key!r})"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """``heartbeat``: liveness plus the config version the client holds."""
+
+    timestamp: float
+    config_version: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"timestamp": self.timestamp, "configVersion": self.config_version}
+
+
+@dataclass(frozen=True)
+class TunnelHealth:
+    """One entry of an agent's ``status``."""
+
+    tunnel_id: str
+    health: str
+    detail: str
+
+
+def status_wire(entries: list[TunnelHealth]) -> dict[str, Any]:
+    """``status`` from an agent: the health of each of its tunnels' local targets."""
+    return {
+        "tunnels": [
+            {"tunnelId": e.tunnel_id, "health": e.health, "detail": e.detail} for e in entries
+        ]
+    }
+
+
+@dataclass(frozen=True)
+class CertificateObtained:
+    """``certificate_obtained`` from a gateway that completed ACME for a domain."""
+
+    domain: str
+    certificate: str
+    private_key: str
+    not_after: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "certificate": self.certificate,
+            "privateKey": self.private_key,
+            "notAfter": self.not_after,
+        }
+
+    def __repr__(self) -> str:  # never the key, in a log or a traceback
+        return f"CertificateObtained(domain={self.domain!r}, not_after={self.not_after})"
+
+
+def encode(type_: str, data: object, config_version: int | None = None) -> str:
+    frame: dict[str, Any] = {"type": type_, "data": data}
+    if config_version is not None:
+        frame["configVersion"] = config_version
+    return json.dumps(frame, separators=(",", ":"))
+
+
+def decode(text: str | bytes) -> Frame:
+    if isinstance(text, bytes):
+        raise ProtocolError("binary_frame", "frames must be JSON text frames")
+    if len(text) > MAX_FRAME_BYTES:
+        raise ProtocolError("frame_too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
+    try:
+        value = jsonsafe.loads(text)
+    except jsonsafe.JsonError as exc:
+        raise ProtocolError("malformed_json", f"frame is {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("malformed_frame", "frame must be a JSON object")
+    type_ = value.get("type")
+    if not isinstance(type_, str) or not type_:
+        raise ProtocolError("malformed_frame", "frame needs a string 'type'")
+    data = value.get("data", {})
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProtocolError("malformed_frame", "'data' must be a JSON object")
+    version = value.get("configVersion")
+    if version is not None and (
+        not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= 2**62
+    ):
+        raise ProtocolError("malformed_frame", "'configVersion' must be an integer in 0..2**62")
+    return Frame(type_, data, version)
+
+
+def _str(data: dict[str, Any], key: str, *, max_len: int = 256, optional: bool = False) -> str:
+    value = data.get(key)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_field", f"'{key}' must be a string")
+    if len(value) > max_len:
+        raise ProtocolError("invalid_field", f"'{key}' is longer than {max_len} characters")
+    if not value.isascii():
+        try:  # a JSON escape can write a lone surrogate, which no database or log takes
+            value.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("invalid_field", f"'{key}' is not valid Unicode") from None
+    return value
+
+
+def _int(data: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = data.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ProtocolError("invalid_field", f"'{key}' must be an integer in {low}..{high}")
+    return value
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    value = data.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError("invalid_field", f"'{key}' must be a number")
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ProtocolError("invalid_field", f"'{key}' must be finite")
+    return number
+
+
+def check_public_key(text: str) -> str:
+    """A WireGuard public key: standard base64 of exactly 32 bytes."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError("invalid_field", "'publicKey' is not valid base64") from exc
+    if len(raw) != 32:
+        raise ProtocolError("invalid_field", "'publicKey' must encode 32 bytes")
+    return base64.b64encode(raw).decode()
+
+
+def parse_auth(data: dict[str, Any]) -> Auth:
+    api_key = _str(data, "apiKey", max_len=128)
+    client_type = _str(data, "clientType", max_len=16)
+    if client_type not in CLIENT_TYPES:
+        raise ProtocolError("invalid_field", "'clientType' must be 'agent' or 'gateway'")
+    public_key = check_public_key(_str(data, "publicKey", max_len=64))
+    version = _str(data, "version", max_len=64, optional=True)
+    if client_type == "agent":
+        return Auth(api_key, client_type, public_key, version)
+    public_ip = _str(data, "publicIp", max_len=64)
+    try:
+        public_ip = str(ipaddress.ip_address(public_ip))
+    except ValueError as exc:
+        raise ProtocolError("invalid_field", "'publicIp' must be an IP address") from exc
+    port = _int(data, "wireguardPort", 1, 65535)
+    return Auth(api_key, client_type, public_key, version, public_ip, port)
+
+
+def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
+    return Heartbeat(_number(data, "timestamp"), _int(data, "configVersion", 0, 2**62))
+
+
+def parse_status(data: dict[str, Any]) -> list[TunnelHealth]:
+    entries = data.get("tunnels")
+    if not isinstance(entries, list) or len(entries) > 10_000:
+        raise ProtocolError("invalid_field", "'tunnels' must be a list of at most 10000")
+    result = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ProtocolError("invalid_field", "each status entry must be an object")
+        health = _str(entry, "health", max_len=16)
+        if health not in HEALTH_STATES:
+            raise ProtocolError("invalid_field", f"'health' must be one of {HEALTH_STATES}")
+        result.append(
+            TunnelHealth(
+                _str(entry, "tunnelId", max_len=36),
+                health,
+                _str(entry, "detail", max_len=512, optional=True),
+            )
+        )
+    return result
+
+
+def parse_certificate_obtained(data: dict[str, Any]) -> CertificateObtained:
+    domain = _str(data, "domain", max_len=253).lower()
+    certificate = _str(data, "certificate", max_len=64 * 1024)
+    private_key = _str(data, "privateKey", max_len=16 * 1024)
+    if "-----BEGIN CERTIFICATE-----" not in certificate:
+        raise ProtocolError("invalid_field", "'certificate' must be a PEM chain")
+    if "PRIVATE KEY-----" not in private_key:
+        raise ProtocolError("invalid_field", "'privateKey' must be a PEM private key")
+    return CertificateObtained(domain, certificate, private_key, _number(data, "notAfter"))
+
+
+# -- Control → client -------------------------------------------------------------------
+#
+# Control builds these from its rows (``control/ws/configs.py``) and sends ``to_wire()``;
+# each client parses a frame once, here, into the same values.  A message that does not
+# parse, in any part, is refused whole (ProtocolError): the client keeps its last good
+# view rather than a partial one.
+
+TUNNEL_PROTOCOLS = ("http", "tcp", "udp")
+MAX_ENTRIES = 100_000  # tunnels, peers or certificates in one config
+MAX_ID = 64
+MAX_NAME = 256
+MAX_TARGET = 2048
+MAX_DOMAIN = 253
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_field", f"{what} must be an object")
+    return value
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key)
+    if not isinstance(value, list) or len(value) > MAX_ENTRIES:
+        raise ProtocolError("invalid_field", f"'{key}' must be a list of at most {MAX_ENTRIES}")
+    return value
+
+
+def _bool(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key)
+    if not isinstance(value, bool):
+        raise ProtocolError("invalid_field", f"'{key}' must be true or false")
+    return value
+
+
+def _ip(data: dict[str, Any], key: str) -> str:
+    text = _str(data, key, max_len=64)
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ProtocolError("invalid_field", f"'{key}' must be an IP address") from None
+
+
+def _prefixes(data: dict[str, Any], key: str, *, interface: bool = False) -> tuple[str, ...]:
+    values = _list(data, key)
+    result = []
+    for value in values:
+        if not isinstance(value, str) or len(value) > 64:
+            raise ProtocolError("invalid_field", f"'{key}' must hold IP prefixes")
+        try:
+            parsed = ipaddress.ip_interface(value) if interface else ipaddress.ip_network(value)
+        except ValueError:
+            raise ProtocolError("invalid_field", f"'{key}' holds {value[:64]!r}") from None
+        result.append(str(parsed))
+    return tuple(result)
+
+
+def _optional_int(data: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    return None if data.get(key) is None else _int(data, key, low, high)
+
+
+def check_endpoint(text: str) -> tuple[str, int]:
+    """``ip:port`` or ``[v6]:port`` → (ip, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ProtocolError("invalid_field", f"endpoint {text[:64]!r} is not ip:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(host)), int(port)
+    except ValueError:
+        raise ProtocolError("invalid_field", f"endpoint {text[:64]!r} is not ip:port") from None
+
+
+def _domain(data: dict[str, Any], key: str) -> str:
+    """A host name as the router matches it: lower case, no trailing dot, ASCII (IDNs
+    arrive as A-labels), at most 253 characters."""
+    text = _str(data, key, max_len=MAX_DOMAIN + 1).lower().rstrip(".")
+    if not text or len(text) > MAX_DOMAIN or not text.isascii() or ":" in text:
+        raise ProtocolError("invalid_field", f"'{key}' must be a host name")
+    if any(c.isspace() or c in "/?#@[]\\" for c in text):
+        raise ProtocolError("invalid_field", f"'{key}' must be a host name")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSpec:
+    """One tunnel as Control describes it (``config`` and ``tunnel_create/update``)."""
+
+    id: str
+    protocol: str  # http | tcp | udp
+    domain: str | None  # http tunnels
+    public_port: int | None  # tcp / udp tunnels
+    target: str  # host:port or an http(s):// URL, on the agent's side
+    agent_id: str
+    agent_ip: str
+    enabled: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "protocol": self.protocol,
+            "domain": self.domain,
+            "publicPort": self.public_port,
+            "target": self.target,
+            "agentId": self.agent_id,
+            "agentIp": self.agent_ip,
+            "enabled": self.enabled,
+        }
+
+
+def parse_tunnel(value: object) -> TunnelSpec:
+    data = _object(value, "a tunnel")
+    tunnel_id = _str(data, "id", max_len=MAX_ID)
+    if not tunnel_id:
+        raise ProtocolError("invalid_field", "'id' must not be empty")
+    protocol = _str(data, "protocol", max_len=8)
+    if protocol not in TUNNEL_PROTOCOLS:
+        raise ProtocolError("invalid_field", f"'protocol' must be one of {TUNNEL_PROTOCOLS}")
+    if protocol == "http":
+        domain: str | None = _domain(data, "domain")
+        public_port = None
+    else:
+        domain = None
+        public_port = _int(data, "publicPort", 1, 65535)
+    return TunnelSpec(
+        tunnel_id,
+        protocol,
+        domain,
+        public_port,
+        _str(data, "target", max_len=MAX_TARGET),
+        _str(data, "agentId", max_len=MAX_ID),
+        _ip(data, "agentIp"),
+        _bool(data, "enabled"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelDelete:
+    """``tunnel_delete``: the tunnel's id and the agent that owned it."""
+
+    id: str
+    agent_id: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "agentId": self.agent_id}
+
+
+def parse_tunnel_delete(value: object) -> TunnelDelete:
+    data = _object(value, "'data'")
+    tunnel_id = _str(data, "id", max_len=MAX_ID)
+    if not tunnel_id:
+        raise ProtocolError("invalid_field", "'id' must not be empty")
+    return TunnelDelete(tunnel_id, _str(data, "agentId", max_len=MAX_ID, optional=True))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSelf:
+    """An agent's own entry in its config."""
+
+    id: str
+    name: str
+    subnet: str
+    virtual_ip: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "subnet": self.subnet,
+            "virtualIp": self.virtual_ip,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPeerSpec:
+    """A gateway as an agent's WireGuard peer."""
+
+    id: str
+    name: str
+    public_key: str
+    endpoint: str | None  # ip:port, [v6]:port; None until the gateway has reported one
+    virtual_ip: str
+    allowed_ips: tuple[str, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "publicKey": self.public_key,
+            "endpoint": self.endpoint,
+            "virtualIp": self.virtual_ip,
+            "allowedIps": list(self.allowed_ips),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """``config`` for an agent: itself, the gateways to peer with, its own tunnels."""
+
+    agent: AgentSelf
+    gateways: tuple[GatewayPeerSpec, ...]
+    tunnels: tuple[TunnelSpec, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent.to_wire(),
+            "gateways": [g.to_wire() for g in self.gateways],
+            "tunnels": [t.to_wire() for t in self.tunnels],
+        }
+
+
+def _subnet(data: dict[str, Any], key: str) -> str:
+    text = _str(data, key, max_len=64)
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError:
+        raise ProtocolError("invalid_field", f"'{key}' must be an IP network") from None
+
+
+def _gateway_peer(value: object) -> GatewayPeerSpec:
+    data = _object(value, "a gateway")
+    endpoint = data.get("endpoint")
+    if endpoint is not None:
+        endpoint = _str(data, "endpoint", max_len=64)
+        check_endpoint(endpoint)
+    return GatewayPeerSpec(
+        _str(data, "id", max_len=MAX_ID),
+        _str(data, "name", max_len=MAX_NAME),
+        check_public_key(_str(data, "publicKey", max_len=64)),
+        endpoint,
+        _ip(data, "virtualIp"),
+        _prefixes(data, "allowedIps"),
+    )
+
+
+def parse_agent_config(value: object) -> AgentConfig:
+    data = _object(value, "'data'")
+    me = _object(data.get("agent"), "'agent'")
+    return AgentConfig(
+        AgentSelf(
+            _str(me, "id", max_len=MAX_ID),
+            _str(me, "name", max_len=MAX_NAME),
+            _subnet(me, "subnet"),
+            _ip(me, "virtualIp"),
+        ),
+        tuple(_gateway_peer(g) for g in _list(data, "gateways")),
+        tuple(parse_tunnel(t) for t in _list(data, "tunnels")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySelf:
+    """A gateway's own entry in its config: its slot and its address in every subnet."""
+
+    id: str
+    name: str
+    slot: int
+    public_ip: str | None
+    wireguard_port: int | None
+    addresses: tuple[str, ...]  # interface form, 100.64.0.1/24
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "slot": self.slot,
+            "publicIp": self.public_ip,
+            "wireguardPort": self.wireguard_port,
+            "addresses": list(self.addresses),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentPeerSpec:
+    """An agent as a gateway's WireGuard peer."""
+
+    id: str
+    name: str
+    public_key: str
+    subnet: str
+    virtual_ip: str
+    allowed_ips: tuple[str, ...]
+    gateway_ip: str  # this gateway's address in the agent's subnet
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "publicKey": self.public_key,
+            "subnet": self.subnet,
+            "virtualIp": self.virtual_ip,
+            "allowedIps": list(self.allowed_ips),
+            "gatewayIp": self.gateway_ip,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateSpec:
+    """A certificate Control holds for a domain (TLS keys go to gateways only)."""
+
+    domain: str
+    certificate: str
+    private_key: str
+    not_after: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "certificate": self.certificate,
+            "privateKey": self.private_key,
+            "notAfter": self.not_after,
+        }
+
+    def __repr__(self) -> str:  # never the key, in a log or a traceback
+        return f"CertificateSpec(domain={self.domain!r}, not_after={self.not_after})"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """``config`` for a gateway: itself, every agent, every tunnel, every certificate."""
+
+    gateway: GatewaySelf
+    agents: tuple[AgentPeerSpec, ...]
+    tunnels: tuple[TunnelSpec, ...]
+    certificates: tuple[CertificateSpec, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "gateway": self.gateway.to_wire(),
+            "agents": [a.to_wire() for a in self.agents],
+            "tunnels": [t.to_wire() for t in self.tunnels],
+            "certificates": [c.to_wire() for c in self.certificates],
+        }
+
+
+def _agent_peer(value: object) -> AgentPeerSpec:
+    data = _object(value, "an agent")
+    return AgentPeerSpec(
+        _str(data, "id", max_len=MAX_ID),
+        _str(data, "name", max_len=MAX_NAME),
+        check_public_key(_str(data, "publicKey", max_len=64)),
+        _subnet(data, "subnet"),
+        _ip(data, "virtualIp"),
+        _prefixes(data, "allowedIps"),
+        _ip(data, "gatewayIp"),
+    )
+
+
+def _certificate(value: object) -> CertificateSpec:
+    data = _object(value, "a certificate")
+    certificate = _str(data, "certificate", max_len=64 * 1024)
+    private_key = _str(data, "privateKey", max_len=16 * 1024)
+    if "-----BEGIN CERTIFICATE-----" not in certificate:
+        raise ProtocolError("invalid_field", "'certificate' must be a PEM chain")
+    if "PRIVATE KEY-----" not in private_key:
+        raise ProtocolError("invalid_field", "'privateKey' must be a PEM private key")
+    return CertificateSpec(
+        _domain(data, "domain"), certificate, private_key, _number(data, "notAfter")
+    )
+
+
+def parse_gateway_config(value: object) -> GatewayConfig:
+    data = _object(value, "'data'")
+    me = _object(data.get("gateway"), "'gateway'")
+    public_ip = None if me.get("publicIp") is None else _ip(me, "publicIp")
+    return GatewayConfig(
+        GatewaySelf(
+            _str(me, "id", max_len=MAX_ID),
+            _str(me, "name", max_len=MAX_NAME),
+            _int(me, "slot", 0, 2**31),
+            public_ip,
+            _optional_int(me, "wireguardPort", 1, 65535),
+            _prefixes(me, "addresses", interface=True),
+        ),
+        tuple(_agent_peer(a) for a in _list(data, "agents")),
+        tuple(parse_tunnel(t) for t in _list(data, "tunnels")),
+        tuple(_certificate(c) for c in _list(data, "certificates")),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSuccess:
+    """``auth_success``: who Control says we are, and how often to heart-beat."""
+
+    id: str
+    name: str
+    client_type: str
+    heartbeat_interval: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "clientType": self.client_type,
+            "heartbeatInterval": self.heartbeat_interval,
+        }
+
+
+def parse_auth_success(value: object) -> AuthSuccess:
+    data = _object(value, "'data'")
+    client_type = _str(data, "clientType", max_len=16)
+    if client_type not in CLIENT_TYPES:
+        raise ProtocolError("invalid_field", "'clientType' must be 'agent' or 'gateway'")
+    interval = _number(data, "heartbeatInterval")
+    if not 1 <= interval <= 3600:
+        raise ProtocolError("invalid_field", "'heartbeatInterval' must be in 1..3600 seconds")
+    return AuthSuccess(
+        _str(data, "id", max_len=MAX_ID),
+        _str(data, "name", max_len=MAX_NAME),
+        client_type,
+        interval,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReport:
+    """``error`` (either way) and ``auth_error`` (Control only): a code and a message."""
+
+    code: str
+    message: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+def parse_error(value: object) -> ErrorReport:
+    data = _object(value, "'data'")
+    return ErrorReport(
+        _str(data, "code", max_len=64, optional=True) or "unknown",
+        _str(data, "message", max_len=512, optional=True),
+    )
+
+
+def parse_config(client_type: str, value: object) -> AgentConfig | GatewayConfig:
+    """The ``config`` frame's data for ``client_type``."""
+    if client_type == "agent":
+        return parse_agent_config(value)
+    return parse_gateway_config(value)
