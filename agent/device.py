@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-:class:`AgentDevice` owns a :class:`netstack.tunnel.UserspaceTunnel` (our WireGuard and
+:class:`AgentDataPlane` owns a :class:`netstack.tunnel.UserspaceTunnel` (our WireGuard and
 our TCP/IP stack on one outbound UDP socket: no root, no TUN, no inbound port).  Control's
-``config`` lists the gateways; :meth:`AgentDevice.apply` reconciles the tunnel to it:
+``config`` lists the gateways; :meth:`AgentDataPlane.apply` reconciles the tunnel to it:
 the stack holds the agent's virtual IP, each gateway is a peer with its endpoint, its
 address as allowed-IPs and a persistent keepalive (the agent is behind NAT: it must
 speak first and keep the mapping open).  Peers are added, updated and removed one by
@@ -12,7 +12,7 @@ one, so the other gateways' sessions are never disturbed.  When a gateway's endp
 changes (it restarted on a new port, or moved) a fresh handshake starts at once
 instead of waiting for the old session to time out.
 
-:meth:`AgentDevice.watch` turns WireGuard's state into the log lines an operator
+:meth:`AgentDataPlane.watch` turns WireGuard's state into the log lines an operator
 needs: a gateway's first handshake, a gateway that went quiet (no handshake for
 longer than a session may live), and its recovery.  It also probes each gateway
 through the tunnel every ``probe_interval`` seconds (a TCP SYN to its address on the
@@ -87,7 +87,7 @@ def gateways_from_config(entries: Iterable[GatewayPeerSpec]) -> list[GatewayPeer
     ]
 
 
-class AgentDevice:
+class AgentDataPlane:
     """WireGuard to every gateway plus the stack owning the agent's address."""
 
     def __init__(

@@ -280,7 +280,7 @@ class _TunnelledConnection(asyncio.Protocol):
         assert splice is not None
         try:
             await owner.dialer.connect(
-                splice.b, route.agent_ip, route.upstream_port or 80, owner.connect_timeout
+                splice.b, route.upstream_host, route.upstream_port or 80, owner.connect_timeout
             )
         except (OSError, TimeoutError) as exc:
             kind = "refused" if isinstance(exc, ConnectionRefusedError) else "unreachable"

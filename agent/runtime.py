@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDevice, gateways_from_config
+from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDataPlane, gateways_from_config
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
 from common import __version__
@@ -76,7 +76,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.keys = load_or_create(settings.data_dir)
-        self.device = AgentDevice(
+        self.device = AgentDataPlane(
             self.keys,
             settings.wireguard_host,
             settings.wireguard_port,

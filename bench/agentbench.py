@@ -8,7 +8,7 @@ Topology (created by :class:`Topology`, always torn down by it)::
     ├── veth 172.31.1.0/24 ── ns A "privileged agent": wireguard-go 10.77.0.100 +
     │                          kernel TCP, an asyncio server on :5201
     └── veth 172.31.2.0/24 ── ns B "our agent": one process running the agent's own
-                               data plane (``agent.device.AgentDevice``: our WireGuard +
+                               data plane (``agent.device.AgentDataPlane``: our WireGuard +
                                our TCP/IP stack on one UDP socket) holding 10.78.0.100,
                                the same asyncio server on the stack's :5201, and a
                                ``agent.forward.Forwarder`` raw TCP tunnel :5301 →
@@ -140,14 +140,14 @@ async def run_server(cfg: dict[str, Any]) -> None:
 
 
 async def run_agent(cfg: dict[str, Any]) -> None:
-    """Our agent's data plane: ``AgentDevice`` (WireGuard + stack) and its Forwarder."""
-    from agent.device import AgentDevice, GatewayPeer
+    """Our agent's data plane: ``AgentDataPlane`` (WireGuard + stack) and its Forwarder."""
+    from agent.device import AgentDataPlane, GatewayPeer
     from agent.forward import Forwarder
     from common.keys import KeyPair
 
     raise_fd_limit()
     loop = asyncio.get_running_loop()
-    device = AgentDevice(KeyPair.from_private(base64.b64decode(cfg["private_key"])))
+    device = AgentDataPlane(KeyPair.from_private(base64.b64decode(cfg["private_key"])))
     await device.start()
     gateway = GatewayPeer(
         "gw",

@@ -4,7 +4,7 @@ In one run, over real WireGuard with wireguard-go as the gateway (see
 ``bench/agentbench.py`` for the namespaces and processes):
 
 * ``privileged`` (a): wireguard-go + kernel TCP on both ends;
-* ``agent`` (b): wireguard-go ↔ our agent's data plane (``agent.device.AgentDevice``:
+* ``agent`` (b): wireguard-go ↔ our agent's data plane (``agent.device.AgentDataPlane``:
   our WireGuard and our TCP/IP stack on one UDP socket), the server on the stack;
 * ``agent_forward``: (b) plus the agent's ``Forwarder`` raw TCP tunnel to a local kernel
   server, the complete path a tunnelled connection takes on an agent.

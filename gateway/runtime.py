@@ -44,9 +44,9 @@ from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
-from gateway.wg.device import WgDevice, WgError
+from gateway.wg.device import InterfaceBackend, WgError
 from gateway.wg.state import WgState
-from gateway.wg.userspace import UserspaceDevice
+from gateway.wg.userspace import UserspaceBackend
 
 log = logging.getLogger("gateway")
 
@@ -89,18 +89,18 @@ class Gateway:
         self.metrics = Metrics()
         self.certificates = CertificateStore(settings.data_dir / "tls")
         self.challenges = ChallengeStore()
-        self.wg: WgDevice | UserspaceDevice
+        self.wg: InterfaceBackend | UserspaceBackend
         use_userspace = settings.backend == "userspace" or (
             settings.backend == "auto" and os.geteuid() != 0
         )
         dialer = None  # the kernel's TCP, through the WireGuard interface
         flow_dialer: FlowDialer | None = None  # likewise the kernel's UDP
         if use_userspace:
-            self.wg = UserspaceDevice(self.keys, settings.wireguard_port, settings.host)
+            self.wg = UserspaceBackend(self.keys, settings.wireguard_port, settings.host)
             dialer = self.wg.dial
             flow_dialer = self.wg.udp_flow
         else:
-            self.wg = WgDevice(
+            self.wg = InterfaceBackend(
                 settings.interface, self.keys, settings.wireguard_port, settings.backend
             )
         self.proxy = ProxyServer(

@@ -49,9 +49,11 @@ class Route:
     tunnel_id: str
     domain: str
     agent_id: str
-    agent_ip: str
+    #: the host to dial: on the gateway the agent's virtual IP (the tunnel's
+    #: ``agentIp``), on the agent the local service from the tunnel's ``target``
+    upstream_host: str
     enabled: bool
-    #: the port to dial on ``agent_ip`` (None: the proxy's ``upstream_port``)
+    #: the port to dial on ``upstream_host`` (None: the proxy's ``upstream_port``)
     upstream_port: int | None = None
     #: prepended to every request path (an agent's ``http://host:port/prefix`` target)
     path_prefix: str = ""
@@ -73,9 +75,10 @@ class PortRoute:
     protocol: str  # "tcp" or "udp"
     public_port: int
     agent_id: str
-    agent_ip: str
+    #: the host to dial (see :attr:`Route.upstream_host`)
+    upstream_host: str
     enabled: bool
-    #: the port to dial on ``agent_ip`` (None: the tunnel's public port)
+    #: the port to dial on ``upstream_host`` (None: the tunnel's public port)
     upstream_port: int | None = None
 
 
@@ -90,7 +93,7 @@ class _Tunnel:
     domain: str | None
     public_port: int | None
     agent_id: str
-    agent_ip: str
+    upstream_host: str
     enabled: bool
     upstream_port: int | None = None
     path_prefix: str = ""
@@ -286,7 +289,7 @@ class Router:
                 t.tunnel_id,
                 d,
                 t.agent_id,
-                t.agent_ip,
+                t.upstream_host,
                 t.enabled,
                 t.upstream_port,
                 t.path_prefix,
@@ -299,7 +302,7 @@ class Router:
                 t.tunnel_id,
                 t.domain,
                 t.agent_id,
-                t.agent_ip,
+                t.upstream_host,
                 t.enabled,
                 t.upstream_port,
                 t.path_prefix,
@@ -310,7 +313,13 @@ class Router:
         }
         self._ports = {
             key: PortRoute(
-                t.tunnel_id, t.protocol, key[1], t.agent_id, t.agent_ip, t.enabled, t.upstream_port
+                t.tunnel_id,
+                t.protocol,
+                key[1],
+                t.agent_id,
+                t.upstream_host,
+                t.enabled,
+                t.upstream_port,
             )
             for key, t in by_port.items()
         }

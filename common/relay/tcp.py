@@ -9,7 +9,7 @@ traffic at once.
 
 Each accepted connection looks its route up again (the agent may have changed since
 the listener opened), counts against the per-client connection limit, dials
-``agent_ip:public_port`` (or the route's / the settings' ``upstream_port`` when set)
+``upstream_host:public_port`` (or the route's / the settings' ``upstream_port`` when set)
 through the same dialer as the HTTP proxy, and splices both ways with half-close and
 back-pressure; when the upstream cannot be reached the client's connection is reset.
 The agent uses the same forwarder with a ``listen`` function that
@@ -128,7 +128,7 @@ class TcpForwarder(PortReconciler):
             upstream_port = route.upstream_port or self.settings.upstream_port or port
             try:
                 up_reader, upstream_writer = await self.dialer(
-                    route.agent_ip, upstream_port, self.settings.connect_timeout
+                    route.upstream_host, upstream_port, self.settings.connect_timeout
                 )
             except (OSError, TimeoutError):
                 self.metrics.upstream_errors.inc(tunnel=tunnel, kind="unreachable")

@@ -234,7 +234,7 @@ class UdpForwarder(PortReconciler):
             public.transport.sendto(data, addr)
 
         upstream_port = route.upstream_port or self.settings.upstream_port or port
-        task = asyncio.ensure_future(self._dial(flow, route.agent_ip, upstream_port, deliver))
+        task = asyncio.ensure_future(self._dial(flow, route.upstream_host, upstream_port, deliver))
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
         return flow

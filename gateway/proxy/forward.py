@@ -179,7 +179,7 @@ class ForwardingMixin:
         for _attempt in range(2):
             try:
                 upstream = await self.server.pool.acquire(
-                    route.agent_ip,
+                    route.upstream_host,
                     port,
                     self.settings.connect_timeout,
                     fresh=fresh,

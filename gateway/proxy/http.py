@@ -602,7 +602,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         if plan.retry_allowed and not plan.upgrade and not self.server.closing:
             route = plan.route
             upstream = self.server.pool.take_idle(
-                route.agent_ip,
+                route.upstream_host,
                 route.upstream_port or self.settings.upstream_port,
                 route.pool_key,
                 self,

@@ -68,8 +68,8 @@ async def run(*argv: str, check: bool = True, input_text: str | None = None) -> 
     return out.decode(errors="replace")
 
 
-class WgDevice:
-    """A WireGuard interface managed through ``wg``/``ip`` (kernel or wireguard-go)."""
+class InterfaceBackend:
+    """A WireGuard interface (kernel module or wireguard-go) driven through ``wg`` and ``ip``."""
 
     def __init__(
         self,

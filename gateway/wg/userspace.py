@@ -1,6 +1,6 @@
 """The gateway's ``userspace`` WireGuard backend: rootless, on netstack.
 
-Same contract as :class:`gateway.wg.device.WgDevice` (start / apply / stats / stop), but
+Same contract as :class:`gateway.wg.device.InterfaceBackend` (start / apply / stats / stop), but
 the interface is our user-space WireGuard + TCP/IP (:mod:`netstack.tunnel`) on a UDP
 socket, so the gateway needs no root, TUN or kernel module; the proxy dials agents
 through :meth:`dial` instead of the kernel.
@@ -48,7 +48,7 @@ class _NetstackFlow:
         self.transport.close()
 
 
-class UserspaceDevice:
+class UserspaceBackend:
     """WireGuard for the gateway without privileges (see the module docstring)."""
 
     kind = "userspace"

@@ -144,7 +144,7 @@ async def test_garbage_from_control_never_stops_the_agent(
             assert agent.client.view.config_version == 7
             route = agent.forwarder.router.lookup_host("app.example.com")
             assert route is not None and (
-                route.agent_ip,
+                route.upstream_host,
                 route.upstream_port,
                 route.path_prefix,
             ) == ("127.0.0.1", 8000, "/base")
@@ -187,10 +187,10 @@ def test_gateways_from_config_and_endpoints() -> None:
 
 
 async def test_device_follows_gateway_changes(tmp_path: Path) -> None:
-    from agent.device import AgentDevice, GatewayPeer
+    from agent.device import AgentDataPlane, GatewayPeer
     from common.keys import load_or_create
 
-    device = AgentDevice(load_or_create(tmp_path), "127.0.0.1")
+    device = AgentDataPlane(load_or_create(tmp_path), "127.0.0.1")
     await device.start()
     try:
         one = GatewayPeer("g1", "edge1", gateway_key(1), ("127.0.0.1", 9), ("100.64.0.1/32",))

@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from agent.runtime import Agent
 from common.relay import proxyproto
 from gateway.runtime import Gateway
-from gateway.wg.userspace import UserspaceDevice
+from gateway.wg.userspace import UserspaceBackend
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system, tcp_echo, udp_echo
 from tests.controlserver import RunningControl
@@ -56,7 +56,7 @@ async def test_http_tunnel_end_to_end(
         assert "sample app" in home.text
         # the userspace WireGuard socket honours the gateway's --host (127.0.0.1 here)
         wg = system.gateway.wg
-        assert isinstance(wg, UserspaceDevice) and wg.tunnel.udp is not None
+        assert isinstance(wg, UserspaceBackend) and wg.tunnel.udp is not None
         assert wg.tunnel.udp.local_address[0] == "127.0.0.1"
 
         # The gateway's X-Forwarded-* reach the app unchanged (the agent adds nothing).

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from common.keys import KeyPair
-from gateway.wg.device import WgDevice, WgError
+from gateway.wg.device import InterfaceBackend, WgError
 from gateway.wg.state import WgPeer, WgState
 from tests.gateway_core.netns import sh, two_hosts
 from tests.support import need_binary, need_root, unique_name
@@ -71,7 +71,7 @@ async def test_reconcile_peers_and_carry_traffic() -> None:
     need_binary("wg")
     with two_hosts("wgd") as (gw_ns, agent_ns):
         gw_keys = KeyPair.generate()
-        device = WgDevice(unique_name("kgw"), gw_keys, 51820, mode="auto", netns=gw_ns)
+        device = InterfaceBackend(unique_name("kgw"), gw_keys, 51820, mode="auto", netns=gw_ns)
         agent = None
         try:
             await device.start()
@@ -140,7 +140,9 @@ async def test_reconcile_peers_and_carry_traffic() -> None:
 async def test_kernel_mode_reports_missing_module() -> None:
     need_root()
     with two_hosts("wgk") as (ns, _):
-        device = WgDevice(unique_name("kk"), KeyPair.generate(), 51820, mode="kernel", netns=ns)
+        device = InterfaceBackend(
+            unique_name("kk"), KeyPair.generate(), 51820, mode="kernel", netns=ns
+        )
         has_module = (
             sh(
                 "ip", "link", "add", "kprobe0", "type", "wireguard", netns=ns, check=False
