@@ -123,8 +123,89 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+# The hot path's contract (STYLE.md 15).  ``netstack/_fast.pyx`` reads and writes a
+# connection's fields through its ``__dict__`` (``d["_snd_una"]``), which Cython cannot
+# check when it builds, and its twin ``netstack/_pure.py`` reads the same fields as
+# attributes.  These sets are the only names either may use on a connection and on the
+# parts it reaches through it; ``TcpBase.__init__`` sets every field as a plain instance
+# attribute (a property or a slot would not be in ``__dict__``).
+# ``tests/netstack/test_fast_contract.py`` checks the two hot paths' sources and a real
+# connection against them, so renaming a field on any side fails there, not as a
+# ``KeyError`` on the hot path.
+
+#: connection fields the hot paths read or write
+HOT_PATH_FIELDS = frozenset(
+    {
+        "_ack_deadline",
+        "_ack_now",
+        "_ack_pending",
+        "_cc",
+        "_cwnd",
+        "_discard_input",
+        "_dupacks",
+        "_fin_offset",
+        "_high_rxt",
+        "_in_recovery",
+        "_irs",
+        "_iss",
+        "_keepalive_probes",
+        "_last_ack_sent",
+        "_last_receive",
+        "_max_snd_wnd",
+        "_ooo",
+        "_persist_backoff",
+        "_persist_deadline",
+        "_quickack",
+        "_rcv_adv",
+        "_rcv_nxt",
+        "_rcv_rtt",
+        "_rcv_space_time",
+        "_rcvbuf",
+        "_retries",
+        "_rto",
+        "_rto_deadline",
+        "_rtt_seq",
+        "_rtt_time",
+        "_sacked",
+        "_send_blocked",
+        "_snd_max",
+        "_snd_mss",
+        "_snd_nxt",
+        "_snd_una",
+        "_snd_wl1",
+        "_snd_wl2",
+        "_snd_wnd",
+        "_snd_wscale",
+        "_sndbuf",
+        "_sndbuf_start",
+        "_srtt",
+        "_ssthresh",
+        "_tlp_deadline",
+        "_tlp_new_data",
+        "_tlp_out",
+        "_ts_offset",
+        "_ts_ok",
+        "_ts_recent",
+        "_undo_pending",
+        "config",
+        "state",
+    }
+)
+#: methods and properties of the connection they call
+HOT_PATH_METHODS = frozenset(
+    {"_arm_tail_loss_probe", "_autotune", "_emit", "_rtt_sample", "_ts_now", "send_buffer_space"}
+)
+#: ``TcpConfig`` fields they read (through ``config``)
+HOT_PATH_CONFIG = frozenset({"delayed_ack", "send_buffer"})
+#: ``SendBuffer`` members they use (through ``_sndbuf``; the chunks are read in place)
+HOT_PATH_SEND_BUFFER = frozenset({"_chunks", "_first", "_head", "_starts", "consume", "peek"})
+#: the congestion controller's method they call (through ``_cc``)
+HOT_PATH_CONGESTION = frozenset({"on_ack"})
+
+
 class TcpBase:
-    """The fields of one connection and the helpers all its parts use."""
+    """The fields of one connection and the helpers all its parts use (the hot path
+    uses those named in ``HOT_PATH_FIELDS`` and ``HOT_PATH_METHODS``)."""
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netstack import _pure
+from netstack import _pure, speedups, stack, tcp, tcpsend
 from netstack import checksum as _checksum
 from netstack.ip import build_ipv4, build_ipv6, parse_ip
 from netstack.tcpwire import TcpSegment, build_tcp, options_length, parse_tcp
@@ -63,6 +63,25 @@ def test_environment_switch_forces_the_twin() -> None:
     fast()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.split() == ["cython"] * 3
+
+
+def test_this_run_uses_the_implementation_the_switch_chose() -> None:
+    """In this process, the modules that call the hot path hold what the switch chose:
+    the twin in scripts/test.sh's ``KAKUREMICHI_NETSTACK_PURE=1`` run (so that run
+    really tests ``_pure.py``), the compiled module otherwise (a missing build skips,
+    and fails under ``CI=true``)."""
+    if os.environ.get("KAKUREMICHI_NETSTACK_PURE") == "1":
+        module, name = _pure, "pure"
+        checksum = _checksum.pure_checksum
+    else:
+        module, name = fast(), "cython"
+        checksum = module.checksum
+    assert (speedups.IMPLEMENTATION, _checksum.IMPLEMENTATION) == (name, name)
+    assert _checksum.checksum is checksum
+    assert tcp.receive_established is module.tcp_receive_established
+    assert tcpsend.send_run is module.tcp_send_run
+    assert stack.receive_tcp_run is module.tcp_receive_run
+    assert speedups.parse_tcp_packet is module.parse_tcp_packet
 
 
 def _tcp_packet(draw: st.DrawFn) -> bytes:
