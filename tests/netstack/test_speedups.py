@@ -76,7 +76,8 @@ def test_this_run_uses_the_implementation_the_switch_chose() -> None:
     else:
         module, name = fast(), "cython"
         checksum = module.checksum
-    assert (speedups.IMPLEMENTATION, _checksum.IMPLEMENTATION) == (name, name)
+    assert name == speedups.IMPLEMENTATION
+    assert name == _checksum.IMPLEMENTATION
     assert _checksum.checksum is checksum
     assert tcp.receive_established is module.tcp_receive_established
     assert tcpsend.send_run is module.tcp_send_run
