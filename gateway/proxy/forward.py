@@ -480,6 +480,20 @@ class ForwardingMixin:
         of its body (``h1.frame_response``); the response has started from here on."""
         request = self.request
         assert request is not None
+        raw = head.raw
+        if (
+            raw is not None
+            and self.keep_alive
+            and request.version == b"1.1"
+            and request.method != b"HEAD"
+            and not self.server.closing
+        ):
+            # a plain HTTP/1.1 head (h1.scan_response) to a client that keeps the
+            # connection: it goes as it arrived when its framing stays the same
+            framing = h1.verbatim_framing(head)
+            if framing is not None:
+                self.response_started = True
+                return raw, framing
         headers = response_headers_for_client(head.headers)
         if head.chunked:
             # chunked wins over Content-Length (RFC 9112 §6.3); the body is re-framed

@@ -194,6 +194,27 @@ def request_headers_for_agent(
     return out if host is None else [host, *out]
 
 
+#: the last forwarding field and the blank line, after a head relayed as it came
+PROTO_LINE = {
+    proto: b"\r\nx-forwarded-proto: %s\r\n\r\n" % proto.encode() for proto in ("http", "https")
+}
+
+
+def forwarding_fields(peer_ip: str) -> bytes:
+    """``X-Forwarded-For`` and ``X-Real-IP`` naming the peer, then the start of
+    ``X-Forwarded-Host``: with the Host value and ``PROTO_LINE`` after it, the fields
+    ``request_headers_for_agent`` adds to a request that names no other client."""
+    peer = peer_ip.encode("ascii", "replace")
+    return b"x-forwarded-for: %s\r\nx-real-ip: %s\r\nx-forwarded-host: " % (peer, peer)
+
+
+def verbatim_request_head(raw: bytes, peer_ip: str, host: bytes, proto: str) -> bytes:
+    """A request head as the agent gets it when it goes as it came (``RequestHead.raw``,
+    see ``h1/_scan.scan_request``): its bytes, then the forwarding fields (the proxy
+    builds the same join with ``forwarding_fields`` made once per connection)."""
+    return b"".join((raw, forwarding_fields(peer_ip), host, PROTO_LINE[proto]))
+
+
 def response_headers_for_client(headers: Headers, *, upgrade: bool = False) -> Headers:
     """The header list to send to the client for the agent's response."""
     return strip_hop_by_hop(headers, keep_upgrade=upgrade)

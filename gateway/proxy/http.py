@@ -74,8 +74,10 @@ from common.relay.splice import CHUNK, drain
 from . import h1, pages
 from .forward import Abort, ForwardingMixin, ForwardPlan
 from .headers import (
+    PROTO_LINE,
     Headers,
     client_address,
+    forwarding_fields,
     get_header,
     is_trusted_proxy,
     is_upgrade_request,
@@ -263,6 +265,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self._status = 0
         self._framing = h1.NO_BODY
         self._response_bytes: Callable[[float], None] = _ignore
+        self._forwarding_fields: bytes | None = None
 
     # -- the coroutine path's streams ----------------------------------------------
 
@@ -580,23 +583,42 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             )
             return _CLOSE
         has_body = chunked or length > 0
-        upgrade = is_upgrade_request(headers)
-        forwarded = request_headers_for_agent(
-            headers,
-            client_ip=self.client_ip,
-            peer_ip=self.peer_ip,
-            proto=self.proto,
-            chunked=chunked,
-            upgrade=upgrade,
-        )
-        if route.path_prefix and target.startswith(b"/"):
-            target = route.path_prefix.encode("latin-1") + target
-            if not h1.valid_target(target):
-                self._page_now(400, "Bad request target.", plain=plain, route=route, close=True)
-                return _CLOSE
-        head = h1.request_head(method, target, forwarded)
+        raw = request.raw
+        if raw is not None and not route.path_prefix:
+            # an HTTP/1.1 head with Host first and no hop-by-hop, upgrade or forwarding
+            # field (h1.scan_request): it goes as it came, followed by the forwarding
+            # fields request_headers_for_agent would add (the client is the peer: no
+            # X-Forwarded-For came to name another)
+            upgrade = False
+            # (headers.verbatim_request_head, with the peer's fields made once)
+            head = b"".join((raw, self._forwarding(), host_value, PROTO_LINE[self.proto]))
+        else:
+            upgrade = is_upgrade_request(headers)
+            forwarded = request_headers_for_agent(
+                headers,
+                client_ip=self.client_ip,
+                peer_ip=self.peer_ip,
+                proto=self.proto,
+                chunked=chunked,
+                upgrade=upgrade,
+            )
+            if route.path_prefix and target.startswith(b"/"):
+                target = route.path_prefix.encode("latin-1") + target
+                if not h1.valid_target(target):
+                    self._page_now(400, "Bad request target.", plain=plain, route=route, close=True)
+                    return _CLOSE
+            head = h1.request_head(method, target, forwarded)
         retry_allowed = not has_body and method in _IDEMPOTENT
         return ForwardPlan(head, method, upgrade, route, plain, has_body, retry_allowed, started)
+
+    def _forwarding(self) -> bytes:
+        """``X-Forwarded-For`` and ``X-Real-IP`` (the peer) and the start of
+        ``X-Forwarded-Host``, as ``headers.request_headers_for_agent`` states them for a
+        request that names no other client (made once per connection)."""
+        fields = self._forwarding_fields
+        if fields is None:
+            fields = self._forwarding_fields = forwarding_fields(self.peer_ip)
+        return fields
 
     def _dispatch(self, plan: ForwardPlan) -> None:
         if plan.retry_allowed and not plan.upgrade and not self.server.closing:

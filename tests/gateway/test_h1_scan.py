@@ -14,6 +14,7 @@ by the scanner, so this file fails if it ever silently declined everything.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -21,6 +22,13 @@ from hypothesis import strategies as st
 
 from gateway.proxy import h1
 from gateway.proxy.h1._scan import scan_request, scan_response
+from gateway.proxy.headers import (
+    get_header,
+    is_upgrade_request,
+    request_headers_for_agent,
+    response_headers_for_client,
+    verbatim_request_head,
+)
 
 MAX = 8 * 1024
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -46,7 +54,8 @@ def _events(reader: Any, *, response: tuple[bytes, bool] | None = None) -> list[
             head = reader.next_head()
             if head is None:
                 break
-            out.append(("head", repr(head)))
+            # (raw is the scanner's alone: checked against the rewrite by test_raw_*)
+            out.append(("head", repr(dataclasses.replace(head, raw=None))))
             while reader.state == h1.BODY:
                 body = reader.body()
                 if not body:
@@ -98,6 +107,14 @@ _NAMES = [
     b"Date",
     b"Server",
     b"Content-Type",
+    b"Keep-Alive",
+    b"TE",
+    b"Trailer",
+    b"Proxy-Connection",
+    b"Proxy-Authorization",
+    b"X-Real-IP",
+    b"X-Forwarded-Host",
+    b"x-forwarded-proto",
 ]
 _SPECIAL = [b"\r", b"\n", b"\t", b" ", b"\x00", b"\x7f", b"\x80", b"\xff", b"#", b":", b'"', b","]
 _VALUE_BYTES = st.sampled_from(
@@ -111,7 +128,11 @@ def field_value(draw: st.DrawFn) -> bytes:
     if kind == 0:
         return draw(st.sampled_from([b"chunked", b"Chunked", b"gzip, chunked", b"identity"]))
     if kind == 1:
-        return draw(st.sampled_from([b"close", b"keep-alive", b"Upgrade", b"close, upgrade"]))
+        return draw(
+            st.sampled_from(
+                [b"close", b"keep-alive", b"Keep-Alive", b"Upgrade", b"close, upgrade", b"te"]
+            )
+        )
     if kind == 2:
         return str(draw(st.integers(0, 10**21))).encode()
     if kind == 3:
@@ -298,9 +319,10 @@ def test_ordinary_requests_are_scanned() -> None:
         scanned = scan_request(data, MAX)
         assert scanned is not None, data
         judge_request(data)
-    stop, method, target, version, headers, hosts, length, te, connection = (
-        scan_request(heads[2], MAX) or (0,) * 9
+    stop, method, target, version, headers, hosts, length, te, connection, raw = (
+        scan_request(heads[2], MAX) or (0,) * 10
     )
+    assert raw == heads[2][: stop - 2]  # relayed as it came (test_raw_*)
     assert (stop, method, target, version, hosts, length) == (
         len(heads[2]) - 2,
         b"POST",
@@ -346,3 +368,148 @@ def test_unusual_heads_are_left_to_llhttp() -> None:
     ]:
         assert scan_request(data, MAX) is None, data
         judge_request(data)
+
+
+# -- heads relayed as they came (``raw``)
+
+PEER = "192.0.2.7"
+
+
+def _without_keep_alive(headers: h1.Headers) -> h1.Headers:
+    """A lone ``Connection: keep-alive`` goes as it came (the gateway's own option on a
+    kept connection, RFC 9110 §7.6.1) where the rewrite drops it: the one difference."""
+    return [(k, v) for k, v in headers if not (k == b"connection" and v.lower() == b"keep-alive")]
+
+
+def _one_request(data: bytes) -> h1.RequestHead:
+    reader = LlhttpRequestReader(MAX)
+    reader.receive(data)
+    head = reader.next_head()
+    assert head is not None and reader.buffered == 0, data
+    return head
+
+
+@FUZZ
+@given(request_bytes())
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nX-Real-IP: 10.0.0.1\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\n\r\n")
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: x\r\nX: 1\r\n\r\n")
+def test_raw_request_heads_say_what_the_rewrite_says(data: bytes) -> None:
+    """Whenever the scanner offers a request head as it came, that head plus the
+    forwarding fields is, to the agent's parser, the head the rewrite would send."""
+    reader = h1.RequestReader(MAX)
+    reader.receive(data)
+    try:
+        head = reader.next_head()
+    except h1.ProtocolError:
+        return
+    if head is None or head.raw is None:
+        return
+    assert head.version == b"1.1" and not head.chunked and not is_upgrade_request(head.headers)
+    host = get_header(head.headers, b"host")
+    assert host is not None and head.headers[0][0] == b"host"
+    for proto in ("http", "https"):
+        verbatim = _one_request(verbatim_request_head(head.raw, PEER, host, proto))
+        forwarded = request_headers_for_agent(
+            head.headers, client_ip=PEER, proto=proto, chunked=False, upgrade=False
+        )
+        rewritten = _one_request(h1.request_head(head.method, head.target, forwarded))
+        assert _without_keep_alive(verbatim.headers) == rewritten.headers
+        assert dataclasses.replace(verbatim, headers=[], size=0) == dataclasses.replace(
+            rewritten, headers=[], size=0
+        )
+
+
+@FUZZ
+@given(response_bytes())
+@example(
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 13\r\n"
+    b"Connection: keep-alive\r\n\r\nhello, world\n"
+)
+@example(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nKeep-Alive: timeout=5\r\n\r\nok")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x\r\n\r\n")
+def test_raw_response_heads_say_what_the_rewrite_says(data: bytes) -> None:
+    """A response head relayed as it came reads, to the client's parser, like the
+    head ``frame_response`` writes for a kept HTTP/1.1 connection, with the same
+    framing; heads without a framing of their own are never relayed as they came."""
+    reader = h1.ResponseReader(MAX)
+    reader.start(b"GET")
+    reader.receive(data)
+    try:
+        head = reader.next_head()
+    except h1.ProtocolError:
+        return
+    if head is None:
+        return
+    framing = h1.verbatim_framing(head)
+    if head.raw is None or framing is None:
+        assert framing is None
+        return
+    assert head.version == b"1.1" and head.status >= 200
+    headers = response_headers_for_client(head.headers)
+    if head.chunked:
+        headers = [(k, v) for k, v in headers if k != b"content-length"]
+    written, expected, keep_alive = h1.frame_response(
+        head.status,
+        head.reason,
+        headers,
+        content_length=head.content_length is not None,
+        head_request=False,
+        http10=False,
+        keep_alive=True,
+    )
+    assert (framing, keep_alive) == (expected, True)
+    heads = []
+    for wire in (head.raw, written):
+        client = LlhttpResponseReader(MAX)
+        client.start(b"HEAD")  # heads only: no body follows here
+        client.receive(wire)
+        parsed = client.next_head()
+        assert parsed is not None and client.buffered == 0
+        heads.append(parsed)
+    verbatim, rewritten = heads
+    assert _without_keep_alive(verbatim.headers) == rewritten.headers
+    assert dataclasses.replace(verbatim, headers=[]) == dataclasses.replace(rewritten, headers=[])
+
+
+def test_which_heads_go_as_they_came() -> None:
+    browser = (
+        b"GET /app?q=1 HTTP/1.1\r\nHost: app.example.com\r\nUser-Agent: Mozilla/5.0\r\n"
+        b"Accept: text/html\r\nConnection: keep-alive\r\nCookie: a=b\r\n\r\n"
+    )
+    assert (scan_request(browser, MAX) or ())[-1] == browser[:-2]
+    for data in [
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nAccept: */*\r\nHost: a\r\n\r\n",  # Host not first
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x\r\nX: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: 5\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Authorization: Basic eA==\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nx-real-ip: 10.0.0.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: https\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Host: b\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ]:
+        scanned = scan_request(data, MAX)
+        assert scanned is not None and scanned[-1] is None, data
+    nginx = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 13\r\nConnection: keep-alive\r\n\r\n"
+    )
+    assert (scan_response(nginx, MAX) or ())[-1] == nginx
+    for data in [
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKeep-Alive: timeout=5\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nTrailer: x\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    ]:
+        scanned = scan_response(data, MAX)
+        assert scanned is not None and scanned[-1] is None, data

@@ -87,6 +87,7 @@ from .write import (
     request_head,
     response_head,
     valid_target,
+    verbatim_framing,
 )
 
 __all__ = [
@@ -110,4 +111,5 @@ __all__ = [
     "request_head",
     "response_head",
     "valid_target",
+    "verbatim_framing",
 ]

@@ -13,12 +13,23 @@ def scan_request(
         bytes | None,
         list[bytes],
         list[bytes],
+        bytes | None,
     ]
     | None
 ): ...
 def scan_response(
     buf: bytes, max_head: int
 ) -> (
-    tuple[int, int, bytes, bytes, list[tuple[bytes, bytes]], bytes | None, list[bytes], list[bytes]]
+    tuple[
+        int,
+        int,
+        bytes,
+        bytes,
+        list[tuple[bytes, bytes]],
+        bytes | None,
+        list[bytes],
+        list[bytes],
+        bytes | None,
+    ]
     | None
 ): ...

@@ -107,12 +107,65 @@ cdef object _version(const char* p):
     return None
 
 
+# what a head holds besides its framing, for the verbatim relay (``raw`` below)
+cdef enum:
+    #: a hop-by-hop field a proxy must drop (RFC 9110 §7.6.1), or a Connection field
+    #: other than a lone "keep-alive"
+    HOP = 1
+    #: a forwarding field the gateway states itself (X-Forwarded-*, X-Real-IP)
+    FORWARDED = 2
+    #: the first field is not Host
+    HOST_LATER = 4
+
+
 cdef class _Fields:
     cdef public list headers
     cdef public int hosts
     cdef public object content_length
     cdef public list transfer_encodings
     cdef public list connection
+    cdef int flags
+
+
+cdef int _named(const char* name, Py_ssize_t n):
+    """HOP or FORWARDED for a lower-cased field name that has that role, else 0 (Host,
+    Content-Length, Transfer-Encoding and Connection are handled by the caller)."""
+    if n == 2:
+        return HOP if memcmp(name, b"te", 2) == 0 else 0
+    if n == 7:
+        return HOP if memcmp(name, b"trailer", 7) == 0 or memcmp(name, b"upgrade", 7) == 0 else 0
+    if n == 9:
+        return FORWARDED if memcmp(name, b"x-real-ip", 9) == 0 else 0
+    if n == 10:
+        return HOP if memcmp(name, b"keep-alive", 10) == 0 else 0
+    if n == 15:
+        return FORWARDED if memcmp(name, b"x-forwarded-for", 15) == 0 else 0
+    if n == 16:
+        if memcmp(name, b"proxy-connection", 16) == 0:
+            return HOP
+        return FORWARDED if memcmp(name, b"x-forwarded-host", 16) == 0 else 0
+    if n == 17:
+        return FORWARDED if memcmp(name, b"x-forwarded-proto", 17) == 0 else 0
+    if n == 18:
+        return HOP if memcmp(name, b"proxy-authenticate", 18) == 0 else 0
+    if n == 19:
+        return HOP if memcmp(name, b"proxy-authorization", 19) == 0 else 0
+    return 0
+
+
+cdef bint _lone_keep_alive(const char* p, Py_ssize_t start, Py_ssize_t end):
+    """Whether a field value (without surrounding whitespace) is "keep-alive" in any case."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if end - start != 10:
+        return False
+    for i in range(10):
+        c = <unsigned char>p[start + i]
+        if b"A" <= c <= b"Z":
+            c += 32
+        if c != (<const unsigned char*>b"keep-alive")[i]:
+            return False
+    return True
 
 
 cdef Py_ssize_t _fields(const char* p, Py_ssize_t pos, Py_ssize_t stop, _Fields out):
@@ -169,8 +222,13 @@ cdef Py_ssize_t _fields(const char* p, Py_ssize_t pos, Py_ssize_t stop, _Fields 
         elif name_len == 10 and memcmp(name, b"connection", 10) == 0:
             lowered = _N_CONNECTION
             out.connection.append(value)
+            if not _lone_keep_alive(p, value_start, value_end):
+                out.flags |= HOP
         else:
             lowered = PyBytes_FromStringAndSize(name, name_len)
+            out.flags |= _named(name, name_len)
+        if not headers and lowered is not _N_HOST:
+            out.flags |= HOST_LATER
         headers.append((lowered, value))
 
 
@@ -181,13 +239,20 @@ cdef _Fields _new_fields():
     out.content_length = None
     out.transfer_encodings = []
     out.connection = []
+    out.flags = 0
     return out
 
 
 def scan_request(bytes buf, Py_ssize_t max_head):
     """``(stop, method, target, version, headers, hosts, content_length,
-    transfer_encodings, connection)`` for a plain request head at the start of ``buf``,
-    or None (see the module docstring)."""
+    transfer_encodings, connection, raw)`` for a plain request head at the start of
+    ``buf``, or None (see the module docstring).
+
+    ``raw`` is the head's bytes without its blank line when they may go to the agent
+    as they are, followed only by the gateway's forwarding fields: HTTP/1.1, Host the
+    first field, no hop-by-hop field (a lone ``Connection: keep-alive`` is what the
+    gateway would say itself towards the agent, RFC 9110 §7.6.1) and no forwarding
+    field; else None."""
     cdef const char* p = PyBytes_AS_STRING(buf)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
     cdef Py_ssize_t stop = _head_end(p, size, max_head)
@@ -218,13 +283,21 @@ def scan_request(bytes buf, Py_ssize_t max_head):
         return None
     if out.transfer_encodings:
         return None  # a request body framed by chunks is rare: llhttp judges it
+    raw = PyBytes_FromStringAndSize(p, stop - 2) \
+        if out.flags == 0 and version is _V11 and out.hosts == 1 else None
     return (stop, method, target, version, out.headers, out.hosts, out.content_length,
-            out.transfer_encodings, out.connection)
+            out.transfer_encodings, out.connection, raw)
 
 
 def scan_response(bytes buf, Py_ssize_t max_head):
     """``(stop, status, reason, version, headers, content_length, transfer_encodings,
-    connection)`` for a plain response head at the start of ``buf``, or None."""
+    connection, raw)`` for a plain response head at the start of ``buf``, or None.
+
+    ``raw`` is the whole head when it may go to a client as it is: HTTP/1.1, a final
+    status, no hop-by-hop field other than the framing (a lone chunked
+    ``Transfer-Encoding``, which the gateway re-frames as chunked, and a lone
+    ``Connection: keep-alive``, the gateway's own option on a kept connection); the
+    caller still decides whether the client's side allows it.  Else None."""
     cdef const char* p = PyBytes_AS_STRING(buf)
     cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
     cdef Py_ssize_t stop = _head_end(p, size, max_head)
@@ -260,5 +333,7 @@ def scan_response(bytes buf, Py_ssize_t max_head):
             return None
     if out.content_length is not None and (status < 200 or status == 204 or status == 304):
         return None
+    raw = PyBytes_FromStringAndSize(p, stop) \
+        if (out.flags & HOP) == 0 and version is _V11 and status >= 200 else None
     return (stop, status, reason, version, out.headers, out.content_length,
-            out.transfer_encodings, out.connection)
+            out.transfer_encodings, out.connection, raw)

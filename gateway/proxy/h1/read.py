@@ -95,6 +95,9 @@ class RequestHead:
     chunked: bool
     #: the client may send another request on this connection (RFC 9112 §9.3)
     keep_alive: bool
+    #: the head as it arrived, without its blank line, when it may go to the agent as
+    #: it is with the gateway's forwarding fields after it (``_scan.scan_request``)
+    raw: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -108,6 +111,9 @@ class ResponseHead:
     content_length: int | None
     chunked: bool
     keep_alive: bool
+    #: the whole head as it arrived when a client may get it as it is
+    #: (``_scan.scan_response``; the request decides whether it does)
+    raw: bytes | None = None
 
 
 class _Fields:
@@ -520,6 +526,7 @@ class RequestReader(_Reader):
         content_length: bytes | None,
         transfer_encodings: list[bytes],
         connection: list[bytes],
+        raw: bytes | None = None,
     ) -> RequestHead:
         """The framing rules on a parsed head (from llhttp or the scanner alike)."""
         # RFC 9112 §3.2: a request with two Host fields, or an HTTP/1.1 one without,
@@ -544,6 +551,7 @@ class RequestReader(_Reader):
             chunked,
             # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 does not here
             version == b"1.1" and not (connection and _has_token(connection, b"close")),
+            raw,
         )
         self._reuse(head.keep_alive)
         self._consume(stop)
@@ -646,6 +654,7 @@ class ResponseReader(_Reader):
         content_length: bytes | None,
         transfer_encodings: list[bytes],
         connection: list[bytes],
+        raw: bytes | None = None,
     ) -> ResponseHead:
         """The framing rules on a parsed head (from llhttp or the scanner alike)."""
         chunked = _transfer_coding(transfer_encodings)
@@ -653,7 +662,7 @@ class ResponseReader(_Reader):
         if chunked:
             length = None  # chunked wins over Content-Length (RFC 9112 §6.3 ¶3)
         keep_alive = version == b"1.1" and not (connection and _has_token(connection, b"close"))
-        head = ResponseHead(status, reason, version, headers, length, chunked, keep_alive)
+        head = ResponseHead(status, reason, version, headers, length, chunked, keep_alive, raw)
         self._reuse(keep_alive)
         self._consume(stop)
         if status < 200:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from .read import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers
+from .read import CHUNKED, LENGTH, NO_BODY, UNTIL_CLOSE, Headers, ResponseHead
 
 __all__ = [
     "LAST_CHUNK",
@@ -14,6 +14,7 @@ __all__ = [
     "request_head",
     "response_head",
     "valid_target",
+    "verbatim_framing",
 ]
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -77,6 +78,26 @@ def frame_response(
     if not keep_alive:
         headers = [*headers, (b"connection", b"close")]
     return response_head(status, reason, headers), framing, keep_alive
+
+
+def verbatim_framing(head: ResponseHead) -> int | None:
+    """How a final response travels when its head goes to the client as it arrived
+    (``head.raw``, see ``_scan.scan_response``), or None when it must be rewritten.
+
+    For an HTTP/1.1 client that keeps its connection and did not send HEAD this is
+    what ``frame_response`` decides for the rewritten head: chunked stays chunked, a
+    ``Content-Length`` is kept, 204 and 304 have no body; a response delimited by
+    closing its connection is not relayed as it is (the client gets it chunked).
+    """
+    if head.raw is None:
+        return None
+    if head.chunked:
+        return CHUNKED
+    if head.content_length is not None:
+        return LENGTH
+    if head.status in (204, 304):
+        return NO_BODY
+    return None
 
 
 def encode_chunk(data: bytes) -> bytes:
