@@ -3,7 +3,7 @@ from one source does to a tunnel's traffic with and without cookie replies.
 
 Run: ``pytest bench/test_wg_flood_bench.py --benchmark-columns=median,ops -s``.
 
-Costs (group ``flood-cost``), each one message through ``Device.receive_datagram``
+Costs (group ``flood-cost``), each one message through ``WireGuardEngine.receive_datagram``
 plus the drain of its output, as the asyncio adapter drives it:
 
 * ``cookie_reply`` -- under load, a flood initiation (valid mac1, no mac2): the cookie
@@ -15,7 +15,7 @@ plus the drain of its output, as the asyncio adapter drives it:
 ``test_cost_ratio`` times the first two back to back in one process and reports
 cookie/handshake (also printed).
 
-Flood (``test_flood``): a responder ``G`` and a peer ``A``, each a ``UdpDevice`` on
+Flood (``test_flood``): a responder ``G`` and a peer ``A``, each a ``WireGuardSocket`` on
 127.0.0.1, hold a session; ``A`` sends one request (an IPv4/UDP packet through the
 tunnel) at a time, ``G`` echoes it, ``A`` records the round trip.  A child process
 floods ``G`` from one source port with initiations that pass mac1 (an attacker
@@ -46,8 +46,8 @@ from typing import Any
 
 import pytest
 
-from netstack.wireguard.aio import UdpDevice
-from netstack.wireguard.device import Device
+from netstack.wireguard.aio import WireGuardSocket
+from netstack.wireguard.engine import WireGuardEngine
 from netstack.wireguard.load import HandshakeLoad
 from netstack.wireguard.messages import COOKIE_REPLY_SIZE, RESPONSE_SIZE
 from tests.netstack.wireguard.harness import (
@@ -58,7 +58,7 @@ from tests.netstack.wireguard.harness import (
     fresh_initiation,
     ipv4_udp,
     keypair,
-    make_device,
+    make_engine,
     pair,
 )
 
@@ -78,9 +78,9 @@ def flood_initiation(public_key: bytes, seed: int) -> bytes:
 # ---------------------------------------------------------------------- costs
 
 
-def _cookie_reply_run() -> tuple[Any, Device]:
+def _cookie_reply_run() -> tuple[Any, WireGuardEngine]:
     """A run() answering one flood initiation with a cookie reply, device under load."""
-    device = make_device(2, Clock())
+    device = make_engine(2, Clock())
     message = flood_initiation(device.public_key, 1)
     receive = device.receive_datagram
 
@@ -123,8 +123,8 @@ def test_cost_handshake_response(benchmark: Any) -> None:
 def test_cost_flood_initiation_unloaded(benchmark: Any) -> None:
     """Without cookie replies every flood message costs this much of the device."""
     benchmark.group = "flood-cost"
-    device = make_device(2, Clock())
-    device._load = _NeverUnderLoad()  # what the device pays when it never asks for mac2
+    device = make_engine(2, Clock())
+    device._handshakes.load = _NeverUnderLoad()  # what the device pays when it never asks for mac2
     messages = iter([flood_initiation(device.public_key, i) for i in range(1000)])
 
     def setup() -> tuple[tuple[bytes], dict[str, Any]]:
@@ -234,7 +234,9 @@ print(json.dumps({"sent": sent, "refused": refused, "replies": replies,
 """
 
 
-async def _ping_pong(a: UdpDevice, replies: asyncio.Queue[bytes], seconds: float) -> dict[str, Any]:
+async def _ping_pong(
+    a: WireGuardSocket, replies: asyncio.Queue[bytes], seconds: float
+) -> dict[str, Any]:
     """Requests one at a time from A through the tunnel to G and back."""
     loop = asyncio.get_running_loop()
     rtts: list[float] = []
@@ -275,12 +277,12 @@ async def _ping_pong(a: UdpDevice, replies: asyncio.Queue[bytes], seconds: float
 async def _flood_scenario(mode: str, seconds: float) -> dict[str, Any]:
     g_private, _ = keypair(21)
     a_private, _ = keypair(22)
-    g_device = Device(g_private, random_bytes=os.urandom, wall_clock=time.time)
-    a_device = Device(a_private, random_bytes=os.urandom, wall_clock=time.time)
+    g_device = WireGuardEngine(g_private, random_bytes=os.urandom, wall_clock=time.time)
+    a_device = WireGuardEngine(a_private, random_bytes=os.urandom, wall_clock=time.time)
     if mode == "no_cookies":
-        g_device._load = _NeverUnderLoad()  # the bench's switch; no production knob
-    g: UdpDevice | None = None
-    a: UdpDevice | None = None
+        g_device._handshakes.load = _NeverUnderLoad()  # the bench's switch; no production knob
+    g: WireGuardSocket | None = None
+    a: WireGuardSocket | None = None
     flooder: asyncio.subprocess.Process | None = None
     replies: asyncio.Queue[bytes] = asyncio.Queue()
     try:
@@ -290,8 +292,8 @@ async def _flood_scenario(mode: str, seconds: float) -> dict[str, Any]:
             assert g is not None
             g.send_packet(ipv4_udp(B_IP, A_IP, packet[28:]))
 
-        g = await UdpDevice.open(g_device, "127.0.0.1", 0, on_packet=echo)
-        a = await UdpDevice.open(a_device, "127.0.0.1", 0, on_packet=replies.put_nowait)
+        g = await WireGuardSocket.open(g_device, "127.0.0.1", 0, on_packet=echo)
+        a = await WireGuardSocket.open(a_device, "127.0.0.1", 0, on_packet=replies.put_nowait)
         a_device.set_peer(g_device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=g.local_address)
         g_device.set_peer(a_device.public_key, allowed_ips=[f"{A_IP}/32"])
         warm = await _ping_pong(a, replies, 0.3)  # handshake, then a few requests

@@ -2,8 +2,8 @@
 raw ChaCha20-Poly1305 on the same payload in the same run.
 
 Run: ``pytest bench/test_wireguard_bench.py --benchmark-columns=median,ops``.
-Transport rows time a batch of ``BATCH`` packets through ``Device.send_packets`` /
-``Device.receive_datagrams`` (as the asyncio adapter drives it: one call per socket
+Transport rows time a batch of ``BATCH`` packets through ``WireGuardEngine.send_packets`` /
+``WireGuardEngine.receive_datagrams`` (as the asyncio adapter drives it: one call per socket
 drain or per stack pass, then one drain of the device's output);
 the ``raw`` rows time ``BATCH`` bare ``ChaCha20Poly1305`` calls on equal payloads.
 The ratio raw/ours of the medians is the fraction of raw AEAD speed we keep.
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from netstack.wireguard.device import Device
+from netstack.wireguard.engine import WireGuardEngine
 from tests.netstack.wireguard.harness import (
     A_ADDR,
     A_IP,
@@ -34,7 +34,7 @@ BATCH = 100
 SIZES = [1420, 64]
 
 
-def _established() -> tuple[Net, Device, Device, Clock]:
+def _established() -> tuple[Net, WireGuardEngine, WireGuardEngine, Clock]:
     clock = Clock()
     net, a, b = pair(clock)
     a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"), clock.now)
@@ -78,7 +78,7 @@ def test_encrypt_raw(benchmark: Any, size: int) -> None:
     benchmark(run)
 
 
-def _batches(size: int, rounds: int) -> tuple[Device, Iterator[list[tuple[bytes, Any]]]]:
+def _batches(size: int, rounds: int) -> tuple[WireGuardEngine, Iterator[list[tuple[bytes, Any]]]]:
     _, a, b, clock = _established()
     packet = _packet(size)
     pool: list[list[tuple[bytes, Any]]] = []
@@ -128,7 +128,7 @@ def test_decrypt_raw(benchmark: Any, size: int) -> None:
     benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=1)
 
 
-def _handshake_parts() -> tuple[Net, Device, Device, Clock]:
+def _handshake_parts() -> tuple[Net, WireGuardEngine, WireGuardEngine, Clock]:
     clock = Clock()
     net, a, b = pair(clock)
     return net, a, b, clock

@@ -1,7 +1,7 @@
 """A rootless WireGuard endpoint: our WireGuard and our TCP/IP stack on one UDP socket.
 
-Theory of operation: :class:`UserspaceTunnel` wires a sans-IO WireGuard ``Device``
-(run on a UDP socket by ``UdpDevice``) to a ``Stack`` (run by ``AsyncStack``) through
+Theory of operation: :class:`UserspaceTunnel` wires a sans-IO ``WireGuardEngine``
+(served on a UDP socket by ``WireGuardSocket``) to a ``Stack`` (run by ``AsyncStack``) through
 :class:`WireGuardLink`: IP packets the stack emits are encrypted and routed to the peer
 whose allowed-IPs cover the destination; packets WireGuard decrypts are fed to the
 stack.  Programs then use ``open_connection`` / ``start_server`` exactly like asyncio's,
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from netstack.aio import AsyncStack, NetstackServer
 from netstack.stack import Stack
-from netstack.wireguard.aio import UdpDevice
-from netstack.wireguard.device import Device
+from netstack.wireguard.aio import WireGuardSocket
+from netstack.wireguard.engine import WireGuardEngine
 
 StreamCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]
 
@@ -32,7 +32,7 @@ class WireGuardLink:
     """The ``PacketLink`` between the stack and WireGuard."""
 
     def __init__(self) -> None:
-        self.udp: UdpDevice | None = None
+        self.udp: WireGuardSocket | None = None
         self._receive: Callable[[bytes], None] | None = None
         self.unroutable = 0
 
@@ -75,14 +75,16 @@ class UserspaceTunnel:
     """WireGuard + TCP/IP in user space, serving asyncio streams (see module docstring)."""
 
     def __init__(self, private_key: bytes, addresses: Iterable[str], mtu: int = 1420) -> None:
-        self.device = Device(private_key, random_bytes=os.urandom, wall_clock=time.time, mtu=mtu)
+        self.device = WireGuardEngine(
+            private_key, random_bytes=os.urandom, wall_clock=time.time, mtu=mtu
+        )
         self.stack = Stack(list(addresses), mtu=mtu, rng=random.SystemRandom())
         self.link = WireGuardLink()
-        self.udp: UdpDevice | None = None
+        self.udp: WireGuardSocket | None = None
         self.streams: AsyncStack | None = None
 
     async def start(self, host: str = "0.0.0.0", port: int = 0) -> None:
-        self.udp = await UdpDevice.open(self.device, host, port, on_packet=self.link.deliver)
+        self.udp = await WireGuardSocket.open(self.device, host, port, on_packet=self.link.deliver)
         self.link.udp = self.udp
         self.streams = AsyncStack(self.stack, self.link)
 

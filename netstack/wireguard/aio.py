@@ -1,4 +1,5 @@
-"""asyncio adapter: a :class:`~netstack.wireguard.device.Device` on a real UDP socket.
+"""asyncio adapter: a :class:`~netstack.wireguard.engine.WireGuardEngine` on a real UDP
+socket (:class:`WireGuardSocket`).
 
 Theory of operation: the adapter owns a non-blocking UDP socket with large kernel
 buffers and registers it with ``loop.add_reader``.  Each wake-up drains the socket
@@ -6,14 +7,14 @@ with ``recvfrom_into`` until ``BlockingIOError`` (bounded per wake-up so one bus
 socket cannot starve the loop), which is several times faster than asyncio's
 ``DatagramProtocol`` (one datagram per loop iteration).  Because it sees the whole
 batch, it knows how many handshake messages are still queued behind the current one
-and passes that as the device's load signal (wireguard-go's handshake queue length).
+and passes that as the engine's load signal (wireguard-go's handshake queue length).
 Like wireguard-go's separate queues, a batch's transport messages are processed and
 flushed first and its handshake messages after them: under a handshake flood the
 tunnel's packets in a batch do not wait for up to 2047 answers ahead of them.
 
 After every input -- datagrams, an outbound IP packet, a timer -- :meth:`flush`
-sends what the device produced, hands decrypted packets to ``on_packet`` and events
-to ``on_event``, and re-arms the single timer from ``device.next_deadline()``.
+sends what the engine produced, hands decrypted packets to ``on_packet`` and events
+to ``on_event``, and re-arms the single timer from ``engine.next_deadline()``.
 Consecutive datagrams of equal size to one address (a bulk transfer's full-MTU
 packets) leave in one ``sendmsg`` with a ``UDP_SEGMENT`` control message: the kernel
 splits them (UDP GSO), which costs a third of one ``sendto`` per datagram; a kernel
@@ -37,7 +38,7 @@ from collections.abc import Callable
 from netstack.looptimer import EarliestTimer
 
 from .config import Config
-from .device import Device
+from .engine import WireGuardEngine
 from .errors import ConfigError
 from .events import Address, Event
 
@@ -103,19 +104,20 @@ def open_udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-class UdpDevice:
-    """Runs a sans-IO :class:`Device` on a UDP socket inside an asyncio loop."""
+class WireGuardSocket:
+    """A sans-IO :class:`WireGuardEngine` served on a UDP socket by an asyncio loop:
+    datagrams read in batches, sent with UDP GSO, one timer for all its peers."""
 
     def __init__(
         self,
-        device: Device,
+        engine: WireGuardEngine,
         sock: socket.socket,
         *,
         on_packet: Callable[[bytes], None] | None = None,
         on_event: Callable[[Event], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
-        self.device = device
+        self.engine = engine
         self.sock = sock
         self._loop = loop or asyncio.get_running_loop()
         self._on_packet = on_packet or self._queue_packet
@@ -136,16 +138,16 @@ class UdpDevice:
     @classmethod
     async def open(
         cls,
-        device: Device,
+        engine: WireGuardEngine,
         host: str = "0.0.0.0",
         port: int = 0,
         *,
         on_packet: Callable[[bytes], None] | None = None,
         on_event: Callable[[Event], None] | None = None,
-    ) -> UdpDevice:
-        """Bind a socket on ``host:port`` and start serving ``device`` on it."""
+    ) -> WireGuardSocket:
+        """Bind a socket on ``host:port`` and start serving ``engine`` on it."""
         sock = open_udp_socket(host, port)
-        return cls(device, sock, on_packet=on_packet, on_event=on_event)
+        return cls(engine, sock, on_packet=on_packet, on_event=on_event)
 
     @property
     def local_address(self) -> Address:
@@ -172,26 +174,26 @@ class UdpDevice:
             return
         now = self._loop.time()
         handshakes: list[tuple[bytes, Address]] = []
-        self.device.receive_datagrams(batch, now, deferred=handshakes)
+        self.engine.receive_datagrams(batch, now, deferred=handshakes)
         if handshakes:  # the tunnel's packets leave before the handshake work starts
             self.flush()
-            self.device.receive_datagrams(handshakes, now)
+            self.engine.receive_datagrams(handshakes, now)
         self.flush()
 
     def send_packet(self, packet: bytes) -> bool:
         """Route one IP packet into the tunnel; False if no peer covers its destination."""
-        routed = self.device.send_packet(packet, self._loop.time())
+        routed = self.engine.send_packet(packet, self._loop.time())
         self.flush()
         return routed
 
     def send_packets(self, packets: list[bytes]) -> int:
         """Route a batch of IP packets with one flush; returns how many had no peer."""
-        unroutable = self.device.send_packets(packets, self._loop.time())
+        unroutable = self.engine.send_packets(packets, self._loop.time())
         self.flush()
         return unroutable
 
     def _on_timer(self) -> None:
-        self.device.handle_timer(self._loop.time())
+        self.engine.handle_timer(self._loop.time())
         self.flush()
 
     # ---------------------------------------------------------------- outputs
@@ -200,18 +202,18 @@ class UdpDevice:
         """Send datagrams, deliver packets and events, re-arm the timer."""
         if self._closed:
             return
-        device = self.device
-        out = device.datagrams_to_send()
+        engine = self.engine
+        out = engine.datagrams_to_send()
         if out:
             self._send_all(out)
-        for packet in device.packets_received():
+        for packet in engine.packets_received():
             self._on_packet(packet)
         if self._on_event is not None:
-            for event in device.events():
+            for event in engine.events():
                 self._on_event(event)
         # the deadline moves on every data packet (send and receive reset different
         # WireGuard timers): an earlier-armed timer is kept (``netstack.looptimer``)
-        self._timer.arm(device.next_deadline())
+        self._timer.arm(engine.next_deadline())
 
     def _send_all(self, out: list[tuple[bytes, Address]]) -> None:
         if self._pending:

@@ -1,4 +1,4 @@
-"""wg-quick style configuration files: parse, write, apply to a :class:`Device`.
+"""wg-quick style configuration files: parse, write, apply to a :class:`WireGuardEngine`.
 
 Theory of operation: the format is INI-like -- one ``[Interface]`` section and any
 number of ``[Peer]`` sections, ``Key = Value`` lines, ``#`` comments, keys matched
@@ -17,7 +17,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from .allowedips import Network, parse_network
-from .device import Device
+from .engine import WireGuardEngine
 from .errors import ConfigError
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -252,11 +252,11 @@ def format_config(config: Config) -> str:
 
 def apply_peers(
     config: Config,
-    device: Device,
+    engine: WireGuardEngine,
     now: float | None = None,
     resolved: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> None:
-    """Make ``device``'s peers exactly those of ``config`` (others are removed).
+    """Make ``engine``'s peers exactly those of ``config`` (others are removed).
 
     Endpoint hosts must be IP literals or appear in ``resolved`` (the asyncio
     adapter's ``resolve_endpoints`` builds it): the sans-IO core never does DNS.
@@ -271,11 +271,11 @@ def apply_peers(
                     f"Endpoint {peer.endpoint[0]!r} is a host name; resolve it first"
                 ) from exc
     wanted = {p.public_key for p in config.peers}
-    for key in list(device.peers):
+    for key in list(engine.peers):
         if key not in wanted:
-            device.remove_peer(key)
+            engine.remove_peer(key)
     for peer in config.peers:
-        device.set_peer(
+        engine.set_peer(
             peer.public_key,
             preshared_key=peer.preshared_key,
             allowed_ips=peer.allowed_ips,

@@ -46,7 +46,7 @@ def address_bytes(addr: Address) -> bytes:
 
 
 class CookieChecker:
-    """The receiving side of mac1/mac2 for one device (keyed by our own public key)."""
+    """The receiving side of mac1/mac2 for one interface (keyed by our own public key)."""
 
     def __init__(self, public_key: bytes, random_bytes: Callable[[int], bytes]) -> None:
         self._random = random_bytes

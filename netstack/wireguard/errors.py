@@ -3,7 +3,7 @@
 Parsers raise only :class:`MessageError`; the handshake raises only
 :class:`HandshakeError`; the config parser raises only :class:`ConfigError`.  All
 derive from :class:`WireGuardError`, so a caller can catch the whole layer at once.
-On the datagram path the device never raises: bad input is dropped silently.
+On the datagram path the engine never raises: bad input is dropped silently.
 """
 
 from __future__ import annotations

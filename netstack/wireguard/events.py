@@ -1,7 +1,7 @@
-"""Events the WireGuard device reports to its owner (frozen dataclasses).
+"""Events the WireGuard engine reports to its owner (frozen dataclasses).
 
 Decrypted IP packets are not events (they are the bulk data path, returned by
-``Device.packets_received()``); these are the rare state changes an agent logs or
+``WireGuardEngine.packets_received()``); these are the rare state changes an agent logs or
 reacts to, keyed by the peer's 32-byte public key.
 """
 

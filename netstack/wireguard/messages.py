@@ -5,7 +5,7 @@ low byte is the message type and whose three reserved bytes must be zero.  The t
 handshake messages have exact sizes (initiation 148 B, response 92 B, cookie reply
 64 B); a transport message is a 16-byte header plus at least a 16-byte tag.  Parsers
 check the length first and raise only :class:`MessageError`; :func:`message_type`
-returns ``None`` for anything that is not WireGuard, which the device drops quietly.
+returns ``None`` for anything that is not WireGuard, which the engine drops quietly.
 Builders return ``bytearray`` so the MACs can be filled in place afterwards.
 """
 

@@ -13,7 +13,7 @@ exactly WireGuard's ``Ci = KDF1(Ci, Epub)``.  Each AEAD key is used once, so the
 handshake nonce is always 0.  ``split()`` yields the transport keys (KDF2(ck, "")).
 The functions are generic over prologue and payload so the same code passes the
 Noise test vectors and speaks WireGuard; the WireGuard-specific sizes and lookups live
-in :mod:`.device` and :mod:`.messages`.
+in :mod:`.handshake` and :mod:`.messages`.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ wireguard-go's Keypairs):
   at which point next -> current -> previous rotate.
 
 Every keypair and the pending handshake own a random 32-bit local index, registered
-in the device's index table, which is how incoming messages find them.  The
-transitions themselves live in :mod:`.device`; this module only holds state.
+in the engine's index table, which is how incoming messages find them.  The
+transitions themselves live in :mod:`.handshake`; this module only holds state.
 """
 
 from __future__ import annotations

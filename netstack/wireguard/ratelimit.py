@@ -1,6 +1,6 @@
 """Per-source token bucket for handshake messages under load (wireguard-go ratelimiter).
 
-Theory of operation: while the device is under load, each source IP may start 20
+Theory of operation: while the engine is under load, each source IP may start 20
 handshakes per second with a burst of 5.  Buckets idle for more than a second are
 forgotten on a garbage-collection pass (run at most once a second), and the table is
 bounded so a flood of spoofed sources cannot exhaust memory.

@@ -19,7 +19,7 @@ WINDOW_SIZE = (_RING_BLOCKS - 1) * _BLOCK_BITS  # 8128
 class ReplayFilter:
     """Accepts each 64-bit counter at most once within an 8128-counter window.
 
-    ``last`` and ``ring`` are public so the device's receive path can inline the
+    ``last`` and ``ring`` are public so the transport's receive path can inline the
     in-order case (same block, above ``last``); everything else goes through
     :meth:`validate`.
     """

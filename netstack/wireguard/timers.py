@@ -3,7 +3,7 @@
 Theory of operation: each peer has five one-shot timers, each either unset (``None``)
 or a deadline on the caller's monotonic clock.  Protocol events arm or disarm them
 through the ``on_*`` hooks below (names follow wireguard-go's ``timers*`` functions);
-``Device.handle_timer(now)`` fires the expired ones:
+``WireGuardEngine.handle_timer(now)`` fires the expired ones:
 
 * retransmit_handshake -- REKEY_TIMEOUT + jitter after an initiation; retry until
   MAX_TIMER_HANDSHAKES, then give up, drop staged packets and schedule zeroing.
@@ -13,10 +13,20 @@ through the ``on_*`` hooks below (names follow wireguard-go's ``timers*`` functi
 * zero_key_material -- 3 * REJECT_AFTER_TIME after the last session was derived.
 * persistent_keepalive -- the configured interval after any authenticated packet.
 
-Nothing here reads a clock: ``now`` and the jitter are passed in.
+What each one does when it fires is the engine's (:mod:`.engine`); :class:`TimerHeap`
+finds the peers whose deadlines have passed without scanning every peer, and
+:class:`Jitter` is the handshake timers' random 0-333 ms.
+
+Nothing here reads a clock or a random source: ``now`` and the jitter's seed are
+passed in.
 """
 
 from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from typing import Generic, Protocol, TypeVar
 
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
@@ -112,3 +122,109 @@ class PeerTimers:
         self.new_handshake = None
         self.zero_key_material = None
         self.persistent_keepalive = None
+
+
+class Jitter:
+    """REKEY_TIMEOUT's jitter in whole milliseconds below REKEY_TIMEOUT_JITTER_MAX_MS,
+    as wireguard-go draws it.  It needs no secrecy: a PRNG seeded once, not a
+    getrandom() per data packet sent after a receive (that was one system call per
+    HTTP exchange)."""
+
+    __slots__ = ("_random",)
+
+    def __init__(self, seed: int) -> None:
+        self._random = random.Random(seed).random
+
+    def __call__(self) -> float:
+        return int(self._random() * REKEY_TIMEOUT_JITTER_MAX_MS) / 1000.0
+
+
+class Timed(Protocol):
+    """What :class:`TimerHeap` schedules: anything with a peer's timers."""
+
+    @property
+    def timers(self) -> PeerTimers: ...
+
+
+T = TypeVar("T", bound=Timed)
+
+
+class TimerHeap(Generic[T]):
+    """The earliest deadline among many peers' timers, and the peers that are due,
+    without scanning them all (a timer wheel's job, as a heap).
+
+    A heap of ``(deadline, seq, peer)`` plus ``touched``, the peers whose timers may
+    have moved since it was last brought up to date: whoever changes a peer's timers
+    adds the peer there (one set insertion per packet, no heap operation).
+    Invariant: every live peer whose timers have a deadline D has an entry with a
+    deadline <= D; stale entries are dropped lazily.
+    """
+
+    def __init__(self) -> None:
+        #: peers whose timers may have changed since the last refresh
+        self.touched: set[T] = set()
+        self._heap: list[tuple[float, int, T]] = []
+        #: the deadline each peer has in ``_heap`` (other entries of it are stale)
+        self._armed: dict[T, float] = {}
+        self._seq = itertools.count()
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of any peer's timers, or None."""
+        self._refresh()
+        heap = self._heap
+        armed = self._armed
+        while heap:
+            deadline, _, peer = heap[0]
+            if armed.get(peer) != deadline:
+                heapq.heappop(heap)  # stale: the peer is gone or its deadline moved
+                continue
+            current = peer.timers.next_deadline()
+            if current == deadline:
+                return deadline
+            # moved without the peer being marked touched: take its current deadline
+            heapq.heappop(heap)
+            if current is None:
+                del armed[peer]
+            else:
+                armed[peer] = current
+                heapq.heappush(heap, (current, next(self._seq), peer))
+        return None
+
+    def due(self, now: float) -> list[T]:
+        """The peers with an entry at or before ``now``, each once, earliest first;
+        the caller fires their timers and marks them touched."""
+        self._refresh()
+        heap = self._heap
+        armed = self._armed
+        due: dict[T, None] = {}
+        while heap and heap[0][0] <= now:
+            deadline, _, peer = heapq.heappop(heap)
+            if armed.get(peer) == deadline:
+                del armed[peer]  # re-armed once its timers ran (it is touched then)
+            due[peer] = None
+        return list(due)
+
+    def forget(self, peer: T) -> None:
+        """``peer`` is gone: its entries are stale from now on."""
+        self.touched.discard(peer)
+        self._armed.pop(peer, None)
+
+    def _refresh(self) -> None:
+        """Give every touched peer's deadline an entry, if it changed (one push per
+        change, not a heap rebuild per packet; stale entries are popped lazily)."""
+        heap = self._heap
+        armed = self._armed
+        if len(heap) > 2 * len(armed) + 64:  # compact away stale entries
+            heap[:] = [entry for entry in heap if armed.get(entry[2]) == entry[0]]
+            heapq.heapify(heap)
+        touched = self.touched
+        if touched:
+            seq = self._seq
+            for peer in touched:
+                deadline = peer.timers.next_deadline()
+                if deadline is None:
+                    armed.pop(peer, None)
+                elif armed.get(peer) != deadline:
+                    armed[peer] = deadline
+                    heapq.heappush(heap, (deadline, next(seq), peer))
+            touched.clear()

@@ -166,7 +166,7 @@ def test_no_import_circles() -> None:
 def test_the_circle_finder_finds_circles() -> None:
     graph = module_graph()
     assert "netstack.checksum" in graph["netstack.ip"]
-    assert "netstack.wireguard.speedups" in graph["netstack.wireguard.device"]
+    assert "netstack.wireguard.speedups" in graph["netstack.wireguard.transport"]
     looped = {**graph, "netstack.checksum": graph["netstack.checksum"] | {"netstack.ip"}}
     assert ["netstack.checksum", "netstack.ip"] in circles(looped)
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from netstack.wireguard.crypto import private_key_from_bytes, public_key_of
-from netstack.wireguard.device import Device
+from netstack.wireguard.engine import WireGuardEngine
 
 WALL_EPOCH = 1_700_000_000.0
 Address = tuple[Any, ...]
@@ -30,10 +30,10 @@ def keypair(seed: int) -> tuple[bytes, bytes]:
     return private, public_key_of(private_key_from_bytes(private))
 
 
-def make_device(seed: int, clock: Clock, **kwargs: Any) -> Device:
+def make_engine(seed: int, clock: Clock, **kwargs: Any) -> WireGuardEngine:
     private, _ = keypair(seed)
     rng = random.Random(seed * 7919 + 1)
-    return Device(private, random_bytes=rng.randbytes, wall_clock=clock.wall, **kwargs)
+    return WireGuardEngine(private, random_bytes=rng.randbytes, wall_clock=clock.wall, **kwargs)
 
 
 class Net:
@@ -41,16 +41,16 @@ class Net:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.nodes: dict[Address, Device] = {}
+        self.nodes: dict[Address, WireGuardEngine] = {}
         self.log: list[Datagram] = []
         self.drop: Callable[[Datagram], bool] = lambda d: False
         self.received: dict[Address, list[bytes]] = {}
 
-    def attach(self, addr: Address, device: Device) -> None:
+    def attach(self, addr: Address, device: WireGuardEngine) -> None:
         self.nodes[addr] = device
         self.received[addr] = []
 
-    def address_of(self, device: Device) -> Address:
+    def address_of(self, device: WireGuardEngine) -> Address:
         return next(a for a, d in self.nodes.items() if d is device)
 
     def collect(self) -> list[Datagram]:
@@ -161,11 +161,11 @@ B_IP = "10.9.0.2"
 
 def pair(
     clock: Clock, *, psk: bytes | None = None, endpoint_on_b: bool = True
-) -> tuple[Net, Device, Device]:
+) -> tuple[Net, WireGuardEngine, WireGuardEngine]:
     """Two devices A and B, each the other's peer, with /32 allowed IPs."""
     net = Net(clock)
-    a = make_device(1, clock)
-    b = make_device(2, clock)
+    a = make_engine(1, clock)
+    b = make_engine(2, clock)
     net.attach(A_ADDR, a)
     net.attach(B_ADDR, b)
     a.set_peer(
@@ -180,7 +180,7 @@ def pair(
     return net, a, b
 
 
-def fresh_initiation(a: Device, b: Device, clock: Clock) -> bytes:
+def fresh_initiation(a: WireGuardEngine, b: WireGuardEngine, clock: Clock) -> bytes:
     """A new initiation from ``a`` to its peer ``b``, one second on (past the 20 ms
     initiation rate limit and out of any load state): what a responder bench answers."""
     peer = a.peer(b.public_key)

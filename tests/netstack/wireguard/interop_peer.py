@@ -1,7 +1,7 @@
 """Our WireGuard peer as a process, for interop tests run inside a network namespace.
 
 Usage: ``python -m tests.netstack.wireguard.interop_peer '<json config>'``.  It serves a
-:class:`UdpDevice`, answers ICMP echo requests and UDP port 7 (echo) on its tunnel
+:class:`WireGuardSocket`, answers ICMP echo requests and UDP port 7 (echo) on its tunnel
 address, takes JSON commands on stdin (``ping``, ``udp``, ``rebind``, ``quit``) and reports JSON
 lines on stdout (events, ICMP replies, UDP datagrams).  It exits on ``quit``, on EOF
 of stdin, or after ``lifetime`` seconds, whichever comes first.
@@ -23,8 +23,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from netstack.wireguard import events as ev
-from netstack.wireguard.aio import UdpDevice
-from netstack.wireguard.device import Device
+from netstack.wireguard.aio import WireGuardSocket
+from netstack.wireguard.engine import WireGuardEngine
 
 from .harness import ipv4_icmp_echo, ipv4_udp
 
@@ -47,7 +47,7 @@ def emit(**fields: Any) -> None:
 
 async def main(cfg: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
-    device = Device(
+    device = WireGuardEngine(
         base64.b64decode(cfg["private_key"]), random_bytes=os.urandom, wall_clock=time.time
     )
     our_ip, peer_ip = cfg["our_ip"], cfg["peer_ip"]
@@ -96,7 +96,7 @@ async def main(cfg: dict[str, Any]) -> None:
             emit(udp=data.decode(errors="replace"), sport=sport, dport=dport)
 
     link = SimpleNamespace()
-    link.udp = await UdpDevice.open(
+    link.udp = await WireGuardSocket.open(
         device, cfg["listen"][0], cfg["listen"][1], on_packet=on_packet, on_event=on_event
     )
     udp = link.udp
@@ -138,14 +138,14 @@ async def main(cfg: dict[str, Any]) -> None:
             link.udp.send_packet(
                 ipv4_udp(our_ip, peer_ip, cmd["data"].encode(), sport=40000, dport=cmd["port"])
             )
-        elif cmd["cmd"] == "rebind":  # roam: same Device, new UDP port
+        elif cmd["cmd"] == "rebind":  # roam: same WireGuardEngine, new UDP port
             tasks.add(asyncio.ensure_future(rebind(cmd["port"])))
         elif cmd["cmd"] == "quit":
             done.set()
 
     async def rebind(port: int) -> None:
         link.udp.close()
-        link.udp = await UdpDevice.open(
+        link.udp = await WireGuardSocket.open(
             device, cfg["listen"][0], port, on_packet=on_packet, on_event=on_event
         )
         emit(rebound=port)

@@ -8,24 +8,24 @@ import os
 import time
 
 from netstack.wireguard import events as ev
-from netstack.wireguard.aio import UdpDevice
-from netstack.wireguard.device import Device
+from netstack.wireguard.aio import WireGuardSocket
+from netstack.wireguard.engine import WireGuardEngine
 
 from .harness import A_IP, B_IP, ipv4_udp, keypair
 
 
-def _device(seed: int) -> Device:
+def _device(seed: int) -> WireGuardEngine:
     private, _ = keypair(seed)
-    return Device(private, random_bytes=os.urandom, wall_clock=time.time)
+    return WireGuardEngine(private, random_bytes=os.urandom, wall_clock=time.time)
 
 
 async def test_loopback_handshake_and_burst() -> None:
     a_events: list[ev.Event] = []
-    a = await UdpDevice.open(_device(1), "127.0.0.1", 0, on_event=a_events.append)
-    b = await UdpDevice.open(_device(2), "127.0.0.1", 0)
+    a = await WireGuardSocket.open(_device(1), "127.0.0.1", 0, on_event=a_events.append)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0)
     try:
-        a.device.set_peer(b.device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
-        b.device.set_peer(a.device.public_key, allowed_ips=[f"{A_IP}/32"])
+        a.engine.set_peer(b.engine.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.engine.set_peer(a.engine.public_key, allowed_ips=[f"{A_IP}/32"])
         packets = [ipv4_udp(A_IP, B_IP, i.to_bytes(4, "big") * 300) for i in range(2000)]
         assert a.send_packet(packets[0])
         first = await asyncio.wait_for(b.packets.get(), 5)
@@ -57,12 +57,12 @@ async def test_drained_backlog_puts_device_under_load() -> None:
     import hashlib
     import socket
 
-    b = await UdpDevice.open(_device(2), "127.0.0.1", 0)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0)
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sender.bind(("127.0.0.1", 0))
         sender.settimeout(2)
-        key = hashlib.blake2s(b"mac1----" + b.device.public_key).digest()
+        key = hashlib.blake2s(b"mac1----" + b.engine.public_key).digest()
         body = b"\x01\x00\x00\x00" + bytes(range(112))
         message = body + hashlib.blake2s(body, digest_size=16, key=key).digest() + bytes(16)
         for _ in range(300):  # no await in between: all land before the reader runs
@@ -88,7 +88,7 @@ async def test_batch_delivers_tunnel_packets_before_answering_handshakes() -> No
     import hashlib
     import socket
 
-    a = await UdpDevice.open(_device(1), "127.0.0.1", 0)
+    a = await WireGuardSocket.open(_device(1), "127.0.0.1", 0)
     replies_when_delivered: list[int] = []
     flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     flooder.bind(("127.0.0.1", 0))
@@ -102,17 +102,17 @@ async def test_batch_delivers_tunnel_packets_before_answering_handshakes() -> No
                 waiting += 1
         replies_when_delivered.append(waiting)
 
-    b = await UdpDevice.open(_device(2), "127.0.0.1", 0, on_packet=on_packet)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0, on_packet=on_packet)
     try:
-        a.device.set_peer(b.device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
-        b.device.set_peer(a.device.public_key, allowed_ips=[f"{A_IP}/32"])
+        a.engine.set_peer(b.engine.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.engine.set_peer(a.engine.public_key, allowed_ips=[f"{A_IP}/32"])
         a.send_packet(ipv4_udp(A_IP, B_IP, b"handshake"))
         for _ in range(100):
             await asyncio.sleep(0.01)
             if replies_when_delivered:
                 break
         assert replies_when_delivered == [0]
-        key = hashlib.blake2s(b"mac1----" + b.device.public_key).digest()
+        key = hashlib.blake2s(b"mac1----" + b.engine.public_key).digest()
         body = b"\x01\x00\x00\x00" + bytes(range(112))
         message = body + hashlib.blake2s(body, digest_size=16, key=key).digest() + bytes(16)
         for _ in range(200):  # no await in between: all land before b's reader runs
@@ -160,11 +160,11 @@ async def test_resolve_endpoints_then_apply() -> None:
 async def test_batches_leave_with_udp_gso_and_arrive_as_datagrams() -> None:
     """A batch of equal-sized packets goes out in few ``sendmsg`` calls (UDP GSO) yet
     arrives as the same datagrams in order; a kernel refusing GSO turns it off."""
-    a = await UdpDevice.open(_device(1), "127.0.0.1", 0)
-    b = await UdpDevice.open(_device(2), "127.0.0.1", 0)
+    a = await WireGuardSocket.open(_device(1), "127.0.0.1", 0)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0)
     try:
-        a.device.set_peer(b.device.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
-        b.device.set_peer(a.device.public_key, allowed_ips=[f"{A_IP}/32"])
+        a.engine.set_peer(b.engine.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.engine.set_peer(a.engine.public_key, allowed_ips=[f"{A_IP}/32"])
         assert a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"))
         await asyncio.wait_for(b.packets.get(), 5)  # session up
         sizes = [1200] * 100 + [700, 1200, 1200, 64]  # runs, a short tail, a new run
@@ -228,7 +228,7 @@ async def test_timer_is_not_recreated_when_the_deadline_only_moves_later() -> No
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     fake = FakeDevice()
-    udp = UdpDevice(fake, sock)  # type: ignore[arg-type]
+    udp = WireGuardSocket(fake, sock)  # type: ignore[arg-type]
     try:
         now = loop.time()
         fake.deadline = now + 0.05

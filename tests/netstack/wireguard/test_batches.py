@@ -1,4 +1,4 @@
-"""The batch paths (``Device.receive_datagrams`` / ``Device.send_packets``, which the
+"""The batch paths (``WireGuardEngine.receive_datagrams`` / ``WireGuardEngine.send_packets``, which the
 asyncio adapter uses) leave a device exactly as the one-at-a-time paths do.
 
 Two identical worlds (same seeds, so the same keys) are driven through the same
@@ -15,16 +15,17 @@ from typing import Any
 
 import pytest
 
-from netstack.wireguard.device import MAX_CONTENT_SIZE, Device, is_handshake
+from netstack.wireguard.engine import WireGuardEngine, is_handshake
 from netstack.wireguard.peer import Peer
 from netstack.wireguard.timers import REKEY_AFTER_MESSAGES
+from netstack.wireguard.transport import MAX_CONTENT_SIZE
 
 from .harness import A_ADDR, A_IP, B_ADDR, B_IP, Clock, Net, ipv4_udp, ipv6_udp, pair
 
 ROAMED = ("192.0.2.99", 4242)
 
 
-def world() -> tuple[Net, Device, Device, Clock]:
+def world() -> tuple[Net, WireGuardEngine, WireGuardEngine, Clock]:
     clock = Clock()
     net, a, b = pair(clock)
     assert a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"), clock.now)
@@ -57,7 +58,7 @@ def peer_state(peer: Peer) -> dict[str, Any]:
     return state
 
 
-def device_state(device: Device) -> dict[str, Any]:
+def device_state(device: WireGuardEngine) -> dict[str, Any]:
     return {
         "packets": device.packets_received(),
         "datagrams": device.datagrams_to_send(),
@@ -66,7 +67,9 @@ def device_state(device: Device) -> dict[str, Any]:
     }
 
 
-def scenario(seed: int, a: Device, b: Device, clock: Clock) -> list[tuple[bytes, Any]]:
+def scenario(
+    seed: int, a: WireGuardEngine, b: WireGuardEngine, clock: Clock
+) -> list[tuple[bytes, Any]]:
     """Datagrams from ``a`` to ``b``: data (v4 and v6), keepalives, a spoofed source, a
     bad IP length, replays, forgeries, reordering, a roamed source, a new handshake
     mid-stream, junk and a wrong receiver index."""

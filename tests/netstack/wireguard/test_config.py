@@ -18,7 +18,7 @@ from netstack.wireguard.config import (
 )
 from netstack.wireguard.errors import ConfigError
 
-from .harness import Clock, keypair, make_device
+from .harness import Clock, keypair, make_engine
 
 PRIV = base64.b64encode(keypair(1)[0]).decode()
 PUB2 = base64.b64encode(keypair(2)[1]).decode()
@@ -128,8 +128,8 @@ def test_endpoint_and_key_helpers() -> None:
 
 def test_apply_peers_adds_updates_removes() -> None:
     clock = Clock()
-    device = make_device(1, clock)
-    stale = make_device(9, clock).public_key
+    device = make_engine(1, clock)
+    stale = make_engine(9, clock).public_key
     device.set_peer(stale, allowed_ips=["10.9.9.9/32"])
     apply_peers(parse_config(SAMPLE), device)
     assert set(device.peers) == {keypair(2)[1], keypair(3)[1]}

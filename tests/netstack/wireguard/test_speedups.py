@@ -5,15 +5,18 @@ by the whole suite on both: ``KAKUREMICHI_NETSTACK_PURE=1 pytest tests/netstack`
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netstack.wireguard import _pure
-from netstack.wireguard.device import padding_size
+from netstack.wireguard import _pure, speedups, transport
+from netstack.wireguard.transport import padding_size
 from tests.support import need
+
+from .harness import A_IP, B_IP, Clock, ipv4_udp, pair
 
 
 def fast() -> ModuleType:
@@ -55,3 +58,26 @@ def test_transport_cipher_rejects_bad_keys() -> None:
     for cls in (module.TransportCipher, _pure.TransportCipher):
         with pytest.raises(ValueError):
             cls(bytes(31))
+
+
+def test_this_run_uses_the_implementation_the_switch_chose() -> None:
+    """In this process the engine runs on what the switch chose: the twins in
+    scripts/test.sh's ``KAKUREMICHI_NETSTACK_PURE=1`` run (so that run really tests
+    ``_pure.py``), the compiled module otherwise (a missing build skips, and fails
+    under ``CI=true``)."""
+    if os.environ.get("KAKUREMICHI_NETSTACK_PURE") == "1":
+        module, name = _pure, "pure"
+    else:
+        module, name = fast(), "cython"
+    assert name == speedups.IMPLEMENTATION
+    assert transport.open_run is module.open_run
+    assert transport.seal_run is module.seal_run
+    clock = Clock()
+    net, a, b = pair(clock)
+    assert a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"), clock.now)
+    net.pump()
+    for engine, other in ((a, b), (b, a)):
+        peer = engine.peer(other.public_key)
+        assert peer is not None and peer.current is not None
+        assert type(peer.current.send) is module.TransportCipher
+        assert type(peer.current.receive) is module.TransportCipher

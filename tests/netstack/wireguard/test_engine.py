@@ -7,7 +7,7 @@ import random
 import pytest
 
 from netstack.wireguard import events as ev
-from netstack.wireguard.device import Device, padding_size
+from netstack.wireguard.engine import WireGuardEngine
 from netstack.wireguard.errors import ConfigError
 from netstack.wireguard.messages import (
     COOKIE_REPLY_SIZE,
@@ -23,6 +23,7 @@ from netstack.wireguard.timers import (
     REKEY_AFTER_TIME,
     ZERO_KEY_MATERIAL_AFTER,
 )
+from netstack.wireguard.transport import padding_size
 
 from .harness import (
     A_ADDR,
@@ -34,7 +35,7 @@ from .harness import (
     ipv4_udp,
     ipv6_udp,
     keypair,
-    make_device,
+    make_engine,
     pair,
 )
 
@@ -43,7 +44,7 @@ def kinds(net: Net, start: int = 0) -> list[int]:
     return [d[0][0] for d in net.log[start:]]
 
 
-def handshake(net: Net, a: Device, b: Device) -> None:
+def handshake(net: Net, a: WireGuardEngine, b: WireGuardEngine) -> None:
     assert a.send_packet(ipv4_udp(A_IP, B_IP, b"hello"), net.clock.now)
     net.pump()
 
@@ -408,12 +409,12 @@ def test_persistent_keepalive() -> None:
 def test_many_peers_added_removed_updated() -> None:
     clock = Clock()
     net = Net(clock)
-    server = make_device(1000, clock)
+    server = make_engine(1000, clock)
     server_addr = ("192.0.2.250", 51820)
     net.attach(server_addr, server)
     clients = []
     for i in range(40):
-        client = make_device(2000 + i, clock)
+        client = make_engine(2000 + i, clock)
         addr = (f"192.0.2.{i + 10}", 51820)
         net.attach(addr, client)
         client.set_peer(server.public_key, allowed_ips=["10.0.0.0/8"], endpoint=server_addr)
@@ -449,7 +450,7 @@ def test_many_peers_added_removed_updated() -> None:
 
 def test_config_errors() -> None:
     clock = Clock()
-    a = make_device(1, clock)
+    a = make_engine(1, clock)
     with pytest.raises(ConfigError):
         a.set_peer(b"short")
     with pytest.raises(ConfigError):
@@ -457,9 +458,9 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError):
         a.set_peer(bytes(32))  # low-order point
     with pytest.raises(ConfigError):
-        a.set_peer(make_device(2, clock).public_key, allowed_ips=["not an ip"])
+        a.set_peer(make_engine(2, clock).public_key, allowed_ips=["not an ip"])
     with pytest.raises(ConfigError):
-        Device(b"x", random_bytes=random.Random(1).randbytes, wall_clock=clock.wall)
+        WireGuardEngine(b"x", random_bytes=random.Random(1).randbytes, wall_clock=clock.wall)
 
 
 def test_timestamps_monotonic_across_restart_and_clock_step() -> None:
@@ -474,7 +475,7 @@ def test_timestamps_monotonic_across_restart_and_clock_step() -> None:
     from .harness import keypair as kp
 
     private, _ = kp(1)
-    a2 = Device(
+    a2 = WireGuardEngine(
         private,
         random_bytes=random.Random(9).randbytes,
         wall_clock=clock2.wall,
@@ -545,7 +546,7 @@ def test_message_count_limits() -> None:
 def test_unknown_initiator_and_duplicate_response_dropped() -> None:
     clock = Clock()
     net, a, b = pair(clock)
-    stranger = make_device(77, clock)
+    stranger = make_engine(77, clock)
     stranger.set_peer(b.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=B_ADDR)
     stranger.initiate_handshake(b.public_key, clock.now)
     ((data, _),) = stranger.datagrams_to_send()
@@ -569,12 +570,12 @@ def test_next_deadline_matches_naive_minimum_under_random_operations() -> None:
     rng = random.Random(11)
     clock = Clock()
     net = Net(clock)
-    hub = make_device(500, clock)
+    hub = make_engine(500, clock)
     hub_addr = ("192.0.2.200", 51820)
     net.attach(hub_addr, hub)
     spokes = []
     for i in range(25):
-        spoke = make_device(600 + i, clock)
+        spoke = make_engine(600 + i, clock)
         addr = (f"192.0.2.{i + 1}", 51820)
         net.attach(addr, spoke)
         spoke.set_peer(hub.public_key, allowed_ips=["10.0.0.0/8"], endpoint=hub_addr)
@@ -582,7 +583,7 @@ def test_next_deadline_matches_naive_minimum_under_random_operations() -> None:
         spokes.append((spoke, f"10.2.{i}.1"))
     net.drop = lambda d: rng.random() < 0.2
 
-    def naive(device: Device) -> float | None:
+    def naive(device: WireGuardEngine) -> float | None:
         deadlines = [p.timers.next_deadline() for p in device.peers.values()]
         return min((d for d in deadlines if d is not None), default=None)
 
@@ -626,8 +627,8 @@ def test_established_exchanges_draw_no_random_bytes() -> None:
         calls.append(n)
         return rng.randbytes(n)
 
-    a = Device(private_a, random_bytes=counted, wall_clock=clock.wall)
-    b = make_device(2, clock)
+    a = WireGuardEngine(private_a, random_bytes=counted, wall_clock=clock.wall)
+    b = make_engine(2, clock)
     net = Net(clock)
     net.attach(A_ADDR, a)
     net.attach(B_ADDR, b)
