@@ -177,15 +177,11 @@ class AgentDataPlane:
                 )
             self._up[stat.public_key] = up
 
-    def connected_gateways(self) -> int:
-        """Gateways with a live session right now."""
-        return sum(
-            1
-            for stat in self.tunnel.stats()
-            if stat.public_key in self.gateways
-            and stat.handshake_age is not None
-            and stat.handshake_age < STALE_AFTER
-        )
+    def sessions(self) -> list[tuple[GatewayPeer, float | None]]:
+        """Each configured gateway with the age of its last handshake in seconds
+        (None: never); a session is live while that age is below ``STALE_AFTER``."""
+        ages = {stat.public_key: stat.handshake_age for stat in self.tunnel.stats()}
+        return [(gateway, ages.get(key)) for key, gateway in self.gateways.items()]
 
     async def probe(self, gateway: GatewayPeer) -> None:
         """One SYN to the gateway's tunnel address; any answer (or none) is fine."""

@@ -1,19 +1,25 @@
-"""The agent process: Control client → WireGuard peers + forwarding table; health.
+"""The agent process: Control → WireGuard peers + forwarding table; health.
 
 Theory of operation
 -------------------
-``Agent.start()`` opens the outbound UDP socket of the user-space WireGuard device,
-starts the forwarders on the user-space stack and connects to Control (outbound
-WebSocket).  Every change of Control's view marks the agent dirty; one reconcile task
-applies the newest view (virtual IP, gateway peers, tunnel table) so a burst of
-changes costs one pass, and stores it in the state directory (``last-config.json``,
-0600) so that an agent restarted while Control is away still serves its tunnels.
-While Control is unreachable nothing is torn down: the last good view keeps serving.
+``Agent.start()`` opens the outbound UDP socket of the user-space WireGuard data plane
+(:class:`~agent.device.AgentDataPlane`), starts the forwarders on the user-space stack
+and hands the rest to a :class:`~common.runtime.ControlRuntime`: the outbound WebSocket
+to Control, one reconcile pass per burst of changes (:meth:`Agent.apply`: virtual IP,
+gateway peers, tunnel table), the last configuration applied stored in the state
+directory (``last-config.json``, 0600) and served after a restart while Control is
+away, a failed pass logged and retried with back-off while the previous configuration
+keeps serving, and every background task supervised.  While Control is unreachable
+nothing is torn down.
 
-The health task checks each tunnel's local target periodically and reports changes to
-Control as ``status``; the watch task logs each gateway's handshake state.  On stop:
-listeners stop accepting, in-flight HTTP requests get a bounded grace period, the
-Control connection closes with 1001, the UDP socket closes.
+Background tasks (all restarted if they end): ``control`` (the client),
+``reconcile``, ``target-health`` (each tunnel's local target checked periodically,
+changes reported to Control as ``status``) and ``wireguard-watch`` (each gateway's
+handshake state logged, gateways probed).  ``/healthz`` has the runtime's parts
+(``control``, ``config``, ``tasks``) and ``wireguard``: down while no configured
+gateway has a live session, degraded while some have none.  On stop: listeners stop
+accepting, in-flight HTTP requests get a bounded grace period, the Control connection
+closes with 1001, the tasks are cancelled and awaited, the UDP socket closes.
 """
 
 from __future__ import annotations
@@ -25,19 +31,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.device import PERSISTENT_KEEPALIVE, PROBE_INTERVAL, AgentDataPlane, gateways_from_config
+from agent.device import (
+    PERSISTENT_KEEPALIVE,
+    PROBE_INTERVAL,
+    STALE_AFTER,
+    AgentDataPlane,
+    gateways_from_config,
+)
 from agent.forward import Forwarder
 from agent.health import HealthMonitor
 from common import __version__
 from common.controlclient import ControlClient, ControlClientSettings, ControlView
+from common.health import DEGRADED, DOWN, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
-from common.protocol import TunnelSpec
+from common.protocol import AgentConfig, TunnelSpec
 from common.relay.admin import AdminServer
+from common.runtime import ControlRuntime
 
 log = logging.getLogger("agent")
-
-STATE_FILE = "last-config.json"
 
 
 @dataclass
@@ -76,7 +88,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.keys = load_or_create(settings.data_dir)
-        self.device = AgentDataPlane(
+        self.data_plane = AgentDataPlane(
             self.keys,
             settings.wireguard_host,
             settings.wireguard_port,
@@ -85,13 +97,12 @@ class Agent:
             probe_interval=settings.probe_interval,
         )
         self.forwarder = Forwarder(
-            self.device.tunnel,
+            self.data_plane.tunnel,
             http_port=settings.http_port,
             connect_timeout=settings.connect_timeout,
             udp_idle_timeout=settings.udp_idle_timeout,
         )
-        self.admin = AdminServer(self.forwarder.metrics, self._health)
-        self.client = ControlClient(
+        self.runtime = ControlRuntime(
             ControlClientSettings(
                 control_url=settings.control_url,
                 api_key=settings.api_key,
@@ -99,51 +110,56 @@ class Agent:
                 public_key=self.keys.public_b64,
                 version=f"kakuremichi-agent/{__version__}",
             ),
-            on_change=self._changed,
+            settings.data_dir,
+            ControlView.agent_config,
+            self.apply,
         )
-        self.health = HealthMonitor(
+        self.runtime.health.probe("wireguard", self._wireguard_health)
+        self.client: ControlClient = self.runtime.client
+        self.admin = AdminServer(self.forwarder.metrics, self.runtime.health)
+        self.target_health = HealthMonitor(
             lambda: self.client.view.tunnels,
             lambda payload: self.client.send("status", payload),
             interval=settings.health_interval,
         )
-        self._dirty = asyncio.Event()
         self._applied_tunnels: dict[str, TunnelSpec] = {}
-        self._tasks: list[asyncio.Task[Any]] = []
-        self.applied = 0  # reconcile passes done (tests wait on it)
         self.ready = asyncio.Event()
 
-    def _health(self) -> bool | str:
-        if not self.client.view.has_config and not self.client.connected.is_set():
-            return "no configuration from control yet"
-        if self.device.gateways and not self.device.connected_gateways():
-            return "no gateway has completed a WireGuard handshake"
-        return True
-
-    # -- state --------------------------------------------------------------------------
+    @property
+    def applied(self) -> int:
+        """Reconcile passes that succeeded (tests wait on it)."""
+        return self.runtime.applied
 
     @property
     def state_path(self) -> Path:
-        return self.settings.data_dir / STATE_FILE
+        """The last configuration applied (0600)."""
+        return self.runtime.state_path
 
-    def _load_state(self) -> None:
-        if self.client.view.restore(self.state_path, "agent"):
-            self._dirty.set()
-
-    def _store_state(self, view: ControlView) -> None:
-        view.store(self.state_path)
+    def _wireguard_health(self) -> PartHealth:
+        sessions = self.data_plane.sessions()
+        if not sessions:
+            return PartHealth(DEGRADED, "no gateway in the configuration")
+        live = [g.label for g, age in sessions if age is not None and age < STALE_AFTER]
+        silent = sorted(g.label for g, age in sessions if age is None or age >= STALE_AFTER)
+        if not live:
+            if all(age is None for _, age in sessions):
+                return PartHealth(DOWN, "no gateway has completed a WireGuard handshake")
+            return PartHealth(
+                DOWN, f"no gateway has a live WireGuard session (none within {STALE_AFTER:g}s)"
+            )
+        if silent:
+            return PartHealth(
+                DEGRADED,
+                f"{len(live)} of {len(sessions)} gateways have a live WireGuard session; "
+                f"not answering: {', '.join(silent)}",
+            )
+        return PartHealth(OK, f"{len(live)} of {len(sessions)} gateways have a live session")
 
     # -- reconciliation -------------------------------------------------------------------
 
-    def _changed(self, view: ControlView) -> None:
-        self._dirty.set()
-
-    def apply(self) -> None:
-        """Make the data plane match the current view (one pass)."""
-        view = self.client.view
-        config = view.agent_config()
-        if config is None:
-            return
-        self.device.apply(config.agent.virtual_ip, gateways_from_config(config.gateways))
+    async def apply(self, config: AgentConfig) -> None:
+        """Make the data plane match one configuration (a reconcile pass)."""
+        self.data_plane.apply(config.agent.virtual_ip, gateways_from_config(config.gateways))
         tunnels = {t.id: t for t in config.tunnels}
         self.forwarder.update(config.tunnels)
         for tid in self._applied_tunnels.keys() - tunnels.keys():
@@ -155,39 +171,23 @@ class Agent:
             elif before != tunnel:
                 log.info("tunnel updated", extra=kv(**_describe(tunnel)))
         self._applied_tunnels = tunnels
-        self._store_state(view)
-        self.applied += 1
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            try:
-                self.apply()
-            except Exception:
-                log.exception("applying the configuration failed; keeping the previous one")
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.device.start()
+        await self.data_plane.start()
         await self.forwarder.start()
         if self.settings.metrics_port:
             await self.admin.start(self.settings.metrics_host, self.settings.metrics_port)
-        self._load_state()
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self.client.run()),
-            loop.create_task(self._reconcile_loop()),
-            loop.create_task(self.health.run()),
-            loop.create_task(self.device.watch()),
-        ]
+        self.runtime.start()
+        self.runtime.supervise("target-health", self.target_health.run)
+        self.runtime.supervise("wireguard-watch", self.data_plane.watch)
         log.info(
             "agent started",
             extra=kv(
                 control=self.client.url,
                 public_key=self.keys.public_b64,
-                udp_port=self.device.tunnel.port,
+                udp_port=self.data_plane.tunnel.port,
             ),
         )
         self.ready.set()
@@ -196,10 +196,7 @@ class Agent:
         log.info("agent stopping")
         started = time.monotonic()
         await self.forwarder.close()
-        await self.client.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.stop()
         await self.admin.close()
-        self.device.close()
+        self.data_plane.close()
         log.info("agent stopped", extra=kv(total_s=round(time.monotonic() - started, 2)))

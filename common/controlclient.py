@@ -93,11 +93,11 @@ class ControlView:
 
     # -- the last good configuration, kept across restarts ---------------------------
 
-    def store(self, path: Path) -> None:
-        """Write the current config as a ``config`` frame's data to ``path``
-        atomically, readable by the owner only (a gateway's holds certificate keys);
-        an error is logged, never raised."""
-        current = self.current()
+    def store(self, path: Path, config: p.AgentConfig | p.GatewayConfig | None = None) -> None:
+        """Write ``config`` (default: the current one) as a ``config`` frame's data to
+        ``path`` atomically, readable by the owner only (a gateway's holds certificate
+        keys); an error is logged, never raised."""
+        current = self.current() if config is None else config
         if current is None:
             return
         tmp = path.with_suffix(".tmp")

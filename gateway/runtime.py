@@ -1,21 +1,28 @@
-"""The gateway process: Control client → WireGuard + router + certificates → listeners.
+"""The gateway process: Control → WireGuard + router + certificates → listeners.
 
 Theory of operation
 -------------------
-``Gateway.run()`` brings up the WireGuard interface, the public listeners (HTTP, and
-HTTPS when enabled), raw TCP and UDP forwarders and the admin port, then connects to Control.
-Every change of Control's view sets a flag; one reconcile task applies the newest view
-(WireGuard peers and addresses, routing table, Control's certificates) so bursts of
-changes cost one pass.  A failed pass is retried with back-off while the previous
-state keeps serving (an unexpected error is logged with its traceback and retried
-the same way).  The last configuration applied is stored (0600, ``last-config.json``
-in the data directory) and served after a restart until Control answers.  The ACME
-task orders certificates for enabled HTTP tunnel domains that lack a usable one (none, or expiring within ``renew_before``), persists
-them in the state directory and reports them to Control (``certificate_obtained``),
-backing off per domain after failures; it runs when Control's view changes (a new
-domain is ordered at once) and every 15 s.  A stats task feeds WireGuard peer readings to
-the metrics.  On stop: listeners stop accepting and drain, the Control connection
-closes, the interface is removed.
+``Gateway.start()`` brings up the WireGuard interface, the public listeners (HTTP, and
+HTTPS when enabled), raw TCP and UDP forwarders and the admin port, then hands the
+rest to a :class:`~common.runtime.ControlRuntime`: the WebSocket to Control, one
+reconcile pass per burst of changes (:meth:`Gateway._apply`: routing table, Control's
+certificates, WireGuard peers and addresses), the last configuration applied stored
+(0600, ``last-config.json`` in the data directory: it holds certificate keys) and
+served after a restart until Control answers, a failed pass logged (the traceback
+when the error is not a ``WgError``/``OSError``) and retried with back-off while the
+previous state keeps serving, and every background task supervised.
+
+Background tasks (all restarted if they end): ``control``, ``reconcile``,
+``wireguard-stats`` (peer readings every 10 s into the metrics and the ``wireguard``
+health part) and, with ACME configured, ``acme``: it orders certificates for enabled
+HTTP tunnel domains that lack a usable one (none, or expiring within
+``renew_before``), persists them in the state directory and reports them to Control
+(``certificate_obtained``), backing off per domain after failures; it runs when
+Control's view changes (a new domain is ordered at once) and every 15 s.
+``/healthz`` has the runtime's parts (``control``, ``config``, ``tasks``),
+``wireguard`` (degraded while the interface cannot be read) and ``acme`` (degraded
+while an order is failing).  On stop: listeners stop accepting and drain, the Control
+connection closes, the tasks are cancelled and awaited, the interface is removed.
 """
 
 from __future__ import annotations
@@ -28,19 +35,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from common import __version__
 from common.controlclient import ControlClient, ControlClientSettings, ControlView
+from common.health import DEGRADED, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
-from common.protocol import CertificateObtained
+from common.protocol import CertificateObtained, GatewayConfig
 from common.relay.admin import AdminServer
 from common.relay.limits import LimitSettings
 from common.relay.metrics import Metrics
 from common.relay.router import Router
 from common.relay.tcp import TcpForwarder, TcpSettings
 from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
+from common.runtime import ControlRuntime
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
@@ -50,8 +58,9 @@ from gateway.wg.userspace import UserspaceBackend
 
 log = logging.getLogger("gateway")
 
-#: the last configuration applied, in the data directory (see ``Gateway.state_path``)
-STATE_FILE = "last-config.json"
+STATS_INTERVAL = 10.0
+#: WireGuard's REJECT_AFTER_TIME: an agent whose last handshake is older has no session
+STALE_AFTER = 180.0
 
 
 @dataclass
@@ -121,8 +130,7 @@ class Gateway:
             settings=UdpSettings(bind_host=settings.host),
             metrics=self.metrics,
         )
-        self.admin = AdminServer(self.metrics, self._health)
-        self.client = ControlClient(
+        self.runtime = ControlRuntime(
             ControlClientSettings(
                 control_url=settings.control_url,
                 api_key=settings.api_key,
@@ -132,8 +140,14 @@ class Gateway:
                 public_ip=settings.public_ip,
                 wireguard_port=settings.wireguard_port,
             ),
+            settings.data_dir,
+            ControlView.gateway_config,
+            self._apply,
+            expected_errors=(WgError, OSError),
             on_change=self._changed,
         )
+        self.client: ControlClient = self.runtime.client
+        self.admin = AdminServer(self.metrics, self.runtime.health)
         self.acme = (
             AcmeClient(
                 settings.acme_directory,
@@ -145,90 +159,84 @@ class Gateway:
             if settings.acme_directory
             else None
         )
-        self._dirty = asyncio.Event()
         self._acme_wakeup = asyncio.Event()
         self._applied_wg: WgState | None = None
         self._acme_backoff: dict[str, tuple[float, float]] = {}  # domain → (next try, delay)
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._acme_errors: dict[str, str] = {}  # domain → why its last order failed
+        self._wg_reading = ""  # what the last reading of the peers found
+        self._wg_error = ""  # why the last reading failed ("" when it worked)
+        self.runtime.health.probe("wireguard", self._wireguard_health)
+        if self.acme is not None:
+            self.runtime.health.probe("acme", self._acme_health)
         self.ready = asyncio.Event()
-
-    # -- health -------------------------------------------------------------------------
-
-    def _health(self) -> bool | str:
-        if not self.client.view.has_config:
-            return "no configuration from control yet"
-        return True
-
-    # -- reconciliation -------------------------------------------------------------------
 
     @property
     def state_path(self) -> Path:
         """The last configuration applied (0600: it holds certificate keys)."""
-        return self.settings.data_dir / STATE_FILE
+        return self.runtime.state_path
+
+    # -- health -------------------------------------------------------------------------
+
+    def _wireguard_health(self) -> PartHealth:
+        if self._wg_error:
+            return PartHealth(DEGRADED, f"cannot read the interface: {self._wg_error}")
+        return PartHealth(OK, self._wg_reading or f"{self.wg.kind} backend up")
+
+    def _acme_health(self) -> PartHealth:
+        if not self._acme_errors:
+            return PartHealth(OK, "no certificate order failing")
+        failing = "; ".join(f"{d} ({e})" for d, e in sorted(self._acme_errors.items()))
+        return PartHealth(DEGRADED, f"certificate orders failing: {failing}")
+
+    # -- reconciliation -------------------------------------------------------------------
 
     def _changed(self, view: ControlView) -> None:
-        self._dirty.set()
         self._acme_wakeup.set()
 
-    async def _reconcile_loop(self) -> None:
-        delay = 1.0
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            config = self.client.view.gateway_config()
-            if config is None:
-                continue
-            try:
-                self.router.replace_all(config.tunnels)
-                self.certificates.set_control_certificates(config.certificates)
-                state = WgState.from_config(config.gateway, config.agents)
-                if state != self._applied_wg:
-                    await self.wg.apply(state)
-                    self._applied_wg = state
-                    log.info(
-                        "configuration applied",
-                        extra=kv(agents=len(state.peers), tunnels=len(config.tunnels)),
-                    )
-                # served after a restart while Control is away (like the agent's)
-                self.client.view.store(self.state_path)
-                delay = 1.0
-            except Exception as exc:  # whatever it is, the task never ends silently
-                if isinstance(exc, WgError | OSError):
-                    log.error(
-                        "applying configuration failed; retrying",
-                        extra=kv(error=str(exc), retry_in_s=delay),
-                    )
-                else:  # a bug: its traceback, then the same retry
-                    log.exception(
-                        "applying configuration failed unexpectedly; retrying",
-                        extra=kv(retry_in_s=delay),
-                    )
-                await asyncio.sleep(delay)
-                delay = min(60.0, delay * 2)
-                self._dirty.set()
+    async def _apply(self, config: GatewayConfig) -> None:
+        """One reconcile pass (run by the runtime, which retries it on failure)."""
+        self.router.replace_all(config.tunnels)
+        self.certificates.set_control_certificates(config.certificates)
+        state = WgState.from_config(config.gateway, config.agents)
+        if state != self._applied_wg:
+            await self.wg.apply(state)
+            self._applied_wg = state
+            log.info(
+                "configuration applied",
+                extra=kv(agents=len(state.peers), tunnels=len(config.tunnels)),
+            )
 
     async def _stats_loop(self) -> None:
         known: set[str] = set()
         while True:
-            await asyncio.sleep(10)
-            with contextlib.suppress(WgError, OSError, ValueError):
-                config = self.client.view.gateway_config()
-                agents = config.agents if config is not None else ()
-                names = {a.public_key: a.id for a in agents}
-                seen = set()
-                now = time.time()
-                for stat in await self.wg.stats():
-                    agent = names.get(stat.public_key, stat.public_key)
-                    seen.add(agent)
-                    age = (
-                        None
-                        if stat.latest_handshake <= 0
-                        else max(0.0, now - stat.latest_handshake)
-                    )
-                    self.metrics.set_wireguard_peer(agent, age, stat.rx_bytes, stat.tx_bytes)
-                for agent in known - seen:
-                    self.metrics.forget_wireguard_peer(agent)
-                known = seen
+            await asyncio.sleep(STATS_INTERVAL)
+            try:
+                stats = await self.wg.stats()
+            except (WgError, OSError, ValueError) as exc:
+                if str(exc) != self._wg_error:
+                    log.warning("reading WireGuard peers failed", extra=kv(error=str(exc)[:300]))
+                self._wg_error = str(exc)[:300]
+                continue
+            if self._wg_error:
+                log.info("reading WireGuard peers works again")
+            self._wg_error = ""
+            config = self.client.view.gateway_config()
+            agents = config.agents if config is not None else ()
+            names = {a.public_key: a.id for a in agents}
+            seen = set()
+            live = 0
+            now = time.time()
+            for stat in stats:
+                agent = names.get(stat.public_key, stat.public_key)
+                seen.add(agent)
+                age = None if stat.latest_handshake <= 0 else max(0.0, now - stat.latest_handshake)
+                if age is not None and age < STALE_AFTER:
+                    live += 1
+                self.metrics.set_wireguard_peer(agent, age, stat.rx_bytes, stat.tx_bytes)
+            for agent in known - seen:
+                self.metrics.forget_wireguard_peer(agent)
+            known = seen
+            self._wg_reading = f"{live} of {len(stats)} agents have a live session"
 
     # -- ACME ---------------------------------------------------------------------------
 
@@ -266,6 +274,8 @@ class Gateway:
             )
 
     def domains_needing_certificates(self, now: float) -> list[str]:
+        """Enabled HTTP tunnel domains without a certificate valid beyond
+        ``renew_before``."""
         wanted = []
         for tunnel in self.client.view.tunnels.values():
             domain = tunnel.domain
@@ -281,7 +291,10 @@ class Gateway:
         assert self.acme is not None
         obtained = 0
         now = time.time()
-        for domain in self.domains_needing_certificates(now):
+        wanted = self.domains_needing_certificates(now)
+        for domain in self._acme_errors.keys() - set(wanted):  # gone, or obtained elsewhere
+            del self._acme_errors[domain]
+        for domain in wanted:
             next_try, delay = self._acme_backoff.get(domain, (0.0, 60.0))
             if now < next_try:
                 continue
@@ -293,8 +306,10 @@ class Gateway:
                     extra=kv(domain=domain, error=str(exc)[:300], retry_in_s=delay),
                 )
                 self._acme_backoff[domain] = (time.time() + delay, min(6 * 3600.0, delay * 2))
+                self._acme_errors[domain] = str(exc)[:200]
                 continue
             self._acme_backoff.pop(domain, None)
+            self._acme_errors.pop(domain, None)
             self._store_acme_certificate(cert)
             self.certificates.add_acme_certificate(cert)
             obtained += 1
@@ -305,10 +320,7 @@ class Gateway:
     async def _acme_loop(self) -> None:
         while True:
             if self.client.view.has_config:
-                try:
-                    await self.acme_pass()
-                except Exception:
-                    log.exception("ACME pass failed")
+                await self.acme_pass()  # an unexpected error: the supervisor restarts us
             # a new tunnel domain starts its order at once; otherwise look every 15 s
             # (renewals, back-offs expiring)
             with contextlib.suppress(TimeoutError):
@@ -327,16 +339,10 @@ class Gateway:
         await self.tcp.start()
         await self.udp.start()
         self._load_acme_certificates()
-        if self.client.view.restore(self.state_path, "gateway"):
-            self._dirty.set()  # serve it until Control answers
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self.client.run()),
-            loop.create_task(self._reconcile_loop()),
-            loop.create_task(self._stats_loop()),
-        ]
+        self.runtime.start()  # serves the stored configuration until Control answers
+        self.runtime.supervise("wireguard-stats", self._stats_loop)
         if self.acme is not None:
-            self._tasks.append(loop.create_task(self._acme_loop()))
+            self.runtime.supervise("acme", self._acme_loop)
         log.info(
             "gateway started",
             extra=kv(
@@ -356,10 +362,7 @@ class Gateway:
         await self.tcp.close()
         await self.udp.close()
         drained = time.monotonic()
-        await self.client.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.stop()
         await self.admin.close()
         await self.wg.stop()
         log.info(

@@ -1,37 +1,36 @@
-"""The gateway's admin listener: ``/metrics`` (Prometheus) and ``/healthz``.
+"""The admin listener of the gateway and the agent: ``/metrics`` (Prometheus) and ``/healthz``.
 
 Theory of operation
 -------------------
 A deliberately tiny HTTP/1.1 server on plain asyncio + h11: read one request head
 (5 s deadline, 8 KiB limit), answer, close.  ``/metrics`` renders the registry;
-``/healthz`` answers 200 ``ok`` or 503 with the reason the optional health callback
-gives.  It binds wherever the caller says; keep it on loopback or a private address,
-since metrics reveal tunnel ids and traffic volumes.
+``/healthz`` reads the program's :class:`~common.health.Health` (named parts, each
+ok / degraded / down with a reason) and answers 200 unless a part is down (then 503),
+with a JSON body ``{"status": …, "parts": {name: {"state": …, "reason": …}}}``.  It
+binds wherever the caller says; keep it on loopback or a private address, since
+metrics reveal tunnel ids and traffic volumes and the health reasons name peers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-from collections.abc import Awaitable, Callable
 
 import h11
+
+from common.health import Health
 
 from .metrics import CONTENT_TYPE, Metrics
 from .splice import close_writer
 
 log = logging.getLogger(__name__)
 
-#: returns None/True when healthy, or False / a reason string when not
-HealthCheck = Callable[[], "bool | str | Awaitable[bool | str | None] | None"]
-
 
 class AdminServer:
     """Serves ``GET /metrics`` and ``GET /healthz`` on an admin port."""
 
-    def __init__(self, metrics: Metrics, health: HealthCheck | None = None) -> None:
+    def __init__(self, metrics: Metrics, health: Health | None = None) -> None:
         self.metrics = metrics
         self.health = health
         self._server: asyncio.Server | None = None
@@ -51,20 +50,6 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
-
-    async def _check_health(self) -> str | None:
-        if self.health is None:
-            return None
-        try:
-            result = self.health()
-            if inspect.isawaitable(result):
-                result = await result
-        except Exception:
-            log.exception("health check failed")
-            return "health check raised an error"
-        if result is None or result is True:
-            return None
-        return result if isinstance(result, str) else "unhealthy"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
@@ -89,11 +74,8 @@ class AdminServer:
         elif path == b"/metrics":
             status, body, ctype = 200, self.metrics.render().encode(), CONTENT_TYPE.encode()
         elif path == b"/healthz":
-            problem = await self._check_health()
-            if problem is None:
-                status, body, ctype = 200, b"ok\n", b"text/plain"
-            else:
-                status, body, ctype = 503, f"unhealthy: {problem}\n".encode(), b"text/plain"
+            report = (self.health or Health()).report()
+            status, body, ctype = report.http_status, report.to_json(), b"application/json"
         else:
             status, body, ctype = 404, b"not found\n", b"text/plain"
         if event.method == b"HEAD":

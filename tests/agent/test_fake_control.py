@@ -137,10 +137,13 @@ async def test_garbage_from_control_never_stops_the_agent(
         await agent.start()
         try:
             async with asyncio.timeout(15):
-                while agent.device.address != "100.64.0.100":
+                while agent.data_plane.address != "100.64.0.100":
                     await asyncio.sleep(0.02)
                 await done.wait()
-            assert all(not t.done() for t in agent._tasks), "a task of the agent died"
+            supervisor = agent.runtime.supervisor
+            assert {n: supervisor.restarts(n) for n in supervisor.names} == dict.fromkeys(
+                ("control", "reconcile", "target-health", "wireguard-watch"), 0
+            ), "a task of the agent died"
             assert agent.client.view.config_version == 7
             route = agent.forwarder.router.lookup_host("app.example.com")
             assert route is not None and (
@@ -148,7 +151,7 @@ async def test_garbage_from_control_never_stops_the_agent(
                 route.upstream_port,
                 route.path_prefix,
             ) == ("127.0.0.1", 8000, "/base")
-            assert list(agent.device.gateways) == [gateway_key(5)]
+            assert list(agent.data_plane.gateways) == [gateway_key(5)]
             assert received[0]["type"] == "auth" and received[0]["data"]["clientType"] == "agent"
             assert "apiKey" in received[0]["data"]
         finally:

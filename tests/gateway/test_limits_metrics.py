@@ -9,6 +9,7 @@ import re
 import httpx
 import pytest
 
+from common.health import DOWN, OK, Health
 from common.relay.limits import ConnectionLimiter, RateLimiter, TokenBucket, client_key
 from common.relay.metrics import Registry
 from gateway.proxy import AdminServer, Metrics
@@ -171,8 +172,9 @@ def test_wireguard_peer_readings() -> None:
 
 
 async def test_admin_serves_metrics_that_count_proxy_traffic(proxy: ProxyHarness) -> None:
-    healthy = {"ok": True}
-    admin = AdminServer(proxy.metrics, health=lambda: True if healthy["ok"] else "control away")
+    health = Health()
+    health.set("control", OK, "connected")
+    admin = AdminServer(proxy.metrics, health)
     await admin.start("127.0.0.1", 0)
     try:
         async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as http:
@@ -213,10 +215,17 @@ async def test_admin_serves_metrics_that_count_proxy_traffic(proxy: ProxyHarness
             assert (
                 samples[("kakuremichi_active_connections", frozenset({("listener", "http")}))] == 0
             )
-            assert (await adm.get("/healthz")).text == "ok\n"
-            healthy["ok"] = False
+            fine = await adm.get("/healthz")
+            assert fine.status_code == 200
+            assert fine.headers["content-type"] == "application/json"
+            assert fine.json() == {
+                "status": "ok",
+                "parts": {"control": {"state": "ok", "reason": "connected"}},
+            }
+            health.set("control", DOWN, "control away")
             sick = await adm.get("/healthz")
-            assert sick.status_code == 503 and "control away" in sick.text
+            assert sick.status_code == 503
+            assert sick.json()["parts"]["control"] == {"state": "down", "reason": "control away"}
             assert (await adm.get("/nope")).status_code == 404
             assert (await adm.post("/metrics")).status_code == 405
     finally:
