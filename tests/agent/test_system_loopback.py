@@ -26,9 +26,9 @@ from tests.support import free_port
 
 async def agent_ip(system: System) -> str:
     async with asyncio.timeout(10):
-        while not system.agent.device.address:
+        while not system.agent.data_plane.address:
             await asyncio.sleep(0.02)
-    return str(system.agent.device.address)
+    return str(system.agent.data_plane.address)
 
 
 async def raw_request(system: System, request: bytes) -> bytes:
@@ -111,7 +111,16 @@ async def test_http_tunnel_end_to_end(
 
         # The agent's own /metrics and /healthz.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as admin:
-            assert (await admin.get("/healthz")).status_code == 200
+            health = await admin.get("/healthz")
+            assert health.status_code == 200
+            parts = health.json()["parts"]
+            assert {name: part["state"] for name, part in parts.items()} == {
+                "control": "ok",
+                "config": "ok",
+                "tasks": "ok",
+                "wireguard": "ok",
+            }, parts
+            assert parts["wireguard"]["reason"] == "1 of 1 gateways have a live session"
             metrics = (await admin.get("/metrics")).text
         assert f'kakuremichi_http_tunnel_connections_total{{tunnel="{tunnel_id}"}}' in metrics
         assert 'reason="proxy_header"' in metrics and 'reason="unknown_tunnel"' in metrics
