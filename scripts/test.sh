@@ -31,8 +31,13 @@ ruff check .
 ruff format --check .
 echo "==> mypy"
 mypy
-echo "==> pytest"
-pytest -q -p no:cacheprovider "$@" tests
+echo "==> pytest (with coverage; pyproject.toml [tool.coverage] says what is measured)"
+pytest -q -p no:cacheprovider --cov --cov-report= "$@" tests
+echo "==> coverage of that run: lines of Python executed, per package and in total"
+for package in agent common control gateway kakuremichi netstack; do
+    echo "    $package $(coverage report --format=total --include="$package/*")%"
+done
+echo "    total $(coverage report --format=total)%"
 echo "==> netstack again, on the pure-Python twin of the Cython hot path"
 # (WireGuard's open_run/seal_run twins too; the wireguard-go interop runs once, above)
 KAKUREMICHI_NETSTACK_PURE=1 pytest -q -p no:cacheprovider "$@" tests/netstack \
