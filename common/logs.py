@@ -28,10 +28,16 @@ def kv(**fields: Any) -> dict[str, Any]:
     return {"fields": fields}
 
 
+#: the key :class:`OncePer` counts unseen keys under when its table is full
+_OTHER = "(other)"
+
+
 class OncePer:
-    """Log a recurring event once per key (an error code, a frame type) per interval;
-    :meth:`due` answers whether to log now and how many of that key went unlogged since
-    the last line.  Keys are bounded (``max_keys``): past it, unseen keys share one."""
+    """Log a recurring event once per key (an error code, a frame type, an address) per
+    interval; :meth:`due` answers whether to log now and how many of that key went
+    unlogged since the last line.  Keys are bounded (``max_keys``): when an unseen key
+    finds the table full, keys last logged an interval or more ago are forgotten (with
+    any count not logged yet); if none is, unseen keys share one, ``"(other)"``."""
 
     def __init__(self, interval: float = 60.0, max_keys: int = 64) -> None:
         self.interval = interval
@@ -42,14 +48,30 @@ class OncePer:
     def due(self, key: str, now: float | None = None) -> tuple[bool, int]:
         """``(log it now?, occurrences not logged since the last line of this key)``."""
         now = time.monotonic() if now is None else now
-        if key not in self._logged_at and len(self._logged_at) >= self.max_keys:
-            key = "(other)"
+        if key not in self._logged_at and self._full():
+            self._forget_stale(now)
+            if self._full():
+                key = _OTHER
         last = self._logged_at.get(key)
         if last is not None and now - last < self.interval:
             self._unlogged[key] = self._unlogged.get(key, 0) + 1
             return False, 0
+        # re-inserted, so the table stays ordered by when each key was last logged
+        self._logged_at.pop(key, None)
         self._logged_at[key] = now
         return True, self._unlogged.pop(key, 0)
+
+    def _full(self) -> bool:
+        return len(self._logged_at) - (_OTHER in self._logged_at) >= self.max_keys
+
+    def _forget_stale(self, now: float) -> None:
+        """Drop the keys last logged an interval or more ago (the oldest come first)."""
+        while self._logged_at:
+            key, at = next(iter(self._logged_at.items()))
+            if now - at < self.interval:
+                return
+            del self._logged_at[key]
+            self._unlogged.pop(key, None)
 
     def pending(self) -> dict[str, int]:
         """Occurrences not yet logged, by key (for a last line before closing)."""

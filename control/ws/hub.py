@@ -31,7 +31,9 @@ seconds; a closed connection marks its client offline.
 
 Bad frames (malformed JSON, wrong types, unknown types, binary frames) are answered
 with an ``error`` frame; they never raise out of the handler.  Oversized frames are
-refused by the WebSocket layer with close code 1009.
+refused by the WebSocket layer with close code 1009.  A refused or missing ``auth`` is
+logged once per address (IPv6: /64) per ``AUTH_LOG_INTERVAL`` with the number not
+logged since, so a flood of bad keys costs a line a minute per address.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ BAD_FRAME_BURST = 40
 BAD_FRAME_REFILL = 0.5
 #: a connection's bad frames are logged once per code per this many seconds
 BAD_FRAME_LOG_INTERVAL = 60.0
+#: failed and timed-out authentications are logged once per address per this many
+#: seconds, with the number not logged since the previous line
+AUTH_LOG_INTERVAL = 60.0
+#: addresses those lines are tracked for (past it, stale ones are forgotten)
+AUTH_LOG_ADDRESSES = 4096
 CLOSE_TIMEOUT = 2.0
 
 
@@ -125,6 +132,10 @@ class Hub:
         self.auth_timeout = auth_timeout
         #: connections not yet authenticated, counted per remote address
         self.pending = PendingAuth(pending_per_address)
+        #: a flood of bad or missing ``auth`` frames costs a log line per address per
+        #: interval, not one per connection
+        self.auth_failures = OncePer(AUTH_LOG_INTERVAL, AUTH_LOG_ADDRESSES)
+        self.auth_timeouts = OncePer(AUTH_LOG_INTERVAL, AUTH_LOG_ADDRESSES)
         self.offline_after = offline_after
         self.coalesce_delay = coalesce_delay
         self._pending_push: set[ClientKind] = set()
@@ -233,7 +244,13 @@ class Hub:
         try:
             message = await asyncio.wait_for(ws.receive(), self.auth_timeout)
         except TimeoutError:
-            log.info("closing client that did not authenticate in time", extra=kv(peer=peer))
+            address = address_key(ws.client.host if ws.client else None)
+            due, unlogged = self.auth_timeouts.due(address)
+            if due:
+                log.info(
+                    "closing client that did not authenticate in time",
+                    extra=kv(peer=peer, address=address, since_last_logged=unlogged),
+                )
             await self._safe_close(ws, p.CLOSE_AUTH_TIMEOUT, "auth timeout")
             return None
         if message["type"] == "websocket.disconnect":
@@ -299,7 +316,13 @@ class Hub:
         return conn
 
     async def _reject(self, ws: WebSocket, message: str, peer: str, code: str) -> None:
-        log.warning("authentication failed", extra=kv(peer=peer, reason=code))
+        address = address_key(ws.client.host if ws.client else None)
+        due, unlogged = self.auth_failures.due(address)
+        if due:
+            log.warning(
+                "authentication failed",
+                extra=kv(peer=peer, address=address, reason=code, since_last_logged=unlogged),
+            )
         with contextlib.suppress(Exception):
             await ws.send_text(p.encode("auth_error", p.ErrorReport(code, message).to_wire()))
         await self._safe_close(ws, p.CLOSE_AUTH_FAILED, message[:120])
