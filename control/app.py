@@ -2,8 +2,10 @@
 
 ``create_app(settings)`` wires the pieces; the lifespan opens the database, runs the
 migrations, settles the admin token and starts the hub's monitor.  Everything under
-``/api/`` needs ``Authorization: Bearer <admin token>``; ``/ws`` authenticates with
-agent/gateway API keys inside the protocol; ``/healthz`` and ``/openapi.json`` are open.
+``/api/`` needs ``Authorization: Bearer <admin token>``, and an address that keeps
+presenting a wrong one is refused for a while (``control.api.authlimit``); ``/ws``
+authenticates with agent/gateway API keys inside the protocol; ``/healthz`` and
+``/openapi.json`` are open.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,20 +27,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from common.logs import kv
+from common.logs import OncePer, kv
 from common.protocol import AUTH_TIMEOUT
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.api import authlimit
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
 from control.api.routes import Api
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
-from control.ws.admission import DEFAULT_PER_ADDRESS
+from control.ws.admission import DEFAULT_PER_ADDRESS, address_key
 from control.ws.hub import Hub
 
 log = logging.getLogger("control")
 
 ADMIN_TOKEN_SETTING = "admin_token_sha256"  # noqa: S105 (a settings key)
+#: an address refused for failed admin-token attempts is logged once per this many seconds
+AUTH_REFUSAL_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -54,6 +60,10 @@ class ControlSettings:
     max_unauthenticated_per_address: int = DEFAULT_PER_ADDRESS
     #: seconds a WebSocket client has to authenticate (not a flag; tests shorten it)
     auth_timeout: float = AUTH_TIMEOUT
+    #: failed admin-token attempts an address may make per ``admin_auth_window``
+    admin_auth_failures: int = authlimit.DEFAULT_LIMIT
+    #: that window in seconds (not a flag; tests shorten it)
+    admin_auth_window: float = authlimit.DEFAULT_WINDOW
     announce: Callable[[str], None] = field(default=print)
 
 
@@ -62,26 +72,49 @@ def _digest(token: str) -> str:
 
 
 class AdminAuth:
-    """ASGI middleware: bearer admin token on ``/api/``; constant-time comparison."""
+    """ASGI middleware: bearer admin token on ``/api/``; constant-time comparison;
+    an address past its failed attempts gets 429 until its window has room again."""
 
-    def __init__(self, app: ASGIApp, state: dict[str, Any]) -> None:
+    def __init__(
+        self, app: ASGIApp, state: dict[str, Any], failures: authlimit.AuthFailures
+    ) -> None:
         self.app = app
         self.state = state
+        self.failures = failures
+        self.refusals = OncePer(AUTH_REFUSAL_LOG_INTERVAL, 4096)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/api"):
-            header = ""
+            client = scope.get("client")
+            address = address_key(client[0] if client else None)
+            now = time.monotonic()
+            wait = self.failures.retry_after(address, now)
+            if wait:
+                self._log_refusal(address, wait, now)
+                response = error_response(
+                    429,
+                    "too_many_auth_failures",
+                    f"too many failed admin-token attempts from this address; retry in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
+                await response(scope, receive, send)
+                return
+            header: str | None = None
             for name, value in scope.get("headers", []):
                 if name == b"authorization":
                     header = value.decode("latin-1")
                     break
-            scheme, _, token = header.partition(" ")
+            scheme, _, token = (header or "").partition(" ")
             expected = self.state.get("admin_digest")
             if (
                 scheme.lower() != "bearer"
                 or not expected
                 or not hmac.compare_digest(_digest(token.strip()), expected)
             ):
+                if header is not None:  # a wrong credential; none at all guesses nothing
+                    wait = self.failures.failed(address, now)
+                    if wait:
+                        self._log_refusal(address, wait, now)
                 response = error_response(
                     401,
                     "unauthorized",
@@ -91,6 +124,21 @@ class AdminAuth:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _log_refusal(self, address: str, wait: int, now: float) -> None:
+        due, unlogged = self.refusals.due(address, now)
+        if due:
+            log.warning(
+                "refusing admin API requests from an address with too many failed "
+                "admin-token attempts",
+                extra=kv(
+                    address=address,
+                    failures=self.failures.limit,
+                    window_s=self.failures.window,
+                    retry_after=wait,
+                    since_last_logged=unlogged,
+                ),
+            )
 
 
 def create_app(settings: ControlSettings) -> Starlette:
@@ -174,7 +222,11 @@ def create_app(settings: ControlSettings) -> Starlette:
             Exception: server_error,
         },
     )
-    app.add_middleware(AdminAuth, state=auth_state)
+    app.add_middleware(
+        AdminAuth,
+        state=auth_state,
+        failures=authlimit.AuthFailures(settings.admin_auth_failures, settings.admin_auth_window),
+    )
     app.state.store = store
     app.state.hub = hub
     return app

@@ -32,6 +32,7 @@ from common.config import (
 )
 from common.eventloop import EVENT_LOOP
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
+from control.api import authlimit
 from control.app import ControlSettings, create_app
 from control.ws.admission import DEFAULT_PER_ADDRESS
 
@@ -76,6 +77,14 @@ SETTINGS: tuple[Setting, ...] = (
         "WebSocket connections one address (IPv6: one /64) may hold open before they "
         "authenticate; more get HTTP 429",
         DEFAULT_PER_ADDRESS,
+        parse=positive_int,
+        metavar="N",
+    ),
+    Setting(
+        "admin-auth-failures",
+        "failed admin-token attempts one address (IPv6: one /64) may make per minute on "
+        "/api/; past it its requests get HTTP 429 until the oldest is a minute old",
+        authlimit.DEFAULT_LIMIT,
         parse=positive_int,
         metavar="N",
     ),
@@ -132,6 +141,7 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             agent_host=values["agent_host"],
             offline_after=values["offline_after"],
             max_unauthenticated_per_address=values["max_unauthenticated_per_address"],
+            admin_auth_failures=values["admin_auth_failures"],
             announce=announce,
         ),
         data_dir,

@@ -28,8 +28,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "conflict (name, domain or port in use; address pool exhausted)",
         413: "body too large",
         422: "validation failed",
+        429: "too many failed admin-token attempts from this address (see Retry-After)",
     }
-    return {str(s): {"description": text[s], **_json(_ref(m.Error))} for s in (401, *statuses)}
+    return {str(s): {"description": text[s], **_json(_ref(m.Error))} for s in (401, *statuses, 429)}
 
 
 def _page_of(model: type[BaseModel]) -> dict[str, Any]:

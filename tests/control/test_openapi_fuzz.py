@@ -31,8 +31,14 @@ from tests.support import free_port
 @pytest.fixture(scope="module")
 def control_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     db: Path = tmp_path_factory.mktemp("fuzz") / "control.db"
+    # the generated bearer values for the documented security scheme (401s) must not lock
+    # the fuzzer's address out: the limit on failed admin-token attempts has its own tests
     app = create_app(
-        ControlSettings(database_url=f"sqlite+aiosqlite:///{db}", admin_token=ADMIN_TOKEN)
+        ControlSettings(
+            database_url=f"sqlite+aiosqlite:///{db}",
+            admin_token=ADMIN_TOKEN,
+            admin_auth_failures=1_000_000,
+        )
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
