@@ -31,6 +31,7 @@ from common.config import (
     resolve,
 )
 from common.eventloop import EVENT_LOOP
+from control import listener
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api import authlimit
 from control.app import ControlSettings, create_app
@@ -77,6 +78,22 @@ SETTINGS: tuple[Setting, ...] = (
         "WebSocket connections one address (IPv6: one /64) may hold open before they "
         "authenticate; more get HTTP 429",
         DEFAULT_PER_ADDRESS,
+        parse=positive_int,
+        metavar="N",
+    ),
+    Setting(
+        "request-head-timeout",
+        "seconds a connection has to complete its request line and headers (the first "
+        "from connecting, a later one from its first byte); then it is closed",
+        listener.DEFAULT_HEAD_TIMEOUT,
+        parse=positive_float,
+        metavar="SECONDS",
+    ),
+    Setting(
+        "max-pre-request-per-address",
+        "connections one address (IPv6: one /64) may hold open before their first request "
+        "head is complete; more get HTTP 429 and are closed",
+        listener.DEFAULT_PRE_REQUEST_PER_ADDRESS,
         parse=positive_int,
         metavar="N",
     ),
@@ -159,7 +176,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data-dir: cannot create {data_dir}: {exc.strerror}") from exc
         if not os.access(data_dir, os.W_OK):
             raise ConfigError(f"--data-dir: {data_dir} is not writable")
-    server = server_for(create_app(settings), values["host"], values["port"], values["event_loop"])
+    server = server_for(
+        create_app(settings),
+        values["host"],
+        values["port"],
+        values["event_loop"],
+        head_timeout=values["request_head_timeout"],
+        pre_request_per_address=values["max_pre_request_per_address"],
+    )
     log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op
     # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
@@ -171,15 +195,26 @@ def run(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
-def server_for(app: Any, host: str, port: int, event_loop: str = "auto") -> _Server:
+def server_for(
+    app: Any,
+    host: str,
+    port: int,
+    event_loop: str = "auto",
+    *,
+    head_timeout: float = listener.DEFAULT_HEAD_TIMEOUT,
+    pre_request_per_address: int = listener.DEFAULT_PRE_REQUEST_PER_ADDRESS,
+) -> _Server:
     """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``).
 
     ``event_loop`` is an ``--event-loop`` choice; uvicorn's ``loop`` setting gets the
-    loop it stands for, the same one :func:`common.eventloop.run` creates."""
+    loop it stands for, the same one :func:`common.eventloop.run` creates.  Every
+    connection runs under the request-head deadline and the per-address cap on
+    connections without a request (``control.listener``)."""
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=listener.protocol_class(listener.HeadRules(head_timeout, pre_request_per_address)),
         loop=eventloop.resolve(event_loop),
         log_config=None,
         ws_max_size=protocol.MAX_FRAME_BYTES,
