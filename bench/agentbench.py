@@ -144,6 +144,7 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     from agent.device import AgentDataPlane, GatewayPeer
     from agent.forward import Forwarder
     from common.keys import KeyPair
+    from common.protocol import parse_tunnel
 
     raise_fd_limit()
     loop = asyncio.get_running_loop()
@@ -162,14 +163,17 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     forwarder = Forwarder(tunnel, http_port=cfg["http_port"])
     forwarder.update(
         [
-            {
-                "id": "bench-forward",
-                "protocol": "tcp",
-                "publicPort": cfg["forward_port"],
-                "agentIp": cfg["address"],
-                "target": cfg["forward_target"],
-                "enabled": True,
-            }
+            parse_tunnel(
+                {
+                    "id": "bench-forward",
+                    "protocol": "tcp",
+                    "publicPort": cfg["forward_port"],
+                    "target": cfg["forward_target"],
+                    "agentId": "bench-agent",
+                    "agentIp": cfg["address"],
+                    "enabled": True,
+                }
+            )
         ]
     )
     await forwarder.start()
