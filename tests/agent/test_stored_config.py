@@ -23,6 +23,7 @@ from common.supervisor import Backoff
 from gateway.runtime import Gateway, GatewaySettings
 from gateway.wg.device import WgError
 from gateway.wg.state import WgState
+from tests.configframes import agent_config_data
 from tests.support import free_port
 
 
@@ -179,25 +180,11 @@ async def test_agent_serves_its_stored_config_and_says_no_gateway_answers(
     path = store(
         data_dir,
         "agent",
-        {
-            "agent": {
-                "id": "a",
-                "name": "laptop",
-                "subnet": "100.64.0.0/24",
-                "virtualIp": "100.64.0.100",
-            },
-            "gateways": [
-                {
-                    "id": "g",
-                    "name": "edge",
-                    "publicKey": gateway_key,
-                    "endpoint": f"127.0.0.1:{silent}",
-                    "virtualIp": "100.64.0.1",
-                    "allowedIps": ["100.64.0.1/32"],
-                }
-            ],
-            "tunnels": [tunnel("t1", "app.example.com")],
-        },
+        agent_config_data(
+            tunnel("t1", "app.example.com"),
+            gateway_key=gateway_key,
+            endpoint=f"127.0.0.1:{silent}",
+        ),
     )
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     metrics_port = free_port()

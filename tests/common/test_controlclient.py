@@ -19,6 +19,7 @@ from common.controlclient import (
     ControlView,
     websocket_url,
 )
+from tests.configframes import agent_config_data, gateway_config_data
 from tests.controlserver import RunningControl, create, public_key
 from tests.support import free_port
 
@@ -143,51 +144,11 @@ def tunnel(tunnel_id: str, domain: str = "app.example.com") -> dict[str, Any]:
 
 
 def agent_config(*tunnels: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "agent": {
-            "id": "a",
-            "name": "laptop",
-            "subnet": "100.64.0.0/24",
-            "virtualIp": "100.64.0.100",
-        },
-        "gateways": [
-            {
-                "id": "g",
-                "name": "edge",
-                "publicKey": public_key(3),
-                "endpoint": "192.0.2.1:51820",
-                "virtualIp": "100.64.0.1",
-                "allowedIps": ["100.64.0.1/32"],
-            }
-        ],
-        "tunnels": list(tunnels),
-    }
+    return agent_config_data(*tunnels, gateway_key=public_key(3))
 
 
 def gateway_config(*tunnels: dict[str, Any], certificates: Any = ()) -> dict[str, Any]:
-    return {
-        "gateway": {
-            "id": "g",
-            "name": "edge",
-            "slot": 1,
-            "publicIp": "192.0.2.1",
-            "wireguardPort": 51820,
-            "addresses": ["100.64.0.1/24"],
-        },
-        "agents": [
-            {
-                "id": "a",
-                "name": "laptop",
-                "publicKey": public_key(4),
-                "subnet": "100.64.0.0/24",
-                "virtualIp": "100.64.0.100",
-                "allowedIps": ["100.64.0.100/32"],
-                "gatewayIp": "100.64.0.1",
-            }
-        ],
-        "tunnels": list(tunnels),
-        "certificates": list(certificates),
-    }
+    return gateway_config_data(*tunnels, agent_key=public_key(4), certificates=certificates)
 
 
 async def test_hostile_control_cannot_crash_the_client() -> None:

@@ -26,6 +26,7 @@ from common.relay.admin import AdminServer
 from common.relay.metrics import Metrics
 from common.runtime import STATE_FILE, ControlRuntime
 from common.supervisor import Backoff, Supervisor
+from tests.configframes import agent_config_data, gateway_config_data
 from tests.support import free_port
 
 PEER_KEY = KeyPair.generate().public_b64
@@ -65,48 +66,8 @@ def tunnel(tunnel_id: str, domain: str) -> dict[str, Any]:
 def config_data(role: str, *tunnels: dict[str, Any]) -> dict[str, Any]:
     """A ``config`` frame's data for ``role``, as Control sends it."""
     if role == "agent":
-        return {
-            "agent": {
-                "id": "a",
-                "name": "laptop",
-                "subnet": "100.64.0.0/24",
-                "virtualIp": "100.64.0.100",
-            },
-            "gateways": [
-                {
-                    "id": "g",
-                    "name": "edge",
-                    "publicKey": PEER_KEY,
-                    "endpoint": "192.0.2.1:51820",
-                    "virtualIp": "100.64.0.1",
-                    "allowedIps": ["100.64.0.1/32"],
-                }
-            ],
-            "tunnels": list(tunnels),
-        }
-    return {
-        "gateway": {
-            "id": "g",
-            "name": "edge",
-            "slot": 1,
-            "publicIp": "192.0.2.1",
-            "wireguardPort": 51820,
-            "addresses": ["100.64.0.1/24"],
-        },
-        "agents": [
-            {
-                "id": "a",
-                "name": "laptop",
-                "publicKey": PEER_KEY,
-                "subnet": "100.64.0.0/24",
-                "virtualIp": "100.64.0.100",
-                "allowedIps": ["100.64.0.100/32"],
-                "gatewayIp": "100.64.0.1",
-            }
-        ],
-        "tunnels": list(tunnels),
-        "certificates": [],
-    }
+        return agent_config_data(*tunnels, gateway_key=PEER_KEY)
+    return gateway_config_data(*tunnels, agent_key=PEER_KEY)
 
 
 class Program:
