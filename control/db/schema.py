@@ -92,3 +92,52 @@ settings = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
+
+# -- the dashboard (migration 0002_dashboard) ----------------------------------------------
+
+admin_users = sa.Table(
+    "admin_users",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("username", sa.String(63), nullable=False, unique=True),
+    # argon2id, PHC string format ($argon2id$v=19$m=…,t=…,p=…$salt$hash)
+    sa.Column("password_hash", sa.String(255), nullable=False),
+    sa.Column("last_login_at", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+admin_sessions = sa.Table(
+    "admin_sessions",
+    metadata,
+    # SHA-256 of the session token in the cookie: the database never holds the token
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column(
+        "user_id",
+        sa.String(36),
+        sa.ForeignKey("admin_users.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_seen_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+    sa.Column("address", sa.String(64)),
+    sa.Column("user_agent", sa.String(256)),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    # who: a dashboard user ("user"), the REST API's admin token ("token"), Control ("system")
+    sa.Column("actor_kind", sa.String(16), nullable=False),
+    sa.Column("actor", sa.String(63), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("object_kind", sa.String(16)),
+    sa.Column("object_id", sa.String(36)),
+    sa.Column("object_name", sa.String(253)),
+    sa.Column("detail", sa.String(1024)),
+    sa.Column("address", sa.String(64)),
+)

@@ -28,6 +28,9 @@ async def test_migrated_schema_matches_metadata(tmp_path: Path) -> None:
                 "tunnels",
                 "certificates",
                 "settings",
+                "admin_users",
+                "admin_sessions",
+                "audit_log",
                 "alembic_version",
             } <= tables
 
