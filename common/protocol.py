@@ -581,6 +581,273 @@ class CertificateSpec:
         return f"CertificateSpec(domain={self.domain!r}, not_after={self.not_after})"
 
 
+# -- access policies (gateways only: they hold password hashes and session keys) ----------
+#
+# A tunnel's access policy is evaluated by every gateway before any byte goes to the
+# agent (``gateway/access/``); Control stores it and sends it in the gateway's config.
+# Secrets arrive hashed (argon2id for passwords, SHA-256 for bearer and share tokens),
+# except the OIDC client secret and the session keys, which a gateway needs as such.
+
+PATH_ACTIONS = ("auth", "bypass", "deny", "bearer")
+MAX_POLICY_ENTRIES = 1000
+MAX_SESSION_TTL = 30 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class BasicUser:
+    """An HTTP basic-auth user and the argon2id hash of their password."""
+
+    user: str
+    hash: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"user": self.user, "hash": self.hash}
+
+    def __repr__(self) -> str:
+        return f"BasicUser(user={self.user!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PathRule:
+    """What a path prefix asks: ``auth`` (the policy), ``bypass`` (no sign-in; IP rules
+    still hold), ``deny``, or ``bearer`` (``Authorization: Bearer`` with the token whose
+    SHA-256 is ``bearer_hash``)."""
+
+    prefix: str
+    action: str
+    bearer_hash: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"prefix": self.prefix, "action": self.action, "bearerHash": self.bearer_hash}
+
+
+@dataclass(frozen=True, slots=True)
+class ShareLink:
+    """A share link: the SHA-256 of its token, when it expires (Unix time) and how
+    many more times it may be used (None: any number)."""
+
+    id: str
+    token_hash: str
+    expires_at: float
+    uses_left: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "tokenHash": self.token_hash,
+            "expiresAt": self.expires_at,
+            "usesLeft": self.uses_left,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OidcSpec:
+    """OIDC single sign-on for a tunnel: the provider and who may pass."""
+
+    issuer: str
+    client_id: str
+    client_secret: str
+    scopes: tuple[str, ...]
+    allowed_emails: tuple[str, ...]
+    allowed_domains: tuple[str, ...]
+    allowed_groups: tuple[str, ...]
+    groups_claim: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "issuer": self.issuer,
+            "clientId": self.client_id,
+            "clientSecret": self.client_secret,
+            "scopes": list(self.scopes),
+            "allowedEmails": list(self.allowed_emails),
+            "allowedDomains": list(self.allowed_domains),
+            "allowedGroups": list(self.allowed_groups),
+            "groupsClaim": self.groups_claim,
+        }
+
+    def __repr__(self) -> str:  # never the client secret
+        return f"OidcSpec(issuer={self.issuer!r}, client_id={self.client_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Who may reach one tunnel (see ``gateway/access/policy.py`` for the evaluation).
+
+    ``epoch`` grows whenever a credential changes: sessions signed in under an older
+    one end.  ``session_domain`` (a parent of the tunnel's domain) shares sign-in across
+    the tunnels under it; ``session_ttl`` is how long a session lasts, in seconds.
+    """
+
+    tunnel_id: str
+    epoch: int
+    ip_allow: tuple[str, ...] = ()
+    ip_deny: tuple[str, ...] = ()
+    basic_users: tuple[BasicUser, ...] = ()
+    password_hash: str | None = None
+    oidc: OidcSpec | None = None
+    share_links: tuple[ShareLink, ...] = ()
+    paths: tuple[PathRule, ...] = ()
+    session_domain: str | None = None
+    session_ttl: int = 86400
+    identity_headers: bool = True
+
+    @property
+    def sign_in(self) -> bool:
+        """Whether the policy asks who the client is (else only IP rules apply)."""
+        return bool(self.basic_users or self.password_hash or self.oidc or self.share_links) or any(
+            rule.action == "bearer" for rule in self.paths
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "tunnelId": self.tunnel_id,
+            "epoch": self.epoch,
+            "ipAllow": list(self.ip_allow),
+            "ipDeny": list(self.ip_deny),
+            "basicUsers": [u.to_wire() for u in self.basic_users],
+            "passwordHash": self.password_hash,
+            "oidc": self.oidc.to_wire() if self.oidc is not None else None,
+            "shareLinks": [link.to_wire() for link in self.share_links],
+            "paths": [rule.to_wire() for rule in self.paths],
+            "sessionDomain": self.session_domain,
+            "sessionTtl": self.session_ttl,
+            "identityHeaders": self.identity_headers,
+        }
+
+    def __repr__(self) -> str:
+        return f"AccessPolicy(tunnel_id={self.tunnel_id!r}, epoch={self.epoch})"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """A key the gateways sign session cookies with (the first of the list signs;
+    the others still verify, for a rotation)."""
+
+    id: str
+    secret: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "secret": base64.b64encode(self.secret).decode()}
+
+    def __repr__(self) -> str:
+        return f"SessionKey(id={self.id!r})"
+
+
+_HASH_PREFIXES = ("$argon2id$",)
+
+
+def _argon2_hash(data: dict[str, Any], key: str) -> str:
+    text = _str(data, key, max_len=256)
+    if not text.startswith(_HASH_PREFIXES):
+        raise ProtocolError("invalid_field", f"'{key}' must be an argon2id hash")
+    return text
+
+
+def _sha256_hex(data: dict[str, Any], key: str) -> str:
+    text = _str(data, key, max_len=64)
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ProtocolError("invalid_field", f"'{key}' must be a SHA-256 in lower-case hex")
+    return text
+
+
+def _strings(data: dict[str, Any], key: str, *, max_len: int = 256) -> tuple[str, ...]:
+    values = data.get(key, [])
+    if not isinstance(values, list) or len(values) > MAX_POLICY_ENTRIES:
+        raise ProtocolError(
+            "invalid_field", f"'{key}' must be a list of at most {MAX_POLICY_ENTRIES}"
+        )
+    return tuple(_str({key: v}, key, max_len=max_len) for v in values)
+
+
+def _policy_entries(data: dict[str, Any], key: str) -> list[Any]:
+    values = data.get(key, [])
+    if not isinstance(values, list) or len(values) > MAX_POLICY_ENTRIES:
+        raise ProtocolError(
+            "invalid_field", f"'{key}' must be a list of at most {MAX_POLICY_ENTRIES}"
+        )
+    return values
+
+
+def _path_rule(value: object) -> PathRule:
+    data = _object(value, "a path rule")
+    prefix = _str(data, "prefix", max_len=1024)
+    if not prefix.startswith("/") or not prefix.isascii() or any(c <= " " for c in prefix):
+        raise ProtocolError("invalid_field", "'prefix' must be a path starting with /")
+    action = _str(data, "action", max_len=16)
+    if action not in PATH_ACTIONS:
+        raise ProtocolError("invalid_field", f"'action' must be one of {PATH_ACTIONS}")
+    bearer = _sha256_hex(data, "bearerHash") if action == "bearer" else None
+    return PathRule(prefix, action, bearer)
+
+
+def _share_link(value: object) -> ShareLink:
+    data = _object(value, "a share link")
+    expires = _number(data, "expiresAt")
+    if not 0 <= expires <= 2**40:
+        raise ProtocolError("invalid_field", "'expiresAt' must be a Unix time")
+    return ShareLink(
+        _str(data, "id", max_len=MAX_ID),
+        _sha256_hex(data, "tokenHash"),
+        expires,
+        _optional_int(data, "usesLeft", 0, 2**31),
+    )
+
+
+def _oidc(value: object) -> OidcSpec:
+    data = _object(value, "'oidc'")
+    issuer = _str(data, "issuer", max_len=512)
+    if not issuer.startswith(("https://", "http://")):
+        raise ProtocolError("invalid_field", "'issuer' must be an http(s) URL")
+    return OidcSpec(
+        issuer,
+        _str(data, "clientId", max_len=256),
+        _str(data, "clientSecret", max_len=512, optional=True),
+        _strings(data, "scopes", max_len=64) or ("openid", "email", "profile"),
+        tuple(e.lower() for e in _strings(data, "allowedEmails")),
+        tuple(d.lower() for d in _strings(data, "allowedDomains", max_len=MAX_DOMAIN)),
+        _strings(data, "allowedGroups"),
+        _str(data, "groupsClaim", max_len=64, optional=True) or "groups",
+    )
+
+
+def parse_access_policy(value: object) -> AccessPolicy:
+    data = _object(value, "an access policy")
+    password = None if data.get("passwordHash") is None else _argon2_hash(data, "passwordHash")
+    oidc = None if data.get("oidc") is None else _oidc(data["oidc"])
+    domain = None if data.get("sessionDomain") is None else _domain(data, "sessionDomain")
+    identity = data.get("identityHeaders", True)
+    if not isinstance(identity, bool):
+        raise ProtocolError("invalid_field", "'identityHeaders' must be true or false")
+    return AccessPolicy(
+        _str(data, "tunnelId", max_len=MAX_ID),
+        _int(data, "epoch", 0, 2**62),
+        _prefixes({"ipAllow": data.get("ipAllow", [])}, "ipAllow"),
+        _prefixes({"ipDeny": data.get("ipDeny", [])}, "ipDeny"),
+        tuple(
+            BasicUser(_str(u, "user", max_len=128), _argon2_hash(u, "hash"))
+            for u in (_object(v, "a basic-auth user") for v in _policy_entries(data, "basicUsers"))
+        ),
+        password,
+        oidc,
+        tuple(_share_link(v) for v in _policy_entries(data, "shareLinks")),
+        tuple(_path_rule(v) for v in _policy_entries(data, "paths")),
+        domain,
+        _int(data, "sessionTtl", 60, MAX_SESSION_TTL),
+        identity,
+    )
+
+
+def _session_key(value: object) -> SessionKey:
+    data = _object(value, "a session key")
+    try:
+        secret = base64.b64decode(_str(data, "secret", max_len=64), validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("invalid_field", "'secret' is not valid base64") from None
+    if len(secret) != 32:
+        raise ProtocolError("invalid_field", "'secret' must encode 32 bytes")
+    return SessionKey(_str(data, "id", max_len=MAX_ID), secret)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """``config`` for a gateway: itself, every agent, every tunnel, every certificate."""
@@ -589,6 +856,10 @@ class GatewayConfig:
     agents: tuple[AgentPeerSpec, ...]
     tunnels: tuple[TunnelSpec, ...]
     certificates: tuple[CertificateSpec, ...]
+    #: the tunnels' access policies (a tunnel without one is open to anyone)
+    policies: tuple[AccessPolicy, ...] = ()
+    #: the keys session cookies are signed with (the first signs)
+    session_keys: tuple[SessionKey, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -596,6 +867,8 @@ class GatewayConfig:
             "agents": [a.to_wire() for a in self.agents],
             "tunnels": [t.to_wire() for t in self.tunnels],
             "certificates": [c.to_wire() for c in self.certificates],
+            "policies": [policy.to_wire() for policy in self.policies],
+            "sessionKeys": [key.to_wire() for key in self.session_keys],
         }
 
 
@@ -641,7 +914,14 @@ def parse_gateway_config(value: object) -> GatewayConfig:
         tuple(_agent_peer(a) for a in _list(data, "agents")),
         tuple(parse_tunnel(t) for t in _list(data, "tunnels")),
         tuple(_certificate(c) for c in _list(data, "certificates")),
+        tuple(parse_access_policy(v) for v in _optional_list(data, "policies")),
+        tuple(_session_key(v) for v in _optional_list(data, "sessionKeys")),
     )
+
+
+def _optional_list(data: dict[str, Any], key: str) -> list[Any]:
+    """A list that an older Control does not send (absent: empty)."""
+    return [] if data.get(key) is None else _list(data, key)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,19 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-_FORWARDED_OVERWRITE = frozenset({b"x-real-ip", b"x-forwarded-host", b"x-forwarded-proto"})
+_FORWARDED_OVERWRITE = frozenset(
+    {
+        b"x-real-ip",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        # who the client is, as the gateway's access policy found: never the client's say
+        b"x-auth-user",
+        b"x-auth-email",
+        b"x-auth-groups",
+    }
+)
+#: cookies the gateway's access policy owns (``gateway/access``): never sent to an app
+_OWN_COOKIE_PREFIX = b"kkm_"
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
@@ -156,11 +168,16 @@ def request_headers_for_agent(
     chunked: bool,
     upgrade: bool,
     peer_ip: str | None = None,
+    identity: list[tuple[bytes, bytes]] | None = None,
+    strip_own_cookies: bool = False,
 ) -> Headers:
     """The header list to send to the agent for a client's request.
 
     ``peer_ip`` (default ``client_ip``) is appended to ``X-Forwarded-For``;
-    ``client_ip`` becomes ``X-Real-IP``.  Host goes first (RFC 9110 §7.2).
+    ``client_ip`` becomes ``X-Real-IP``.  Host goes first (RFC 9110 §7.2).  Any
+    ``X-Auth-*`` field the client sent is dropped; ``identity`` (the access policy's
+    ``X-Auth-*`` fields) is added; ``strip_own_cookies`` removes the gateway's session
+    cookies (``kkm_*``) from ``Cookie``.
     """
     drop = _hop_by_hop(headers)
     host: tuple[bytes, bytes] | None = None
@@ -176,6 +193,10 @@ def request_headers_for_agent(
                 prior.append(value)
         elif name == b"host" and host is None:
             host = field
+        elif strip_own_cookies and name == b"cookie" and _OWN_COOKIE_PREFIX in field[1]:
+            kept = _without_own_cookies(field[1])
+            if kept:
+                out.append((name, kept))
         else:
             out.append(field)
     if upgrade:
@@ -189,30 +210,50 @@ def request_headers_for_agent(
         (b"x-forwarded-host", host[1] if host is not None else b""),
         (b"x-forwarded-proto", proto.encode("ascii")),
     ]
+    if identity:
+        out += identity
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
     return out if host is None else [host, *out]
 
 
-#: the last forwarding field and the blank line, after a head relayed as it came
-PROTO_LINE = {
-    proto: b"\r\nx-forwarded-proto: %s\r\n\r\n" % proto.encode() for proto in ("http", "https")
-}
+def _without_own_cookies(value: bytes) -> bytes:
+    """A Cookie value without the gateway's cookies (b"" if nothing else is left)."""
+    kept = [
+        pair
+        for pair in (p.strip() for p in value.split(b";"))
+        if pair and not pair.startswith(_OWN_COOKIE_PREFIX)
+    ]
+    return b"; ".join(kept)
+
+
+#: the last forwarding field (without its CRLF), after a head relayed as it came
+PROTO_FIELD = {proto: b"\r\nx-forwarded-proto: %s" % proto.encode() for proto in ("http", "https")}
 
 
 def forwarding_fields(peer_ip: str) -> bytes:
     """``X-Forwarded-For`` and ``X-Real-IP`` naming the peer, then the start of
-    ``X-Forwarded-Host``: with the Host value and ``PROTO_LINE`` after it, the fields
+    ``X-Forwarded-Host``: with the Host value and ``PROTO_FIELD`` after it, the fields
     ``request_headers_for_agent`` adds to a request that names no other client."""
     peer = peer_ip.encode("ascii", "replace")
     return b"x-forwarded-for: %s\r\nx-real-ip: %s\r\nx-forwarded-host: " % (peer, peer)
 
 
-def verbatim_request_head(raw: bytes, peer_ip: str, host: bytes, proto: str) -> bytes:
+def verbatim_request_head(
+    raw: bytes,
+    peer_ip: str,
+    host: bytes,
+    proto: str,
+    identity: list[tuple[bytes, bytes]] | None = None,
+) -> bytes:
     """A request head as the agent gets it when it goes as it came (``RequestHead.raw``,
-    see ``h1/_scan.scan_request``): its bytes, then the forwarding fields (the proxy
-    builds the same join with ``forwarding_fields`` made once per connection)."""
-    return b"".join((raw, forwarding_fields(peer_ip), host, PROTO_LINE[proto]))
+    see ``h1/_scan.scan_request``): its bytes, then the forwarding fields and the access
+    policy's identity fields (the proxy builds the same join with ``forwarding_fields``
+    made once per connection)."""
+    end = PROTO_FIELD[proto]
+    if identity:
+        end += b"".join(b"\r\n%s: %s" % field for field in identity)
+    return b"".join((raw, forwarding_fields(peer_ip), host, end, b"\r\n\r\n"))
 
 
 def response_headers_for_client(headers: Headers, *, upgrade: bool = False) -> Headers:

@@ -37,6 +37,8 @@ class ProxySettings:
     trusted_proxies: tuple[str, ...] = ()
     #: one INFO line per request (method, host, path without query, status, bytes)
     access_log: bool = False
+    #: CA bundle for the tunnels' OIDC providers (None: the system's trust store)
+    oidc_ca_file: str | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
 
     def __post_init__(self) -> None:

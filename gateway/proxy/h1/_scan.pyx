@@ -112,7 +112,7 @@ cdef enum:
     #: a hop-by-hop field a proxy must drop (RFC 9110 §7.6.1), or a Connection field
     #: other than a lone "keep-alive"
     HOP = 1
-    #: a forwarding field the gateway states itself (X-Forwarded-*, X-Real-IP)
+    #: a field the gateway states itself (X-Forwarded-*, X-Real-IP, X-Auth-*)
     FORWARDED = 2
     #: the first field is not Host
     HOST_LATER = 4
@@ -136,6 +136,12 @@ cdef int _named(const char* name, Py_ssize_t n):
         return HOP if memcmp(name, b"trailer", 7) == 0 or memcmp(name, b"upgrade", 7) == 0 else 0
     if n == 9:
         return FORWARDED if memcmp(name, b"x-real-ip", 9) == 0 else 0
+    if n == 11:
+        return FORWARDED if memcmp(name, b"x-auth-user", 11) == 0 else 0
+    if n == 12:
+        return FORWARDED if memcmp(name, b"x-auth-email", 12) == 0 else 0
+    if n == 13:
+        return FORWARDED if memcmp(name, b"x-auth-groups", 13) == 0 else 0
     if n == 10:
         return HOP if memcmp(name, b"keep-alive", 10) == 0 else 0
     if n == 15:
