@@ -23,7 +23,7 @@ from common.config import (
     positive_float,
     resolve,
 )
-from common.controlclient import websocket_url
+from common.controlclient import CONTROL_CA, TOKEN, control_target
 from common.eventloop import EVENT_LOOP
 from common.service import run_until_signalled
 
@@ -43,8 +43,10 @@ def _mtu(value: str) -> int:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
+    TOKEN,
+    Setting("control-url", "Control's URL (https://host:port)", None, metavar="URL"),
     Setting("api-key", "this agent's API key (agt_…)", None, secret=True, metavar="KEY"),
+    CONTROL_CA,
     Setting("data-dir", "state directory (WireGuard key, last configuration)", "./data/agent"),
     Setting(
         "wireguard-port",
@@ -103,16 +105,7 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 def settings_from(values: dict[str, Any]) -> AgentSettings:
-    for required in ("control_url", "api_key"):
-        if not values[required]:
-            flag = required.replace("_", "-")
-            raise ConfigError(f"--{flag} (or KAKUREMICHI_{required.upper()}) is required")
-    try:
-        websocket_url(values["control_url"])
-    except ValueError as exc:
-        raise ConfigError(f"--control-url: {exc}") from exc
-    if not values["api_key"].startswith("agt_"):
-        raise ConfigError("--api-key: an agent key starts with agt_")
+    control = control_target(values, "agent")
     for name in ("wireguard_host", "metrics_host"):
         try:
             ipaddress.ip_address(values[name])
@@ -120,8 +113,10 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
             flag = name.replace("_", "-")
             raise ConfigError(f"--{flag}: {values[name]!r} is not an IP address") from exc
     return AgentSettings(
-        control_url=values["control_url"],
-        api_key=values["api_key"],
+        control_url=control.url,
+        api_key=control.api_key,
+        control_ssl=control.ssl_context,
+        control_pin=control.pin,
         data_dir=Path(values["data_dir"]).expanduser(),
         wireguard_host=values["wireguard_host"],
         wireguard_port=values["wireguard_port"],

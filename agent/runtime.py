@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,10 @@ class AgentSettings:
     mtu: int = 1420
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics and /healthz listener
+    #: how Control's certificate is verified (None: the system's trust store)
+    control_ssl: ssl.SSLContext | None = None
+    #: the enrollment token's pin of Control's key
+    control_pin: str | None = None
 
 
 def _describe(tunnel: TunnelSpec) -> dict[str, Any]:
@@ -109,6 +114,8 @@ class Agent:
                 client_type="agent",
                 public_key=self.keys.public_b64,
                 version=f"kakuremichi-agent/{__version__}",
+                ssl_context=settings.control_ssl,
+                pin=settings.control_pin,
             ),
             settings.data_dir,
             ControlView.agent_config,

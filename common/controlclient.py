@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -42,7 +43,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from common import jsonsafe
 from common import protocol as p
+from common.config import ENV_PREFIX, ConfigError, Setting
 from common.logs import OncePer, kv
+from common.token import TokenError, spki_pin_of_der
+from common.token import decode as decode_token
 
 log = logging.getLogger("kakuremichi.controlclient")
 
@@ -59,6 +63,165 @@ def websocket_url(control_url: str) -> str:
     if not path.endswith("/ws"):
         path += "/ws"
     return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class PinMismatch(Exception):
+    """Control's certificate is not the one the enrollment token pins."""
+
+
+def is_loopback_url(url: str) -> bool:
+    """True if the URL's host is ``localhost`` or a loopback address."""
+    host = (urlsplit(url.strip()).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_warning(url: str) -> str | None:
+    """A warning to print at start when ``url`` reaches a non-loopback Control in clear."""
+    scheme = urlsplit(url.strip()).scheme
+    if scheme not in ("http", "ws") or is_loopback_url(url):
+        return None
+    return (
+        f"Control URL {url} is plain {scheme}:// to a host that is not loopback: the API "
+        "key, the configuration (certificate keys included) and admin tokens cross the "
+        "network unencrypted; serve Control over HTTPS (--tls-cert/--tls-key or "
+        "--acme-domain) and use https://"
+    )
+
+
+def client_ssl_context(ca_file: str | None = None, pin: str | None = None) -> ssl.SSLContext:
+    """How a gateway, agent or admin command verifies Control's certificate.
+
+    Without a pin: the system's trust store, or only ``ca_file`` (PEM) for a private
+    CA, with the host name checked.  With a pin (from an enrollment token) the chain is
+    not checked against any CA: :func:`check_pin` must accept the peer's key before
+    anything secret is sent.  ``ssl.SSLError``/``OSError`` for a CA file that cannot be
+    read are the caller's to turn into a configuration error."""
+    if pin is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def check_pin(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, pin: str | None) -> None:
+    """Raise :class:`PinMismatch` unless the peer's certificate key has ``pin``."""
+    if pin is None:
+        return
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise PinMismatch("Control presented no certificate, but the token pins one")
+    seen = spki_pin_of_der(der)
+    if seen != pin:
+        raise PinMismatch(
+            f"Control's certificate key (sha256 {seen}) is not the one the enrollment "
+            f"token pins (sha256 {pin}); refusing to send the API key. Was Control's "
+            "certificate replaced with a new key? Then issue a new token (rotate-key)."
+        )
+
+
+def describe_tls_error(exc: BaseException) -> str:
+    """A connection error, explained when it (or its cause, as httpx wraps them) is
+    about Control's certificate."""
+    cause: BaseException | None = exc
+    for _ in range(8):
+        if cause is None or isinstance(cause, ssl.SSLCertVerificationError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"Control's certificate is not trusted ({cause.verify_message or cause}): pass "
+            "--control-ca FILE for a private CA, or join with an enrollment token "
+            "(--token), which pins Control's key"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+#: the settings every program that talks to Control has (agent, gateway, admin, apply)
+CONTROL_CA = Setting(
+    "control-ca",
+    "PEM file of the CA that signed Control's certificate, for a private CA (default: "
+    "the system's trust store; not needed with a --token, which pins Control's key)",
+    None,
+    metavar="FILE",
+)
+TOKEN = Setting(
+    "token",
+    "enrollment token (kmt_…, printed by 'admin agent|gateway create'): Control's URL, "
+    "this program's API key and Control's certificate pin in one; replaces --api-key "
+    "(a --control-url given too overrides the token's URL, the pin still applies)",
+    None,
+    secret=True,
+    metavar="TOKEN",
+)
+
+
+@dataclass(frozen=True)
+class ControlTarget:
+    """Where Control is and how to trust it, resolved from the settings."""
+
+    url: str
+    api_key: str
+    ssl_context: ssl.SSLContext | None
+    pin: str | None
+
+
+def control_target(values: dict[str, Any], kind: str) -> ControlTarget:
+    """``--token`` / ``--control-url`` / ``--api-key`` / ``--control-ca`` of an agent
+    (``kind="agent"``, keys ``agt_``) or gateway (``gtw_``) made one
+    :class:`ControlTarget`; :class:`ConfigError` names the setting that is wrong.  A
+    plain-text URL to a non-loopback host is allowed but logged as a warning."""
+    prefix = {"agent": "agt_", "gateway": "gtw_"}[kind]
+    url, api_key, pin = values.get("control_url"), values.get("api_key"), None
+    if values.get("token"):
+        if api_key:
+            raise ConfigError("--token and --api-key: give one of them (the token holds the key)")
+        try:
+            token = decode_token(values["token"])
+        except TokenError as exc:
+            raise ConfigError(f"--token: {exc}") from None
+        if token.kind != kind:
+            raise ConfigError(f"--token: this is a {token.kind}'s token, not a {kind}'s")
+        url, api_key, pin = url or token.control_url, token.api_key, token.pin
+    for name, value in (("control-url", url), ("api-key", api_key)):
+        if not value:
+            env = ENV_PREFIX + name.replace("-", "_").upper()
+            raise ConfigError(f"--{name} (or {env}), or a --token, is required")
+    assert url is not None and api_key is not None
+    try:
+        ws_url = websocket_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"--control-url: {exc}") from exc
+    if not api_key.startswith(prefix):
+        raise ConfigError(
+            f"--api-key: {'an' if kind == 'agent' else 'a'} {kind} key starts with {prefix}"
+        )
+    secure = ws_url.startswith("wss://")
+    if pin is not None and not secure:
+        raise ConfigError(
+            f"--control-url: {url} is not https://, but the token pins Control's "
+            "certificate; use Control's https:// URL"
+        )
+    context = None
+    if secure:
+        ca_file = values.get("control_ca")
+        if ca_file and pin is not None:
+            log.info("--control-ca is not used: the token pins Control's key")
+        try:
+            context = client_ssl_context(None if pin else ca_file, pin)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"--control-ca: cannot load {ca_file}: {exc}") from exc
+    warning = plaintext_warning(url)
+    if warning:
+        log.warning(warning)
+    return ControlTarget(url, api_key, context, pin)
 
 
 @dataclass
@@ -167,6 +330,8 @@ class ControlClientSettings:
     backoff_max: float = 60.0
     open_timeout: float = 15.0
     ssl_context: ssl.SSLContext | None = None
+    #: the enrollment token's pin of Control's key (base64url SHA-256 of the SPKI)
+    pin: str | None = None
 
 
 class ControlClient:
@@ -222,8 +387,11 @@ class ControlClient:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except PinMismatch as exc:
+                self.last_error = str(exc)
+                log.error("refusing Control: wrong certificate", extra=kv(error=str(exc)))
             except Exception as exc:  # every failure is transient for us
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.last_error = describe_tls_error(exc)
             finally:
                 self.connected.clear()
                 self._ws = None
@@ -243,14 +411,21 @@ class ControlClient:
             with contextlib.suppress(Exception):
                 await self._ws.close(1001, "shutting down")
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self.settings.ssl_context is None:
+            self.settings.ssl_context = client_ssl_context(pin=self.settings.pin)
+        return self.settings.ssl_context
+
     async def _session(self) -> None:
         async with connect(
             self.url,
             open_timeout=self.settings.open_timeout,
             max_size=p.MAX_FRAME_BYTES * 16,
-            ssl=self.settings.ssl_context if self.url.startswith("wss") else None,
+            ssl=self._ssl_context() if self.url.startswith("wss") else None,
             compression=None,
         ) as ws:
+            if self.url.startswith("wss"):
+                check_pin(ws.transport.get_extra_info("ssl_object"), self.settings.pin)
             self._ws = ws
             auth = p.Auth(
                 api_key=self.settings.api_key,

@@ -253,6 +253,95 @@ def parse_status(data: dict[str, Any]) -> list[TunnelHealth]:
     return result
 
 
+#: how often gateways and agents send ``stats`` (seconds)
+STATS_INTERVAL = 10.0
+#: bounds of one ``stats`` frame
+MAX_STATS_ENTRIES = 10_000
+MAX_COUNT = 2**53
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTraffic:
+    """One tunnel's traffic since the previous ``stats`` (counts, not totals)."""
+
+    tunnel_id: str
+    requests: int  # HTTP requests answered, or raw TCP connections / UDP flows opened
+    errors: int  # 5xx answers and failures reaching the agent
+    bytes_in: int  # from clients
+    bytes_out: int  # to clients
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "tunnelId": self.tunnel_id,
+            "requests": self.requests,
+            "errors": self.errors,
+            "bytesIn": self.bytes_in,
+            "bytesOut": self.bytes_out,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHandshake:
+    """A WireGuard peer (by public key) and the age of its last handshake."""
+
+    public_key: str
+    handshake_age: float | None  # seconds; None: never
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"publicKey": self.public_key, "handshakeAge": self.handshake_age}
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """``stats`` from a gateway or an agent, every ``STATS_INTERVAL``: per-tunnel traffic
+    since the previous one (a gateway's: it sees every request; an agent sends none, its
+    counts of the same connections would double them) and its WireGuard peers'
+    handshake ages."""
+
+    tunnels: tuple[TunnelTraffic, ...]
+    peers: tuple[PeerHandshake, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "tunnels": [t.to_wire() for t in self.tunnels],
+            "peers": [p.to_wire() for p in self.peers],
+        }
+
+
+def _entries(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or len(value) > MAX_STATS_ENTRIES:
+        raise ProtocolError(
+            "invalid_field", f"'{key}' must be a list of at most {MAX_STATS_ENTRIES}"
+        )
+    return value
+
+
+def parse_stats(data: dict[str, Any]) -> Stats:
+    tunnels = []
+    for entry in _entries(data, "tunnels"):
+        item = _object(entry, "a tunnel's traffic")
+        tunnels.append(
+            TunnelTraffic(
+                _str(item, "tunnelId", max_len=MAX_ID),
+                _int(item, "requests", 0, MAX_COUNT),
+                _int(item, "errors", 0, MAX_COUNT),
+                _int(item, "bytesIn", 0, MAX_COUNT),
+                _int(item, "bytesOut", 0, MAX_COUNT),
+            )
+        )
+    peers = []
+    for entry in _entries(data, "peers"):
+        item = _object(entry, "a peer")
+        age = None
+        if item.get("handshakeAge") is not None:
+            age = _number(item, "handshakeAge")
+            if age < 0:
+                raise ProtocolError("invalid_field", "'handshakeAge' must be >= 0")
+        peers.append(PeerHandshake(check_public_key(_str(item, "publicKey", max_len=64)), age))
+    return Stats(tuple(tunnels), tuple(peers))
+
+
 def parse_certificate_obtained(data: dict[str, Any]) -> CertificateObtained:
     domain = _str(data, "domain", max_len=253).lower()
     certificate = _str(data, "certificate", max_len=64 * 1024)

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from typing import Any
 
 import httpx
 
 from common.config import COMMON, ConfigError, Setting, add_settings, resolve
+from common.controlclient import (
+    CONTROL_CA,
+    client_ssl_context,
+    describe_tls_error,
+    is_loopback_url,
+    plaintext_warning,
+)
+from common.token import TokenError
+from common.token import decode as decode_token
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-url", "Control's base URL", "http://127.0.0.1:7700", metavar="URL"),
     Setting("admin-token", "admin bearer token", None, secret=True, metavar="TOKEN"),
+    CONTROL_CA,
     *COMMON,
 )
 
@@ -51,11 +62,18 @@ class ApiFailure(Exception):
 class Client:
     """A thin synchronous REST client."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, ca_file: str | None = None) -> None:
+        verify: ssl.SSLContext | bool = True
+        if base_url.startswith("https://"):
+            try:
+                verify = client_ssl_context(ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"--control-ca: cannot load {ca_file}: {exc}") from exc
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}"},
             timeout=30.0,
+            verify=verify,
         )
 
     def call(
@@ -68,7 +86,8 @@ class Client:
         try:
             response = self.http.request(method, path, json=body, params=params)
         except httpx.HTTPError as exc:
-            raise ApiFailure(f"cannot reach Control at {self.http.base_url}: {exc}") from exc
+            reason = describe_tls_error(exc)
+            raise ApiFailure(f"cannot reach Control at {self.http.base_url}: {reason}") from exc
         if response.status_code == 204:
             return None
         try:
@@ -113,12 +132,30 @@ def _print(args: argparse.Namespace, collection: str, data: Any) -> None:
         print(_table(data, _COLUMNS[collection]) if data else f"(no {collection})")
     else:
         for key, value in data.items():
-            if key not in ("apiKey", "certificate"):
+            if key not in ("apiKey", "token", "certificate"):
                 print(f"{key}: {value}")
 
 
 def _show_key(kind: str, data: dict[str, Any]) -> None:
     print(f"\nAPI key for {kind} {data['name']!r} (shown once, store it now):\n  {data['apiKey']}")
+    token = data.get("token")
+    if not token:
+        return
+    print(
+        f"\nEnrollment token (Control's URL, this key and Control's certificate pin in one;"
+        f" shown once):\n  {token}\n\nStart the {kind} with it:\n"
+        f"  KAKUREMICHI_TOKEN='{token}' kakuremichi {kind}"
+        + (" --public-ip <this host's public address>" if kind == "gateway" else "")
+    )
+    try:
+        url = decode_token(token).control_url
+    except TokenError:
+        return
+    if is_loopback_url(url):
+        print(
+            f"\nNote: the token names Control at {url}, reachable only from this machine; "
+            "start Control with --public-url set to the address agents and gateways reach."
+        )
 
 
 def _client_verbs(client: Client, args: argparse.Namespace, kind: str) -> int:
@@ -209,7 +246,10 @@ def run(args: argparse.Namespace) -> int:
     token = values["admin_token"]
     if not token:
         raise ConfigError("--admin-token (or KAKUREMICHI_ADMIN_TOKEN[_FILE]) is required")
-    client = Client(values["control_url"], token)
+    warning = plaintext_warning(values["control_url"])
+    if warning:
+        print(f"kakuremichi admin: warning: {warning}", file=sys.stderr)
+    client = Client(values["control_url"], token, values["control_ca"])
     try:
         if args.noun in ("agent", "gateway"):
             return _client_verbs(client, args, args.noun)

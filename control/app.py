@@ -10,6 +10,7 @@ authenticates with agent/gateway API keys inside the protocol; ``/healthz`` and
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -33,9 +34,10 @@ from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, Addr
 from control.api import authlimit
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
-from control.api.routes import Api
+from control.api.routes import Api, Enrollment, request_base_url
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
+from control.tls import ControlTls
 from control.ws.admission import DEFAULT_PER_ADDRESS, address_key
 from control.ws.hub import Hub
 
@@ -65,6 +67,11 @@ class ControlSettings:
     #: that window in seconds (not a flag; tests shorten it)
     admin_auth_window: float = authlimit.DEFAULT_WINDOW
     announce: Callable[[str], None] = field(default=print)
+    #: Control's own HTTPS (``control.tls``); None: plain HTTP (or TLS ends elsewhere)
+    tls: ControlTls | None = None
+    #: the URL agents and gateways reach Control at, put in enrollment tokens
+    #: (None: the URL the admin's request came to)
+    public_url: str | None = None
 
 
 def _digest(token: str) -> str:
@@ -141,6 +148,19 @@ class AdminAuth:
             )
 
 
+def _enrollment(settings: ControlSettings) -> Enrollment:
+    """What enrollment tokens carry: ``--public-url`` (else the URL the request came
+    to) and, when Control serves that URL's TLS itself, the pin of its key."""
+
+    def enrollment(request: Request) -> tuple[str, str | None]:
+        url, _ = request_base_url(request)
+        url = settings.public_url or url
+        tls = settings.tls
+        return url, tls.pin if tls is not None and url.startswith("https://") else None
+
+    return enrollment
+
+
 def create_app(settings: ControlSettings) -> Starlette:
     plan = AddressPlan(settings.address_pool, settings.agent_prefix, settings.agent_host)
     engine = create_engine(settings.database_url)
@@ -151,7 +171,7 @@ def create_app(settings: ControlSettings) -> Starlette:
         auth_timeout=settings.auth_timeout,
         pending_per_address=settings.max_unauthenticated_per_address,
     )
-    api = Api(store, hub)
+    api = Api(store, hub, enrollment=_enrollment(settings))
     auth_state: dict[str, Any] = {}
     openapi = build_openapi()
 
@@ -173,12 +193,17 @@ def create_app(settings: ControlSettings) -> Starlette:
                 stored = _digest(token)
             auth_state["admin_digest"] = stored
         await hub.start()
+        tls_watch = (
+            asyncio.get_running_loop().create_task(settings.tls.watch()) if settings.tls else None
+        )
         log.info(
             "control ready", extra=kv(pool=settings.address_pool, prefix=settings.agent_prefix)
         )
         try:
             yield
         finally:
+            if tls_watch is not None:
+                tls_watch.cancel()
             await hub.close_all()
             await engine.dispose()
 

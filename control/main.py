@@ -13,9 +13,11 @@ import ipaddress
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -25,16 +27,19 @@ from common.config import (
     ConfigError,
     Setting,
     add_settings,
+    boolean,
     port,
     positive_float,
     positive_int,
     resolve,
 )
+from common.controlclient import is_loopback_url
 from common.eventloop import EVENT_LOOP
 from control import listener
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api import authlimit
 from control.app import ControlSettings, create_app
+from control.tls import ControlTls, TlsError, ensure_self_signed
 from control.ws.admission import DEFAULT_PER_ADDRESS
 
 SETTINGS: tuple[Setting, ...] = (
@@ -105,6 +110,29 @@ SETTINGS: tuple[Setting, ...] = (
         parse=positive_int,
         metavar="N",
     ),
+    Setting(
+        "public-url",
+        "the URL agents and gateways reach Control at (https://control.example.com), put "
+        "in enrollment tokens; default: the URL an admin request came to",
+        None,
+        metavar="URL",
+    ),
+    Setting(
+        "tls-cert",
+        "PEM certificate chain to serve HTTPS with (with --tls-key); reloaded when the "
+        "file changes, no restart",
+        None,
+        metavar="FILE",
+    ),
+    Setting("tls-key", "PEM private key of --tls-cert", None, metavar="FILE"),
+    Setting(
+        "tls-self-signed",
+        "serve HTTPS with a certificate generated once in --data-dir/tls for the "
+        "--public-url host (enrollment tokens pin its key, so clients need no CA)",
+        False,
+        parse=boolean,
+        metavar="BOOL",
+    ),
     EVENT_LOOP,
     *COMMON,
 )
@@ -115,9 +143,19 @@ log = logging.getLogger("control")
 class _Server(uvicorn.Server):
     """uvicorn, but WebSockets get 1001 before the listener stops."""
 
-    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: Any, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         super().__init__(config)
         self._app = app
+        self._ssl_context = ssl_context
+
+    async def startup(self, sockets: Any = None) -> None:
+        if self._ssl_context is not None:
+            # our context, not one uvicorn builds from file names: control.tls swaps
+            # its certificate when the files change
+            self.config.ssl = self._ssl_context
+        await super().startup(sockets)
 
     async def shutdown(self, sockets: Any = None) -> None:
         log.info("shutting down: closing client connections")
@@ -145,6 +183,12 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
     token = values["admin_token"]
     if token is not None and len(token) < 16:
         raise ConfigError("--admin-token: must be at least 16 characters")
+    public_url = values["public_url"]
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"--public-url: {public_url!r} is not an http(s):// URL")
+        public_url = public_url.rstrip("/")
 
     def announce(text: str) -> None:
         print(text, file=sys.stdout, flush=True)
@@ -160,9 +204,33 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             max_unauthenticated_per_address=values["max_unauthenticated_per_address"],
             admin_auth_failures=values["admin_auth_failures"],
             announce=announce,
+            tls=tls_from(values, data_dir, public_url),
+            public_url=public_url,
         ),
         data_dir,
     )
+
+
+def tls_from(values: dict[str, Any], data_dir: Path, public_url: str | None) -> ControlTls | None:
+    """Control's HTTPS from ``--tls-cert``/``--tls-key`` or ``--tls-self-signed``."""
+    cert, key, self_signed = values["tls_cert"], values["tls_key"], values["tls_self_signed"]
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key: give both or neither")
+    if cert and self_signed:
+        raise ConfigError("--tls-self-signed: not with --tls-cert (which certificate?)")
+    if self_signed:
+        host = urlsplit(public_url).hostname if public_url else None
+        names = {"localhost", "127.0.0.1", "::1"} | ({host} if host else set())
+        try:
+            cert, key = ensure_self_signed(data_dir / "tls", sorted(names))
+        except OSError as exc:
+            raise ConfigError(f"--tls-self-signed: cannot write to {data_dir}: {exc}") from exc
+    if not cert:
+        return None
+    try:
+        return ControlTls(Path(cert).expanduser(), Path(key).expanduser())
+    except TlsError as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,8 +251,28 @@ def run(args: argparse.Namespace) -> int:
         values["event_loop"],
         head_timeout=values["request_head_timeout"],
         pre_request_per_address=values["max_pre_request_per_address"],
+        ssl_context=settings.tls.context if settings.tls else None,
     )
-    log.info("starting control", extra=logs.kv(host=values["host"], port=values["port"]))
+    tls = settings.tls
+    log.info(
+        "starting control",
+        extra=logs.kv(
+            host=values["host"],
+            port=values["port"],
+            https=bool(tls),
+            pin_sha256=tls.pin if tls else None,
+        ),
+    )
+    if tls is None:
+        url = settings.public_url or f"http://{values['host']}:{values['port']}"
+        if not is_loopback_url(url):
+            log.warning(
+                "Control serves plain HTTP on an address that is not loopback: the admin "
+                "token, API keys and certificate keys cross the network unencrypted "
+                "unless a TLS proxy is in front; use --tls-cert/--tls-key, "
+                "--tls-self-signed or --acme-domain",
+                extra=logs.kv(host=values["host"], port=values["port"]),
+            )
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op
     # handlers in place that re-raise is harmless and a SIGTERM ends with exit code 0.
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -203,6 +291,7 @@ def server_for(
     *,
     head_timeout: float = listener.DEFAULT_HEAD_TIMEOUT,
     pre_request_per_address: int = listener.DEFAULT_PRE_REQUEST_PER_ADDRESS,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> _Server:
     """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``).
 
@@ -226,7 +315,7 @@ def server_for(
         timeout_graceful_shutdown=10,
         server_header=False,
     )
-    return _Server(config, app)
+    return _Server(config, app, ssl_context)
 
 
 def register(subparsers: Any) -> None:

@@ -21,15 +21,17 @@ from common.config import (
     port,
     resolve,
 )
-from common.controlclient import websocket_url
+from common.controlclient import CONTROL_CA, TOKEN, control_target
 from common.eventloop import EVENT_LOOP
 from common.relay.limits import LimitSettings
 from common.service import raise_open_file_limit, run_until_signalled
 from gateway.runtime import Gateway, GatewaySettings
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("control-url", "Control's URL (http(s)://host:port)", None, metavar="URL"),
+    TOKEN,
+    Setting("control-url", "Control's URL (https://host:port)", None, metavar="URL"),
     Setting("api-key", "this gateway's API key (gtw_…)", None, secret=True, metavar="KEY"),
+    CONTROL_CA,
     Setting("data-dir", "state directory (WireGuard key, certificates)", "./data/gateway"),
     Setting(
         "public-ip", "address agents reach this gateway's WireGuard port at", None, metavar="IP"
@@ -94,16 +96,9 @@ SETTINGS: tuple[Setting, ...] = (
 
 
 def settings_from(values: dict[str, Any]) -> GatewaySettings:
-    for required in ("control_url", "api_key", "public_ip"):
-        if not values[required]:
-            flag = required.replace("_", "-")
-            raise ConfigError(f"--{flag} (or KAKUREMICHI_{required.upper()}) is required")
-    try:
-        websocket_url(values["control_url"])
-    except ValueError as exc:
-        raise ConfigError(f"--control-url: {exc}") from exc
-    if not values["api_key"].startswith("gtw_"):
-        raise ConfigError("--api-key: a gateway key starts with gtw_")
+    control = control_target(values, "gateway")
+    if not values["public_ip"]:
+        raise ConfigError("--public-ip (or KAKUREMICHI_PUBLIC_IP) is required")
     for name in ("public_ip", "host", "admin_host"):
         try:
             ipaddress.ip_address(values[name])
@@ -125,8 +120,10 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
             f"--rate-limit/--rate-burst/--max-connections-per-client/--max-connections: {exc}"
         ) from exc
     return GatewaySettings(
-        control_url=values["control_url"],
-        api_key=values["api_key"],
+        control_url=control.url,
+        api_key=control.api_key,
+        control_ssl=control.ssl_context,
+        control_pin=control.pin,
         data_dir=Path(values["data_dir"]).expanduser(),
         public_ip=values["public_ip"],
         wireguard_port=values["wireguard_port"],

@@ -32,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,10 @@ class GatewaySettings:
     acme_ca_file: str | None = None
     renew_before: float = 30 * 86400
     limits: LimitSettings = field(default_factory=LimitSettings)
+    #: how Control's certificate is verified (None: the system's trust store)
+    control_ssl: ssl.SSLContext | None = None
+    #: the enrollment token's pin of Control's key
+    control_pin: str | None = None
 
 
 class Gateway:
@@ -139,6 +144,8 @@ class Gateway:
                 version=f"kakuremichi-gateway/{__version__}",
                 public_ip=settings.public_ip,
                 wireguard_port=settings.wireguard_port,
+                ssl_context=settings.control_ssl,
+                pin=settings.control_pin,
             ),
             settings.data_dir,
             ControlView.gateway_config,
@@ -196,7 +203,6 @@ class Gateway:
     async def _apply(self, config: GatewayConfig) -> None:
         """One reconcile pass (run by the runtime, which retries it on failure)."""
         self.router.replace_all(config.tunnels)
-        self.proxy.access.update(config.policies, config.session_keys)
         self.certificates.set_control_certificates(config.certificates)
         state = WgState.from_config(config.gateway, config.agents)
         if state != self._applied_wg:

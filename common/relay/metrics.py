@@ -93,6 +93,10 @@ class Counter(_Family):
     def get(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
+    def items(self) -> list[tuple[LabelValues, float]]:
+        """Every label-value tuple (in ``labelnames`` order) and its count."""
+        return list(self._values.items())
+
     def child(self, **labels: str) -> Callable[[float], None]:
         """An ``inc`` bound to one label set, its key built once (for hot paths)."""
         key = self._key(labels)
@@ -409,6 +413,36 @@ class Metrics:
         self.wireguard_handshake_age.remove(agent=agent_id)
         self._wg_last.pop((agent_id, "rx"), None)
         self._wg_last.pop((agent_id, "tx"), None)
+
+    def tunnel_totals(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per tunnel since start: (requests, errors, bytes in, bytes out), what Control's
+        dashboard charts (``common.protocol.Stats``).  Requests are HTTP answers or raw
+        TCP connections; errors the 5xx answers, or for raw tunnels the failures to
+        reach the agent (whichever is larger: a failed HTTP dial is also a 502);
+        bytes are bodies and raw payloads, in = from clients.  Requests that matched no
+        tunnel (``tunnel=""``) are left out."""
+        totals: dict[str, list[int]] = {}
+
+        def add(tunnel: str, index: int, amount: float) -> None:
+            if tunnel:
+                totals.setdefault(tunnel, [0, 0, 0, 0, 0])[index] += int(amount)
+
+        for (tunnel, _domain, code), n in self.requests.items():
+            add(tunnel, 0, n)
+            if code.isdigit() and int(code) >= 500:
+                add(tunnel, 1, n)
+        for (tunnel,), n in self.tcp_connections.items():
+            add(tunnel, 0, n)
+        for (tunnel, _kind), n in self.upstream_errors.items():
+            add(tunnel, 4, n)
+        for (tunnel,), n in self.request_bytes.items():
+            add(tunnel, 2, n)
+        for (tunnel,), n in self.response_bytes.items():
+            add(tunnel, 3, n)
+        for family in (self.tcp_bytes, self.udp_bytes):
+            for (tunnel, direction), n in family.items():
+                add(tunnel, 2 if direction == "in" else 3, n)
+        return {t: (v[0], max(v[1], v[4]), v[2], v[3]) for t, v in totals.items()}
 
     def render(self) -> str:
         return self.registry.render()

@@ -258,6 +258,12 @@ class AgentOut(BaseModel):
     createdAt: str
     updatedAt: str
     apiKey: str | None = Field(default=None, description="only in create/rotate responses")
+    token: str | None = Field(
+        default=None,
+        description="only in create/rotate responses: the enrollment token (kmt_…) holding "
+        "Control's URL, this API key and the pin of Control's certificate key, for "
+        "'kakuremichi agent|gateway --token'",
+    )
 
 
 class GatewayOut(BaseModel):
@@ -275,6 +281,12 @@ class GatewayOut(BaseModel):
     createdAt: str
     updatedAt: str
     apiKey: str | None = Field(default=None, description="only in create/rotate responses")
+    token: str | None = Field(
+        default=None,
+        description="only in create/rotate responses: the enrollment token (kmt_…) holding "
+        "Control's URL, this API key and the pin of Control's certificate key, for "
+        "'kakuremichi agent|gateway --token'",
+    )
 
 
 class TunnelOut(BaseModel):

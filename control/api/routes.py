@@ -8,6 +8,7 @@ in the one shape of ``errors.py``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -17,6 +18,7 @@ from starlette.routing import Route
 
 from common import jsonsafe
 from common import protocol as p
+from common.token import EnrollmentToken
 from control import certs
 from control.api import models as m
 from control.api.errors import ApiError, from_validation
@@ -155,12 +157,28 @@ def _parse_certificate(domain: str, certificate: str, private_key: str) -> float
         raise ApiError(422, "invalid_certificate", str(exc)) from None
 
 
+#: (control URL, pin of Control's key or None) that enrollment tokens carry, per request
+Enrollment = Callable[[Request], tuple[str, str | None]]
+
+
+def request_base_url(request: Request) -> tuple[str, str | None]:
+    """The default :data:`Enrollment`: the URL the admin reached Control at, no pin."""
+    return str(request.base_url).rstrip("/"), None
+
+
 class Api:
     """The handlers, bound to one store and hub."""
 
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub, enrollment: Enrollment = request_base_url) -> None:
         self.store = store
         self.hub = hub
+        self.enrollment = enrollment
+
+    def _with_token(self, out: dict[str, Any], request: Request) -> dict[str, Any]:
+        """``out`` with the enrollment token for its new API key (common.token)."""
+        url, pin = self.enrollment(request)
+        out["token"] = EnrollmentToken(url, out["apiKey"], pin).encode()
+        return out
 
     # -- agents and gateways ----------------------------------------------------------
 
@@ -177,7 +195,7 @@ class Api:
     async def create_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientCreate)
         row, key = await self.store.create_client(kind, body.name)
-        return JSONResponse(self._out(kind, row, key), status_code=201)
+        return JSONResponse(self._with_token(self._out(kind, row, key), request), status_code=201)
 
     async def get_client(self, request: Request, kind: ClientKind) -> Response:
         row = await self.store.get_client(kind, request.path_params["ref"])
@@ -201,7 +219,7 @@ class Api:
     async def rotate_key(self, request: Request, kind: ClientKind) -> Response:
         row, key = await self.store.rotate_key(kind, request.path_params["ref"])
         await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, "API key rotated")
-        return JSONResponse(self._out(kind, row, key))
+        return JSONResponse(self._with_token(self._out(kind, row, key), request))
 
     # -- tunnels ----------------------------------------------------------------------
 

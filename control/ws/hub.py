@@ -54,6 +54,8 @@ from common.logs import OncePer, kv
 from control import certs
 from control.api.errors import error_response
 from control.db.store import ClientKind, Row, Store
+from control.events import EventBus
+from control.traffic import Traffic
 from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
 from control.ws.configs import agent_config, gateway_config, tunnel_wire
 
@@ -127,8 +129,14 @@ class Hub:
         *,
         auth_timeout: float = p.AUTH_TIMEOUT,
         pending_per_address: int = DEFAULT_PER_ADDRESS,
+        events: EventBus | None = None,
+        traffic: Traffic | None = None,
     ) -> None:
         self.store = store
+        #: what the dashboard's live pages hear about (presence, health, traffic)
+        self.events = events if events is not None else EventBus()
+        #: per-tunnel traffic and handshake ages from ``stats`` frames
+        self.traffic = traffic if traffic is not None else Traffic()
         self.auth_timeout = auth_timeout
         #: connections not yet authenticated, counted per remote address
         self.pending = PendingAuth(pending_per_address)
@@ -179,6 +187,7 @@ class Hub:
     ) -> None:
         """Close every connection (SIGTERM path): clients see ``1001 going away``."""
         self._shutting_down = True
+        self.events.close()  # the dashboard's live streams end too
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -311,6 +320,7 @@ class Hub:
             "client connected",
             extra=kv(kind=kind, client=row["name"], peer=peer, version=auth.version or "?"),
         )
+        self.events.publish("presence", kind=kind, id=row["id"], online=True)
         if changed:
             self.schedule_config_push("gateway" if kind == "agent" else "agent")
         return conn
@@ -392,6 +402,24 @@ class Hub:
             await self.store.record_health(
                 conn.client_id, [(e.tunnel_id, e.health, e.detail) for e in entries]
             )
+            for e in entries:
+                self.events.publish("health", id=e.tunnel_id, health=e.health, detail=e.detail)
+        elif frame.type == "stats":
+            stats = p.parse_stats(frame.data)
+            now = time.time()
+            self.traffic.handshakes(stats.peers, now)
+            if conn.kind == "gateway" and stats.tunnels:
+                known = {t["id"] for t in await self._snapshot("tunnels")}
+                for tunnel_id in self.traffic.record(stats.tunnels, known, now):
+                    totals = self.traffic.totals(tunnel_id, now)
+                    self.events.publish(
+                        "traffic",
+                        id=tunnel_id,
+                        requests=totals.requests,
+                        errors=totals.errors,
+                        bytes_in=totals.bytes_in,
+                        bytes_out=totals.bytes_out,
+                    )
         elif frame.type == "certificate_obtained" and conn.kind == "gateway":
             cert = p.parse_certificate_obtained(frame.data)
             tunnels = await self.store.all_tunnels()
@@ -498,6 +526,7 @@ class Hub:
             with contextlib.suppress(Exception):  # the client may have been deleted
                 await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
+            self.events.publish("presence", kind=conn.kind, id=conn.client_id, online=False)
 
     # -- pushes -----------------------------------------------------------------------
 

@@ -22,11 +22,8 @@ session is a small state machine (``mode``) over a keep-alive connection:
    if missing: only an HTTP/1.0 request gets this far without one; an absolute-form
    target's authority wins), ACME HTTP-01 challenges (answered here, before rate
    limits and routing, RFC 8555 §8.3), rate limit (429 + ``Retry-After``), route (404
-   unknown host, 503 disabled tunnel), optional HTTP -> HTTPS redirect (308), the
-   tunnel's access policy (``gateway/access``: IP rules 403, sign-in 401 or a 302 to
-   the gateway's sign-in page, whose ``/.kakuremichi/`` pages, and basic-auth
-   credentials not verified yet, take the coroutine path: argon2 runs in a thread),
-   declared body size (413).  Every such answer is written at once, from the callback.
+   unknown host, 503 disabled tunnel), optional HTTP -> HTTPS redirect (308), declared
+   body size (413).  Every such answer is written at once, from the callback.
 3. **Forward** an admitted request one of two ways:
 
    * the **fast path** (``_FAST``, this module), for what most requests are: no body,
@@ -66,32 +63,18 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
-from common.logs import kv
-from common.protocol import AccessPolicy
 from common.relay.limits import ConnectionLimiter, RateLimiter
 from common.relay.metrics import Metrics
 from common.relay.router import Route, Router, normalize_host
 from common.relay.splice import CHUNK, drain
-from gateway.access import endpoints as access_endpoints
-from gateway.access.oidc import OidcClients
-from gateway.access.policy import (
-    ALLOW,
-    ENDPOINT,
-    REDIRECT,
-    VERIFY,
-    AccessControl,
-    Outcome,
-    basic_user,
-)
 
 from . import h1, pages
 from .forward import Abort, ForwardingMixin, ForwardPlan
 from .headers import (
-    PROTO_FIELD,
+    PROTO_LINE,
     Headers,
     client_address,
     forwarding_fields,
@@ -127,18 +110,6 @@ _ANSWERED = 0
 _CLOSE = 1
 
 
-@dataclass(slots=True)
-class AccessPlan:
-    """A request the gateway answers itself for its access policy (a sign-in page) or
-    lets through only after verifying basic-auth credentials (``_access``)."""
-
-    kind: int  # policy.ENDPOINT or policy.VERIFY
-    policy: AccessPolicy
-    route: Route
-    plain: bool
-    started: float
-
-
 def _ignore(amount: float) -> None:
     pass
 
@@ -165,10 +136,6 @@ class ProxyServer:
             max_active_per_agent=self.settings.max_active_per_agent,
         )
         self.rate_limiter = RateLimiter(limits.rate, limits.burst, limits.max_tracked_clients)
-        #: the tunnels' access policies (``gateway/access/``), set from Control's config
-        self.access = AccessControl()
-        self.access.oidc = OidcClients(self.access, verify=self.settings.oidc_ca_file or True)
-        self.endpoints = access_endpoints.Endpoints(self.access)
         self.connection_limiter = ConnectionLimiter(
             limits.max_connections_per_client, limits.max_connections
         )
@@ -234,8 +201,6 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
         await self.pool.close()
-        if self.access.oidc is not None:
-            await self.access.oidc.close()
 
 
 class _StreamReader(asyncio.StreamReader):
@@ -493,8 +458,6 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 outcome = self._admit(head)
                 if isinstance(outcome, ForwardPlan):
                     self._dispatch(outcome)
-                elif isinstance(outcome, AccessPlan):
-                    self._go_access(outcome)
                 elif outcome == _CLOSE:
                     # the rest of the request may still be on its way: closing now
                     # would answer it with a reset that can destroy the page
@@ -527,7 +490,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
 
     # -- admission (synchronous) -----------------------------------------------------
 
-    def _admit(self, request: h1.RequestHead) -> ForwardPlan | AccessPlan | int:
+    def _admit(self, request: h1.RequestHead) -> ForwardPlan | int:
         """Check a request head (module docstring, step 2): a plan to forward it, or
         ``_ANSWERED`` / ``_CLOSE`` once the answer was written here."""
         started = self.loop.time()
@@ -605,27 +568,6 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         if self.proto == "http" and self.server.redirect_https:
             self._redirect_to_https(host, target, route)
             return _ANSWERED
-        identity: list[tuple[bytes, bytes]] | None = None
-        own_cookies = False
-        access = self.server.access
-        if access.active:
-            policy = access.policies.get(route.tunnel_id)
-            if policy is not None:
-                outcome = access.check(
-                    policy,
-                    host=route.domain,
-                    client_ip=self.client_ip,
-                    method=method,
-                    path=path,
-                    headers=headers,
-                )
-                if outcome.kind != ALLOW:
-                    return self._access_answer(outcome, policy, route, plain, started)
-                if outcome.identity is not None and policy.identity_headers:
-                    identity = outcome.identity.fields()
-                own_cookies = policy.sign_in and any(
-                    k == b"cookie" and b"kkm_" in v for k, v in headers
-                )
 
         chunked = request.chunked
         length = request.content_length or 0
@@ -642,17 +584,14 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return _CLOSE
         has_body = chunked or length > 0
         raw = request.raw
-        if raw is not None and not route.path_prefix and not own_cookies:
+        if raw is not None and not route.path_prefix:
             # an HTTP/1.1 head with Host first and no hop-by-hop, upgrade or forwarding
             # field (h1.scan_request): it goes as it came, followed by the forwarding
             # fields request_headers_for_agent would add (the client is the peer: no
             # X-Forwarded-For came to name another)
             upgrade = False
             # (headers.verbatim_request_head, with the peer's fields made once)
-            end = PROTO_FIELD[self.proto]
-            if identity is not None:
-                end += b"".join(b"\r\n%s: %s" % field for field in identity)
-            head = b"".join((raw, self._forwarding(), host_value, end, b"\r\n\r\n"))
+            head = b"".join((raw, self._forwarding(), host_value, PROTO_LINE[self.proto]))
         else:
             upgrade = is_upgrade_request(headers)
             forwarded = request_headers_for_agent(
@@ -662,8 +601,6 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 proto=self.proto,
                 chunked=chunked,
                 upgrade=upgrade,
-                identity=identity,
-                strip_own_cookies=own_cookies,
             )
             if route.path_prefix and target.startswith(b"/"):
                 target = route.path_prefix.encode("latin-1") + target
@@ -673,172 +610,6 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             head = h1.request_head(method, target, forwarded)
         retry_allowed = not has_body and method in _IDEMPOTENT
         return ForwardPlan(head, method, upgrade, route, plain, has_body, retry_allowed, started)
-
-    def _access_answer(
-        self, outcome: Outcome, policy: AccessPolicy, route: Route, plain: bool, started: float
-    ) -> AccessPlan | int:
-        """What a request the access policy did not let straight through gets: a page
-        (403, 401, 429, 503), a redirect to sign in, or the gateway's own handling."""
-        kind = outcome.kind
-        if kind in (ENDPOINT, VERIFY):
-            return AccessPlan(kind, policy, route, plain, started)
-        self.metrics.rejected.inc(reason="access")
-        if kind == REDIRECT:
-            self._page_now(
-                302,
-                "Sign in to reach this site.",
-                plain=plain,
-                route=route,
-                extra=[(b"location", outcome.location.encode("latin-1"))],
-                started=started,
-            )
-        else:  # DENY, CHALLENGE
-            self._page_now(
-                outcome.status,
-                outcome.reason,
-                plain=plain,
-                route=route,
-                extra=list(outcome.headers),
-                started=started,
-            )
-        return _ANSWERED
-
-    def _go_access(self, plan: AccessPlan) -> None:
-        self.mode = _SLOW
-        self._streams()
-        self.task = self.loop.create_task(self._access(plan))
-
-    async def _access(self, plan: AccessPlan) -> None:
-        """A sign-in page of the gateway's own, or basic-auth credentials to verify
-        before the request goes on (the coroutine path: argon2 runs in a thread)."""
-        close = False
-        try:
-            if plan.kind == VERIFY:
-                await self._verify_basic(plan)
-            else:
-                await self._endpoint(plan)
-        except (Abort, asyncio.CancelledError):
-            close = True
-        except Exception:
-            log.exception("unexpected error serving a client connection")
-            close = True
-        finally:
-            self.task = None
-        if self.mode != _SLOW:
-            return
-        if self.transport is not None and self.transport.is_closing():
-            return
-        if close:
-            if self.response_done and self.requests.state == h1.BODY:
-                self._linger()
-            else:
-                self._close()
-            return
-        assert self._reader is not None
-        self.requests.receive(self._reader.take())
-        self._next_request()
-
-    async def _verify_basic(self, plan: AccessPlan) -> None:
-        request = self.request
-        assert request is not None
-        value = get_header(request.headers, b"authorization") or b""
-        right = await self.loop.run_in_executor(
-            None, self.server.access.verify_basic, plan.policy, value
-        )
-        if right:
-            outcome = self._admit(request)  # the credentials are remembered now
-            if isinstance(outcome, ForwardPlan):
-                await self._forward(outcome)
-            elif isinstance(outcome, AccessPlan):  # the policy changed meanwhile
-                await self._send_page(
-                    503, "Try again.", plain=plan.plain, route=plan.route, started=plan.started
-                )
-            return
-        log.info(
-            "basic auth refused",
-            extra=kv(
-                tunnel=plan.route.tunnel_id,
-                client=self.client_ip,
-                user=(basic_user(value) or "")[:64],
-            ),
-        )
-        self.metrics.rejected.inc(reason="access")
-        await self._send_page(
-            401,
-            "The user name or password is not right.",
-            plain=plan.plain,
-            route=plan.route,
-            started=plan.started,
-            extra=[(b"www-authenticate", b'Basic realm="kakuremichi", charset="UTF-8"')],
-        )
-
-    async def _endpoint(self, plan: AccessPlan) -> None:
-        request = self.request
-        assert request is not None
-        body = b""
-        if self.server.endpoints.wants_body(request.method, ""):
-            form = await self._read_form(plan)
-            if form is None:
-                return
-            body = form
-        target = request.target.decode("latin-1")
-        response = await self.server.endpoints.handle(
-            access_endpoints.EndpointRequest(
-                plan.policy,
-                plan.route.domain,
-                self.proto,
-                self.client_ip,
-                request.method,
-                target,
-                request.headers,
-                body,
-            )
-        )
-        headers = [
-            (b"content-type", response.content_type),
-            (b"content-length", str(len(response.body)).encode()),
-            (b"cache-control", b"no-store"),
-            (b"x-frame-options", b"DENY"),
-            (b"server", pages.SERVER_NAME),
-            *response.headers,
-        ]
-        data = self._own(
-            response.status, pages.reason_phrase(response.status), headers, response.body, False
-        )
-        route = plan.route
-        self._record(
-            route.tunnel_id, route.domain, response.status, self.loop.time() - plan.started
-        )
-        await self._write(data)
-        self.response_done = True
-
-    async def _read_form(self, plan: AccessPlan) -> bytes | None:
-        """A sign-in form's body (at most ``MAX_FORM_BYTES``; else a 413 page, None)."""
-        requests = self.requests
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                data = requests.body()
-            except h1.ProtocolError:
-                raise Abort from None
-            size += len(data)
-            if size > access_endpoints.MAX_FORM_BYTES:
-                await self._send_page(
-                    413, "The form is too large.", plain=plan.plain, route=plan.route, close=True
-                )
-                return None
-            parts.append(data)
-            if requests.state != h1.BODY:
-                return b"".join(parts)
-            try:
-                async with asyncio.timeout(self.settings.body_idle_timeout):
-                    more = await self.reader.read(CHUNK)
-            except (TimeoutError, ConnectionError, OSError):
-                raise Abort from None
-            if not more:
-                raise Abort
-            requests.receive(more)
 
     def _forwarding(self) -> bytes:
         """``X-Forwarded-For`` and ``X-Real-IP`` (the peer) and the start of

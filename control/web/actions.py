@@ -1,0 +1,127 @@
+"""The changes the dashboard makes, each with what the hub must push after it.
+
+The same store calls and hub pushes as the REST handlers (``control/api/routes.py``),
+in the same order and under the same lock, so a change made on a page reaches gateways
+and agents exactly as one made through the API.  Every change is written to the audit
+log with the signed-in user as its actor and announced on the event bus (other open
+pages show a "changed" notice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import protocol as p
+from control.db.admins import AdminStore, AuditEntry
+from control.db.store import ClientKind, Row, Store
+from control.events import EventBus
+from control.ws.hub import Hub
+
+
+class Actions:
+    """Changes on behalf of one dashboard user (``actor``) from one address."""
+
+    def __init__(
+        self,
+        store: Store,
+        hub: Hub,
+        admins: AdminStore,
+        events: EventBus,
+        actor: str,
+        address: str | None,
+    ) -> None:
+        self.store = store
+        self.hub = hub
+        self.admins = admins
+        self.events = events
+        self.actor = actor
+        self.address = address
+
+    async def audit(
+        self,
+        action: str,
+        kind: str | None = None,
+        row: Row | None = None,
+        name: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        await self.admins.record(
+            AuditEntry(
+                "user",
+                self.actor,
+                action,
+                kind,
+                None if row is None else str(row["id"]),
+                name if name is not None else (None if row is None else _label(kind, row)),
+                detail,
+                self.address,
+            )
+        )
+        self.events.publish("change", action=action, id=None if row is None else row["id"])
+
+    # -- agents and gateways ----------------------------------------------------------
+
+    async def create_client(self, kind: ClientKind, name: str) -> tuple[Row, str]:
+        row, key = await self.store.create_client(kind, name)
+        await self.audit(f"{kind}.create", kind, row)
+        return row, key
+
+    async def rename_client(self, kind: ClientKind, ref: str, name: str) -> Row:
+        async with self.hub.lock:
+            before = await self.store.get_client(kind, ref)
+            row = await self.store.rename_client(kind, ref, name)
+            await self.hub.push_config_locked(kind, [row["id"]])
+            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+        await self.audit(f"{kind}.rename", kind, row, detail=f"was {before['name']}")
+        return row
+
+    async def rotate_key(self, kind: ClientKind, ref: str) -> tuple[Row, str]:
+        row, key = await self.store.rotate_key(kind, ref)
+        await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, "API key rotated")
+        await self.audit(f"{kind}.rotate_key", kind, row)
+        return row, key
+
+    async def delete_client(self, kind: ClientKind, ref: str) -> Row:
+        async with self.hub.lock:
+            row = await self.store.delete_client(kind, ref)
+            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+        await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, f"{kind} deleted")
+        await self.audit(f"{kind}.delete", kind, row)
+        return row
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    async def create_tunnel(self, fields: dict[str, Any]) -> Row:
+        async with self.hub.lock:
+            row = await self.store.create_tunnel(fields)
+            self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
+        await self.audit("tunnel.create", "tunnel", row, detail=f"to {row['target']}")
+        return row
+
+    async def update_tunnel(self, tunnel_id: str, changes: dict[str, Any], action: str) -> Row:
+        async with self.hub.lock:
+            before, after = await self.store.update_tunnel(tunnel_id, changes)
+            if before["agent_id"] != after["agent_id"]:
+                self.hub.agent_moved_tunnel(before, after)
+            else:
+                self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
+        changed = sorted(k for k in changes if before.get(k) != after.get(k))
+        await self.audit(
+            action, "tunnel", after, detail=("changed " + ", ".join(changed)) if changed else None
+        )
+        return after
+
+    async def delete_tunnel(self, tunnel_id: str) -> Row:
+        async with self.hub.lock:
+            row = await self.store.delete_tunnel(tunnel_id)
+            self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
+        self.hub.traffic.forget(row["id"])
+        await self.audit("tunnel.delete", "tunnel", row)
+        return row
+
+
+def _label(kind: str | None, row: Row) -> str | None:
+    if kind == "tunnel":
+        return str(row.get("domain") or f"{row.get('protocol')}:{row.get('public_port')}")
+    value = row.get("name") or row.get("username")
+    return None if value is None else str(value)

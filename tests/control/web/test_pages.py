@@ -1,0 +1,284 @@
+"""The dashboard over HTTP against a real Control: setup link, sign-in, sessions, CSRF,
+rate limits, escaping, the audit log (REST changes too), live events, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.requests import Request
+from websockets.asyncio.client import connect
+
+from common import protocol
+from control.web import session as web
+from tests.controlserver import RunningControl, public_key
+
+PASSWORD = "correct horse battery"
+XSS = '<img src=x onerror="alert(1)">'
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html[:500]
+    return found.group(1)
+
+
+def setup_path(control: RunningControl) -> str:
+    found = re.search(r"(/setup\?token=stp_[A-Za-z0-9_-]+)", "\n".join(control.announced))
+    assert found, control.announced
+    return found.group(1)
+
+
+@pytest.fixture
+async def control(tmp_path: Path) -> AsyncIterator[RunningControl]:
+    server = RunningControl(tmp_path / "control.db")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def sign_up(control: RunningControl, browser: httpx.AsyncClient) -> None:
+    page = await browser.get(setup_path(control))
+    assert page.status_code == 200
+    assert page.headers["referrer-policy"] == "no-referrer"
+    token = re.search(r'name="token" value="([^"]+)"', page.text)
+    assert token
+    response = await browser.post(
+        "/setup",
+        data={
+            "csrf": csrf_of(page.text),
+            "token": token.group(1),
+            "username": "alice",
+            "password": PASSWORD,
+            "confirm": PASSWORD,
+        },
+    )
+    assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def client(control: RunningControl) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=control.url, timeout=10)
+
+
+async def test_setup_link_sign_in_and_out(control: RunningControl) -> None:
+    async with client(control) as browser, client(control) as stranger:
+        assert (await browser.get("/")).headers["location"] == "/login"
+        login = await browser.get("/login")
+        assert "one-time setup link" in login.text
+        assert (await browser.get("/setup?token=stp_wrong")).status_code == 403
+        await sign_up(control, browser)
+        cookie = next(c for c in browser.cookies.jar if c.name == "km_session")
+        assert cookie.has_nonstandard_attr("HttpOnly")
+        overview = await browser.get("/")
+        assert overview.status_code == 200 and "Overview" in overview.text
+        csp = overview.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+        assert overview.headers["cache-control"] == "no-store"
+        # the link is spent
+        again = await stranger.get(setup_path(control))
+        assert again.status_code == 200 and "exists already" in again.text
+        # a second browser without the cookie sees only the sign-in page
+        for path in ("/", "/agents", "/tunnels", "/audit", "/users"):
+            response = await stranger.get(path)
+            assert response.status_code == 303 and response.headers["location"] == "/login"
+        assert (await stranger.get("/events")).status_code == 401
+        # sign out ends the session on the server, not only in this browser
+        token = cookie.value
+        page = await browser.get("/")
+        assert (await browser.post("/logout", data={"csrf": csrf_of(page.text)})).status_code == 303
+        stranger.cookies.set("km_session", token)
+        assert (await stranger.get("/")).headers["location"] == "/login"
+        # and signing in works
+        login = await browser.get("/login")
+        response = await browser.post(
+            "/login", data={"csrf": csrf_of(login.text), "username": "alice", "password": PASSWORD}
+        )
+        assert response.status_code == 303
+        assert (await browser.get("/")).status_code == 200
+
+
+async def test_forms_without_their_csrf_token_are_refused(control: RunningControl) -> None:
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        page = await browser.get("/agents")
+        csrf = csrf_of(page.text)
+        assert (await browser.post("/agents", data={"name": "a1"})).status_code == 403
+        assert (
+            await browser.post("/agents", data={"name": "a1", "csrf": "x" + csrf})
+        ).status_code == 403
+        evil = await browser.post(
+            "/agents", data={"name": "a1", "csrf": csrf}, headers={"Origin": "https://evil.example"}
+        )
+        assert evil.status_code == 403
+        assert "a1" not in (await browser.get("/agents")).text
+        made = await browser.post("/agents", data={"name": "a1", "csrf": csrf})
+        assert made.status_code == 201 and "agt_" in made.text
+        # the sign-in form has its own (double-submit) token
+        async with client(control) as other:
+            await other.get("/login")
+            refused = await other.post("/login", data={"username": "alice", "password": PASSWORD})
+            assert refused.status_code == 403
+        # bad bodies: a clear 4xx, never a 5xx
+        assert (
+            await browser.post(
+                "/agents",
+                content=b"\xff\xfe",
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+        ).status_code == 400
+        assert (
+            await browser.post(
+                "/agents",
+                content=b"x" * 70_000,
+                headers={"content-type": "application/x-www-form-urlencoded"},
+            )
+        ).status_code == 413
+        assert (await browser.post("/agents", json={"name": "x"})).status_code == 415
+
+
+async def test_failed_sign_ins_are_limited(control: RunningControl) -> None:
+    async with client(control) as browser:
+        await sign_up(control, browser)
+    async with client(control) as attacker:
+        statuses = []
+        for _ in range(11):
+            login = await attacker.get("/login")
+            response = await attacker.post(
+                "/login",
+                data={
+                    "csrf": csrf_of(login.text),
+                    "username": "alice",
+                    "password": "wrong password",
+                },
+            )
+            statuses.append(response.status_code)
+        assert statuses[:10] == [401] * 10 and statuses[10] == 429
+        login = await attacker.get("/login")
+        right = await attacker.post(
+            "/login", data={"csrf": csrf_of(login.text), "username": "alice", "password": PASSWORD}
+        )
+        assert right.status_code == 429 and int(right.headers["retry-after"]) > 0
+    async with client(control) as scraper:
+        metrics = (await scraper.get("/metrics")).text
+    assert 'kakuremichi_control_dashboard_logins_total{result="failed"} 10' in metrics
+    assert 'kakuremichi_control_dashboard_logins_total{result="limited"} 2' in metrics
+
+
+async def test_untrusted_text_renders_inert(control: RunningControl) -> None:
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        # a name that breaks the rules is refused and shown back escaped
+        page = await browser.get("/agents")
+        refused = await browser.post("/agents", data={"csrf": csrf_of(page.text), "name": XSS})
+        assert refused.status_code == 422
+        assert XSS not in refused.text and "&lt;img src=x onerror=" in refused.text
+        made = await browser.post("/agents", data={"csrf": csrf_of(page.text), "name": "laptop"})
+        key = re.search(r"(agt_[A-Za-z0-9_-]+)", made.text)
+        assert key
+        # free text a client reports (its version) and a failed sign-in's user name
+        async with connect(control.ws_url) as ws:
+            auth = protocol.Auth(key.group(1), "agent", public_key(1), XSS)
+            await ws.send(protocol.encode("auth", auth.to_wire()))
+            assert json.loads(await ws.recv())["type"] == "auth_success"
+            overview = await browser.get("/agents")
+        assert XSS not in overview.text and "&lt;img" in overview.text
+        async with client(control) as other:
+            login = await other.get("/login")
+            await other.post(
+                "/login", data={"csrf": csrf_of(login.text), "username": XSS, "password": "x"}
+            )
+        audit = await browser.get("/audit")
+        assert "session.login_failed" in audit.text and "<img" not in audit.text
+
+
+async def test_rest_changes_are_in_the_audit_log(control: RunningControl) -> None:
+    async with control.api() as api:
+        created = (await api.post("/api/agents", json={"name": "via-api"})).json()
+        tunnel = await api.post(
+            "/api/tunnels",
+            json={"agent": "via-api", "domain": "a.example.com", "target": "127.0.0.1:1"},
+        )
+        await api.patch(f"/api/tunnels/{tunnel.json()['id']}", json={"enabled": False})
+        await api.post("/api/agents/via-api/rotate-key")
+        assert (await api.post("/api/agents", json={"name": "BAD NAME"})).status_code == 422
+        await api.delete(f"/api/tunnels/{tunnel.json()['id']}")
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        admins = control.app.state.dashboard.admins
+        rows, _ = await admins.audit(50, 0)
+        token_rows = [r for r in rows if r["actor_kind"] == "token"]
+        assert [r["action"] for r in token_rows] == [
+            "tunnel.delete",
+            "agent.rotate_key",
+            "tunnel.update",
+            "tunnel.create",
+            "agent.create",
+        ]
+        assert token_rows[-1]["object_id"] == created["id"]
+        assert token_rows[-1]["object_name"] == "via-api"
+        assert token_rows[-2]["object_name"] == "a.example.com"
+        assert all(r["actor"] == "admin-token" and r["address"] == "127.0.0.1" for r in token_rows)
+        page = (await browser.get("/audit")).text
+        assert "admin-token" in page and created["apiKey"] not in page
+        assert "agt_" not in json.dumps(rows)
+
+
+async def test_live_events_tell_presence(control: RunningControl) -> None:
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        page = await browser.get("/agents")
+        made = await browser.post("/agents", data={"csrf": csrf_of(page.text), "name": "laptop"})
+        key = re.search(r"(agt_[A-Za-z0-9_-]+)", made.text)
+        assert key
+        async with browser.stream("GET", "/events") as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "retry: 3000"
+            async with connect(control.ws_url) as ws:
+                auth = protocol.Auth(key.group(1), "agent", public_key(2), "v1")
+                await ws.send(protocol.encode("auth", auth.to_wire()))
+                async with asyncio.timeout(5):
+                    while await anext(lines) != "event: presence":
+                        pass
+                    data = json.loads((await anext(lines)).removeprefix("data: "))
+                assert data["kind"] == "agent" and data["online"] is True
+
+
+def _request(scheme: str, host: str) -> Request:
+    return Request(
+        {
+            "type": "http",
+            "scheme": scheme,
+            "client": (host, 1),
+            "headers": [],
+            "path": "/",
+            "server": ("x", 443),
+            "method": "GET",
+            "query_string": b"",
+        }
+    )
+
+
+def test_plain_http_only_from_loopback_unless_allowed() -> None:
+    strict, lax = web.WebSettings(), web.WebSettings(insecure_http=True)
+    assert web.transport_allowed(_request("http", "127.0.0.1"), strict)
+    assert web.transport_allowed(_request("http", "::1"), strict)
+    assert not web.transport_allowed(_request("http", "192.0.2.7"), strict)
+    assert web.transport_allowed(_request("https", "192.0.2.7"), strict)
+    assert web.transport_allowed(_request("http", "192.0.2.7"), lax)
+    assert web.cookie_name(_request("https", "192.0.2.7"), "km_session") == "__Host-km_session"
+    assert web.cookie_name(_request("http", "127.0.0.1"), "km_session") == "km_session"
+
+
+async def test_plain_http_from_elsewhere_gets_an_explanation(control: RunningControl) -> None:
+    # uvicorn trusts X-Forwarded-For from loopback: the request looks like a remote one
+    async with client(control) as browser:
+        response = await browser.get("/login", headers={"X-Forwarded-For": "192.0.2.7"})
+        assert response.status_code == 403 and "HTTPS" in response.text
