@@ -203,6 +203,7 @@ class Gateway:
     async def _apply(self, config: GatewayConfig) -> None:
         """One reconcile pass (run by the runtime, which retries it on failure)."""
         self.router.replace_all(config.tunnels)
+        self.proxy.access.update(config.policies, config.session_keys)
         self.certificates.set_control_certificates(config.certificates)
         state = WgState.from_config(config.gateway, config.agents)
         if state != self._applied_wg:
