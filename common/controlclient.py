@@ -326,6 +326,7 @@ class ControlClientSettings:
     version: str
     public_ip: str | None = None
     wireguard_port: int | None = None
+    https_port: int | None = None  # a gateway's, for agents' stream transport
     backoff_min: float = 1.0
     backoff_max: float = 60.0
     open_timeout: float = 15.0
@@ -434,6 +435,7 @@ class ControlClient:
                 version=self.settings.version,
                 public_ip=self.settings.public_ip,
                 wireguard_port=self.settings.wireguard_port,
+                https_port=self.settings.https_port,
             )
             await ws.send(p.encode("auth", auth.to_wire()))
             first = p.decode(await asyncio.wait_for(ws.recv(), p.AUTH_TIMEOUT * 2))

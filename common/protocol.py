@@ -65,6 +65,9 @@ class Auth:
     version: str
     public_ip: str | None = None
     wireguard_port: int | None = None
+    #: the gateway's HTTPS port, where agents whose UDP is blocked reach its WireGuard
+    #: over a WebSocket (None: HTTPS off, no stream transport)
+    https_port: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -76,6 +79,7 @@ class Auth:
         if self.client_type == "gateway":
             data["publicIp"] = self.public_ip
             data["wireguardPort"] = self.wireguard_port
+            data["httpsPort"] = self.https_port
         return data
 
     def __repr__(self) -> str:  # never the API key, in a log or a traceback
@@ -225,7 +229,8 @@ def parse_auth(data: dict[str, Any]) -> Auth:
     except ValueError as exc:
         raise ProtocolError("invalid_field", "'publicIp' must be an IP address") from exc
     port = _int(data, "wireguardPort", 1, 65535)
-    return Auth(api_key, client_type, public_key, version, public_ip, port)
+    https_port = None if data.get("httpsPort") is None else _int(data, "httpsPort", 1, 65535)
+    return Auth(api_key, client_type, public_key, version, public_ip, port, https_port)
 
 
 def parse_heartbeat(data: dict[str, Any]) -> Heartbeat:
@@ -536,6 +541,9 @@ class GatewayPeerSpec:
     endpoint: str | None  # ip:port, [v6]:port; None until the gateway has reported one
     virtual_ip: str
     allowed_ips: tuple[str, ...]
+    #: ip:port of the gateway's HTTPS listener, for WireGuard over a WebSocket when UDP
+    #: is blocked (None: the gateway offers no stream transport)
+    stream_endpoint: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -545,6 +553,7 @@ class GatewayPeerSpec:
             "endpoint": self.endpoint,
             "virtualIp": self.virtual_ip,
             "allowedIps": list(self.allowed_ips),
+            "streamEndpoint": self.stream_endpoint,
         }
 
 
@@ -578,6 +587,10 @@ def _gateway_peer(value: object) -> GatewayPeerSpec:
     if endpoint is not None:
         endpoint = _str(data, "endpoint", max_len=64)
         check_endpoint(endpoint)
+    stream = data.get("streamEndpoint")
+    if stream is not None:
+        stream = _str(data, "streamEndpoint", max_len=64)
+        check_endpoint(stream)
     return GatewayPeerSpec(
         _str(data, "id", max_len=MAX_ID),
         _str(data, "name", max_len=MAX_NAME),
@@ -585,6 +598,7 @@ def _gateway_peer(value: object) -> GatewayPeerSpec:
         endpoint,
         _ip(data, "virtualIp"),
         _prefixes(data, "allowedIps"),
+        stream,
     )
 
 

@@ -159,6 +159,7 @@ async def connect_client(
     seed: int,
     public_ip: str = "192.0.2.10",
     wireguard_port: int = 51820,
+    https_port: int | None = None,
 ) -> Peer:
     ws = await connect(control.ws_url, max_size=protocol.MAX_FRAME_BYTES * 4)
     peer = Peer(ws)
@@ -169,7 +170,7 @@ async def connect_client(
         "version": "test/1",
     }
     if client_type == "gateway":
-        data |= {"publicIp": public_ip, "wireguardPort": wireguard_port}
+        data |= {"publicIp": public_ip, "wireguardPort": wireguard_port, "httpsPort": https_port}
     await peer.send("auth", data)
     frame = await peer.recv()
     assert frame["type"] == "auth_success", frame

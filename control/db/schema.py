@@ -41,6 +41,8 @@ gateways = sa.Table(
     sa.Column("public_key", sa.String(44)),
     sa.Column("public_ip", sa.String(39)),
     sa.Column("wireguard_port", sa.Integer),
+    # where agents reach WireGuard over a WebSocket when their UDP is blocked
+    sa.Column("https_port", sa.Integer),
     # k: the gateway's host number in every agent subnet (.k).
     sa.Column("slot", sa.Integer, nullable=False, unique=True),
     sa.Column("last_seen", sa.Float),

@@ -248,6 +248,7 @@ class Store:
         version: str,
         public_ip: str | None,
         wireguard_port: int | None,
+        https_port: int | None = None,
     ) -> bool:
         """Store what the client reported at ``auth``; True if its peers must be told.
 
@@ -258,12 +259,14 @@ class Store:
         values: Row = {}
         if row["public_key"] != public_key:
             values["public_key"] = public_key
-        if kind == "gateway" and (row["public_ip"], row["wireguard_port"]) != (
-            public_ip,
-            wireguard_port,
-        ):
+        if kind == "gateway" and (
+            row["public_ip"],
+            row["wireguard_port"],
+            row["https_port"],
+        ) != (public_ip, wireguard_port, https_port):
             values["public_ip"] = public_ip
             values["wireguard_port"] = wireguard_port
+            values["https_port"] = https_port
         peers_affected = bool(values)
         if row["client_version"] != version[:64]:
             values["client_version"] = version[:64]

@@ -28,8 +28,8 @@ def tunnel_wire(row: Row) -> dict[str, object]:
     return tunnel_spec(row).to_wire()
 
 
-def _endpoint(gateway: Row) -> str | None:
-    ip, port = gateway["public_ip"], gateway["wireguard_port"]
+def _endpoint(gateway: Row, port_column: str = "wireguard_port") -> str | None:
+    ip, port = gateway["public_ip"], gateway.get(port_column)
     if not ip or not port:
         return None
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
@@ -52,6 +52,7 @@ def agent_config(
                 endpoint=_endpoint(gateway),
                 virtual_ip=address,
                 allowed_ips=(address + "/32",),
+                stream_endpoint=_endpoint(gateway, "https_port"),
             )
         )
     return p.AgentConfig(

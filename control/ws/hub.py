@@ -290,7 +290,13 @@ class Hub:
             return None
         kind: ClientKind = "agent" if auth.client_type == "agent" else "gateway"
         changed = await self.store.record_auth(
-            kind, row, auth.public_key, auth.version, auth.public_ip, auth.wireguard_port
+            kind,
+            row,
+            auth.public_key,
+            auth.version,
+            auth.public_ip,
+            auth.wireguard_port,
+            auth.https_port,
         )
         conn = Connection(ws, kind, row["id"], row["name"])
         async with self.lock:

@@ -52,6 +52,7 @@ def agent_configs(draw: st.DrawFn) -> p.AgentConfig:
                 endpoint=st.none() | st.builds("{}:{}".format, v4, ports),
                 virtual_ip=v4,
                 allowed_ips=st.lists(v4.map(lambda a: a + "/32"), max_size=3).map(tuple),
+                stream_endpoint=st.none() | st.builds("{}:{}".format, v4, ports),
             ),
             max_size=4,
         )
@@ -139,6 +140,8 @@ def test_other_messages_round_trip() -> None:
     assert p.parse_status(p.status_wire(health)) == health
     auth = p.Auth("gtw_x" + "y" * 40, "gateway", public_key(1), "v", "192.0.2.1", 51820)
     assert p.parse_auth(auth.to_wire()) == auth
+    streams = p.Auth("gtw_x" + "y" * 40, "gateway", public_key(1), "v", "192.0.2.1", 51820, 443)
+    assert p.parse_auth(through_json(streams.to_wire())) == streams
     assert "gtw_" not in repr(auth)  # the API key never reaches a log through repr
     cert = p.CertificateSpec("a.example.com", "c", "-----BEGIN PRIVATE KEY-----x", 1.0)
     assert "PRIVATE" not in repr(cert)
@@ -232,3 +235,32 @@ def test_a_list_too_long_is_refused() -> None:
     }
     with pytest.raises(p.ProtocolError, match="at most"):
         p.parse_agent_config(config)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, True, 1.5, "443", 10**40])
+def test_a_gateways_https_port_is_bounded(port: Any) -> None:
+    """The port agents reach a gateway's stream transport at (``httpsPort`` in its auth;
+    absent or null: HTTPS is off)."""
+    auth = p.Auth("gtw_x" + "y" * 40, "gateway", public_key(1), "v", "192.0.2.1", 51820, 443)
+    with pytest.raises(p.ProtocolError, match="httpsPort"):
+        p.parse_auth({**auth.to_wire(), "httpsPort": port})
+    assert p.parse_auth({**auth.to_wire(), "httpsPort": None}).https_port is None
+    older = {k: v for k, v in auth.to_wire().items() if k != "httpsPort"}
+    assert p.parse_auth(older).https_port is None  # a gateway from before the field
+
+
+@pytest.mark.parametrize(
+    "endpoint", ["192.0.2.1", "192.0.2.1:0", "example.com:443", "[::1]443", 443, "x" * 65]
+)
+def test_a_gateways_stream_endpoint_is_checked(endpoint: Any) -> None:
+    gateway = p.GatewayPeerSpec(
+        "g1", "edge", public_key(2), "192.0.2.1:51820", "100.64.0.1", ("100.64.0.1/32",)
+    )
+    agent = p.AgentConfig(p.AgentSelf("a", "n", "100.64.0.0/24", "100.64.0.100"), (gateway,), ())
+    wire = through_json(agent.to_wire())
+    assert p.parse_agent_config(wire).gateways[0].stream_endpoint is None
+    wire["gateways"][0]["streamEndpoint"] = "[2001:db8::1]:443"
+    assert p.parse_agent_config(wire).gateways[0].stream_endpoint == "[2001:db8::1]:443"
+    wire["gateways"][0]["streamEndpoint"] = endpoint
+    with pytest.raises(p.ProtocolError):
+        p.parse_agent_config(wire)

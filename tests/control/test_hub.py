@@ -74,6 +74,7 @@ async def test_agent_and_gateway_auth_and_config(
             "endpoint": "203.0.113.7:51820",
             "virtualIp": "100.64.0.1",
             "allowedIps": ["100.64.0.1/32"],
+            "streamEndpoint": None,  # the gateway reported no HTTPS port
         }
     ]
     assert [t["id"] for t in config["tunnels"]] == [tunnel["id"]]
@@ -196,9 +197,19 @@ async def test_gateway_endpoint_change_pushes_to_agents(
     gw_new = await connect_client(control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443)
     assert "replaced" in await closed_with(gw, protocol.CLOSE_REPLACED)
     assert (await peer.expect("config"))["data"]["gateways"][0]["endpoint"] == "[2001:db8::1]:443"
-    # Reconnecting with nothing changed tells nobody.
-    gw_same = await connect_client(control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443)
+    # Its HTTPS port (the stream transport for agents without UDP) reaches them too.
+    gw_https = await connect_client(
+        control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443, https_port=8443
+    )
     await closed_with(gw_new, protocol.CLOSE_REPLACED)
+    gateways = (await peer.expect("config"))["data"]["gateways"]
+    assert gateways[0]["streamEndpoint"] == "[2001:db8::1]:8443"
+    assert gateways[0]["endpoint"] == "[2001:db8::1]:443"
+    # Reconnecting with nothing changed tells nobody.
+    gw_same = await connect_client(
+        control, gateway["apiKey"], "gateway", 21, "2001:db8::1", 443, https_port=8443
+    )
+    await closed_with(gw_https, protocol.CLOSE_REPLACED)
     await peer.nothing(0.5)
     assert (await api.get("/healthz")).json()["connections"] == 2
     await gw_same.close()
