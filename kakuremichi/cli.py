@@ -5,6 +5,8 @@
     kakuremichi gateway            run a gateway (the public edge)
     kakuremichi agent              run an agent (the rootless connector)
     kakuremichi demo               all of it on loopback, rootless, with a sample app
+    kakuremichi apply -f FILE      make Control match a kakuremichi.yaml (tunnels as code)
+    kakuremichi export             write Control's state in that format
 
 Exit codes: 0 clean shutdown, 2 bad configuration (the message names the setting),
 1 anything else.
@@ -26,6 +28,7 @@ _VERBS: tuple[tuple[str, str], ...] = (
     ("gateway", "gateway.main"),
     ("agent", "agent.main"),
     ("demo", "kakuremichi.demo"),
+    ("apply", "kakuremichi.apply"),  # also registers export
 )
 
 
