@@ -23,6 +23,7 @@ from common.config import (
 )
 from common.controlclient import CONTROL_CA, TOKEN, control_target
 from common.eventloop import EVENT_LOOP
+from common.relay.accesslog import AccessLogSettings
 from common.relay.limits import LimitSettings
 from common.service import raise_open_file_limit, run_until_signalled
 from gateway.runtime import Gateway, GatewaySettings
@@ -90,6 +91,29 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "acme-ca-file", "CA bundle to trust for the ACME server (e.g. Pebble)", None, metavar="FILE"
     ),
+    Setting(
+        "access-log",
+        "access log, one line per HTTP request and per TCP/UDP flow: a file path, or - for "
+        "standard output; unset: off",
+        None,
+        metavar="PATH",
+    ),
+    Setting(
+        "access-log-format",
+        "access log lines: logfmt or json",
+        "logfmt",
+        choices=("logfmt", "json"),
+    ),
+    Setting(
+        "access-log-max-bytes", "rotate the access log file past this size", 100 << 20, parse=int
+    ),
+    Setting("access-log-backups", "rotated access log files kept", 5, parse=int),
+    Setting(
+        "oidc-ca-file",
+        "CA bundle to trust for the tunnels' OIDC providers (default: the system's)",
+        None,
+        metavar="FILE",
+    ),
     EVENT_LOOP,
     *COMMON,
 )
@@ -119,6 +143,15 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         raise ConfigError(
             f"--rate-limit/--rate-burst/--max-connections-per-client/--max-connections: {exc}"
         ) from exc
+    try:
+        access_log = AccessLogSettings(
+            path=values["access_log"],
+            format=values["access_log_format"],
+            max_bytes=values["access_log_max_bytes"],
+            backups=values["access_log_backups"],
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--access-log-*: {exc}") from exc
     return GatewaySettings(
         control_url=control.url,
         api_key=control.api_key,
@@ -140,6 +173,8 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         acme_email=values["acme_email"],
         acme_ca_file=values["acme_ca_file"],
         limits=limits,
+        access_log=access_log,
+        oidc_ca_file=values["oidc_ca_file"],
     )
 
 

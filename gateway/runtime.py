@@ -43,6 +43,7 @@ from common.health import DEGRADED, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
 from common.protocol import CertificateObtained, GatewayConfig
+from common.relay.accesslog import AccessLogSettings
 from common.relay.admin import AdminServer
 from common.relay.limits import LimitSettings
 from common.relay.metrics import Metrics
@@ -87,6 +88,10 @@ class GatewaySettings:
     acme_ca_file: str | None = None
     renew_before: float = 30 * 86400
     limits: LimitSettings = field(default_factory=LimitSettings)
+    #: one line per request and per TCP/UDP flow (off unless it has a path)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
+    #: CA bundle for the tunnels' OIDC providers (None: the system's trust store)
+    oidc_ca_file: str | None = None
     #: how Control's certificate is verified (None: the system's trust store)
     control_ssl: ssl.SSLContext | None = None
     #: the enrollment token's pin of Control's key
@@ -120,20 +125,32 @@ class Gateway:
         self.proxy = ProxyServer(
             self.router,
             dialer,
-            settings=ProxySettings(upstream_port=settings.upstream_port, limits=settings.limits),
+            settings=ProxySettings(
+                upstream_port=settings.upstream_port,
+                limits=settings.limits,
+                access_log=settings.access_log,
+                oidc_ca_file=settings.oidc_ca_file,
+            ),
             metrics=self.metrics,
         )
         self.proxy.challenge_responder = self.challenges.respond
         self.proxy.redirect_https = settings.redirect_https and settings.https_port > 0
         self.proxy.redirect_https_port = settings.https_port
         self.tcp = TcpForwarder(
-            self.router, dialer, settings=TcpSettings(bind_host=settings.host), metrics=self.metrics
+            self.router,
+            dialer,
+            settings=TcpSettings(bind_host=settings.host),
+            metrics=self.metrics,
+            admit=self.proxy.access.ip_allowed,
+            access_log=self.proxy.access_log,
         )
         self.udp = UdpForwarder(
             self.router,
             flow_dialer,
             settings=UdpSettings(bind_host=settings.host),
             metrics=self.metrics,
+            admit=self.proxy.access.ip_allowed,
+            access_log=self.proxy.access_log,
         )
         self.runtime = ControlRuntime(
             ControlClientSettings(

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .accesslog import AccessLog
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
 from .metrics import Metrics
@@ -45,6 +46,8 @@ class Listener(Protocol):
 
 #: (callback, port) -> a listener accepting on ``port``
 Listen = Callable[[StreamCallback, int], Awaitable[Listener]]
+#: (tunnel id, client address) -> whether the tunnel's IP rules let the client in
+Admit = Callable[[str, str], bool]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +77,15 @@ class TcpForwarder(PortReconciler):
         settings: TcpSettings | None = None,
         metrics: Metrics | None = None,
         listen: Listen | None = None,
+        admit: Admit | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         super().__init__(router)
         self.dialer = dialer if dialer is not None else open_tcp
         self.listen = listen
+        #: the tunnels' IP rules (the gateway's access policies); None: all admitted
+        self.admit = admit
+        self.access_log = access_log
         self.settings = settings if settings is not None else TcpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.registry.add_collector(self._collect)
@@ -116,14 +124,26 @@ class TcpForwarder(PortReconciler):
         upstream_writer: asyncio.StreamWriter | None = None
         failed = False
         self.metrics.connection_opened("tcp")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        counts = [0, 0]  # bytes in, out
+        decision = "allow"
+        route = None
         try:
             route = self.router.lookup_port("tcp", port)
             if not admitted:
                 self.metrics.rejected.inc(reason="tcp_connections_per_client")
+                decision = "connection_limit"
                 return
             if route is None or not route.enabled:
+                decision = "no_route"
                 return
             tunnel = route.tunnel_id
+            if self.admit is not None and not self.admit(tunnel, client_ip):
+                self.metrics.rejected.inc(reason="access")
+                decision = "deny_ip"
+                failed = True  # a reset, as a refused connection would get
+                return
             self.metrics.tcp_connections.inc(tunnel=tunnel)
             upstream_port = route.upstream_port or self.settings.upstream_port or port
             try:
@@ -133,7 +153,17 @@ class TcpForwarder(PortReconciler):
             except (OSError, TimeoutError):
                 self.metrics.upstream_errors.inc(tunnel=tunnel, kind="unreachable")
                 failed = True  # reset the client: "refused", not an empty stream
+                decision = "unreachable"
                 return
+
+            def inbound(n: int) -> None:
+                counts[0] += n
+                self.metrics.tcp_bytes.inc(n, tunnel=tunnel, direction="in")
+
+            def outbound(n: int) -> None:
+                counts[1] += n
+                self.metrics.tcp_bytes.inc(n, tunnel=tunnel, direction="out")
+
             with contextlib.suppress(ConnectionError, OSError, TimeoutError):
                 await splice(
                     reader,
@@ -141,12 +171,8 @@ class TcpForwarder(PortReconciler):
                     up_reader,
                     upstream_writer,
                     idle_timeout=self.settings.idle_timeout,
-                    on_a_to_b=lambda n: self.metrics.tcp_bytes.inc(
-                        n, tunnel=tunnel, direction="in"
-                    ),
-                    on_b_to_a=lambda n: self.metrics.tcp_bytes.inc(
-                        n, tunnel=tunnel, direction="out"
-                    ),
+                    on_a_to_b=inbound,
+                    on_b_to_a=outbound,
                 )
         except asyncio.CancelledError:
             pass
@@ -154,6 +180,18 @@ class TcpForwarder(PortReconciler):
             log.exception("unexpected error in a TCP tunnel connection")
         finally:
             self.metrics.connection_closed("tcp")
+            if self.access_log is not None and self.access_log.enabled:
+                self.access_log.flow(
+                    protocol="tcp",
+                    client=client_ip,
+                    tunnel=route.tunnel_id if route is not None else "",
+                    port=port,
+                    bytes_in=counts[0],
+                    bytes_out=counts[1],
+                    duration=loop.time() - started,
+                    upstream=route.upstream_host if route is not None else "",
+                    decision=decision,
+                )
             if admitted:
                 self.limiter.release(client_ip)
             conns = self._connections.get(port)

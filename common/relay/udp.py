@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from .accesslog import AccessLog
 from .limits import client_key
 from .metrics import Metrics
 from .reconcile import PortReconciler
@@ -111,10 +112,14 @@ class _Flow:
     client: Address
     tunnel_id: str
     last_activity: float
+    upstream: str = ""
     handle: UdpFlowHandle | None = None
     pending: list[bytes] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
     closed: bool = False
+    started: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 class _PublicProtocol(asyncio.DatagramProtocol):
@@ -148,10 +153,17 @@ class UdpForwarder(PortReconciler):
         settings: UdpSettings | None = None,
         metrics: Metrics | None = None,
         bind: Bind | None = None,
+        admit: Callable[[str, str], bool] | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         super().__init__(router)
         self.flow_dialer = flow_dialer if flow_dialer is not None else open_udp_flow
         self.bind = bind
+        #: the tunnels' IP rules (the gateway's access policies); None: all admitted
+        self.admit = admit
+        self.access_log = access_log
+        #: (port, client key) -> when a refused client was last logged
+        self._refused_logged: dict[tuple[int, str], float] = {}
         self.settings = settings if settings is not None else UdpSettings()
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.registry.add_collector(self._collect)
@@ -197,6 +209,7 @@ class UdpForwarder(PortReconciler):
             if flow is None:
                 return
         flow.last_activity = now
+        flow.bytes_in += len(data)
         self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="in")
         if flow.handle is not None:
             with contextlib.suppress(OSError):
@@ -212,13 +225,17 @@ class UdpForwarder(PortReconciler):
         if route is None or not route.enabled:
             return None
         client = (port, client_key(str(addr[0])))
+        if self.admit is not None and not self.admit(route.tunnel_id, str(addr[0])):
+            self.metrics.rejected.inc(reason="access")
+            self._log_refused(client, route.tunnel_id, str(addr[0]), now)
+            return None
         if self._per_port.get(port, 0) >= self.settings.max_flows_per_port:
             self.metrics.rejected.inc(reason="udp_flows_per_port")
             return None
         if self._per_client.get(client, 0) >= self.settings.max_flows_per_client:
             self.metrics.rejected.inc(reason="udp_flows_per_client")
             return None
-        flow = _Flow(port, addr, route.tunnel_id, now)
+        flow = _Flow(port, addr, route.tunnel_id, now, route.upstream_host, started=now)
         self.flows[(port, addr)] = flow
         self._per_port[port] = self._per_port.get(port, 0) + 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
@@ -230,6 +247,7 @@ class UdpForwarder(PortReconciler):
             if flow.closed or public.transport is None:
                 return
             flow.last_activity = loop.time()
+            flow.bytes_out += len(data)
             self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="out")
             public.transport.sendto(data, addr)
 
@@ -290,3 +308,38 @@ class UdpForwarder(PortReconciler):
         else:
             self._per_client.pop(client, None)
         self.metrics.udp_flows.dec(tunnel=flow.tunnel_id)
+        if self.access_log is not None and self.access_log.enabled:
+            self.access_log.flow(
+                protocol="udp",
+                client=str(flow.client[0]),
+                tunnel=flow.tunnel_id,
+                port=flow.port,
+                bytes_in=flow.bytes_in,
+                bytes_out=flow.bytes_out,
+                duration=max(0.0, flow.last_activity - flow.started),
+                upstream=flow.upstream,
+                decision="allow",
+            )
+
+    def _log_refused(self, key: tuple[int, str], tunnel: str, client: str, now: float) -> None:
+        """One access-log line per refused client and port per minute (datagrams from a
+        refused address would otherwise each write one)."""
+        if self.access_log is None or not self.access_log.enabled:
+            return
+        last = self._refused_logged.get(key)
+        if last is not None and now - last < 60:
+            return
+        if len(self._refused_logged) >= 10_000:
+            self._refused_logged.clear()
+        self._refused_logged[key] = now
+        self.access_log.flow(
+            protocol="udp",
+            client=client,
+            tunnel=tunnel,
+            port=key[0],
+            bytes_in=0,
+            bytes_out=0,
+            duration=0.0,
+            upstream="",
+            decision="deny_ip",
+        )

@@ -135,11 +135,13 @@ class Outcome:
     identity: Identity | None = None
     location: str = ""
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    #: what the access log says about it (``allow`` or why not)
+    decision: str = "allow"
 
 
 #: the common answers, made once
 _ALLOW_ANONYMOUS = Outcome(ALLOW)
-_ENDPOINT = Outcome(ENDPOINT)
+_ENDPOINT = Outcome(ENDPOINT, decision="gateway_page")
 
 
 def _field_value(text: str) -> bytes:
@@ -314,10 +316,10 @@ class AccessControl:
         """Whether a request may reach ``policy``'s tunnel (module docstring)."""
         if policy.ip_deny or policy.ip_allow:
             address = _address(client_ip)
-            if address is None or (policy.ip_deny and _in(address, policy.ip_deny)):
-                return Outcome(DENY, 403, "Your address may not reach this site.")
-            if policy.ip_allow and not _in(address, policy.ip_allow):
-                return Outcome(DENY, 403, "Your address may not reach this site.")
+            if not self._ip_ok(policy, address):
+                return Outcome(
+                    DENY, 403, "Your address may not reach this site.", decision="deny_ip"
+                )
         if not policy.sign_in:
             return _ALLOW_ANONYMOUS
         if path.startswith(PREFIX):
@@ -325,12 +327,27 @@ class AccessControl:
         rule = strictest_rule(policy.paths, path) if policy.paths else None
         if rule is not None:
             if rule.action == "deny":
-                return Outcome(DENY, 403, "This path is not served.")
+                return Outcome(DENY, 403, "This path is not served.", decision="deny_path")
             if rule.action == "bypass":
                 return _ALLOW_ANONYMOUS
             if rule.action == "bearer":
                 return self._bearer(rule, headers)
         return self._signed_in(policy, host, client_ip, method, path, headers)
+
+    @staticmethod
+    def _ip_ok(
+        policy: AccessPolicy, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    ) -> bool:
+        if address is None or (policy.ip_deny and _in(address, policy.ip_deny)):
+            return False
+        return not policy.ip_allow or _in(address, policy.ip_allow)
+
+    def ip_allowed(self, tunnel_id: str, client_ip: str) -> bool:
+        """Whether a raw TCP/UDP tunnel's IP rules let ``client_ip`` in (no policy: yes)."""
+        policy = self.policies.get(tunnel_id)
+        if policy is None or not (policy.ip_deny or policy.ip_allow):
+            return True
+        return self._ip_ok(policy, _address(client_ip))
 
     def _bearer(self, rule: PathRule, headers: list[tuple[bytes, bytes]]) -> Outcome:
         for key, value in headers:
@@ -345,6 +362,9 @@ class AccessControl:
             401,
             "This path needs a bearer token.",
             headers=((b"www-authenticate", b'Bearer realm="kakuremichi"'),),
+            decision="bad_bearer"
+            if any(k == b"authorization" for k, _ in headers)
+            else "unauthenticated",
         )
 
     def _signed_in(
@@ -366,7 +386,9 @@ class AccessControl:
             if identity is not None:
                 return Outcome(ALLOW, identity=identity)
         if not self.sessions.ready and (policy.password_hash or policy.oidc or policy.share_links):
-            return Outcome(DENY, 503, "Sign-in is not available yet (no session key).")
+            return Outcome(
+                DENY, 503, "Sign-in is not available yet (no session key).", decision="unavailable"
+            )
         return self._unauthenticated(policy, method, path, headers)
 
     def _unauthenticated(
@@ -382,15 +404,21 @@ class AccessControl:
         if browser and (policy.password_hash or policy.oidc):
             only_oidc = policy.oidc is not None and not (policy.password_hash or policy.basic_users)
             page = "oidc/start" if only_oidc else "login"
-            return Outcome(REDIRECT, 302, location=f"{PREFIX}{page}?rd={_quote(path)}")
+            return Outcome(
+                REDIRECT,
+                302,
+                location=f"{PREFIX}{page}?rd={_quote(path)}",
+                decision="unauthenticated",
+            )
         if policy.basic_users:
             return Outcome(
                 CHALLENGE,
                 401,
                 "Sign in to reach this site.",
                 headers=((b"www-authenticate", b'Basic realm="kakuremichi", charset="UTF-8"'),),
+                decision="unauthenticated",
             )
-        return Outcome(CHALLENGE, 401, "Sign in to reach this site.")
+        return Outcome(CHALLENGE, 401, "Sign in to reach this site.", decision="unauthenticated")
 
     # -- basic auth -----------------------------------------------------------------
 
@@ -408,7 +436,7 @@ class AccessControl:
         limited = self.attempt(policy, client_ip, now)
         if limited is not None:
             return limited
-        return Outcome(VERIFY)
+        return Outcome(VERIFY, decision="verify_basic")
 
     def verify_basic(self, policy: AccessPolicy, value: bytes) -> bool:
         """Check basic-auth credentials against the argon2id hashes (slow: call it off
@@ -498,6 +526,7 @@ class AccessControl:
                     429,
                     "Too many sign-in attempts; wait a little.",
                     headers=((b"retry-after", str(decision.retry_after).encode()),),
+                    decision="rate_limited",
                 )
         return None
 

@@ -140,6 +140,8 @@ class ForwardingMixin:
     response_done: bool
     keep_alive: bool
     loop: asyncio.AbstractEventLoop
+    #: request body bytes read from the client for the current request (access log)
+    body_in: int
 
     @property
     def reader(self) -> asyncio.StreamReader:
@@ -319,6 +321,7 @@ class ForwardingMixin:
             done = requests.state != h1.BODY
             if data:
                 received += len(data)
+                self.body_in += len(data)
                 if max_body is not None and received > max_body:
                     raise BodyTooLarge
                 self.metrics.request_bytes.inc(len(data), tunnel=tunnel)

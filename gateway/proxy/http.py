@@ -22,8 +22,11 @@ session is a small state machine (``mode``) over a keep-alive connection:
    if missing: only an HTTP/1.0 request gets this far without one; an absolute-form
    target's authority wins), ACME HTTP-01 challenges (answered here, before rate
    limits and routing, RFC 8555 §8.3), rate limit (429 + ``Retry-After``), route (404
-   unknown host, 503 disabled tunnel), optional HTTP -> HTTPS redirect (308), declared
-   body size (413).  Every such answer is written at once, from the callback.
+   unknown host, 503 disabled tunnel), optional HTTP -> HTTPS redirect (308), the
+   tunnel's access policy (``gateway/access``: IP rules 403, sign-in 401 or a 302 to
+   the gateway's sign-in page, whose ``/.kakuremichi/`` pages, and basic-auth
+   credentials not verified yet, take the coroutine path: argon2 runs in a thread),
+   declared body size (413).  Every such answer is written at once, from the callback.
 3. **Forward** an admitted request one of two ways:
 
    * the **fast path** (``_FAST``, this module), for what most requests are: no body,
@@ -63,18 +66,33 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from common.logs import kv
+from common.protocol import AccessPolicy
+from common.relay.accesslog import AccessLog
 from common.relay.limits import ConnectionLimiter, RateLimiter
 from common.relay.metrics import Metrics
 from common.relay.router import Route, Router, normalize_host
 from common.relay.splice import CHUNK, drain
+from gateway.access import endpoints as access_endpoints
+from gateway.access.oidc import OidcClients
+from gateway.access.policy import (
+    ALLOW,
+    ENDPOINT,
+    REDIRECT,
+    VERIFY,
+    AccessControl,
+    Outcome,
+    basic_user,
+)
 
 from . import h1, pages
 from .forward import Abort, ForwardingMixin, ForwardPlan
 from .headers import (
-    PROTO_LINE,
+    PROTO_FIELD,
     Headers,
     client_address,
     forwarding_fields,
@@ -110,6 +128,18 @@ _ANSWERED = 0
 _CLOSE = 1
 
 
+@dataclass(slots=True)
+class AccessPlan:
+    """A request the gateway answers itself for its access policy (a sign-in page) or
+    lets through only after verifying basic-auth credentials (``_access``)."""
+
+    kind: int  # policy.ENDPOINT or policy.VERIFY
+    policy: AccessPolicy
+    route: Route
+    plain: bool
+    started: float
+
+
 def _ignore(amount: float) -> None:
     pass
 
@@ -136,6 +166,11 @@ class ProxyServer:
             max_active_per_agent=self.settings.max_active_per_agent,
         )
         self.rate_limiter = RateLimiter(limits.rate, limits.burst, limits.max_tracked_clients)
+        #: the tunnels' access policies (``gateway/access/``), set from Control's config
+        self.access_log = AccessLog(self.settings.access_log)
+        self.access = AccessControl()
+        self.access.oidc = OidcClients(self.access, verify=self.settings.oidc_ca_file or True)
+        self.endpoints = access_endpoints.Endpoints(self.access)
         self.connection_limiter = ConnectionLimiter(
             limits.max_connections_per_client, limits.max_connections
         )
@@ -160,6 +195,7 @@ class ProxyServer:
             # a client that never finishes its TLS handshake is a slowloris too
             tls_options["ssl_handshake_timeout"] = max(self.settings.limits.header_timeout, 1.0)
         loop = asyncio.get_running_loop()
+        self.access_log.start()
         server = await loop.create_server(
             lambda: _ClientSession(self, proto),
             host,
@@ -201,6 +237,9 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
         await self.pool.close()
+        await self.access_log.close()
+        if self.access.oidc is not None:
+            await self.access.oidc.close()
 
 
 class _StreamReader(asyncio.StreamReader):
@@ -266,6 +305,12 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self._framing = h1.NO_BODY
         self._response_bytes: Callable[[float], None] = _ignore
         self._forwarding_fields: bytes | None = None
+        # the access log's view of the current request (``_admit``, ``_record``)
+        self._decision = "allow"
+        self._user = ""
+        self._sent = 0
+        self._upstream = ""
+        self.body_in = 0
 
     # -- the coroutine path's streams ----------------------------------------------
 
@@ -458,6 +503,8 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 outcome = self._admit(head)
                 if isinstance(outcome, ForwardPlan):
                     self._dispatch(outcome)
+                elif isinstance(outcome, AccessPlan):
+                    self._go_access(outcome)
                 elif outcome == _CLOSE:
                     # the rest of the request may still be on its way: closing now
                     # would answer it with a reset that can destroy the page
@@ -490,10 +537,15 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
 
     # -- admission (synchronous) -----------------------------------------------------
 
-    def _admit(self, request: h1.RequestHead) -> ForwardPlan | int:
+    def _admit(self, request: h1.RequestHead) -> ForwardPlan | AccessPlan | int:
         """Check a request head (module docstring, step 2): a plan to forward it, or
         ``_ANSWERED`` / ``_CLOSE`` once the answer was written here."""
         started = self.loop.time()
+        # the access log's view of this request (``_record``)
+        self._decision = "allow"
+        self._user = ""
+        self._sent = 0
+        self._upstream = ""
         headers: Headers = request.headers
         plain = pages.wants_plain(get_header(headers, b"accept"))
 
@@ -547,6 +599,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         decision = self.server.rate_limiter.check(self.client_ip, started)
         if not decision.allowed:
             self.metrics.rejected.inc(reason="rate_limit")
+            self._decision = "rate_limited"
             self._page_now(
                 429,
                 "Too many requests from your address; slow down.",
@@ -556,11 +609,14 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return _ANSWERED
         route = self.server.router.lookup_host(host)
         if route is None:
+            self._decision = "no_route"
             self._page_now(
                 404, f"No tunnel is configured for the host {host[:255]!s}.", plain=plain
             )
             return _ANSWERED
+        self._upstream = route.upstream_host
         if not route.enabled:
+            self._decision = "disabled"
             self._page_now(
                 503, f"The tunnel for {route.domain} is disabled.", plain=plain, route=route
             )
@@ -568,6 +624,30 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         if self.proto == "http" and self.server.redirect_https:
             self._redirect_to_https(host, target, route)
             return _ANSWERED
+        identity: list[tuple[bytes, bytes]] | None = None
+        own_cookies = False
+        access = self.server.access
+        if access.active:
+            policy = access.policies.get(route.tunnel_id)
+            if policy is not None:
+                outcome = access.check(
+                    policy,
+                    host=route.domain,
+                    client_ip=self.client_ip,
+                    method=method,
+                    path=path,
+                    headers=headers,
+                )
+                self._decision = outcome.decision
+                if outcome.kind != ALLOW:
+                    return self._access_answer(outcome, policy, route, plain, started)
+                if outcome.identity is not None:
+                    self._user = outcome.identity.user
+                    if policy.identity_headers:
+                        identity = outcome.identity.fields()
+                own_cookies = policy.sign_in and any(
+                    k == b"cookie" and b"kkm_" in v for k, v in headers
+                )
 
         chunked = request.chunked
         length = request.content_length or 0
@@ -584,14 +664,17 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return _CLOSE
         has_body = chunked or length > 0
         raw = request.raw
-        if raw is not None and not route.path_prefix:
+        if raw is not None and not route.path_prefix and not own_cookies:
             # an HTTP/1.1 head with Host first and no hop-by-hop, upgrade or forwarding
             # field (h1.scan_request): it goes as it came, followed by the forwarding
             # fields request_headers_for_agent would add (the client is the peer: no
             # X-Forwarded-For came to name another)
             upgrade = False
             # (headers.verbatim_request_head, with the peer's fields made once)
-            head = b"".join((raw, self._forwarding(), host_value, PROTO_LINE[self.proto]))
+            end = PROTO_FIELD[self.proto]
+            if identity is not None:
+                end += b"".join(b"\r\n%s: %s" % field for field in identity)
+            head = b"".join((raw, self._forwarding(), host_value, end, b"\r\n\r\n"))
         else:
             upgrade = is_upgrade_request(headers)
             forwarded = request_headers_for_agent(
@@ -601,6 +684,8 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 proto=self.proto,
                 chunked=chunked,
                 upgrade=upgrade,
+                identity=identity,
+                strip_own_cookies=own_cookies,
             )
             if route.path_prefix and target.startswith(b"/"):
                 target = route.path_prefix.encode("latin-1") + target
@@ -610,6 +695,180 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             head = h1.request_head(method, target, forwarded)
         retry_allowed = not has_body and method in _IDEMPOTENT
         return ForwardPlan(head, method, upgrade, route, plain, has_body, retry_allowed, started)
+
+    def _access_answer(
+        self, outcome: Outcome, policy: AccessPolicy, route: Route, plain: bool, started: float
+    ) -> AccessPlan | int:
+        """What a request the access policy did not let straight through gets: a page
+        (403, 401, 429, 503), a redirect to sign in, or the gateway's own handling."""
+        kind = outcome.kind
+        if kind in (ENDPOINT, VERIFY):
+            return AccessPlan(kind, policy, route, plain, started)
+        self.metrics.rejected.inc(reason="access")
+        if kind == REDIRECT:
+            self._page_now(
+                302,
+                "Sign in to reach this site.",
+                plain=plain,
+                route=route,
+                extra=[(b"location", outcome.location.encode("latin-1"))],
+                started=started,
+            )
+        else:  # DENY, CHALLENGE
+            self._page_now(
+                outcome.status,
+                outcome.reason,
+                plain=plain,
+                route=route,
+                extra=list(outcome.headers),
+                started=started,
+            )
+        return _ANSWERED
+
+    def _go_access(self, plan: AccessPlan) -> None:
+        self.mode = _SLOW
+        self._streams()
+        self.task = self.loop.create_task(self._access(plan))
+
+    async def _access(self, plan: AccessPlan) -> None:
+        """A sign-in page of the gateway's own, or basic-auth credentials to verify
+        before the request goes on (the coroutine path: argon2 runs in a thread)."""
+        close = False
+        try:
+            if plan.kind == VERIFY:
+                await self._verify_basic(plan)
+            else:
+                await self._endpoint(plan)
+        except (Abort, asyncio.CancelledError):
+            close = True
+        except Exception:
+            log.exception("unexpected error serving a client connection")
+            close = True
+        finally:
+            self.task = None
+        if self.mode != _SLOW:
+            return
+        if self.transport is not None and self.transport.is_closing():
+            return
+        if close:
+            if self.response_done and self.requests.state == h1.BODY:
+                self._linger()
+            else:
+                self._close()
+            return
+        assert self._reader is not None
+        self.requests.receive(self._reader.take())
+        self._next_request()
+
+    async def _verify_basic(self, plan: AccessPlan) -> None:
+        request = self.request
+        assert request is not None
+        value = get_header(request.headers, b"authorization") or b""
+        right = await self.loop.run_in_executor(
+            None, self.server.access.verify_basic, plan.policy, value
+        )
+        if right:
+            outcome = self._admit(request)  # the credentials are remembered now
+            if isinstance(outcome, ForwardPlan):
+                await self._forward(outcome)
+            elif isinstance(outcome, AccessPlan):  # the policy changed meanwhile
+                await self._send_page(
+                    503, "Try again.", plain=plan.plain, route=plan.route, started=plan.started
+                )
+            return
+        log.info(
+            "basic auth refused",
+            extra=kv(
+                tunnel=plan.route.tunnel_id,
+                client=self.client_ip,
+                user=(basic_user(value) or "")[:64],
+            ),
+        )
+        self.metrics.rejected.inc(reason="access")
+        self._decision = "bad_basic"
+        self._user = (basic_user(value) or "")[:64]
+        await self._send_page(
+            401,
+            "The user name or password is not right.",
+            plain=plan.plain,
+            route=plan.route,
+            started=plan.started,
+            extra=[(b"www-authenticate", b'Basic realm="kakuremichi", charset="UTF-8"')],
+        )
+
+    async def _endpoint(self, plan: AccessPlan) -> None:
+        request = self.request
+        assert request is not None
+        body = b""
+        if self.server.endpoints.wants_body(request.method, ""):
+            form = await self._read_form(plan)
+            if form is None:
+                return
+            body = form
+        target = request.target.decode("latin-1")
+        response = await self.server.endpoints.handle(
+            access_endpoints.EndpointRequest(
+                plan.policy,
+                plan.route.domain,
+                self.proto,
+                self.client_ip,
+                request.method,
+                target,
+                request.headers,
+                body,
+            )
+        )
+        headers = [
+            (b"content-type", response.content_type),
+            (b"content-length", str(len(response.body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"x-frame-options", b"DENY"),
+            (b"server", pages.SERVER_NAME),
+            *response.headers,
+        ]
+        data = self._own(
+            response.status, pages.reason_phrase(response.status), headers, response.body, False
+        )
+        route = plan.route
+        if response.decision:
+            self._decision = response.decision
+        self._record(
+            route.tunnel_id,
+            route.domain,
+            response.status,
+            self.loop.time() - plan.started,
+            pending=len(data),
+        )
+        await self._write(data)
+        self.response_done = True
+
+    async def _read_form(self, plan: AccessPlan) -> bytes | None:
+        """A sign-in form's body (at most ``MAX_FORM_BYTES``; else a 413 page, None)."""
+        requests = self.requests
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                data = requests.body()
+            except h1.ProtocolError:
+                raise Abort from None
+            size += len(data)
+            if size > access_endpoints.MAX_FORM_BYTES:
+                await self._send_page(
+                    413, "The form is too large.", plain=plan.plain, route=plan.route, close=True
+                )
+                return None
+            parts.append(data)
+            if requests.state != h1.BODY:
+                return b"".join(parts)
+            try:
+                async with asyncio.timeout(self.settings.body_idle_timeout):
+                    more = await self.reader.read(CHUNK)
+            except (TimeoutError, ConnectionError, OSError):
+                raise Abort from None
+            if not more:
+                raise Abort
+            requests.receive(more)
 
     def _forwarding(self) -> bytes:
         """``X-Forwarded-For`` and ``X-Real-IP`` (the peer) and the start of
@@ -671,6 +930,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         try:
             writer = self.writer
             writer.write(data)
+            self._sent += len(data)
             await drain(writer, self.settings.body_idle_timeout)
         except (ConnectionError, OSError, TimeoutError, RuntimeError):
             raise Abort from None
@@ -757,7 +1017,9 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         if done and self._framing == h1.CHUNKED:
             out.append(h1.LAST_CHUNK)
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self._sent += len(data)
+            self.transport.write(data)
         if done:
             self._fast_done()
 
@@ -769,6 +1031,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
     def _informational_now(self, head: h1.ResponseHead) -> None:
         data = self._informational_head(head)
         if data and self.transport is not None:
+            self._sent += len(data)
             self.transport.write(data)
 
     def _fast_end(self) -> tuple[UpstreamConnection | None, ForwardPlan | None]:
@@ -971,26 +1234,40 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
 
     def _send_own_now(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self._sent += len(data)
             self.transport.write(data)
         self.response_done = True
 
     # -- gateway pages ---------------------------------------------------------------
 
-    def _record(self, tunnel: str, domain: str, status: int, elapsed: float | None) -> None:
-        """Count one answered request; log it if the access log is on (no query
-        strings: they often carry tokens)."""
+    def _record(
+        self, tunnel: str, domain: str, status: int, elapsed: float | None, *, pending: int = 0
+    ) -> None:
+        """Count one answered request and write its access-log line if the log is on
+        (no query strings: they often carry tokens); ``pending``: bytes of the answer
+        not written yet."""
         self.metrics.request_done(tunnel, domain, status, elapsed)
-        if self.settings.access_log:
+        access_log = self.server.access_log
+        if access_log.enabled:
             method, host, path = self.current
-            log.info(
-                "%s %s %s %s %d %s",
-                self.client_ip,
-                method or "-",
-                host or "-",
-                path or "-",
-                status,
-                f"{elapsed * 1000:.1f}ms" if elapsed is not None else "-",
+            request = self.request
+            access_log.http(
+                client=self.client_ip,
+                tunnel=tunnel,
+                host=host,
+                method=method,
+                path=path,
+                status=status,
+                bytes_in=(request.size if request is not None else 0) + self.body_in,
+                bytes_out=self._sent + pending,
+                duration=elapsed,
+                upstream=self._upstream,
+                decision=self._decision,
+                user=self._user,
             )
+            # the answer's own bytes, written next, belong to this line
+            self._sent = -pending
+            self.body_in = 0
 
     def _page(
         self,
@@ -1006,9 +1283,10 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         tunnel = route.tunnel_id if route is not None else ""
         domain = route.domain if route is not None else ""
         elapsed = self.loop.time() - started if started is not None else None
-        self._record(tunnel, domain, status, elapsed)
         page = pages.render(status, reason, plain=plain, extra_headers=extra)
-        return self._own(page.status, page.reason, page.headers, page.body, close)
+        data = self._own(page.status, page.reason, page.headers, page.body, close)
+        self._record(tunnel, domain, status, elapsed, pending=len(data))
+        return data
 
     def _page_now(
         self,

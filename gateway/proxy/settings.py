@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.relay.accesslog import AccessLogSettings
 from common.relay.limits import LimitSettings
 
 
@@ -35,8 +36,8 @@ class ProxySettings:
     #: networks (CIDR) of load balancers in front of the gateway whose
     #: X-Forwarded-For is believed; empty = the TCP peer is always the client
     trusted_proxies: tuple[str, ...] = ()
-    #: one INFO line per request (method, host, path without query, status, bytes)
-    access_log: bool = False
+    #: the access log (``common.relay.accesslog``; off unless it has a path)
+    access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     #: CA bundle for the tunnels' OIDC providers (None: the system's trust store)
     oidc_ca_file: str | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
