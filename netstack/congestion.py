@@ -1,5 +1,5 @@
 """Congestion avoidance for ``TcpConnection``: CUBIC (RFC 9438, the default, as on
-Linux) and NewReno (RFC 5681).
+Linux), NewReno (RFC 5681) and BBR v1 (``netstack/bbr.py``, a model-based controller).
 
 The connection keeps cwnd and ssthresh and runs slow start, fast recovery and the RTO
 itself; a controller decides only the two things the algorithms differ in:
@@ -11,6 +11,11 @@ itself; a controller decides only the two things the algorithms differ in:
   acknowledged in congestion avoidance (cwnd >= ssthresh, cwnd-limited, not in
   recovery).  It never returns less than ``cwnd``.
 
+A model-based controller (``model_based = True``: BBR) owns cwnd instead: the
+connection never slow-starts or reduces it, calls ``on_ack`` on every cwnd-limited ACK
+(it may then return less than ``cwnd``) and feeds it delivery-rate samples
+(``on_sample``); its ``pacing_rate`` paces the sender.
+
 ``snapshot()``/``restore()`` let an undone (spurious) reduction put the controller back
 as well as cwnd and ssthresh.  Windows are bytes at the interface and segments inside
 CUBIC's formulas, as in the RFC.
@@ -20,9 +25,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from netstack.bbr import Bbr
+
 
 class CongestionControl(Protocol):
     name: str
+    model_based: bool
 
     def on_loss(self, cwnd: int, flight: int, mss: int) -> int: ...
 
@@ -39,6 +47,7 @@ class NewReno:
     reno_ssthresh)."""
 
     name = "newreno"
+    model_based = False
     __slots__ = ("_acked",)
 
     def __init__(self) -> None:
@@ -75,6 +84,7 @@ class Cubic:
     convergence (section 4.7) and the target clamped to 1.5 cwnd (section 4.2)."""
 
     name = "cubic"
+    model_based = False
     __slots__ = ("_epoch", "_k", "_pending", "_w_est", "_w_max")
 
     def __init__(self) -> None:
@@ -144,9 +154,15 @@ class Cubic:
         self._pending = 0.0
 
 
+#: the names ``TcpConfig.congestion_control`` (and the agent's ``--congestion``) accept
+NAMES = ("cubic", "newreno", "bbr")
+
+
 def make(name: str) -> CongestionControl:
     if name == "cubic":
         return Cubic()
     if name == "newreno":
         return NewReno()
-    raise ValueError(f"unknown congestion control {name!r} (cubic or newreno)")
+    if name == "bbr":
+        return Bbr()
+    raise ValueError(f"unknown congestion control {name!r} (one of {', '.join(NAMES)})")

@@ -464,6 +464,8 @@ class TcpConnection(SendSide, ReceiveSide):
         best = self._rto_deadline
         for deadline in (
             self._tlp_deadline,
+            self._rack_deadline,
+            self._pace_deadline,
             self._ack_deadline,
             self._persist_deadline,
             self._time_wait_deadline,
@@ -496,9 +498,15 @@ class TcpConnection(SendSide, ReceiveSide):
         if self._rto_deadline is not None and now >= self._rto_deadline:
             self._tlp_deadline = None
             self._on_rto(now)
+        if self._rack_deadline is not None and now >= self._rack_deadline:
+            self._rack_deadline = None  # RACK's reorder timer (RFC 8985 section 6.3)
+            if self.state in _SEND_STATES:
+                self._rack_detect(now)
         if self._tlp_deadline is not None and now >= self._tlp_deadline:
             self._tlp_deadline = None
             self._send_tail_loss_probe(now)
+        if self._pace_deadline is not None and now >= self._pace_deadline:
+            self._pace_deadline = None  # the next pacing slice: _transmit sends it
         if self._persist_deadline is not None and now >= self._persist_deadline:
             self._persist_backoff += 1
             self._persist_deadline = now + min(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from netstack import congestion
 from netstack import events as ev
+from netstack.rack import Rack, SendLog
 from netstack.sendbuf import SendBuffer
 from netstack.tcpwire import TcpSegment
 
@@ -89,10 +90,18 @@ class TcpConfig:
     keepalive_interval: float = 75.0
     keepalive_count: int = 9
     tail_loss_probe: bool = True
-    congestion_control: str = "cubic"  # or "newreno"
+    # Added to the probe timeout when one segment is in flight, for the peer's delayed
+    # ACK (RFC 8985 7.2 WCDelAckT): Linux's smallest delayed-ACK timeout plus a margin.
+    # A probe that was not needed costs one segment, a late one a round trip's stall.
+    tlp_max_ack_delay: float = 0.05
+    rack: bool = True  # RACK-TLP loss detection with SACK (RFC 8985); False: DupThresh
+    congestion_control: str = "cubic"  # or "newreno", "bbr" (netstack.congestion.NAMES)
+    pacing: bool = False  # pace CUBIC/NewReno too (BBR always paces)
 
     def __post_init__(self) -> None:
         congestion.make(self.congestion_control)  # ValueError names the bad value
+        if not 0.0 <= self.tlp_max_ack_delay <= 1.0:
+            raise ValueError("tlp_max_ack_delay must be 0..1 s")
 
 
 def _unwrap(wire: int, base: int, reference: int) -> int:
@@ -261,6 +270,31 @@ class TcpBase:
         self._recover = 0
         self._high_rxt = 0
         self._sacked: list[tuple[int, int]] = []  # sorted disjoint ranges above SND.UNA
+        # RACK-TLP (netstack/rack.py): when each outstanding byte was last sent, RACK's
+        # state, the ranges it marked lost and not yet re-sent, and its reorder timer.
+        self._sent_log = SendLog()
+        self._rack = Rack()
+        self._lost: list[tuple[int, int]] = []
+        self._newly_sacked: list[tuple[int, int]] = []  # by the ACK being processed
+        self._rack_deadline: float | None = None
+        self._min_rtt = _INFINITY
+        self._ack_tsecr: int | None = None  # TSecr of the ACK RACK is looking at
+        # Proportional rate reduction in recovery (RFC 6937).
+        self._prr_delivered = 0
+        self._prr_out = 0
+        self._recover_fs = 1
+        # Delivery-rate sampling for a model-based controller (BBR) and pacing.
+        self._cc_model = self._cc.model_based
+        if self._cc_model:
+            self._ssthresh = 0  # the model owns cwnd: no slow start of the connection's
+        self._delivered = 0  # SND.UNA + SACKed bytes at the last look
+        self._delivered_time = now  # when that last moved
+        self._app_limited = 0  # nonzero: samples sent before this delivered count are
+        self._pacing = config.pacing or self._cc_model
+        self._pace_rate = 0.0  # bytes per second (0: not paced yet)
+        self._pace_tokens = 0.0
+        self._pace_time = now
+        self._pace_deadline: float | None = None
         # RTT / RTO (RFC 6298).
         self._srtt: float | None = None
         self._rttvar = 0.0
@@ -313,6 +347,7 @@ class TcpBase:
         self._undo_seq = 0
         self._undo_degree = 0
         self._undo_tsval: int | None = None
+        self._undo_rto = False  # the undo pending is of an RTO (F-RTO's question)
         # Counters for tests, benchmarks and metrics.
         self.stats_undo = 0
         self.stats_tlp = 0
@@ -320,6 +355,9 @@ class TcpBase:
         self.stats_recoveries = 0
         self.stats_retransmitted = 0
         self.stats_reordering = 0  # times reordering was seen
+        self.stats_spurious_rto = 0
+        self.stats_dsack = 0
+        self.stats_paced = 0  # _transmit calls the pacing budget cut short
         self.notify: object = None  # set by the Stack: called when output may be pending
 
     @property
@@ -360,6 +398,8 @@ class TcpBase:
         self.state = TcpState.CLOSED
         self._rto_deadline = None
         self._tlp_deadline = None
+        self._rack_deadline = None
+        self._pace_deadline = None
         self._ack_deadline = None
         self._persist_deadline = None
         self._time_wait_deadline = None
@@ -375,6 +415,8 @@ class TcpBase:
         self.state = TcpState.TIME_WAIT
         self._rto_deadline = None
         self._tlp_deadline = None
+        self._rack_deadline = None
+        self._pace_deadline = None
         self._persist_deadline = None
         self._time_wait_deadline = now + self.config.time_wait
         if not self._closed_reported:

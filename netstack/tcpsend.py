@@ -8,6 +8,8 @@ import bisect
 
 from netstack import events as ev
 from netstack import speedups
+from netstack.bbr import PACING_SLICE, Bbr
+from netstack.rack import covered, subtract
 from netstack.tcpbase import (
     _INFINITY,
     _MAX_REORDERING,
@@ -56,8 +58,13 @@ class SendSide(TcpBase):
         if ack > self._snd_max or ack < self._snd_una - max(self._max_snd_wnd, 1):
             self._ack_now = True
             return False
+        una_before = self._snd_una
+        rack = self._sack_ok and self.config.rack
+        sacked_before = self._sacked
         new_sack = (
-            bool(seg.sack_blocks) and self._sack_ok and self._update_scoreboard(seg.sack_blocks)
+            bool(seg.sack_blocks)
+            and self._sack_ok
+            and self._update_scoreboard(seg.sack_blocks, now)
         )
         window = seg.window << self._snd_wscale
         old_window = self._snd_wnd
@@ -76,6 +83,13 @@ class SendSide(TcpBase):
             # A duplicate ACK (RFC 5681 section 2), or one that SACKs new data
             # (RFC 6675 section 5: the receiver may change its window meanwhile).
             self._duplicate_ack()
+        if rack and (new_sack or (ack > una_before and (sacked_before or self._in_recovery))):
+            self._rack_on_ack(una_before, ack, sacked_before, seg, now)
+            if self._in_recovery and not self._cc_model:
+                delivered = (self._snd_una - una_before) + (
+                    covered(self._sacked) - covered(sacked_before)
+                )
+                self._prr_on_ack(delivered)
         # Our FIN acknowledged? (RFC 9293 3.10.7.4, FIN-WAIT-1 / CLOSING / LAST-ACK)
         fin = self._fin_offset
         if fin is not None and self._snd_una > fin:
@@ -132,6 +146,8 @@ class SendSide(TcpBase):
             self._high_rxt = ack
         if self._sacked:
             self._sacked = [(max(s, ack), e) for s, e in self._sacked if e > ack]
+        if self._lost:
+            self._lost = [(max(s, ack), e) for s, e in self._lost if e > ack]
         # RTT: timestamps on every ACK that advances, else Karn's timed segment.
         if self._ts_ok and seg.timestamp is not None and seg.timestamp[1]:
             sample = ((self._ts_now(now) - seg.timestamp[1]) & MASK32) / 1000.0
@@ -144,12 +160,15 @@ class SendSide(TcpBase):
         self._retries = 0
         mss = self._snd_mss
         if self._undo_pending and ack > self._undo_seq:
-            self._check_spurious(seg)
+            self._check_spurious(seg, now)
         if self._in_recovery:
             if ack >= self._recover:  # full ACK: leave recovery (RFC 6582 section 3.2 step 3)
                 self._in_recovery = False
                 self._dupacks = 0
-                self._cwnd = max(self._ssthresh, 2 * mss)
+                self._lost = []
+                self._rack.on_recovery_done()
+                if not self._cc_model:  # RFC 6937: cwnd = ssthresh on leaving
+                    self._cwnd = max(self._ssthresh, 2 * mss)
             else:  # partial ACK: the next hole is lost too (RFC 6582 section 3.2 step 4)
                 self._dupacks = 0
                 if not self._sack_ok:
@@ -182,8 +201,8 @@ class SendSide(TcpBase):
                 self._dupacks += 1
             return
         self._dupacks += 1
-        if self._in_recovery:
-            return
+        if self._in_recovery or (self._sack_ok and self.config.rack):
+            return  # with SACK, RACK decides what is lost (_rack_on_ack)
         mss = self._snd_mss
         sacked = sum(e - s for s, e in self._sacked)
         threshold = self._reordering
@@ -212,15 +231,16 @@ class SendSide(TcpBase):
         if degree > self._reordering:
             self._reordering = min(degree, _MAX_REORDERING)
 
-    def _arm_undo(self) -> None:
+    def _arm_undo(self, rto: bool = False) -> None:
         self._undo_pending = self._ts_ok
+        self._undo_rto = rto
         self._undo_cwnd = self._cwnd
         self._undo_ssthresh = self._ssthresh
         self._undo_cc = self._cc.snapshot()
         self._undo_seq = self._snd_una
         self._undo_tsval = None
 
-    def _check_spurious(self, seg: TcpSegment) -> None:
+    def _check_spurious(self, seg: TcpSegment, now: float) -> None:
         """RFC 3522: the ACK of the first retransmission echoes an older TSval than the
         retransmission carried, so the original arrived: undo the window reduction
         (RFC 4015 response, as Linux's tcp_try_undo_recovery/loss)."""
@@ -232,22 +252,46 @@ class SendSide(TcpBase):
             return  # echoes the retransmission (or one as recent): a real loss
         self.stats_undo += 1
         self._cwnd = max(self._cwnd, self._undo_cwnd)
-        self._ssthresh = max(self._ssthresh, self._undo_ssthresh)
+        if not self._cc_model:
+            self._ssthresh = max(self._ssthresh, self._undo_ssthresh)
         self._cc.restore(self._undo_cc)
+        self._rack.on_spurious(now, self._srtt or 0.0)
+        if self._undo_rto:
+            # A spurious RTO (RFC 5682's question answered by RFC 3522's timestamps):
+            # the originals arrived, only delayed.  Go-back-N stops: what was not
+            # re-sent yet is not re-sent, and new data follows (RFC 4015's response).
+            self._undo_rto = False
+            self.stats_spurious_rto += 1
+            if self._snd_nxt < self._snd_max:
+                self._snd_nxt = self._snd_max
+            self._loss_recover = self._snd_una
+            self._rexmit_high = self._snd_una
+            return
         self._note_reordering(self._undo_degree)
         if self._in_recovery:
             self._in_recovery = False
             self._dupacks = 0
+            self._lost = []
 
     def _enter_recovery(self) -> None:
         """Fast retransmit (RFC 5681 section 3.2; RFC 6675 section 5)."""
         self._arm_undo()
-        self._ssthresh = self._reduced_window()
-        self._cwnd = self._ssthresh
         self._in_recovery = True
         self.stats_recoveries += 1
         self._recover = self._snd_max
         self._high_rxt = self._snd_una
+        if self._cc_model:
+            return  # the model's window and pacing rate carry on (BBR v1)
+        self._ssthresh = self._reduced_window()
+        if self._sack_ok and self.config.rack:
+            # PRR (RFC 6937 section 3): the window follows what the ACKs deliver from
+            # here, towards ssthresh (_prr_on_ack, run for this ACK too).
+            self._prr_delivered = 0
+            self._prr_out = 0
+            self._recover_fs = max(self._snd_max - self._snd_una, 1)
+            self._prr_on_ack(0)  # the window now (entered by an ACK or RACK's timer)
+        else:
+            self._cwnd = self._ssthresh
 
     def _reduced_window(self) -> int:
         """ssthresh after a loss, from the congestion controller.
@@ -255,18 +299,36 @@ class SendSide(TcpBase):
         FlightSize can exceed cwnd right after recovery (everything sent but lost is
         still outstanding), so the controllers cap it by cwnd, as Linux does.
         """
-        return self._cc.on_loss(self._cwnd, self._snd_max - self._snd_una, self._snd_mss)
+        flight = self._snd_max - self._snd_una
+        if self._sack_ok and self.config.rack:
+            # RACK may see a loss on the ACK that also acknowledged most of the window
+            # (one ACK for a burst that arrived together): FlightSize is then far below
+            # what was in flight when the loss happened.  Linux's ssthresh hooks take
+            # cwnd alone, which the cwnd-limited growth rule keeps honest.
+            flight = max(flight, self._cwnd)
+        return self._cc.on_loss(self._cwnd, flight, self._snd_mss)
 
-    def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...]) -> bool:
+    def _update_scoreboard(self, blocks: tuple[tuple[int, int], ...], now: float) -> bool:
         ranges = self._sacked
         fack = ranges[-1][1] if ranges else 0  # the highest SACKed byte so far
         added: list[tuple[int, int]] = []
-        for left_wire, right_wire in blocks:
+        for index, (left_wire, right_wire) in enumerate(blocks):
             left = _unwrap(left_wire, self._iss, self._snd_una)
             right = _unwrap(right_wire, self._iss, self._snd_una)
+            dsack = index == 0 and left < right and right <= self._snd_una
+            if index == 0 and not dsack and left < right and len(blocks) > 1:
+                outer_left = _unwrap(blocks[1][0], self._iss, self._snd_una)
+                outer_right = _unwrap(blocks[1][1], self._iss, self._snd_una)
+                dsack = outer_left <= left and right <= outer_right
+            if dsack:
+                # A D-SACK (RFC 2883 section 4): data that arrived twice, so a
+                # retransmission was not needed.  RACK widens its reordering window.
+                self.stats_dsack += 1
+                self._rack.on_spurious(now, self._srtt or 0.0)
+                continue
             left = max(left, self._snd_una)
             if right <= left or right > self._snd_max:
-                continue  # D-SACK or bogus: ignored (RFC 2883 is not used)
+                continue  # bogus
             if not any(s <= left and right <= e for s, e in ranges):
                 if right <= fack and left >= self._rexmit_high:
                     # Newly SACKed below the highest SACK and never re-sent: reordered.
@@ -274,9 +336,130 @@ class SendSide(TcpBase):
                 added.append((left, right))
         if not added:
             return False
+        self._newly_sacked = added
         # The lowest ranges matter most.
         self._sacked = merge_ranges(ranges + added)[:_MAX_SACK_RANGES]
+        if self._lost:  # SACKed after all: not lost (not re-sent yet either)
+            self._lost = [p for s, e in self._lost for p in subtract(s, e, self._sacked)]
         return True
+
+    # ---------------------------------------------------------------- RACK-TLP, PRR
+
+    def _echoed_is_older(self, sent_at: float) -> bool:
+        """Does the ACK being processed echo a TSval older than one sent at
+        ``sent_at``?  (Then it acknowledges an earlier transmission.)"""
+        tsecr = self._ack_tsecr
+        if tsecr is None:
+            return False
+        return 0 < (self._ts_now(sent_at) - tsecr) & MASK32 < 0x80000000
+
+    def _rack_on_ack(
+        self,
+        una_before: int,
+        ack: int,
+        sacked_before: list[tuple[int, int]],
+        seg: TcpSegment,
+        now: float,
+    ) -> None:
+        """RFC 8985 section 6.2 for one ACK: RACK's state from the newly delivered
+        bytes, then loss detection (which may start recovery)."""
+        delivered = [
+            (s, e, True)
+            for s, e in (subtract(una_before, ack, sacked_before) if ack > una_before else ())
+        ]
+        for start, end in self._newly_sacked:
+            delivered.extend((s, e, False) for s, e in subtract(start, end, sacked_before))
+        self._newly_sacked = []
+        ts = seg.timestamp
+        self._ack_tsecr = ts[1] if self._ts_ok and ts is not None and ts[1] else None
+        self._rack.update(
+            self._sent_log, delivered, now, self._rack_min_rtt(), self._echoed_is_older
+        )
+        self._ack_tsecr = None
+        self._rack_detect(now)
+
+    def _rack_min_rtt(self) -> float:
+        return self._min_rtt if self._min_rtt < _INFINITY else (self._srtt or 0.0)
+
+    def _rack_detect(self, now: float) -> None:
+        """RACK_detect_loss_and_arm_timer (RFC 8985 6.2 step 5 and 6.3)."""
+        self._rack_deadline = None
+        if self._snd_nxt < self._snd_max or self._snd_una < self._loss_recover:
+            return  # after an RTO go-back-N re-sends everything (the Loss state)
+        min_rtt = self._rack_min_rtt()
+        reo_wnd = self._rack.reo_wnd(
+            self._in_recovery,
+            covered(self._sacked) // self._snd_mss,
+            min_rtt,
+            self._srtt or min_rtt,
+        )
+        newly, wake = self._rack.detect_loss(
+            self._sent_log, self._snd_una, self._sacked, self._lost, reo_wnd, now
+        )
+        self._rack_deadline = wake
+        if not newly:
+            return
+        self._lost = merge_ranges(self._lost + newly)
+        if not self._in_recovery:
+            mss = self._snd_mss
+            outstanding = -(-(self._snd_max - self._snd_una) // mss)
+            self._undo_degree = min(covered(self._sacked) // mss + 1, outstanding)
+            self._enter_recovery()
+
+    def _prr_on_ack(self, delivered: int) -> None:
+        """RFC 6937 section 3: the window in recovery.  While more than ssthresh is in
+        flight, send in proportion to what was delivered (ssthresh / RecoverFS of it);
+        below, grow back towards ssthresh no faster than slow start would (PRR-SSRB)."""
+        self._prr_delivered += delivered
+        pipe = self._pipe()
+        ssthresh = self._ssthresh
+        if pipe > ssthresh:
+            sndcnt = -(-self._prr_delivered * ssthresh // self._recover_fs) - self._prr_out
+        else:
+            limit = max(self._prr_delivered - self._prr_out, delivered) + self._snd_mss
+            sndcnt = min(ssthresh - pipe, limit)
+        if not self._prr_out and sndcnt < self._snd_mss:
+            sndcnt = self._snd_mss  # the fast retransmit itself always goes (as Linux)
+        self._cwnd = pipe + max(sndcnt, 0)
+
+    def _note_retransmission(self, start: int, end: int, now: float) -> None:
+        """``[start, end)`` is being sent again: RACK times it from now, and it is no
+        longer waiting in the lost ranges."""
+        self._sent_log.record(
+            start,
+            end,
+            now,
+            retransmitted=True,
+            delivered=self._delivered,
+            delivered_time=self._delivered_time,
+            app_limited=False,
+        )
+        if self._lost:
+            self._lost = [p for s, e in self._lost for p in subtract(s, e, [(start, end)])]
+
+    def _retire_sent(self, now: float) -> None:
+        """Runs acknowledged since the last look leave the send log; a model-based
+        controller learns from their delivery-rate sample."""
+        delivered = self._snd_una + (covered(self._sacked) if self._sacked else 0)
+        if delivered != self._delivered:
+            self._delivered = delivered
+            self._delivered_time = now
+            if self._app_limited and delivered > self._app_limited:
+                self._app_limited = 0
+        sample = self._sent_log.retire(self._snd_una, delivered, now)
+        if sample is not None and 0 < sample.rtt < self._min_rtt:
+            self._min_rtt = sample.rtt
+        cc = self._cc
+        if self._cc_model and isinstance(cc, Bbr):
+            cc.on_sample(sample, now, self._pipe(), self._snd_mss, self._cwnd, self._srtt)
+            target = cc.cwnd_target
+            if target > 0 and self._cwnd > target and (cc.filled_pipe or cc.state == "probe_rtt"):
+                self._cwnd = target
+            self._pace_rate = cc.pacing_rate
+        elif self._pacing and self._srtt:
+            # Linux's tcp_update_pacing_rate: twice cwnd per RTT in slow start, 1.2x after.
+            ratio = 2.0 if self._cwnd < self._ssthresh // 2 else 1.2
+            self._pace_rate = ratio * self._cwnd / max(self._srtt, 1e-4)
 
     def _on_rto(self, now: float) -> None:
         state = self.state
@@ -302,15 +485,23 @@ class SendSide(TcpBase):
             self._enter_closed()
             return
         mss = self._snd_mss
-        # No undo after an RTO: the response would have to keep the SACK scoreboard
-        # (Linux's F-RTO does); go-back-N is the safe answer here.
-        self._undo_pending = False
         if self._retries == 1:
-            self._ssthresh = self._reduced_window()
+            # Was it spurious (a delay spike, not a loss)?  The first ACK past SND.UNA
+            # tells, by the timestamp it echoes (RFC 3522 detection for RFC 5682's
+            # question): _check_spurious undoes all of this then.  Later RTOs of the
+            # same episode keep the first one's saved state.
+            self._arm_undo(rto=True)
+            if not self._cc_model:
+                self._ssthresh = self._reduced_window()
+        else:
+            self._undo_pending = False
         self._cwnd = mss
         self._in_recovery = False
         self._dupacks = 0
-        self._sacked = []
+        # The SACK scoreboard stays (as Linux's tcp_timeout_mark_lost): go-back-N below
+        # skips what the peer holds; everything else is re-sent.
+        self._lost = []
+        self._rack_deadline = None
         self._rexmit_high = self._snd_max  # go-back-N re-sends all of it
         self._loss_recover = self._snd_max
         self._snd_nxt = self._snd_una
@@ -325,21 +516,27 @@ class SendSide(TcpBase):
         outstanding = nxt - self._snd_una
         if not self._dupacks and not self._in_recovery and not self._sacked:
             return outstanding if outstanding > 0 else 0  # all of it (the common case)
-        if self._sacked:
+        if self._sacked or self._lost:
             sacked = 0
             lost = 0
             cursor = self._snd_una
             rxt = self._high_rxt
+            rack = self._sack_ok and self.config.rack
             for s, e in self._sacked:
                 if s >= nxt:
                     break  # after an RTO only what was re-sent counts (go-back-N)
                 e = min(e, nxt)
                 sacked += e - s
-                if self._in_recovery and s > cursor:
+                if not rack and self._in_recovery and s > cursor:
                     hole_start = max(cursor, rxt)
                     if s > hole_start:
                         lost += s - hole_start
                 cursor = e
+            if rack:  # what RACK marked lost and was not re-sent yet
+                for s, e in self._lost:
+                    if s >= nxt:
+                        break
+                    lost += min(e, nxt) - s
             return max(0, outstanding - sacked - lost)
         pipe = outstanding - min(self._dupacks, 1000) * self._snd_mss
         if self._in_recovery and self._high_rxt <= self._snd_una:
@@ -348,6 +545,12 @@ class SendSide(TcpBase):
 
     def _next_hole(self, mss: int) -> tuple[int, int] | None:
         """The next lost range to retransmit in recovery (RFC 6675 NextSeg rule 1)."""
+        if self._sack_ok and self.config.rack:
+            lost = self._lost  # RACK's marks (RFC 8985), in sequence order
+            if not lost:
+                return None
+            start, end = lost[0]
+            return start, min(end, start + mss)
         start = max(self._high_rxt, self._snd_una)
         sacked = self._sacked
         if not sacked:
@@ -369,6 +572,9 @@ class SendSide(TcpBase):
     ) -> None:
         """Send what the windows allow (see ``tcp.py``), into ``out``; with ``wire``
         (the addresses) the runs of bulk data arrive there already as IP packets."""
+        log = self._sent_log.runs
+        if log and (log[0].end <= self._snd_una or self._cc_model):
+            self._retire_sent(now)  # acknowledged runs leave the send log (RACK, BBR)
         data_end = self._sndbuf_start + len(self._sndbuf)
         fin = self._fin_offset
         if self._snd_nxt >= data_end and self._snd_nxt != fin and not self._in_recovery:
@@ -381,8 +587,31 @@ class SendSide(TcpBase):
         # The pipe is computed once, then grows by what each segment adds: new data
         # grows the outstanding bytes, a retransmitted hole stops counting as lost.
         pipe = self._pipe()
+        pipe_before = pipe
+        max_before = self._snd_max
+        limit = _MAX_SEGMENTS_PER_CALL
+        budget = -1.0  # bytes the pacing slice allows (negative: not paced)
+        rate = self._pace_rate
+        if self._pacing and rate > 0 and not self._tlp_new_data:
+            # Pacing by time slices (no timer per segment): the budget refills at the
+            # pacing rate and holds at most two slices; while it is short of a slice's
+            # worth nothing goes out and the deadline wakes the sender when it is not.
+            quantum = max(2.0 * mss, rate * PACING_SLICE)
+            tokens = self._pace_tokens + (now - self._pace_time) * rate
+            if tokens > 2 * quantum:
+                tokens = 2 * quantum
+            self._pace_tokens = tokens
+            self._pace_time = now
+            self._pace_deadline = None
+            if tokens < mss:
+                if self._cwnd - pipe >= mss:
+                    self._pace_deadline = now + (quantum - tokens) / rate
+                    self.stats_paced += 1
+                return
+            budget = tokens
+            limit = int(tokens // mss) + 1
         template: TcpSegment | None = None  # the first data segment sent by this call
-        while sent < _MAX_SEGMENTS_PER_CALL:
+        while sent < limit:
             if template is not None and not self._in_recovery:
                 nxt = self._snd_nxt
                 if nxt >= data_end and nxt != fin and nxt >= self._snd_max:
@@ -399,17 +628,19 @@ class SendSide(TcpBase):
                     data_end,
                     fin,
                     mss,
-                    _MAX_SEGMENTS_PER_CALL - sent,
+                    limit - sent,
                     now,
                     wire,
                 )
                 sent += count
-                if sent >= _MAX_SEGMENTS_PER_CALL:
+                if sent >= limit:
                     break
             room = self._cwnd - pipe
             if self._tlp_new_data:
                 room = max(room, mss)
             if room <= 0:
+                break
+            if budget >= 0 and pipe - pipe_before >= budget:
                 break
             if self._in_recovery:
                 hole = self._next_hole(mss)
@@ -504,6 +735,30 @@ class SendSide(TcpBase):
             if self._rto_deadline is None:
                 self._rto_deadline = now + self._rto
         self._tlp_new_data = False
+        if self._snd_nxt >= data_end and self._cwnd - pipe >= mss and not self._app_limited:
+            # The application, not the network, limits us: delivery-rate samples until
+            # this is delivered say so (BBR does not take them for the path's rate).
+            self._app_limited = max(self._delivered + pipe, 1)
+        if self._snd_max > max_before:  # new data: one run of the send log
+            self._sent_log.record(
+                max_before,
+                self._snd_max,
+                now,
+                retransmitted=False,
+                delivered=self._delivered,
+                delivered_time=self._delivered_time,
+                app_limited=self._app_limited > 0,
+            )
+        if budget >= 0:
+            spent = pipe - pipe_before
+            self._pace_tokens -= spent
+            if sent >= limit or (spent >= budget and self._cwnd - pipe >= mss):
+                tokens = self._pace_tokens
+                quantum = max(2.0 * mss, rate * PACING_SLICE)
+                self._pace_deadline = now + max(quantum - tokens, mss) / rate
+                self.stats_paced += 1
+        if self._in_recovery:
+            self._prr_out += pipe - pipe_before
         if sent and self._tlp_deadline is None:
             self._arm_tail_loss_probe(now)
 
@@ -523,9 +778,7 @@ class SendSide(TcpBase):
             return
         pto = 2 * srtt
         if self._snd_max - self._snd_una <= self._data_mss():
-            floor = 1.5 * srtt + 0.2
-            if floor > pto:  # max(): the same value without the call
-                pto = floor
+            pto += self.config.tlp_max_ack_delay  # the peer may delay its one ACK
         deadline = now + (0.01 if pto < 0.01 else pto)
         if self._rto_deadline is None or deadline < self._rto_deadline:
             self._tlp_deadline = deadline
@@ -567,9 +820,12 @@ class SendSide(TcpBase):
                 flags |= FIN
         if start < self._snd_max:
             self.stats_retransmitted += 1
+            self._note_retransmission(start, min(end, self._snd_max), now)
             if end > self._rexmit_high:
                 self._rexmit_high = end
-            if self._undo_pending and self._undo_tsval is None:
+            if self._undo_pending and self._undo_tsval is None and start <= self._undo_seq < end:
+                # Eifel times the retransmission of the segment at SND.UNA when the
+                # episode began: its ACK tells which transmission arrived first.
                 self._undo_tsval = self._ts_now(now)
         if start >= self._snd_nxt or self._snd_nxt < end:
             self._snd_nxt = end + (1 if flags & FIN else 0)

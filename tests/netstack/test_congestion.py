@@ -131,6 +131,9 @@ def test_newreno_one_segment_per_window_and_halving() -> None:
 def test_make_and_config_validation() -> None:
     assert make("cubic").name == "cubic"
     assert make("newreno").name == "newreno"
+    assert make("bbr").name == "bbr" and make("bbr").model_based
     assert TcpConfig().congestion_control == "cubic"
-    with pytest.raises(ValueError, match="bbr"):
-        TcpConfig(congestion_control="bbr")
+    with pytest.raises(ValueError, match="vegas"):
+        TcpConfig(congestion_control="vegas")
+    with pytest.raises(ValueError, match="tlp_max_ack_delay"):
+        TcpConfig(tlp_max_ack_delay=-1.0)

@@ -1,0 +1,292 @@
+"""Loss recovery and sending rate on the seeded virtual-clock simulator, each mechanism
+by name: RACK-TLP (RFC 8985), PRR (RFC 6937), undo of a spurious RTO (RFC 5682's
+question, RFC 3522's timestamps), pacing by time slices, and BBR."""
+
+from __future__ import annotations
+
+import random
+import statistics
+from typing import Any
+
+import pytest
+
+from netstack import rack as rack_module
+from netstack.ip import parse_ip
+from netstack.tcp import TcpConfig, TcpConnection
+from netstack.tcpwire import parse_tcp
+from tests.netstack.netsim import Impairment, Network, Pump, run_pumps
+from tests.netstack.test_tcp_sim import establish, make_net, transfer
+
+
+def data_offset(conn: TcpConnection, packet: bytes) -> tuple[int, int] | None:
+    """``(start, end)`` of a data packet ``conn`` sent, as offsets, else None."""
+    ip = parse_ip(packet)
+    seg = parse_tcp(ip.payload, ip.src, ip.dst)
+    if not seg.payload:
+        return None
+    start = (seg.seq - conn._iss) & 0xFFFFFFFF
+    return start, start + len(seg.payload)
+
+
+def lose_before_the_last(config: TcpConfig) -> tuple[TcpConnection, float, list[int]]:
+    """100 kB on a 40 ms path; the three segments before the last one are lost once
+    (the last one arrives and is SACKed).  Returns the sender, the time the transfer
+    took after the losses, and the lost segments' ends."""
+    net, a, b = make_net(impairment=Impairment(delay=0.02), config=config)
+    client, server = establish(net, a, b)
+    total = 100_000
+    dropped: list[int] = []
+    lost_at: list[float] = []
+
+    def drop(packet: bytes) -> bool:
+        span = data_offset(client, packet)
+        if span is None:
+            return True
+        start, end = span
+        if (
+            total - 3 * 1368 < end <= total
+            and start < total - 200  # not the last segment
+            and end not in dropped
+            and not client.stats_retransmitted
+        ):
+            dropped.append(end)
+            lost_at.append(net.now)
+            return False
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop
+    pump, sink = Pump(client, random.Random(3).randbytes(total), close_after=False), Pump(server)
+    run_pumps(net, [pump, sink], lambda: sink.received_len == total, timeout=30)
+    return client, net.now - lost_at[0], dropped
+
+
+def test_rack_marks_by_time() -> None:
+    """Segments lost before one that arrives are marked lost by time -- RACK.rtt plus
+    the reordering window after they were sent -- and repaired in about one round
+    trip, with no probe and no RTO; three duplicate ACKs never come here (one segment
+    follows the losses), so without RACK only the tail loss probe finds them."""
+    client, took, dropped = lose_before_the_last(TcpConfig())
+    assert len(dropped) == 3
+    assert client._rack.stats_marked >= 3 * 1368
+    assert client.stats_tlp == 0 and client.stats_rto == 0
+    assert client.stats_recoveries == 1
+    # noticed one RTT after sending plus the reordering window (a quarter of the RTT),
+    # repaired in another RTT: well before a probe (2 SRTT) would even be sent
+    assert took < 0.04 * 3
+    without, took_without, _ = lose_before_the_last(TcpConfig(rack=False))
+    assert without._rack.stats_marked == 0
+    assert without.stats_tlp + without.stats_rto >= 1
+    assert took < took_without
+
+
+def test_rack_detects_a_lost_retransmission_without_rto() -> None:
+    """A retransmission lost again is timed like any segment: RACK marks it once later
+    data is delivered, where DupThresh recovery would wait for the RTO."""
+    net, a, b = make_net(impairment=Impairment(delay=0.02))
+    client, server = establish(net, a, b)
+    seen: dict[int, int] = {}
+
+    def drop_twice(packet: bytes) -> bool:
+        span = data_offset(client, packet)
+        if span is None or span[0] != 40 * 1368 + 1:
+            return True
+        seen[span[0]] = seen.get(span[0], 0) + 1
+        return seen[span[0]] > 2  # the original and the first retransmission
+
+    net.paths[(id(a), id(b))].filter = drop_twice
+    transfer(net, client, server, 600_000, 0)
+    assert seen[40 * 1368 + 1] == 3
+    assert client.stats_rto == 0
+
+
+def reordering_recoveries(monkeypatch: pytest.MonkeyPatch, adaptive: bool) -> TcpConnection:
+    if not adaptive:
+        monkeypatch.setattr(rack_module.Rack, "on_spurious", lambda self, now, srtt: None)
+    net, a, b = make_net(seed=21, impairment=Impairment(reorder=0.05, reorder_delay=0.05))
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 3_000_000, 0)
+    monkeypatch.undo()
+    return client
+
+
+def test_rack_reordering_window_adapts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reordering only (no loss): a retransmission that proves spurious (Eifel) widens
+    RACK's reordering window by a quarter of the minimum RTT each time, so later
+    reordering is waited out instead of "repaired"."""
+    adaptive = reordering_recoveries(monkeypatch, adaptive=True)
+    assert adaptive._rack.reordering_seen
+    assert adaptive.stats_undo > 0
+    assert adaptive._rack.reo_wnd_mult > 1
+    fixed = reordering_recoveries(monkeypatch, adaptive=False)
+    assert fixed._rack.reo_wnd_mult == 1
+    assert adaptive.stats_recoveries < fixed.stats_recoveries
+    assert adaptive.stats_retransmitted < fixed.stats_retransmitted
+
+
+def test_prr_keeps_the_rate_within_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 6937: while more than ssthresh is in flight, what recovery sends stays within
+    ssthresh/RecoverFS of what the ACKs delivered (one segment of rounding); it never
+    sends more than a slow start would; and it leaves recovery at cwnd = ssthresh."""
+    from netstack import tcpsend
+
+    checked = {"proportional": 0, "exits": 0}
+    real_transmit = tcpsend.SendSide._transmit
+    real_ack = tcpsend.SendSide._ack_advanced
+
+    def transmit(self: TcpConnection, now: float, out: list[Any], wire: Any = None) -> None:
+        before = self._prr_out
+        pipe_before = self._pipe()
+        real_transmit(self, now, out, wire)
+        if not self._in_recovery or self._cc_model:
+            return
+        mss = self._snd_mss
+        if pipe_before > self._ssthresh:
+            bound = -(-self._prr_delivered * self._ssthresh // self._recover_fs)
+            # a segment may start in the last bytes of room, and the fast retransmit
+            # itself always goes: a segment of rounding each way
+            assert self._prr_out <= bound + 2 * mss, (self._prr_out, bound)
+            checked["proportional"] += 1
+        # never a burst beyond what slow start would send
+        assert self._prr_out - before <= max(self._prr_delivered, mss) + 2 * mss
+
+    def ack_advanced(self: TcpConnection, ack: int, seg: Any, now: float) -> None:
+        was = self._in_recovery
+        real_ack(self, ack, seg, now)
+        if was and not self._in_recovery and not self.stats_undo:
+            assert self._cwnd == max(self._ssthresh, 2 * self._snd_mss)
+            checked["exits"] += 1
+
+    monkeypatch.setattr(tcpsend.SendSide, "_transmit", transmit)
+    monkeypatch.setattr(tcpsend.SendSide, "_ack_advanced", ack_advanced)
+    net, a, b = make_net(seed=7, impairment=Impairment(loss=0.02, delay=0.01))
+    client, server = establish(net, a, b)
+    transfer(net, client, server, 3_000_000, 0)
+    assert client.stats_recoveries > 5
+    assert checked["proportional"] > 20 and checked["exits"] > 3
+
+
+def test_spurious_rto_is_undone() -> None:
+    """The ACKs stall for longer than the RTO (a delay spike, nothing lost): the RTO
+    fires and re-sends SND.UNA, then the ACK of the original arrives echoing its older
+    timestamp.  The RTO is found spurious and undone: the window comes back, and
+    go-back-N stops instead of re-sending everything that was in flight."""
+    net, a, b = make_net(impairment=Impairment(delay=0.01))
+    client, server = establish(net, a, b)
+    pump, sink = Pump(client, random.Random(5).randbytes(2_000_000)), Pump(server)
+    run_pumps(net, [pump, sink], lambda: sink.received_len > 500_000, timeout=30)
+    cwnd = client._cwnd
+    back = net.paths[(id(b), id(a))]
+    back.impairment = Impairment(delay=0.6)  # every ACK from now on takes 0.6 s
+    run_pumps(net, [pump, sink], lambda: client.stats_rto > 0, timeout=5)
+    back.impairment = Impairment(delay=0.01)
+    run_pumps(net, [pump, sink], lambda: sink.eof, timeout=60)
+    assert client.stats_rto == 1
+    assert client.stats_spurious_rto == 1 and client.stats_undo == 1
+    assert client._cwnd >= cwnd // 2  # not the one segment an RTO leaves
+    assert client.stats_retransmitted <= 3  # not the whole flight again
+    assert sink.hasher.digest() == __import__("hashlib").sha256(pump.payload).digest()
+
+
+def departures(config: TcpConfig, size: int = 3_000_000) -> tuple[list[float], TcpConnection]:
+    net, a, b = make_net(impairment=Impairment(delay=0.025), config=config)
+    client, server = establish(net, a, b)
+    times: list[float] = []
+
+    def record(packet: bytes) -> bool:
+        if data_offset(client, packet) is not None:
+            times.append(net.now)
+        return True
+
+    net.paths[(id(a), id(b))].filter = record
+    transfer(net, client, server, size, 0)
+    return times, client
+
+
+def largest_burst(times: list[float], window: float = 0.0005) -> int:
+    """The most data segments that left within ``window`` seconds of each other."""
+    best = start = 0
+    for end in range(len(times)):
+        while times[end] - times[start] > window:
+            start += 1
+        best = max(best, end - start + 1)
+    return best
+
+
+def test_pacing_spreads_a_burst() -> None:
+    """Without pacing a window leaves as fast as ACKs release it -- here, where one ACK
+    acknowledges a whole window, as one burst; paced, the sender sends time slices of
+    about 1 ms of its rate, woken by one deadline per slice (no timer per segment)."""
+    unpaced, _ = departures(TcpConfig())
+    paced, conn = departures(TcpConfig(pacing=True))
+    assert largest_burst(unpaced) > 60
+    assert conn.stats_paced > 50  # the slices were timed, not only ACK-clocked
+    rate = conn._pace_rate
+    slice_segments = max(2, rate * 0.001 / 1368)
+    assert largest_burst(paced[len(paced) // 2 :]) <= 2 * slice_segments + 2
+    # the same bytes, in comparable time (pacing slows nothing down here)
+    assert paced[-1] - paced[0] < 1.5 * (unpaced[-1] - unpaced[0])
+
+
+def bottleneck_run(algorithm: str) -> tuple[float, float, TcpConnection]:
+    """15 MB through a 20 Mbit/s bottleneck with a deep (1 MB) drop-tail queue and a
+    40 ms RTT: the delivery rate over the second half and the median queueing delay
+    the sender kept at the bottleneck meanwhile."""
+    bandwidth = 2_500_000.0
+    imp = Impairment(delay=0.02, bandwidth=bandwidth, queue_limit=1_000_000)
+    net, a, b = make_net(seed=3, impairment=imp, config=TcpConfig(congestion_control=algorithm))
+    client, server = establish(net, a, b)
+    path = net.paths[(id(a), id(b))]
+    size = 15_000_000
+    pump, sink = Pump(client, bytes(size)), Pump(server)
+    pump.keep = sink.keep = False
+    queue: list[float] = []
+    half: list[float] = []
+
+    def done() -> bool:
+        if sink.received_len > size // 2:
+            if not half:
+                half.append(net.now)
+            queue.append(max(0.0, path.busy_until - net.now))
+        return sink.eof
+
+    run_pumps(net, [pump, sink], done, timeout=120)
+    rate = (size - size // 2) / (net.now - half[0])
+    return rate / bandwidth, statistics.median(queue), client
+
+
+def test_bbr_converges_to_the_bottleneck_rate_and_drains_its_queue() -> None:
+    """BBR finds the bottleneck's rate and keeps its queue near empty (DRAIN, then
+    PROBE_BW's 0.75 phase); CUBIC fills the whole buffer before it backs off."""
+    share, queue_delay, conn = bottleneck_run("bbr")
+    assert share > 0.9
+    assert conn._cc.state in ("probe_bw", "probe_rtt")
+    assert 0.8 * 2_500_000 < conn._cc.btl_bw < 1.2 * 2_500_000
+    assert queue_delay < 0.02  # below half the 40 ms propagation RTT
+    cubic_share, cubic_queue, _ = bottleneck_run("cubic")
+    assert cubic_share > 0.9
+    assert cubic_queue > 5 * queue_delay
+
+
+def test_bbr_keeps_its_rate_under_random_loss() -> None:
+    """1% random loss on a 40 ms path: BBR's model ignores loss, CUBIC's window cannot
+    grow past a few segments (Mathis et al.)."""
+    elapsed = {}
+    for algorithm in ("bbr", "cubic"):
+        net, a, b = make_net(
+            seed=32,
+            impairment=Impairment(loss=0.01, delay=0.02),
+            config=TcpConfig(congestion_control=algorithm),
+        )
+        client, server = establish(net, a, b)
+        start = net.now
+        transfer(net, client, server, 3_000_000, 0, seed=32)
+        elapsed[algorithm] = net.now - start
+    assert elapsed["bbr"] * 5 < elapsed["cubic"]
+
+
+def test_network_helper_is_deterministic() -> None:
+    """The runs above replay exactly (same seed, same result)."""
+    a = bottleneck_run("bbr")
+    b = bottleneck_run("bbr")
+    assert a[:2] == b[:2]
+    assert isinstance(Network(1), Network)
