@@ -655,6 +655,7 @@ class SendSide(TcpBase):
                         continue
                     if fin is not None and start == fin:
                         out.append(self._segment(fin, FIN | ACK, now=now))
+                        self._note_retransmission(fin, fin + 1, now)
                         self._high_rxt = fin + 1
                         pipe += 1
                         sent += 1

@@ -290,3 +290,25 @@ def test_network_helper_is_deterministic() -> None:
     b = bottleneck_run("bbr")
     assert a[:2] == b[:2]
     assert isinstance(Network(1), Network)
+
+
+def test_a_lost_fin_marked_by_rack_is_sent_again_once() -> None:
+    """RACK marks a lost FIN like data; re-sending it takes it out of the lost ranges
+    (once this loop sent it 4,096 times per call)."""
+    net, a, b = make_net(seed=7, impairment=Impairment(delay=0.01))
+    client, server = establish(net, a, b)
+    fins: list[float] = []
+
+    def drop_first_fin(packet: bytes) -> bool:
+        ip = parse_ip(packet)
+        seg = parse_tcp(ip.payload, ip.src, ip.dst)
+        if seg.flags & 0x01:
+            fins.append(net.now)
+            return len(fins) > 1
+        return True
+
+    net.paths[(id(a), id(b))].filter = drop_first_fin
+    client.send(bytes(40_000))
+    client.close()
+    net.run_until(lambda: server.at_eof or server._eof, timeout=10)
+    assert 2 <= len(fins) <= 3
