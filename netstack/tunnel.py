@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from netstack.aio import AsyncStack, NetstackServer
 from netstack.stack import Stack
+from netstack.tcp import TcpConfig
 from netstack.wireguard.aio import WireGuardSocket
 from netstack.wireguard.engine import WireGuardEngine
 
@@ -74,11 +75,19 @@ def _key(text: str) -> bytes:
 class UserspaceTunnel:
     """WireGuard + TCP/IP in user space, serving asyncio streams (see module docstring)."""
 
-    def __init__(self, private_key: bytes, addresses: Iterable[str], mtu: int = 1420) -> None:
+    def __init__(
+        self,
+        private_key: bytes,
+        addresses: Iterable[str],
+        mtu: int = 1420,
+        tcp_config: TcpConfig | None = None,
+    ) -> None:
         self.device = WireGuardEngine(
             private_key, random_bytes=os.urandom, wall_clock=time.time, mtu=mtu
         )
-        self.stack = Stack(list(addresses), mtu=mtu, rng=random.SystemRandom())
+        self.stack = Stack(
+            list(addresses), mtu=mtu, rng=random.SystemRandom(), tcp_config=tcp_config
+        )
         self.link = WireGuardLink()
         self.udp: WireGuardSocket | None = None
         self.streams: AsyncStack | None = None

@@ -70,3 +70,19 @@ async def test_tcp_through_userspace_wireguard_and_runtime_changes() -> None:
     finally:
         for tunnel in (gateway, agent, other):
             tunnel.close()
+
+
+def test_tunnel_passes_its_tcp_config_to_the_stack() -> None:
+    """The agent's ``--congestion`` reaches every connection through ``tcp_config``
+    (the stack sets only the MSS per address family)."""
+    from netstack.tcp import TcpConfig
+    from netstack.tunnel import UserspaceTunnel
+
+    tunnel = UserspaceTunnel(
+        bytes(32), ["10.0.0.1"], tcp_config=TcpConfig(congestion_control="bbr")
+    )
+    conn = tunnel.stack.connect("10.0.0.2", 80, 0.0)
+    assert conn._cc.name == "bbr" and conn._pacing
+    assert UserspaceTunnel(bytes(32), ["10.0.0.1"]).stack.connect("10.0.0.2", 80, 0.0)._cc.name == (
+        "cubic"
+    )
