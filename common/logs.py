@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-_SECRET = re.compile(r"\b(agt|gtw|adm|kmt)_[A-Za-z0-9_\-]{8,}")
+_SECRET = re.compile(r"\b(agt|gtw|adm|kmt|stp|ses)_[A-Za-z0-9_\-]{8,}")
 _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-~+/=]{8,}")
 
 

@@ -133,6 +133,14 @@ SETTINGS: tuple[Setting, ...] = (
         parse=boolean,
         metavar="BOOL",
     ),
+    Setting(
+        "dashboard-insecure-http",
+        "let the dashboard sign users in over plain HTTP from other machines (its cookies "
+        "then travel unencrypted); without it, plain HTTP works from loopback only",
+        False,
+        parse=boolean,
+        metavar="BOOL",
+    ),
     EVENT_LOOP,
     *COMMON,
 )
@@ -206,9 +214,19 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             announce=announce,
             tls=tls_from(values, data_dir, public_url),
             public_url=public_url,
+            listen_url=listen_url(values),
+            dashboard_insecure_http=values["dashboard_insecure_http"],
         ),
         data_dir,
     )
+
+
+def listen_url(values: dict[str, Any]) -> str:
+    """Control's URL on this machine (the dashboard's setup link without --public-url)."""
+    scheme = "https" if values["tls_cert"] or values["tls_self_signed"] else "http"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(values["host"], values["host"])
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{values['port']}"
 
 
 def tls_from(values: dict[str, Any], data_dir: Path, public_url: str | None) -> ControlTls | None:
