@@ -128,7 +128,7 @@ WG_NET = "10.90.0"
 WG_A, WG_B, WG_GOFWD = f"{WG_NET}.1", f"{WG_NET}.2", f"{WG_NET}.3"
 WG_PORT_A, WG_PORT_B, WG_PORT_GOFWD = 51820, 51820, 51821
 # fixed ports inside the namespaces (each namespace is ours alone)
-CONTROL_PORT, GATEWAY_HTTP, GATEWAY_ADMIN, GATEWAY_WG = 7700, 8080, 9090, 51830
+CONTROL_PORT, GATEWAY_HTTP, GATEWAY_ADMIN, GATEWAY_WG = 7700, 8080, 9901, 51830
 EDGE_PRIVILEGED, EDGE_NEWT, ORIGIN_PORT = 8081, 8082, 80
 
 GOFWD_SRC = Path(__file__).resolve().parent / "gofwd" / "main.go"

@@ -63,7 +63,13 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="BOOL",
     ),
     Setting("admin-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
-    Setting("admin-port", "port of the /metrics and /healthz listener", 9090, parse=port),
+    Setting(
+        "admin-port",
+        "port of the /metrics, /livez, /readyz and /healthz listener (not 9090, "
+        "Prometheus's own default)",
+        9901,
+        parse=port,
+    ),
     Setting("upstream-port", "port agents accept HTTP on (inside the tunnel)", 80, parse=port),
     Setting(
         "rate-limit",

@@ -43,7 +43,7 @@ HOST = "127.0.0.1"
 SETTINGS: tuple[Setting, ...] = (
     Setting("control-port", "Control's port (REST API, WebSocket hub)", 7700, parse=port),
     Setting("http-port", "the gateway's public HTTP port", 8080, parse=port),
-    Setting("admin-port", "the gateway's /metrics and /healthz port", 9090, parse=port),
+    Setting("admin-port", "the gateway's /metrics and /healthz port", 9901, parse=port),
     Setting("wireguard-port", "the gateway's WireGuard UDP port", 51820, parse=port),
     Setting("domain", "the tunnel's public host name", "demo.localhost", metavar="NAME"),
     Setting(

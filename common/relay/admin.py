@@ -1,4 +1,5 @@
-"""The admin listener of the gateway and the agent: ``/metrics`` (Prometheus) and ``/healthz``.
+"""The admin listener of the gateway and the agent: ``/metrics`` (Prometheus), ``/livez``,
+``/readyz`` and ``/healthz``.
 
 Theory of operation
 -------------------
@@ -6,8 +7,12 @@ A deliberately tiny HTTP/1.1 server on plain asyncio + h11: read one request hea
 (5 s deadline, 8 KiB limit), answer, close.  ``/metrics`` renders the registry;
 ``/healthz`` reads the program's :class:`~common.health.Health` (named parts, each
 ok / degraded / down with a reason) and answers 200 unless a part is down (then 503),
-with a JSON body ``{"status": …, "parts": {name: {"state": …, "reason": …}}}``.  It
-binds wherever the caller says; keep it on loopback or a private address, since
+with a JSON body ``{"status": …, "parts": {name: {"state": …, "reason": …}}}``.
+``/readyz`` is the same verdict under the name orchestrators use for "send it
+traffic" (an agent waiting for its first gateway handshake is not ready); ``/livez``
+answers 200 whenever the event loop serves it at all ("do not restart me": a
+program waiting for Control or a gateway is alive), so a liveness probe never restarts
+a program that is only waiting.  It binds wherever the caller says; keep it on loopback or a private address, since
 metrics reveal tunnel ids and traffic volumes and the health reasons name peers.
 """
 
@@ -73,9 +78,11 @@ class AdminServer:
             status, body, ctype = 405, b"method not allowed\n", b"text/plain"
         elif path == b"/metrics":
             status, body, ctype = 200, self.metrics.render().encode(), CONTENT_TYPE.encode()
-        elif path == b"/healthz":
+        elif path in (b"/healthz", b"/readyz"):
             report = (self.health or Health()).report()
             status, body, ctype = report.http_status, report.to_json(), b"application/json"
+        elif path == b"/livez":
+            status, body, ctype = 200, b'{"status": "alive"}\n', b"application/json"
         else:
             status, body, ctype = 404, b"not found\n", b"text/plain"
         if event.method == b"HEAD":

@@ -1,14 +1,18 @@
-"""Prometheus metrics for the gateway, in the text exposition format (0.0.4), no deps.
+"""Prometheus metrics for the gateway, the agent and Control: our fast families, exposed
+through ``prometheus_client``.
 
 Theory of operation
 -------------------
 A ``Registry`` holds metric families (counter, gauge, histogram), each with a fixed
 tuple of label names and one child per label-value tuple.  Updates are plain dict
-operations on the event loop (no locks: everything runs in one thread).  ``render()``
-first runs the registered collectors (callbacks that refresh gauges from live state,
-e.g. WireGuard peers), then writes every family in name order with ``# HELP`` and
-``# TYPE`` lines; label values are escaped per the exposition format (``\\``, ``"``,
-newline).
+operations on the event loop (no locks: everything runs in one thread), so the data
+path's per-request cost is a dict update, not ``prometheus_client``'s locked value
+objects.  ``render()`` first runs the registered collectors (callbacks that refresh
+gauges from live state, e.g. WireGuard peers), then hands the families to
+``prometheus_client`` through :class:`RegistryCollector` (a custom collector that reads
+the values at scrape time), together with its ``process_*`` and ``python_info``
+collectors and ``kakuremichi_build_info``; ``prometheus_client`` writes the text
+exposition (0.0.4) with its escaping.
 
 ``Metrics`` is the gateway's own set of families.  The data path calls its small
 methods; the lead's WireGuard backends call ``set_wireguard_peer`` (or register a
@@ -22,10 +26,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+import platform
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from common import __version__
 
 log = logging.getLogger(__name__)
 
+#: what generate_latest writes (the classic text format; names escaped to underscores)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -142,6 +160,10 @@ class Gauge(_Family):
     def clear(self) -> None:
         self._values.clear()
 
+    def items(self) -> list[tuple[LabelValues, float]]:
+        """Every label-value tuple (in ``labelnames`` order) and its value."""
+        return list(self._values.items())
+
     def samples(self) -> list[str]:
         return [
             f"{self.name}{_labels(self.labelnames, k)} {_format_value(v)}"
@@ -187,6 +209,18 @@ class Histogram(_Family):
     def count(self, **labels: str) -> int:
         return sum(self._counts.get(self._key(labels), ()))
 
+    def series(self) -> list[tuple[LabelValues, list[tuple[str, float]], float]]:
+        """Per label set: cumulative ``(le, count)`` buckets and the sum."""
+        out = []
+        for key, counts in sorted(self._counts.items()):
+            running = 0
+            buckets = []
+            for bound, n in zip(self.bounds, counts, strict=True):
+                running += n
+                buckets.append((_format_value(bound), float(running)))
+            out.append((key, buckets, self._sums[key]))
+        return out
+
     def samples(self) -> list[str]:
         lines = []
         for key, counts in sorted(self._counts.items()):
@@ -207,6 +241,7 @@ class Registry:
     def __init__(self) -> None:
         self._families: dict[str, _Family] = {}
         self._collectors: list[Callable[[], None]] = []
+        self._exposition: CollectorRegistry | None = None
 
     def _add(self, family: _Family) -> None:
         if family.name in self._families:
@@ -238,18 +273,74 @@ class Registry:
         """Run ``collector()`` before every scrape (to refresh gauges from live state)."""
         self._collectors.append(collector)
 
-    def render(self) -> str:
+    def refresh(self) -> None:
+        """Run the collectors (a failing one is logged; the others still run)."""
         for collector in list(self._collectors):
             try:
                 collector()
             except Exception:
                 log.exception("metrics collector failed")
+
+    def families(self) -> list[_Family]:
+        return [self._families[name] for name in sorted(self._families)]
+
+    def render(self) -> str:
+        """The text exposition of these families plus ``process_*``, ``python_info`` and
+        ``kakuremichi_build_info``, written by ``prometheus_client``."""
+        self.refresh()
+        if self._exposition is None:
+            self._exposition = CollectorRegistry(auto_describe=False)
+            self._exposition.register(RegistryCollector(self))
+            ProcessCollector(registry=self._exposition)
+            PlatformCollector(registry=self._exposition)
+        return generate_latest(self._exposition).decode()
+
+    def render_plain(self) -> str:
+        """Only these families, in our own writer (tests compare it with the above)."""
+        self.refresh()
         lines: list[str] = []
-        for name in sorted(self._families):
-            family = self._families[name]
+        for family in self.families():
             lines.extend(family.header())
             lines.extend(family.samples())
         return "\n".join(lines) + "\n"
+
+
+def build_info() -> GaugeMetricFamily:
+    """``kakuremichi_build_info{version, python}`` 1, as Prometheus conventions have it."""
+    family = GaugeMetricFamily(
+        "kakuremichi_build_info",
+        "kakuremichi's version and the Python it runs on; always 1.",
+        labels=("version", "python"),
+    )
+    family.add_metric((__version__, platform.python_version()), 1.0)
+    return family
+
+
+class RegistryCollector:
+    """A ``prometheus_client`` collector reading a :class:`Registry` at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield build_info()
+        for family in self.registry.families():
+            labels = list(family.labelnames)
+            if isinstance(family, Counter):
+                counter = CounterMetricFamily(family.name, family.help, labels=labels)
+                for key, value in sorted(family.items()):
+                    counter.add_metric(list(key), value)
+                yield counter
+            elif isinstance(family, Gauge):
+                gauge = GaugeMetricFamily(family.name, family.help, labels=labels)
+                for key, value in sorted(family.items()):
+                    gauge.add_metric(list(key), value)
+                yield gauge
+            elif isinstance(family, Histogram):
+                histogram = HistogramMetricFamily(family.name, family.help, labels=labels)
+                for key, buckets, total in family.series():
+                    histogram.add_metric(list(key), buckets, total)
+                yield histogram
 
 
 #: bound label keys kept for request_done (cleared when full: tunnels come and go)

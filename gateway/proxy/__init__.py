@@ -14,7 +14,7 @@ Wiring (see each module's docstring for the theory of operation)::
     udp = UdpForwarder(router, None, UdpSettings(), metrics)   # flow dialer: kernel UDP
     await udp.start()
     admin = AdminServer(metrics)
-    await admin.start("127.0.0.1", 9090)       # /metrics and /healthz
+    await admin.start("127.0.0.1", 9901)       # /metrics and /healthz
 """
 
 from common.relay.admin import AdminServer

@@ -107,7 +107,7 @@ def gateway_argv(name: str, index: int, port: int) -> list[str]:
         "--https-port",
         "0",
         "--admin-port",
-        "9090",
+        "9901",
     ]
 
 

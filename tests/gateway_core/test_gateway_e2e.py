@@ -117,7 +117,7 @@ def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path, backend: 
                 "--https-port",
                 "0",
                 "--admin-port",
-                "9090",
+                "9901",
                 "--data-dir",
                 str(tmp_path / "gateway"),
                 log=tmp_path / "gateway.log",
@@ -162,7 +162,7 @@ def test_gateway_routes_through_wireguard_to_the_agent(tmp_path: Path, backend: 
                 sys.executable,
                 "-c",
                 "import urllib.request;print(urllib.request.urlopen("
-                "'http://127.0.0.1:9090/metrics').read().decode())",
+                "'http://127.0.0.1:9901/metrics').read().decode())",
                 netns=gw_ns,
             ).stdout
             assert (
