@@ -14,9 +14,10 @@ nothing is torn down.
 
 Background tasks (all restarted if they end): ``control`` (the client),
 ``reconcile``, ``target-health`` (each tunnel's local target checked periodically,
-changes reported to Control as ``status``) and ``wireguard-watch`` (each gateway's
-handshake state logged, gateways probed).  ``/healthz`` has the runtime's parts
-(``control``, ``config``, ``tasks``) and ``wireguard``: down while no configured
+changes reported to Control as ``status``), ``wireguard-watch`` (each gateway's
+handshake state logged, gateways probed) and ``control-stats`` (each gateway's
+handshake age sent to Control as ``stats``, for its dashboard).  ``/healthz`` has
+the runtime's parts (``control``, ``config``, ``tasks``) and ``wireguard``: down while no configured
 gateway has a live session, degraded while some have none.  On stop: listeners stop
 accepting, in-flight HTTP requests get a bounded grace period, the Control connection
 closes with 1001, the tasks are cancelled and awaited, the UDP socket closes.
@@ -46,9 +47,10 @@ from common.controlclient import ControlClient, ControlClientSettings, ControlVi
 from common.health import DEGRADED, DOWN, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
-from common.protocol import AgentConfig, TunnelSpec
+from common.protocol import STATS_INTERVAL, AgentConfig, PeerHandshake, TunnelSpec
 from common.relay.admin import AdminServer
 from common.runtime import ControlRuntime
+from common.stats import StatsReporter
 
 log = logging.getLogger("agent")
 
@@ -67,6 +69,8 @@ class AgentSettings:
     connect_timeout: float = 5.0
     udp_idle_timeout: float = 60.0
     health_interval: float = 15.0
+    #: seconds between ``stats`` reports (gateway handshake ages) to Control
+    stats_interval: float = STATS_INTERVAL
     probe_interval: float = PROBE_INTERVAL
     mtu: int = 1420
     metrics_host: str = "127.0.0.1"
@@ -129,6 +133,10 @@ class Agent:
             lambda payload: self.client.send("status", payload),
             interval=settings.health_interval,
         )
+        # handshake ages only: the gateways report the tunnels' traffic (common.stats)
+        self.stats = StatsReporter(
+            dict, self._handshakes, self.client.send, settings.stats_interval
+        )
         self._applied_tunnels: dict[str, TunnelSpec] = {}
         self.ready = asyncio.Event()
 
@@ -163,6 +171,9 @@ class Agent:
             )
         return PartHealth(OK, f"{len(live)} of {len(sessions)} gateways have a live session")
 
+    async def _handshakes(self) -> list[PeerHandshake]:
+        return [PeerHandshake(g.public_key, age) for g, age in self.data_plane.sessions()]
+
     # -- reconciliation -------------------------------------------------------------------
 
     async def apply(self, config: AgentConfig) -> None:
@@ -190,6 +201,7 @@ class Agent:
         self.runtime.start()
         self.runtime.supervise("target-health", self.target_health.run)
         self.runtime.supervise("wireguard-watch", self.data_plane.watch)
+        self.runtime.supervise("control-stats", self.stats.run)
         log.info(
             "agent started",
             extra=kv(

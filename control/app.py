@@ -36,9 +36,14 @@ from control.api import authlimit
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
 from control.api.routes import Api, Enrollment, request_base_url
+from control.db.admins import AdminStore
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
+from control.metrics import CONTENT_TYPE, control_metrics
 from control.tls import ControlTls
+from control.web.audit import RestAudit
+from control.web.pages import Dashboard
+from control.web.session import WebSettings
 from control.ws.admission import DEFAULT_PER_ADDRESS, address_key
 from control.ws.hub import Hub
 
@@ -68,6 +73,11 @@ class ControlSettings:
     #: that window in seconds (not a flag; tests shorten it)
     admin_auth_window: float = authlimit.DEFAULT_WINDOW
     announce: Callable[[str], None] = field(default=print)
+    #: where this Control listens, for the dashboard's setup link when ``public_url``
+    #: is unset (``control.main`` fills it; e.g. http://127.0.0.1:7700)
+    listen_url: str = ""
+    #: dashboard sign-in over plain HTTP from non-loopback addresses
+    dashboard_insecure_http: bool = False
     #: Control's own HTTPS (``control.tls``); None: plain HTTP (or TLS ends elsewhere)
     tls: ControlTls | None = None
     #: the URL agents and gateways reach Control at, put in enrollment tokens
@@ -175,6 +185,16 @@ def create_app(settings: ControlSettings) -> Starlette:
     api = Api(store, hub, enrollment=_enrollment(settings))
     auth_state: dict[str, Any] = {}
     openapi = build_openapi()
+    admins = AdminStore(engine)
+    dashboard = Dashboard(
+        store,
+        hub,
+        admins,
+        WebSettings(insecure_http=settings.dashboard_insecure_http),
+        settings.announce,
+        settings.public_url or settings.listen_url,
+    )
+    metrics = control_metrics(hub, dashboard)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -194,6 +214,7 @@ def create_app(settings: ControlSettings) -> Starlette:
                 stored = _digest(token)
             auth_state["admin_digest"] = stored
         await hub.start()
+        await dashboard.start()
         tls_watch = (
             asyncio.get_running_loop().create_task(settings.tls.watch()) if settings.tls else None
         )
@@ -228,6 +249,9 @@ def create_app(settings: ControlSettings) -> Starlette:
     async def openapi_json(request: Request) -> Response:
         return JSONResponse(openapi)
 
+    async def metrics_text(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     async def store_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StoreError)
         return error_response(exc.status, exc.code, str(exc))
@@ -253,8 +277,10 @@ def create_app(settings: ControlSettings) -> Starlette:
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/openapi.json", openapi_json, methods=["GET"]),
+            Route("/metrics", metrics_text, methods=["GET"]),
             WebSocketRoute("/ws", hub.endpoint),
             *api.routes(),
+            *dashboard.routes(),
         ],
         lifespan=lifespan,
         exception_handlers={
@@ -264,6 +290,7 @@ def create_app(settings: ControlSettings) -> Starlette:
             Exception: server_error,
         },
     )
+    app.add_middleware(RestAudit, admins=admins, events=hub.events)
     app.add_middleware(
         AdminAuth,
         state=auth_state,
@@ -271,4 +298,5 @@ def create_app(settings: ControlSettings) -> Starlette:
     )
     app.state.store = store
     app.state.hub = hub
+    app.state.dashboard = dashboard
     return app

@@ -14,8 +14,9 @@ previous state keeps serving, and every background task supervised.
 
 Background tasks (all restarted if they end): ``control``, ``reconcile``,
 ``wireguard-stats`` (peer readings every 10 s into the metrics and the ``wireguard``
-health part) and, with ACME configured, ``acme``: it orders certificates for enabled
-HTTP tunnel domains that lack a usable one (none, or expiring within
+health part), ``control-stats`` (per-tunnel traffic and handshake ages sent to Control
+as ``stats``, for its dashboard) and, with ACME configured, ``acme``: it orders
+certificates for enabled HTTP tunnel domains that lack a usable one (none, or expiring within
 ``renew_before``), persists them in the state directory and reports them to Control
 (``certificate_obtained``), backing off per domain after failures; it runs when
 Control's view changes (a new domain is ordered at once) and every 15 s.
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import __version__
+from common import protocol as p
 from common.controlclient import ControlClient, ControlClientSettings, ControlView
 from common.health import DEGRADED, OK, PartHealth
 from common.keys import load_or_create
@@ -51,6 +53,7 @@ from common.relay.router import Router
 from common.relay.tcp import TcpForwarder, TcpSettings
 from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 from common.runtime import ControlRuntime
+from common.stats import StatsReporter
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
@@ -61,6 +64,7 @@ from gateway.wg.userspace import UserspaceBackend
 log = logging.getLogger("gateway")
 
 STATS_INTERVAL = 10.0
+STATS_INTERVAL_TO_CONTROL = p.STATS_INTERVAL
 #: WireGuard's REJECT_AFTER_TIME: an agent whose last handshake is older has no session
 STALE_AFTER = 180.0
 
@@ -81,6 +85,8 @@ class GatewaySettings:
     https_port: int = 443  # 0 disables HTTPS
     admin_host: str = "127.0.0.1"
     admin_port: int = 9901  # not 9090: Prometheus's own default
+    #: seconds between ``stats`` reports to Control (traffic per tunnel, handshakes)
+    stats_interval: float = STATS_INTERVAL_TO_CONTROL
     upstream_port: int = 80
     redirect_https: bool = False
     acme_directory: str | None = None
@@ -172,6 +178,9 @@ class Gateway:
         )
         self.client: ControlClient = self.runtime.client
         self.admin = AdminServer(self.metrics, self.runtime.health)
+        self.stats = StatsReporter(
+            self.metrics.tunnel_totals, self._handshakes, self.client.send, settings.stats_interval
+        )
         self.acme = (
             AcmeClient(
                 settings.acme_directory,
@@ -230,6 +239,21 @@ class Gateway:
                 "configuration applied",
                 extra=kv(agents=len(state.peers), tunnels=len(config.tunnels)),
             )
+
+    async def _handshakes(self) -> list[p.PeerHandshake]:
+        """Each agent peer's handshake age, for ``stats`` (an unreadable interface: none)."""
+        try:
+            peers = await self.wg.stats()
+        except (WgError, OSError, ValueError):
+            return []
+        now = time.time()
+        return [
+            p.PeerHandshake(
+                s.public_key,
+                None if s.latest_handshake <= 0 else max(0.0, now - s.latest_handshake),
+            )
+            for s in peers
+        ]
 
     async def _stats_loop(self) -> None:
         known: set[str] = set()
@@ -366,6 +390,7 @@ class Gateway:
         self._load_acme_certificates()
         self.runtime.start()  # serves the stored configuration until Control answers
         self.runtime.supervise("wireguard-stats", self._stats_loop)
+        self.runtime.supervise("control-stats", self.stats.run)
         if self.acme is not None:
             self.runtime.supervise("acme", self._acme_loop)
         log.info(
