@@ -21,6 +21,20 @@ splits them (UDP GSO), which costs a third of one ``sendto`` per datagram; a ker
 that refuses it turns the batching off.  Sends that hit a full socket buffer wait in
 a bounded queue drained by ``loop.add_writer``; beyond that, datagrams are dropped
 like any UDP loss.
+
+Routed endpoints: a datagram path other than this socket (WireGuard datagrams over a
+TLS stream when UDP is blocked) plugs in with :meth:`WireGuardSocket.route`: what the
+engine addresses to a routed endpoint goes to that route's :class:`DatagramSink`
+instead, and :meth:`WireGuardSocket.receive_routed` feeds the engine what the route
+received, as if it came from that endpoint.  The engine does not know: its peer's
+endpoint is still just an address, and roaming works as on UDP.  A route's endpoint
+is either a peer's UDP address (the agent moves a gateway's traffic onto the stream
+and back without the engine noticing) or a :class:`StreamAddress` naming one stream
+(the gateway: a peer that sent from it roams there, and back to UDP when it sends
+from UDP again).  Datagrams for a stream address whose route is gone are dropped:
+such an address is never given to the UDP socket.  :meth:`WireGuardSocket.watch`
+asks to hear of datagrams that still arrive over UDP from an endpoint (the agent's
+UDP probes while a gateway is on the stream), after the engine processed them.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ import struct
 import sys
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from netstack.looptimer import EarliestTimer
 
@@ -104,9 +119,27 @@ def open_udp_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class DatagramSink(Protocol):
+    """Where a routed endpoint's datagrams go (one batch per flush, in order)."""
+
+    def send_datagrams(self, datagrams: list[bytes]) -> None: ...
+
+
+UdpWatcher = Callable[[list[bytes], float], None]
+
+
+class StreamAddress(NamedTuple):
+    """The endpoint of one stream (e.g. ``("wss", "203.0.113.9:50122")``): an address
+    the engine can roam to that is never a UDP destination."""
+
+    scheme: str
+    peer: str
+
+
 class WireGuardSocket:
     """A sans-IO :class:`WireGuardEngine` served on a UDP socket by an asyncio loop:
-    datagrams read in batches, sent with UDP GSO, one timer for all its peers."""
+    datagrams read in batches, sent with UDP GSO, one timer for all its peers; other
+    datagram paths plug in as routed endpoints (see the module docstring)."""
 
     def __init__(
         self,
@@ -130,6 +163,11 @@ class WireGuardSocket:
         #: batch equal-sized datagrams with UDP GSO (Linux >= 4.18); off after a refusal
         self.gso = sys.platform == "linux" and sock.type == socket.SOCK_DGRAM
         self.gso_sends = 0
+        #: routed endpoints (module docstring) and datagrams dropped for want of a route
+        self._routes: dict[Address, DatagramSink] = {}
+        self._routing = False  # once anything was routed, every send is looked up
+        self.unrouted = 0
+        self._watched: dict[Address, UdpWatcher] = {}
         self._writing = False
         self._closed = False
         sock.setblocking(False)
@@ -179,6 +217,27 @@ class WireGuardSocket:
             self.flush()
             self.engine.receive_datagrams(handshakes, now)
         self.flush()
+        if self._watched:
+            self._notify_watchers(batch, now)
+
+    def _notify_watchers(self, batch: list[tuple[bytes, Address]], now: float) -> None:
+        seen: dict[Address, list[bytes]] = {}
+        for data, addr in batch:
+            key = addr[:2]
+            if key in self._watched:
+                seen.setdefault(key, []).append(data)
+        for key, datagrams in seen.items():
+            watcher = self._watched.get(key)
+            if watcher is not None:
+                watcher(datagrams, now)
+
+    def watch(self, endpoint: Address, watcher: UdpWatcher | None) -> None:
+        """Call ``watcher(datagrams, now)`` with what arrives over UDP from ``endpoint``
+        (host, port), after the engine processed it at ``now`` (None: stop)."""
+        if watcher is None:
+            self._watched.pop(tuple(endpoint[:2]), None)
+        else:
+            self._watched[tuple(endpoint[:2])] = watcher
 
     def send_packet(self, packet: bytes) -> bool:
         """Route one IP packet into the tunnel; False if no peer covers its destination."""
@@ -194,6 +253,31 @@ class WireGuardSocket:
 
     def _on_timer(self) -> None:
         self.engine.handle_timer(self._loop.time())
+        self.flush()
+
+    def route(self, endpoint: Address, sink: DatagramSink | None) -> None:
+        """Send what the engine addresses to ``endpoint`` through ``sink`` (None: the
+        UDP socket again, or nowhere for a :class:`StreamAddress`)."""
+        if sink is None:
+            self._routes.pop(endpoint, None)
+        else:
+            self._routes[endpoint] = sink
+            self._routing = True  # (a stream address may outlive its route)
+
+    def routed(self, endpoint: Address) -> DatagramSink | None:
+        return self._routes.get(endpoint)
+
+    def receive_routed(self, datagrams: list[bytes], endpoint: Address) -> None:
+        """Datagrams a route received, processed as if they came from ``endpoint``
+        (transport messages first, as for a UDP batch)."""
+        if self._closed or not datagrams:
+            return
+        now = self._loop.time()
+        handshakes: list[tuple[bytes, Address]] = []
+        self.engine.receive_datagrams([(d, endpoint) for d in datagrams], now, deferred=handshakes)
+        if handshakes:
+            self.flush()
+            self.engine.receive_datagrams(handshakes, now)
         self.flush()
 
     # ---------------------------------------------------------------- outputs
@@ -215,7 +299,33 @@ class WireGuardSocket:
         # WireGuard timers): an earlier-armed timer is kept (``netstack.looptimer``)
         self._timer.arm(engine.next_deadline())
 
+    def _send_routed(self, out: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
+        """Hand routed endpoints their datagrams (a batch per route); the rest is UDP's."""
+        routes = self._routes
+        udp: list[tuple[bytes, Address]] = []
+        batches: dict[int, tuple[DatagramSink, list[bytes]]] = {}
+        for item in out:
+            addr = item[1]
+            sink = routes.get(addr)
+            if sink is not None:
+                batch = batches.get(id(sink))
+                if batch is None:
+                    batches[id(sink)] = (sink, [item[0]])
+                else:
+                    batch[1].append(item[0])
+            elif type(addr) is StreamAddress:
+                self.unrouted += 1  # its stream is gone: lost, as on a dead UDP path
+            else:
+                udp.append(item)
+        for sink, datagrams in batches.values():
+            sink.send_datagrams(datagrams)
+        return udp
+
     def _send_all(self, out: list[tuple[bytes, Address]]) -> None:
+        if self._routing:
+            out = self._send_routed(out)
+            if not out:
+                return
         if self._pending:
             self._queue_sends(out)
             return

@@ -251,3 +251,101 @@ async def test_timer_is_not_recreated_when_the_deadline_only_moves_later() -> No
         assert udp._timer.handle is None  # nothing due any more: not re-armed
     finally:
         udp.close()
+
+
+class _Pipe:
+    """A routed endpoint's sink that hands the batches to the other socket's
+    ``receive_routed`` (as a stream would, in order), counting them."""
+
+    def __init__(self) -> None:
+        self.to: WireGuardSocket | None = None
+        self.source: tuple[object, ...] = ()
+        self.batches: list[list[bytes]] = []
+        self.open = True
+
+    def send_datagrams(self, datagrams: list[bytes]) -> None:
+        self.batches.append(datagrams)
+        if self.open and self.to is not None:
+            self.to.receive_routed(list(datagrams), self.source)
+
+
+async def test_routed_endpoints_carry_a_peer_and_roam_back() -> None:
+    """A's traffic to B's UDP endpoint goes through a sink into B as if from a stream
+    address; B roams there and answers through the stream; A's UDP socket sends
+    nothing meanwhile; B's answers for a stream whose route is gone are dropped (never
+    a UDP send to a non-address); A back on UDP makes B roam back."""
+    from netstack.wireguard.aio import StreamAddress
+
+    a = await WireGuardSocket.open(_device(1), "127.0.0.1", 0)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0)
+    try:
+        a.engine.set_peer(b.engine.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.engine.set_peer(a.engine.public_key, allowed_ips=[f"{A_IP}/32"])
+        stream = StreamAddress("wss", "192.0.2.9:5000")
+        up, down = _Pipe(), _Pipe()
+        up.to, up.source = b, stream  # A → B: B sees the stream address
+        down.to, down.source = a, b.local_address  # B → A: A sees B's UDP address
+        a.route(b.local_address, up)
+        b.route(stream, down)
+        udp_sends = a.gso_sends
+
+        assert a.send_packet(ipv4_udp(A_IP, B_IP, b"over the stream"))
+        assert await asyncio.wait_for(b.packets.get(), 5) == ipv4_udp(
+            A_IP, B_IP, b"over the stream"
+        )
+        a_on_b = b.engine.peer(a.engine.public_key)
+        assert a_on_b is not None and a_on_b.endpoint == stream  # roamed
+        b.send_packet(ipv4_udp(B_IP, A_IP, b"answer"))
+        assert await asyncio.wait_for(a.packets.get(), 5) == ipv4_udp(B_IP, A_IP, b"answer")
+        assert up.batches and down.batches and a.gso_sends == udp_sends
+        assert a.routed(b.local_address) is up
+
+        # the stream is gone: B's datagrams for it are dropped, not sent to "wss"
+        b.route(stream, None)
+        b.send_packet(ipv4_udp(B_IP, A_IP, b"lost"))
+        assert b.unrouted >= 1
+        # A back on UDP: its next packet moves B's endpoint back to A's socket
+        a.route(b.local_address, None)
+        a.send_packet(ipv4_udp(A_IP, B_IP, b"over udp"))
+        assert await asyncio.wait_for(b.packets.get(), 5) == ipv4_udp(A_IP, B_IP, b"over udp")
+        assert a_on_b.endpoint == a.local_address
+        b.send_packet(ipv4_udp(B_IP, A_IP, b"udp answer"))
+        assert await asyncio.wait_for(a.packets.get(), 5) == ipv4_udp(B_IP, A_IP, b"udp answer")
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_watch_reports_udp_arrivals_after_processing() -> None:
+    """The agent's UDP probe: a watcher hears of datagrams from an endpoint after the
+    engine processed them, with the time it used (a handshake completed at that time)."""
+    a = await WireGuardSocket.open(_device(1), "127.0.0.1", 0)
+    b = await WireGuardSocket.open(_device(2), "127.0.0.1", 0)
+    heard: list[tuple[list[bytes], float, float | None]] = []
+    try:
+        a.engine.set_peer(b.engine.public_key, allowed_ips=[f"{B_IP}/32"], endpoint=b.local_address)
+        b.engine.set_peer(a.engine.public_key, allowed_ips=[f"{A_IP}/32"])
+        peer = a.engine.peer(b.engine.public_key)
+        assert peer is not None
+
+        def watcher(datagrams: list[bytes], now: float) -> None:
+            heard.append((datagrams, now, peer.last_handshake))
+
+        a.watch(b.local_address, watcher)
+        a.engine.initiate_handshake(b.engine.public_key, a.now())
+        a.flush()
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        datagrams, now, completed = heard[0]
+        assert [d[0] for d in datagrams] == [2] and completed == now  # the response
+        a.watch(b.local_address, None)
+        a.send_packet(ipv4_udp(A_IP, B_IP, b"x"))
+        await asyncio.wait_for(b.packets.get(), 5)
+        b.send_packet(ipv4_udp(B_IP, A_IP, b"y"))
+        await asyncio.wait_for(a.packets.get(), 5)
+        assert len(heard) == 1
+    finally:
+        a.close()
+        b.close()
