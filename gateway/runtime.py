@@ -60,6 +60,7 @@ from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import InterfaceBackend, WgError
 from gateway.wg.state import WgState
 from gateway.wg.userspace import UserspaceBackend
+from gateway.wgstream import StreamAcceptor, engine_binding, relay_binding
 
 log = logging.getLogger("gateway")
 
@@ -142,6 +143,15 @@ class Gateway:
         self.proxy.challenge_responder = self.challenges.respond
         self.proxy.redirect_https = settings.redirect_https and settings.https_port > 0
         self.proxy.redirect_https_port = settings.https_port
+        # agents whose UDP is blocked bring WireGuard over a WebSocket on these listeners
+        wg = self.wg
+        self.streams = StreamAcceptor(
+            engine_binding(lambda: wg.tunnel.udp)
+            if isinstance(wg, UserspaceBackend)
+            else relay_binding(settings.wireguard_port),
+            self.metrics,
+        )
+        self.proxy.stream_acceptor = self.streams
         self.tcp = TcpForwarder(
             self.router,
             dialer,
@@ -167,6 +177,7 @@ class Gateway:
                 version=f"kakuremichi-gateway/{__version__}",
                 public_ip=settings.public_ip,
                 wireguard_port=settings.wireguard_port,
+                https_port=settings.https_port or None,
                 ssl_context=settings.control_ssl,
                 pin=settings.control_pin,
             ),
@@ -273,7 +284,7 @@ class Gateway:
             agents = config.agents if config is not None else ()
             names = {a.public_key: a.id for a in agents}
             seen = set()
-            live = 0
+            live = streamed = 0
             now = time.time()
             for stat in stats:
                 agent = names.get(stat.public_key, stat.public_key)
@@ -281,11 +292,17 @@ class Gateway:
                 age = None if stat.latest_handshake <= 0 else max(0.0, now - stat.latest_handshake)
                 if age is not None and age < STALE_AFTER:
                     live += 1
+                    streamed += self.streams.record_peer(agent, stat.endpoint) == "tcp"
+                else:
+                    self.streams.forget_peer(agent)
                 self.metrics.set_wireguard_peer(agent, age, stat.rx_bytes, stat.tx_bytes)
             for agent in known - seen:
                 self.metrics.forget_wireguard_peer(agent)
+                self.streams.forget_peer(agent)
             known = seen
-            self._wg_reading = f"{live} of {len(stats)} agents have a live session"
+            self._wg_reading = f"{live} of {len(stats)} agents have a live session" + (
+                f" ({streamed} over the stream transport, tcp)" if streamed else ""
+            )
 
     # -- ACME ---------------------------------------------------------------------------
 
@@ -409,6 +426,7 @@ class Gateway:
         log.info("gateway stopping")
         started = time.monotonic()
         await self.proxy.close()
+        await self.streams.close()
         await self.tcp.close()
         await self.udp.close()
         drained = time.monotonic()

@@ -67,7 +67,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 from common.logs import kv
@@ -104,6 +104,9 @@ from .headers import (
 )
 from .pool import Dialer, UpstreamConnection, UpstreamPool, open_tcp
 from .settings import ProxySettings
+
+if TYPE_CHECKING:
+    from gateway.wgstream import StreamAcceptor
 
 __all__ = ["ProxyServer", "ProxySettings"]
 
@@ -184,6 +187,8 @@ class ProxyServer:
         #: on plain-HTTP listeners, send tunnel hosts to https:// (308) instead
         self.redirect_https = False
         self.redirect_https_port = 443
+        #: takes over requests for the WireGuard stream path (``gateway/wgstream.py``)
+        self.stream_acceptor: StreamAcceptor | None = None
 
     async def start(
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None
@@ -595,6 +600,12 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self.current = (method.decode("latin-1"), host[:255], path[:1024])
         if self._answer_acme_challenge(method, target):
             return _ANSWERED
+        streams = self.server.stream_acceptor
+        if streams is not None and streams.claims(target):
+            self.connection_lost(None)  # the WireGuard stream transport owns it from here
+            rest = self.requests.trailing()
+            streams.accept(cast(asyncio.Transport, self.transport), request, rest, self.proto)
+            return _CLOSE
         self.client_ip = client_address(self.peer_ip, headers, self.server.trusted_proxies)
         decision = self.server.rate_limiter.check(self.client_ip, started)
         if not decision.allowed:
