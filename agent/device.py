@@ -20,6 +20,10 @@ discard port, which a live gateway answers with a reset): that is data, so a gat
 that lost our session (restarted on the same port) makes WireGuard start a new
 handshake after 15 s of silence, instead of the gateway staying unreachable until the
 next rekey, minutes later (the gateway cannot initiate: it does not know our address).
+
+Where UDP is blocked, a gateway's datagrams take the stream transport instead
+(WireGuard over a WebSocket to the gateway's HTTPS port): :class:`agent.streams.Transports`
+chooses per gateway (``--transport auto|udp|tcp``) and is ticked from :meth:`watch`.
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ from dataclasses import dataclass
 from common.keys import KeyPair
 from common.logs import kv
 from common.protocol import GatewayPeerSpec, check_endpoint
+from common.relay.metrics import Registry
 from netstack.tunnel import UserspaceTunnel
 from netstack.wireguard.errors import ConfigError
+
+from .paths import AUTO
+from .streams import Gateway, Transports
 
 log = logging.getLogger("agent.wireguard")
 
@@ -67,10 +75,19 @@ class GatewayPeer:
     public_key: str
     endpoint: tuple[str, int] | None
     allowed_ips: tuple[str, ...]
+    #: the gateway's HTTPS listener, for the stream transport (None: it offers none)
+    stream_endpoint: tuple[str, int] | None = None
 
     @property
     def label(self) -> str:
         return self.name or self.id
+
+    @property
+    def address(self) -> str | None:
+        """Its address inside the tunnel (what probes go to)."""
+        for prefix in self.allowed_ips[:1]:
+            return str(ipaddress.ip_network(prefix, strict=False).network_address)
+        return None
 
 
 def gateways_from_config(entries: Iterable[GatewayPeerSpec]) -> list[GatewayPeer]:
@@ -82,6 +99,7 @@ def gateways_from_config(entries: Iterable[GatewayPeerSpec]) -> list[GatewayPeer
             g.public_key,
             check_endpoint(g.endpoint) if g.endpoint is not None else None,
             g.allowed_ips,
+            check_endpoint(g.stream_endpoint) if g.stream_endpoint is not None else None,
         )
         for g in entries
     ]
@@ -98,6 +116,8 @@ class AgentDataPlane:
         mtu: int = 1420,
         keepalive: int = PERSISTENT_KEEPALIVE,
         probe_interval: float = PROBE_INTERVAL,
+        transport: str = AUTO,
+        registry: Registry | None = None,
     ) -> None:
         self.keys = keys
         self.host = host
@@ -108,6 +128,10 @@ class AgentDataPlane:
         self.address: str | None = None
         self.gateways: dict[str, GatewayPeer] = {}  # public key → peer
         self._up: dict[str, bool] = {}  # public key → had a live session at the last look
+        #: UDP or the stream transport, per gateway
+        self.transports = Transports(
+            self.tunnel, transport, registry=registry, probe=self.probe_address
+        )
 
     async def start(self) -> None:
         await self.tunnel.start(self.host, self.port)
@@ -135,6 +159,13 @@ class AgentDataPlane:
             self.tunnel.remove_peer(key)
             log.info("gateway removed", extra=kv(gateway=gone.label))
             changed = True
+        # before any peer exists: with --transport tcp, not even its first packet is UDP
+        self.transports.update(
+            [
+                Gateway(key, g.label, g.endpoint, g.stream_endpoint, g.address)
+                for key, g in wanted.items()
+            ]
+        )
         for key, gateway in wanted.items():
             before = self.gateways.get(key)
             if before == gateway:
@@ -185,19 +216,26 @@ class AgentDataPlane:
 
     async def probe(self, gateway: GatewayPeer) -> None:
         """One SYN to the gateway's tunnel address; any answer (or none) is fine."""
-        for prefix in gateway.allowed_ips[:1]:
-            address = str(ipaddress.ip_network(prefix, strict=False).network_address)
-            with contextlib.suppress(OSError, TimeoutError):
-                _, writer = await self.tunnel.open_connection(address, PROBE_PORT, timeout=5)
-                writer.close()
+        if gateway.address is not None:
+            await self.probe_address(gateway.address)
 
-    async def watch(self, interval: float = 2.0) -> None:
+    async def probe_address(self, address: str) -> None:
+        with contextlib.suppress(OSError, TimeoutError):
+            _, writer = await self.tunnel.open_connection(address, PROBE_PORT, timeout=5)
+            writer.close()
+
+    def transport_of(self, public_key: str) -> tuple[str, str]:
+        """(``udp``/``tcp``, why) for one gateway."""
+        return self.transports.describe(public_key)
+
+    async def watch(self, interval: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.probe_interval
         probes: set[asyncio.Task[None]] = set()
         try:
             while True:
                 await asyncio.sleep(interval)
+                self.transports.tick()
                 self.check()
                 if loop.time() >= next_probe and self.address:
                     next_probe = loop.time() + self.probe_interval
@@ -208,6 +246,11 @@ class AgentDataPlane:
         finally:
             for task in probes:
                 task.cancel()
+
+    async def aclose(self) -> None:
+        """Close the gateways' streams, then the tunnel."""
+        await self.transports.close()
+        self.tunnel.close()
 
     def close(self) -> None:
         self.tunnel.close()

@@ -92,6 +92,15 @@ SETTINGS: tuple[Setting, ...] = (
         parse=positive_float,
         metavar="SECONDS",
     ),
+    Setting(
+        "transport",
+        "how WireGuard reaches the gateways: auto (UDP; where no handshake completes "
+        "within 4 s or UDP goes silent, a WebSocket over TLS to the gateway's HTTPS port, "
+        "while UDP is probed every 10 s and used again once it answers), udp (never the "
+        "WebSocket) or tcp (only the WebSocket)",
+        "auto",
+        choices=("auto", "udp", "tcp"),
+    ),
     Setting("metrics-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
     Setting(
         "metrics-port",
@@ -128,6 +137,7 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
         probe_interval=values["probe_interval"],
         metrics_host=values["metrics_host"],
         metrics_port=values["metrics_port"],
+        transport=values["transport"],
     )
 
 

@@ -49,6 +49,7 @@ from common.keys import load_or_create
 from common.logs import kv
 from common.protocol import STATS_INTERVAL, AgentConfig, PeerHandshake, TunnelSpec
 from common.relay.admin import AdminServer
+from common.relay.metrics import Metrics
 from common.runtime import ControlRuntime
 from common.stats import StatsReporter
 
@@ -75,6 +76,8 @@ class AgentSettings:
     mtu: int = 1420
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0  # 0: no /metrics and /healthz listener
+    #: how WireGuard reaches the gateways: auto (UDP, the stream when UDP is blocked), udp, tcp
+    transport: str = "auto"
     #: how Control's certificate is verified (None: the system's trust store)
     control_ssl: ssl.SSLContext | None = None
     #: the enrollment token's pin of Control's key
@@ -97,6 +100,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.keys = load_or_create(settings.data_dir)
+        metrics = Metrics()
         self.data_plane = AgentDataPlane(
             self.keys,
             settings.wireguard_host,
@@ -104,12 +108,15 @@ class Agent:
             mtu=settings.mtu,
             keepalive=settings.keepalive,
             probe_interval=settings.probe_interval,
+            transport=settings.transport,
+            registry=metrics.registry,
         )
         self.forwarder = Forwarder(
             self.data_plane.tunnel,
             http_port=settings.http_port,
             connect_timeout=settings.connect_timeout,
             udp_idle_timeout=settings.udp_idle_timeout,
+            metrics=metrics,
         )
         self.runtime = ControlRuntime(
             ControlClientSettings(
@@ -169,7 +176,19 @@ class Agent:
                 f"{len(live)} of {len(sessions)} gateways have a live WireGuard session; "
                 f"not answering: {', '.join(silent)}",
             )
-        return PartHealth(OK, f"{len(live)} of {len(sessions)} gateways have a live session")
+        return PartHealth(
+            OK,
+            f"{len(live)} of {len(sessions)} gateways have a live session{self._streamed()}",
+        )
+
+    def _streamed(self) -> str:
+        """Which gateways WireGuard reaches over the stream transport (UDP blocked)."""
+        names = sorted(
+            g.label
+            for g, _ in self.data_plane.sessions()
+            if self.data_plane.transport_of(g.public_key)[0] == "tcp"
+        )
+        return f"; over the stream transport (tcp): {', '.join(names)}" if names else ""
 
     async def _handshakes(self) -> list[PeerHandshake]:
         return [PeerHandshake(g.public_key, age) for g, age in self.data_plane.sessions()]
@@ -218,5 +237,5 @@ class Agent:
         await self.forwarder.close()
         await self.runtime.stop()
         await self.admin.close()
-        self.data_plane.close()
+        await self.data_plane.aclose()
         log.info("agent stopped", extra=kv(total_s=round(time.monotonic() - started, 2)))

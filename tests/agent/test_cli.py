@@ -41,6 +41,7 @@ def test_agent_help_explains_the_flags() -> None:
         "--data-dir",
         "--keepalive",
         "--connect-timeout",
+        "--transport",
         "KAKUREMICHI_",
     ):
         assert flag in result.stdout
@@ -62,6 +63,11 @@ def test_agent_help_explains_the_flags() -> None:
             ("--control-url", "http://127.0.0.1:1", "--wireguard-host", "nope"),
             {"KAKUREMICHI_API_KEY": "agt_x"},
             "--wireguard-host",
+        ),
+        (
+            ("--control-url", "http://127.0.0.1:1"),
+            {"KAKUREMICHI_API_KEY": "agt_x", "KAKUREMICHI_TRANSPORT": "quic"},
+            "KAKUREMICHI_TRANSPORT",
         ),
     ],
 )
@@ -102,9 +108,11 @@ def test_agent_settings_from_env_file(tmp_path: Path) -> None:
             "probe_interval": 30.0,
             "metrics_host": "127.0.0.1",
             "metrics_port": 0,
+            "transport": "tcp",
         }
     )
     assert settings.data_dir == Path("~/x").expanduser() and settings.wireguard_host == "::"
+    assert settings.transport == "tcp"
     with pytest.raises(ConfigError):
         settings_from({"control_url": None, "api_key": "agt_abc"})
 
