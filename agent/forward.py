@@ -28,7 +28,10 @@ every request before a byte enters the tunnel.
 
 ``https://`` targets are dialled with TLS (SNI = the target host, no certificate
 verification: the service is local and usually self-signed; the public side of the
-tunnel is where trust is established).
+tunnel is where trust is established).  A connection whose PROXY header carries the
+ALPN TLV ``h2`` (the gateway speaks HTTP/2 through it, for gRPC) offers ``h2`` in that
+handshake, so the service answers in HTTP/2 over TLS; without it no ALPN is offered
+(the gateway speaks HTTP/1.1).
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class LocalDialer:
         self._context = ssl.create_default_context()
         self._context.check_hostname = False
         self._context.verify_mode = ssl.CERT_NONE
+        self._h2_context = ssl.create_default_context()
+        self._h2_context.check_hostname = False
+        self._h2_context.verify_mode = ssl.CERT_NONE
+        self._h2_context.set_alpn_protocols(["h2"])
 
     def update(self, tunnels: Iterable[TunnelSpec]) -> None:
         tls = set()
@@ -91,16 +98,20 @@ class LocalDialer:
         host: str,
         port: int,
         timeout: float,  # noqa: ASYNC109 - like the dialer interface
+        *,
+        h2: bool = False,
     ) -> asyncio.Transport:
-        """Connect ``protocol`` to a target (no streams): the HTTP tunnels' splice."""
+        """Connect ``protocol`` to a target (no streams): the HTTP tunnels' splice
+        (``h2``: offer ALPN h2 if the target is TLS)."""
         secure = (host, port) in self.tls
         loop = asyncio.get_running_loop()
+        context = self._h2_context if h2 else self._context
         transport, _ = await asyncio.wait_for(
             loop.create_connection(
                 lambda: protocol,
                 host,
                 port,
-                ssl=self._context if secure else None,
+                ssl=context if secure else None,
                 server_hostname=host if secure else None,
             ),
             timeout,
@@ -273,14 +284,19 @@ class _TunnelledConnection(asyncio.Protocol):
         self.transport.pause_reading()
         splice.attach(splice.a, self.transport)  # from now on the splice reads this connection
         self.splice = splice
-        self._dial = self.loop.create_task(self._connect(route, rest))
+        h2 = header.tlv(proxyproto.TLV_ALPN) == b"h2"
+        self._dial = self.loop.create_task(self._connect(route, rest, h2))
 
-    async def _connect(self, route: Route, rest: bytes) -> None:
+    async def _connect(self, route: Route, rest: bytes, h2: bool) -> None:
         owner, splice = self.owner, self.splice
         assert splice is not None
         try:
             await owner.dialer.connect(
-                splice.b, route.upstream_host, route.upstream_port or 80, owner.connect_timeout
+                splice.b,
+                route.upstream_host,
+                route.upstream_port or 80,
+                owner.connect_timeout,
+                h2=h2,
             )
         except (OSError, TimeoutError) as exc:
             kind = "refused" if isinstance(exc, ConnectionRefusedError) else "unreachable"

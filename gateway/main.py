@@ -26,6 +26,7 @@ from common.eventloop import EVENT_LOOP
 from common.relay.accesslog import AccessLogSettings
 from common.relay.limits import LimitSettings
 from common.service import raise_open_file_limit, run_until_signalled
+from gateway.proxy.h2settings import H2Settings
 from gateway.runtime import Gateway, GatewaySettings
 
 SETTINGS: tuple[Setting, ...] = (
@@ -115,6 +116,19 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("access-log-backups", "rotated access log files kept", 5, parse=int),
     Setting(
+        "http2",
+        "offer HTTP/2 (ALPN h2) on the HTTPS listener, gRPC included; false: HTTP/1.1 only",
+        True,
+        parse=boolean,
+        metavar="BOOL",
+    ),
+    Setting(
+        "http2-max-streams",
+        "concurrent HTTP/2 streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS)",
+        100,
+        parse=int,
+    ),
+    Setting(
         "oidc-ca-file",
         "CA bundle to trust for the tunnels' OIDC providers (default: the system's)",
         None,
@@ -158,6 +172,12 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         )
     except ValueError as exc:
         raise ConfigError(f"--access-log-*: {exc}") from exc
+    try:
+        http2 = H2Settings(
+            enabled=values["http2"], max_concurrent_streams=values["http2_max_streams"]
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--http2-max-streams: {exc}") from exc
     return GatewaySettings(
         control_url=control.url,
         api_key=control.api_key,
@@ -181,6 +201,7 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         limits=limits,
         access_log=access_log,
         oidc_ca_file=values["oidc_ca_file"],
+        http2=http2,
     )
 
 

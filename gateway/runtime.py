@@ -55,6 +55,7 @@ from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 from common.runtime import ControlRuntime
 from common.stats import StatsReporter
 from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
+from gateway.proxy.h2settings import H2Settings
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
 from gateway.wg.device import InterfaceBackend, WgError
@@ -99,6 +100,8 @@ class GatewaySettings:
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
     #: CA bundle for the tunnels' OIDC providers (None: the system's trust store)
     oidc_ca_file: str | None = None
+    #: HTTP/2 on the HTTPS listener (ALPN h2) and its limits
+    http2: H2Settings = field(default_factory=H2Settings)
     #: how Control's certificate is verified (None: the system's trust store)
     control_ssl: ssl.SSLContext | None = None
     #: the enrollment token's pin of Control's key
@@ -113,7 +116,8 @@ class Gateway:
         self.keys = load_or_create(settings.data_dir)
         self.router = Router()
         self.metrics = Metrics()
-        self.certificates = CertificateStore(settings.data_dir / "tls")
+        alpn = ("h2", "http/1.1") if settings.http2.enabled else ("http/1.1",)
+        self.certificates = CertificateStore(settings.data_dir / "tls", alpn)
         self.challenges = ChallengeStore()
         self.wg: InterfaceBackend | UserspaceBackend
         use_userspace = settings.backend == "userspace" or (
@@ -137,6 +141,7 @@ class Gateway:
                 limits=settings.limits,
                 access_log=settings.access_log,
                 oidc_ca_file=settings.oidc_ca_file,
+                http2=settings.http2,
             ),
             metrics=self.metrics,
         )

@@ -57,6 +57,9 @@ _ADDRESS_BYTES = {_FAMILY_UNSPEC: 0, _FAMILY_INET: 12, _FAMILY_INET6: 36}
 
 #: custom TLV: the id of the tunnel the connection belongs to (UTF-8)
 TLV_TUNNEL = 0xE0
+#: PP2_TYPE_ALPN (§2.2.1): the application protocol, here ``h2`` when the gateway
+#: speaks HTTP/2 through the connection (the agent offers it to a TLS target)
+TLV_ALPN = 0x01
 MAX_TUNNEL_ID_BYTES = 255
 
 Address = tuple[str, int]

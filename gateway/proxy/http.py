@@ -82,7 +82,6 @@ from gateway.access.oidc import OidcClients
 from gateway.access.policy import (
     ALLOW,
     ENDPOINT,
-    REDIRECT,
     VERIFY,
     AccessControl,
     Outcome,
@@ -90,7 +89,10 @@ from gateway.access.policy import (
 )
 
 from . import h1, pages
+from .edge import ClientSession, Refusal, access_for, access_refusal, route_for
 from .forward import Abort, ForwardingMixin, ForwardPlan
+from .h2stream import negotiated_h2, take_over
+from .h2upstream import H2Upstreams
 from .headers import (
     PROTO_FIELD,
     Headers,
@@ -178,7 +180,9 @@ class ProxyServer:
             limits.max_connections_per_client, limits.max_connections
         )
         self._servers: list[asyncio.Server] = []
-        self._sessions: set[_ClientSession] = set()
+        self._sessions: set[ClientSession] = set()
+        #: HTTP/2 connections to origins, for gRPC (``h2upstream.py``)
+        self.h2_upstreams = H2Upstreams(self.pool.dialer, self.settings, self.metrics)
         self.closing = False
         #: exchanges relayed by the fast path (module docstring, step 3)
         self.fast_exchanges = 0
@@ -242,6 +246,7 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
         await self.pool.close()
+        await self.h2_upstreams.close()
         await self.access_log.close()
         if self.access.oidc is not None:
             await self.access.oidc.close()
@@ -351,6 +356,9 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         server = self.server
+        if self.proto == "https" and negotiated_h2(transport):
+            take_over(server, transport, self.proto)  # HTTP/2 (h2session.py) from here
+            return
         peer = transport.get_extra_info("peername")
         self.peer_ip = self.client_ip = (
             str(peer[0]) if isinstance(peer, tuple) and peer else "0.0.0.0"
@@ -607,58 +615,23 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             streams.accept(cast(asyncio.Transport, self.transport), request, rest, self.proto)
             return _CLOSE
         self.client_ip = client_address(self.peer_ip, headers, self.server.trusted_proxies)
-        decision = self.server.rate_limiter.check(self.client_ip, started)
-        if not decision.allowed:
-            self.metrics.rejected.inc(reason="rate_limit")
-            self._decision = "rate_limited"
-            self._page_now(
-                429,
-                "Too many requests from your address; slow down.",
-                plain=plain,
-                extra=[(b"retry-after", str(decision.retry_after).encode())],
-            )
+        found = route_for(self.server, host, self.client_ip, started)
+        if isinstance(found, Refusal):
+            self._refused(found, plain)
             return _ANSWERED
-        route = self.server.router.lookup_host(host)
-        if route is None:
-            self._decision = "no_route"
-            self._page_now(
-                404, f"No tunnel is configured for the host {host[:255]!s}.", plain=plain
-            )
-            return _ANSWERED
+        route = found
         self._upstream = route.upstream_host
-        if not route.enabled:
-            self._decision = "disabled"
-            self._page_now(
-                503, f"The tunnel for {route.domain} is disabled.", plain=plain, route=route
-            )
-            return _ANSWERED
         if self.proto == "http" and self.server.redirect_https:
             self._redirect_to_https(host, target, route)
             return _ANSWERED
-        identity: list[tuple[bytes, bytes]] | None = None
-        own_cookies = False
-        access = self.server.access
-        if access.active:
-            policy = access.policies.get(route.tunnel_id)
-            if policy is not None:
-                outcome = access.check(
-                    policy,
-                    host=route.domain,
-                    client_ip=self.client_ip,
-                    method=method,
-                    path=path,
-                    headers=headers,
-                )
-                self._decision = outcome.decision
-                if outcome.kind != ALLOW:
-                    return self._access_answer(outcome, policy, route, plain, started)
-                if outcome.identity is not None:
-                    self._user = outcome.identity.user
-                    if policy.identity_headers:
-                        identity = outcome.identity.fields()
-                own_cookies = policy.sign_in and any(
-                    k == b"cookie" and b"kkm_" in v for k, v in headers
-                )
+        access = access_for(self.server, route, self.client_ip, method, path, headers)
+        self._decision = access.outcome.decision
+        if access.outcome.kind != ALLOW:
+            assert access.policy is not None
+            return self._access_answer(access.outcome, access.policy, route, plain, started)
+        self._user = access.user
+        identity = access.identity
+        own_cookies = access.own_cookies
 
         chunked = request.chunked
         length = request.content_length or 0
@@ -712,29 +685,27 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
     ) -> AccessPlan | int:
         """What a request the access policy did not let straight through gets: a page
         (403, 401, 429, 503), a redirect to sign in, or the gateway's own handling."""
-        kind = outcome.kind
-        if kind in (ENDPOINT, VERIFY):
-            return AccessPlan(kind, policy, route, plain, started)
-        self.metrics.rejected.inc(reason="access")
-        if kind == REDIRECT:
-            self._page_now(
-                302,
-                "Sign in to reach this site.",
-                plain=plain,
-                route=route,
-                extra=[(b"location", outcome.location.encode("latin-1"))],
-                started=started,
-            )
-        else:  # DENY, CHALLENGE
-            self._page_now(
-                outcome.status,
-                outcome.reason,
-                plain=plain,
-                route=route,
-                extra=list(outcome.headers),
-                started=started,
-            )
+        if outcome.kind in (ENDPOINT, VERIFY):
+            return AccessPlan(outcome.kind, policy, route, plain, started)
+        self._refused(access_refusal(outcome, route), plain, started)
         return _ANSWERED
+
+    def _refused(self, refusal: Refusal, plain: bool, started: float | None = None) -> None:
+        """Write the page of a request refused at admission (``edge.py``)."""
+        if refusal.metric is not None:
+            self.metrics.rejected.inc(reason=refusal.metric)
+        self._decision = refusal.decision
+        route = refusal.route
+        if route is not None:
+            self._upstream = route.upstream_host
+        self._page_now(
+            refusal.status,
+            refusal.reason,
+            plain=plain,
+            route=route,
+            extra=list(refusal.extra),
+            started=started,
+        )
 
     def _go_access(self, plan: AccessPlan) -> None:
         self.mode = _SLOW

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from common.relay.accesslog import AccessLogSettings
 from common.relay.limits import LimitSettings
 
+from .h2settings import H2Settings
+
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
@@ -41,6 +43,8 @@ class ProxySettings:
     #: CA bundle for the tunnels' OIDC providers (None: the system's trust store)
     oidc_ca_file: str | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
+    #: HTTP/2 at the edge (``h2session.py``)
+    http2: H2Settings = field(default_factory=H2Settings)
 
     def __post_init__(self) -> None:
         positive = (

@@ -1,0 +1,158 @@
+"""What both client sessions share: admitting a request, and the session interface.
+
+Theory of operation
+-------------------
+A request reaches the gateway over HTTP/1.1 (``http._ClientSession``) or as an HTTP/2
+stream (``h2session.H2Session``); either way it passes the same checks in the same
+order (``http.py``'s module docstring, step 2).  The parts that do not depend on the
+wire live here, as functions of the server and the request that return what was
+decided, and each session writes the answer in its own framing:
+
+* ``route_for``: the client's rate limit (429 with ``Retry-After``), then the tunnel
+  for the host (404 unknown, 503 disabled);
+* ``access_for``: the tunnel's access policy (``gateway/access``): an ``Access``
+  whose outcome is ``ALLOW`` carries the identity fields for the app, anything else
+  is answered by the session (``access_refusal`` turns a page-shaped outcome into a
+  ``Refusal``; sign-in pages and basic-auth credentials to verify take the session's
+  coroutine path).
+
+``ClientSession`` is what ``ProxyServer`` needs of every session it holds (shutdown,
+abort, the ``closed`` future, the task it cancels at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from common.protocol import AccessPolicy
+from common.relay.router import Route
+from gateway.access.policy import ALLOW, REDIRECT, Outcome
+
+from .headers import Headers
+
+if TYPE_CHECKING:
+    from .http import ProxyServer
+
+__all__ = [
+    "OPEN",
+    "Access",
+    "ClientSession",
+    "Refusal",
+    "access_for",
+    "access_refusal",
+    "route_for",
+]
+
+
+class ClientSession(Protocol):
+    """A client connection as ``ProxyServer`` holds it (HTTP/1.1 or HTTP/2)."""
+
+    closed: asyncio.Future[None]
+
+    @property
+    def task(self) -> asyncio.Task[None] | None: ...
+
+    def shutdown(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the gateway answers itself with one of its pages."""
+
+    status: int
+    reason: str
+    #: what the access log says about it
+    decision: str
+    #: the tunnel it was for, if one was found
+    route: Route | None = None
+    #: the ``kakuremichi_rejected_total`` reason, if it counts as a rejection
+    metric: str | None = None
+    extra: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def route_for(server: ProxyServer, host: str, client_ip: str, now: float) -> Route | Refusal:
+    """The client's rate limit, then the enabled tunnel serving ``host``."""
+    decision = server.rate_limiter.check(client_ip, now)
+    if not decision.allowed:
+        return Refusal(
+            429,
+            "Too many requests from your address; slow down.",
+            "rate_limited",
+            metric="rate_limit",
+            extra=((b"retry-after", str(decision.retry_after).encode()),),
+        )
+    route = server.router.lookup_host(host)
+    if route is None:
+        return Refusal(404, f"No tunnel is configured for the host {host[:255]!s}.", "no_route")
+    if not route.enabled:
+        return Refusal(503, f"The tunnel for {route.domain} is disabled.", "disabled", route)
+    return route
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What a tunnel's access policy says about one request."""
+
+    outcome: Outcome
+    #: the policy that decided (None: the tunnel has none)
+    policy: AccessPolicy | None = None
+    #: the ``X-Auth-*`` fields the app gets (None: none)
+    identity: list[tuple[bytes, bytes]] | None = None
+    #: the request carries the gateway's own cookies, to be removed before the app
+    own_cookies: bool = False
+
+    @property
+    def user(self) -> str:
+        identity = self.outcome.identity
+        return identity.user if identity is not None else ""
+
+
+#: a tunnel without a policy
+OPEN = Access(Outcome(ALLOW))
+
+
+def access_for(
+    server: ProxyServer,
+    route: Route,
+    client_ip: str,
+    method: bytes,
+    path: str,
+    headers: Headers,
+) -> Access:
+    """Check a request against its tunnel's access policy (``AccessControl.check``)."""
+    access = server.access
+    if not access.active:
+        return OPEN
+    policy = access.policies.get(route.tunnel_id)
+    if policy is None:
+        return OPEN
+    outcome = access.check(
+        policy, host=route.domain, client_ip=client_ip, method=method, path=path, headers=headers
+    )
+    if outcome.kind != ALLOW:
+        return Access(outcome, policy)
+    identity = None
+    if outcome.identity is not None and policy.identity_headers:
+        identity = outcome.identity.fields()
+    own_cookies = policy.sign_in and any(k == b"cookie" and b"kkm_" in v for k, v in headers)
+    return Access(outcome, policy, identity, own_cookies)
+
+
+def access_refusal(outcome: Outcome, route: Route) -> Refusal:
+    """The page for an outcome that is one (403, 401, 429, 503, or the 302 to sign in)."""
+    if outcome.kind == REDIRECT:
+        return Refusal(
+            302,
+            "Sign in to reach this site.",
+            outcome.decision,
+            route,
+            "access",
+            ((b"location", outcome.location.encode("latin-1")),),
+        )
+    return Refusal(
+        outcome.status, outcome.reason, outcome.decision, route, "access", tuple(outcome.headers)
+    )
