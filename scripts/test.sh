@@ -13,7 +13,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -q --no-install-recommends \
         python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble \
         build-essential python3-dev libssl-dev buildah debootstrap nginx-light \
-        wrk curl golang-go golang-golang.zx2c4-wireguard-dev golang-gvisor-gvisor-dev >/dev/null
+        wrk curl nghttp2-client golang-go golang-golang.zx2c4-wireguard-dev golang-gvisor-gvisor-dev \
+        chromium >/dev/null  # chromium: the dashboard's browser tests (Playwright drives it)
     # fail2ban-regex checks deploy/fail2ban against the gateway's access log
     apt-get install -y -q --no-install-recommends fail2ban >/dev/null
 fi
