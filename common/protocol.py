@@ -347,6 +347,22 @@ def parse_stats(data: dict[str, Any]) -> Stats:
     return Stats(tuple(tunnels), tuple(peers))
 
 
+@dataclass(frozen=True, slots=True)
+class ShareLinkUsed:
+    """``share_link_used`` from a gateway: a share link opened a session (Control
+    counts the uses of a link that has a limit)."""
+
+    tunnel_id: str
+    link_id: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"tunnelId": self.tunnel_id, "linkId": self.link_id}
+
+
+def parse_share_link_used(data: dict[str, Any]) -> ShareLinkUsed:
+    return ShareLinkUsed(_str(data, "tunnelId", max_len=64), _str(data, "linkId", max_len=64))
+
+
 def parse_certificate_obtained(data: dict[str, Any]) -> CertificateObtained:
     domain = _str(data, "domain", max_len=253).lower()
     certificate = _str(data, "certificate", max_len=64 * 1024)

@@ -52,6 +52,7 @@ _COLUMNS = {
         "health",
     ),
     "certificates": ("domain", "id", "notAfter", "source"),
+    "share-links": ("id", "expiresAt", "maxUses", "uses"),
 }
 
 
@@ -218,6 +219,110 @@ def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
     elif args.action == "delete":
         client.call("DELETE", f"/api/tunnels/{args.id}")
         print(f"deleted tunnel {args.id}")
+    elif args.action == "access":
+        return _access(client, args)
+    elif args.action == "share":
+        body = {"expiresIn": _duration(args.expires)}
+        if args.uses is not None:
+            body["maxUses"] = args.uses
+        link = client.call("POST", f"/api/tunnels/{args.id}/share-links", body)
+        if args.json:
+            print(json.dumps(link, indent=2))
+        else:
+            print(f"share link {link['id']} (shown once; anyone holding it gets in):")
+            print(link["url"])
+    elif args.action == "shares":
+        _print(
+            args, "share-links", client.call("GET", f"/api/tunnels/{args.id}/share-links")["items"]
+        )
+    elif args.action == "unshare":
+        client.call("DELETE", f"/api/tunnels/{args.id}/share-links/{args.link}")
+        print(f"deleted share link {args.link}")
+    return 0
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> int:
+    """``90``, ``30m``, ``12h``, ``7d`` → seconds."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    if not number.isascii() or not number.isdigit() or len(number) > 9:
+        raise ConfigError(f"--expires: {text!r} is not a duration (e.g. 3600, 30m, 12h, 7d)")
+    return int(number) * (unit or 1)
+
+
+def _access(client: Client, args: argparse.Namespace) -> int:
+    path = f"/api/tunnels/{args.id}/access"
+    if args.clear:
+        client.call("DELETE", path)
+        print(f"tunnel {args.id} is open to anyone again")
+        return 0
+    changes = any(
+        getattr(args, name) not in (None, [], False)
+        for name in (
+            "allow_ip",
+            "deny_ip",
+            "basic_auth",
+            "password",
+            "password_stdin",
+            "no_password",
+            "oidc_issuer",
+            "path",
+            "session_domain",
+            "session_ttl",
+            "no_identity_headers",
+        )
+    )
+    if not changes:
+        print(json.dumps(client.call("GET", path), indent=2))
+        return 0
+    body: dict[str, Any] = {
+        "ipAllow": args.allow_ip or [],
+        "ipDeny": args.deny_ip or [],
+        "basicAuth": [],
+        "paths": [],
+        "identityHeaders": not args.no_identity_headers,
+    }
+    for entry in args.basic_auth or []:
+        user, sep, password = entry.partition(":")
+        body["basicAuth"].append({"user": user, **({"password": password} if sep else {})})
+    if args.password_stdin:
+        body["password"] = sys.stdin.readline().rstrip("\n")
+    elif args.password is not None:
+        body["password"] = args.password
+    elif args.no_password:
+        body["password"] = None
+    if args.oidc_issuer:
+        if not args.oidc_client_id:
+            raise ConfigError("--oidc-issuer needs --oidc-client-id")
+        oidc: dict[str, Any] = {
+            "issuer": args.oidc_issuer,
+            "clientId": args.oidc_client_id,
+            "allowedEmails": args.oidc_allow_email or [],
+            "allowedDomains": args.oidc_allow_domain or [],
+            "allowedGroups": args.oidc_allow_group or [],
+        }
+        if args.oidc_client_secret:
+            oidc["clientSecret"] = args.oidc_client_secret
+        if args.oidc_groups_claim:
+            oidc["groupsClaim"] = args.oidc_groups_claim
+        body["oidc"] = oidc
+    for rule in args.path or []:
+        prefix, sep, action = rule.partition("=")
+        if not sep:
+            raise ConfigError(f"--path: {rule!r} is not PREFIX=ACTION[:TOKEN]")
+        action, sep, token = action.partition(":")
+        body["paths"].append(
+            {"prefix": prefix, "action": action, **({"bearerToken": token} if sep else {})}
+        )
+    if args.session_domain:
+        body["sessionDomain"] = args.session_domain
+    if args.session_ttl is not None:
+        body["sessionTtl"] = _duration(args.session_ttl)
+    print(json.dumps(client.call("PUT", path, body), indent=2))
     return 0
 
 
@@ -320,6 +425,64 @@ def register(subparsers: Any) -> None:
         sub = actions.add_parser(action, help=text)
         sub.add_argument("id")
         common(sub)
+    access = actions.add_parser(
+        "access",
+        help="show or set who may reach a tunnel",
+        description="Without options: show the tunnel's access policy. With options: set "
+        "the whole policy (what is not given is removed, except secrets, which keep their "
+        "stored value: a --basic-auth USER without :PASSWORD, a bearer --path without "
+        ":TOKEN, the OIDC client secret, the password unless --no-password).",
+    )
+    access.add_argument("id")
+    access.add_argument("--clear", action="store_true", help="remove the policy (open to anyone)")
+    access.add_argument(
+        "--allow-ip", action="append", metavar="CIDR", help="only these may connect"
+    )
+    access.add_argument("--deny-ip", action="append", metavar="CIDR", help="these may not connect")
+    access.add_argument(
+        "--basic-auth", action="append", metavar="USER[:PASSWORD]", help="an HTTP basic-auth user"
+    )
+    secret = access.add_mutually_exclusive_group()
+    secret.add_argument("--password", metavar="PIN", help="a sign-in page with this password/PIN")
+    secret.add_argument(
+        "--password-stdin", action="store_true", help="read the password/PIN from standard input"
+    )
+    secret.add_argument("--no-password", action="store_true", help="remove the password")
+    access.add_argument("--oidc-issuer", metavar="URL", help="OIDC single sign-on provider")
+    access.add_argument("--oidc-client-id", metavar="ID")
+    access.add_argument("--oidc-client-secret", metavar="SECRET")
+    access.add_argument("--oidc-allow-email", action="append", metavar="EMAIL")
+    access.add_argument("--oidc-allow-domain", action="append", metavar="DOMAIN")
+    access.add_argument("--oidc-allow-group", action="append", metavar="GROUP")
+    access.add_argument("--oidc-groups-claim", metavar="CLAIM", help="default: groups")
+    access.add_argument(
+        "--path",
+        action="append",
+        metavar="PREFIX=ACTION[:TOKEN]",
+        help="a path rule: ACTION is auth, bypass, deny or bearer (with :TOKEN)",
+    )
+    access.add_argument(
+        "--session-domain", metavar="DOMAIN", help="share sign-in with the tunnels under DOMAIN"
+    )
+    access.add_argument("--session-ttl", metavar="DURATION", help="session lifetime (e.g. 12h)")
+    access.add_argument(
+        "--no-identity-headers",
+        action="store_true",
+        help="do not send X-Auth-User/-Email/-Groups to the app",
+    )
+    common(access)
+    share = actions.add_parser("share", help="make a share link (printed once)")
+    share.add_argument("id")
+    share.add_argument("--expires", default="24h", help="e.g. 30m, 12h, 7d (default 24h)")
+    share.add_argument("--uses", type=int, help="how many times it opens (default: any)")
+    common(share)
+    shares = actions.add_parser("shares", help="list a tunnel's share links")
+    shares.add_argument("id")
+    common(shares)
+    unshare = actions.add_parser("unshare", help="delete a share link (its sessions end)")
+    unshare.add_argument("id")
+    unshare.add_argument("link", help="share link id")
+    common(unshare)
 
     noun = nouns.add_parser("certificate", help="manage certificates")
     actions = noun.add_subparsers(dest="action", metavar="ACTION", required=True)

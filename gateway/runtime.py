@@ -44,7 +44,7 @@ from common.controlclient import ControlClient, ControlClientSettings, ControlVi
 from common.health import DEGRADED, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
-from common.protocol import CertificateObtained, GatewayConfig
+from common.protocol import CertificateObtained, GatewayConfig, ShareLinkUsed
 from common.relay.accesslog import AccessLogSettings
 from common.relay.admin import AdminServer
 from common.relay.limits import LimitSettings
@@ -148,6 +148,10 @@ class Gateway:
         self.proxy.challenge_responder = self.challenges.respond
         self.proxy.redirect_https = settings.redirect_https and settings.https_port > 0
         self.proxy.redirect_https_port = settings.https_port
+        # share-link uses go to Control, which counts them against the link's limit
+        self._share_uses: list[ShareLinkUsed] = []
+        self._share_wakeup = asyncio.Event()
+        self.proxy.endpoints.on_share_used = self._share_used
         # agents whose UDP is blocked bring WireGuard over a WebSocket on these listeners
         wg = self.wg
         self.streams = StreamAcceptor(
@@ -400,6 +404,23 @@ class Gateway:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def _share_used(self, tunnel_id: str, link_id: str) -> None:
+        if len(self._share_uses) < 10_000:  # Control away for long: the oldest are kept
+            self._share_uses.append(ShareLinkUsed(tunnel_id, link_id))
+        self._share_wakeup.set()
+
+    async def _report_share_uses(self) -> None:
+        """Send each share-link use to Control, retrying while it is away."""
+        while True:
+            await self._share_wakeup.wait()
+            self._share_wakeup.clear()
+            while self._share_uses:
+                if not await self.client.send("share_link_used", self._share_uses[0].to_wire()):
+                    await asyncio.sleep(2.0)
+                    self._share_wakeup.set()
+                    break
+                self._share_uses.pop(0)
+
     async def start(self) -> None:
         await self.wg.start()
         s = self.settings
@@ -412,6 +433,7 @@ class Gateway:
         self._load_acme_certificates()
         self.runtime.start()  # serves the stored configuration until Control answers
         self.runtime.supervise("wireguard-stats", self._stats_loop)
+        self.runtime.supervise("share-uses", self._report_share_uses)
         self.runtime.supervise("control-stats", self.stats.run)
         if self.acme is not None:
             self.runtime.supervise("acme", self._acme_loop)

@@ -7,6 +7,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from control import access
+from control.api import access_routes
 from control.api import models as m
 
 _REF = "#/components/schemas/{model}"
@@ -127,6 +129,8 @@ def build_openapi() -> dict[str, Any]:
         m.TunnelUpdate,
         m.CertificateCreate,
         m.CertificateUpdate,
+        access.AccessIn,
+        access.ShareLinkCreate,
     ]
     outputs: list[type[BaseModel]] = [
         m.AgentOut,
@@ -184,6 +188,7 @@ def build_openapi() -> dict[str, Any]:
     )
     paths["/api/certificates"] = c["list"]
     paths["/api/certificates/{ref}"] = c["item"]
+    paths.update(access_routes.openapi_paths(_errors, _json, _ref))
     return {
         "openapi": "3.1.0",
         "info": {

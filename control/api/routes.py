@@ -21,6 +21,7 @@ from common import protocol as p
 from common.token import EnrollmentToken
 from control import certs
 from control.api import models as m
+from control.api.access_routes import AccessApi
 from control.api.errors import ApiError, from_validation
 from control.db.store import ClientKind, Row, Store
 from control.ws.hub import Hub
@@ -351,4 +352,5 @@ class Api:
             Route("/api/certificates/{ref}", self.update_certificate, methods=["PATCH"]),
             Route("/api/certificates/{ref}", self.delete_certificate, methods=["DELETE"]),
         ]
+        routes += AccessApi(self.store, self.hub).routes()
         return routes

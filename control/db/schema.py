@@ -143,3 +143,40 @@ audit_log = sa.Table(
     sa.Column("detail", sa.String(1024)),
     sa.Column("address", sa.String(64)),
 )
+
+# -- access policies (migration 0004_access_policies) --------------------------------------
+
+access_policies = sa.Table(
+    "access_policies",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(36),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # the policy as the gateways get it, secrets hashed (control/access.py), JSON
+    sa.Column("policy", sa.Text, nullable=False),
+    # grows when a credential changes: sessions signed in under an older one end
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+share_links = sa.Table(
+    "share_links",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column(
+        "tunnel_id",
+        sa.String(36),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    # SHA-256 of the token (the token itself is shown once, at creation)
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("max_uses", sa.Integer),
+    sa.Column("uses", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+)

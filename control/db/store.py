@@ -30,7 +30,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from control.alloc import AddressPlan, PoolExhausted
-from control.db.schema import agents, certificates, gateways, settings, tunnels
+from control.db.schema import (
+    access_policies,
+    agents,
+    certificates,
+    gateways,
+    settings,
+    share_links,
+    tunnels,
+)
 
 ClientKind = Literal["agent", "gateway"]
 Row = dict[str, Any]
@@ -515,6 +523,129 @@ class Store:
         table = _table(kind)
         async with self._read() as conn:
             return self._rows(await conn.execute(sa.select(table).where(table.c.id.in_(list(ids)))))
+
+    # -- access policies (control/access.py builds what is stored) ----------------------
+
+    async def get_access(self, tunnel_id: str) -> Row | None:
+        async with self._read() as conn:
+            result = await conn.execute(
+                sa.select(access_policies).where(access_policies.c.tunnel_id == tunnel_id)
+            )
+            rows = self._rows(result)
+        return rows[0] if rows else None
+
+    async def put_access(self, tunnel_id: str, policy: str, credentials_changed: bool) -> Row:
+        """Store a tunnel's policy (JSON); its epoch grows when credentials changed."""
+        await self.get_tunnel(tunnel_id)  # NotFound for an unknown tunnel
+        now = time.time()
+        async with self._write() as conn:
+            epoch = await conn.scalar(
+                sa.select(access_policies.c.epoch).where(access_policies.c.tunnel_id == tunnel_id)
+            )
+            if epoch is None:
+                await conn.execute(
+                    access_policies.insert().values(
+                        tunnel_id=tunnel_id, policy=policy, epoch=1, updated_at=now
+                    )
+                )
+            else:
+                await conn.execute(
+                    access_policies.update()
+                    .where(access_policies.c.tunnel_id == tunnel_id)
+                    .values(
+                        policy=policy,
+                        epoch=epoch + 1 if credentials_changed else epoch,
+                        updated_at=now,
+                    )
+                )
+        row = await self.get_access(tunnel_id)
+        assert row is not None
+        return row
+
+    async def delete_access(self, tunnel_id: str) -> bool:
+        """Remove a tunnel's policy and its share links (they only work under one)."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                access_policies.delete().where(access_policies.c.tunnel_id == tunnel_id)
+            )
+            await conn.execute(share_links.delete().where(share_links.c.tunnel_id == tunnel_id))
+        return bool(result.rowcount)
+
+    async def all_access(self) -> list[Row]:
+        async with self._read() as conn:
+            return self._rows(await conn.execute(sa.select(access_policies)))
+
+    async def create_share_link(
+        self, tunnel_id: str, token_hash: str, expires_at: float, max_uses: int | None
+    ) -> Row:
+        await self.get_tunnel(tunnel_id)
+        values = {
+            "id": str(uuid.uuid4()),
+            "tunnel_id": tunnel_id,
+            "token_hash": token_hash,
+            "expires_at": expires_at,
+            "max_uses": max_uses,
+            "uses": 0,
+            "created_at": time.time(),
+        }
+        async with self._write() as conn:
+            await conn.execute(share_links.insert().values(**values))
+        return values
+
+    async def share_links(self, tunnel_id: str | None = None) -> list[Row]:
+        query = sa.select(share_links).order_by(share_links.c.created_at)
+        if tunnel_id is not None:
+            query = query.where(share_links.c.tunnel_id == tunnel_id)
+        async with self._read() as conn:
+            return self._rows(await conn.execute(query))
+
+    async def delete_share_link(self, tunnel_id: str, link_id: str) -> Row:
+        async with self._write() as conn:
+            result = await conn.execute(
+                sa.select(share_links).where(
+                    share_links.c.id == link_id, share_links.c.tunnel_id == tunnel_id
+                )
+            )
+            rows = self._rows(result)
+            if not rows:
+                raise NotFound("no such share link on this tunnel")
+            await conn.execute(share_links.delete().where(share_links.c.id == link_id))
+        return rows[0]
+
+    async def use_share_link(self, tunnel_id: str, link_id: str) -> Row | None:
+        """Count one use a gateway reported (None: no such link any more)."""
+        async with self._write() as conn:
+            updated = await conn.execute(
+                share_links.update()
+                .where(share_links.c.id == link_id, share_links.c.tunnel_id == tunnel_id)
+                .values(uses=share_links.c.uses + 1)
+            )
+            if not updated.rowcount:
+                return None
+            result = await conn.execute(sa.select(share_links).where(share_links.c.id == link_id))
+            rows = self._rows(result)
+        return rows[0] if rows else None
+
+    async def session_keys(self) -> list[tuple[str, bytes]]:
+        """The keys gateways sign session cookies with (made on first use; the first
+        signs).  Rotating means prepending a new key and dropping the oldest later."""
+        value = await self.get_setting("session_keys")
+        if value:
+            return [(k, base64.b64decode(v)) for k, v in (p.split(":", 1) for p in value.split())]
+        key_id = secrets.token_hex(4)
+        secret = secrets.token_bytes(32)
+        async with self._write() as conn:
+            current = await conn.scalar(
+                sa.select(settings.c.value).where(settings.c.key == "session_keys")
+            )
+            if current:  # made meanwhile by another writer
+                return [
+                    (k, base64.b64decode(v)) for k, v in (p.split(":", 1) for p in current.split())
+                ]
+            await self._put_setting(
+                conn, "session_keys", f"{key_id}:{base64.b64encode(secret).decode()}"
+            )
+        return [(key_id, secret)]
 
     def gateway_address(self, agent_subnet: str, slot: int) -> str:
         return str(self.plan.gateway_address(ipaddress.ip_network(agent_subnet), slot))

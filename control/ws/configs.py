@@ -68,9 +68,16 @@ def agent_config(
 
 
 def gateway_config(
-    store: Store, gateway: Row, agents: list[Row], tunnels: list[Row], certificates: list[Row]
+    store: Store,
+    gateway: Row,
+    agents: list[Row],
+    tunnels: list[Row],
+    certificates: list[Row],
+    policies: tuple[p.AccessPolicy, ...] = (),
+    session_keys: tuple[p.SessionKey, ...] = (),
 ) -> p.GatewayConfig:
-    """A gateway's view: itself, every agent (peer), all tunnels, all certificates."""
+    """A gateway's view: itself, every agent (peer), all tunnels, all certificates, the
+    tunnels' access policies and the session keys."""
     peers = [a for a in agents if a["public_key"]]
     return p.GatewayConfig(
         gateway=p.GatewaySelf(
@@ -108,4 +115,6 @@ def gateway_config(
             )
             for cert in certificates
         ),
+        policies=policies,
+        session_keys=session_keys,
     )

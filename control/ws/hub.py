@@ -52,6 +52,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from common import protocol as p
 from common.logs import OncePer, kv
 from control import certs
+from control.access import policy_spec
 from control.api.errors import error_response
 from control.db.store import ClientKind, Row, Store
 from control.events import EventBus
@@ -149,6 +150,8 @@ class Hub:
         self._pending_push: set[ClientKind] = set()
         self._version = 0
         self._cache: dict[str, tuple[int, list[Row]]] = {}
+        self._policy_cache: tuple[int, tuple[p.AccessPolicy, ...]] | None = None
+        self._keys: tuple[p.SessionKey, ...] | None = None
         self.lock = asyncio.Lock()
         self.connections: dict[tuple[ClientKind, str], Connection] = {}
         self._monitor: asyncio.Task[None] | None = None
@@ -458,7 +461,14 @@ class Hub:
                         since_last_logged=unlogged,
                     ),
                 )
-        elif frame.type in ("status", "certificate_obtained", "auth"):
+        elif frame.type == "share_link_used" and conn.kind == "gateway":
+            used = p.parse_share_link_used(frame.data)
+            async with self.lock:
+                link = await self.store.use_share_link(used.tunnel_id, used.link_id)
+                if link is not None and link["max_uses"] is not None:
+                    # the link's remaining uses go to every gateway
+                    await self.push_config_locked("gateway")
+        elif frame.type in ("status", "certificate_obtained", "share_link_used", "auth"):
             raise p.ProtocolError(
                 "unexpected_type", f"'{frame.type}' is not accepted from this {conn.kind} now"
             )
@@ -572,14 +582,54 @@ class Hub:
             }
         agents = await self._snapshot("agents")
         certificates = await self._snapshot("certificates")
+        policies = await self._policies()
+        keys = await self._session_keys()
         gateway_rows = {r["id"]: r for r in gateways}
         return {
             conn: gateway_config(
-                self.store, gateway_rows[conn.client_id], agents, tunnels, certificates
+                self.store,
+                gateway_rows[conn.client_id],
+                agents,
+                tunnels,
+                certificates,
+                policies,
+                keys,
             ).to_wire()
             for conn in conns
             if conn.client_id in gateway_rows
         }
+
+    async def _policies(self) -> tuple[p.AccessPolicy, ...]:
+        """Every tunnel's access policy as gateways get it (``control/access.py``).  A
+        stored policy that does not build is sent as one that refuses everybody: a
+        gateway must never take a broken policy for no policy (fail closed)."""
+        generation = self.store.generation
+        cached = self._policy_cache
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        links: dict[str, list[Row]] = {}
+        for link in await self.store.share_links():
+            links.setdefault(link["tunnel_id"], []).append(link)
+        policies = []
+        for row in await self.store.all_access():
+            try:
+                policies.append(policy_spec(row, links.get(row["tunnel_id"], [])))
+            except (p.ProtocolError, ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "stored access policy does not build; its tunnel refuses everybody",
+                    extra=kv(tunnel=row["tunnel_id"], error=str(exc)[:200]),
+                )
+                policies.append(
+                    p.AccessPolicy(row["tunnel_id"], row["epoch"], ip_deny=("0.0.0.0/0", "::/0"))
+                )
+        result = tuple(policies)
+        self._policy_cache = (generation, result)
+        return result
+
+    async def _session_keys(self) -> tuple[p.SessionKey, ...]:
+        if self._keys is None:
+            self._keys = tuple(p.SessionKey(i, s) for i, s in await self.store.session_keys())
+        return self._keys
 
     async def push_config(self, kind: ClientKind, ids: Iterable[str] | None = None) -> int:
         """Send a fresh full ``config`` to connected clients of one kind."""

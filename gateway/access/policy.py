@@ -281,7 +281,8 @@ class AccessControl:
         self._tunnel_attempts = RateLimiter(*attempts_per_tunnel, max_tracked=100_000)
         #: HMAC key for remembering basic-auth credentials (never leaves the process)
         self._basic_key = secrets.token_bytes(32)
-        self._basic_ok: OrderedDict[bytes, float] = OrderedDict()
+        #: keyed digest of a right Authorization value -> (until, user, its hash then)
+        self._basic_ok: OrderedDict[bytes, tuple[float, str, str]] = OrderedDict()
         #: uses of each share link on this gateway (Control's count comes with the policy)
         self.link_uses: dict[str, int] = {}
 
@@ -429,10 +430,12 @@ class AccessControl:
     def _basic(self, policy: AccessPolicy, value: bytes, client_ip: str) -> Outcome:
         digest = self._basic_digest(policy, value)
         now = self._clock()
-        until = self._basic_ok.get(digest)
-        if until is not None and until > now:
-            user = basic_user(value) or ""
-            return Outcome(ALLOW, identity=Identity(user, method="basic"))
+        remembered = self._basic_ok.get(digest)
+        if remembered is not None and remembered[0] > now:
+            until, user, hashed = remembered
+            # still a user of this policy, with the same password hash
+            if any(u.user == user and u.hash == hashed for u in policy.basic_users):
+                return Outcome(ALLOW, identity=Identity(user, method="basic"))
         limited = self.attempt(policy, client_ip, now)
         if limited is not None:
             return limited
@@ -448,14 +451,14 @@ class AccessControl:
         for entry in policy.basic_users:
             if hmac.compare_digest(entry.user.encode(), user.encode()):
                 if verify_password(entry.hash, password):
-                    self._remember_basic(policy, value)
+                    self._remember_basic(policy, value, entry.user, entry.hash)
                     return True
                 return False
         return verify_nobody(password)  # the same time for an unknown user
 
-    def _remember_basic(self, policy: AccessPolicy, value: bytes) -> None:
+    def _remember_basic(self, policy: AccessPolicy, value: bytes, user: str, hashed: str) -> None:
         digest = self._basic_digest(policy, value)
-        self._basic_ok[digest] = self._clock() + _BASIC_REMEMBER
+        self._basic_ok[digest] = (self._clock() + _BASIC_REMEMBER, user, hashed)
         self._basic_ok.move_to_end(digest)
         while len(self._basic_ok) > _BASIC_CACHE:
             self._basic_ok.popitem(last=False)

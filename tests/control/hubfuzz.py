@@ -21,6 +21,7 @@ FRAME_TYPES = (
     "heartbeat",
     "status",
     "certificate_obtained",
+    "share_link_used",
     "config",
     "auth_success",
     "auth_error",
@@ -174,6 +175,10 @@ class ValidFrames:
                     "notAfter": 1.9e9,
                 },
             },
+            "share_link_used": {
+                "type": "share_link_used",
+                "data": {"tunnelId": rng.choice(self.tunnel_ids), "linkId": "no-such-link"},
+            },
         }
 
     def _heartbeat(self, rng: random.Random) -> dict[str, Any]:
@@ -251,6 +256,8 @@ FRAME_KEYS = (
     "certificate",
     "privateKey",
     "notAfter",
+    "tunnelId",
+    "linkId",
 )
 
 
