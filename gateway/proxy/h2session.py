@@ -414,10 +414,8 @@ class H2Session(asyncio.Protocol):
         self._flush()
 
     def eof_received(self) -> bool:
-        # the client will send nothing more: what is in flight can still be answered
-        if not self.streams:
-            self._close()
-        return True
+        # the client will send nothing more (over TLS the transport closes anyway)
+        return False
 
     def pause_writing(self) -> None:
         self._write_paused = True
