@@ -39,6 +39,7 @@ from common.keys import KeyPair
 from common.logs import kv
 from common.protocol import GatewayPeerSpec, check_endpoint
 from common.relay.metrics import Registry
+from netstack.tcp import TcpConfig
 from netstack.tunnel import UserspaceTunnel
 from netstack.wireguard.errors import ConfigError
 
@@ -53,6 +54,8 @@ PROBE_PORT = 9  # discard: nothing listens there, a live host answers with a res
 #: WireGuard's REJECT_AFTER_TIME: with keepalives flowing a session is renewed every
 #: ~2 minutes, so a handshake older than this means the gateway does not answer
 STALE_AFTER = 180.0
+#: the stack's congestion control unless ``--congestion`` says otherwise
+DEFAULT_CONGESTION = TcpConfig().congestion_control
 # Before Control tells us our address the stack needs one; nothing routes to it.
 _PLACEHOLDER = "169.254.255.253"
 
@@ -118,13 +121,20 @@ class AgentDataPlane:
         probe_interval: float = PROBE_INTERVAL,
         transport: str = AUTO,
         registry: Registry | None = None,
+        congestion: str = DEFAULT_CONGESTION,
     ) -> None:
         self.keys = keys
         self.host = host
         self.port = port
         self.keepalive = keepalive
         self.probe_interval = probe_interval
-        self.tunnel = UserspaceTunnel(keys.private, [_PLACEHOLDER], mtu=mtu)
+        # congestion: how the tunnelled connections send (cubic, newreno or bbr)
+        self.tunnel = UserspaceTunnel(
+            keys.private,
+            [_PLACEHOLDER],
+            mtu=mtu,
+            tcp_config=TcpConfig(congestion_control=congestion),
+        )
         self.address: str | None = None
         self.gateways: dict[str, GatewayPeer] = {}  # public key → peer
         self._up: dict[str, bool] = {}  # public key → had a live session at the last look

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from agent.device import DEFAULT_CONGESTION
 from agent.runtime import Agent, AgentSettings
 from common import eventloop, logs
 from common.config import (
@@ -26,6 +27,7 @@ from common.config import (
 from common.controlclient import CONTROL_CA, TOKEN, control_target
 from common.eventloop import EVENT_LOOP
 from common.service import run_until_signalled
+from netstack.congestion import NAMES as CONGESTION_CONTROLS
 
 
 def _keepalive(value: str) -> int:
@@ -101,6 +103,14 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         choices=("auto", "udp", "tcp"),
     ),
+    Setting(
+        "congestion",
+        "TCP congestion control of the tunnelled connections, i.e. how fast the agent sends "
+        "to the gateways (downloads from your services): cubic (as Linux), newreno, or bbr "
+        "(model-based, paced; see the README for when it helps)",
+        DEFAULT_CONGESTION,
+        choices=CONGESTION_CONTROLS,
+    ),
     Setting("metrics-host", "address of the /metrics and /healthz listener", "127.0.0.1"),
     Setting(
         "metrics-port",
@@ -138,6 +148,8 @@ def settings_from(values: dict[str, Any]) -> AgentSettings:
         metrics_host=values["metrics_host"],
         metrics_port=values["metrics_port"],
         transport=values["transport"],
+        # (a hand-built dict may leave it out: the stack's default)
+        congestion=values.get("congestion", DEFAULT_CONGESTION),
     )
 
 

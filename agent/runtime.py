@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.device import (
+    DEFAULT_CONGESTION,
     PERSISTENT_KEEPALIVE,
     PROBE_INTERVAL,
     STALE_AFTER,
@@ -78,6 +79,8 @@ class AgentSettings:
     metrics_port: int = 0  # 0: no /metrics and /healthz listener
     #: how WireGuard reaches the gateways: auto (UDP, the stream when UDP is blocked), udp, tcp
     transport: str = "auto"
+    #: TCP congestion control of the user-space stack (netstack.congestion.NAMES)
+    congestion: str = DEFAULT_CONGESTION
     #: how Control's certificate is verified (None: the system's trust store)
     control_ssl: ssl.SSLContext | None = None
     #: the enrollment token's pin of Control's key
@@ -109,6 +112,7 @@ class Agent:
             keepalive=settings.keepalive,
             probe_interval=settings.probe_interval,
             transport=settings.transport,
+            congestion=settings.congestion,
             registry=metrics.registry,
         )
         self.forwarder = Forwarder(
@@ -227,6 +231,7 @@ class Agent:
                 control=self.client.url,
                 public_key=self.keys.public_b64,
                 udp_port=self.data_plane.tunnel.port,
+                congestion=self.settings.congestion,
             ),
         )
         self.ready.set()
