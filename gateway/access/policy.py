@@ -432,7 +432,7 @@ class AccessControl:
         now = self._clock()
         remembered = self._basic_ok.get(digest)
         if remembered is not None and remembered[0] > now:
-            until, user, hashed = remembered
+            _until, user, hashed = remembered
             # still a user of this policy, with the same password hash
             if any(u.user == user and u.hash == hashed for u in policy.basic_users):
                 return Outcome(ALLOW, identity=Identity(user, method="basic"))
