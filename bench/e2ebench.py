@@ -14,6 +14,13 @@ Rows (``ROWS``; "A", "B", "C" are network namespaces this harness creates)::
     all-userspace  wrk ─▶ gateway (userspace backend) ══UDP══▶ agent ─▶ origin  (root ns)
     production     A: wrk ─▶ gateway (wireguard-go backend) ══UDP══▶ B: agent ─▶ origin
 
+Two more rows speak HTTP/2 over TLS, measured with ``h2load`` (Debian's
+nghttp2-client) instead of ``wrk`` (``H2_ROWS``)::
+
+    nginx-edge-h2     h2load ─▶ nginx (TLS, http2) ─▶ origin              (root namespace)
+    all-userspace-h2  h2load ─▶ the all-userspace gateway's HTTPS listener (ALPN h2)
+                      ══UDP══▶ agent ─▶ origin                            (root namespace)
+
 A and B are joined by one veth pair (192.0.2.1 ↔ 192.0.2.2).  In A one wireguard-go
 interface (10.90.0.1) has two peers: B's wireguard-go interface (10.90.0.2, the
 privileged row) and gofwd (10.90.0.3, the Newt row); the production gateway brings up
@@ -121,6 +128,10 @@ ROWS = (
 )
 #: rows that need root, namespaces and wireguard-go
 NETNS_ROWS = frozenset({"privileged", "newt", "gateway-alone", "production"})
+#: rows measured with ``h2load`` (HTTP/2 over TLS, self-signed certificates, not
+#: verified): nginx as an HTTP/2 edge in front of the origin, and the all-userspace
+#: row's gateway on its HTTPS listener (ALPN h2) through the tunnel to the origin
+H2_ROWS = ("nginx-edge-h2", "all-userspace-h2")
 
 # namespaces A/B (veth) and the wireguard-go tunnel of the privileged and Newt rows
 VETH = ("192.0.2.1", "192.0.2.2")
@@ -445,6 +456,57 @@ def run_wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
     return {**parse_wrk(done.stdout), **usage, "connections": connections}
 
 
+def parse_h2load(out: str) -> dict[str, Any]:
+    """req/s, mean time per request (µs), requests and errors from ``h2load`` output."""
+    rps = re.search(r"^finished in [\d.]+\w+, ([\d.]+) req/s", out, re.M)
+    done = re.search(
+        r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+        re.M,
+    )
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    mean = re.search(r"^time for request:\s+\S+\s+\S+\s+(\S+)", out, re.M)
+    if not (rps and done and codes and mean):
+        raise ValueError(f"unparsable h2load output:\n{out}")
+    failed = int(done[5]) + int(done[6]) + int(done[7])
+    non2xx = int(codes[2]) + int(codes[3]) + int(codes[4])
+    return {
+        "rps": float(rps[1]),
+        "requests": int(done[3]),
+        "mean_us": _micros(mean[1]),
+        "errors": failed + non2xx,
+    }
+
+
+def run_h2load(target: Target, connections: int, seconds: float) -> dict[str, Any]:
+    """One ``h2load -t1`` run (one stream at a time per connection, like ``wrk``'s
+    connections) against an HTTPS target; parsed results plus CPU."""
+    argv = ["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}"]
+    argv += ["-H", f":authority: {DOMAIN}", f"https://{HOST}:{target.port}/"]
+    with cpu_window(target.watch) as usage:
+        done = subprocess.run(
+            in_ns(target.netns, argv), capture_output=True, text=True, timeout=seconds + 60
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr.strip()}")
+    return {**parse_h2load(done.stdout), **usage, "connections": connections}
+
+
+def check_h2(port: int, within: float = 30.0) -> None:
+    """The HTTPS target answers ``GET /`` over HTTP/2 with the exact body."""
+    argv = ["curl", "-sk", "--http2", "--max-time", "5", "-w", "\n%{http_version} %{http_code}"]
+    argv += ["-H", f"Host: {DOMAIN}", f"https://{HOST}:{port}/"]
+    deadline = time.monotonic() + within
+    out = ""
+    while time.monotonic() < deadline:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        if out == BODY.decode() + "\n2 200":
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"no HTTP/2 answer on {port} within {within:g}s: {out!r}")
+
+
 def run_download(target: Target, path: str) -> dict[str, Any]:
     """One GET of a large file with curl (body discarded); MB/s plus CPU."""
     size = DOWNLOADS[path]
@@ -593,8 +655,18 @@ def origin_conf(prefix: Path, www: Path, listens: list[str]) -> str:
     return _NGINX_HEAD.format(prefix=prefix) + _ORIGIN_SERVER.format(listens=lines, www=www) + "}\n"
 
 
-def edge_conf(prefix: Path, servers: list[tuple[str, str]]) -> str:
-    """``servers``: (listen, upstream address) pairs."""
+def edge_conf(
+    prefix: Path, servers: list[tuple[str, str]], tls: tuple[Path, Path] | None = None
+) -> str:
+    """``servers``: (listen, upstream address) pairs; ``tls``: (certificate, key) to
+    listen with TLS and HTTP/2."""
+    if tls is not None:
+        cert, key = tls
+        servers = [
+            (f"{listen} ssl http2;\n        ssl_certificate {cert};\n"
+             f"        ssl_certificate_key {key}", upstream)
+            for listen, upstream in servers
+        ]  # fmt: skip
     body = "".join(
         _EDGE_SERVER.format(index=i, listen=listen, upstream=upstream)
         for i, (listen, upstream) in enumerate(servers)
@@ -637,6 +709,7 @@ class E2EBench:
         self.namespaces: list[str] = []
         self.pids: dict[str, int] = {}
         self.origin_port = 0  # the root namespace's origin (0: not started)
+        self.https_port = 0  # the all-userspace gateway's HTTPS listener
         self.profile = os.environ.get("KAKUREMICHI_E2E_BENCH_PROFILE")
         self._started: set[str] = set()
 
@@ -685,6 +758,31 @@ class E2EBench:
         wait_answering(None, port, 20, [edge], "nginx edge")
         watch = {"nginx": (edge.pid, True), "origin": (self.pids["origin"], True)}
         return Target("nginx-edge", None, port, watch)
+
+    def _row_nginx_edge_h2(self) -> Target:
+        from gateway.tls import self_signed
+
+        self._once("origin", self._origin_root)
+        cert = self_signed(DOMAIN)
+        prefix = self._prefix("edge-h2")
+        (prefix / "edge.crt").write_text(cert.chain_pem)
+        (prefix / "edge.key").write_text(cert.key_pem)
+        (prefix / "edge.key").chmod(0o600)
+        port = free_port()
+        conf = edge_conf(
+            prefix,
+            [(f"{HOST}:{port}", f"{HOST}:{self.origin_port}")],
+            (prefix / "edge.crt", prefix / "edge.key"),
+        )
+        edge = self._nginx("edge-h2", conf, None)
+        check_h2(port)
+        watch = {"nginx": (edge.pid, True), "origin": (self.pids["origin"], True)}
+        return Target("nginx-edge-h2", None, port, watch)
+
+    def _row_all_userspace_h2(self) -> Target:
+        h1 = self.target("all-userspace")
+        check_h2(self.https_port, 60)
+        return Target("all-userspace-h2", None, self.https_port, h1.watch)
 
     def _row_privileged(self) -> Target:
         self._once("pair", self._pair)
@@ -767,6 +865,7 @@ class E2EBench:
     def _row_all_userspace(self) -> Target:
         self._once("origin", self._origin_root)
         control_port, http_port = free_port(), free_port()
+        self.https_port = free_port()
         control_url = f"http://{HOST}:{control_port}"
         control = self._control("control-u", None, HOST, control_port)
         keys = self._configure(
@@ -775,6 +874,7 @@ class E2EBench:
         gateway = self._gateway(
             "gateway-u", None, control_url, keys["gateway_key"], "userspace", HOST, None,
             http_port=http_port, admin_port=free_port(), wg_port=free_port("udp"),
+            https_port=self.https_port,
         )  # fmt: skip
         agent = self._agent("agent-u", None, control_url, keys["agent_key"], HOST)
         wait_answering(None, http_port, 60, [control, gateway, agent], "all-userspace row")
@@ -961,6 +1061,7 @@ class E2EBench:
         http_port: int = GATEWAY_HTTP,
         admin_port: int = GATEWAY_ADMIN,
         wg_port: int = GATEWAY_WG,
+        https_port: int = 0,
     ) -> Child:
         argv = [
             *self._cli(name, profiled=True),
@@ -969,7 +1070,7 @@ class E2EBench:
             *("--public-ip", public_ip, "--wireguard-backend", backend),
             *("--wireguard-port", str(wg_port)),
             *(("--interface", interface) if interface else ()),
-            *("--host", HOST, "--http-port", str(http_port), "--https-port", "0"),
+            *("--host", HOST, "--http-port", str(http_port), "--https-port", str(https_port)),
             *("--admin-host", HOST, "--admin-port", str(admin_port)),
             # one client hammering from one address: no per-client rate limit
             *("--rate-limit", "0"),

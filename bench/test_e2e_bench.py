@@ -51,12 +51,15 @@ import pytest
 from bench.e2ebench import (
     BODY,
     DOWNLOADS,
+    H2_ROWS,
     MB,
     NETNS_ROWS,
     ROWS,
     E2EBench,
     check_answers,
+    check_h2,
     run_download,
+    run_h2load,
     run_wrk,
 )
 from bench.e2ebench import nginx_binary as find_nginx
@@ -84,6 +87,11 @@ RESULTS: dict[str, dict[str, Any] | BaseException] = {}
 
 
 def _requirements(row: str) -> None:
+    if row in H2_ROWS:
+        need(
+            shutil.which("h2load") is not None,
+            "needs 'h2load' (Debian: apt-get install nghttp2-client)",
+        )
     for program in ("wrk", "curl"):
         need(
             shutil.which(program) is not None,
@@ -147,12 +155,34 @@ def measure(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
     return result
 
 
+def measure_h2(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
+    """An HTTP/2 row: ``h2load`` at 1 and 32 connections (one stream each at a time);
+    no download (the HTTP/1.1 rows measure the path's bulk speed)."""
+    target = bench.target(row)
+    check_h2(target.port)
+    result: dict[str, Any] = {"row": row, "rounds": plan.rounds, "seconds": plan.seconds}
+    for connections in CONNECTIONS:
+        if plan.warmup:
+            run_h2load(target, connections, plan.warmup)
+        rounds = [run_h2load(target, connections, plan.seconds) for _ in range(plan.rounds)]
+        result[f"c{connections}"] = {
+            "rps": _median([r["rps"] for r in rounds]),
+            "mean_us": _median([r["mean_us"] for r in rounds]),
+            "errors": sum(r["errors"] for r in rounds),
+            "requests": sum(r["requests"] for r in rounds),
+            "cpu": _median_cpu(rounds),
+            "rps_rounds": [round(r["rps"]) for r in rounds],
+        }
+    check_h2(target.port)
+    return result
+
+
 def result_for(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
     """The row's measurements (measured now if this run has not yet); re-raises the
     error that stopped the row."""
     if row not in RESULTS:
         try:
-            RESULTS[row] = measure(bench, row, plan)
+            RESULTS[row] = (measure_h2 if row in H2_ROWS else measure)(bench, row, plan)
         except BaseException as exc:
             RESULTS[row] = exc
             raise
@@ -163,7 +193,7 @@ def result_for(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("row", ROWS)
+@pytest.mark.parametrize("row", ROWS + H2_ROWS)
 def test_row(benchmark: Any, bench: E2EBench, row: str) -> None:
     _requirements(row)
     plan = QUICK if benchmark.disabled else FULL
@@ -224,6 +254,12 @@ def acceptance_ratios() -> dict[str, float | None]:
         "all_userspace_download_over_newt": ratio(
             _get("all-userspace", "download", "mb_s"), _get("newt", "download", "mb_s")
         ),
+        "all_userspace_h2_rps_c32_over_nginx_edge_h2": ratio(
+            _get("all-userspace-h2", "c32", "rps"), _get("nginx-edge-h2", "c32", "rps")
+        ),
+        "all_userspace_h2_rps_c32_over_all_userspace": ratio(
+            _get("all-userspace-h2", "c32", "rps"), _get("all-userspace", "c32", "rps")
+        ),
     }
 
 
@@ -259,10 +295,24 @@ def print_report(bench: E2EBench, plan: Plan) -> None:
                 f"{row:14} {connections:5} {r['rps']:9.0f} {r['p50_us']:8.0f} {r['p99_us']:8.0f} "
                 f"{r['errors']:6}  {_cpu_text(r['cpu'])}"
             )
+    print("\nHTTP/2 over TLS, h2load -t1 -m1 (one stream per connection at a time)")
+    print(f"{'row':16} {'conns':>5} {'req/s':>9} {'mean µs':>8} {'errors':>6}  CPU (cores)")
+    for row in H2_ROWS:
+        found = RESULTS.get(row)
+        if not isinstance(found, dict):
+            reason = "not run" if found is None else f"FAILED: {type(found).__name__}"
+            print(f"{row:16} {reason}")
+            continue
+        for connections in CONNECTIONS:
+            r = found[f"c{connections}"]
+            print(
+                f"{row:16} {connections:5} {r['rps']:9.0f} {r['mean_us']:8.0f} "
+                f"{r['errors']:6}  {_cpu_text(r['cpu'])}"
+            )
     print(f"\n{'row':14} {'MB/s':>8}  CPU (cores) during the {size} MB download")
     for row in ROWS:
         found = RESULTS.get(row)
-        if isinstance(found, dict):
+        if isinstance(found, dict) and "download" in found:
             d = found["download"]
             print(f"{row:14} {d['mb_s']:8.1f}  {_cpu_text(d['cpu'])}")
     print("\nratios")
@@ -279,7 +329,7 @@ def test_report(benchmark: Any, bench: E2EBench) -> None:
     measured_here: list[str] = []
 
     def fill() -> None:
-        for row in ROWS:
+        for row in ROWS + H2_ROWS:
             if row in RESULTS:
                 continue
             try:
