@@ -520,3 +520,32 @@ def _buffer(data: bytes) -> FrameBuffer:
     buffer.max_frame_size = 2**24 - 1
     buffer.add_data(data)
     return buffer
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def _gateway_values(argv: list[str], environ: dict[str, str]) -> Any:
+    import argparse
+
+    from common.config import add_settings, resolve
+    from gateway.main import SETTINGS, settings_from
+
+    parser = argparse.ArgumentParser()
+    add_settings(parser, SETTINGS)
+    base = ["--control-url", "http://127.0.0.1:1", "--api-key", "gtw_x", "--public-ip", "127.0.0.1"]
+    return settings_from(resolve(parser.parse_args(base + argv), SETTINGS, environ))
+
+
+def test_http2_settings_from_flags_and_environment() -> None:
+    from common.config import ConfigError
+
+    assert _gateway_values([], {}).http2 == H2Settings()
+    off = _gateway_values(["--http2", "false", "--http2-max-streams", "8"], {})
+    assert off.http2 == H2Settings(enabled=False, max_concurrent_streams=8)
+    env = _gateway_values([], {"KAKUREMICHI_HTTP2_MAX_STREAMS": "250"})
+    assert env.http2.max_concurrent_streams == 250
+    with pytest.raises(ConfigError, match="--http2-max-streams"):
+        _gateway_values(["--http2-max-streams", "0"], {})
+    with pytest.raises(ConfigError, match="--http2"):
+        _gateway_values(["--http2", "maybe"], {})
