@@ -56,7 +56,18 @@ async def home(request: Request) -> Response:
 
 
 async def headers(request: Request) -> Response:
-    wanted = ("host", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip")
+    wanted = (
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+        # who the gateway's access policy says the client is (issue 15)
+        "x-auth-user",
+        "x-auth-email",
+        "x-auth-groups",
+        "cookie",
+    )
     return JSONResponse(
         {
             **{name: request.headers.get(name) for name in wanted},

@@ -27,6 +27,8 @@ fi
 echo "==> installing kakuremichi with test extras"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[test]'
+echo "==> installing the tests' OIDC provider (oidc-provider from the npm registry, tests/oidc)"
+(cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
 export PATH="$PWD/.venv/bin:$PATH"
 echo "==> ruff"

@@ -59,6 +59,7 @@ class EndpointRequest:
     """What an endpoint sees of a request (the body already read, bounded)."""
 
     policy: AccessPolicy
+    #: the tunnel's domain (what the route matched)
     host: str
     proto: str
     client_ip: str
@@ -66,6 +67,13 @@ class EndpointRequest:
     target: str
     headers: list[tuple[bytes, bytes]]
     body: bytes = b""
+    #: the host and port the client reached us at (its Host), for URLs back to us
+    authority: str = ""
+
+    @property
+    def origin(self) -> str:
+        """``scheme://host[:port]`` the client reached this tunnel at."""
+        return f"{self.proto}://{self.authority or self.host}"
 
     @property
     def path(self) -> str:
@@ -136,7 +144,8 @@ def page(title: str, body_html: str, *, status: int = 200) -> EndpointResponse:
         "h1{font-size:1.3rem;margin-top:0}label{display:block;margin:.8rem 0 .3rem}"
         "input{width:100%;box-sizing:border-box;padding:.6rem;font-size:1rem;"
         "border:1px solid #8a93a6;border-radius:.4rem}"
-        "button,.button{margin-top:1rem;width:100%;padding:.65rem;font-size:1rem;border:0;"
+        "button,.button{box-sizing:border-box;margin-top:1rem;width:100%;padding:.65rem;"
+        "font-size:1rem;border:0;"
         "border-radius:.4rem;background:#1f4fd1;color:#fff;cursor:pointer;display:block;"
         "text-align:center;text-decoration:none}"
         "p.error{color:#a4161a}small{color:#5a6275}"

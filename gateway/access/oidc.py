@@ -11,7 +11,7 @@ and nothing is kept per attempt.  ``oidc/callback`` checks the returned ``state`
 against the cookie, exchanges the code (with the PKCE verifier and the client
 secret) at the token endpoint, and verifies the ID token: signature against the
 provider's JWKS (fetched again when a token names a key not seen yet, at most once a
-minute: key rotation), issuer, audience, expiry and issue time with a minute of
+second: key rotation), issuer, audience, expiry and issue time with a minute of
 clock skew, and the ``nonce``.  The user must then pass the tunnel's lists (allowed
 e-mails, e-mail domains, groups from ``groups_claim``); then the gateway signs a
 session (``session.py``) for the tunnel, or for its ``session_domain``, so that every
@@ -60,8 +60,9 @@ FLOW_COOKIE = "kkm_oidc"
 FLOW_TTL = 600
 #: discovery documents and key sets are fetched again after this long
 _METADATA_TTL = 3600.0
-#: an unknown key id refetches the key set at most this often
-_JWKS_REFRESH = 60.0
+#: an unknown key id refetches the key set at most this often (a rotation shows up
+#: as an ID token signed with a key id not seen yet)
+_JWKS_REFRESH = 1.0
 _ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "EdDSA"]
 _MAX_DOCUMENT = 256 * 1024
 
@@ -180,7 +181,7 @@ class OidcClients:
     # -- the flow ---------------------------------------------------------------------
 
     def _redirect_uri(self, request: EndpointRequest) -> str:
-        return f"{request.proto}://{request.host}{PREFIX}oidc/callback"
+        return f"{request.origin}{PREFIX}oidc/callback"
 
     def _flow_mac(self, payload: str) -> str | None:
         signer = self.access.sessions

@@ -145,6 +145,23 @@ class AccessPlan:
     started: float
 
 
+def _authority(host: bytes | None, domain: str) -> str:
+    """The Host a client reached a tunnel at, for URLs back to it: the tunnel's domain
+    with the port the client used (anything else in Host: just the domain)."""
+    if host:
+        text = host.decode("latin-1").strip().lower().rstrip(".")
+        name, sep, port = text.rpartition(":")
+        if (
+            sep
+            and name.rstrip(".") == domain
+            and port.isascii()
+            and port.isdigit()
+            and len(port) <= 5
+        ):
+            return f"{domain}:{port}"
+    return domain
+
+
 def _ignore(amount: float) -> None:
     pass
 
@@ -798,6 +815,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
                 target,
                 request.headers,
                 body,
+                _authority(get_header(request.headers, b"host"), plan.route.domain),
             )
         )
         headers = [
