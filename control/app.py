@@ -193,6 +193,7 @@ def create_app(settings: ControlSettings) -> Starlette:
         WebSettings(insecure_http=settings.dashboard_insecure_http),
         settings.announce,
         settings.public_url or settings.listen_url,
+        enrollment=api.enrollment,
     )
     metrics = control_metrics(hub, dashboard)
 

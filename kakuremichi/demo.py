@@ -146,15 +146,18 @@ async def demo(values: dict[str, Any], data: Path) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    # the dashboard's one-time setup link is shown in the banner below, not as it starts
+    control_app = create_app(
+        ControlSettings(
+            database_url=f"sqlite+aiosqlite:///{data / 'control.db'}",
+            admin_token=token,
+            announce=lambda text: None,
+            listen_url=control_url,
+        )
+    )
     control = _Served(
         server_for(
-            create_app(
-                ControlSettings(
-                    database_url=f"sqlite+aiosqlite:///{data / 'control.db'}",
-                    admin_token=token,
-                    announce=lambda text: None,
-                )
-            ),
+            control_app,
             HOST,
             values["control_port"],
             values["event_loop"],
@@ -232,10 +235,12 @@ async def demo(values: dict[str, Any], data: Path) -> int:
         print(
             "\n"
             "kakuremichi demo is up: everything on loopback, no root needed (user-space WireGuard).\n"
-            f"  control  {control_url}  (admin token {token})\n"
-            f"  gateway  {public}  (WireGuard udp/{values['wireguard_port']}, "
+            f"  control    {control_url}  (admin token {token})\n"
+            f"  dashboard  {control_url}/  (sign in the first time through this one-time link:\n"
+            f"             {control_app.state.dashboard.setup_url} )\n"
+            f"  gateway    {public}  (WireGuard udp/{values['wireguard_port']}, "
             f"metrics http://{HOST}:{values['admin_port']}/metrics)\n"
-            f"  agent    {agent_row.get('virtualIp')} inside the tunnel, "
+            f"  agent      {agent_row.get('virtualIp')} inside the tunnel, "
             f"forwarding {values['domain']} to {target}\n"
             f"\nThrough the tunnel just now: HTTP {response.status_code}: "
             f"{response.text.strip()[:120]}\n"

@@ -1,8 +1,8 @@
 """Who may use the dashboard: passwords, sessions, CSRF tokens, the setup link, and
 the limit on failed sign-ins.
 
-* **Passwords** are hashed with argon2id (argon2-cffi's defaults: RFC 9106's second
-  recommended profile, 64 MiB, 3 passes) in a worker thread, so a sign-in never stalls
+* **Passwords** are hashed with argon2id (``common.passwords``: argon2-cffi's defaults,
+  RFC 9106's second recommended profile) in a worker thread, so a sign-in never stalls
   the event loop that serves the hub.  An unknown user name costs the same verification
   against a dummy hash: timing does not tell which names exist.
 * **Sessions**: the cookie holds ``ses_`` + 32 random bytes; the database holds its
@@ -37,9 +37,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
-
+from common import passwords
 from control.api.authlimit import AuthFailures
 
 SESSION_COOKIE = "km_session"
@@ -55,9 +53,6 @@ USERNAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 #: failed sign-ins: per address (IPv6: /64) in a minute, per user name in 5 minutes
 LOGIN_ADDRESS_LIMIT = (10, 60.0)
 LOGIN_USER_LIMIT = (10, 300.0)
-
-_hasher = PasswordHasher()  # argon2id
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
 
 def _token(prefix: str) -> str:
@@ -88,21 +83,16 @@ def check_password(password: str) -> str:
 
 
 async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
+    return await asyncio.to_thread(passwords.hash_password, password)
 
 
 async def verify_password(stored: str | None, password: str) -> bool:
     """True if ``password`` matches ``stored`` (None: an unknown user, still costed)."""
-
-    def verify() -> bool:
-        try:
-            return _hasher.verify(stored or _DUMMY_HASH, password) and stored is not None
-        except (VerificationError, InvalidHashError):
-            return False
-
     if len(password) > PASSWORD_MAX:
         return False
-    return await asyncio.to_thread(verify)
+    if stored is None:
+        return await asyncio.to_thread(passwords.verify_nobody, password)
+    return await asyncio.to_thread(passwords.verify_password, stored, password)
 
 
 def csrf_token(session_token: str) -> str:

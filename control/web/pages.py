@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from common.logs import kv
+from common.token import EnrollmentToken
 from control.api import models as m
 from control.api.errors import from_validation
 from control.db.admins import AdminStore, AuditEntry, SessionUser
@@ -82,6 +83,7 @@ class Dashboard:
         settings: web.WebSettings,
         announce: Callable[[str], None],
         public_url: str = "",
+        enrollment: Callable[[Request], tuple[str, str | None]] | None = None,
     ) -> None:
         self.store = store
         self.hub = hub
@@ -90,6 +92,10 @@ class Dashboard:
         self.settings = settings
         self.announce = announce
         self.public_url = public_url.rstrip("/")
+        #: (Control's URL, pin of its key) that enrollment tokens carry, per request
+        #: (``control.app``: --public-url and Control's own TLS); default: the URL the
+        #: browser used, no pin
+        self.enrollment = enrollment or _request_url
         self.env = render.environment()
         self.limiter = auth.LoginLimiter()
         self.setup: auth.SetupLink | None = None
@@ -212,7 +218,6 @@ class Dashboard:
                 message=messages[state],
                 sign_in=True,
             )
-            response.headers["Referrer-Policy"] = "no-referrer"
             return response
         errors: dict[str, str] = {}
         username = ctx.form.get("username", "")
@@ -251,7 +256,6 @@ class Dashboard:
         response = self._form_page(
             ctx, "setup.html", 422 if errors else 200, token=token, username=username, errors=errors
         )
-        response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
     async def login_page(self, ctx: Ctx) -> Response:
@@ -386,23 +390,24 @@ class Dashboard:
 
     # -- agents and gateways ----------------------------------------------------------------
 
-    def _commands(self, kind: ClientKind, key: str, base: str) -> dict[str, str]:
+    def _commands(self, kind: ClientKind, key: str, request: Request) -> dict[str, str]:
+        """How to run it: with the enrollment token (``common.token``: Control's URL, the
+        key and, with Control's own TLS, its key's pin), as a container, with Compose,
+        and the long form."""
+        base, pin = self.enrollment(request)
+        token = EnrollmentToken(base, key, pin).encode()
         image = f"kakuremichi-{kind}"
-        extra = " --public-ip <this machine's public IP>" if kind == "gateway" else ""
-        env_extra = (
-            "      KAKUREMICHI_PUBLIC_IP: <this machine's public IP>\n" if kind == "gateway" else ""
-        )
+        public_ip = "<this machine's public IP>"
+        gateway = kind == "gateway"
+        extra = f" --public-ip {public_ip}" if gateway else ""
         return {
-            "cli": f"kakuremichi {kind} --control-url {base} --api-key {key}{extra}",
+            "cli": f"kakuremichi {kind} --token {token}{extra}",
+            "long": f"kakuremichi {kind} --control-url {base} --api-key {key}{extra}",
             "docker": (
                 f"docker run -d --name kakuremichi-{kind} --restart unless-stopped "
                 f"--network host -v kakuremichi-{kind}:/var/lib/kakuremichi "
-                f"-e KAKUREMICHI_CONTROL_URL={base} -e KAKUREMICHI_API_KEY={key}"
-                + (
-                    " -e KAKUREMICHI_PUBLIC_IP=<this machine's public IP>"
-                    if kind == "gateway"
-                    else ""
-                )
+                f"-e KAKUREMICHI_TOKEN={token}"
+                + (f" -e KAKUREMICHI_PUBLIC_IP={public_ip}" if gateway else "")
                 + f" {image}"
             ),
             "compose": (
@@ -412,10 +417,9 @@ class Dashboard:
                 "    restart: unless-stopped\n"
                 "    network_mode: host\n"
                 "    environment:\n"
-                f"      KAKUREMICHI_CONTROL_URL: {base}\n"
-                f"      KAKUREMICHI_API_KEY: {key}\n"
-                f"{env_extra}"
-                "    volumes:\n"
+                f"      KAKUREMICHI_TOKEN: {token}\n"
+                + (f"      KAKUREMICHI_PUBLIC_IP: {public_ip}\n" if gateway else "")
+                + "    volumes:\n"
                 f"      - kakuremichi-{kind}:/var/lib/kakuremichi\n"
                 "volumes:\n"
                 f"  kakuremichi-{kind}: {{}}\n"
@@ -462,7 +466,7 @@ class Dashboard:
             row=row,
             key=key,
             created=created,
-            commands=self._commands(kind, key, self.public_url or ctx.base_url),
+            commands=self._commands(kind, key, ctx.request),
         )
 
     async def client_detail(self, ctx: Ctx, kind: ClientKind) -> Response:
@@ -772,6 +776,10 @@ class Dashboard:
                 ),
             ]
         return routes
+
+
+def _request_url(request: Request) -> tuple[str, str | None]:
+    return str(request.base_url).rstrip("/"), None
 
 
 def _field_errors(exc: ValidationError) -> dict[str, str]:

@@ -4,6 +4,7 @@ config errors, the demo end to end, SIGTERM."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def test_demo_runs_end_to_end() -> None:
         "--check",
         "true",
         "--control-port",
-        str(free_port()),
+        str(control := free_port()),
         "--http-port",
         str(http := free_port()),
         "--admin-port",
@@ -180,6 +181,10 @@ def test_demo_runs_end_to_end() -> None:
     )
     assert f"curl -H 'Host: demo.localhost' http://127.0.0.1:{http}/" in result.stdout
     assert "agent stopped" in result.stderr and "gateway stopped" in result.stderr
+    # the dashboard and its one-time setup link, printed, never logged
+    assert f"dashboard  http://127.0.0.1:{control}/ " in result.stdout
+    assert re.search(rf"http://127\.0\.0\.1:{control}/setup\?token=stp_[\w-]{{40,}}", result.stdout)
+    assert "stp_" not in result.stderr
 
 
 def test_demo_refuses_a_used_data_dir(tmp_path: Path) -> None:

@@ -65,6 +65,10 @@
     each('[data-presence="' + data.kind + ":" + data.id + '"]', function (el) {
       setBadge(el, data.online ? "online" : "offline", data.online ? "online" : "offline");
     });
+    each('[data-online-count="' + data.kind + '"]', function (el) {
+      el.textContent = String(document.querySelectorAll(
+        '[data-presence^="' + data.kind + ':"].online').length);
+    });
     say(data.kind + " " + (data.online ? "came online" : "went offline"));
   });
   source.addEventListener("health", function (event) {
