@@ -263,6 +263,8 @@ def create_app(settings: ControlSettings) -> Starlette:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
+        if dashboard.wants_page(request):  # a browser on a dashboard address
+            return dashboard.error_page(status)
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error_response(
             status, codes.get(status, "http_error"), str(getattr(exc, "detail", ""))

@@ -14,8 +14,9 @@ reporter saw (a gateway about an agent, an agent about a gateway); the dashboard
 shows the age of the newest.
 
 Sans-IO: every method takes ``now`` (wall seconds); nothing here reads a clock.
-Memory is bounded by the tunnels and keys Control knows: the hub passes only ids of
-tunnels that exist, and :meth:`Traffic.forget` drops deleted ones.
+Memory is bounded by the tunnels and keys Control knows: the hub passes the ids of
+the tunnels that exist with every report, counts for others are ignored and the rings
+of deleted ones dropped (:meth:`Traffic.forget` drops one at once).
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Traffic:
         tunnels whose counts changed."""
         minute = int(now // 60)
         changed = set()
+        if len(self._rings) > len(known):  # tunnels deleted since (through any path)
+            for gone in self._rings.keys() - known:
+                del self._rings[gone]
         for entry in tunnels:
             if entry.tunnel_id not in known:
                 continue

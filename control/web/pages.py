@@ -136,6 +136,26 @@ class Dashboard:
     def _refusal(self, status: int, title: str, message: str) -> Response:
         return self._html(None, "message.html", status, title=title, message=message)
 
+    @staticmethod
+    def wants_page(request: Request) -> bool:
+        """A browser asking for a page (not the API, the hub, metrics or health)."""
+        path = request.url.path
+        machine = ("/api/", "/ws", "/openapi.json", "/metrics", "/healthz", "/livez", "/readyz")
+        return not path.startswith(machine) and "text/html" in request.headers.get("accept", "")
+
+    def error_page(self, status: int) -> Response:
+        """The page for an HTTP error on a dashboard address (404, 405, ...)."""
+        titles = {404: "Not found", 405: "Not allowed"}
+        messages = {
+            404: "There is no page at this address.",
+            405: "This page does not take that kind of request.",
+        }
+        return self._refusal(
+            status,
+            titles.get(status, "Error"),
+            messages.get(status, f"The request could not be served (HTTP {status})."),
+        )
+
     def _page(
         self, handler: Handler, *, signed_in: bool = True
     ) -> Callable[[Request], Awaitable[Response]]:

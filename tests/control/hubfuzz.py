@@ -22,6 +22,7 @@ FRAME_TYPES = (
     "status",
     "certificate_obtained",
     "share_link_used",
+    "stats",
     "config",
     "auth_success",
     "auth_error",
@@ -150,6 +151,7 @@ class ValidFrames:
                     ]
                 },
             },
+            "stats": {"type": "stats", "data": {"peers": self._peers(rng)}},
         }
 
     def gateway_frames(self, rng: random.Random) -> dict[str, dict[str, Any]]:
@@ -179,7 +181,32 @@ class ValidFrames:
                 "type": "share_link_used",
                 "data": {"tunnelId": rng.choice(self.tunnel_ids), "linkId": "no-such-link"},
             },
+            "stats": self._stats(rng),
         }
+
+    def _stats(self, rng: random.Random) -> dict[str, Any]:
+        return {
+            "type": "stats",
+            "data": {
+                "tunnels": [
+                    {
+                        "tunnelId": rng.choice((*self.tunnel_ids, "no-such-tunnel")),
+                        "requests": rng.choice((0, 1, 2**53)),
+                        "errors": rng.choice((0, 7)),
+                        "bytesIn": rng.randint(0, 10**9),
+                        "bytesOut": rng.randint(0, 10**9),
+                    }
+                    for _ in range(rng.randint(0, 3))
+                ],
+                "peers": self._peers(rng),
+            },
+        }
+
+    def _peers(self, rng: random.Random) -> list[dict[str, Any]]:
+        return [
+            {"publicKey": self.public_key, "handshakeAge": rng.choice((None, 0, 3.5, 1e9))}
+            for _ in range(rng.randint(0, 2))
+        ]
 
     def _heartbeat(self, rng: random.Random) -> dict[str, Any]:
         version = self.config_version() if rng.random() < 0.7 else rng.choice((0, 1, 2**40))

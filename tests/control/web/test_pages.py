@@ -283,3 +283,129 @@ async def test_plain_http_from_elsewhere_gets_an_explanation(control: RunningCon
     async with client(control) as browser:
         response = await browser.get("/login", headers={"X-Forwarded-For": "192.0.2.7"})
         assert response.status_code == 403 and "HTTPS" in response.text
+
+
+async def test_users_passwords_and_changes_to_agents(control: RunningControl) -> None:
+    async with client(control) as alice, client(control) as alice2, client(control) as bob:
+        await sign_up(control, alice)
+        login = await alice2.get("/login")
+        await alice2.post(
+            "/login", data={"csrf": csrf_of(login.text), "username": "alice", "password": PASSWORD}
+        )
+        page = await alice.get("/users")
+        short = await alice.post(
+            "/users", data={"csrf": csrf_of(page.text), "username": "bob", "password": "short"}
+        )
+        assert short.status_code == 422 and "at least 10" in short.text
+        made = await alice.post(
+            "/users", data={"csrf": csrf_of(page.text), "username": "bob", "password": PASSWORD}
+        )
+        assert made.status_code == 303
+        login = await bob.get("/login")
+        signed = await bob.post(
+            "/login", data={"csrf": csrf_of(login.text), "username": "bob", "password": PASSWORD}
+        )
+        assert signed.status_code == 303 and (await bob.get("/")).status_code == 200
+        # a new password ends alice's other sessions, not this one, not bob's
+        wrong = await alice.post(
+            "/account/password",
+            data={
+                "csrf": csrf_of(page.text),
+                "current": "nope",
+                "password": "x" * 12,
+                "confirm": "x" * 12,
+            },
+        )
+        assert wrong.status_code == 422 and "not your current password" in wrong.text
+        changed = await alice.post(
+            "/account/password",
+            data={
+                "csrf": csrf_of(page.text),
+                "current": PASSWORD,
+                "password": "y" * 12,
+                "confirm": "y" * 12,
+            },
+        )
+        assert changed.status_code == 303
+        assert (await alice.get("/")).status_code == 200
+        assert (await alice2.get("/")).headers["location"] == "/login"
+        assert (await bob.get("/")).status_code == 200
+        # removing bob ends his session; the last user cannot go
+        users = await alice.get("/users")
+        bob_id = re.search(
+            r'action="/users/([0-9a-f-]{36})/delete"[^>]*>\s*<input[^>]*>\s*<button[^>]*aria-label="Remove bob"',
+            users.text,
+        )
+        assert bob_id
+        assert (
+            await alice.post(f"/users/{bob_id.group(1)}/delete", data={"csrf": csrf_of(users.text)})
+        ).status_code == 303
+        assert (await bob.get("/")).headers["location"] == "/login"
+        alice_id = re.search(
+            r'action="/users/([0-9a-f-]{36})/delete"', (await alice.get("/users")).text
+        )
+        assert alice_id is None  # no remove button for the last user
+        admins = control.app.state.dashboard.admins
+        rows = await admins.list_users()
+        last = await alice.post(
+            f"/users/{rows[0]['id']}/delete", data={"csrf": csrf_of(users.text)}
+        )
+        assert last.status_code == 409 and "last admin user" in last.text
+
+        # an agent renamed, re-keyed and deleted, each pushed and recorded
+        page = await alice.get("/agents")
+        made = await alice.post("/agents", data={"csrf": csrf_of(page.text), "name": "laptop"})
+        old_key = re.search(r"(agt_[A-Za-z0-9_-]+)", made.text)
+        agent_id = re.search(r'href="/agents/([0-9a-f-]{36})"', made.text)
+        assert old_key and agent_id
+        path = f"/agents/{agent_id.group(1)}"
+        taken = await alice.post("/agents", data={"csrf": csrf_of(page.text), "name": "laptop"})
+        assert taken.status_code == 422 and "already exists" in taken.text
+        renamed = await alice.post(path, data={"csrf": csrf_of(page.text), "name": "desk"})
+        assert renamed.status_code == 303
+        assert "desk" in (await alice.get(path)).text
+        rotated = await alice.post(path + "/rotate-key", data={"csrf": csrf_of(page.text)})
+        new_key = re.search(r"(agt_[A-Za-z0-9_-]+)", rotated.text)
+        assert rotated.status_code == 200 and new_key and new_key.group(1) != old_key.group(1)
+        async with connect(control.ws_url) as ws:
+            auth = protocol.Auth(old_key.group(1), "agent", public_key(3), "v1")
+            await ws.send(protocol.encode("auth", auth.to_wire()))
+            assert json.loads(await ws.recv())["type"] == "auth_error"
+        assert (
+            await alice.post(path + "/delete", data={"csrf": csrf_of(page.text)})
+        ).status_code == 303
+        assert (await alice.get(path)).status_code == 404
+        rows, _ = await admins.audit(100, 0)
+        actions = [r["action"] for r in rows]
+        for action in (
+            "user.create",
+            "user.password",
+            "user.delete",
+            "agent.rename",
+            "agent.rotate_key",
+            "agent.delete",
+        ):
+            assert action in actions
+        assert all(r["actor"] == "alice" for r in rows if r["action"].startswith("agent."))
+        audit = await alice.get("/audit?page=1")
+        assert "agent.rename" in audit.text and "was laptop" in audit.text
+        assert (await alice.get("/audit?page=99999999999")).status_code == 200
+
+
+async def test_metrics_are_prometheus_text(control: RunningControl) -> None:
+    async with client(control) as scraper:
+        response = await scraper.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert 'kakuremichi_control_connected_clients{kind="agent"} 0' in response.text
+    assert "# TYPE kakuremichi_control_stats_reports_total counter" in response.text
+
+
+async def test_browsers_get_pages_for_errors_and_programs_json(control: RunningControl) -> None:
+    html = {"Accept": "text/html,application/xhtml+xml"}
+    async with client(control) as browser:
+        page = await browser.get("/no/such/page", headers=html)
+        assert page.status_code == 404 and "Not found" in page.text and "<html" in page.text
+        assert (await browser.put("/login", headers=html)).status_code == 405
+        api = await browser.get("/api/nothing", headers=html)
+        assert api.status_code in (401, 404) and api.json()["error"]
+        assert (await browser.get("/no/such/page")).json()["error"]["code"] == "not_found"

@@ -40,6 +40,10 @@ def test_buckets_sum_over_the_last_hour_and_forget_older() -> None:
     assert traffic.totals("a", start + 120 * 60).requests == 1
     traffic.forget("a")
     assert traffic.totals("a", start + 120 * 60).requests == 0
+    # a tunnel deleted elsewhere: its ring goes with the next report
+    traffic.record([t("a"), t("b")], known, start)
+    traffic.record([t("b")], {"b"}, start)
+    assert set(traffic._rings) == {"b"}
     assert traffic.record([t("a", 0, 0, 0, 0)], known, start) == set()  # nothing new
 
 
@@ -151,3 +155,24 @@ async def test_reporter_sends_deltas_and_keeps_them_while_control_is_away() -> N
     assert await reporter.report()
     assert p.parse_stats(sent[-1]).tunnels == (t("a", 1, 0, 1, 1),)
     assert reporter.reports == 4
+
+
+async def test_event_bus_fan_out_overflow_and_close() -> None:
+    from control.events import EventBus
+
+    bus = EventBus(max_subscribers=2)
+    a, b = bus.subscribe(), bus.subscribe()
+    assert a is not None and b is not None and bus.subscribe() is None
+    bus.publish("presence", kind="agent", id="x", online=True)
+    event = await a.next(1.0)
+    assert event is not None and event.kind == "presence" and event.data["kind"] == "agent"
+    for i in range(300):  # b never reads: it is told to start over, once
+        bus.publish("traffic", id=str(i))
+    assert (await b.next(1.0)).kind == "overflow"  # type: ignore[union-attr]
+    assert await b.next(0.01) is None
+    a.close()
+    assert len(bus) == 1
+    c = bus.subscribe()
+    assert c is not None
+    bus.close()
+    assert (await c.next(1.0)).kind == "closing"  # type: ignore[union-attr]
