@@ -238,7 +238,7 @@ class AgentDataPlane:
         """(``udp``/``tcp``, why) for one gateway."""
         return self.transports.describe(public_key)
 
-    async def watch(self, interval: float = 1.0) -> None:
+    async def watch(self, interval: float = 0.5) -> None:
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.probe_interval
         probes: set[asyncio.Task[None]] = set()

@@ -5,7 +5,7 @@ Theory of operation
 One :class:`PathPolicy` per gateway decides, from what WireGuard shows and the clock
 it is given, whether the gateway's datagrams go over UDP (the normal path) or over the
 stream transport (a WebSocket over TLS to the gateway's HTTPS port, ``common.wgstream``)
-and what to do next.  ``tick(now, seen)`` is called about once a second with an
+and what to do next.  ``tick(now, seen)`` is called twice a second with an
 :class:`Observation` of the gateway's WireGuard peer; the owner
 (:mod:`agent.streams`) reports what happened to the stream (``stream_up``,
 ``stream_down``) and to UDP probes (``udp_probe_sent``, ``udp_answered``) and carries
@@ -17,7 +17,9 @@ out the :class:`Action` values the calls return.  The rules (``--transport auto`
    for ``silent_after`` seconds although a probe through the tunnel -- which the
    gateway always answers -- went out ``probe_after`` seconds into the silence), the
    stream is wanted: ``CONNECT``, retried with back-off (1 s doubling to 60 s) while
-   it fails.
+   it fails.  (4 s is shorter than WireGuard's 5 s retransmission: on a lossy but
+   working UDP path a single lost handshake message also moves the gateway onto the
+   stream, and the next UDP probe brings it back -- a detour, never an outage.)
 2. **Stream up.**  ``USE_STREAM`` moves the gateway's datagrams onto it (WireGuard's
    sessions stay: tunnelled TCP connections see a pause, not a reset) and
    ``INITIATE`` asks for a handshake over it until one completes there (the gateway

@@ -5,7 +5,8 @@ Theory of operation
 :class:`Transports` belongs to the agent's data plane (``agent/device.py``).  For every
 gateway it keeps a :class:`~agent.paths.PathPolicy` (the rules: UDP first, the stream
 when UDP fails, back to UDP when it answers again) and carries out what the policy
-asks, once a second (:meth:`Transports.tick`) and whenever the stream opens or closes:
+asks, twice a second (:meth:`Transports.tick`, from the data plane's watch loop) and
+whenever the stream opens or closes:
 
 * the stream is :func:`common.wgstream.open_stream` to the gateway's
   ``streamEndpoint`` (its HTTPS listener; TLS without certificate checks, since
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,7 +51,6 @@ from .paths import AUTO, TCP, UDP, Action, Observation, PathPolicy
 
 log = logging.getLogger("agent.transport")
 
-TICK = 1.0
 CONNECT_TIMEOUT = 10.0
 
 
@@ -151,7 +150,7 @@ class Transports:
     # -- the clock ----------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Evaluate every gateway's policy (about once a second)."""
+        """Evaluate every gateway's policy (twice a second)."""
         if self._closed:
             return
         now = self._now()
@@ -160,11 +159,6 @@ class Transports:
             if seen is not None:
                 self._run(link, link.policy.tick(now, seen))
             self._set_metric(link)
-
-    async def run(self, interval: float = TICK) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self.tick()
 
     # -- what the health and metrics say --------------------------------------------------------
 
@@ -188,13 +182,15 @@ class Transports:
             elif action is Action.USE_STREAM:
                 self._route(link)
                 self._switched(link, TCP)
+                # at once, not when WireGuard's 5 s rate limit allows: the initiations
+                # so far took a path that does not answer
+                self._initiate(link, force=True)
             elif action is Action.USE_UDP:
                 if self.transport != TCP:
                     self._unroute(link)
                 self._switched(link, UDP)
             elif action is Action.INITIATE:
-                with contextlib.suppress(ValueError):
-                    self.tunnel.initiate_handshake(link.gateway.public_key)
+                self._initiate(link)
             elif action is Action.PROBE_UDP:
                 self._probe_udp(link)
             elif action is Action.PROBE_TUNNEL:
@@ -206,6 +202,13 @@ class Transports:
                     link.stream.close("not needed" if link.policy.path == UDP else "silent")
                 elif link.task is not None:
                     link.task.cancel()
+
+    def _initiate(self, link: _Link, *, force: bool = False) -> None:
+        peer = self._peer(link)
+        udp = self.tunnel.udp
+        if peer is not None and udp is not None:
+            self.tunnel.device.initiate_handshake(peer.public_key, udp.now(), force=force)
+            udp.flush()
 
     async def _connect(self, link: _Link) -> None:
         target = link.gateway.stream_endpoint
@@ -281,8 +284,7 @@ class Transports:
         before = peer.last_sent_handshake
         self._unroute(link)
         try:
-            with contextlib.suppress(ValueError):
-                self.tunnel.initiate_handshake(link.gateway.public_key)
+            self._initiate(link)
         finally:
             self._route(link)
         if peer.last_sent_handshake != before:

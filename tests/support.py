@@ -47,3 +47,21 @@ def unique_name(prefix: str, index: int = 0) -> str:
     name = f"{prefix}{os.getpid() % 100000}{index}"
     assert len(name) <= 15, name
     return name
+
+
+def metric_sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition (labels in any order,
+    values as ``1`` or ``1.0``), or None when it is not there."""
+    wanted = {f'{key}="{value}"' for key, value in labels.items()}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, value = line.rpartition(" ")
+        base, _, rest = series.partition("{")
+        if base != name:
+            continue
+        found = set(rest.rstrip("}").split(",")) if rest else set()
+        found.discard("")
+        if found == wanted:
+            return float(value)
+    return None

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -127,11 +128,13 @@ class DatagramStream(asyncio.Protocol):
         self.dropped = 0
         self.rtt: float | None = None
         self.rtt_min: float | None = None
+        self.pongs = 0  # round trips measured
         self.last_received = self.loop.time()
         self._paused = False
         self._parts: list[bytes] = []  # a fragmented message so far
         self._ping_seq = 0
-        self._ping_sent: float | None = None
+        self._ping_sent: float | None = None  # on the loop's clock (deadlines)
+        self._ping_clock = 0.0  # on a fine one (the round trip)
         self._next_ping = 0.0
         self._timer: asyncio.TimerHandle | None = None
         if websocket.state is OPEN:
@@ -345,28 +348,30 @@ class DatagramStream(asyncio.Protocol):
         if now >= self._next_ping and self.ws.state is OPEN:
             self._next_ping = now + settings.ping_interval
             if self._ping_sent is None:
-                self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
-                self._ping_sent = now
-                self.ws.send_ping(self._ping_seq.to_bytes(4, "big"))
-                self._flush()
+                self._send_ping()
         self._arm()
 
+    def _send_ping(self) -> None:
+        self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
+        self._ping_sent = self.loop.time()
+        self._ping_clock = time.perf_counter()
+        self.ws.send_ping(self._ping_seq.to_bytes(4, "big"))
+        self._flush()
+
     def _pong(self, data: bytes) -> None:
-        sent = self._ping_sent
-        if sent is None or data != self._ping_seq.to_bytes(4, "big"):
+        if self._ping_sent is None or data != self._ping_seq.to_bytes(4, "big"):
             return  # unsolicited, or an old one
         self._ping_sent = None
-        rtt = self.loop.time() - sent
+        # (the loop's clock may tick in milliseconds, as uvloop's does)
+        rtt = time.perf_counter() - self._ping_clock
+        self.pongs += 1
         self.rtt = rtt
         self.rtt_min = rtt if self.rtt_min is None else min(self.rtt_min, rtt)
 
     def ping_now(self) -> None:
         """Measure the round trip now (unless a ping is already out)."""
         if self._ping_sent is None and self.is_open:
-            self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
-            self._ping_sent = self.loop.time()
-            self.ws.send_ping(self._ping_seq.to_bytes(4, "big"))
-            self._flush()
+            self._send_ping()
             if self._timer is not None:
                 self._timer.cancel()
             self._arm()

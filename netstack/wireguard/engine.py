@@ -315,12 +315,14 @@ class WireGuardEngine:
             self._timers.touched.add(peer)
             self._transport.send_keepalive(peer, now)
 
-    def initiate_handshake(self, public_key: bytes, now: float) -> None:
-        """Start a handshake now (subject to the REKEY_TIMEOUT rate limit)."""
+    def initiate_handshake(self, public_key: bytes, now: float, *, force: bool = False) -> None:
+        """Start a handshake now, subject to the REKEY_TIMEOUT rate limit unless
+        ``force`` (the previous initiation took a path that turned out dead, e.g. UDP
+        that is blocked, and the peer never saw it)."""
         peer = self._peers.get(public_key)
         if peer is not None:
             self._timers.touched.add(peer)
-            self._handshakes.initiate(peer, now, is_retry=False)
+            self._handshakes.initiate(peer, now, is_retry=False, force=force)
 
     # ------------------------------------------------------------------ timers
 

@@ -186,12 +186,13 @@ class Handshakes:
 
     # ------------------------------------------------------------------ messages out
 
-    def initiate(self, peer: Peer, now: float, *, is_retry: bool) -> None:
-        """Send an initiation to ``peer``, at most one per REKEY_TIMEOUT (5.4.2);
-        ``is_retry`` when the retransmit timer asks, which keeps the attempt count."""
+    def initiate(self, peer: Peer, now: float, *, is_retry: bool, force: bool = False) -> None:
+        """Send an initiation to ``peer``, at most one per REKEY_TIMEOUT (5.4.2) unless
+        ``force``; ``is_retry`` when the retransmit timer asks, which keeps the attempt
+        count."""
         if not is_retry:
             peer.timers.handshake_attempts = 0
-        if now - peer.last_sent_handshake < REKEY_TIMEOUT:
+        if now - peer.last_sent_handshake < REKEY_TIMEOUT and not force:
             return
         peer.last_sent_handshake = now
         state = peer.initiator_base.copy()

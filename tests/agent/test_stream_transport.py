@@ -21,7 +21,7 @@ from gateway.wg.userspace import UserspaceBackend
 from kakuremichi.sampleapp import pattern_sha256
 from tests.agent.loopback import System, running_system
 from tests.controlserver import RunningControl
-from tests.support import free_port
+from tests.support import free_port, metric_sample
 
 
 class UdpSwitch:
@@ -132,10 +132,19 @@ async def test_blocked_udp_uses_the_stream_and_comes_back(
         assert "stream transport (tcp): edge" in health["parts"]["wireguard"]["reason"]
         async with httpx.AsyncClient(timeout=5) as client:
             metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
-        assert 'kakuremichi_gateway_transport{gateway="edge",transport="tcp"} 1' in metrics
-        assert 'kakuremichi_gateway_stream_connects_total{gateway="edge",result="ok"} 1' in metrics
+        assert (
+            metric_sample(metrics, "kakuremichi_gateway_transport", gateway="edge", transport="tcp")
+            == 1
+        )
+        connects = metric_sample(
+            metrics, "kakuremichi_gateway_stream_connects_total", gateway="edge", result="ok"
+        )
+        assert connects == 1
         gateway_metrics = system.gateway.metrics.render()
-        assert 'kakuremichi_wireguard_streams{state="authenticated"} 1' in gateway_metrics
+        assert (
+            metric_sample(gateway_metrics, "kakuremichi_wireguard_streams", state="authenticated")
+            == 1
+        )
 
         # UDP answers again: back on UDP within 30 s while a slow download goes on
         size = 12 * 1024 * 1024

@@ -30,6 +30,7 @@ from gateway.wgstream import StreamAcceptor, StreamServerSettings, engine_bindin
 from netstack.wireguard.aio import WireGuardSocket
 from netstack.wireguard.engine import WireGuardEngine
 from tests.netstack.wireguard.harness import A_IP, B_IP, ipv4_udp, keypair
+from tests.support import metric_sample
 
 AUTH_TIMEOUT = 1.5
 
@@ -194,16 +195,11 @@ def masked(opcode: int, payload: bytes, *, length: int | None = None) -> bytes:
 
 
 def counted(metrics: Metrics, family: str, **labels: str) -> float:
-    families = {
+    names = {
         "refused": "kakuremichi_wireguard_stream_refused_total",
         "closed": "kakuremichi_wireguard_stream_closed_total",
     }
-    text = metrics.render()
-    wanted = families[family] + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "} "
-    for line in text.splitlines():
-        if line.startswith(wanted):
-            return float(line.split()[-1])
-    return 0.0
+    return metric_sample(metrics.render(), names[family], **labels) or 0.0
 
 
 @pytest.mark.parametrize("binding", ["engine", "relay"])
@@ -223,14 +219,18 @@ async def test_an_agent_over_the_stream_reaches_wireguard(tmp_path: Path, bindin
             for _ in range(20):
                 await agent.round_trip(os.urandom(1200))
             text = gw.metrics.render()
-            assert 'kakuremichi_wireguard_streams{state="authenticated"} 1' in text
-            assert 'kakuremichi_wireguard_transport{agent="laptop",transport="tcp"} 1' in text
+            assert metric_sample(text, "kakuremichi_wireguard_streams", state="authenticated") == 1
+            transport = metric_sample(
+                text, "kakuremichi_wireguard_transport", agent="laptop", transport="tcp"
+            )
+            assert transport == 1
             assert 'kakuremichi_wireguard_stream_bytes_total{direction="rx"}' in text
         finally:
             agent.close()
         await asyncio.sleep(0.2)
         assert not gw.acceptor.sessions  # gone with its connection
-        assert 'kakuremichi_wireguard_streams{state="authenticated"} 0' in gw.metrics.render()
+        text = gw.metrics.render()
+        assert metric_sample(text, "kakuremichi_wireguard_streams", state="authenticated") == 0
 
 
 @pytest.mark.parametrize("binding", ["engine", "relay"])

@@ -652,3 +652,21 @@ def test_established_exchanges_draw_no_random_bytes() -> None:
     assert len(calls) == before  # no draw per exchange
     assert len(jitters) > 50  # and the jitter still varies
     assert all(15.0 <= j <= 15.0 + 0.334 for j in jitters)
+
+
+def test_a_forced_initiation_skips_the_rekey_timeout() -> None:
+    """One initiation per REKEY_TIMEOUT, unless forced (the agent moving a gateway onto
+    the stream resends at once what blocked UDP swallowed); the responder takes it."""
+    clock = Clock()
+    net, a, b = pair(clock)
+    a.initiate_handshake(b.public_key, clock.now)
+    assert len(net.collect()) == 1  # and never delivered: lost
+    clock.now += 1
+    a.initiate_handshake(b.public_key, clock.now)
+    assert net.collect() == []  # rate-limited
+    a.initiate_handshake(b.public_key, clock.now, force=True)
+    (initiation,) = net.collect()
+    net.deliver(initiation)
+    (response,) = net.collect()
+    net.deliver(response)
+    assert a.peer(b.public_key).last_handshake == clock.now
