@@ -42,6 +42,20 @@ from control.app import ControlSettings, create_app
 from control.tls import ControlTls, TlsError, ensure_self_signed
 from control.ws.admission import DEFAULT_PER_ADDRESS
 
+
+def trusted_proxies(text: str) -> str:
+    """``--trusted-proxies``: '*' or addresses/networks, checked here (uvicorn would
+    fail at the first request instead)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if items != ["*"]:
+        for item in items:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+    return ",".join(items)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", "address to listen on", "0.0.0.0"),
     Setting("port", "TCP port for the API, dashboard and WebSocket hub", 7700, parse=port),
@@ -132,6 +146,15 @@ SETTINGS: tuple[Setting, ...] = (
         False,
         parse=boolean,
         metavar="BOOL",
+    ),
+    Setting(
+        "trusted-proxies",
+        "comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
+        "and X-Forwarded-Proto Control believes (the client's address for limits and "
+        "logs; https makes the dashboard's cookies Secure); '*' trusts any",
+        "127.0.0.1",
+        parse=trusted_proxies,
+        metavar="LIST",
     ),
     Setting(
         "dashboard-insecure-http",
@@ -270,6 +293,7 @@ def run(args: argparse.Namespace) -> int:
         head_timeout=values["request_head_timeout"],
         pre_request_per_address=values["max_pre_request_per_address"],
         ssl_context=settings.tls.context if settings.tls else None,
+        trusted=values["trusted_proxies"],
     )
     tls = settings.tls
     log.info(
@@ -310,13 +334,15 @@ def server_for(
     head_timeout: float = listener.DEFAULT_HEAD_TIMEOUT,
     pre_request_per_address: int = listener.DEFAULT_PRE_REQUEST_PER_ADDRESS,
     ssl_context: ssl.SSLContext | None = None,
+    trusted: str = "127.0.0.1",
 ) -> _Server:
     """The uvicorn server Control runs on (also used in-process by ``kakuremichi demo``).
 
     ``event_loop`` is an ``--event-loop`` choice; uvicorn's ``loop`` setting gets the
     loop it stands for, the same one :func:`common.eventloop.run` creates.  Every
     connection runs under the request-head deadline and the per-address cap on
-    connections without a request (``control.listener``)."""
+    connections without a request (``control.listener``).  ``trusted``: the proxies
+    whose ``X-Forwarded-For``/``-Proto`` uvicorn applies (``--trusted-proxies``)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -332,6 +358,8 @@ def server_for(
         ws_ping_timeout=20.0,
         timeout_graceful_shutdown=10,
         server_header=False,
+        proxy_headers=True,
+        forwarded_allow_ips=trusted,
     )
     return _Server(config, app, ssl_context)
 

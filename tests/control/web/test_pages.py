@@ -409,3 +409,25 @@ async def test_browsers_get_pages_for_errors_and_programs_json(control: RunningC
         api = await browser.get("/api/nothing", headers=html)
         assert api.status_code in (401, 404) and api.json()["error"]
         assert (await browser.get("/no/such/page")).json()["error"]["code"] == "not_found"
+
+
+async def test_https_from_a_trusted_proxy_makes_the_cookies_secure(control: RunningControl) -> None:
+    # uvicorn applies X-Forwarded-Proto from a trusted proxy (loopback by default,
+    # --trusted-proxies): the browser is on HTTPS, the cookies say so
+    async with client(control) as browser:
+        page = await browser.get("/login", headers={"X-Forwarded-Proto": "https"})
+        cookie = page.headers["set-cookie"]
+        assert cookie.startswith("__Host-km_form=")
+        assert "Secure" in cookie and "HttpOnly" in cookie and "samesite=lax" in cookie.lower()
+        plain = await browser.get("/login")
+        assert plain.headers["set-cookie"].startswith("km_form=")
+        assert "Secure" not in plain.headers["set-cookie"]
+
+
+def test_trusted_proxies_setting() -> None:
+    from control.main import trusted_proxies
+
+    assert trusted_proxies("127.0.0.1, 10.0.0.0/8 ,::1") == "127.0.0.1,10.0.0.0/8,::1"
+    assert trusted_proxies("*") == "*"
+    with pytest.raises(ValueError, match="nope"):
+        trusted_proxies("10.0.0.1,nope")
