@@ -4,6 +4,7 @@ python -m tests.agent.netclient get HOST:PORT DOMAIN PATH
 python -m tests.agent.netclient wait HOST:PORT DOMAIN STATUS SECONDS
 python -m tests.agent.netclient download HOST:PORT DOMAIN BYTES
 python -m tests.agent.netclient upload HOST:PORT DOMAIN BYTES
+python -m tests.agent.netclient slowdownload HOST:PORT DOMAIN BYTES SECONDS (read over ~SECONDS)
 python -m tests.agent.netclient websocket HOST:PORT DOMAIN
 python -m tests.agent.netclient tcp HOST PORT BYTES
 python -m tests.agent.netclient udp HOST PORT
@@ -74,6 +75,29 @@ async def download(address: str, domain: str, size: int) -> dict[str, Any]:
         async for chunk in response.aiter_bytes():
             digest.update(chunk)
             total += len(chunk)
+    return {
+        "status": response.status_code,
+        "bytes": total,
+        "ok": digest.hexdigest() == pattern_sha256(size),
+        "seconds": time.monotonic() - started,
+    }
+
+
+async def slow_download(address: str, domain: str, size: int, seconds: float) -> dict[str, Any]:
+    """Read ``size`` bytes over about ``seconds`` (a download that outlasts an event)."""
+    digest, total = hashlib.sha256(), 0
+    pause = seconds / max(1, size // 65536)
+    started = time.monotonic()
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream(
+            "GET", f"http://{address}/bytes/{size}", headers={"Host": domain}
+        ) as response,
+    ):
+        async for chunk in response.aiter_bytes(65536):
+            digest.update(chunk)
+            total += len(chunk)
+            await asyncio.sleep(pause)
     return {
         "status": response.status_code,
         "bytes": total,
@@ -239,6 +263,7 @@ def main(argv: list[str]) -> int:
         "wait": lambda: wait(args[0], args[1], int(args[2]), float(args[3])),
         "download": lambda: download(args[0], args[1], int(args[2])),
         "upload": lambda: upload(args[0], args[1], int(args[2])),
+        "slowdownload": lambda: slow_download(args[0], args[1], int(args[2]), float(args[3])),
         "websocket": lambda: websocket(args[0], args[1]),
         "tcp": lambda: tcp(args[0], int(args[1]), int(args[2])),
         "udp": lambda: udp(args[0], int(args[1])),
