@@ -26,6 +26,7 @@ from common.eventloop import EVENT_LOOP
 from common.relay.accesslog import AccessLogSettings
 from common.relay.limits import LimitSettings
 from common.service import raise_open_file_limit, run_until_signalled
+from common.wgstream import PATH as STREAM_PATH
 from gateway.proxy.h2settings import H2Settings
 from gateway.runtime import Gateway, GatewaySettings
 
@@ -60,6 +61,14 @@ SETTINGS: tuple[Setting, ...] = (
         "redirect-https",
         "answer plain HTTP with a redirect to HTTPS",
         False,
+        parse=boolean,
+        metavar="BOOL",
+    ),
+    Setting(
+        "wireguard-over-https",
+        "accept WireGuard from agents whose UDP is blocked, as a WebSocket on the HTTPS "
+        f"port at {STREAM_PATH} (agents fall back to it on their own)",
+        True,
         parse=boolean,
         metavar="BOOL",
     ),
@@ -195,6 +204,7 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         admin_port=values["admin_port"],
         upstream_port=values["upstream_port"],
         redirect_https=values["redirect_https"],
+        wireguard_over_https=values["wireguard_over_https"],
         acme_directory=values["acme_directory"],
         acme_email=values["acme_email"],
         acme_ca_file=values["acme_ca_file"],

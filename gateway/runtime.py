@@ -91,6 +91,8 @@ class GatewaySettings:
     stats_interval: float = STATS_INTERVAL_TO_CONTROL
     upstream_port: int = 80
     redirect_https: bool = False
+    #: agents whose UDP is blocked may bring WireGuard over a WebSocket on HTTPS
+    wireguard_over_https: bool = True
     acme_directory: str | None = None
     acme_email: str | None = None
     acme_ca_file: str | None = None
@@ -160,7 +162,8 @@ class Gateway:
             else relay_binding(settings.wireguard_port),
             self.metrics,
         )
-        self.proxy.stream_acceptor = self.streams
+        if settings.wireguard_over_https:
+            self.proxy.stream_acceptor = self.streams
         self.tcp = TcpForwarder(
             self.router,
             dialer,
@@ -186,7 +189,8 @@ class Gateway:
                 version=f"kakuremichi-gateway/{__version__}",
                 public_ip=settings.public_ip,
                 wireguard_port=settings.wireguard_port,
-                https_port=settings.https_port or None,
+                # where agents find the stream transport (None: they have none)
+                https_port=(settings.https_port or None) if settings.wireguard_over_https else None,
                 ssl_context=settings.control_ssl,
                 pin=settings.control_pin,
             ),

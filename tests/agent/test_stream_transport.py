@@ -80,9 +80,9 @@ async def wait_transport(agent: Agent, wanted: str, within: float) -> float:
     return loop.time() - started
 
 
-async def healthz(system: System, port: int) -> dict[str, Any]:
+async def healthz(system: System, port: int, path: str = "/healthz") -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=5) as client:
-        body: dict[str, Any] = (await client.get(f"http://127.0.0.1:{port}/healthz")).json()
+        body: dict[str, Any] = (await client.get(f"http://127.0.0.1:{port}{path}")).json()
     return body
 
 
@@ -127,9 +127,10 @@ async def test_blocked_udp_uses_the_stream_and_comes_back(
         body = bytes(range(256)) * 8192  # 2 MiB
         echoed = await system.http.post("/echo", content=body, headers={"Host": "app.example.com"})
         assert echoed.status_code == 200 and echoed.content == body
-        health = await healthz(system, metrics_port)
-        assert health["parts"]["wireguard"]["state"] == "ok"
-        assert "stream transport (tcp): edge" in health["parts"]["wireguard"]["reason"]
+        for path in ("/healthz", "/readyz"):  # the same parts, what orchestrators ask
+            health = await healthz(system, metrics_port, path)
+            assert health["parts"]["wireguard"]["state"] == "ok"
+            assert "stream transport (tcp): edge" in health["parts"]["wireguard"]["reason"]
         async with httpx.AsyncClient(timeout=5) as client:
             metrics = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
         assert (

@@ -9,6 +9,7 @@ session keeps working."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import add_settings, resolve
 from common.relay.limits import LimitSettings
 from common.relay.metrics import Metrics
 from common.relay.router import Router
@@ -349,3 +351,38 @@ async def test_without_a_binding_the_path_is_refused(tmp_path: Path) -> None:
         assert head.startswith(b"HTTP/1.1 404 ")
     finally:
         await proxy.close()
+
+
+def test_the_gateway_offers_the_stream_unless_told_not_to(tmp_path: Path) -> None:
+    """``--wireguard-over-https`` (default true): the listener's hook and the HTTPS port
+    reported to Control, from which agents learn the stream endpoint; false: neither
+    (the path is an ordinary request, routed like any other)."""
+    from gateway.main import SETTINGS, settings_from
+    from gateway.runtime import Gateway, GatewaySettings
+
+    parser = argparse.ArgumentParser()
+    add_settings(parser, SETTINGS)
+    base = ["--control-url", "http://127.0.0.1:1", "--api-key", "gtw_x", "--public-ip", "192.0.2.7"]
+    assert settings_from(resolve(parser.parse_args(base), SETTINGS, {})).wireguard_over_https
+    off = resolve(parser.parse_args([*base, "--wireguard-over-https", "false"]), SETTINGS, {})
+    assert settings_from(off).wireguard_over_https is False
+    env = resolve(parser.parse_args(base), SETTINGS, {"KAKUREMICHI_WIREGUARD_OVER_HTTPS": "no"})
+    assert settings_from(env).wireguard_over_https is False
+
+    common = {
+        "control_url": "http://127.0.0.1:1",
+        "api_key": "gtw_x",
+        "public_ip": "192.0.2.7",
+        "backend": "userspace",
+        "https_port": 8443,
+    }
+    on = Gateway(GatewaySettings(data_dir=tmp_path / "on", **common))  # type: ignore[arg-type]
+    assert on.proxy.stream_acceptor is on.streams
+    assert on.client.settings.https_port == 8443
+    without = Gateway(
+        GatewaySettings(data_dir=tmp_path / "off", wireguard_over_https=False, **common)  # type: ignore[arg-type]
+    )
+    assert without.proxy.stream_acceptor is None
+    assert without.client.settings.https_port is None
+    no_https = Gateway(GatewaySettings(data_dir=tmp_path / "plain", **{**common, "https_port": 0}))  # type: ignore[arg-type]
+    assert no_https.client.settings.https_port is None
