@@ -112,6 +112,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 DOMAIN = "bench.example.com"
+#: the gateway-session row's tunnel: the same origin behind a password policy
+SESSION_DOMAIN = "session.example.com"
+SESSION_PIN = "bench-pin-2468"
 BODY = b"hello, world\n"
 MB = 1_000_000
 DOWNLOADS = {"/100m": 100 * MB, "/10m": 10 * MB}
@@ -123,11 +126,12 @@ ROWS = (
     "privileged",
     "newt",
     "gateway-alone",
+    "gateway-session",
     "all-userspace",
     "production",
 )
 #: rows that need root, namespaces and wireguard-go
-NETNS_ROWS = frozenset({"privileged", "newt", "gateway-alone", "production"})
+NETNS_ROWS = frozenset({"privileged", "newt", "gateway-alone", "gateway-session", "production"})
 #: rows measured with ``h2load`` (HTTP/2 over TLS, self-signed certificates, not
 #: verified): nginx as an HTTP/2 edge in front of the origin, and the all-userspace
 #: row's gateway on its HTTPS listener (ALPN h2) through the tunnel to the origin
@@ -320,21 +324,30 @@ class Processes:
 
 
 def curl_get(
-    ns: str | None, url: str, count: int = 1, max_time: float = 5
+    ns: str | None,
+    url: str,
+    count: int = 1,
+    max_time: float = 5,
+    host: str = DOMAIN,
+    headers: tuple[str, ...] = (),
 ) -> list[tuple[int, bytes]]:
     """``count`` GETs of ``url`` on one keep-alive connection (curl in ``ns``):
     (status, body) of each; [] if curl could not connect at all."""
     marker = "[kkm-status %{http_code}]"  # not "@…": -w would read a file
-    argv = ["curl", "-s", "--max-time", str(max_time), "-H", f"Host: {DOMAIN}"]
+    argv = ["curl", "-s", "--max-time", str(max_time), "-H", f"Host: {host}"]
+    for field in headers:
+        argv += ["-H", field]
     argv += ["-w", marker, *([url] * count)]
     done = subprocess.run(in_ns(ns, argv), capture_output=True, timeout=max_time * count + 30)
     answers = re.findall(rb"(.*?)\[kkm-status (\d{3})\]", done.stdout, re.DOTALL)
     return [(int(status), body) for body, status in answers]
 
 
-def check_answers(ns: str | None, port: int, count: int = 5) -> None:
+def check_answers(
+    ns: str | None, port: int, count: int = 5, host: str = DOMAIN, headers: tuple[str, ...] = ()
+) -> None:
     """``count`` requests; every one must be 200 with the exact body."""
-    answers = curl_get(ns, f"http://{HOST}:{port}/", count)
+    answers = curl_get(ns, f"http://{HOST}:{port}/", count, host=host, headers=headers)
     assert len(answers) == count, f"{count} requests, {len(answers)} answers: {answers[:3]}"
     for status, body in answers:
         assert (status, body) == (200, BODY), f"wanted 200 {BODY!r}, got {status} {body[:200]!r}"
@@ -385,6 +398,9 @@ class Target:
     port: int
     #: process label → (pid, count its descendants too)
     watch: dict[str, tuple[int, bool]]
+    #: the Host the client asks for, and any other header fields it sends
+    host: str = DOMAIN
+    headers: tuple[str, ...] = ()
 
 
 _TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
@@ -446,7 +462,9 @@ def run_wrk(target: Target, connections: int, seconds: float) -> dict[str, Any]:
     """One ``wrk -t1`` run against the target; parsed results plus CPU."""
     wrk = shutil.which("wrk") or "wrk"
     argv = [wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency"]
-    argv += ["-H", f"Host: {DOMAIN}", f"http://{HOST}:{target.port}/"]
+    for field in target.headers:
+        argv += ["-H", field]
+    argv += ["-H", f"Host: {target.host}", f"http://{HOST}:{target.port}/"]
     with cpu_window(target.watch) as usage:
         done = subprocess.run(
             in_ns(target.netns, argv), capture_output=True, text=True, timeout=seconds + 60
@@ -514,7 +532,9 @@ def run_download(target: Target, path: str) -> dict[str, Any]:
     url = f"http://{HOST}:{target.port}{path}"
     write_out = "%{http_code} %{size_download} %{time_total}"
     argv = ["curl", "-sS", "--max-time", str(limit), "-o", "/dev/null", "-w", write_out]
-    argv += ["-H", f"Host: {DOMAIN}", url]
+    for field in target.headers:
+        argv += ["-H", field]
+    argv += ["-H", f"Host: {target.host}", url]
     with cpu_window(target.watch) as usage:
         done = subprocess.run(
             in_ns(target.netns, argv), capture_output=True, text=True, timeout=limit + 30
@@ -862,6 +882,75 @@ class E2EBench:
         }
         return Target("gateway-alone", ns, GATEWAY_HTTP, watch)
 
+    def _row_gateway_session(self) -> Target:
+        """The gateway-alone row's gateway, a second tunnel to the same origin behind a
+        password policy, and the client sending the session cookie it signed in for:
+        the cost of the access policy on every request."""
+        alone = self.target("gateway-alone")
+        ns = alone.netns
+        control_url = f"http://{HOST}:{CONTROL_PORT}"
+        cfg = {"url": control_url, "token": self.tokens["control-c"], "pin": SESSION_PIN}
+        argv = [sys.executable, "-m", "bench.e2ebench", "configure-session", json.dumps(cfg)]
+        done = subprocess.run(
+            in_ns(ns, argv),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=90,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"configuring the session tunnel failed: {done.stderr[-2000:]}")
+        # (the sign-in page answers once the policy is in force at the gateway)
+        cookie = self._sign_in(ns, alone.port)
+        headers = (f"Cookie: kkm_session={cookie}",)
+        without = curl_get(ns, f"http://{HOST}:{alone.port}/", host=SESSION_DOMAIN)
+        if not without or without[0][0] != 401:
+            raise RuntimeError(f"the session tunnel let a client in without a cookie: {without}")
+        return Target("gateway-session", ns, alone.port, alone.watch, SESSION_DOMAIN, headers)
+
+    def _sign_in(self, ns: str | None, port: int) -> str:
+        """Sign in to the session tunnel through its login page, as a browser does."""
+        deadline = time.monotonic() + 30
+        url = f"http://{HOST}:{port}/.kakuremichi/login"
+        jar = str(self.tmp / "session-cookies.txt")
+        while True:
+            page = sh(*in_ns(ns, ["curl", "-s", "-c", jar, "-H", f"Host: {SESSION_DOMAIN}", url]))
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+            if csrf:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no sign-in page for {SESSION_DOMAIN}: {page[:300]}")
+            time.sleep(0.2)
+        answer = sh(
+            *in_ns(
+                ns,
+                [
+                    "curl",
+                    "-s",
+                    "-b",
+                    jar,
+                    "-c",
+                    jar,
+                    "-o",
+                    "/dev/null",
+                    "-D",
+                    "-",
+                    "-H",
+                    f"Host: {SESSION_DOMAIN}",
+                    "--data-urlencode",
+                    f"csrf={csrf[1]}",
+                    "--data-urlencode",
+                    f"password={SESSION_PIN}",
+                    url,
+                ],
+            )
+        )
+        found = re.search(r"(?im)^set-cookie: kkm_session=([^;\s]+)", answer)
+        if not found:
+            raise RuntimeError(f"signing in to {SESSION_DOMAIN} failed: {answer[:500]}")
+        return found[1]
+
     def _row_all_userspace(self) -> Target:
         self._once("origin", self._origin_root)
         control_port, http_port = free_port(), free_port()
@@ -1138,10 +1227,36 @@ def configure(cfg: dict[str, Any]) -> None:
     )
 
 
+def configure_session(cfg: dict[str, Any]) -> None:
+    """The gateway-session row's tunnel and its password policy."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg['token']}"}
+    with httpx.Client(base_url=cfg["url"], headers=headers, timeout=30) as api:
+        agent = api.get("/api/agents/bench-agent").json()
+        tunnel = api.post(
+            "/api/tunnels",
+            json={
+                "domain": SESSION_DOMAIN,
+                "agent": agent["id"],
+                "target": api.get("/api/tunnels").json()["items"][0]["target"],
+            },
+        )
+        if tunnel.status_code != 201:
+            raise SystemExit(f"POST /api/tunnels: {tunnel.status_code} {tunnel.text[:300]}")
+        policy = api.put(
+            f"/api/tunnels/{tunnel.json()['id']}/access", json={"password": cfg["pin"]}
+        )
+        if policy.status_code != 200:
+            raise SystemExit(f"PUT access: {policy.status_code} {policy.text[:300]}")
+
+
 def main() -> None:
     role, cfg = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     if role == "configure":
         configure(cfg)
+    elif role == "configure-session":
+        configure_session(cfg)
     else:
         raise SystemExit(f"unknown role {role!r}")
 

@@ -127,7 +127,7 @@ def _median_cpu(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 def measure(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
     target = bench.target(row)
-    check_answers(target.netns, target.port)
+    check_answers(target.netns, target.port, host=target.host, headers=target.headers)
     result: dict[str, Any] = {"row": row, "rounds": plan.rounds, "seconds": plan.seconds}
     for connections in CONNECTIONS:
         if plan.warmup:
@@ -151,7 +151,7 @@ def measure(bench: E2EBench, row: str, plan: Plan) -> dict[str, Any]:
         "cpu": _median_cpu(downloads),
         "mb_s_rounds": [round(d["mb_s"], 1) for d in downloads],
     }
-    check_answers(target.netns, target.port)
+    check_answers(target.netns, target.port, host=target.host, headers=target.headers)
     return result
 
 
@@ -244,6 +244,9 @@ def acceptance_ratios() -> dict[str, float | None]:
         ),
         "gateway_alone_rps_c32_over_nginx_edge": ratio(
             _get("gateway-alone", "c32", "rps"), _get("nginx-edge", "c32", "rps")
+        ),
+        "gateway_session_rps_c32_over_gateway_alone": ratio(
+            _get("gateway-session", "c32", "rps"), _get("gateway-alone", "c32", "rps")
         ),
         "gateway_alone_p50_c1_over_nginx_edge": ratio(
             _get("gateway-alone", "c1", "p50_us"), _get("nginx-edge", "c1", "p50_us")

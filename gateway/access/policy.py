@@ -137,6 +137,9 @@ class Outcome:
     headers: tuple[tuple[bytes, bytes], ...] = ()
     #: what the access log says about it (``allow`` or why not)
     decision: str = "allow"
+    #: the session that let the request in (a connection may reuse the answer while
+    #: the session and the policy stay the same: ``gateway/proxy/edge.AccessMemo``)
+    session: Session | None = None
 
 
 #: the common answers, made once
@@ -297,6 +300,10 @@ class AccessControl:
             if link_id not in live:
                 del self.link_uses[link_id]
 
+    def now(self) -> float:
+        """The clock sessions are checked against."""
+        return self._clock()
+
     @property
     def active(self) -> bool:
         """Whether any tunnel has a policy (else ``check`` is never needed)."""
@@ -385,7 +392,7 @@ class AccessControl:
         if session is not None:
             identity = self.admits(policy, session)
             if identity is not None:
-                return Outcome(ALLOW, identity=identity)
+                return Outcome(ALLOW, identity=identity, session=session)
         if not self.sessions.ready and (policy.password_hash or policy.oidc or policy.share_links):
             return Outcome(
                 DENY, 503, "Sign-in is not available yet (no session key).", decision="unavailable"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from common.protocol import AccessPolicy
 from common.relay.router import Route
-from gateway.access.policy import ALLOW, REDIRECT, Outcome
+from gateway.access.policy import ALLOW, PREFIX, REDIRECT, Outcome
 
 from .headers import Headers
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPEN",
     "Access",
+    "AccessMemo",
     "ClientSession",
     "Refusal",
     "access_for",
@@ -104,11 +105,33 @@ class Access:
     identity: list[tuple[bytes, bytes]] | None = None
     #: the request carries the gateway's own cookies, to be removed before the app
     own_cookies: bool = False
+    #: ...in its one Cookie field (so they can be cut out of the head's bytes)
+    one_cookie_field: bool = False
+    #: ``identity`` as header lines (each ``\r\nname: value``), for a head relayed as
+    #: it came
+    identity_lines: bytes = b""
+    #: who the access log says the request is from ("" for nobody in particular)
+    user: str = ""
 
-    @property
-    def user(self) -> str:
-        identity = self.outcome.identity
-        return identity.user if identity is not None else ""
+
+@dataclass(slots=True)
+class AccessMemo:
+    """The last request a session cookie let in on one connection.
+
+    A keep-alive client sends the same cookie with every request; while the tunnel's
+    policy is the same object (a new config replaces it), the client address is the
+    same, the request has no ``Authorization``, the policy no path rules and the path
+    is not one of the gateway's own pages (``/.kakuremichi/``), and the session has
+    neither expired nor been signed out, the answer is the same: it is reused instead
+    of parsing and checking the cookie again.
+    """
+
+    policy: AccessPolicy | None = None
+    client_ip: str = ""
+    cookie: bytes | None = None
+    access: Access | None = None
+    session_id: str = ""
+    expires: float = 0.0
 
 
 #: a tunnel without a policy
@@ -122,24 +145,58 @@ def access_for(
     method: bytes,
     path: str,
     headers: Headers,
+    memo: AccessMemo | None = None,
 ) -> Access:
-    """Check a request against its tunnel's access policy (``AccessControl.check``)."""
+    """Check a request against its tunnel's access policy (``AccessControl.check``);
+    ``memo``: the connection's last answer, reused when it still holds."""
     access = server.access
     if not access.active:
         return OPEN
     policy = access.policies.get(route.tunnel_id)
     if policy is None:
         return OPEN
+    cookie: bytes | None = None
+    cookies = 0
+    authorization = False
+    for name, value in headers:
+        if name == b"cookie":
+            cookie = value
+            cookies += 1
+        elif name == b"authorization":
+            authorization = True
+    if (
+        memo is not None
+        and memo.policy is policy
+        and memo.cookie is not None
+        and memo.cookie == cookie
+        and cookies == 1
+        and not authorization
+        and memo.client_ip == client_ip
+        and not policy.paths
+        and not path.startswith(PREFIX)
+        and memo.access is not None
+    ):
+        now = access.now()
+        if now < memo.expires and not access.sessions.revocations.revoked(memo.session_id, now):
+            return memo.access
     outcome = access.check(
         policy, host=route.domain, client_ip=client_ip, method=method, path=path, headers=headers
     )
     if outcome.kind != ALLOW:
         return Access(outcome, policy)
     identity = None
+    lines = b""
     if outcome.identity is not None and policy.identity_headers:
         identity = outcome.identity.fields()
-    own_cookies = policy.sign_in and any(k == b"cookie" and b"kkm_" in v for k, v in headers)
-    return Access(outcome, policy, identity, own_cookies)
+        lines = b"".join(b"\r\n%s: %s" % field for field in identity)
+    own_cookies = policy.sign_in and cookie is not None and b"kkm_" in cookie
+    user = outcome.identity.user if outcome.identity is not None else ""
+    result = Access(outcome, policy, identity, own_cookies, cookies == 1, lines, user)
+    session = outcome.session
+    if memo is not None and session is not None and cookies == 1 and not authorization:
+        memo.policy, memo.client_ip, memo.cookie = policy, client_ip, cookie
+        memo.access, memo.session_id, memo.expires = result, session.id, session.expires
+    return result
 
 
 def access_refusal(outcome: Outcome, route: Route) -> Refusal:

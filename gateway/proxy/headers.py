@@ -194,7 +194,7 @@ def request_headers_for_agent(
         elif name == b"host" and host is None:
             host = field
         elif strip_own_cookies and name == b"cookie" and _OWN_COOKIE_PREFIX in field[1]:
-            kept = _without_own_cookies(field[1])
+            kept = without_own_cookies(field[1])
             if kept:
                 out.append((name, kept))
         else:
@@ -217,7 +217,7 @@ def request_headers_for_agent(
     return out if host is None else [host, *out]
 
 
-def _without_own_cookies(value: bytes) -> bytes:
+def without_own_cookies(value: bytes) -> bytes:
     """A Cookie value without the gateway's cookies (b"" if nothing else is left)."""
     kept = [
         pair

@@ -89,7 +89,7 @@ from gateway.access.policy import (
 )
 
 from . import h1, pages
-from .edge import ClientSession, Refusal, access_for, access_refusal, route_for
+from .edge import AccessMemo, ClientSession, Refusal, access_for, access_refusal, route_for
 from .forward import Abort, ForwardingMixin, ForwardPlan
 from .h2stream import negotiated_h2, take_over
 from .h2upstream import H2Upstreams
@@ -103,6 +103,7 @@ from .headers import (
     is_upgrade_request,
     parse_networks,
     request_headers_for_agent,
+    without_own_cookies,
 )
 from .pool import Dialer, UpstreamConnection, UpstreamPool, open_tcp
 from .settings import ProxySettings
@@ -332,6 +333,9 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self._framing = h1.NO_BODY
         self._response_bytes: Callable[[float], None] = _ignore
         self._forwarding_fields: bytes | None = None
+        #: the connection's last sign-in answer (``edge.AccessMemo``) and Cookie edit
+        self._access_memo = AccessMemo()
+        self._cookie_edit: tuple[bytes, bytes, bytes] | None = None
         # the access log's view of the current request (``_admit``, ``_record``)
         self._decision = "allow"
         self._user = ""
@@ -641,7 +645,9 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         if self.proto == "http" and self.server.redirect_https:
             self._redirect_to_https(host, target, route)
             return _ANSWERED
-        access = access_for(self.server, route, self.client_ip, method, path, headers)
+        access = access_for(
+            self.server, route, self.client_ip, method, path, headers, self._access_memo
+        )
         self._decision = access.outcome.decision
         if access.outcome.kind != ALLOW:
             assert access.policy is not None
@@ -665,16 +671,16 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             return _CLOSE
         has_body = chunked or length > 0
         raw = request.raw
-        if raw is not None and not route.path_prefix and not own_cookies:
+        if raw is not None and own_cookies:
+            raw = self._without_own_cookies(raw) if access.one_cookie_field else None
+        if raw is not None and not route.path_prefix:
             # an HTTP/1.1 head with Host first and no hop-by-hop, upgrade or forwarding
             # field (h1.scan_request): it goes as it came, followed by the forwarding
             # fields request_headers_for_agent would add (the client is the peer: no
             # X-Forwarded-For came to name another)
             upgrade = False
             # (headers.verbatim_request_head, with the peer's fields made once)
-            end = PROTO_FIELD[self.proto]
-            if identity is not None:
-                end += b"".join(b"\r\n%s: %s" % field for field in identity)
+            end = PROTO_FIELD[self.proto] + access.identity_lines
             head = b"".join((raw, self._forwarding(), host_value, end, b"\r\n\r\n"))
         else:
             upgrade = is_upgrade_request(headers)
@@ -869,6 +875,30 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             if not more:
                 raise Abort
             requests.receive(more)
+
+    def _without_own_cookies(self, raw: bytes) -> bytes | None:
+        """A verbatim head (``RequestHead.raw``) without the gateway's own cookies in
+        its one Cookie field (the field dropped when nothing else is left), or None
+        when that cannot be done by cutting bytes (then the head is rewritten).  The
+        edit is remembered: a keep-alive client sends the same Cookie line each time."""
+        edit = self._cookie_edit
+        if edit is not None:
+            # the same line as last time (a short search, then one comparison)
+            marker, line, replacement = edit
+            start = raw.find(marker)
+            if start >= 0 and raw.startswith(line, start):
+                return b"".join((raw[:start], replacement, raw[start + len(line) :]))
+        start = raw.lower().find(b"\r\ncookie:")
+        if start < 0:
+            return None
+        end = raw.find(b"\r\n", start + 2)
+        if end < 0:
+            return None
+        line = raw[start:end]
+        kept = without_own_cookies(line[9:].strip())
+        replacement = b"\r\ncookie: " + kept if kept else b""
+        self._cookie_edit = (line[:9], line, replacement)
+        return raw[:start] + replacement + raw[end:]
 
     def _forwarding(self) -> bytes:
         """``X-Forwarded-For`` and ``X-Real-IP`` (the peer) and the start of

@@ -568,3 +568,38 @@ async def test_denied_requests_never_reach_the_agent(
     # a big body on a refused request: answered, and the connection is not left hanging
     response = await client.post("/upload", headers={"Host": HOST}, content=b"x" * 200_000)
     assert response.status_code == 403
+
+
+async def test_a_connection_reuses_its_sign_in_while_it_holds(
+    proxy: tuple[ProxyHarness, httpx.AsyncClient],
+) -> None:
+    """A keep-alive client's same cookie is checked once; a new policy, a sign-out or
+    an Authorization field makes the gateway check again."""
+    harness, client = proxy
+    set_policies(harness, policy(password_hash=PIN_HASH))
+    jar = session_of(await login(client, "2468"))
+    access = harness.proxy.access
+    checks = 0
+    check = access.check
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal checks
+        checks += 1
+        return check(*args, **kwargs)
+
+    access.check = counting  # type: ignore[method-assign]
+    headers = {"Host": HOST, "Cookie": jar}
+    async with httpx.AsyncClient(base_url=harness.url, timeout=10) as one:
+        one.cookies.extract_cookies = lambda response: None  # type: ignore[method-assign]
+        for _ in range(5):
+            response = await one.get("/headers", headers=headers)
+            assert response.status_code == 200
+            assert seen_headers(response)["x-auth-user"] == ["password"]
+        assert checks == 1
+        await one.get("/headers", headers={**headers, "Authorization": "Bearer x"})
+        assert checks == 2
+        set_policies(harness, policy(password_hash=PIN_HASH))  # the same, as a new object
+        assert (await one.get("/headers", headers=headers)).status_code == 200
+        assert checks == 3
+        await one.get("/.kakuremichi/logout", headers=headers)
+        assert (await one.get("/headers", headers=headers)).status_code == 401
