@@ -245,6 +245,23 @@ async def _flow(system: System, provider: Provider, port: int) -> None:
         )
         assert outside.status_code == 302
         assert "/.kakuremichi/oidc/start" in outside.headers["location"]
+        # a policy change pushed while the session is open takes effect within 1 s
+        sso_cookie = {"Host": APP2, "Cookie": f"kkm_sso={cookies['kkm_sso']['value']}"}
+        assert (await system.http.get("/headers", headers=sso_cookie)).status_code == 200
+        narrowed = {**oidc, "allowedEmails": ["nobody@example.com"]}
+        loop = asyncio.get_running_loop()
+        changed = loop.time()
+        response = await system.api.put(
+            f"/api/tunnels/{tunnels[APP2]}/access", json={"oidc": narrowed, "sessionDomain": SSO}
+        )
+        assert response.status_code == 200, response.text
+        while (await system.http.get("/headers", headers=sso_cookie)).status_code == 200:
+            assert loop.time() - changed < 1.0, "the narrowed policy took over a second"
+            await asyncio.sleep(0.02)
+        response = await system.api.put(
+            f"/api/tunnels/{tunnels[APP2]}/access", json={"oidc": oidc, "sessionDomain": SSO}
+        )
+        assert response.status_code == 200, response.text
         # 3. sign-out ends the session, replaying its cookie does not bring it back
         assert cookies["kkm_sso"]["domain"].lstrip(".") == SSO
         assert cookies["kkm_sso"]["httpOnly"] is True
