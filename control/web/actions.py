@@ -9,9 +9,13 @@ pages show a "changed" notice).
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from typing import Any
 
 from common import protocol as p
+from control import access
 from control.db.admins import AdminStore, AuditEntry
 from control.db.store import ClientKind, Row, Store
 from control.events import EventBus
@@ -118,6 +122,54 @@ class Actions:
         self.hub.traffic.forget(row["id"])
         await self.audit("tunnel.delete", "tunnel", row)
         return row
+
+    # -- access policies (control/access.py; the same steps as control/api/access_routes) --
+
+    async def set_access(self, tunnel: Row, body: access.AccessIn, fields: set[str]) -> None:
+        """Store a tunnel's whole policy (secrets left out keep their hashes) and push it
+        to the gateways.  ValueError names a field that cannot be accepted."""
+        async with self.hub.lock:
+            current = await self.store.get_access(tunnel["id"])
+            stored, changed = await asyncio.to_thread(  # argon2id for new passwords
+                access.build_stored,
+                body,
+                fields,
+                json.loads(current["policy"]) if current is not None else None,
+                tunnel["domain"],
+            )
+            await self.store.put_access(tunnel["id"], json.dumps(stored), changed)
+            await self.hub.push_config_locked("gateway")
+        detail = "credentials changed: signed-in visitors must sign in again" if changed else None
+        await self.audit("tunnel.access_set", "tunnel", tunnel, detail=detail)
+
+    async def delete_access(self, tunnel: Row) -> None:
+        async with self.hub.lock:
+            await self.store.delete_access(tunnel["id"])
+            await self.hub.push_config_locked("gateway")
+        await self.audit("tunnel.access_remove", "tunnel", tunnel, detail="open to anyone")
+
+    async def create_share_link(self, tunnel: Row, body: access.ShareLinkCreate) -> tuple[Row, str]:
+        """A new share link and its URL (shown once: it holds the token)."""
+        token, token_hash = access.new_share_token()
+        async with self.hub.lock:
+            link = await self.store.create_share_link(
+                tunnel["id"], token_hash, time.time() + body.expires_in, body.max_uses
+            )
+            await self.hub.push_config_locked("gateway")
+        uses = "any number of" if body.max_uses is None else str(body.max_uses)
+        await self.audit(
+            "tunnel.share_link_create",
+            "tunnel",
+            tunnel,
+            detail=f"link {link['id']}: {uses} uses, {body.expires_in // 3600} h",
+        )
+        return link, f"https://{tunnel['domain']}/.kakuremichi/share#t={token}"
+
+    async def delete_share_link(self, tunnel: Row, link_id: str) -> None:
+        async with self.hub.lock:
+            await self.store.delete_share_link(tunnel["id"], link_id)
+            await self.hub.push_config_locked("gateway")
+        await self.audit("tunnel.share_link_delete", "tunnel", tunnel, detail=f"link {link_id}")
 
 
 def _label(kind: str | None, row: Row) -> str | None:

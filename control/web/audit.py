@@ -36,6 +36,16 @@ _CAPTURE = 64 * 1024
 TOKEN_ACTOR = "admin-token"  # noqa: S105 (a name, not a secret)
 
 
+#: actions on an object's parts, named as the dashboard names the same changes
+_PARTS = {
+    ("rotate-key", "POST"): "rotate_key",
+    ("access", "PUT"): "access_set",
+    ("access", "DELETE"): "access_remove",
+    ("share-links", "POST"): "share_link_create",
+    ("share-links", "DELETE"): "share_link_delete",
+}
+
+
 def describe(method: str, path: str) -> tuple[str, str | None, str | None]:
     """(action, object kind, reference from the path) of a REST change."""
     parts = [part for part in path.split("/") if part][1:]  # after "api"
@@ -43,10 +53,9 @@ def describe(method: str, path: str) -> tuple[str, str | None, str | None]:
     if kind is None:
         return f"api.{method.lower()}", None, None
     ref = parts[1] if len(parts) > 1 else None
-    if len(parts) == 3 and parts[2] == "rotate-key" and method == "POST":
-        return f"{kind}.rotate_key", kind, ref
     if len(parts) > 2:
-        return f"{kind}.{method.lower()}_{parts[2].replace('-', '_')}"[:64], kind, ref
+        part = _PARTS.get((parts[2], method), f"{method.lower()}_{parts[2].replace('-', '_')}")
+        return f"{kind}.{part}"[:64], kind, ref
     return f"{kind}.{_VERBS.get(method, method.lower())}", kind, ref
 
 

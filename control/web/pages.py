@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from common.logs import kv
 from common.token import EnrollmentToken
+from control import access
 from control.api import models as m
 from control.api.errors import from_validation
 from control.db.admins import AdminStore, AuditEntry, SessionUser
@@ -613,10 +614,14 @@ class Dashboard:
     async def tunnel_detail(self, ctx: Ctx) -> Response:
         row = await self.store.get_tunnel(ctx.param("id"))
         history, _ = await self.admins.audit(20, 0, row["id"])
+        policy = access.access_out(
+            await self.store.get_access(row["id"]), await self.store.share_links(row["id"])
+        )
         return self._html(
             ctx,
             "tunnel.html",
             row=self._tunnel_view(row, time.time()),
+            policy=policy,
             history=history,
             notice=ctx.request.query_params.get("notice"),
         )
@@ -631,6 +636,80 @@ class Dashboard:
     async def tunnel_delete(self, ctx: Ctx) -> Response:
         await self._actions(ctx).delete_tunnel(ctx.param("id"))
         return self._back("/tunnels", "deleted")
+
+    # -- access policies ------------------------------------------------------------------
+
+    async def tunnel_access(self, ctx: Ctx) -> Response:
+        """Edit a tunnel's access policy: IP rules, the sign-in password, basic-auth
+        users, session length and identity headers; OIDC and path rules are kept as they
+        are (set through the API or ``kakuremichi apply``); share links."""
+        tunnel = await self.store.get_tunnel(ctx.param("id"))
+        row = await self.store.get_access(tunnel["id"])
+        stored = json.loads(row["policy"]) if row is not None else None
+        policy = access.access_out(row, await self.store.share_links(tunnel["id"]))
+        errors: dict[str, str] = {}
+        form = ctx.form
+        if ctx.request.method == "POST":
+            try:
+                data = _access_input(form, stored, tunnel["protocol"] == "http")
+                body = access.AccessIn.model_validate(data)
+            except ValueError as exc:  # ValidationError is a ValueError
+                errors["form"] = (
+                    "; ".join(_field_errors(exc).values())
+                    if isinstance(exc, ValidationError)
+                    else str(exc)
+                )
+            else:
+                try:
+                    await self._actions(ctx).set_access(tunnel, body, set(body.model_fields_set))
+                except ValueError as exc:
+                    errors["form"] = str(exc)
+                else:
+                    return self._back(f"/tunnels/{tunnel['id']}", "saved")
+        return self._html(
+            ctx,
+            "access.html",
+            422 if errors else 200,
+            tunnel=tunnel,
+            policy=policy,
+            errors=errors,
+            form=form,
+            now=time.time(),
+        )
+
+    async def tunnel_access_remove(self, ctx: Ctx) -> Response:
+        tunnel = await self.store.get_tunnel(ctx.param("id"))
+        await self._actions(ctx).delete_access(tunnel)
+        return self._back(f"/tunnels/{tunnel['id']}", "saved")
+
+    async def share_link_create(self, ctx: Ctx) -> Response:
+        tunnel = await self.store.get_tunnel(ctx.param("id"))
+        if tunnel["protocol"] != "http" or await self.store.get_access(tunnel["id"]) is None:
+            return self._refusal(
+                422,
+                "Not done",
+                "Share links are for HTTP tunnels with an access policy (an empty one lets "
+                "only share-link holders in).",
+            )
+        hours, uses = ctx.form.get("hours", "24").strip(), ctx.form.get("uses", "").strip()
+        try:
+            body = access.ShareLinkCreate.model_validate(
+                {
+                    "expiresIn": int(float(hours) * 3600) if len(hours) < 10 else -1,
+                    "maxUses": int(uses) if uses else None,
+                }
+            )
+        except (ValueError, OverflowError):
+            return self._refusal(
+                422, "Not done", "A share link lasts 1 minute to 365 days and 1 to 1,000,000 uses."
+            )
+        link, url = await self._actions(ctx).create_share_link(tunnel, body)
+        return self._html(ctx, "share_link.html", 201, tunnel=tunnel, link=link, url=url)
+
+    async def share_link_delete(self, ctx: Ctx) -> Response:
+        tunnel = await self.store.get_tunnel(ctx.param("id"))
+        await self._actions(ctx).delete_share_link(tunnel, ctx.param("link"))
+        return self._back(f"/tunnels/{tunnel['id']}", "deleted")
 
     async def tunnel_chart(self, ctx: Ctx) -> Response:
         tunnel_id = ctx.param("id")
@@ -773,6 +852,14 @@ class Dashboard:
             Route("/tunnels/{id}/disable", page(self.tunnel_enable), methods=["POST"]),
             Route("/tunnels/{id}/delete", page(self.tunnel_delete), methods=["POST"]),
             Route("/tunnels/{id}/chart.svg", page(self.tunnel_chart), methods=["GET"]),
+            Route("/tunnels/{id}/access", page(self.tunnel_access), methods=["GET", "POST"]),
+            Route("/tunnels/{id}/access/remove", page(self.tunnel_access_remove), methods=["POST"]),
+            Route("/tunnels/{id}/share-links", page(self.share_link_create), methods=["POST"]),
+            Route(
+                "/tunnels/{id}/share-links/{link}/delete",
+                page(self.share_link_delete),
+                methods=["POST"],
+            ),
             Route("/audit", page(self.audit), methods=["GET"]),
             Route("/users", page(self.users), methods=["GET", "POST"]),
             Route("/users/{id}/delete", page(self.user_delete), methods=["POST"]),
@@ -796,6 +883,48 @@ class Dashboard:
                 ),
             ]
         return routes
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()][:1000]
+
+
+def _access_input(
+    form: dict[str, str], stored: dict[str, Any] | None, http: bool
+) -> dict[str, Any]:
+    """The ``AccessIn`` body for the access form: what the form edits, plus the OIDC
+    provider and path rules as stored (their secrets left out: they keep their hashes)."""
+    data: dict[str, Any] = {
+        "ipAllow": _lines(form.get("ip_allow", "")),
+        "ipDeny": _lines(form.get("ip_deny", "")),
+    }
+    if not http:  # raw tunnels take IP rules only
+        return data
+    users = []
+    for line in _lines(form.get("basic_auth", "")):
+        user, sep, password = line.partition(":")
+        users.append({"user": user.strip(), **({"password": password} if sep else {})})
+    hours = form.get("session_hours", "24").strip()
+    if not (hours.isascii() and hours.replace(".", "", 1).isdigit()) or len(hours) > 8:
+        raise ValueError("session length: a number of hours")
+    data.update(
+        basicAuth=users,
+        sessionTtl=int(float(hours) * 3600),
+        identityHeaders=form.get("identity_headers") == "on",
+    )
+    if form.get("password"):
+        data["password"] = form["password"]
+    elif form.get("remove_password") == "on":
+        data["password"] = None
+    old = stored or {}
+    if old.get("sessionDomain"):
+        data["sessionDomain"] = old["sessionDomain"]
+    oidc = old.get("oidc")
+    if oidc:
+        data["oidc"] = {k: v for k, v in oidc.items() if k != "clientSecret"}
+    if old.get("paths"):
+        data["paths"] = [{"prefix": r["prefix"], "action": r["action"]} for r in old["paths"]]
+    return data
 
 
 def _request_url(request: Request) -> tuple[str, str | None]:

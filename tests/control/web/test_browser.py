@@ -384,6 +384,26 @@ async def test_what_must_be_refused(setup: Setup) -> None:
         await page.wait_for_url(re.compile(r".*notice=created$"), timeout=WAIT)
         assert "<script>window.__xss=1</script>" in await page.inner_text("main")
         await inert("tunnel page", "22-xss-stored-target")
+        # its access policy, edited on the page (the payload in a rule is refused)
+        tunnel_url = page.url.split("?")[0]
+        await page.goto(tunnel_url + "/access")
+        await page.fill("#ip_allow", XSS)
+        async with page.expect_navigation(timeout=WAIT):
+            await page.click("button:has-text('Save the policy')")
+        await inert("access form", "26-access-refused")
+        await page.fill("#ip_allow", "127.0.0.1")
+        await page.fill("#password", PASSWORD)
+        await page.fill("#basic_auth", "carol:" + PASSWORD)
+        async with page.expect_navigation(timeout=WAIT):
+            await page.click("button:has-text('Save the policy')")
+        text = await page.inner_text("main")
+        assert "only 127.0.0.1/32" in text and "basic auth (carol)" in text
+        async with page.expect_navigation(timeout=WAIT):
+            await page.click("button:has-text('New share link')")
+        assert "/.kakuremichi/share#t=" in await page.inner_text("#share-url")
+        await shot(page, "27-share-link")
+        await page.goto(tunnel_url)
+        await shot(page, "28-tunnel-with-access")
         for path in ("/", "/tunnels", "/audit"):
             await page.goto(control.url + path)
             await inert(path, f"23-xss{path.replace('/', '-') or '-overview'}")

@@ -431,3 +431,83 @@ def test_trusted_proxies_setting() -> None:
     assert trusted_proxies("*") == "*"
     with pytest.raises(ValueError, match="nope"):
         trusted_proxies("10.0.0.1,nope")
+
+
+async def test_access_policy_and_share_links(control: RunningControl) -> None:
+    async with control.api() as api:
+        await api.post("/api/agents", json={"name": "laptop"})
+        tunnel = (
+            await api.post(
+                "/api/tunnels",
+                json={"agent": "laptop", "domain": "app.example.com", "target": "127.0.0.1:1"},
+            )
+        ).json()
+        # a path rule set through the API survives edits made on the page
+        await api.put(
+            f"/api/tunnels/{tunnel['id']}/access",
+            json={"paths": [{"prefix": "/hook", "action": "bearer", "bearerToken": "t" * 20}]},
+        )
+    path = f"/tunnels/{tunnel['id']}"
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        page = await browser.get(path + "/access")
+        assert page.status_code == 200 and "/hook" in page.text
+        bad = await browser.post(
+            path + "/access", data={"csrf": csrf_of(page.text), "ip_allow": "not-an-ip"}
+        )
+        assert bad.status_code == 422 and "not an IP address" in bad.text
+        saved = await browser.post(
+            path + "/access",
+            data={
+                "csrf": csrf_of(page.text),
+                "ip_allow": "203.0.113.0/24\n2001:db8::/32",
+                "ip_deny": "",
+                "password": "open sesame 1",
+                "basic_auth": "carol:pw-for-carol",
+                "session_hours": "2",
+                "identity_headers": "on",
+            },
+        )
+        assert saved.status_code == 303, saved.text[:500]
+        async with control.api() as api:
+            policy = (await api.get(f"/api/tunnels/{tunnel['id']}/access")).json()
+        assert policy["ipAllow"] == ["203.0.113.0/24", "2001:db8::/32"]
+        assert policy["password"] is True and policy["basicAuth"] == [{"user": "carol"}]
+        assert policy["sessionTtl"] == 7200
+        assert policy["paths"] == [{"prefix": "/hook", "action": "bearer", "bearerTokenSet": True}]
+        shown = (await browser.get(path)).text
+        assert "203.0.113.0/24" in shown and "password" in shown and "carol" in shown
+        assert "open sesame" not in shown and "pw-for-carol" not in shown
+        # a share link: its URL once, then only its id
+        made = await browser.post(
+            path + "/share-links", data={"csrf": csrf_of(page.text), "hours": "1", "uses": "3"}
+        )
+        assert made.status_code == 201
+        url = re.search(r"https://app\.example\.com/\.kakuremichi/share#t=[\w-]{43}", made.text)
+        assert url
+        listing = (await browser.get(path)).text
+        assert url.group(0) not in listing and "0 of 3" in listing
+        link_id = re.search(r"/share-links/([0-9a-f-]{36})/delete", listing)
+        assert link_id
+        gone = await browser.post(
+            path + f"/share-links/{link_id.group(1)}/delete", data={"csrf": csrf_of(page.text)}
+        )
+        assert gone.status_code == 303
+        assert (
+            "/share-links/"
+            not in (await browser.get(path)).text.split("New share link")[0].split("Share links")[1]
+        )
+        removed = await browser.post(path + "/access/remove", data={"csrf": csrf_of(page.text)})
+        assert removed.status_code == 303
+        async with control.api() as api:
+            assert (await api.get(f"/api/tunnels/{tunnel['id']}/access")).json()["enabled"] is False
+        rows, _ = await control.app.state.dashboard.admins.audit(50, 0)
+        actions = [r["action"] for r in rows if r["actor"] == "alice"]
+        for action in (
+            "tunnel.access_set",
+            "tunnel.share_link_create",
+            "tunnel.share_link_delete",
+            "tunnel.access_remove",
+        ):
+            assert action in actions
+        assert "access_set" in " ".join(r["action"] for r in rows if r["actor"] == "admin-token")
