@@ -30,7 +30,7 @@ from common.token import EnrollmentToken
 from control import access
 from control.api import models as m
 from control.api.errors import from_validation
-from control.db.admins import AdminStore, AuditEntry, SessionUser
+from control.db.admins import SESSION_MAX_AGE, AdminStore, AuditEntry, SessionUser
 from control.db.store import ClientKind, Row, Store, StoreError
 from control.events import EventBus
 from control.web import auth, render
@@ -327,7 +327,7 @@ class Dashboard:
     async def _sign_in(self, ctx: Ctx, user: Row) -> Response:
         token = auth.new_session_token()
         now = time.time()
-        expires = await self.admins.create_session(
+        await self.admins.create_session(
             user["id"], token, ctx.address, ctx.request.headers.get("user-agent"), now
         )
         self.logins["ok"] += 1
@@ -347,7 +347,9 @@ class Dashboard:
             "dashboard sign-in", extra=kv(user=user["username"], address=address_key(ctx.address))
         )
         response = self._back("/")
-        web.set_cookie(ctx.request, response, auth.SESSION_COOKIE, token, int(expires - now))
+        # the browser keeps it as long as a session can live; the server ends it sooner
+        # when it is idle (control.db.admins: SESSION_IDLE) or signed out
+        web.set_cookie(ctx.request, response, auth.SESSION_COOKIE, token, int(SESSION_MAX_AGE))
         web.clear_cookie(ctx.request, response, auth.FORM_COOKIE)
         return response
 

@@ -3,8 +3,12 @@ passwords."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from control.db import admins as admins_module
+from control.db.engine import create_engine, migrate
 from control.web import auth
 
 
@@ -80,3 +84,34 @@ def test_loopback() -> None:
     )
     assert not auth.is_loopback("192.0.2.1") and not auth.is_loopback(None)
     assert not auth.is_loopback("example.com")
+
+
+async def test_sessions_end_when_idle_and_at_their_maximum_age(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 's.db'}")
+    try:
+        await migrate(engine)
+        admins = admins_module.AdminStore(engine)
+        user = await admins.create_user("alice", "hash")
+        token = auth.new_session_token()
+        t0 = 1_000_000.0
+        await admins.create_session(user["id"], token, "127.0.0.1", "test", t0)
+        idle, max_age = admins_module.SESSION_IDLE, admins_module.SESSION_MAX_AGE
+        assert await admins.session(token, t0 + 10) is not None
+        assert await admins.session(token + "x", t0 + 10) is None
+        assert await admins.session(token, t0 + idle + 1) is None  # idle too long
+        # used now and then, it lives until its maximum age, not past it
+        other = auth.new_session_token()
+        await admins.create_session(user["id"], other, None, None, t0)
+        now = t0
+        while now + idle / 2 < t0 + max_age:
+            now += idle / 2
+            assert await admins.session(other, now) is not None, now - t0
+        assert await admins.session(other, t0 + max_age + 1) is None
+        # the database holds no usable token
+        async with engine.connect() as conn:
+            dump = "\n".join(
+                str(r) for r in (await conn.exec_driver_sql("select * from admin_sessions")).all()
+            )
+        assert token not in dump and other not in dump
+    finally:
+        await engine.dispose()
