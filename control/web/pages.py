@@ -109,6 +109,12 @@ class Dashboard:
 
     async def start(self) -> None:
         """Print the one-time setup link if there is no admin user yet."""
+        if self.settings.insecure_http:
+            log.warning(
+                "the dashboard signs users in over plain HTTP from any address "
+                "(--dashboard-insecure-http): sessions and passwords cross the network "
+                "unencrypted unless a TLS proxy is in front"
+            )
         if await self.admins.count_users():
             return
         self.setup, token = auth.SetupLink.create(time.monotonic())

@@ -90,7 +90,30 @@ async def setup(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Setup
             await control.stop()
 
 
+#: what every page must give assistive technology: a language, a title, one h1, a
+#: label for every control, a text for every image, a name for every button and link
+A11Y = """() => {
+  const problems = [];
+  if (!document.documentElement.lang) problems.push("no lang");
+  if (!document.title.trim()) problems.push("no title");
+  if (document.querySelectorAll("h1").length !== 1) problems.push("not one h1");
+  for (const el of document.querySelectorAll("input:not([type=hidden]), select, textarea")) {
+    if (!el.labels || el.labels.length === 0) problems.push("unlabelled " + (el.id || el.name));
+  }
+  for (const img of document.querySelectorAll("img")) {
+    if (!img.hasAttribute("alt")) problems.push("image without alt " + img.src);
+  }
+  for (const el of document.querySelectorAll("button, a[href]")) {
+    if (!(el.getAttribute("aria-label") || el.textContent).trim()) problems.push("unnamed " + el.outerHTML.slice(0, 80));
+  }
+  return problems;
+}"""
+
+
 async def shot(page: Any, name: str) -> None:
+    """Save the page (``test-artifacts/dashboard/NAME.png``) and check its basics."""
+    problems = await page.evaluate(A11Y)
+    assert problems == [], (name, problems)
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
