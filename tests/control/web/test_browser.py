@@ -369,11 +369,19 @@ async def test_what_must_be_refused(setup: Setup) -> None:
     admins = control.app.state.dashboard.admins
     await admins.create_user("bob", await auth.hash_password(PASSWORD))
     try:
+        # signed in with the keyboard alone: the user name has the focus, Tab, Enter
         await page.goto(control.url + "/login")
-        await page.fill("#username", "bob")
-        await page.fill("#password", PASSWORD)
-        await page.click("button[type=submit]")
+        assert await page.evaluate("document.activeElement.id") == "username"
+        await page.keyboard.type("bob")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") == "password"
+        await page.keyboard.type(PASSWORD)
+        async with page.expect_navigation(timeout=WAIT):
+            await page.keyboard.press("Enter")
         await page.wait_for_url(control.url + "/", timeout=WAIT)
+        # and the first Tab on a page reaches the skip link
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.className") == "skip"
 
         async def inert(url: str, name: str) -> None:
             """The page shows the payload as text: no element, no script run."""
