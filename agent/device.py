@@ -209,7 +209,11 @@ class AgentDataPlane:
             if up and not was:
                 log.info(
                     "gateway handshake complete",
-                    extra=kv(gateway=gateway.label, endpoint=stat.endpoint),
+                    extra=kv(
+                        gateway=gateway.label,
+                        endpoint=stat.endpoint,
+                        transport=self.transports.describe(stat.public_key)[0],
+                    ),
                 )
             elif was and not up:
                 log.warning(

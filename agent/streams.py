@@ -257,7 +257,7 @@ class Transports:
                 "gateway stream failed",
                 extra=kv(gateway=link.gateway.label, error=why[:300], since_last_logged=unlogged),
             )
-        if not self._closed:
+        if not self._closed and self._links.get(link.gateway.public_key) is link:
             self._run(link, link.policy.stream_down(self._now(), why[:200]))
 
     def _stream_closed(self, link: _Link, stream: DatagramStream | None, reason: str) -> None:
