@@ -195,7 +195,11 @@ class Agent:
         return f"; over the stream transport (tcp): {', '.join(names)}" if names else ""
 
     async def _handshakes(self) -> list[PeerHandshake]:
-        return [PeerHandshake(g.public_key, age) for g, age in self.data_plane.sessions()]
+        plane = self.data_plane
+        return [
+            PeerHandshake(g.public_key, age, plane.transport_of(g.public_key)[0])
+            for g, age in plane.sessions()
+        ]
 
     # -- reconciliation -------------------------------------------------------------------
 

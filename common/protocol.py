@@ -260,6 +260,8 @@ def parse_status(data: dict[str, Any]) -> list[TunnelHealth]:
 
 #: how often gateways and agents send ``stats`` (seconds)
 STATS_INTERVAL = 10.0
+#: the transports a ``stats`` peer may name (WireGuard over UDP, or over the stream)
+PEER_TRANSPORTS = ("udp", "tcp")
 #: bounds of one ``stats`` frame
 MAX_STATS_ENTRIES = 10_000
 MAX_COUNT = 2**53
@@ -291,9 +293,16 @@ class PeerHandshake:
 
     public_key: str
     handshake_age: float | None  # seconds; None: never
+    #: the path its datagrams take: "udp", or "tcp" (the stream transport, UDP blocked);
+    #: None: not said (an older sender)
+    transport: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"publicKey": self.public_key, "handshakeAge": self.handshake_age}
+        return {
+            "publicKey": self.public_key,
+            "handshakeAge": self.handshake_age,
+            "transport": self.transport,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +352,15 @@ def parse_stats(data: dict[str, Any]) -> Stats:
             age = _number(item, "handshakeAge")
             if age < 0:
                 raise ProtocolError("invalid_field", "'handshakeAge' must be >= 0")
-        peers.append(PeerHandshake(check_public_key(_str(item, "publicKey", max_len=64)), age))
+        transport = None
+        if item.get("transport") is not None:
+            transport = _str(item, "transport", max_len=8)
+            if transport not in PEER_TRANSPORTS:
+                raise ProtocolError(
+                    "invalid_field", f"'transport' must be one of {PEER_TRANSPORTS}"
+                )
+        key = check_public_key(_str(item, "publicKey", max_len=64))
+        peers.append(PeerHandshake(key, age, transport))
     return Stats(tuple(tunnels), tuple(peers))
 
 

@@ -11,7 +11,10 @@ their counts add up, which is the tunnel's traffic.
 
 Handshakes are kept per public key as the wall time of the latest handshake any
 reporter saw (a gateway about an agent, an agent about a gateway); the dashboard
-shows the age of the newest.
+shows the age of the newest.  Reports also say which transport each session uses
+(``udp``, or ``tcp`` when WireGuard goes over the stream transport because UDP is
+blocked); a key is shown on ``tcp`` while any report within ``TRANSPORT_WINDOW``
+seconds said so (an agent may reach one gateway over UDP and another over TCP).
 
 Sans-IO: every method takes ``now`` (wall seconds); nothing here reads a clock.
 Memory is bounded by the tunnels and keys Control knows: the hub passes the ids of
@@ -29,6 +32,8 @@ from common.protocol import PeerHandshake, TunnelTraffic
 MINUTES = 60
 #: public keys remembered at once (a key never seen again ages out)
 MAX_KEYS = 100_000
+#: how long a report of the stream transport (tcp) for a key is shown
+TRANSPORT_WINDOW = 60.0
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Traffic:
         self.minutes = minutes
         self._rings: dict[str, list[Bucket | None]] = {}
         self._handshakes: dict[str, float] = {}
+        self._transports: dict[str, tuple[str, float]] = {}  # key → (transport, when)
         #: ``stats`` frames taken (for /metrics)
         self.reports = 0
 
@@ -93,12 +99,29 @@ class Traffic:
         for peer in peers:
             if peer.handshake_age is None:
                 continue
+            if peer.transport is not None:
+                self._transport_seen(peer.public_key, peer.transport, now)
             at = now - peer.handshake_age
             if at > self._handshakes.get(peer.public_key, 0.0):
                 if peer.public_key not in self._handshakes and len(self._handshakes) >= MAX_KEYS:
                     oldest = min(self._handshakes, key=self._handshakes.__getitem__)
                     del self._handshakes[oldest]
                 self._handshakes[peer.public_key] = at
+
+    def _transport_seen(self, key: str, transport: str, now: float) -> None:
+        held = self._transports.get(key)
+        recent_tcp = held is not None and held[0] == "tcp" and now - held[1] < TRANSPORT_WINDOW
+        if recent_tcp and transport == "udp":
+            return  # another reporter's tcp still stands
+        if key not in self._transports and len(self._transports) >= MAX_KEYS:
+            del self._transports[min(self._transports, key=lambda k: self._transports[k][1])]
+        self._transports[key] = (transport, now)
+
+    def transport(self, public_key: str | None) -> str | None:
+        """``tcp`` if a report within the window said so, else what the latest said
+        (None: nothing reported)."""
+        held = self._transports.get(public_key or "")
+        return None if held is None else held[0]
 
     def handshake_age(self, public_key: str | None, now: float) -> float | None:
         """Seconds since the newest handshake anyone reported for this key (None: none)."""

@@ -275,6 +275,7 @@ class Gateway:
             p.PeerHandshake(
                 s.public_key,
                 None if s.latest_handshake <= 0 else max(0.0, now - s.latest_handshake),
+                self.streams.transport_of(s.endpoint),
             )
             for s in peers
         ]

@@ -389,6 +389,8 @@ class Dashboard:
             if not (seen or row["last_seen"])
             else now - (seen or row["last_seen"]),
             "handshake_age": self.hub.traffic.handshake_age(row.get("public_key"), now),
+            # udp, or tcp: WireGuard over the stream transport (UDP blocked on the way)
+            "transport": self.hub.traffic.transport(row.get("public_key")),
         }
 
     def _tunnel_view(self, row: Row, now: float) -> dict[str, Any]:

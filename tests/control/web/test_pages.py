@@ -511,3 +511,26 @@ async def test_access_policy_and_share_links(control: RunningControl) -> None:
         ):
             assert action in actions
         assert "access_set" in " ".join(r["action"] for r in rows if r["actor"] == "admin-token")
+
+
+async def test_a_session_over_the_stream_transport_shows_as_tcp(control: RunningControl) -> None:
+    """A gateway reports an agent's WireGuard session as going over the stream transport
+    (``stats``, transport tcp): the overview, the list and the agent's page say so."""
+    from tests.controlserver import connect_client, create
+
+    async with client(control) as browser, control.api() as api:
+        await sign_up(control, browser)
+        agent = await create(api, "agent", "laptop")
+        gateway = await create(api, "gateway", "edge")
+        agent_peer = await connect_client(control, agent["apiKey"], "agent", 7)
+        gateway_peer = await connect_client(control, gateway["apiKey"], "gateway", 8)
+        stats = protocol.Stats((), (protocol.PeerHandshake(public_key(7), 2.0, "tcp"),))
+        await gateway_peer.send("stats", stats.to_wire())
+        async with asyncio.timeout(5):
+            while "over TCP" not in (await browser.get("/")).text:
+                await asyncio.sleep(0.05)
+        assert "over TCP" in (await browser.get("/agents")).text
+        page = (await browser.get(f"/agents/{agent['id']}")).text
+        assert "TCP: WireGuard over a WebSocket on HTTPS" in page
+        await agent_peer.close()
+        await gateway_peer.close()

@@ -10,7 +10,7 @@ import pytest
 from common import protocol as p
 from common.relay.metrics import Metrics
 from common.stats import StatsReporter
-from control.traffic import Traffic
+from control.traffic import TRANSPORT_WINDOW, Traffic
 from control.web.render import human_age, human_bytes, traffic_svg
 
 KEY = "A" * 43 + "="
@@ -176,3 +176,29 @@ async def test_event_bus_fan_out_overflow_and_close() -> None:
     assert c is not None
     bus.close()
     assert (await c.next(1.0)).kind == "closing"  # type: ignore[union-attr]
+
+
+def test_which_transport_each_session_uses() -> None:
+    """Reports say udp or tcp (WireGuard over the stream transport); a key stays on tcp
+    while any report within the window said so (an agent may use UDP to one gateway
+    and TCP to another), then follows the reports."""
+    stats = p.Stats((), (p.PeerHandshake(KEY, 1.0, "tcp"), p.PeerHandshake(KEY, 2.0, "udp")))
+    assert p.parse_stats(p.decode(p.encode("stats", stats.to_wire())).data) == stats
+    older = {"peers": [{"publicKey": KEY, "handshakeAge": 1}]}  # an agent before the field
+    assert p.parse_stats(older).peers[0].transport is None
+    for transport in ("quic", 4, "", "udp" * 3):
+        with pytest.raises(p.ProtocolError, match="transport"):
+            p.parse_stats(
+                {"peers": [{"publicKey": KEY, "handshakeAge": 1, "transport": transport}]}
+            )
+    traffic = Traffic()
+    assert traffic.transport(KEY) is None and traffic.transport(None) is None
+    traffic.handshakes([p.PeerHandshake(KEY, 5.0, "udp")], 1000.0)
+    assert traffic.transport(KEY) == "udp"
+    traffic.handshakes([p.PeerHandshake(KEY, 5.0, "tcp")], 1010.0)
+    traffic.handshakes([p.PeerHandshake(KEY, 5.0, "udp")], 1020.0)  # another gateway
+    assert traffic.transport(KEY) == "tcp"
+    traffic.handshakes([p.PeerHandshake(KEY, 5.0, "udp")], 1010.0 + TRANSPORT_WINDOW)
+    assert traffic.transport(KEY) == "udp"
+    traffic.handshakes([p.PeerHandshake(KEY, None, "tcp")], 2000.0)  # no session: ignored
+    assert traffic.transport(KEY) == "udp"
