@@ -8,12 +8,15 @@ Topology (created by :class:`StreamTopology`, always torn down by it)::
     │               stream end (``gateway.wgstream.StreamAcceptor`` behind the real
     │               ``ProxyServer`` TLS listener on :8443, relaying to wireguard-go's
     │               UDP port); the bench clients (``bench.agentbench`` client jobs:
-    │               kernel TCP through wireguard-go to the agent)
+    │               kernel TCP through wireguard-go to the agent); and the userspace
+    │               backend as a second gateway, 10.81.0.2 on UDP :51821 with its
+    │               stream end on :8444 feeding its engine, running the same jobs
+    │               through its own stack (paths ``user_udp`` and ``user_stream``)
     ├── veth 172.31.8.0/24 ───────────── ns A "agent": one process running our
     │                                     WireGuard + TCP/IP stack (``UserspaceTunnel``)
     └── TUN 10.99.0.1 ⇄ relay ⇄ TUN 10.99.0.2   as 10.81.0.100, the bench server on the
-        (a process in the root namespace          stack's :5201, switching paths on
-         holding both TUN devices, dropping        command: ``udp`` and ``stream`` over the
+        (a process in G holding both TUN          stack's :5201, switching paths on
+         devices, A's moved to A, dropping         command: ``udp`` and ``stream`` over the
          a seeded share of the packets)            veth, ``udp_lossy`` and ``stream_lossy``
                                                     through the relay
 
@@ -23,7 +26,8 @@ Roles of this module::
 
     python -m bench.streambench edge  '{...}'    # in G: the gateway's stream end
     python -m bench.streambench agent '{...}'    # in A: the data plane; reads commands
-    python -m bench.streambench relay '{...}'    # root namespace: the lossy TUN relay
+    python -m bench.streambench relay '{...}'    # in G: the lossy TUN relay (both TUNs)
+    python -m bench.streambench usergw '{...}'   # in G: the userspace gateway; runs jobs
 
 Commands to the agent (one JSON line each, one JSON answer): ``{"path": name}`` moves
 the gateway's datagrams to a path and waits until a round trip works on it;
@@ -52,12 +56,18 @@ APP_PORT = 5201
 GW_PORT = 51820
 HTTPS_PORT = 8443
 GW_IP, AGENT_IP = "10.81.0.1", "10.81.0.100"
+#: the userspace gateway (the rootless backend): our engine and stack in G
+USER_GW_IP, USER_GW_PORT, USER_HTTPS_PORT = "10.81.0.2", 51821, 8444
 VETH = ("172.31.8.1", "172.31.8.2")  # G side, A side
 TUN = ("10.99.0.1", "10.99.0.2")  # G side, A side (through the relay)
 PATHS = ("udp", "stream", "udp_lossy", "stream_lossy")
+#: the same two ways to the userspace gateway (the engine fed from the stream directly)
+USER_PATHS = ("user_udp", "user_stream")
 
 
 def _endpoint(path: str) -> tuple[str, int]:
+    if path.startswith("user_"):
+        return (VETH[0], USER_GW_PORT)
     return (TUN[0] if path.endswith("_lossy") else VETH[0], GW_PORT)
 
 
@@ -95,12 +105,17 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     tunnel = UserspaceTunnel(base64.b64decode(cfg["private_key"]), [AGENT_IP])
     await tunnel.start("0.0.0.0", 0)
-    gateway_key = base64.b64decode(cfg["gateway_public"])
+    keys = {
+        "wg": base64.b64decode(cfg["gateway_public"]),
+        "user": base64.b64decode(cfg["user_gateway_public"]),
+    }
     tunnel.set_peer(cfg["gateway_public"], [f"{GW_IP}/32"], _endpoint("udp"), 25)
+    tunnel.set_peer(cfg["user_gateway_public"], [f"{USER_GW_IP}/32"], _endpoint("user_udp"), 25)
     server = await tunnel.start_server(serve, APP_PORT)
     udp = tunnel.udp
     assert udp is not None
     state: dict[str, Any] = {"stream": None, "endpoint": _endpoint("udp"), "pings": []}
+    user: dict[str, Any] = {"stream": None, "endpoint": _endpoint("user_udp")}
 
     async def pinger() -> None:
         seen = 0
@@ -114,31 +129,35 @@ async def run_agent(cfg: dict[str, Any]) -> None:
                 stream.ping_now()  # (none while the last one is out)
 
     async def use(path: str) -> dict[str, Any]:
-        old: DatagramStream | None = state["stream"]
-        udp.route(state["endpoint"], None)
-        state["stream"] = None
+        on_user = path.startswith("user_")
+        held = user if on_user else state
+        old: DatagramStream | None = held["stream"]
+        udp.route(held["endpoint"], None)
+        held["stream"] = None
         if old is not None:
             old.close("switching")
         endpoint = _endpoint(path)
-        state["endpoint"] = endpoint
-        if path.startswith("stream"):
+        held["endpoint"] = endpoint
+        if "stream" in path:
             stream = await open_stream(
                 endpoint[0],
-                HTTPS_PORT,
+                USER_HTTPS_PORT if on_user else HTTPS_PORT,
                 on_datagrams=lambda datagrams: udp.receive_routed(datagrams, endpoint),
                 timeout=10,
             )
-            state["stream"] = stream
+            held["stream"] = stream
             udp.route(endpoint, stream)
-        tunnel.device.set_peer(gateway_key, endpoint=endpoint)
-        tunnel.device.initiate_handshake(gateway_key, udp.now(), force=True)
+        key = keys["user" if on_user else "wg"]
+        tunnel.device.set_peer(key, endpoint=endpoint)
+        tunnel.device.initiate_handshake(key, udp.now(), force=True)
         udp.flush()
+        target = USER_GW_IP if on_user else GW_IP
         # up when a round trip through the tunnel works on the new path: a SYN to a
         # closed port of the gateway's kernel, answered with a reset
         deadline = loop.time() + 20
         while loop.time() < deadline:
             try:
-                _, writer = await tunnel.open_connection(GW_IP, APP_PORT + 1, timeout=2)
+                _, writer = await tunnel.open_connection(target, APP_PORT + 1, timeout=2)
             except (ConnectionRefusedError, ConnectionResetError):
                 break
             except (OSError, TimeoutError):
@@ -175,9 +194,112 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     finally:
         ping_task.cancel()
         server.close()
-        if state["stream"] is not None:
-            state["stream"].close("done")
+        for held in (state, user):
+            if held["stream"] is not None:
+                held["stream"].close("done")
         tunnel.close()
+
+
+async def run_user_gateway(cfg: dict[str, Any]) -> None:
+    """The gateway's ``userspace`` backend: our WireGuard and stack on a UDP socket, its
+    stream end feeding the engine (``engine_binding``); the bench jobs run here, through
+    this stack to the agent, as the gateway's proxy dials agents on this backend."""
+    from common.relay.metrics import Metrics
+    from common.relay.router import Router
+    from gateway.proxy.http import ProxyServer
+    from gateway.tls import CertificateStore
+    from gateway.wgstream import StreamAcceptor, engine_binding
+    from netstack.tunnel import UserspaceTunnel
+
+    loop = asyncio.get_running_loop()
+    tunnel = UserspaceTunnel(base64.b64decode(cfg["private_key"]), [USER_GW_IP])
+    await tunnel.start("0.0.0.0", USER_GW_PORT)
+    tunnel.set_peer(cfg["agent_public"], [f"{AGENT_IP}/32"])
+    metrics = Metrics()
+    acceptor = StreamAcceptor(engine_binding(lambda: tunnel.udp), metrics)
+    proxy = ProxyServer(Router(), metrics=metrics)
+    proxy.stream_acceptor = acceptor
+    context = CertificateStore(Path(cfg["state"])).server_context()
+    await proxy.start("0.0.0.0", USER_HTTPS_PORT, context)
+
+    async def job(command: dict[str, Any]) -> dict[str, Any]:
+        reader, writer = await tunnel.open_connection(AGENT_IP, APP_PORT, timeout=10)
+        try:
+            return await _job_on_stream(command, reader, writer)
+        finally:
+            writer.close()
+
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    stop = _stop_on_stdin_eof(loop, queue.put_nowait)
+    stopped = loop.create_task(stop.wait())
+    emit(ready=True, pid=os.getpid())
+    try:
+        while True:
+            getter = loop.create_task(queue.get())
+            await asyncio.wait({getter, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            emit(**await job(json.loads(getter.result())))
+    finally:
+        await proxy.close()
+        await acceptor.close()
+        tunnel.close()
+
+
+async def _job_on_stream(
+    command: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> dict[str, Any]:
+    """``bench.agentbench``'s client jobs (the same bench server protocol), on asyncio
+    streams: ``upload`` (to the agent), ``download`` (from it), ``rtt``."""
+    kind = command["job"]
+    if kind == "upload":
+        size = command["size"]
+        chunk = bytes(256 * 1024)
+        start = time.perf_counter()
+        writer.write(b"sink\n")
+        left = size
+        while left > 0:
+            writer.write(chunk[: min(left, len(chunk))])
+            left -= min(left, len(chunk))
+            await writer.drain()
+        writer.write_eof()
+        reply = await asyncio.wait_for(reader.readline(), 120)
+        return {"bytes": size, "received": int(reply or -1), "seconds": time.perf_counter() - start}
+    if kind == "download":
+        size = command["size"]
+        writer.write(f"source {size}\n".encode())
+        start = time.perf_counter()
+        total = 0
+        while total < size:
+            data = await asyncio.wait_for(reader.read(1 << 20), 60)
+            if not data:
+                break
+            total += len(data)
+        return {"bytes": size, "received": total, "seconds": time.perf_counter() - start}
+    if kind == "rtt":
+        size, count, warmup = command["size"], command["count"], command["warmup"]
+        message = bytes(range(256))[:size].ljust(size, b"x")
+        writer.write(b"echo\n")
+        samples: list[int] = []
+        for i in range(warmup + count):
+            began = time.perf_counter_ns()
+            writer.write(message)
+            got = await asyncio.wait_for(reader.readexactly(size), 10)
+            took = time.perf_counter_ns() - began
+            if got != message:
+                raise AssertionError("echo returned other bytes")
+            if i >= warmup:
+                samples.append(took)
+        samples.sort()
+        return {
+            "count": len(samples),
+            "p50_us": samples[len(samples) // 2] / 1000,
+            "p99_us": samples[min(len(samples) - 1, len(samples) * 99 // 100)] / 1000,
+            "min_us": samples[0] / 1000,
+            "max_us": samples[-1] / 1000,
+        }
+    raise ValueError(f"unknown job {kind!r}")
 
 
 async def run_relay(cfg: dict[str, Any]) -> None:
@@ -233,6 +355,7 @@ class StreamTopology:
     children: list[Child] = field(default_factory=list)
     agent: Child | None = None
     edge: Child | None = None
+    user_gateway: Child | None = None
     relay: Child | None = None
     wg: Child | None = None
 
@@ -271,7 +394,7 @@ class StreamTopology:
             sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "mtu", "1500", "up")
         # the gateway's WireGuard: wireguard-go, the agent its peer
-        gw_keys, agent_keys = KeyPair.generate(), KeyPair.generate()
+        gw_keys, agent_keys, user_keys = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
         self.wg = self._spawn(Child(n["g"], "wireguard-go", "-f", n["wg"], stdin=False))
         sock = Path(f"/var/run/wireguard/{n['wg']}.sock")
         for _ in range(200):
@@ -286,15 +409,21 @@ class StreamTopology:
            "allowed-ips", f"{AGENT_IP}/32")  # fmt: skip
         sh("ip", "-n", n["g"], "addr", "add", f"{GW_IP}/24", "dev", n["wg"])
         sh("ip", "-n", n["g"], "link", "set", n["wg"], "up")
-        self.edge = self._spawn(role(n["g"], "edge", {"state": str(state)}))
+        self.edge = self._spawn(role(n["g"], "edge", {"state": str(state / "edge")}))
         assert self.edge.read(30).get("ready")
-        self.agent = self._spawn(
-            role(
-                n["a"],
-                "agent",
-                {"private_key": agent_keys.private_b64, "gateway_public": gw_keys.public_b64},
-            )
-        )
+        user_cfg = {
+            "state": str(state / "usergw"),
+            "private_key": user_keys.private_b64,
+            "agent_public": agent_keys.public_b64,
+        }
+        self.user_gateway = self._spawn(role(n["g"], "usergw", user_cfg))
+        assert self.user_gateway.read(30).get("ready")
+        agent_cfg = {
+            "private_key": agent_keys.private_b64,
+            "gateway_public": gw_keys.public_b64,
+            "user_gateway_public": user_keys.public_b64,
+        }
+        self.agent = self._spawn(role(n["a"], "agent", agent_cfg))
         assert self.agent.read(30).get("ready")
 
     def _spawn(self, child: Child) -> Child:
@@ -317,6 +446,15 @@ class StreamTopology:
         assert self.relay is not None
         self.relay.send("counts")
         return self.relay.read(10)
+
+    def job(self, path: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A bench job to the agent on ``path``: kernel TCP through wireguard-go, or
+        through the userspace gateway's own stack for the ``user_`` paths."""
+        if not path.startswith("user_"):
+            return self.client(job, timeout)
+        assert self.user_gateway is not None
+        self.user_gateway.send(json.dumps(job))
+        return self.user_gateway.read(timeout)
 
     def client(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
         """A ``bench.agentbench`` client job in G, to the agent's bench server."""
@@ -347,7 +485,12 @@ class StreamTopology:
 
 def main(argv: list[str]) -> None:
     role, cfg = argv[0], json.loads(argv[1])
-    runners = {"edge": run_edge, "agent": run_agent, "relay": run_relay}
+    runners = {
+        "edge": run_edge,
+        "agent": run_agent,
+        "relay": run_relay,
+        "usergw": run_user_gateway,
+    }
     if role not in runners:
         raise SystemExit(f"unknown role {role!r}")
     # the programs' default loop (uvloop when importable), KAKUREMICHI_EVENT_LOOP to choose

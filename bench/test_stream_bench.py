@@ -8,7 +8,9 @@ way (for the stream: the outer TCP's packets, so TCP runs inside TCP over a loss
 path).  Measured, rows interleaved in every round:
 
 * one TCP stream each way through the tunnel (Mbit/s, median of the rounds), the
-  ratio stream/udp (goal ≥ 0.5) and stream_lossy/udp_lossy;
+  ratio stream/udp (goal ≥ 0.5) and stream_lossy/udp_lossy; and the same two rows
+  against the userspace backend (``user_udp``, ``user_stream``: the gateway's own
+  engine fed from the stream, the jobs run through its stack);
 * 64-byte request/response round trips (p50/p99 µs), the p50 ratio stream/udp
   (goal ≤ 2);
 * queueing delay under a bulk transfer: 64-byte round trips while a download runs,
@@ -34,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from bench.streambench import PATHS, StreamTopology
+from bench.streambench import PATHS, USER_PATHS, StreamTopology
 from tests.support import need_binary, need_root
 
 pytestmark = pytest.mark.root
@@ -97,13 +99,13 @@ def _ratio(a: float, b: float) -> str:
 def test_stream_vs_udp_throughput(benchmark: Any, topology: StreamTopology, direction: str) -> None:
     sizes = _sizes(benchmark)
     job = "upload" if direction == "gateway_to_agent" else "download"
-    mbit: dict[str, list[float]] = {path: [] for path in PATHS}
+    mbit: dict[str, list[float]] = {path: [] for path in PATHS + USER_PATHS}
 
     def measure() -> None:
         for _ in range(sizes.rounds):
-            for path in PATHS:
+            for path in PATHS + USER_PATHS:
                 topology.use(path)
-                result = topology.client({"job": job, "size": sizes.stream_bytes}, 600)
+                result = topology.job(path, {"job": job, "size": sizes.stream_bytes}, 600)
                 assert result["received"] == sizes.stream_bytes, (path, result)
                 mbit[path].append(sizes.stream_bytes * 8 / result["seconds"] / 1e6)
 
@@ -114,10 +116,11 @@ def test_stream_vs_udp_throughput(benchmark: Any, topology: StreamTopology, dire
     info["direction"] = direction
     info["host_loadavg_1m"] = round(os.getloadavg()[0], 2)
     info["stream_bytes"] = sizes.stream_bytes
-    for path in PATHS:
+    for path in PATHS + USER_PATHS:
         info[f"{path}_mbit"] = round(medians[path], 1)
         info[f"{path}_rounds_mbit"] = [round(v, 1) for v in mbit[path]]
     info["ratio_stream_over_udp"] = round(medians["stream"] / medians["udp"], 3)
+    info["ratio_user_stream_over_user_udp"] = round(medians["user_stream"] / medians["user_udp"], 3)
     info["ratio_lossy_stream_over_lossy_udp"] = round(
         medians["stream_lossy"] / medians["udp_lossy"], 3
     )
@@ -133,6 +136,10 @@ def test_stream_vs_udp_throughput(benchmark: Any, topology: StreamTopology, dire
                 _ratio(medians[p], medians["udp_lossy"]),
             ]
             for p in PATHS
+        ]
+        + [
+            [p, medians[p], _ratio(medians[p], medians["user_udp"]) + " (to user_udp)", "-"]
+            for p in USER_PATHS
         ],
     )
 
@@ -142,7 +149,7 @@ def test_stream_vs_udp_round_trips(benchmark: Any, topology: StreamTopology) -> 
     results: dict[str, dict[str, Any]] = {}
 
     def measure() -> None:
-        for path in PATHS:
+        for path in PATHS + USER_PATHS:
             topology.use(path)
             job = {
                 "job": "rtt",
@@ -150,7 +157,7 @@ def test_stream_vs_udp_round_trips(benchmark: Any, topology: StreamTopology) -> 
                 "size": 64,
                 "warmup": max(20, sizes.round_trips // 20),
             }
-            results[path] = topology.client(job, 300)
+            results[path] = topology.job(path, job, 300)
             assert results[path]["count"] == sizes.round_trips
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
@@ -162,6 +169,9 @@ def test_stream_vs_udp_round_trips(benchmark: Any, topology: StreamTopology) -> 
     info["p50_ratio_stream_over_udp"] = round(
         results["stream"]["p50_us"] / results["udp"]["p50_us"], 3
     )
+    info["p50_ratio_user_stream_over_user_udp"] = round(
+        results["user_stream"]["p50_us"] / results["user_udp"]["p50_us"], 3
+    )
     _table(
         f"64-byte round trips x {sizes.round_trips}",
         ["path", "p50 µs", "p99 µs", "max µs", "p50 ratio to udp"],
@@ -171,7 +181,8 @@ def test_stream_vs_udp_round_trips(benchmark: Any, topology: StreamTopology) -> 
                 r["p50_us"],
                 r["p99_us"],
                 r["max_us"],
-                _ratio(r["p50_us"], results["udp"]["p50_us"]),
+                _ratio(r["p50_us"], results["user_udp" if p in USER_PATHS else "udp"]["p50_us"])
+                + (" (to user_udp)" if p in USER_PATHS else ""),
             ]
             for p, r in results.items()
         ],
