@@ -141,9 +141,9 @@ async def test_garbage_from_control_never_stops_the_agent(
                     await asyncio.sleep(0.02)
                 await done.wait()
             supervisor = agent.runtime.supervisor
-            assert {n: supervisor.restarts(n) for n in supervisor.names} == dict.fromkeys(
-                ("control", "reconcile", "target-health", "wireguard-watch"), 0
-            ), "a task of the agent died"
+            restarts = {n: supervisor.restarts(n) for n in supervisor.names}
+            assert {"control", "reconcile", "target-health", "wireguard-watch"} <= set(restarts)
+            assert set(restarts.values()) == {0}, f"a task of the agent died: {restarts}"
             assert agent.client.view.config_version == 7
             route = agent.forwarder.router.lookup_host("app.example.com")
             assert route is not None and (
