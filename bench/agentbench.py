@@ -3,24 +3,39 @@ path, over real WireGuard (wireguard-go) in network namespaces.
 
 Topology (created by :class:`Topology`, always torn down by it)::
 
-    ns G "gateway": wireguard-go, 10.77.0.1/24 + 10.78.0.1/24 (one peer per agent,
-    │                as a real gateway holds one address per agent subnet)
+    ns G "gateway": wireguard-go 10.77.0.1/24 + 10.78.0.1/24 + 10.80.0.1/24 +
+    │                10.79.0.1/24 (one peer per agent, as a real gateway holds one
+    │                address per agent subnet); the bench clients; the relays
     ├── veth 172.31.1.0/24 ── ns A "privileged agent": wireguard-go 10.77.0.100 +
-    │                          kernel TCP, an asyncio server on :5201
-    └── veth 172.31.2.0/24 ── ns B "our agent": one process running the agent's own
-                               data plane (``agent.device.AgentDataPlane``: our WireGuard +
-                               our TCP/IP stack on one UDP socket) holding 10.78.0.100,
-                               the same asyncio server on the stack's :5201, and a
-                               ``agent.forward.Forwarder`` raw TCP tunnel :5301 →
-                               127.0.0.1:5201 (a kernel server process in B, the
-                               "local app"), i.e. the agent's full forwarding path.
+    │                          kernel TCP, an asyncio server on :5201 (the namespace's
+    │                          congestion control) and on :5202 (CUBIC, TCP_CONGESTION)
+    ├── veth 172.31.2.0/24 ── ns B "our agent": one process running the agent's own
+    │                          data plane (``agent.device.AgentDataPlane``: our WireGuard +
+    │                          our TCP/IP stack on one UDP socket) holding 10.78.0.100,
+    │                          the same asyncio server on the stack's :5201, and a
+    │                          ``agent.forward.Forwarder`` raw TCP tunnel :5301 →
+    │                          127.0.0.1:5201 (a kernel server process in B, the
+    │                          "local app"), i.e. the agent's full forwarding path;
+    │                          a second agent process, ``--congestion bbr``, 10.80.0.100
+    └── veth 172.31.3.0/24 ── ns C "mitmproxy_rs": Rust boringtun + smoltcp
+                               (``mitmproxy_rs.wireguard``) as 10.79.0.100, the same
+                               bench application on its streams (the gateway dials it)
+
+The relays: one seeded user-space UDP impairment relay per agent, in G, between the
+agent's WireGuard and the gateway's (the kernel has no netem here).  Each is one
+process, a thread per direction, dropping a seeded share of the datagrams and
+delaying the rest (``set`` on its stdin); WireGuard roams to it and back when an
+agent's endpoint is switched (``Topology.through_relays``).  A loss each way of p
+drops a datagram of any kind (data, ACKs, handshakes) with probability p.
 
 Everything runs as a separate process under ``ip netns exec`` (wireguard-go, the
-servers, the agent and the gateway-side clients), so each has its own interpreter
-and can use its own core.  Usage of the roles::
+servers, the agents, the relays and the gateway-side clients), so each has its own
+interpreter and can use its own core.  Usage of the roles::
 
     python -m bench.agentbench server '{"host": ..., "port": ...}'  # kernel TCP
     python -m bench.agentbench agent  '{...}'                         # our stack
+    python -m bench.agentbench mitm   '{...}'                         # mitmproxy_rs
+    python -m bench.agentbench relay  '{"listen": ..., "peer": ..., "target": ...}'
     python -m bench.agentbench client '{"job": "upload" | "download" | "rtt" | "conns" | "probe", ...}'
 
 The servers speak one line of command first: ``sink`` (count bytes until EOF, answer
@@ -30,8 +45,8 @@ results.  Every loop is bounded by a byte count, a round count or a deadline.
 
 Listen backlogs: the kernel servers ask for 4096; the agent's listeners take
 ``UserspaceTunnel.start_server``'s default (4096 too), as the agent's own ``Forwarder``
-does.  ``KAKUREMICHI_AGENT_BENCH_PROFILE=FILE``
-runs the agent process under cProfile and writes the stats to FILE when it exits.
+does.  ``KAKUREMICHI_AGENT_BENCH_PROFILE=FILE`` runs the agent processes under cProfile
+and writes the stats to FILE (the BBR agent's to FILE.bbr) when they exit.
 """
 
 from __future__ import annotations
@@ -42,28 +57,40 @@ import contextlib
 import json
 import os
 import queue
+import random
 import resource
+import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 
 GW_PORT = 51820
-PRIV_NET, OURS_NET = "10.77.0", "10.78.0"
+PRIV_NET, OURS_NET, BBR_NET, MITM_NET = "10.77.0", "10.78.0", "10.80.0", "10.79.0"
 GW_PRIV_IP, PRIV_AGENT_IP = f"{PRIV_NET}.1", f"{PRIV_NET}.100"
 GW_OURS_IP, OUR_AGENT_IP = f"{OURS_NET}.1", f"{OURS_NET}.100"
+GW_BBR_IP, BBR_AGENT_IP = f"{BBR_NET}.1", f"{BBR_NET}.100"
+GW_MITM_IP, MITM_AGENT_IP = f"{MITM_NET}.1", f"{MITM_NET}.100"
 VETH_A = ("172.31.1.1", "172.31.1.2")  # G side, A side
 VETH_B = ("172.31.2.1", "172.31.2.2")  # G side, B side
+VETH_C = ("172.31.3.1", "172.31.3.2")  # G side, C side
+OUR_WG_PORT, BBR_WG_PORT = 51820, 51821  # our two agents' UDP ports in B
 APP_PORT = 5201  # the bench server, on the agent's address
+CUBIC_APP_PORT, BBR_APP_PORT = 5202, 5203  # the privileged agent's, TCP_CONGESTION set
+#: the relays' ports in G, one per agent (see ``Topology.relays``)
+RELAY_PORTS = {"privileged": 51901, "agent": 51902, "agent_bbr": 51903, "mitmproxy_rs": 51904}
 FORWARD_PORT = 5301  # the Forwarder's raw TCP tunnel → 127.0.0.1:APP_PORT in B
 CHUNK = 256 * 1024
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux; not in the socket module
 
 
 def emit(**fields: Any) -> None:
@@ -81,8 +108,19 @@ def raise_fd_limit() -> None:
 # ---------------------------------------------------------------------- the server app
 
 
-async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The bench application, identical on kernel TCP and on our stack."""
+class Reader(Protocol):
+    async def readline(self) -> bytes: ...
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Writer(Protocol):
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+
+
+async def serve(reader: Reader, writer: Writer) -> None:
+    """The bench application, identical on kernel TCP, on our stack and on smoltcp."""
     try:
         line = await asyncio.wait_for(reader.readline(), 30)
         command, _, argument = line.decode("ascii", "replace").strip().partition(" ")
@@ -128,7 +166,22 @@ async def run_server(cfg: dict[str, Any]) -> None:
     raise_fd_limit()
     # A large accept queue (asyncio's default is 100): the privileged path should show
     # what kernel TCP can do, not drop SYNs of the 1,000-connection burst.
-    server = await asyncio.start_server(serve, cfg["host"], cfg["port"], backlog=4096)
+    congestion = cfg.get("congestion")
+    if congestion:
+        with socket.socket() as probe:
+            try:
+                probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+            except OSError as exc:
+                emit(ready=False, error=f"TCP_CONGESTION {congestion}: {exc}")
+                return
+
+    async def serve_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if congestion:  # before any data: this connection's sender (Linux per socket)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        await serve(reader, writer)
+
+    server = await asyncio.start_server(serve_with, cfg["host"], cfg["port"], backlog=4096)
     stop = _stop_on_stdin_eof(asyncio.get_running_loop())
     emit(ready=True, pid=os.getpid())
     try:
@@ -148,16 +201,19 @@ async def run_agent(cfg: dict[str, Any]) -> None:
 
     raise_fd_limit()
     loop = asyncio.get_running_loop()
-    device = AgentDataPlane(KeyPair.from_private(base64.b64decode(cfg["private_key"])))
-    await device.start()
-    gateway = GatewayPeer(
-        "gw",
-        "gateway",
-        cfg["gateway_public"],
-        (cfg["gateway_host"], cfg["gateway_port"]),
-        (f"{cfg['gateway_ip']}/32",),
+    device = AgentDataPlane(
+        KeyPair.from_private(base64.b64decode(cfg["private_key"])),
+        port=cfg.get("wireguard_port", 0),
+        congestion=cfg.get("congestion", "cubic"),
     )
-    device.apply(cfg["address"], [gateway])
+    await device.start()
+
+    def gateway(host: str, port: int) -> GatewayPeer:
+        return GatewayPeer(
+            "gw", "gateway", cfg["gateway_public"], (host, port), (f"{cfg['gateway_ip']}/32",)
+        )
+
+    device.apply(cfg["address"], [gateway(cfg["gateway_host"], cfg["gateway_port"])])
     tunnel = device.tunnel
     server = await tunnel.start_server(serve, cfg["port"])
     forwarder = Forwarder(tunnel, http_port=cfg["http_port"])
@@ -180,7 +236,12 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     await forwarder.wait_reconciled()
 
     def on_line(line: str) -> None:
-        if line == "stats":
+        command, _, argument = line.partition(" ")
+        if command == "endpoint":  # the gateway's WireGuard through a relay, or direct
+            host, _, port = argument.rpartition(":")
+            device.apply(cfg["address"], [gateway(host, int(port))])
+            emit(endpoint=argument)
+        elif line == "stats":
             stack = tunnel.stack
             emit(
                 counters=dict(stack.counters),
@@ -206,6 +267,173 @@ async def run_agent(cfg: dict[str, Any]) -> None:
         device.close()
 
 
+class MitmStream:
+    """A ``mitmproxy_rs`` stream with the asyncio stream methods ``serve`` uses."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def readline(self) -> bytes:
+        while b"\n" not in self.buffer and len(self.buffer) < 65536:
+            data = await self.stream.read(65536)
+            if not data:
+                line, self.buffer = self.buffer, b""
+                return line
+            self.buffer += data
+        line, newline, self.buffer = self.buffer.partition(b"\n")
+        return line + newline
+
+    async def read(self, n: int = -1) -> bytes:
+        if self.buffer:
+            data = self.buffer if n < 0 else self.buffer[:n]
+            self.buffer = self.buffer[len(data) :]
+            return data
+        return bytes(await self.stream.read(65536 if n < 0 else n))
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.stream.write(bytes(data))
+
+    async def drain(self) -> None:
+        await self.stream.drain()
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+async def run_mitm(cfg: dict[str, Any]) -> None:
+    """mitmproxy_rs's WireGuard server (Rust boringtun + smoltcp): a peer of the gateway's
+    wireguard-go whose every tunnelled TCP connection the bench application answers."""
+    from mitmproxy_rs import wireguard
+
+    async def handle_tcp(stream: Any) -> None:
+        adapter = MitmStream(stream)
+        try:
+            await serve(adapter, adapter)
+        except Exception:  # a stream smoltcp reset: the client reports it
+            stream.close()
+
+    async def handle_udp(stream: Any) -> None:
+        stream.close()
+
+    server = await wireguard.start_wireguard_server(
+        cfg["host"], cfg["port"], cfg["private_key"], [cfg["peer_public"]], handle_tcp, handle_udp
+    )
+    stop = _stop_on_stdin_eof(asyncio.get_running_loop())
+    emit(ready=True, pid=os.getpid())
+    try:
+        await asyncio.wait_for(stop.wait(), cfg.get("lifetime", 3600))
+    except TimeoutError:
+        pass
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@dataclass
+class Impairment:
+    """What a relay does to each datagram, per direction (seeded)."""
+
+    loss_to_target: float = 0.0  # datagrams from the near peer on to the target
+    loss_to_peer: float = 0.0  # the answers, back to the near peer
+    delay: float = 0.0  # seconds, each way
+    seed: int = 0
+    generation: int = 0
+
+
+def relay_direction(
+    src: socket.socket,
+    dst: socket.socket,
+    name: str,
+    state: list[Impairment],
+    counts: dict[str, int],
+) -> None:
+    """One direction of a relay: datagrams from ``src`` to ``dst``, dropped with the
+    seeded probability and held for the delay (a FIFO: the delay is the same for all,
+    so nothing is reordered).  Blocking receives while nothing waits, else select()
+    until the next datagram is due."""
+    generation = -1
+    rng = random.Random()
+    loss = delay = 0.0
+    held: deque[tuple[float, bytes]] = deque()
+    buffer = bytearray(65536)
+    view = memoryview(buffer)
+    clock = time.monotonic
+    while True:
+        current = state[0]
+        if current.generation != generation:
+            generation, delay = current.generation, current.delay
+            loss = current.loss_to_target if name == "to_target" else current.loss_to_peer
+            rng = random.Random(f"{current.seed}/{name}")
+        if not held and delay <= 0:
+            n = src.recv_into(buffer)
+            if loss and rng.random() < loss:
+                counts["dropped"] += 1
+                continue
+            counts["passed"] += 1
+            with contextlib.suppress(OSError):  # the far end not listening (yet)
+                dst.send(view[:n])
+            continue
+        timeout = max(0.0, held[0][0] - clock()) if held else 0.5
+        readable, _, _ = select.select([src], [], [], timeout)
+        if readable:
+            for _ in range(256):  # what is queued now; bounded, then the due ones go
+                try:
+                    data = src.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if loss and rng.random() < loss:
+                    counts["dropped"] += 1
+                    continue
+                held.append((clock() + delay, data))
+        now = clock()
+        while held and held[0][0] <= now:
+            counts["passed"] += 1
+            with contextlib.suppress(OSError):
+                dst.send(held.popleft()[1])
+
+
+def run_relay(cfg: dict[str, Any]) -> None:
+    """A seeded UDP impairment relay: datagrams from ``peer`` arriving at ``listen`` go
+    to ``target`` from a socket of their own, and the answers back to ``peer``.  Stdin:
+    ``set {"loss": p, "delay": s, "seed": n}`` (each way; ``loss_to_target`` /
+    ``loss_to_peer`` for one way), ``stats``."""
+
+    def udp(bind: tuple[str, int], connect: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for option in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
+            with contextlib.suppress(OSError):  # root: beyond rmem_max/wmem_max
+                sock.setsockopt(socket.SOL_SOCKET, option, 8 << 20)
+        sock.bind(bind)
+        sock.connect(connect)
+        return sock
+
+    near = udp((cfg["listen"][0], cfg["listen"][1]), (cfg["peer"][0], cfg["peer"][1]))
+    far = udp(("0.0.0.0", 0), (cfg["target"][0], cfg["target"][1]))
+    state = [Impairment()]
+    counts = {name: {"passed": 0, "dropped": 0} for name in ("to_target", "to_peer")}
+    for src, dst, name in ((near, far, "to_target"), (far, near, "to_peer")):
+        threading.Thread(
+            target=relay_direction, args=(src, dst, name, state, counts[name]), daemon=True
+        ).start()
+    emit(ready=True, pid=os.getpid(), port=far.getsockname()[1])
+    for line in sys.stdin:  # the threads end with the process
+        command, _, argument = line.strip().partition(" ")
+        if command == "set":
+            values = json.loads(argument)
+            both = float(values.get("loss", 0.0))
+            state[0] = Impairment(
+                float(values.get("loss_to_target", both)),
+                float(values.get("loss_to_peer", both)),
+                float(values.get("delay", 0.0)),
+                int(values.get("seed", 0)),
+                state[0].generation + 1,
+            )
+            emit(set=values)
+        elif command == "stats":
+            emit(counts=counts)
+
+
 # ---------------------------------------------------------------------- clients (in G)
 
 
@@ -215,17 +443,21 @@ def _connect(host: str, port: int, timeout: float = 30.0) -> socket.socket:
     return sock
 
 
-def upload(host: str, port: int, size: int) -> dict[str, Any]:
-    """One stream gateway → agent: ``size`` bytes into the sink, timed until it counted."""
+def upload(host: str, port: int, size: int, cap: float | None = None) -> dict[str, Any]:
+    """One stream gateway → agent: ``size`` bytes into the sink (fewer if ``cap`` seconds
+    pass first), timed until the sink counted them."""
     with _connect(host, port) as sock:
+        sock.settimeout(max(30.0, 2 * cap) if cap else 30.0)
         sock.sendall(b"sink\n")
-        chunk = memoryview(bytes(1 << 20))
+        chunk = memoryview(bytes(1 << 16 if cap else 1 << 20))
         start = time.perf_counter()
+        deadline = start + cap if cap else None
         left = size
-        while left > 0:
+        while left > 0 and (deadline is None or time.perf_counter() < deadline):
             n = min(left, len(chunk))
             sock.sendall(chunk[:n])
             left -= n
+        sent = size - left
         sock.shutdown(socket.SHUT_WR)
         reply = b""
         while not reply.endswith(b"\n") and len(reply) < 64:
@@ -235,23 +467,41 @@ def upload(host: str, port: int, size: int) -> dict[str, Any]:
             reply += data
         elapsed = time.perf_counter() - start
     received = int(reply) if reply.strip() else -1
-    return {"bytes": size, "received": received, "seconds": elapsed}
+    return {"bytes": sent, "received": received, "seconds": elapsed, "capped": sent < size}
 
 
-def download(host: str, port: int, size: int) -> dict[str, Any]:
-    """One stream agent → gateway: the source sends ``size`` bytes, timed until EOF."""
+def download(host: str, port: int, size: int, cap: float | None = None) -> dict[str, Any]:
+    """One stream agent → gateway: the source sends ``size`` bytes, timed until EOF (or
+    until ``cap`` seconds passed: then what arrived by then, and the connection reset)."""
     with _connect(host, port) as sock:
         buffer = bytearray(1 << 20)
         sock.sendall(f"source {size}\n".encode())
         start = time.perf_counter()
+        deadline = start + cap if cap else None
         total = 0
-        while total <= size:  # bounded: the count, EOF, or the socket timeout
-            n = sock.recv_into(buffer)
+        while total <= size:  # bounded: the count, EOF, the cap or the socket timeout
+            if deadline is not None:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                sock.settimeout(left)
+            try:
+                n = sock.recv_into(buffer)
+            except TimeoutError:
+                break
             if not n:
                 break
             total += n
         elapsed = time.perf_counter() - start
-    return {"bytes": size, "received": total, "seconds": elapsed}
+        capped = total < size and deadline is not None and time.perf_counter() >= deadline
+        if capped:  # no FIN wait: a reset ends the source's loop at once
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return {
+        "bytes": total if capped else size,
+        "received": total,
+        "seconds": elapsed,
+        "capped": capped,
+    }
 
 
 def round_trips(host: str, port: int, count: int, size: int, warmup: int) -> dict[str, Any]:
@@ -280,6 +530,9 @@ def round_trips(host: str, port: int, count: int, size: int, warmup: int) -> dic
         "count": len(samples),
         "p50_us": samples[len(samples) // 2] / 1000,
         "p99_us": samples[min(len(samples) - 1, len(samples) * 99 // 100)] / 1000,
+        # the tail in bands: a probe or fast repair (10-100 ms), an RTO (beyond)
+        "over_10ms": sum(1 for t in samples if t > 10_000_000),
+        "over_100ms": sum(1 for t in samples if t > 100_000_000),
         "min_us": samples[0] / 1000,
         "max_us": samples[-1] / 1000,
     }
@@ -353,9 +606,9 @@ def probe(host: str, port: int, within: float) -> dict[str, Any]:
 def run_client(job: dict[str, Any]) -> None:
     kind, host, port = job["job"], job["host"], job["port"]
     if kind == "upload":
-        emit(**upload(host, port, job["size"]))
+        emit(**upload(host, port, job["size"], job.get("cap")))
     elif kind == "download":
-        emit(**download(host, port, job["size"]))
+        emit(**download(host, port, job["size"], job.get("cap")))
     elif kind == "rtt":
         emit(**round_trips(host, port, job["count"], job["size"], job["warmup"]))
     elif kind == "conns":
@@ -467,25 +720,48 @@ class Child:
                     stream.close()
 
 
+def mitmproxy_rs_importable() -> bool:
+    """mitmproxy_rs 0.10.x installs from PyPI on Python 3.11 (test extras); 0.11 does not."""
+    try:
+        import mitmproxy_rs.wireguard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class Topology:
-    """Namespaces G, A and B with wireguard-go, the servers and the agent (module doc)."""
+    """Namespaces G, A, B and C with wireguard-go, the servers, our two agents,
+    mitmproxy_rs and the relays (module doc)."""
 
     tag: str = "kab"
     names: dict[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     agent: Child | None = None
+    agent_bbr: Child | None = None
+    mitm: Child | None = None
     priv_server: Child | None = None
+    #: rows that could not be set up here, with the reason
+    missing: dict[str, str] = field(default_factory=dict)
     local_app: Child | None = None
     gw_wg: Child | None = None
     priv_wg: Child | None = None
+    relays: dict[str, Child] = field(default_factory=dict)
+    #: each relay's port towards the gateway's WireGuard (or mitmproxy_rs), in G
+    relay_far_ports: dict[str, int] = field(default_factory=dict)
+    #: the paths' WireGuard goes through the relays (``through_relays``)
+    relayed: bool = False
+    keys: dict[str, Any] = field(default_factory=dict)
+    #: the paths set up: name -> (address, port) the gateway dials
+    paths: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from tests.support import unique_name
 
         for key, prefix in {
-            "g": "g", "a": "a", "b": "b", "wg_g": "wg", "wg_a": "wa",
+            "g": "g", "a": "a", "b": "b", "c": "c", "wg_g": "wg", "wg_a": "wa",
             "veth_ga": "ga", "veth_ag": "ag", "veth_gb": "gb", "veth_bg": "bg",
+            "veth_gc": "gc", "veth_cg": "cg",
         }.items():  # fmt: skip
             self.names[key] = unique_name(self.tag + prefix)
 
@@ -495,72 +771,144 @@ class Topology:
 
     # -- set-up
 
-    def up(self) -> None:
+    def up(self, with_mitm: bool = True) -> None:
         from common.keys import KeyPair
 
         n = self.names
-        for ns in (n["g"], n["a"], n["b"]):
+        for ns in (n["g"], n["a"], n["b"], n["c"]):
             sh("ip", "netns", "add", ns)
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         for g_dev, o_dev, other, (g_ip, o_ip) in (
             (n["veth_ga"], n["veth_ag"], n["a"], VETH_A),
             (n["veth_gb"], n["veth_bg"], n["b"], VETH_B),
+            (n["veth_gc"], n["veth_cg"], n["c"], VETH_C),
         ):
             sh("ip", "link", "add", g_dev, "netns", n["g"], "type", "veth",
                "peer", "name", o_dev, "netns", other)  # fmt: skip
             for ns, dev, ip in ((n["g"], g_dev, g_ip), (other, o_dev, o_ip)):
                 sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
                 sh("ip", "-n", ns, "link", "set", dev, "up")
-        gw_keys, priv_keys, our_keys = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
+        keys = self.keys
+        for name in ("gateway", "privileged", "agent", "agent_bbr", "mitmproxy_rs"):
+            keys[name] = KeyPair.generate()
+        gw_keys = keys["gateway"]
         self.gw_wg = self._wireguard_go(n["g"], n["wg_g"], gw_keys)
         sh("ip", "netns", "exec", n["g"], "wg", "set", n["wg_g"],
-           "peer", priv_keys.public_b64, "allowed-ips", f"{PRIV_AGENT_IP}/32",
-           "peer", our_keys.public_b64, "allowed-ips", f"{OUR_AGENT_IP}/32")  # fmt: skip
-        for cidr in (f"{GW_PRIV_IP}/24", f"{GW_OURS_IP}/24"):
+           "peer", keys["privileged"].public_b64, "allowed-ips", f"{PRIV_AGENT_IP}/32",
+           "peer", keys["agent"].public_b64, "allowed-ips", f"{OUR_AGENT_IP}/32",
+           "peer", keys["agent_bbr"].public_b64, "allowed-ips", f"{BBR_AGENT_IP}/32",
+           "peer", keys["mitmproxy_rs"].public_b64, "allowed-ips", f"{MITM_AGENT_IP}/32",
+           "endpoint", f"{VETH_C[1]}:{GW_PORT}")  # fmt: skip
+        for cidr in (f"{GW_PRIV_IP}/24", f"{GW_OURS_IP}/24", f"{GW_BBR_IP}/24", f"{GW_MITM_IP}/24"):
             sh("ip", "-n", n["g"], "addr", "add", cidr, "dev", n["wg_g"])
         sh("ip", "-n", n["g"], "link", "set", n["wg_g"], "up")
         # (a) the privileged agent: wireguard-go + kernel TCP, same keepalive as ours
-        self.priv_wg = self._wireguard_go(n["a"], n["wg_a"], priv_keys)
+        self.priv_wg = self._wireguard_go(n["a"], n["wg_a"], keys["privileged"])
         sh("ip", "netns", "exec", n["a"], "wg", "set", n["wg_a"], "peer", gw_keys.public_b64,
            "endpoint", f"{VETH_A[0]}:{GW_PORT}", "allowed-ips", f"{GW_PRIV_IP}/32",
            "persistent-keepalive", "25")  # fmt: skip
         sh("ip", "-n", n["a"], "addr", "add", f"{PRIV_AGENT_IP}/24", "dev", n["wg_a"])
         sh("ip", "-n", n["a"], "link", "set", n["wg_a"], "up")
-        self.priv_server = self._spawn(
+        self.priv_server = self._ready(
             Child.python(n["a"], "server", {"host": PRIV_AGENT_IP, "port": APP_PORT})
         )
-        assert self.priv_server.read(20).get("ready")
-        # (b) our agent, and its Forwarder's local app
-        self.local_app = self._spawn(
+        self.paths["privileged"] = (PRIV_AGENT_IP, APP_PORT)
+        # the same kernel with each congestion control explicitly (TCP_CONGESTION)
+        for name, congestion, app_port in (
+            ("privileged_cubic", "cubic", CUBIC_APP_PORT),
+            ("privileged_bbr", "bbr", BBR_APP_PORT),
+        ):
+            server = Child.python(
+                n["a"],
+                "server",
+                {"host": PRIV_AGENT_IP, "port": app_port, "congestion": congestion},
+            )
+            self.children.append(server)
+            ready = server.read(30)
+            if ready.get("ready"):
+                self.paths[name] = (PRIV_AGENT_IP, app_port)
+            else:  # a kernel without BBR: the row is left out, and said so
+                self.missing[name] = ready.get("error", "did not start")
+        # (b) our agents (CUBIC, the default, and BBR), and the Forwarder's local app
+        self.local_app = self._ready(
             Child.python(n["b"], "server", {"host": "127.0.0.1", "port": APP_PORT})
         )
-        assert self.local_app.read(20).get("ready")
-        self.agent = self._spawn(
+        self.agent = self._agent("agent", OUR_AGENT_IP, GW_OURS_IP, OUR_WG_PORT, "cubic")
+        self.agent_bbr = self._agent("agent_bbr", BBR_AGENT_IP, GW_BBR_IP, BBR_WG_PORT, "bbr")
+        self.paths["agent"] = (OUR_AGENT_IP, APP_PORT)
+        self.paths["agent_bbr"] = (BBR_AGENT_IP, APP_PORT)
+        self.paths["agent_forward"] = (OUR_AGENT_IP, FORWARD_PORT)
+        # (c) mitmproxy_rs: Rust boringtun + smoltcp; the gateway initiates to it
+        if with_mitm and mitmproxy_rs_importable():
+            self.mitm = self._ready(
+                Child.python(
+                    n["c"],
+                    "mitm",
+                    {
+                        "host": VETH_C[1],
+                        "port": GW_PORT,
+                        "private_key": keys["mitmproxy_rs"].private_b64,
+                        "peer_public": gw_keys.public_b64,
+                    },
+                )
+            )
+            self.paths["mitmproxy_rs"] = (MITM_AGENT_IP, APP_PORT)
+        elif with_mitm:
+            self.missing["mitmproxy_rs"] = "mitmproxy_rs is not installed (the test extras)"
+        # the relays, idle until ``through_relays``
+        near = {
+            "privileged": ((VETH_A[0], RELAY_PORTS["privileged"]), (VETH_A[1], GW_PORT)),
+            "agent": ((VETH_B[0], RELAY_PORTS["agent"]), (VETH_B[1], OUR_WG_PORT)),
+            "agent_bbr": ((VETH_B[0], RELAY_PORTS["agent_bbr"]), (VETH_B[1], BBR_WG_PORT)),
+            "mitmproxy_rs": (("127.0.0.1", RELAY_PORTS["mitmproxy_rs"]), ("127.0.0.1", GW_PORT)),
+        }
+        far = {"mitmproxy_rs": (VETH_C[1], GW_PORT)}
+        for name, (listen, peer) in near.items():
+            if name == "mitmproxy_rs" and self.mitm is None:
+                continue
+            target = far.get(name, ("127.0.0.1", GW_PORT))
+            relay = Child.python(
+                n["g"], "relay", {"listen": listen, "peer": peer, "target": target}
+            )
+            self.children.append(relay)
+            ready = relay.read(30)
+            assert ready.get("ready"), (name, ready)
+            self.relays[name] = relay
+            self.relay_far_ports[name] = ready["port"]
+        self.probe_all()
+
+    def _ready(self, child: Child, timeout: float = 30) -> Child:
+        self.children.append(child)
+        ready = child.read(timeout)
+        assert ready.get("ready"), (child.argv[:5], ready)
+        return child
+
+    def _agent(self, key: str, address: str, gateway_ip: str, port: int, congestion: str) -> Child:
+        return self._ready(
             Child.python(
-                n["b"],
+                self.names["b"],
                 "agent",
                 {
-                    "private_key": our_keys.private_b64,
-                    "gateway_public": gw_keys.public_b64,
+                    "private_key": self.keys[key].private_b64,
+                    "gateway_public": self.keys["gateway"].public_b64,
                     "gateway_host": VETH_B[0],
                     "gateway_port": GW_PORT,
-                    "gateway_ip": GW_OURS_IP,
-                    "address": OUR_AGENT_IP,
+                    "gateway_ip": gateway_ip,
+                    "address": address,
                     "port": APP_PORT,
                     "http_port": 80,
                     "forward_port": FORWARD_PORT,
                     "forward_target": f"127.0.0.1:{APP_PORT}",
+                    "wireguard_port": port,
+                    "congestion": congestion,
                 },
             )
         )
-        ready = self.agent.read(30)
-        assert ready.get("ready"), ready
-        for host, port in (
-            (PRIV_AGENT_IP, APP_PORT),
-            (OUR_AGENT_IP, APP_PORT),
-            (OUR_AGENT_IP, FORWARD_PORT),
-        ):
-            result = self.client({"job": "probe", "host": host, "port": port, "within": 20}, 30)
+
+    def probe_all(self, within: float = 20) -> None:
+        for host, port in self.paths.values():
+            job = {"job": "probe", "host": host, "port": port, "within": within}
+            result = self.client(job, within + 10)
             assert result["ok"], (host, port, result)
 
     def _spawn(self, child: Child) -> Child:
@@ -579,6 +927,78 @@ class Topology:
         sh("ip", "netns", "exec", ns, "wg", "set", ifname, "listen-port", str(GW_PORT),
            "private-key", "/dev/stdin", input_text=keys.private_b64)  # fmt: skip
         return daemon
+
+    # -- the relays
+
+    def _route(self, relayed: bool) -> None:
+        """Every agent's WireGuard through its relay, or direct again.  Both ends of each
+        pair are told: WireGuard roams to wherever the last authenticated datagram came
+        from, so an end still sending direct would pull the other back."""
+        n, keys = self.names, self.keys
+        far = self.relay_far_ports
+
+        def gateway_peer(name: str, endpoint: str) -> None:
+            sh("ip", "netns", "exec", n["g"], "wg", "set", n["wg_g"],
+               "peer", keys[name].public_b64, "endpoint", endpoint)  # fmt: skip
+
+        port = RELAY_PORTS["privileged"] if relayed else GW_PORT
+        sh("ip", "netns", "exec", n["a"], "wg", "set", n["wg_a"],
+           "peer", keys["gateway"].public_b64, "endpoint", f"{VETH_A[0]}:{port}")  # fmt: skip
+        gateway_peer(
+            "privileged", f"127.0.0.1:{far['privileged']}" if relayed else f"{VETH_A[1]}:{GW_PORT}"
+        )
+        for name, child, wg_port in (
+            ("agent", self.agent, OUR_WG_PORT),
+            ("agent_bbr", self.agent_bbr, BBR_WG_PORT),
+        ):
+            assert child is not None
+            child.send(f"endpoint {VETH_B[0]}:{RELAY_PORTS[name] if relayed else GW_PORT}")
+            assert child.read(10).get("endpoint"), name
+            gateway_peer(name, f"127.0.0.1:{far[name]}" if relayed else f"{VETH_B[1]}:{wg_port}")
+        if self.mitm is not None:  # mitmproxy_rs answers wherever the gateway's came from
+            gateway_peer(
+                "mitmproxy_rs",
+                f"127.0.0.1:{RELAY_PORTS['mitmproxy_rs']}" if relayed else f"{VETH_C[1]}:{GW_PORT}",
+            )
+        self.relayed = relayed
+
+    @contextlib.contextmanager
+    def through_relays(self) -> Iterator[None]:
+        """The paths through the relays (clean until ``impair``), then direct again."""
+        self.impair(0.0, 0.0)
+        self._route(True)
+        try:
+            self.probe_all()
+            yield
+        finally:
+            self.impair(0.0, 0.0)
+            time.sleep(0.2)  # what the relays still hold goes first (it would pull back)
+            self._route(False)
+            self.probe_all()
+
+    def impair(
+        self, loss: float, delay: float, seed: int = 20, *, answers_only: bool = False
+    ) -> None:
+        """Each relay drops ``loss`` of the datagrams each way (``answers_only``: only of
+        those the agent sends) and delays the rest by ``delay`` seconds each way."""
+        for name, child in self.relays.items():
+            values: dict[str, float] = {"delay": delay, "seed": seed}
+            if answers_only:  # the agent is the near peer, except for mitmproxy_rs's relay
+                from_agent = "loss_to_peer" if name == "mitmproxy_rs" else "loss_to_target"
+                values.update(loss_to_target=0.0, loss_to_peer=0.0)
+                values[from_agent] = loss
+            else:
+                values["loss"] = loss
+            child.send(f"set {json.dumps(values)}")
+        for child in self.relays.values():
+            assert "set" in child.read(10)
+
+    def relay_counts(self) -> dict[str, Any]:
+        counts = {}
+        for name, child in self.relays.items():
+            child.send("stats")
+            counts[name] = child.read(10)["counts"]
+        return counts
 
     # -- use
 
@@ -608,13 +1028,27 @@ class Topology:
         self.agent.send("stats")
         return self.agent.read(10)
 
+    def udp_buffer_drops(self) -> int:
+        """Datagrams G's kernel dropped for full socket buffers (the relays' and the
+        gateway's WireGuard's): loss beyond what the relays were told to cause."""
+        snmp = sh("ip", "netns", "exec", self.ns_g, "cat", "/proc/net/snmp").splitlines()
+        header, values = (line.split() for line in snmp if line.startswith("Udp:"))
+        return int(dict(zip(header, values, strict=True))["RcvbufErrors"])
+
+    def kernel_congestion(self) -> str:
+        """The congestion control of the privileged agent's namespace (its :5201)."""
+        return sh(
+            "ip", "netns", "exec", self.names["a"],
+            "cat", "/proc/sys/net/ipv4/tcp_congestion_control",
+        ).strip()  # fmt: skip
+
     # -- tear-down
 
     def down(self) -> None:
         for child in reversed(self.children):
             with contextlib.suppress(Exception):
                 child.stop()
-        for ns in (self.names["g"], self.names["a"], self.names["b"]):
+        for ns in (self.names["g"], self.names["a"], self.names["b"], self.names["c"]):
             pids = sh("ip", "netns", "pids", ns, check=False).split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
@@ -631,6 +1065,8 @@ def main(argv: list[str]) -> None:
         asyncio.run(run_server(cfg))
     elif role == "agent":
         profile = os.environ.get("KAKUREMICHI_AGENT_BENCH_PROFILE")
+        if profile and cfg.get("congestion", "cubic") != "cubic":
+            profile += "." + cfg["congestion"]  # the BBR agent's, beside the default's
         if profile:  # cProfile the agent process; stats written when it exits
             import cProfile
 
@@ -641,6 +1077,10 @@ def main(argv: list[str]) -> None:
             asyncio.run(run_agent(cfg))
     elif role == "client":
         run_client(cfg)
+    elif role == "mitm":
+        asyncio.run(run_mitm(cfg))
+    elif role == "relay":
+        run_relay(cfg)
     else:
         raise SystemExit(f"unknown role {role!r}")
 
