@@ -136,7 +136,12 @@ class Dashboard:
         user = ctx.user if ctx else None
         csrf = auth.csrf_token(ctx.token) if ctx and ctx.token else values.pop("csrf", "")
         body = self.env.get_template(template).render(
-            user=user, csrf=csrf, path=request.url.path if request else "/", **values
+            user=user,
+            csrf=csrf,
+            path=request.url.path if request else "/",
+            # the live stream starts after the newest event this page reflects
+            events_after=self.bus.seq,
+            **values,
         )
         return HTMLResponse(body, status_code=status, headers=web.SECURITY_HEADERS)
 
@@ -811,7 +816,10 @@ class Dashboard:
     # -- live updates ---------------------------------------------------------------------
 
     async def live(self, ctx: Ctx) -> Response:
-        subscription = self.bus.subscribe()
+        # where to start: a reconnecting stream's Last-Event-ID, else the page's number
+        text = ctx.request.headers.get("last-event-id") or ctx.request.query_params.get("after")
+        after = int(text) if text and text.isascii() and text.isdigit() and len(text) < 19 else None
+        subscription = self.bus.subscribe(after)
         if subscription is None:
             return self._refusal(503, "Busy", "Too many live pages are open.")
 
@@ -827,7 +835,8 @@ class Dashboard:
                     if event.kind == "closing":
                         return
                     data = json.dumps(event.data, separators=(",", ":"), default=str)
-                    yield f"event: {event.kind}\ndata: {data}\n\n"
+                    ident = f"id: {event.seq}\n" if event.seq else ""
+                    yield f"{ident}event: {event.kind}\ndata: {data}\n\n"
                     if event.kind == "overflow":
                         return
 

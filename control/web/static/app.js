@@ -57,7 +57,8 @@
     while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return i === 0 ? n.toFixed(0) + " B" : n.toFixed(1) + " " + units[i];
   }
-  var source = new EventSource("/events");
+  // from the newest event this page reflects; a reconnect resumes at the last one seen
+  var source = new EventSource("/events?after=" + document.body.getAttribute("data-events-after"));
   source.addEventListener("open", function () { say("Live: updates appear without reloading"); });
   source.addEventListener("error", function () { say("Live updates paused; reconnecting"); });
   source.addEventListener("presence", function (event) {

@@ -217,6 +217,12 @@ async def test_the_first_hour(setup: Setup) -> None:
             )
         )
         await gateway.start()
+        await page.goto(control.url + "/gateways")
+        await page.wait_for_function(
+            "document.querySelector('[data-presence^=\"gateway:\"]').textContent === 'online'",
+            timeout=WAIT,
+        )
+        await shot(page, "03b-gateway-online")
 
         # -- an agent: its key once, the command copied with the button ------------------
         await page.goto(control.url + "/agents")
@@ -242,6 +248,7 @@ async def test_the_first_hour(setup: Setup) -> None:
         await page.click("text=Go to laptop")
         await page.wait_for_url(re.compile(r".*/agents/[0-9a-f-]{36}$"), timeout=WAIT)
         agent_id = page.url.rsplit("/", 1)[1]
+        await shot(page, "05b-agent-page")
         assert agent_key not in await page.content()
 
         # -- the agent starts from that command; the open page turns it online ----------
@@ -301,6 +308,12 @@ async def test_the_first_hour(setup: Setup) -> None:
         chart = await page.evaluate(f"fetch('/tunnels/{tunnel_id}/chart.svg').then(r => r.text())")
         assert "<svg" in chart and re.search(r"[1-9]\d* requests", chart)
         await shot(page, "08-tunnel-traffic")
+        await page.goto(control.url + "/tunnels")
+        await shot(page, "08b-tunnels")
+        await page.goto(control.url + f"/tunnels/{tunnel_id}/edit")
+        assert await page.input_value("#domain") == DOMAIN
+        await shot(page, "08c-tunnel-edit")
+        await page.goto(control.url + f"/tunnels/{tunnel_id}")
 
         # -- disabled: 503; deleted: 404 -------------------------------------------------
         await page.click("button:has-text('Disable')")
@@ -437,7 +450,7 @@ async def test_what_must_be_refused(setup: Setup) -> None:
         await shot(page, "28-tunnel-with-access")
         for path in ("/", "/tunnels", "/audit"):
             await page.goto(control.url + path)
-            await inert(path, f"23-xss{path.replace('/', '-') or '-overview'}")
+            await inert(path, "23-xss-" + (path.strip("/") or "overview"))
 
         # a form without its CSRF token is refused, and nothing happens
         await page.goto(control.url + "/agents")

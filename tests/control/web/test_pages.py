@@ -534,3 +534,33 @@ async def test_a_session_over_the_stream_transport_shows_as_tcp(control: Running
         assert "TCP: WireGuard over a WebSocket on HTTPS" in page
         await agent_peer.close()
         await gateway_peer.close()
+
+
+async def test_the_stream_starts_where_the_page_left_off(control: RunningControl) -> None:
+    # a client connecting between a page's rendering and its stream's start is not missed
+    async with client(control) as browser:
+        await sign_up(control, browser)
+        page = await browser.get("/agents")
+        made = await browser.post("/agents", data={"csrf": csrf_of(page.text), "name": "laptop"})
+        key = re.search(r"(agt_[A-Za-z0-9_-]+)", made.text)
+        assert key
+        overview = await browser.get("/")
+        after = re.search(r'data-events-after="(\d+)"', overview.text)
+        assert after
+        async with connect(control.ws_url) as ws:
+            auth = protocol.Auth(key.group(1), "agent", public_key(4), "v1")
+            await ws.send(protocol.encode("auth", auth.to_wire()))
+            assert json.loads(await ws.recv())["type"] == "auth_success"
+            for start in (
+                {"params": {"after": after.group(1)}},
+                {"headers": {"Last-Event-ID": after.group(1)}},
+            ):
+                async with browser.stream("GET", "/events", **start) as stream:  # type: ignore[arg-type]
+                    lines = stream.aiter_lines()
+                    async with asyncio.timeout(5):
+                        while not (line := await anext(lines)).startswith("id: "):
+                            pass
+                        assert int(line[4:]) > int(after.group(1))
+                        assert await anext(lines) == "event: presence"
+                        data = json.loads((await anext(lines)).removeprefix("data: "))
+                    assert data["online"] is True and data["kind"] == "agent"

@@ -202,3 +202,28 @@ def test_which_transport_each_session_uses() -> None:
     assert traffic.transport(KEY) == "udp"
     traffic.handshakes([p.PeerHandshake(KEY, None, "tcp")], 2000.0)  # no session: ignored
     assert traffic.transport(KEY) == "udp"
+
+
+async def test_event_bus_replays_after_a_sequence_number() -> None:
+    from control.events import REPLAY, EventBus
+
+    bus = EventBus()
+    assert bus.seq == 0
+    bus.publish("presence", id="a")
+    seen = bus.seq
+    bus.publish("presence", id="b")
+    bus.publish("health", id="c")
+    late = bus.subscribe(after=seen)  # subscribed after two more events happened
+    assert late is not None
+    got = [await late.next(1.0), await late.next(1.0)]
+    assert [(e.kind, e.data["id"], e.seq) for e in got if e] == [
+        ("presence", "b", 2),
+        ("health", "c", 3),
+    ]
+    assert await late.next(0.01) is None
+    current = bus.subscribe(after=bus.seq)  # nothing missed
+    assert current is not None and await current.next(0.01) is None
+    for i in range(REPLAY + 5):
+        bus.publish("traffic", id=str(i))
+    stale = bus.subscribe(after=seen)  # older than the ring: start over
+    assert stale is not None and (await stale.next(1.0)).kind == "overflow"  # type: ignore[union-attr]
