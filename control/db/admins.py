@@ -36,6 +36,10 @@ SESSION_IDLE = 12 * 3600.0
 SESSION_MAX_AGE = 7 * 86400.0
 #: ``last_seen_at``/``expires_at`` are written at most this often per session
 TOUCH_EVERY = 60.0
+#: audit log entries kept: the newest; older ones are dropped (checked every
+#: ``PRUNE_EVERY`` entries)
+MAX_AUDIT = 100_000
+PRUNE_EVERY = 100
 #: bounds of the audit log's text columns (values are cut to fit, never refused)
 _AUDIT_LIMITS = {
     "actor": 63,
@@ -88,9 +92,12 @@ class AuditEntry:
 class AdminStore:
     """Async access to admin users, sessions and the audit log."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, max_audit: int = MAX_AUDIT) -> None:
         self.engine = engine
         self._lock = asyncio.Lock()
+        #: audit entries kept (the newest)
+        self.max_audit = max_audit
+        self._since_prune = PRUNE_EVERY - 1  # the first entry after a start prunes
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
@@ -250,10 +257,21 @@ class AdminStore:
     # -- audit log --------------------------------------------------------------------
 
     async def record(self, entry: AuditEntry, at: float | None = None) -> None:
+        """Append an entry; every ``PRUNE_EVERY`` entries, those beyond the newest
+        ``max_audit`` go (failed sign-ins are entries too: the log must not grow
+        without bound under a password-guessing flood from many addresses)."""
         async with self._write() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 audit_log.insert().values(at=time.time() if at is None else at, **entry.values())
             )
+            self._since_prune += 1
+            if self._since_prune >= PRUNE_EVERY:
+                self._since_prune = 0
+                newest = result.inserted_primary_key[0] if result.inserted_primary_key else None
+                if newest is not None:
+                    await conn.execute(
+                        audit_log.delete().where(audit_log.c.id <= newest - self.max_audit)
+                    )
 
     async def audit(
         self, limit: int, offset: int, object_id: str | None = None

@@ -115,3 +115,21 @@ async def test_sessions_end_when_idle_and_at_their_maximum_age(tmp_path: Path) -
         assert token not in dump and other not in dump
     finally:
         await engine.dispose()
+
+
+async def test_the_audit_log_keeps_the_newest_entries(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    try:
+        await migrate(engine)
+        admins = admins_module.AdminStore(engine, max_audit=150)
+        for i in range(450):
+            await admins.record(
+                admins_module.AuditEntry("user", "x" * 100, f"act.{i}", detail="d" * 5000)
+            )
+        rows, total = await admins.audit(500, 0)
+        assert 150 <= total <= 150 + admins_module.PRUNE_EVERY
+        assert rows[0]["action"] == "act.449"  # newest first, the newest kept
+        assert rows[-1]["action"] == f"act.{450 - total}"
+        assert len(rows[0]["actor"]) == 63 and len(rows[0]["detail"]) == 1024  # cut to fit
+    finally:
+        await engine.dispose()
