@@ -1,6 +1,8 @@
-"""PROXY protocol v2 (haproxy ``proxy-protocol.txt`` §2.2): round trips, byte-exact
-layout against hand-written vectors, every rejection by name, and the fuzz contract:
-any bytes give a header or a ``ProxyHeaderError``, fed whole or byte by byte."""
+"""PROXY protocol v2 (haproxy ``proxy-protocol.txt`` §2.2) and v1 (§2.1): round trips,
+byte-exact layout against hand-written vectors and the specification's examples, every
+rejection by name, and the fuzz contract: any bytes give a header or a
+``ProxyHeaderError``, fed whole or byte by byte; a header in front of each datagram
+(UDP tunnels); the headers a target is sent."""
 
 from __future__ import annotations
 
@@ -18,12 +20,20 @@ from common.relay.proxyproto import (
     MAX_HEADER_BYTES,
     SIGNATURE,
     TLV_TUNNEL,
+    V1_MAX_BYTES,
+    HeaderReader,
     ProxyHeader,
     ProxyHeaderError,
+    address_pair,
     decode,
+    decode_v1,
     encode,
+    encode_v1,
     header_length,
     read_header,
+    split_datagram,
+    target_header,
+    v1_line_length,
 )
 
 # -- hand-written vectors (§2.2: signature, ver/cmd, fam/proto, length, addresses, TLVs)
@@ -455,3 +465,293 @@ async def test_read_header_connection_error_is_proxy_header_error() -> None:
 def test_module_names() -> None:
     assert proxyproto.TLV_TUNNEL == 0xE0 and 0xE0 <= TLV_TUNNEL <= 0xEF  # §2.2.7 custom range
     assert proxyproto.FIXED_BYTES == 16 and len(SIGNATURE) == 12
+
+
+# == version 1 (§2.1), what a target reads, datagrams ====================================
+
+
+#: §2.1's example, before an HTTP request
+V1_EXAMPLE = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
+#: §2.1's longest lines a receiver must take: 56, 104, 15 and 107 characters
+V1_LONGEST_TCP4 = b"PROXY TCP4 255.255.255.255 255.255.255.255 65535 65535\r\n"
+FFFF6 = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+V1_LONGEST_TCP6 = f"PROXY TCP6 {FFFF6} {FFFF6} 65535 65535\r\n".encode()
+V1_UNKNOWN_SHORT = b"PROXY UNKNOWN\r\n"
+V1_UNKNOWN_WORST = f"PROXY UNKNOWN {FFFF6} {FFFF6} 65535 65535\r\n".encode()
+
+
+def test_v1_spec_lengths() -> None:
+    lengths = [len(line) for line in (V1_LONGEST_TCP4, V1_LONGEST_TCP6, V1_UNKNOWN_SHORT)]
+    assert lengths == [56, 104, 15]
+    assert len(V1_UNKNOWN_WORST) == V1_MAX_BYTES == 107
+
+
+def test_v1_example_is_byte_exact() -> None:
+    assert encode_v1(("192.168.0.1", 56324), ("192.168.0.11", 443)) == V1_EXAMPLE
+    header = decode_v1(V1_EXAMPLE)
+    assert header == ProxyHeader(
+        COMMAND_PROXY, ("192.168.0.1", 56324), ("192.168.0.11", 443), "tcp", (), version=1
+    )
+
+
+def test_v1_longest_lines() -> None:
+    top = ("255.255.255.255", 65535)
+    assert encode_v1(top, top) == V1_LONGEST_TCP4
+    assert decode_v1(V1_LONGEST_TCP4).source == top
+    six = decode_v1(V1_LONGEST_TCP6)
+    assert six.source == six.destination == (FFFF6, 65535)
+    assert encode_v1((FFFF6, 65535), (FFFF6, 65535)) == V1_LONGEST_TCP6
+    for line in (V1_UNKNOWN_SHORT, V1_UNKNOWN_WORST):
+        header = decode_v1(line)  # UNKNOWN: the rest of the line is ignored
+        assert (header.command, header.source, header.version) == (COMMAND_LOCAL, None, 1)
+    assert encode_v1() == V1_UNKNOWN_SHORT
+
+
+@pytest.mark.parametrize(
+    ("source", "destination", "line"),
+    [
+        (("0.0.0.0", 0), ("10.0.0.1", 1), b"PROXY TCP4 0.0.0.0 10.0.0.1 0 1\r\n"),
+        (("2001:db8::1", 443), ("::", 80), b"PROXY TCP6 2001:db8::1 :: 443 80\r\n"),
+        (("::1", 1), ("fe80::1", 65535), b"PROXY TCP6 ::1 fe80::1 1 65535\r\n"),
+    ],
+)
+def test_v1_round_trips(source: tuple[str, int], destination: tuple[str, int], line: bytes) -> None:
+    assert encode_v1(source, destination) == line
+    assert decode_v1(line) == ProxyHeader(COMMAND_PROXY, source, destination, version=1)
+
+
+def test_v1_ipv6_in_any_case_and_full_form() -> None:
+    header = decode_v1(b"PROXY TCP6 2001:0DB8:0000:0000:0000:0000:0000:0001 ::2 1 2\r\n")
+    assert header.source == ("2001:db8::1", 1)
+
+
+V1_REJECTED = {
+    "not PROXY": (b"GET / HTTP/1.1\r\n", "signature"),
+    "lower case": (b"proxy TCP4 1.2.3.4 5.6.7.8 1 2\r\n", "signature"),
+    "PROXY without space": (b"PROXY\r\n", "signature"),
+    "v2 signature": (LOCAL_T1, "signature"),
+    "no protocol": (b"PROXY \r\n", "protocol ''"),
+    "UDP4": (b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n", "protocol 'UDP4'"),
+    "UNKNOWNX": (b"PROXY UNKNOWNX\r\n", "protocol"),
+    "tcp4 lower": (b"PROXY tcp4 1.2.3.4 5.6.7.8 1 2\r\n", "protocol"),
+    "two spaces": (b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n", "six fields"),
+    "trailing space": (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 \r\n", "six fields"),
+    "tab": (b"PROXY TCP4 1.2.3.4\t5.6.7.8 1 2\r\n", "six fields"),
+    "missing port": (b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n", "six fields"),
+    "leading zero octet": (b"PROXY TCP4 1.2.3.04 5.6.7.8 1 2\r\n", "IPv4"),
+    "octet 256": (b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n", "IPv4"),
+    "three octets": (b"PROXY TCP4 1.2.3 5.6.7.8 1 2\r\n", "IPv4"),
+    "v6 under TCP4": (b"PROXY TCP4 ::1 ::2 1 2\r\n", "IPv4"),
+    "v4 under TCP6": (b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n", "IPv6"),
+    "v6 zone": (b"PROXY TCP6 fe80::1%eth0 ::2 1 2\r\n", "IPv6"),
+    "v6 two double colons": (b"PROXY TCP6 1::2::3 ::2 1 2\r\n", "IPv6"),
+    "v6 nine groups": (b"PROXY TCP6 1:2:3:4:5:6:7:8:9 ::2 1 2\r\n", "IPv6"),
+    "port 65536": (b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n", "port"),
+    "port leading zero": (b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n", "port"),
+    "port sign": (b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n", "port"),
+    "port empty": (b"PROXY TCP4 1.2.3.4 5.6.7.8  2\r\n", "port"),
+    "port unicode digits": ("PROXY TCP4 1.2.3.4 5.6.7.8 \u0661 2\r\n".encode(), "US-ASCII"),
+    "non-ascii address": ("PROXY TCP4 1.2.3.\u0664 5.6.7.8 1 2\r\n".encode(), "US-ASCII"),
+    "lone LF": (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n", "lone LF"),
+    "lone CR": (b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\rX\n", "lone CR"),
+    "LF inside": (b"PROXY UNKNOWN\n\r\n", "lone LF"),
+    "no CRLF in 107 bytes": (V1_UNKNOWN_WORST[:-2] + b"ff\r\n", "first 107 bytes"),
+    "CR as the 107th byte": (V1_UNKNOWN_WORST[:-2] + b"f\r\n", "first 107 bytes"),
+    "truncated": (V1_EXAMPLE[:-1], "truncated"),
+    "empty": (b"", "truncated"),
+    "trailing bytes": (V1_EXAMPLE + b"G", "trailing bytes"),
+}
+
+
+@pytest.mark.parametrize(("data", "reason"), list(V1_REJECTED.values()), ids=list(V1_REJECTED))
+def test_v1_rejections(data: bytes, reason: str) -> None:
+    with pytest.raises(ProxyHeaderError) as info:
+        decode_v1(data)
+    assert reason in str(info.value)
+
+
+def test_v1_line_length_decides_early() -> None:
+    # more is needed while the bytes can still become a line; a bad prefix or a lone
+    # CR/LF is refused at once, not after a timeout
+    for cut in range(len(V1_EXAMPLE)):
+        assert v1_line_length(V1_EXAMPLE[:cut]) is None
+    assert v1_line_length(V1_EXAMPLE + b"GET") == len(V1_EXAMPLE)
+    assert v1_line_length(b"PROXY UNKNOWN\r") is None  # the LF may follow
+    for bad in (b"X", b"PROXX", b"PROXY UNKNOWN\n", b"PROXY UNKNOWN\rX", b"P" + b"\x00"):
+        with pytest.raises(ProxyHeaderError):
+            v1_line_length(bad)
+    with pytest.raises(ProxyHeaderError, match="107"):
+        v1_line_length(b"PROXY " + b"x" * 101)
+    assert v1_line_length(b"PROXY " + b"x" * 100) is None
+
+
+ENCODE_V1_REFUSED = {
+    "mixed families": (("192.0.2.1", 1), ("::1", 2)),
+    "port 65536": (("192.0.2.1", 65536), ("192.0.2.2", 2)),
+    "port -1": (("192.0.2.1", 1), ("192.0.2.2", -1)),
+    "source only": (("192.0.2.1", 1), None),
+    "not an address": (("example.com", 1), ("192.0.2.2", 2)),
+}
+
+
+@pytest.mark.parametrize("pair", list(ENCODE_V1_REFUSED.values()), ids=list(ENCODE_V1_REFUSED))
+def test_encode_v1_refuses(pair: tuple[object, object]) -> None:
+    with pytest.raises(ValueError) as info:
+        encode_v1(*pair)  # type: ignore[arg-type]
+    assert not isinstance(info.value, ProxyHeaderError)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.tuples(addresses_v4, addresses_v4) | st.tuples(addresses_v6, addresses_v6))
+def test_v1_round_trips_any_addresses(pair: tuple[tuple[str, int], tuple[str, int]]) -> None:
+    line = encode_v1(*pair)
+    assert len(line) <= V1_MAX_BYTES
+    assert decode_v1(line) == ProxyHeader(COMMAND_PROXY, pair[0], pair[1], version=1)
+    for end in range(len(line)):
+        with pytest.raises(ProxyHeaderError):
+            decode_v1(line[:end])
+
+
+@st.composite
+def near_v1_lines(draw: st.DrawFn) -> bytes:
+    """Lines that start like version 1, with plausible and random fields."""
+    words = st.sampled_from(
+        ["TCP4", "TCP6", "UNKNOWN", "1.2.3.4", "::1", "0", "65535", "65536", "01", "", "%"]
+    ) | st.text(st.characters(codec="utf-8"), max_size=12)
+    fields = draw(st.lists(words, max_size=7))
+    end = draw(st.sampled_from(["\r\n", "\r\n", "\n", "\r", "", "\r\nrest"]))
+    return ("PROXY " + draw(st.sampled_from([" ", " ", "  ", "\t"])).join(fields) + end).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=120) | st.binary(max_size=120).map(b"PROXY ".__add__) | near_v1_lines())
+def test_any_bytes_decode_v1_or_raise_proxy_header_error(data: bytes) -> None:
+    try:
+        header = decode_v1(data)
+    except ProxyHeaderError:
+        return
+    assert header.version == 1 and len(data) <= V1_MAX_BYTES and data.endswith(b"\r\n")
+    if header.command == COMMAND_PROXY:
+        assert header.source is not None and header.destination is not None
+        assert encode_v1(header.source, header.destination) == data  # canonical only
+
+
+# -- HeaderReader: either version from a stream, whole or byte by byte ------------------
+
+READER_HEADERS = {
+    "v1 example": V1_EXAMPLE,
+    "v1 tcp6": V1_LONGEST_TCP6,
+    "v1 unknown": V1_UNKNOWN_WORST,
+    **{f"v2 {name}": data for name, data in STREAM_HEADERS.items()},
+}
+
+
+def _decoded(data: bytes) -> ProxyHeader:
+    return decode_v1(data) if data.startswith(b"PROXY") else decode(data)
+
+
+@pytest.mark.parametrize("data", list(READER_HEADERS.values()), ids=list(READER_HEADERS))
+def test_header_reader_whole_and_byte_by_byte(data: bytes) -> None:
+    reader = HeaderReader()
+    assert reader.feed(data + PAYLOAD) == (_decoded(data), PAYLOAD)
+    reader = HeaderReader()
+    stream = data + PAYLOAD
+    for index in range(len(data) - 1):
+        assert reader.feed(stream[index : index + 1]) is None
+    assert reader.feed(stream[len(data) - 1 :]) == (_decoded(data), PAYLOAD)
+
+
+READER_REJECTED = {
+    "http": (b"GET / HTTP/1.1\r\n", {}),
+    "tls": (b"\x16\x03\x01\x02\x00", {}),
+    "bad v2 signature at byte 5": (SIGNATURE[:4] + b"\x01", {}),
+    "v2 version 1": (raw(0x11, 0x00, b""), {}),
+    "v1 lone LF": (b"PROXY TCP4\n", {}),
+    "v1 only, v2 sent": (LOCAL_T1, {"v2": False}),
+    "v2 only, v1 sent": (V1_EXAMPLE, {"v1": False}),
+    "v1 too long": (b"PROXY " + b"1" * 120, {}),
+}
+
+
+@pytest.mark.parametrize(
+    ("data", "allowed"), list(READER_REJECTED.values()), ids=list(READER_REJECTED)
+)
+def test_header_reader_refuses_without_waiting(data: bytes, allowed: dict[str, bool]) -> None:
+    # byte by byte: refused at the first byte that settles it, never "need more" forever
+    reader = HeaderReader(**allowed)
+    with pytest.raises(ProxyHeaderError):
+        for index in range(len(data)):
+            reader.feed(data[index : index + 1])
+        raise AssertionError("not refused")  # pragma: no cover
+
+
+def test_header_reader_needs_a_version() -> None:
+    with pytest.raises(ValueError, match="version"):
+        HeaderReader(v1=False, v2=False)
+
+
+# -- datagrams: a v2 header in front of each (UDP tunnels) -------------------------------
+
+#: PROXY, INET/DGRAM (\x12, §2.2's table), 12 bytes: 203.0.113.5:40000 -> 198.51.100.1:5353
+PROXY_V4_DGRAM = bytes.fromhex(
+    SIG_HEX + "21" + "12" + "000c" + "cb007105" + "c6336401" + "9c40" + "14e9"
+)
+
+
+def test_a_datagram_header_by_hand() -> None:
+    header, payload = split_datagram(PROXY_V4_DGRAM + b"\x00query")
+    assert header == ProxyHeader(
+        COMMAND_PROXY, ("203.0.113.5", 40000), ("198.51.100.1", 5353), "udp", ()
+    )
+    assert payload == b"\x00query"
+    assert split_datagram(PROXY_V6_UDP) == (decode(PROXY_V6_UDP), b"")  # an empty datagram
+    assert (
+        target_header("v2", ("203.0.113.5", 40000), ("198.51.100.1", 5353), "udp") == PROXY_V4_DGRAM
+    )
+
+
+DATAGRAMS_REFUSED = {
+    "no header": b"hello",
+    "empty": b"",
+    "fixed part only, length says 12": PROXY_V4_DGRAM[:16],
+    "address block cut": PROXY_V4_DGRAM[:-1],
+    "v1 line": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nhello",
+    "bad tlv": raw(0x21, 0x12, bytes.fromhex("cb007105c633640114e914e9") + b"\xe0\x00\x09t"),
+    "version 3": bytes([*PROXY_V4_DGRAM[:12], 0x31, *PROXY_V4_DGRAM[13:]]),
+}
+
+
+@pytest.mark.parametrize("data", list(DATAGRAMS_REFUSED.values()), ids=list(DATAGRAMS_REFUSED))
+def test_datagrams_without_a_whole_header_are_refused(data: bytes) -> None:
+    with pytest.raises(ProxyHeaderError):
+        split_datagram(data)
+
+
+# -- what a target is sent ---------------------------------------------------------------
+
+
+def test_target_headers() -> None:
+    client, listener = ("192.0.2.1", 4711), ("198.51.100.7", 2222)
+    assert target_header("v1", client, listener) == encode_v1(client, listener)
+    assert target_header("v2", client, listener) == encode(source=client, destination=listener)
+    # an IPv4 client seen through a dual-stack socket is an IPv4 client
+    mapped = ("::ffff:192.0.2.1", 4711), ("::ffff:198.51.100.7", 2222)
+    assert target_header("v1", *mapped) == b"PROXY TCP4 192.0.2.1 198.51.100.7 4711 2222\r\n"
+    # addresses unknown (the agent reached without the gateway's header): the spec's
+    # "use the connection's own addresses"
+    assert target_header("v1") == b"PROXY UNKNOWN\r\n"
+    assert target_header("v2") == target_header("v2", transport="udp") == encode()
+    assert decode(target_header("v2")).command == COMMAND_LOCAL
+    with pytest.raises(ValueError, match="UDP"):
+        target_header("v1", client, listener, "udp")
+    with pytest.raises(ValueError, match="version"):
+        target_header("v3", client, listener)
+
+
+def test_address_pairs_keep_one_family() -> None:
+    assert address_pair(("::ffff:10.0.0.1", 1), ("10.0.0.2", 2)) == (
+        ("10.0.0.1", 1),
+        ("10.0.0.2", 2),
+    )
+    assert address_pair(("2001:db8::1", 1), ("10.0.0.2", 2)) == (("2001:db8::1", 1), ("::", 2))
+    assert address_pair(("10.0.0.1", 1), ("2001:db8::2", 2)) == (("10.0.0.1", 1), ("0.0.0.0", 2))
