@@ -399,6 +399,26 @@ def parse_certificate_obtained(data: dict[str, Any]) -> CertificateObtained:
 # view rather than a partial one.
 
 TUNNEL_PROTOCOLS = ("http", "tcp", "udp")
+#: the PROXY protocol versions a raw tunnel may send its target (version 1 has no UDP)
+PROXY_PROTOCOLS: dict[str, tuple[str, ...]] = {"tcp": ("v1", "v2"), "udp": ("v2",)}
+
+
+def proxy_protocol_problem(protocol: str, value: object) -> str:
+    """Why ``value`` cannot be the ``proxyProtocol`` of a ``protocol`` tunnel ("" when
+    it can): null, or a version that tunnel's protocol has (Control's API and the
+    tunnels it sends follow this one rule)."""
+    if value is None:
+        return ""
+    allowed = PROXY_PROTOCOLS.get(protocol, ())
+    if isinstance(value, str) and value in allowed:
+        return ""
+    if not allowed:
+        return f"proxyProtocol is for tcp and udp tunnels; a {protocol} tunnel takes null"
+    if protocol == "udp" and value == "v1":
+        return "PROXY protocol v1 has no UDP form: a udp tunnel takes v2 or null"
+    return f"proxyProtocol of a {protocol} tunnel is " + ", ".join(allowed) + " or null"
+
+
 MAX_ENTRIES = 100_000  # tunnels, peers or certificates in one config
 MAX_ID = 64
 MAX_NAME = 256
@@ -487,6 +507,11 @@ class TunnelSpec:
     agent_id: str
     agent_ip: str
     enabled: bool
+    #: tcp/udp tunnels: the PROXY protocol header the agent sends its target first
+    #: ("v1", "v2"; udp: "v2" only), None for none.  Absent from an older Control: None.
+    #: Gateways and agents both read it (common/relay/tcp.py says what happens while a
+    #: change has reached one of them and not yet the other).
+    proxy_protocol: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -498,6 +523,7 @@ class TunnelSpec:
             "agentId": self.agent_id,
             "agentIp": self.agent_ip,
             "enabled": self.enabled,
+            "proxyProtocol": self.proxy_protocol,
         }
 
 
@@ -515,6 +541,10 @@ def parse_tunnel(value: object) -> TunnelSpec:
     else:
         domain = None
         public_port = _int(data, "publicPort", 1, 65535)
+    proxy_protocol = data.get("proxyProtocol")
+    problem = proxy_protocol_problem(protocol, proxy_protocol)
+    if problem:
+        raise ProtocolError("invalid_field", f"'proxyProtocol': {problem}")
     return TunnelSpec(
         tunnel_id,
         protocol,
@@ -524,6 +554,7 @@ def parse_tunnel(value: object) -> TunnelSpec:
         _str(data, "agentId", max_len=MAX_ID),
         _ip(data, "agentIp"),
         _bool(data, "enabled"),
+        proxy_protocol,
     )
 
 

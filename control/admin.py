@@ -56,6 +56,13 @@ _COLUMNS = {
 }
 
 
+_PROXY_PROTOCOL_HELP = (
+    "tcp/udp tunnels: send the target a PROXY protocol header with the client's address "
+    "before its bytes (v1: text, tcp only; v2: binary, also one per udp datagram), for "
+    "targets that read one (nginx 'listen ... proxy_protocol', HAProxy 'accept-proxy')"
+)
+
+
 class ApiFailure(Exception):
     """The API answered with an error (or could not be reached)."""
 
@@ -197,6 +204,8 @@ def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
             body["publicPort"] = args.public_port
         if args.disabled:
             body["enabled"] = False
+        if args.proxy_protocol not in (None, "off"):
+            body["proxyProtocol"] = args.proxy_protocol
         _print(args, "tunnels", client.call("POST", "/api/tunnels", body))
     elif args.action == "get":
         _print(args, "tunnels", client.call("GET", f"/api/tunnels/{args.id}"))
@@ -215,6 +224,8 @@ def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
             body["enabled"] = True
         if args.disable:
             body["enabled"] = False
+        if args.proxy_protocol is not None:
+            body["proxyProtocol"] = None if args.proxy_protocol == "off" else args.proxy_protocol
         _print(args, "tunnels", client.call("PATCH", f"/api/tunnels/{args.id}", body))
     elif args.action == "delete":
         client.call("DELETE", f"/api/tunnels/{args.id}")
@@ -409,6 +420,11 @@ def register(subparsers: Any) -> None:
     )
     create.add_argument("--agent", required=True, help="agent id or name")
     create.add_argument("--disabled", action="store_true", help="create it disabled")
+    create.add_argument(
+        "--proxy-protocol",
+        choices=("v1", "v2", "off"),
+        help=_PROXY_PROTOCOL_HELP + " (default off)",
+    )
     common(create)
     update = actions.add_parser("update", help="change a tunnel")
     update.add_argument("id")
@@ -420,6 +436,7 @@ def register(subparsers: Any) -> None:
     toggle = update.add_mutually_exclusive_group()
     toggle.add_argument("--enable", action="store_true")
     toggle.add_argument("--disable", action="store_true")
+    update.add_argument("--proxy-protocol", choices=("v1", "v2", "off"), help=_PROXY_PROTOCOL_HELP)
     common(update)
     for action, text in (("get", "show one"), ("delete", "delete a tunnel")):
         sub = actions.add_parser(action, help=text)

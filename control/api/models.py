@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from common.protocol import proxy_protocol_problem
+
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 _URL = re.compile(
@@ -146,6 +148,12 @@ class ClientUpdate(_Body):
 
 
 Protocol = Literal["http", "tcp", "udp"]
+ProxyProtocol = Literal["v1", "v2"]
+_PROXY_PROTOCOL = (
+    "tcp/udp tunnels: the PROXY protocol header the agent sends the target before the "
+    "client's bytes, so the app sees the client's address: v1 (text, tcp only) or v2 "
+    "(binary; for udp one in front of every datagram); null for none"
+)
 
 
 class TunnelCreate(_Body):
@@ -157,6 +165,7 @@ class TunnelCreate(_Body):
     target: str = Field(max_length=2048, description="host:port or http(s) URL, agent side")
     agent: str = Field(min_length=1, max_length=63, description="agent id or name")
     enabled: bool = True
+    proxy_protocol: ProxyProtocol | None = Field(default=None, description=_PROXY_PROTOCOL)
 
     @field_validator("domain")
     @classmethod
@@ -165,6 +174,9 @@ class TunnelCreate(_Body):
 
     @model_validator(mode="after")
     def _shape(self) -> TunnelCreate:
+        problem = proxy_protocol_problem(self.protocol, self.proxy_protocol)
+        if problem:
+            raise ValueError(problem)
         if self.protocol == "http":
             if self.domain is None:
                 raise ValueError("an http tunnel needs a domain")
@@ -188,6 +200,9 @@ class TunnelUpdate(_Body):
     target: str | None = Field(default=None, max_length=2048)
     agent: str | None = Field(default=None, min_length=1, max_length=63)
     enabled: bool | None = None
+    proxy_protocol: ProxyProtocol | None = Field(
+        default=None, description=_PROXY_PROTOCOL + " (null turns it off)"
+    )
 
     @field_validator("domain")
     @classmethod
@@ -301,6 +316,7 @@ class TunnelOut(BaseModel):
     agentName: str
     agentIp: str
     enabled: bool
+    proxyProtocol: str | None = Field(description=_PROXY_PROTOCOL)
     health: str | None
     healthDetail: str | None
     healthAt: str | None

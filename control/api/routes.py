@@ -87,6 +87,7 @@ def tunnel_out(row: Row) -> dict[str, Any]:
         "agentName": row["agent_name"],
         "agentIp": row["agent_ip"],
         "enabled": bool(row["enabled"]),
+        "proxyProtocol": row["proxy_protocol"],
         "health": row["health"],
         "healthDetail": row["health_detail"],
         "healthAt": _iso(row["health_at"]),

@@ -67,6 +67,8 @@ tunnels = sa.Table(
         index=True,
     ),
     sa.Column("enabled", sa.Boolean, nullable=False, default=True),
+    # tcp/udp: the PROXY protocol header sent to the target ("v1", "v2"; NULL: none)
+    sa.Column("proxy_protocol", sa.String(2)),
     sa.Column("health", sa.String(16)),
     sa.Column("health_detail", sa.String(512)),
     sa.Column("health_at", sa.Float),

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from common.protocol import proxy_protocol_problem
 from control.alloc import AddressPlan, PoolExhausted
 from control.db.schema import (
     access_policies,
@@ -318,6 +319,7 @@ class Store:
             "target": fields["target"],
             "agent_id": agent["id"],
             "enabled": fields.get("enabled", True),
+            "proxy_protocol": fields.get("proxy_protocol"),
             "created_at": now,
             "updated_at": now,
         }
@@ -403,6 +405,9 @@ class Store:
             if merged.get("public_port") is None:
                 raise Invalid(f"a {merged['protocol']} tunnel needs a publicPort")
             merged["domain"] = values["domain"] = None
+        problem = proxy_protocol_problem(merged["protocol"], merged.get("proxy_protocol"))
+        if problem:
+            raise Invalid(problem)
         values["updated_at"] = time.time()
         async with self._write() as conn:
             await self._check_unique(conn, merged, tunnel_id)

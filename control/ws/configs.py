@@ -21,6 +21,7 @@ def tunnel_spec(row: Row) -> p.TunnelSpec:
         agent_id=row["agent_id"],
         agent_ip=row["agent_ip"],
         enabled=bool(row["enabled"]),
+        proxy_protocol=row["proxy_protocol"] if row["protocol"] != "http" else None,
     )
 
 

@@ -37,6 +37,7 @@ def tunnels(draw: st.DrawFn) -> p.TunnelSpec:
         agent_id=draw(ids),
         agent_ip=draw(v4),
         enabled=draw(st.booleans()),
+        proxy_protocol=draw(st.sampled_from((None, *p.PROXY_PROTOCOLS.get(protocol, ())))),
     )
 
 
@@ -177,7 +178,32 @@ BAD_TUNNEL_FIELDS: list[tuple[str, Any]] = [
     ("enabled", "yes"),
     ("enabled", 1),
     ("agentId", ["a"]),
+    ("proxyProtocol", "v2"),  # an http tunnel takes none
 ]
+
+BAD_RAW_TUNNEL_FIELDS: list[tuple[str, str, Any]] = [
+    ("udp", "proxyProtocol", "v1"),  # version 1 has no UDP form
+    ("tcp", "proxyProtocol", "v3"),
+    ("tcp", "proxyProtocol", "V1"),
+    ("tcp", "proxyProtocol", 2),
+    ("tcp", "proxyProtocol", ["v1"]),
+    ("udp", "proxyProtocol", ""),
+]
+
+
+@pytest.mark.parametrize(("protocol", "key", "value"), BAD_RAW_TUNNEL_FIELDS)
+def test_bad_raw_tunnel_fields_are_refused_by_name(protocol: str, key: str, value: Any) -> None:
+    wire = {**_tunnel(), "protocol": protocol, "domain": None, "publicPort": 2222, key: value}
+    with pytest.raises(p.ProtocolError) as caught:
+        p.parse_tunnel(wire)
+    assert caught.value.code == "invalid_field" and f"'{key}'" in caught.value.message
+
+
+def test_an_older_control_sends_no_proxy_protocol() -> None:
+    wire = {**_tunnel(), "protocol": "tcp", "domain": None, "publicPort": 2222}
+    del wire["proxyProtocol"]
+    assert p.parse_tunnel(wire).proxy_protocol is None
+    assert p.parse_tunnel({**wire, "proxyProtocol": "v1"}).proxy_protocol == "v1"
 
 
 @pytest.mark.parametrize(("key", "value"), BAD_TUNNEL_FIELDS)
