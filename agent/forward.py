@@ -22,9 +22,15 @@ every request before a byte enters the tunnel.
   keep it busy).  The gateway's next request of such a tunnel dials afresh.
 * raw TCP tunnels: a :class:`~common.relay.tcp.TcpForwarder` whose listeners are
   on the user-space stack (``agentIP:publicPort``) and whose dialer reaches the target
-  (connect timeout; a refused target resets the tunnelled connection);
+  (connect timeout; a refused target resets the tunnelled connection).  A tunnel with
+  ``proxyProtocol`` comes to the HTTP tunnels' port instead, its PROXY header carrying
+  the client's address (command PROXY) besides the tunnel id; the agent sends the
+  target that address in the tunnel's version (v1 text, v2 binary) before the client's
+  bytes (``common.relay.tcp`` says why, and what happens during a change);
 * UDP tunnels: a :class:`~common.relay.udp.UdpForwarder` bound on the stack, with
-  one kernel UDP socket per flow towards the target and an idle timeout per flow.
+  one kernel UDP socket per flow towards the target and an idle timeout per flow
+  (those with ``proxyProtocol`` also on the tunnel port, over UDP, with a header per
+  datagram).
 
 ``https://`` targets are dialled with TLS (SNI = the target host, no certificate
 verification: the service is local and usually self-signed; the public side of the
@@ -46,7 +52,7 @@ from common.protocol import TunnelSpec
 from common.relay import proxyproto
 from common.relay.metrics import Metrics
 from common.relay.pipe import TransportSplice
-from common.relay.router import Route, Router
+from common.relay.router import PortRoute, Route, Router
 from common.relay.targets import Target
 from common.relay.tcp import TcpForwarder, TcpSettings
 from common.relay.udp import UdpForwarder, UdpSettings
@@ -163,19 +169,29 @@ class HttpTunnels:
         self.header_timeout = header_timeout
         #: connections being read, dialled or spliced (ended by ``close``)
         self.open: set[_TunnelledConnection] = set()
-        self._byte_counters: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._byte_counters: dict[tuple[str, str, bool], Callable[[float], None]] = {}
 
     def protocol(self) -> asyncio.Protocol:
         return _TunnelledConnection(self)
 
-    def count_bytes(self, tunnel: str, direction: str) -> Callable[[float], None]:
-        """The metrics counter of one (tunnel, direction), its label key built once."""
-        key = (tunnel, direction)
+    def count_bytes(
+        self, tunnel: str, direction: str, raw: bool = False
+    ) -> Callable[[float], None]:
+        """The metrics counter of one (tunnel, direction), its label key built once
+        (``raw``: a raw TCP tunnel's, counted with the other raw TCP bytes)."""
+        key = (tunnel, direction, raw)
         counter = self._byte_counters.get(key)
         if counter is None:
-            counter = self.metrics.http_tunnel_bytes.child(tunnel=tunnel, direction=direction)
+            family = self.metrics.tcp_bytes if raw else self.metrics.http_tunnel_bytes
+            counter = family.child(tunnel=tunnel, direction=direction)
             self._byte_counters[key] = counter
         return counter
+
+    def current(self, route: Route | PortRoute) -> Route | PortRoute | None:
+        """The router's route now for the tunnel a connection was dialled for."""
+        if isinstance(route, PortRoute):
+            return self.router.lookup_raw_tunnel(route.tunnel_id)
+        return self.router.lookup_tunnel(route.tunnel_id)
 
     def reconcile(self) -> int:
         """End open connections the router no longer allows as they were dialled:
@@ -186,7 +202,7 @@ class HttpTunnels:
             # no route yet: still reading its header, judged by the new table then
             if route is None or connection.aborted:
                 continue
-            now = self.router.lookup_tunnel(route.tunnel_id)
+            now = self.current(route)
             if now is None or not now.enabled or now.target != route.target:
                 why = "deleted" if now is None else "disabled" if not now.enabled else "retargeted"
                 log.info(
@@ -218,7 +234,7 @@ class _TunnelledConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.splice: TransportSplice | None = None
         #: the route the connection was dialled for (set once its header is read)
-        self.route: Route | None = None
+        self.route: Route | PortRoute | None = None
         self.aborted = False
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self._deadline: asyncio.TimerHandle | None = None
@@ -262,32 +278,61 @@ class _TunnelledConnection(asyncio.Protocol):
     def _header_done(self, header: proxyproto.ProxyHeader, rest: bytes) -> None:
         owner = self.owner
         tunnel_id = header.tunnel_id
-        route = owner.router.lookup_tunnel(tunnel_id) if tunnel_id is not None else None
+        route: Route | PortRoute | None = (
+            owner.router.lookup_tunnel(tunnel_id) if tunnel_id is not None else None
+        )
+        prefix = b""
+        raw = route is None and tunnel_id is not None
+        if raw and tunnel_id is not None:
+            route = owner.router.lookup_raw_tunnel(tunnel_id)
+            if route is not None and route.protocol != "tcp":
+                route = None
         if route is None or not route.enabled:
             self._refuse(
                 "unknown_tunnel",
                 f"for a tunnel this agent does not serve: {(tunnel_id or '')[:64]!r}",
             )
             return
+        if isinstance(route, PortRoute):  # a raw TCP tunnel with proxyProtocol
+            if (
+                header.command != proxyproto.COMMAND_PROXY
+                or header.transport != "tcp"
+                or header.source is None
+                or header.destination is None
+            ):
+                self._refuse(
+                    "unknown_tunnel",
+                    f"for raw tunnel {route.tunnel_id[:64]!r} without the client's address",
+                )
+                return
+            if route.proxy_protocol is not None:  # None: the gateway saw the setting first
+                prefix = proxyproto.target_header(
+                    route.proxy_protocol, header.source, header.destination
+                )
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         self.route = route
         tunnel = route.tunnel_id
-        owner.metrics.http_tunnel_connections.inc(tunnel=tunnel)
+        if raw:
+            owner.metrics.tcp_connections.inc(tunnel=tunnel)
+        else:
+            owner.metrics.http_tunnel_connections.inc(tunnel=tunnel)
         splice = TransportSplice(
             idle_timeout=owner.idle_timeout,
-            on_a_to_b=owner.count_bytes(tunnel, "in"),
-            on_b_to_a=owner.count_bytes(tunnel, "out"),
+            on_a_to_b=owner.count_bytes(tunnel, "in", raw),
+            on_b_to_a=owner.count_bytes(tunnel, "out", raw),
         )
         assert self.transport is not None
         self.transport.pause_reading()
         splice.attach(splice.a, self.transport)  # from now on the splice reads this connection
         self.splice = splice
         h2 = header.tlv(proxyproto.TLV_ALPN) == b"h2"
-        self._dial = self.loop.create_task(self._connect(route, rest, h2))
+        self._dial = self.loop.create_task(self._connect(route, rest, h2, prefix))
 
-    async def _connect(self, route: Route, rest: bytes, h2: bool) -> None:
+    async def _connect(
+        self, route: Route | PortRoute, rest: bytes, h2: bool, header: bytes = b""
+    ) -> None:
         owner, splice = self.owner, self.splice
         assert splice is not None
         try:
@@ -305,6 +350,8 @@ class _TunnelledConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             splice.abort()
         else:
+            if header and splice.b.transport is not None and not splice.b.lost:
+                splice.b.transport.write(header)  # the target's PROXY header: not counted
             splice.start(rest)
         try:
             with contextlib.suppress(ConnectionError, OSError, TimeoutError):
@@ -381,6 +428,7 @@ class Forwarder:
                 flow_idle_timeout=udp_idle_timeout,
                 max_flows_per_client=4096,
                 max_flows_per_port=8192,
+                tunnel_port=http_port,  # proxyProtocol datagrams: the same number, UDP
             ),
             metrics=self.metrics,
             bind=tunnel.create_datagram_endpoint,

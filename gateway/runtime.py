@@ -167,7 +167,8 @@ class Gateway:
         self.tcp = TcpForwarder(
             self.router,
             dialer,
-            settings=TcpSettings(bind_host=settings.host),
+            # tunnels with proxyProtocol go to the agent's tunnel port, client first
+            settings=TcpSettings(bind_host=settings.host, proxy_port=settings.upstream_port),
             metrics=self.metrics,
             admit=self.proxy.access.ip_allowed,
             access_log=self.proxy.access_log,
@@ -175,7 +176,11 @@ class Gateway:
         self.udp = UdpForwarder(
             self.router,
             flow_dialer,
-            settings=UdpSettings(bind_host=settings.host),
+            settings=UdpSettings(
+                bind_host=settings.host,
+                proxy_port=settings.upstream_port,
+                public_ip=settings.public_ip,
+            ),
             metrics=self.metrics,
             admit=self.proxy.access.ip_allowed,
             access_log=self.proxy.access_log,
@@ -461,6 +466,9 @@ class Gateway:
         await self.streams.close()
         await self.tcp.close()
         await self.udp.close()
+        # the raw connections and flows just ended wrote their lines after the proxy
+        # closed the access log: write them too
+        self.proxy.access_log.shutdown()
         drained = time.monotonic()
         await self.runtime.stop()
         await self.admin.close()

@@ -80,6 +80,13 @@ class PortRoute:
     enabled: bool
     #: the port to dial on ``upstream_host`` (None: the tunnel's public port)
     upstream_port: int | None = None
+    #: the tunnel's ``proxyProtocol`` ("v1", "v2" or None): the gateway sends such a
+    #: tunnel's traffic to the agent's tunnel port with the client's address in a PROXY
+    #: v2 header, the agent sends the target a header of this version
+    proxy_protocol: str | None = None
+    #: the tunnel's target as Control gave it (the agent ends connections it dialled
+    #: when the target changes)
+    target: str = ""
 
 
 #: a tunnel's ``target`` -> (host, port, path prefix) to dial; ValueError if unusable
@@ -98,6 +105,7 @@ class _Tunnel:
     upstream_port: int | None = None
     path_prefix: str = ""
     target: str = ""
+    proxy_protocol: str | None = None
 
 
 class TunnelError(ValueError):
@@ -150,6 +158,7 @@ def _parse_tunnel(spec: TunnelSpec, upstream: UpstreamResolver | None = None) ->
             None,
             prefix,
             spec.target,
+            spec.proxy_protocol,
         )
     try:
         host, upstream_port, prefix = upstream(spec.target)
@@ -166,6 +175,7 @@ def _parse_tunnel(spec: TunnelSpec, upstream: UpstreamResolver | None = None) ->
         upstream_port,
         prefix,
         spec.target,
+        spec.proxy_protocol,
     )
 
 
@@ -185,6 +195,7 @@ class Router:
         self._domains: dict[str, Route] = {}
         self._http_by_id: dict[str, Route] = {}
         self._ports: dict[tuple[str, int], PortRoute] = {}
+        self._raw_by_id: dict[str, PortRoute] = {}
         self._listeners: list[Callable[[], None]] = []
         self.version = 0
 
@@ -257,6 +268,11 @@ class Router:
         """The raw TCP/UDP tunnel listening on ``port``."""
         return self._ports.get((protocol, port))
 
+    def lookup_raw_tunnel(self, tunnel_id: str) -> PortRoute | None:
+        """The route of a raw tunnel by its id (how the agent finds the tunnel a PROXY
+        header on its tunnel port names), if it holds its port."""
+        return self._raw_by_id.get(tunnel_id)
+
     def port_routes(self, protocol: str) -> list[PortRoute]:
         """All raw tunnels of one protocol (enabled or not), sorted by port."""
         return sorted(
@@ -320,9 +336,12 @@ class Router:
                 t.upstream_host,
                 t.enabled,
                 t.upstream_port,
+                t.proxy_protocol,
+                t.target,
             )
             for key, t in by_port.items()
         }
+        self._raw_by_id = {route.tunnel_id: route for route in self._ports.values()}
         self.version += 1
         for callback in list(self._listeners):
             try:

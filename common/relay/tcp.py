@@ -14,6 +14,33 @@ through the same dialer as the HTTP proxy, and splices both ways with half-close
 back-pressure; when the upstream cannot be reached the client's connection is reset.
 The agent uses the same forwarder with a ``listen`` function that
 accepts on its user-space stack and routes that dial its local targets.
+
+PROXY protocol towards the target (a tunnel's ``proxyProtocol``, v1 or v2)
+--------------------------------------------------------------------------
+The specification forbids guessing whether a header is present ("the protocol
+explicitly prevents port sharing between public and private access"), and the agent's
+raw port carries whatever the client sent.  So the client's address never travels on
+that port: on the gateway (``proxy_port`` set, the agent's tunnel port) a connection of
+such a tunnel is dialled to the agent's tunnel port instead, and starts with a PROXY v2
+header written before any client byte: command PROXY, the client's address and port as
+source, the listener's address and port as destination, the tunnel id as a TLV.  The
+agent reads it there like an HTTP tunnel's header (bounded, timed out, reset when
+malformed; ``agent/forward.py``) and writes the target the header of the tunnel's
+version, then the client's bytes.  A client cannot inject a header: on the tunnel port
+the gateway's header always comes first, and on the raw port nothing is read as one.
+
+Gateways and agents read the setting from the same ``TunnelSpec``, but a change reaches
+them one after the other (or not at all while one is away from Control):
+
+* the gateway has it, the agent not yet: the agent takes the connection on its tunnel
+  port and, with no version to send, sends the target the bare stream, as before;
+* the agent has it, the gateway not yet: the connection arrives on the raw port with no
+  client address; the agent (``proxy_port`` None) sends the target the specification's
+  "unknown" header (v1 ``PROXY UNKNOWN``, v2 ``LOCAL``), so a target that requires a
+  header accepts it with the connection's own addresses instead of the client's.
+
+A gateway older than the setting behaves like the second case; an agent older than it
+resets the gateway's connections for a tunnel that is not an HTTP tunnel (fail closed).
 """
 
 from __future__ import annotations
@@ -21,10 +48,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import proxyproto
 from .accesslog import AccessLog
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
@@ -63,6 +92,11 @@ class TcpSettings:
     max_connections: int = 10_000
     #: dial this port on the agent instead of the tunnel's public port (tests)
     upstream_port: int | None = None
+    #: the gateway: the agent's tunnel port, where connections of a tunnel with
+    #: ``proxyProtocol`` go, after a PROXY v2 header with the client's address.  None
+    #: (the agent): such a tunnel's connections on its raw port get the target's header
+    #: without an address (see the module docstring)
+    proxy_port: int | None = None
 
 
 class TcpForwarder(PortReconciler):
@@ -93,6 +127,8 @@ class TcpForwarder(PortReconciler):
             self.settings.max_connections_per_client, self.settings.max_connections
         )
         self._connections: dict[int, set[asyncio.Task[None]]] = {}
+        #: tunnel -> when a connection without the client's address was last logged
+        self._unknown_logged: dict[str, float] = {}
 
     async def _open_port(self, port: int) -> Listener:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -146,6 +182,18 @@ class TcpForwarder(PortReconciler):
                 return
             self.metrics.tcp_connections.inc(tunnel=tunnel)
             upstream_port = route.upstream_port or self.settings.upstream_port or port
+            header = b""
+            if route.proxy_protocol is not None:
+                if self.settings.proxy_port is not None:
+                    upstream_port = self.settings.proxy_port
+                    header = _client_header(tunnel, peer, writer.get_extra_info("sockname"))
+                    if not header:
+                        failed = True  # no address to give: refused, never sent without
+                        decision = "unreachable"
+                        return
+                else:
+                    header = proxyproto.target_header(route.proxy_protocol)
+                    note_unknown_client(self._unknown_logged, tunnel, "tcp")
             try:
                 up_reader, upstream_writer = await self.dialer(
                     route.upstream_host, upstream_port, self.settings.connect_timeout
@@ -155,6 +203,8 @@ class TcpForwarder(PortReconciler):
                 failed = True  # reset the client: "refused", not an empty stream
                 decision = "unreachable"
                 return
+            if header:
+                upstream_writer.write(header)  # before any byte of the client's
 
             def inbound(n: int) -> None:
                 counts[0] += n
@@ -200,3 +250,37 @@ class TcpForwarder(PortReconciler):
             if upstream_writer is not None:
                 await close_writer(upstream_writer)
             await close_writer(writer, abort=failed)
+
+
+def note_unknown_client(logged: dict[str, float], tunnel: str, protocol: str) -> None:
+    """Log (once a minute per tunnel) that a tunnel with ``proxyProtocol`` was reached
+    on its raw port, so its target got no client address: a gateway that has not seen
+    the setting yet, or one older than it."""
+    now = time.monotonic()
+    if now - logged.get(tunnel, float("-inf")) < 60:
+        return
+    if len(logged) >= 10_000:
+        logged.clear()
+    logged[tunnel] = now
+    log.warning(
+        "a %s connection of tunnel %s came without the client's address (a gateway that "
+        "does not send it yet?): the target gets the PROXY header for an unknown address",
+        protocol,
+        tunnel[:64],
+    )
+
+
+def _client_header(tunnel: str, peer: object, sockname: object) -> bytes:
+    """The PROXY v2 header the gateway puts in front of a raw connection of a tunnel
+    with ``proxyProtocol``: the client as source, the listener as destination, the
+    tunnel by id; empty (and logged) when the socket gives no IP addresses."""
+    try:
+        if not (isinstance(peer, tuple) and isinstance(sockname, tuple)):
+            raise ValueError("the socket has no IP addresses")
+        source, destination = proxyproto.address_pair(
+            (str(peer[0]), int(peer[1])), (str(sockname[0]), int(sockname[1]))
+        )
+        return proxyproto.encode(tunnel_id=tunnel, source=source, destination=destination)
+    except (IndexError, ValueError) as exc:
+        log.warning("no PROXY header for a connection of tunnel %s: %s", tunnel[:64], exc)
+        return b""

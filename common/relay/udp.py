@@ -16,22 +16,41 @@ in both directions is closed: one timer per flow, re-armed lazily (when it fires
 re-checks the last activity instead of being rescheduled on every datagram).  Flows
 are capped per port and per client key (``limits.client_key``); datagrams beyond a
 cap or for a missing/disabled tunnel are dropped and counted.
+
+PROXY protocol (a tunnel's ``proxyProtocol``: v2, the only version with a UDP form)
+---------------------------------------------------------------------------------
+As for TCP (``tcp.py`` explains why and what happens while a change has reached only
+one side), the client's address never travels on the agent's raw port.  The gateway
+(``proxy_port`` set) sends such a tunnel's flows to the agent's tunnel port instead,
+every datagram prefixed with a PROXY v2 header (PROXY, DGRAM, the client as source, the
+listener as destination: its port names the tunnel), built once per flow.  The agent
+(``tunnel_port`` set) binds that port while it has such a tunnel (a plain UDP tunnel on
+the same public port keeps it, with a warning), strips each datagram's header (a flow's
+later datagrams must carry the same bytes) and sends the target a v2 header of its own
+in front of every datagram.  A datagram on the tunnel port without a valid header, with
+another flow's header or for a tunnel that is not there is dropped and counted
+(``rejected{reason="proxy_header"}``).  Reached on the raw port by a gateway that sends
+no header, the agent prefixes the target's datagrams with v2 ``LOCAL``.  A change of a
+tunnel's route (its agent, target, setting) ends the flows opened under the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from . import proxyproto
 from .accesslog import AccessLog
 from .limits import client_key
 from .metrics import Metrics
 from .reconcile import PortReconciler
-from .router import Router
+from .router import PortRoute, Router
+from .tcp import note_unknown_client
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +123,14 @@ class UdpSettings:
     max_queued_datagrams: int = 64
     #: send to this port on the agent instead of the tunnel's public port (tests)
     upstream_port: int | None = None
+    #: the gateway: the agent's tunnel port, where flows of a tunnel with
+    #: ``proxyProtocol`` go, each datagram after a PROXY v2 header naming the client
+    proxy_port: int | None = None
+    #: the gateway: the address clients reach, the destination in those headers when
+    #: ``bind_host`` is a wildcard (None: the unspecified address)
+    public_ip: str | None = None
+    #: the agent: the port where gateways send such datagrams (see the module docstring)
+    tunnel_port: int | None = None
 
 
 @dataclass(slots=True)
@@ -120,12 +147,20 @@ class _Flow:
     started: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    #: the route the flow was opened under (a change of it ends the flow)
+    route: PortRoute | None = None
+    #: sent in front of every datagram towards the agent or the target (PROXY header)
+    prefix: bytes = b""
+    #: on the agent's tunnel port: the gateway's header every datagram starts with
+    header_in: bytes = b""
 
 
 class _PublicProtocol(asyncio.DatagramProtocol):
-    def __init__(self, forwarder: UdpForwarder, port: int) -> None:
+    def __init__(self, forwarder: UdpForwarder, port: int, headed: bool = False) -> None:
         self.forwarder = forwarder
         self.port = port
+        #: the agent's tunnel port: every datagram starts with a gateway's PROXY header
+        self.headed = headed
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,7 +168,10 @@ class _PublicProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         try:
-            self.forwarder._from_client(self, data, addr)
+            if self.headed:
+                self.forwarder._from_gateway(self, data, addr)
+            else:
+                self.forwarder._from_client(self, data, addr)
         except Exception:
             log.exception("unexpected error handling a UDP datagram")
 
@@ -171,6 +209,12 @@ class UdpForwarder(PortReconciler):
         self._per_port: dict[int, int] = {}
         self._per_client: dict[tuple[int, str], int] = {}
         self._dials: set[asyncio.Task[None]] = set()
+        #: the agent's tunnel port listener (bound while a tunnel has proxyProtocol)
+        self._tunnel_listener: _PublicProtocol | None = None
+        self._tunnel_port_note = ""  # why it is not bound, as last logged
+        self._header_logged = float("-inf")  # when a dropped datagram was last logged
+        self._tunnel_retry: asyncio.TimerHandle | None = None
+        self._unknown_logged: dict[str, float] = {}  # see tcp.note_unknown_client
 
     # -- listeners ---------------------------------------------------------------------
 
@@ -190,7 +234,89 @@ class UdpForwarder(PortReconciler):
         if handle.transport is not None:
             handle.transport.close()
 
+    async def reconcile(self) -> None:
+        """The raw ports (``PortReconciler``), the agent's tunnel port, and the flows
+        whose tunnel changed since they were opened."""
+        wanted = self._tunnel_port_wanted()
+        if not wanted:
+            await self._close_tunnel_port()
+        await super().reconcile()
+        if wanted:
+            await self._open_tunnel_port()
+        for flow in list(self.flows.values()):
+            now = (
+                self.router.lookup_port("udp", flow.port)
+                if flow.header_in == b""
+                else self.router.lookup_raw_tunnel(flow.tunnel_id)
+            )
+            if flow.route is not None and now != flow.route:
+                self._close_flow(flow)
+
+    def _tunnel_port_wanted(self) -> bool:
+        port = self.settings.tunnel_port
+        if port is None:
+            return False
+        routes = self.router.port_routes("udp")
+        if not any(r.enabled and r.proxy_protocol for r in routes):
+            return False
+        holder = self.router.lookup_port("udp", port)
+        note = (
+            f"UDP tunnels with proxyProtocol cannot be served: tunnel {holder.tunnel_id} "
+            f"uses the agent's tunnel port {port}"
+            if holder is not None and holder.enabled
+            else ""
+        )
+        if note != self._tunnel_port_note:
+            self._tunnel_port_note = note
+            if note:
+                log.warning("%s", note)
+        return not note
+
+    async def _open_tunnel_port(self) -> None:
+        port = self.settings.tunnel_port
+        if self._tunnel_listener is not None or port is None:
+            return
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            for attempt in range(2):
+                try:
+                    if self.bind is not None:
+                        _, bound = await self.bind(lambda: _PublicProtocol(self, port, True), port)
+                        self._tunnel_listener = cast(_PublicProtocol, bound)
+                    else:
+                        _, self._tunnel_listener = await loop.create_datagram_endpoint(
+                            lambda: _PublicProtocol(self, port, True),
+                            local_addr=(self.settings.bind_host, port),
+                        )
+                    break
+                except OSError as exc:
+                    if attempt == 0:  # a listener closed just now lets go of it a moment later
+                        await asyncio.sleep(0.05)
+                        continue
+                    log.warning("cannot listen on the UDP tunnel port %d: %s", port, exc)
+                    if self._tunnel_retry is None:
+                        self._tunnel_retry = loop.call_later(
+                            self.retry_interval, self._retry_tunnel_port
+                        )
+                    return
+        log.info("listening for PROXY-headed UDP tunnel datagrams on port %d", port)
+
+    def _retry_tunnel_port(self) -> None:
+        self._tunnel_retry = None
+        self._on_change()
+
+    async def _close_tunnel_port(self) -> None:
+        listener, self._tunnel_listener = self._tunnel_listener, None
+        if listener is None:
+            return
+        await self._close_port(listener.port, listener)
+        log.info("stopped the UDP tunnel port listener on port %d", listener.port)
+
     async def close(self) -> None:
+        if self._tunnel_retry is not None:
+            self._tunnel_retry.cancel()
+            self._tunnel_retry = None
+        await self._close_tunnel_port()
         await super().close()
         for task in list(self._dials):
             task.cancel()
@@ -208,9 +334,55 @@ class UdpForwarder(PortReconciler):
             flow = self._new_flow(public, addr, now)
             if flow is None:
                 return
+        self._relay(flow, data, now)
+
+    def _from_gateway(self, public: _PublicProtocol, data: bytes, addr: Address) -> None:
+        """A datagram on the agent's tunnel port: a gateway's PROXY header, then the
+        client's payload (see the module docstring)."""
+        now = asyncio.get_running_loop().time()
+        flow = self.flows.get((public.port, addr))
+        if flow is not None and data.startswith(flow.header_in):
+            self._relay(flow, data[len(flow.header_in) :], now)
+            return
+        try:
+            if flow is not None:
+                raise proxyproto.ProxyHeaderError("a datagram with another header in a flow")
+            header, payload = proxyproto.split_datagram(data)
+            if (
+                header.command != proxyproto.COMMAND_PROXY
+                or header.transport != "udp"
+                or header.source is None
+                or header.destination is None
+            ):
+                raise proxyproto.ProxyHeaderError("no client UDP address in the header")
+            route = self.router.lookup_port("udp", header.destination[1])
+            if route is None or not route.enabled:
+                raise proxyproto.ProxyHeaderError(
+                    f"no UDP tunnel on port {header.destination[1]} here"
+                )
+            prefix = b""
+            if route.proxy_protocol is not None:
+                prefix = proxyproto.target_header(
+                    route.proxy_protocol, header.source, header.destination, "udp"
+                )
+        except (proxyproto.ProxyHeaderError, ValueError) as exc:
+            self.metrics.rejected.inc(reason="proxy_header")
+            if now - self._header_logged >= 60:
+                self._header_logged = now
+                log.warning("dropped a datagram on the UDP tunnel port: %s", exc)
+            return
+        flow = self._new_flow(public, addr, now, route, prefix)
+        if flow is None:
+            return
+        flow.header_in = data[: len(data) - len(payload)]
+        self._relay(flow, payload, now)
+
+    def _relay(self, flow: _Flow, data: bytes, now: float) -> None:
         flow.last_activity = now
         flow.bytes_in += len(data)
         self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="in")
+        if flow.prefix:
+            data = flow.prefix + data
         if flow.handle is not None:
             with contextlib.suppress(OSError):
                 flow.handle.send(data)
@@ -219,11 +391,31 @@ class UdpForwarder(PortReconciler):
         else:
             self.metrics.rejected.inc(reason="udp_queue_full")
 
-    def _new_flow(self, public: _PublicProtocol, addr: Address, now: float) -> _Flow | None:
+    def _new_flow(
+        self,
+        public: _PublicProtocol,
+        addr: Address,
+        now: float,
+        route: PortRoute | None = None,
+        prefix: bytes = b"",
+    ) -> _Flow | None:
+        """A flow for a client's first datagram; ``route`` and ``prefix`` are given on
+        the agent's tunnel port (found from the gateway's header)."""
         port = public.port
-        route = self.router.lookup_port("udp", port)
-        if route is None or not route.enabled:
-            return None
+        upstream_port = None
+        if route is None:
+            route = self.router.lookup_port("udp", port)
+            if route is None or not route.enabled:
+                return None
+            if route.proxy_protocol is not None:
+                if self.settings.proxy_port is None:  # the agent, reached without a header
+                    prefix = proxyproto.target_header("v2", transport="udp")
+                    note_unknown_client(self._unknown_logged, route.tunnel_id, "udp")
+                else:
+                    upstream_port = self.settings.proxy_port
+                    prefix = self._client_header(addr, port)
+                    if not prefix:
+                        return None
         client = (port, client_key(str(addr[0])))
         if self.admit is not None and not self.admit(route.tunnel_id, str(addr[0])):
             self.metrics.rejected.inc(reason="access")
@@ -235,7 +427,10 @@ class UdpForwarder(PortReconciler):
         if self._per_client.get(client, 0) >= self.settings.max_flows_per_client:
             self.metrics.rejected.inc(reason="udp_flows_per_client")
             return None
-        flow = _Flow(port, addr, route.tunnel_id, now, route.upstream_host, started=now)
+        flow = _Flow(
+            port, addr, route.tunnel_id, now, route.upstream_host, started=now, route=route
+        )
+        flow.prefix = prefix
         self.flows[(port, addr)] = flow
         self._per_port[port] = self._per_port.get(port, 0) + 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
@@ -251,7 +446,8 @@ class UdpForwarder(PortReconciler):
             self.metrics.udp_bytes.inc(len(data), tunnel=flow.tunnel_id, direction="out")
             public.transport.sendto(data, addr)
 
-        upstream_port = route.upstream_port or self.settings.upstream_port or port
+        if upstream_port is None:
+            upstream_port = route.upstream_port or self.settings.upstream_port or route.public_port
         task = asyncio.ensure_future(self._dial(flow, route.upstream_host, upstream_port, deliver))
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
@@ -320,6 +516,26 @@ class UdpForwarder(PortReconciler):
                 upstream=flow.upstream,
                 decision="allow",
             )
+
+    def _client_header(self, addr: Address, port: int) -> bytes:
+        """The gateway's PROXY v2 header for a flow: the client, and the address it
+        wrote to (``bind_host``, or ``public_ip`` when that is a wildcard); empty (and
+        logged) when there is no IP address to give."""
+        listener = self.settings.bind_host
+        if listener in ("", "0.0.0.0", "::"):
+            listener = self.settings.public_ip or "0.0.0.0"
+        try:
+            try:
+                ipaddress.ip_address(listener)
+            except ValueError:
+                listener = "0.0.0.0"  # a name: the header holds addresses only
+            source, destination = proxyproto.address_pair(
+                (str(addr[0]), int(addr[1])), (listener, port)
+            )
+            return proxyproto.encode(source=source, destination=destination, transport="udp")
+        except (IndexError, ValueError) as exc:
+            log.warning("no PROXY header for a UDP client on port %d: %s", port, exc)
+            return b""
 
     def _log_refused(self, key: tuple[int, str], tunnel: str, client: str, now: float) -> None:
         """One access-log line per refused client and port per minute (datagrams from a
