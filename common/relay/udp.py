@@ -384,8 +384,10 @@ class UdpForwarder(PortReconciler):
         if flow.prefix:
             data = flow.prefix + data
         if flow.handle is not None:
-            with contextlib.suppress(OSError):
+            try:
                 flow.handle.send(data)
+            except OSError:  # too large for the tunnel, refused by ICMP: UDP may drop
+                self.metrics.rejected.inc(reason="udp_send_failed")
         elif len(flow.pending) < self.settings.max_queued_datagrams:
             flow.pending.append(data)
         else:

@@ -9,6 +9,7 @@ through :meth:`dial` instead of the kernel.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from common.keys import KeyPair
 from common.logs import kv
 from gateway.wg.state import PeerStats, WgState
+from netstack.stack import StackError
 from netstack.tunnel import UserspaceTunnel
 
 log = logging.getLogger("gateway.wg")
@@ -42,7 +44,12 @@ class _NetstackFlow:
         self.peer = peer
 
     def send(self, data: bytes) -> None:
-        self.transport.sendto(data, self.peer)
+        """Send one datagram; ``OSError`` (EMSGSIZE) for one the tunnel cannot carry
+        (the stack never fragments), as a kernel socket would say, not a stack error."""
+        try:
+            self.transport.sendto(data, self.peer)
+        except StackError as exc:
+            raise OSError(errno.EMSGSIZE, str(exc)) from None
 
     def close(self) -> None:
         self.transport.close()
