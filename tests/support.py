@@ -8,6 +8,7 @@ green by skipping the interop and system tests.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 
@@ -35,11 +36,31 @@ def need_binary(name: str) -> str:
     return path
 
 
+#: ports handed out by this process (never twice), below the kernel's ephemeral range
+_GIVEN: set[int] = set()
+_RANGE = (10_000, 32_000)
+
+
 def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """A port free right now (TCP by default; ``kind=socket.SOCK_DGRAM`` for UDP)."""
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free right now (TCP by default; ``kind=socket.SOCK_DGRAM`` for UDP).
+
+    Taken below the kernel's ephemeral range (32768-60999 by default), never twice in
+    one process: a port the kernel picks for ``bind(0)`` is one it may soon give to an
+    outgoing connection's source, which made a server started a moment later fail with
+    "address already in use" on a busy machine."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(*_RANGE)
+        if port in _GIVEN:
+            continue
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found below the ephemeral range")
 
 
 def unique_name(prefix: str, index: int = 0) -> str:

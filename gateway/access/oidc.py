@@ -385,6 +385,9 @@ class OidcClients:
             )
         except jwt.PyJWTError as exc:
             raise _TokenRejected(type(exc).__name__) from None
+        issued = claims.get("iat")
+        if not isinstance(issued, int | float) or issued > self._clock() + CLOCK_SKEW:
+            raise _TokenRejected("issued in the future")  # not left to the JWT library
         nonce = claims.get("nonce")
         if not isinstance(nonce, str) or not hmac.compare_digest(
             nonce.encode(), str(flow.get("n", "")).encode()
