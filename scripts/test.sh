@@ -12,7 +12,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends \
         python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble iptables \
-        build-essential python3-dev libssl-dev buildah debootstrap nginx-light \
+        build-essential python3-dev libssl-dev buildah debootstrap nginx-light postgresql \
         wrk curl nghttp2-client golang-go golang-golang.zx2c4-wireguard-dev golang-gvisor-gvisor-dev \
         chromium >/dev/null  # chromium: the dashboard's browser tests (Playwright drives it)
     # fail2ban-regex checks deploy/fail2ban against the gateway's access log

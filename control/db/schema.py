@@ -182,3 +182,41 @@ share_links = sa.Table(
     sa.Column("uses", sa.Integer, nullable=False, default=0),
     sa.Column("created_at", sa.Float, nullable=False),
 )
+
+# -- several Control replicas on one database (migration 0006_cluster) ---------------------
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    # what the lease guards ("control-jobs": the once-only background jobs; others may
+    # add their own names, e.g. one per ACME order)
+    sa.Column("name", sa.String(128), primary_key=True),
+    # who holds it (a replica id, or any caller's id); NULL once released
+    sa.Column("holder", sa.String(64)),
+    # the database's clock (seconds since the epoch) when it lapses unless renewed
+    sa.Column("expires_at", sa.Float, nullable=False),
+    # grows every time the lease changes hands (a fencing token)
+    sa.Column("fence", sa.Integer, nullable=False),
+    sa.Column("acquired_at", sa.Float, nullable=False),
+)
+
+control_replicas = sa.Table(
+    "control_replicas",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    # host name and port, for logs and the dashboard
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("started_at", sa.Float, nullable=False),
+    # renewed every few seconds; a replica silent for longer than its lease is dead
+    sa.Column("heartbeat_at", sa.Float, nullable=False, index=True),
+)
+
+presence = sa.Table(
+    "presence",
+    metadata,
+    # which replica a gateway or agent is connected to now (no row: offline)
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("client_id", sa.String(36), primary_key=True),
+    sa.Column("replica_id", sa.String(36), nullable=False, index=True),
+    sa.Column("connected_at", sa.Float, nullable=False),
+)

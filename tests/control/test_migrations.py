@@ -10,10 +10,22 @@ from sqlalchemy import inspect
 
 from control.db.engine import create_engine, migrate
 from control.db.schema import metadata
+from tests.pgserver import PostgresServer, postgres
+
+__all__ = ["postgres"]
 
 
 async def test_migrated_schema_matches_metadata(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await _check_migrations(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+
+
+async def test_migrated_schema_matches_metadata_on_postgresql(postgres: PostgresServer) -> None:
+    """The same migrations on a real PostgreSQL (the shared store of several replicas)."""
+    await _check_migrations(postgres.database())
+
+
+async def _check_migrations(url: str) -> None:
+    engine = create_engine(url)
     try:
         await migrate(engine)
         await migrate(engine)  # idempotent
@@ -31,6 +43,9 @@ async def test_migrated_schema_matches_metadata(tmp_path: Path) -> None:
                 "admin_users",
                 "admin_sessions",
                 "audit_log",
+                "leases",
+                "control_replicas",
+                "presence",
                 "alembic_version",
             } <= tables
 
