@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "==> installing system packages"
+    echo "==> [${SECONDS}s] installing system packages"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends \
@@ -21,39 +21,40 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-    echo "==> creating .venv"
+    echo "==> [${SECONDS}s] creating .venv"
     "$PY" -m venv .venv
 fi
-echo "==> installing kakuremichi with test extras"
+echo "==> [${SECONDS}s] installing kakuremichi with test extras"
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e '.[test]'
-echo "==> installing the tests' OIDC provider (oidc-provider from the npm registry, tests/oidc)"
+echo "==> [${SECONDS}s] installing the tests' OIDC provider (oidc-provider from the npm registry, tests/oidc)"
 (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 
 export PATH="$PWD/.venv/bin:$PATH"
-echo "==> ruff"
+echo "==> [${SECONDS}s] ruff"
 ruff check .
 ruff format --check .
-echo "==> mypy"
+echo "==> [${SECONDS}s] mypy"
 mypy
-echo "==> pytest (with coverage; pyproject.toml [tool.coverage] says what is measured)"
-pytest -q -p no:cacheprovider --cov --cov-report= "$@" tests
-echo "==> coverage of that run: lines of Python executed, per package and in total"
+echo "==> [${SECONDS}s] pytest (with coverage; pyproject.toml [tool.coverage] says what is measured)"
+pytest -q -p no:cacheprovider --durations=15 --cov --cov-report= "$@" tests
+echo "==> [${SECONDS}s] coverage of that run: lines of Python executed, per package and in total"
 for package in agent common control gateway kakuremichi netstack; do
     echo "    $package $(coverage report --format=total --include="$package/*")%"
 done
 echo "    total $(coverage report --format=total)%"
-echo "==> netstack again, on the pure-Python twin of the Cython hot path"
+echo "==> [${SECONDS}s] netstack again, on the pure-Python twin of the Cython hot path"
 # (WireGuard's open_run/seal_run twins too; the wireguard-go interop runs once, above)
-KAKUREMICHI_NETSTACK_PURE=1 pytest -q -p no:cacheprovider "$@" tests/netstack \
+KAKUREMICHI_NETSTACK_PURE=1 pytest -q -p no:cacheprovider --durations=15 "$@" tests/netstack \
     --ignore=tests/netstack/wireguard/test_interop.py
-echo "==> netstack, agent and gateway again, on uvloop (the main run uses asyncio's loop)"
-KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/netstack \
+echo "==> [${SECONDS}s] netstack, agent and gateway again, on uvloop (the main run uses asyncio's loop)"
+KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider --durations=15 "$@" tests/netstack \
     --ignore=tests/netstack/wireguard
 # (the stream transport's namespace test runs its programs as processes, on their own
 # loop: once, in the main run)
-KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/agent \
+KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider --durations=15 "$@" tests/agent \
     --ignore=tests/agent/test_image.py --ignore=tests/agent/test_stream_netns.py
-KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider "$@" tests/gateway
-echo "==> benchmarks (one round each, to prove they run; scripts/bench.sh for numbers)"
-pytest -q -p no:cacheprovider --benchmark-disable bench
+KAKUREMICHI_TEST_EVENT_LOOP=uvloop pytest -q -p no:cacheprovider --durations=15 "$@" tests/gateway
+echo "==> [${SECONDS}s] benchmarks (one round each, to prove they run; scripts/bench.sh for numbers)"
+pytest -q -p no:cacheprovider --durations=15 --benchmark-disable bench
+echo "==> [${SECONDS}s] done"
