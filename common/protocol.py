@@ -495,6 +495,87 @@ def _domain(data: dict[str, Any], key: str) -> str:
     return text
 
 
+#: replicas of one tunnel (issue 17): how a gateway spreads requests and connections
+BALANCE_MODES = ("round_robin", "least_connections")
+#: sticky sessions: by a cookie the gateway sets (http only) or by the client's address
+STICKY_MODES = ("cookie", "client_ip")
+REPLICA_ROLES = ("active", "standby")
+#: a replica's health as Control knows it: its agent's target check, or ``offline``
+#: while the agent is not connected to Control
+REPLICA_HEALTH = ("healthy", "unhealthy", "unknown", "offline")
+MAX_REPLICAS = 64
+MAX_WEIGHT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSpec:
+    """One agent serving a tunnel (a tunnel with two or more has them all here)."""
+
+    agent_id: str
+    agent_ip: str
+    #: share of new requests/connections relative to the other replicas (1..1000)
+    weight: int = 1
+    #: "standby" replicas take traffic only while no active one is healthy
+    role: str = "active"
+    #: taken out by an operator: no new requests or connections, open ones finish
+    draining: bool = False
+    health: str = "unknown"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "agentId": self.agent_id,
+            "agentIp": self.agent_ip,
+            "weight": self.weight,
+            "role": self.role,
+            "draining": self.draining,
+            "health": self.health,
+        }
+
+
+def _replica(value: object) -> ReplicaSpec:
+    data = _object(value, "a replica")
+    agent_id = _str(data, "agentId", max_len=MAX_ID)
+    if not agent_id:
+        raise ProtocolError("invalid_field", "'agentId' of a replica must not be empty")
+    role = data.get("role", "active")
+    if role not in REPLICA_ROLES:
+        raise ProtocolError("invalid_field", f"'role' must be one of {REPLICA_ROLES}")
+    health = data.get("health", "unknown")
+    if health not in REPLICA_HEALTH:
+        raise ProtocolError("invalid_field", f"'health' must be one of {REPLICA_HEALTH}")
+    draining = data.get("draining", False)
+    if not isinstance(draining, bool):
+        raise ProtocolError("invalid_field", "'draining' must be true or false")
+    weight = 1 if data.get("weight") is None else _int(data, "weight", 1, MAX_WEIGHT)
+    return ReplicaSpec(agent_id, _ip(data, "agentIp"), weight, role, draining, health)
+
+
+def _replicas(data: dict[str, Any], agent_id: str) -> tuple[ReplicaSpec, ...]:
+    """A tunnel's ``replicas`` (absent from an older Control, and for a tunnel with one
+    agent: empty): each agent once, the tunnel's ``agentId`` among them."""
+    values = data.get("replicas")
+    if values is None:
+        return ()
+    if not isinstance(values, list) or len(values) > MAX_REPLICAS:
+        raise ProtocolError("invalid_field", f"'replicas' must be a list of at most {MAX_REPLICAS}")
+    replicas = tuple(_replica(v) for v in values)
+    ids = [r.agent_id for r in replicas]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("invalid_field", "'replicas' names an agent twice")
+    if replicas and agent_id not in ids:
+        raise ProtocolError("invalid_field", "'replicas' must include the tunnel's 'agentId'")
+    return replicas
+
+
+def sticky_problem(protocol: str, value: object) -> str:
+    """Why ``value`` cannot be a ``protocol`` tunnel's ``sticky`` ("" when it can)."""
+    if value is None or value == "client_ip":
+        return ""
+    if value == "cookie":
+        return "" if protocol == "http" else "a raw tunnel has no cookies: sticky is client_ip"
+    return "sticky is cookie, client_ip or null"
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelSpec:
     """One tunnel as Control describes it (``config`` and ``tunnel_create/update``)."""
@@ -512,9 +593,16 @@ class TunnelSpec:
     #: Gateways and agents both read it (common/relay/tcp.py says what happens while a
     #: change has reached one of them and not yet the other).
     proxy_protocol: str | None = None
+    #: two or more agents serving the tunnel (``agent_id`` is one of them, the one an
+    #: older gateway routes to); empty for a tunnel with one agent and from an older
+    #: Control.  Sent (with ``balance`` and ``sticky``) only when there are replicas, so
+    #: a single-agent tunnel's frame is what it always was.
+    replicas: tuple[ReplicaSpec, ...] = ()
+    balance: str = "round_robin"
+    sticky: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "id": self.id,
             "protocol": self.protocol,
             "domain": self.domain,
@@ -525,6 +613,11 @@ class TunnelSpec:
             "enabled": self.enabled,
             "proxyProtocol": self.proxy_protocol,
         }
+        if self.replicas or self.balance != "round_robin" or self.sticky is not None:
+            wire["replicas"] = [r.to_wire() for r in self.replicas]
+            wire["balance"] = self.balance
+            wire["sticky"] = self.sticky
+        return wire
 
 
 def parse_tunnel(value: object) -> TunnelSpec:
@@ -545,16 +638,29 @@ def parse_tunnel(value: object) -> TunnelSpec:
     problem = proxy_protocol_problem(protocol, proxy_protocol)
     if problem:
         raise ProtocolError("invalid_field", f"'proxyProtocol': {problem}")
+    agent_id = _str(data, "agentId", max_len=MAX_ID)
+    balance = data.get("balance")
+    if balance is None:
+        balance = "round_robin"
+    elif balance not in BALANCE_MODES:
+        raise ProtocolError("invalid_field", f"'balance' must be one of {BALANCE_MODES}")
+    sticky = data.get("sticky")
+    problem = sticky_problem(protocol, sticky)
+    if problem:
+        raise ProtocolError("invalid_field", f"'sticky': {problem}")
     return TunnelSpec(
         tunnel_id,
         protocol,
         domain,
         public_port,
         _str(data, "target", max_len=MAX_TARGET),
-        _str(data, "agentId", max_len=MAX_ID),
+        agent_id,
         _ip(data, "agentIp"),
         _bool(data, "enabled"),
         proxy_protocol,
+        _replicas(data, agent_id),
+        balance,
+        sticky,
     )
 
 

@@ -24,6 +24,16 @@ instead of its ``agentIp``; a target the resolver rejects skips the tunnel.
 
 Listeners (e.g. the TCP forwarder) subscribe with ``add_listener`` and are called
 synchronously after every change.
+
+Replicas (issue 17): on the gateway, a tunnel with two or more agents gets a route per
+replica (the same tunnel, each with its agent's id and address) in ``Route.replicas``
+/ ``PortRoute.replicas`` and its ``TunnelBalance`` (``balance.py``) in ``balance``;
+the data path picks one replica route per request, connection or flow
+(``pick_replica``).  The replicas' health and draining live in the balancer, not in
+the routes, so a health change never makes a route compare unequal (UDP flows and
+pooled connections of the other replicas carry on).  A tunnel with one agent has no
+replicas and is routed exactly as before.  The agent ignores replicas: it serves its
+own side of every tunnel it is given.
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
-from common.protocol import TunnelSpec
+from common.protocol import ReplicaSpec, TunnelSpec
 
+from .balance import Balancer, Replica, TunnelBalance
 from .targets import Target
 
 log = logging.getLogger(__name__)
@@ -62,6 +74,12 @@ class Route:
     target: str = ""
     #: that pool slot's key (computed once, not per request)
     pool_key: str = field(init=False, default="", compare=False, repr=False)
+    #: a replicated tunnel's route: one route per replica (empty: one agent) and the
+    #: balancer choosing among them
+    replicas: tuple[Route, ...] = field(default=(), compare=False, repr=False)
+    balance: TunnelBalance | None = field(default=None, compare=False, repr=False)
+    #: a replica's route: its live state in the balancer
+    replica: Replica | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_key", f"{self.tunnel_id} {self.target}")
@@ -87,6 +105,29 @@ class PortRoute:
     #: the tunnel's target as Control gave it (the agent ends connections it dialled
     #: when the target changes)
     target: str = ""
+    #: as for :class:`Route`
+    replicas: tuple[PortRoute, ...] = field(default=(), compare=False, repr=False)
+    balance: TunnelBalance | None = field(default=None, compare=False, repr=False)
+    replica: Replica | None = field(default=None, compare=False, repr=False)
+
+
+_R = TypeVar("_R", Route, PortRoute)
+
+
+def pick_replica(
+    route: _R,
+    now: float,
+    client_ip: str = "",
+    token: str | None = None,
+    exclude: _R | None = None,
+) -> _R | None:
+    """The replica route for a new request/connection of a replicated tunnel (``route``
+    itself for a tunnel with one agent; None when every replica is draining)."""
+    balance = route.balance
+    if balance is None:
+        return route
+    chosen = balance.pick(now, client_ip, token, exclude.replica if exclude is not None else None)
+    return None if chosen is None else chosen.route
 
 
 #: a tunnel's ``target`` -> (host, port, path prefix) to dial; ValueError if unusable
@@ -106,6 +147,9 @@ class _Tunnel:
     path_prefix: str = ""
     target: str = ""
     proxy_protocol: str | None = None
+    replicas: tuple[ReplicaSpec, ...] = ()
+    balance: str = "round_robin"
+    sticky: str | None = None
 
 
 class TunnelError(ValueError):
@@ -159,6 +203,9 @@ def _parse_tunnel(spec: TunnelSpec, upstream: UpstreamResolver | None = None) ->
             prefix,
             spec.target,
             spec.proxy_protocol,
+            spec.replicas if len(spec.replicas) > 1 else (),
+            spec.balance,
+            spec.sticky,
         )
     try:
         host, upstream_port, prefix = upstream(spec.target)
@@ -198,6 +245,8 @@ class Router:
         self._raw_by_id: dict[str, PortRoute] = {}
         self._listeners: list[Callable[[], None]] = []
         self.version = 0
+        #: the replicated tunnels' balancers (gateway side; the agent has no replicas)
+        self.balancer = Balancer()
 
     # -- updates (from the control client) -------------------------------------------
 
@@ -300,44 +349,41 @@ class Router:
                 key = (tunnel.protocol, tunnel.public_port)
                 old = by_port.get(key)
                 by_port[key] = tunnel if old is None else _preferred(old, tunnel)
-        self._domains = {
-            d: Route(
-                t.tunnel_id,
-                d,
-                t.agent_id,
-                t.upstream_host,
-                t.enabled,
-                t.upstream_port,
-                t.path_prefix,
-                t.target,
-            )
-            for d, t in by_domain.items()
-        }
-        self._http_by_id = {
-            t.tunnel_id: Route(
-                t.tunnel_id,
-                t.domain,
-                t.agent_id,
-                t.upstream_host,
-                t.enabled,
-                t.upstream_port,
-                t.path_prefix,
-                t.target,
+        replicated = {t.tunnel_id for t in self._tunnels.values() if t.replicas}
+        self.balancer.keep_only(replicated)
+        http_by_id = {
+            t.tunnel_id: self._replicated(
+                t,
+                Route(
+                    t.tunnel_id,
+                    t.domain,
+                    t.agent_id,
+                    t.upstream_host,
+                    t.enabled,
+                    t.upstream_port,
+                    t.path_prefix,
+                    t.target,
+                ),
             )
             for t in self._tunnels.values()
             if t.domain is not None
         }
+        self._domains = {d: http_by_id[t.tunnel_id] for d, t in by_domain.items()}
+        self._http_by_id = http_by_id
         self._ports = {
-            key: PortRoute(
-                t.tunnel_id,
-                t.protocol,
-                key[1],
-                t.agent_id,
-                t.upstream_host,
-                t.enabled,
-                t.upstream_port,
-                t.proxy_protocol,
-                t.target,
+            key: self._replicated(
+                t,
+                PortRoute(
+                    t.tunnel_id,
+                    t.protocol,
+                    key[1],
+                    t.agent_id,
+                    t.upstream_host,
+                    t.enabled,
+                    t.upstream_port,
+                    t.proxy_protocol,
+                    t.target,
+                ),
             )
             for key, t in by_port.items()
         }
@@ -348,3 +394,20 @@ class Router:
                 callback()
             except Exception:
                 log.exception("router listener failed")
+
+    def _replicated(self, tunnel: _Tunnel, route: _R) -> _R:
+        """``route`` with a route per replica and the tunnel's balancer, if it has
+        replicas (the gateway; the agent's tunnels never do)."""
+        if not tunnel.replicas or self._upstream is not None:
+            return route
+        balance = self.balancer.configure(
+            tunnel.tunnel_id, tunnel.balance, tunnel.sticky, tunnel.replicas
+        )
+        replicas = []
+        for replica in balance.replicas:
+            one = replace(
+                route, agent_id=replica.agent_id, upstream_host=replica.host, replica=replica
+            )
+            replica.route = one
+            replicas.append(one)
+        return replace(route, replicas=tuple(replicas), balance=balance)
