@@ -74,6 +74,7 @@ class Replica:
     __slots__ = (
         "agent_id",
         "backoff",
+        "balance",
         "draining",
         "ejected_until",
         "health",
@@ -85,14 +86,16 @@ class Replica:
         "weight",
     )
 
-    def __init__(self, tunnel_id: str, spec: ReplicaSpec) -> None:
+    def __init__(self, balance: TunnelBalance, spec: ReplicaSpec) -> None:
+        #: the tunnel's balancer (a retry asks it for another replica)
+        self.balance = balance
         self.agent_id = spec.agent_id
         self.host = spec.agent_ip
         self.weight = spec.weight
         self.role = spec.role
         self.draining = spec.draining
         self.health = spec.health
-        self.token = replica_token(tunnel_id, spec.agent_id)
+        self.token = replica_token(balance.tunnel_id, spec.agent_id)
         #: the loop time until which the gateway's passive checks keep it out
         self.ejected_until = -math.inf
         #: the current ejection's length (0: not failing)
@@ -200,7 +203,7 @@ class TunnelBalance:
         for spec in specs:
             replica = self.by_agent.get(spec.agent_id)
             if replica is None or replica.host != spec.agent_ip:
-                replica = Replica(self.tunnel_id, spec)
+                replica = Replica(self, spec)
             else:
                 if spec.health == OFFLINE and replica.health != OFFLINE:
                     went_offline.append(replica)
@@ -250,11 +253,13 @@ class TunnelBalance:
                 return replica
         return candidates[0]
 
-    def failed(self, replica: Replica, now: float, reason: str) -> None:
+    def failed(self, replica: Replica, now: float, reason: str) -> bool:
         """A dial to the replica failed, or it reset a connection before answering:
-        eject it for its back-off (module docstring)."""
-        if now < replica.ejected_until:
-            return  # already out (several requests fail at once when an agent dies)
+        eject it for its back-off (module docstring); False if it already was."""
+        if now < replica.ejected_until or replica.health == OFFLINE:
+            # already out (several requests fail at once when an agent dies, and those
+            # waiting on an agent Control reported offline are ended on purpose)
+            return False
         replica.backoff = min(30.0, replica.backoff * 2) if replica.backoff else 1.0
         replica.ejected_until = now + replica.backoff
         self._dirty = True
@@ -265,6 +270,7 @@ class TunnelBalance:
             replica.agent_id[:64],
             reason,
         )
+        return True
 
     def succeeded(self, replica: Replica) -> None:
         """The replica answered: a probe after an ejection passed."""

@@ -439,6 +439,24 @@ class Metrics:
             "WireGuard transport bytes per agent and direction (rx, tx).",
             ("agent", "direction"),
         )
+        self.replica_state = r.gauge(
+            "kakuremichi_replica_state",
+            "1 for the state each replica of a replicated tunnel is in (healthy, ejected, "
+            "standby, draining, unhealthy, offline), by tunnel and agent.",
+            ("tunnel", "agent", "state"),
+        )
+        self.replica_ejections = r.counter(
+            "kakuremichi_replica_ejections_total",
+            "Replicas taken out for a back-off after a failed dial or a reset before any "
+            "answer, by tunnel and agent.",
+            ("tunnel", "agent"),
+        )
+        self.replica_retries = r.counter(
+            "kakuremichi_replica_retries_total",
+            "Requests, connections or flows sent to another replica than first chosen, by "
+            "tunnel and reason (replica_failed, replica_unavailable).",
+            ("tunnel", "reason"),
+        )
         # counters for WireGuard are fed from absolute readings; keep the last ones
         self._wg_last: dict[tuple[str, str], float] = {}
         self._request_keys: dict[
@@ -479,6 +497,17 @@ class Metrics:
 
     def connection_closed(self, listener: str) -> None:
         self.active_connections.dec(listener=listener)
+
+    def watch_replicas(self, states: Callable[[], Iterable[tuple[str, str, str]]]) -> None:
+        """Refresh ``replica_state`` at every scrape from ``states()``: (tunnel, agent,
+        state) of every replica (``common.relay.balance.Balancer.states``)."""
+
+        def collect() -> None:
+            self.replica_state.clear()
+            for tunnel, agent, state in states():
+                self.replica_state.set(1.0, tunnel=tunnel, agent=agent, state=state)
+
+        self.registry.add_collector(collect)
 
     # -- WireGuard (fed by the gateway's backend) ------------------------------------
 

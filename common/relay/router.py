@@ -130,6 +130,16 @@ def pick_replica(
     return None if chosen is None else chosen.route
 
 
+def another_replica(route: _R, now: float, client_ip: str = "") -> _R | None:
+    """Another replica route of the tunnel for a retry after ``route`` (a replica's)
+    failed, or None when there is no other to go to."""
+    replica = route.replica
+    if replica is None:
+        return None
+    other = replica.balance.pick(now, client_ip, None, replica)
+    return None if other is None or other is replica else other.route
+
+
 #: a tunnel's ``target`` -> (host, port, path prefix) to dial; ValueError if unusable
 UpstreamResolver = Callable[[str], tuple[str, int, str]]
 

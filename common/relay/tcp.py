@@ -8,7 +8,9 @@ a listener also ends its open connections: a deleted or disabled tunnel stops ca
 traffic at once.
 
 Each accepted connection looks its route up again (the agent may have changed since
-the listener opened), counts against the per-client connection limit, dials
+the listener opened), counts against the per-client connection limit, picks a replica
+of a replicated tunnel (``balance.py``: per connection; a failed dial ejects that
+replica and tries another once), dials
 ``upstream_host:public_port`` (or the route's / the settings' ``upstream_port`` when set)
 through the same dialer as the HTTP proxy, and splices both ways with half-close and
 back-pressure; when the upstream cannot be reached the client's connection is reset.
@@ -55,11 +57,12 @@ from typing import Protocol
 
 from . import proxyproto
 from .accesslog import AccessLog
+from .balance import Replica
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
 from .metrics import Metrics
 from .reconcile import PortReconciler
-from .router import Router
+from .router import PortRoute, Router, another_replica, pick_replica
 from .splice import close_writer, splice
 
 StreamCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -165,6 +168,7 @@ class TcpForwarder(PortReconciler):
         counts = [0, 0]  # bytes in, out
         decision = "allow"
         route = None
+        counted: Replica | None = None
         try:
             route = self.router.lookup_port("tcp", port)
             if not admitted:
@@ -194,15 +198,21 @@ class TcpForwarder(PortReconciler):
                 else:
                     header = proxyproto.target_header(route.proxy_protocol)
                     note_unknown_client(self._unknown_logged, tunnel, "tcp")
-            try:
-                up_reader, upstream_writer = await self.dialer(
-                    route.upstream_host, upstream_port, self.settings.connect_timeout
-                )
-            except (OSError, TimeoutError):
-                self.metrics.upstream_errors.inc(tunnel=tunnel, kind="unreachable")
+            chosen = pick_replica(route, loop.time(), client_ip)
+            if chosen is None:  # every replica is being drained
+                failed = True
+                decision = "draining"
+                return
+            route = chosen
+            dialled = await self._dial(route, upstream_port, client_ip)
+            if dialled is None:
                 failed = True  # reset the client: "refused", not an empty stream
                 decision = "unreachable"
                 return
+            up_reader, upstream_writer, route = dialled
+            counted = route.replica
+            if counted is not None:
+                counted.open += 1  # least connections
             if header:
                 upstream_writer.write(header)  # before any byte of the client's
 
@@ -229,6 +239,8 @@ class TcpForwarder(PortReconciler):
         except Exception:
             log.exception("unexpected error in a TCP tunnel connection")
         finally:
+            if counted is not None:
+                counted.open -= 1
             self.metrics.connection_closed("tcp")
             if self.access_log is not None and self.access_log.enabled:
                 self.access_log.flow(
@@ -250,6 +262,37 @@ class TcpForwarder(PortReconciler):
             if upstream_writer is not None:
                 await close_writer(upstream_writer)
             await close_writer(writer, abort=failed)
+
+    async def _dial(
+        self, route: PortRoute, port: int, client_ip: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, PortRoute] | None:
+        """Dial ``route``'s agent; a replica that fails is ejected and the connection
+        goes once to another replica (issue 17; nothing of the client's was sent)."""
+        loop = asyncio.get_running_loop()
+        for _attempt in range(2):
+            try:
+                reader, writer = await self.dialer(
+                    route.upstream_host, port, self.settings.connect_timeout
+                )
+                replica = route.replica
+                if replica is not None and replica.backoff:
+                    replica.balance.succeeded(replica)
+                return reader, writer, route
+            except (OSError, TimeoutError):
+                self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind="unreachable")
+                replica = route.replica
+                if replica is None:
+                    return None
+                if replica.balance.failed(replica, loop.time(), "unreachable"):
+                    self.metrics.replica_ejections.inc(
+                        tunnel=route.tunnel_id, agent=replica.agent_id
+                    )
+                other = another_replica(route, loop.time(), client_ip)
+                if other is None:
+                    return None
+                self.metrics.replica_retries.inc(tunnel=route.tunnel_id, reason="replica_failed")
+                route = other
+        return None
 
 
 def note_unknown_client(logged: dict[str, float], tunnel: str, protocol: str) -> None:

@@ -32,6 +32,11 @@ another flow's header or for a tunnel that is not there is dropped and counted
 (``rejected{reason="proxy_header"}``).  Reached on the raw port by a gateway that sends
 no header, the agent prefixes the target's datagrams with v2 ``LOCAL``.  A change of a
 tunnel's route (its agent, target, setting) ends the flows opened under the old one.
+
+A replicated tunnel (``balance.py``) picks a replica per flow (sticky by client
+address if the tunnel says so); a flow whose replica left, went offline or became
+unhealthy is ended at the next change of the table, so the client's next datagram opens
+a flow to a replica that takes traffic.  A failed dial ejects the replica.
 """
 
 from __future__ import annotations
@@ -46,10 +51,11 @@ from typing import Any, Protocol, cast
 
 from . import proxyproto
 from .accesslog import AccessLog
+from .balance import OFFLINE, UNHEALTHY, Replica
 from .limits import client_key
 from .metrics import Metrics
 from .reconcile import PortReconciler
-from .router import PortRoute, Router
+from .router import PortRoute, Router, pick_replica
 from .tcp import note_unknown_client
 
 log = logging.getLogger(__name__)
@@ -153,6 +159,18 @@ class _Flow:
     prefix: bytes = b""
     #: on the agent's tunnel port: the gateway's header every datagram starts with
     header_in: bytes = b""
+    #: the replica of a replicated tunnel the flow goes to (``balance.py``)
+    replica: Replica | None = None
+
+
+def _replica_gone(replica: Replica) -> bool:
+    """A flow's replica no longer takes traffic: left the tunnel, offline, unhealthy
+    (a draining replica keeps its flows until they go idle)."""
+    return (
+        replica.balance.by_agent.get(replica.agent_id) is not replica
+        or replica.health == OFFLINE
+        or replica.health == UNHEALTHY
+    )
 
 
 class _PublicProtocol(asyncio.DatagramProtocol):
@@ -251,6 +269,8 @@ class UdpForwarder(PortReconciler):
             )
             if flow.route is not None and now != flow.route:
                 self._close_flow(flow)
+            elif flow.replica is not None and _replica_gone(flow.replica):
+                self._close_flow(flow)  # the client's next datagram opens a new flow
 
     def _tunnel_port_wanted(self) -> bool:
         port = self.settings.tunnel_port
@@ -429,9 +449,18 @@ class UdpForwarder(PortReconciler):
         if self._per_client.get(client, 0) >= self.settings.max_flows_per_client:
             self.metrics.rejected.inc(reason="udp_flows_per_client")
             return None
+        # a replicated tunnel balances per flow (the route stays the tunnel's: a change
+        # of one replica's health must not end the other replicas' flows)
+        dial_route = pick_replica(route, now, str(addr[0]))
+        if dial_route is None:
+            self.metrics.rejected.inc(reason="udp_no_replica")
+            return None
         flow = _Flow(
-            port, addr, route.tunnel_id, now, route.upstream_host, started=now, route=route
+            port, addr, route.tunnel_id, now, dial_route.upstream_host, started=now, route=route
         )
+        flow.replica = dial_route.replica
+        if flow.replica is not None:
+            flow.replica.open += 1
         flow.prefix = prefix
         self.flows[(port, addr)] = flow
         self._per_port[port] = self._per_port.get(port, 0) + 1
@@ -450,7 +479,9 @@ class UdpForwarder(PortReconciler):
 
         if upstream_port is None:
             upstream_port = route.upstream_port or self.settings.upstream_port or route.public_port
-        task = asyncio.ensure_future(self._dial(flow, route.upstream_host, upstream_port, deliver))
+        task = asyncio.ensure_future(
+            self._dial(flow, dial_route.upstream_host, upstream_port, deliver)
+        )
         self._dials.add(task)
         task.add_done_callback(self._dials.discard)
         return flow
@@ -462,6 +493,11 @@ class UdpForwarder(PortReconciler):
             handle = await self.flow_dialer(host, port, deliver)
         except (OSError, TimeoutError):
             self.metrics.upstream_errors.inc(tunnel=flow.tunnel_id, kind="unreachable")
+            replica = flow.replica
+            if replica is not None and replica.balance.failed(
+                replica, asyncio.get_running_loop().time(), "unreachable"
+            ):
+                self.metrics.replica_ejections.inc(tunnel=flow.tunnel_id, agent=replica.agent_id)
             self._close_flow(flow)
             return
         if flow.closed:
@@ -488,6 +524,8 @@ class UdpForwarder(PortReconciler):
         if flow.closed:
             return
         flow.closed = True
+        if flow.replica is not None:
+            flow.replica.open -= 1
         if flow.timer is not None:
             flow.timer.cancel()
         if flow.handle is not None:

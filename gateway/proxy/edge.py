@@ -10,6 +10,9 @@ decided, and each session writes the answer in its own framing:
 
 * ``route_for``: the client's rate limit (429 with ``Retry-After``), then the tunnel
   for the host (404 unknown, 503 disabled);
+* ``replica_for``: for a tunnel with replicas, the one this request goes to
+  (``common.relay.balance``: 503 when every replica is draining), and whether the
+  response sets the ``kkm_replica`` cookie of a tunnel sticky by cookie;
 * ``access_for``: the tunnel's access policy (``gateway/access``): an ``Access``
   whose outcome is ``ALLOW`` carries the identity fields for the app, anything else
   is answered by the session (``access_refusal`` turns a page-shaped outcome into a
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from common.protocol import AccessPolicy
-from common.relay.router import Route
+from common.relay.balance import COOKIE_NAME
+from common.relay.router import Route, pick_replica
 from gateway.access.policy import ALLOW, PREFIX, REDIRECT, Outcome
 
 from .headers import Headers
@@ -43,7 +47,9 @@ __all__ = [
     "Refusal",
     "access_for",
     "access_refusal",
+    "replica_for",
     "route_for",
+    "sticky_cookie",
 ]
 
 
@@ -92,6 +98,53 @@ def route_for(server: ProxyServer, host: str, client_ip: str, now: float) -> Rou
     if not route.enabled:
         return Refusal(503, f"The tunnel for {route.domain} is disabled.", "disabled", route)
     return route
+
+
+_COOKIE_PREFIX = COOKIE_NAME.encode() + b"="
+
+
+def _replica_token(headers: Headers) -> str | None:
+    """The replica a request's ``kkm_replica`` cookie names (None: no such cookie)."""
+    for name, value in headers:
+        if name == b"cookie":
+            start = value.find(_COOKIE_PREFIX)
+            while start >= 0:
+                if start == 0 or value[start - 1 : start] in (b" ", b";"):
+                    token = value[start + len(_COOKIE_PREFIX) :].split(b";", 1)[0].strip()
+                    return token.decode("latin-1")[:64]
+                start = value.find(_COOKIE_PREFIX, start + 1)
+    return None
+
+
+def replica_for(
+    route: Route, client_ip: str, headers: Headers, now: float
+) -> tuple[Route, bool] | Refusal:
+    """The replica of a replicated tunnel this request goes to, and whether the answer
+    sets its sticky cookie (the tunnel is sticky by cookie and the request's cookie
+    named no replica that takes traffic)."""
+    balance = route.balance
+    if balance is None:
+        return route, False
+    token = _replica_token(headers) if balance.sticky == "cookie" else None
+    chosen = pick_replica(route, now, client_ip, token)
+    if chosen is None:
+        return Refusal(
+            503,
+            f"Every agent of the tunnel for {route.domain} is being drained.",
+            "draining",
+            route,
+            extra=((b"retry-after", b"5"),),
+        )
+    replica = chosen.replica
+    return chosen, balance.sticky == "cookie" and (replica is None or replica.token != token)
+
+
+def sticky_cookie(route: Route, secure: bool) -> tuple[bytes, bytes]:
+    """The ``Set-Cookie`` field that keeps a client on ``route``'s replica (a session
+    cookie for the whole site, not readable by scripts)."""
+    token = route.replica.token if route.replica is not None else ""
+    value = f"{COOKIE_NAME}={token}; Path=/; HttpOnly; SameSite=Lax"
+    return b"set-cookie", (value + "; Secure" if secure else value).encode()
 
 
 @dataclass(frozen=True, slots=True)

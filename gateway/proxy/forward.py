@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 from common.relay import proxyproto
 from common.relay.limits import LimitSettings
 from common.relay.metrics import Metrics
-from common.relay.router import Route
+from common.relay.router import Route, another_replica
 from common.relay.splice import CHUNK, drain, splice
 
 from . import h1
@@ -142,6 +142,11 @@ class ForwardingMixin:
     loop: asyncio.AbstractEventLoop
     #: request body bytes read from the client for the current request (access log)
     body_in: int
+    #: the agent address the access log names
+    _upstream: str
+    #: a sticky-replica cookie the response sets (``edge.replica_for``)
+    _set_cookie: tuple[bytes, bytes] | None
+    client_ip: str
 
     @property
     def reader(self) -> asyncio.StreamReader:
@@ -172,13 +177,28 @@ class ForwardingMixin:
 
     async def _forward(self, plan: ForwardPlan, *, fresh: bool = False) -> None:
         """Send an admitted request to its agent and relay the answer (``fresh``: not
-        on a pooled connection, as when the fast path met a stale one)."""
+        on a pooled connection, as when the fast path met a stale one).
+
+        A replica (issue 17) that fails is reported to its tunnel's balancer; the
+        request then goes once to another replica if it can be replayed (idempotent
+        and bodiless), or whatever it is if the failure was the dial (nothing was
+        sent).  A stale pooled connection is retried once on a fresh one as before."""
         head, method, upgrade, route = plan.head, plan.method, plan.upgrade, plan.route
         plain, has_body, started = plan.plain, plan.has_body, plan.started
         retry_allowed = plan.retry_allowed
         port = route.upstream_port or self.settings.upstream_port
         preamble = tunnel_preamble(route.tunnel_id) if self.settings.tunnel_header else b""
-        for _attempt in range(2):
+        moved = stale_retried = False
+        for _attempt in range(4):
+            replica = route.replica
+            if fresh and replica is not None and not moved and not replica.usable(self.loop.time()):
+                # it went away meanwhile (its agent offline: abort_agent ended the
+                # connection this request was waiting on)
+                other = another_replica(route, self.loop.time(), self.client_ip)
+                if other is not None:
+                    route, moved, fresh = other, True, False
+                    replica = route.replica
+                    self._moved(route, "replica_unavailable")
             try:
                 upstream = await self.server.pool.acquire(
                     route.upstream_host,
@@ -208,6 +228,13 @@ class ForwardingMixin:
                 refused = isinstance(exc, ConnectionRefusedError)
                 kind = "refused" if refused else "unreachable"
                 self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=kind)
+                if replica is not None:
+                    self._replica_failed(route, kind)
+                    # nothing was sent: any request may go to another replica
+                    other = None if moved else self._retry_route(route)
+                    if other is not None:
+                        route, moved, fresh = other, True, False
+                        continue
                 reason = (
                     "The agent refused the connection."
                     if refused
@@ -219,6 +246,8 @@ class ForwardingMixin:
             exchange = Exchange(route, upstream, plain)
             try:
                 await self._exchange(exchange, head, method, upgrade, has_body, started)
+                if replica is not None and replica.backoff:
+                    replica.balance.succeeded(replica)
                 return
             except UpstreamFailed as failure:
                 self.server.pool.discard(upstream)
@@ -227,8 +256,9 @@ class ForwardingMixin:
                     and upstream.reused
                     and retry_allowed
                     and not exchange.response_started
+                    and not stale_retried
                 ):
-                    fresh = True
+                    fresh = stale_retried = True
                     continue  # a stale keep-alive connection: retry once on a new one
                 if exchange.response_started:
                     self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=failure.kind)
@@ -242,6 +272,13 @@ class ForwardingMixin:
                         "(reported by the agent).",
                     )
                 self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind=failure.kind)
+                if replica is not None and failure.kind != "timeout":
+                    if not upstream.reused:
+                        self._replica_failed(route, failure.kind)
+                    other = None if moved or not retry_allowed else self._retry_route(route)
+                    if other is not None:
+                        route, moved, fresh = other, True, False
+                        continue
                 status = 504 if failure.kind == "timeout" else 502
                 await self._send_page(
                     status, failure.reason, plain=plain, route=route, started=started
@@ -250,6 +287,23 @@ class ForwardingMixin:
             except BaseException:
                 self.server.pool.discard(upstream)
                 raise
+
+    def _replica_failed(self, route: Route, kind: str) -> None:
+        """Passive check: a replica failed a dial or reset before answering."""
+        replica = route.replica
+        if replica is not None and replica.balance.failed(replica, self.loop.time(), kind):
+            self.metrics.replica_ejections.inc(tunnel=route.tunnel_id, agent=replica.agent_id)
+
+    def _retry_route(self, route: Route) -> Route | None:
+        """Another replica for a request that failed on ``route``'s (None: none)."""
+        other = another_replica(route, self.loop.time(), self.client_ip)
+        if other is not None:
+            self._moved(other, "replica_failed")
+        return other
+
+    def _moved(self, route: Route, reason: str) -> None:
+        self.metrics.replica_retries.inc(tunnel=route.tunnel_id, reason=reason)
+        self._upstream = route.upstream_host
 
     async def _exchange(
         self,
@@ -490,6 +544,7 @@ class ForwardingMixin:
             and request.version == b"1.1"
             and request.method != b"HEAD"
             and not self.server.closing
+            and self._set_cookie is None
         ):
             # a plain HTTP/1.1 head (h1.scan_response) to a client that keeps the
             # connection: it goes as it arrived when its framing stays the same
@@ -498,6 +553,8 @@ class ForwardingMixin:
                 self.response_started = True
                 return raw, framing
         headers = response_headers_for_client(head.headers)
+        if self._set_cookie is not None:
+            headers.append(self._set_cookie)
         if head.chunked:
             # chunked wins over Content-Length (RFC 9112 §6.3); the body is re-framed
             headers = [(k, v) for k, v in headers if k != b"content-length"]

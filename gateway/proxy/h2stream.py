@@ -51,13 +51,21 @@ from typing import TYPE_CHECKING, Any
 from h2.errors import ErrorCodes
 
 from common.logs import kv
-from common.relay.router import Route
+from common.relay.router import Route, another_replica
 from common.relay.splice import CHUNK, drain
 from gateway.access import endpoints as access_endpoints
 from gateway.access.policy import ALLOW, ENDPOINT, VERIFY, basic_user
 
 from . import h1, pages
-from .edge import Access, Refusal, access_for, access_refusal, route_for
+from .edge import (
+    Access,
+    Refusal,
+    access_for,
+    access_refusal,
+    replica_for,
+    route_for,
+    sticky_cookie,
+)
 from .forward import BodyTooLarge, ClientTimeout, UpstreamFailed, tunnel_preamble
 from .h2session import H2Session, H2Stream, StreamGone, StreamStalled
 from .h2upstream import UpstreamStream
@@ -175,6 +183,8 @@ class _Served:
         self.status = 0
         self.recorded = False
         self.sent_at: float | None = None
+        #: the response sets this sticky-replica cookie (``edge.replica_for``)
+        self.set_cookie: tuple[bytes, bytes] | None = None
 
     # -- the log line ----------------------------------------------------------------
 
@@ -315,7 +325,16 @@ class _Served:
         if isinstance(found, Refusal):
             await self.refuse(found)
             return
-        route = self.route = found
+        route = found
+        if route.balance is not None:
+            picked = replica_for(route, self.client_ip, fields, stream.started)
+            if isinstance(picked, Refusal):
+                await self.refuse(picked)
+                return
+            route, sticky = picked
+            if sticky:
+                self.set_cookie = sticky_cookie(route, self.session.proto == "https")
+        self.route = route
         self.upstream = route.upstream_host
         await self._admitted(route, fields, target)
 
@@ -487,8 +506,8 @@ class _Served:
         port = route.upstream_port or settings.upstream_port
         preamble = tunnel_preamble(route.tunnel_id) if settings.tunnel_header else b""
         pool = self.server.pool
-        fresh = False
-        for _attempt in range(2):
+        fresh = moved = False
+        for _attempt in range(3):
             try:
                 upstream = await pool.acquire(
                     route.upstream_host,
@@ -508,11 +527,20 @@ class _Served:
                 )
                 return
             except (TimeoutError, OSError) as exc:
+                # a replica that cannot be dialled is ejected; nothing was sent, so
+                # the request may go to another (issue 17)
+                other = None if moved else self._replica_failed(route, "unreachable")
+                if other is not None:
+                    route, moved, fresh = other, True, False
+                    continue
                 await self._dial_failed(route, exc)
                 return
             self.metrics.upstream_connections.inc(result="reused" if upstream.reused else "dialed")
             try:
                 await self._exchange_h1(route, upstream, head, has_body, chunked)
+                replica = route.replica
+                if replica is not None and replica.backoff:
+                    replica.balance.succeeded(replica)
                 return
             except UpstreamFailed as failure:
                 pool.discard(upstream)
@@ -521,14 +549,39 @@ class _Served:
                     and upstream.reused
                     and retry_allowed
                     and not stream.response_started
+                    and not fresh
                 ):
                     fresh = True
                     continue  # a stale keep-alive connection: once more on a new one
+                if (
+                    failure.kind == "closed"
+                    and not upstream.reused
+                    and not stream.response_started
+                    and not moved
+                ):
+                    other = self._replica_failed(route, "target", retry=retry_allowed)
+                    if other is not None:
+                        route, moved, fresh = other, True, False
+                        continue
                 await self._upstream_failed(route, failure, fresh_tunnel=not upstream.reused)
                 return
             except BaseException:
                 pool.discard(upstream)
                 raise
+
+    def _replica_failed(self, route: Route, kind: str, *, retry: bool = True) -> Route | None:
+        """Passive check on a replica (``forward.py`` does the same for HTTP/1.1): eject
+        it, and (``retry``) the tunnel's other replica to go to, if any."""
+        replica = route.replica
+        if replica is None:
+            return None
+        if replica.balance.failed(replica, self.loop.time(), kind):
+            self.metrics.replica_ejections.inc(tunnel=route.tunnel_id, agent=replica.agent_id)
+        other = another_replica(route, self.loop.time(), self.client_ip) if retry else None
+        if other is not None:
+            self.metrics.replica_retries.inc(tunnel=route.tunnel_id, reason="replica_failed")
+            self.route, self.upstream = other, other.upstream_host
+        return other
 
     async def _dial_failed(self, route: Route, exc: BaseException) -> None:
         refused = isinstance(exc, ConnectionRefusedError)
@@ -676,6 +729,8 @@ class _Served:
         headers = _client_fields(response.headers)
         if response.chunked:
             headers = [(k, v) for k, v in headers if k != b"content-length"]
+        if self.set_cookie is not None:
+            headers.append(self.set_cookie)
         self.status = response.status
         count = self.metrics.response_bytes_for(route.tunnel_id)
         timeout = self.settings.body_idle_timeout

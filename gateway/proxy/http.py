@@ -65,6 +65,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -89,7 +90,16 @@ from gateway.access.policy import (
 )
 
 from . import h1, pages
-from .edge import AccessMemo, ClientSession, Refusal, access_for, access_refusal, route_for
+from .edge import (
+    AccessMemo,
+    ClientSession,
+    Refusal,
+    access_for,
+    access_refusal,
+    replica_for,
+    route_for,
+    sticky_cookie,
+)
 from .forward import Abort, ForwardingMixin, ForwardPlan
 from .h2stream import negotiated_h2, take_over
 from .h2upstream import H2Upstreams
@@ -167,6 +177,14 @@ def _ignore(amount: float) -> None:
     pass
 
 
+def _now() -> float:
+    """The loop's clock (the balancer's), or the monotonic clock outside a loop."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 class ProxyServer:
     """Public HTTP(S) listener(s) proxying by Host to agents (see module docstring)."""
 
@@ -211,6 +229,26 @@ class ProxyServer:
         self.redirect_https_port = 443
         #: takes over requests for the WireGuard stream path (``gateway/wgstream.py``)
         self.stream_acceptor: StreamAcceptor | None = None
+        # replicated tunnels (issue 17): least connections counts this pool's requests
+        # in flight, an agent Control reports offline has its waiting requests ended
+        # (retried elsewhere), and /metrics shows every replica's state
+        router.balancer.set_extra_load(self._agent_load)
+        router.add_listener(self._replicas_changed)
+        self.metrics.watch_replicas(lambda: router.balancer.states(_now()))
+
+    def _agent_load(self, host: str) -> int:
+        return self.pool.active_count(host, self.settings.upstream_port)
+
+    def _replicas_changed(self) -> None:
+        for replica in self.router.balancer.take_offline():
+            ended = self.pool.abort_agent(replica.host)
+            log.warning(
+                "replica offline (its agent left Control): tunnel %s, agent %s; %d waiting "
+                "or idle connections to it ended",
+                replica.balance.tunnel_id[:64],
+                replica.agent_id[:64],
+                ended,
+            )
 
     async def start(
         self, host: str, port: int, ssl_context: ssl.SSLContext | None = None
@@ -342,6 +380,8 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self._sent = 0
         self._upstream = ""
         self.body_in = 0
+        #: the response sets this sticky-replica cookie (``edge.replica_for``)
+        self._set_cookie: tuple[bytes, bytes] | None = None
 
     # -- the coroutine path's streams ----------------------------------------------
 
@@ -580,6 +620,7 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         self._user = ""
         self._sent = 0
         self._upstream = ""
+        self._set_cookie = None
         headers: Headers = request.headers
         plain = pages.wants_plain(get_header(headers, b"accept"))
 
@@ -641,6 +682,14 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             self._refused(found, plain)
             return _ANSWERED
         route = found
+        if route.balance is not None:
+            picked = replica_for(route, self.client_ip, headers, started)
+            if isinstance(picked, Refusal):
+                self._refused(picked, plain)
+                return _ANSWERED
+            route, sticky = picked
+            if sticky:
+                self._set_cookie = sticky_cookie(route, self.proto == "https")
         self._upstream = route.upstream_host
         if self.proto == "http" and self.server.redirect_https:
             self._redirect_to_https(host, target, route)

@@ -24,6 +24,12 @@ the request is idempotent and has no body (RFC 9110 §9.2.2: replaying it is saf
 Requests that cannot be replayed only take a connection used within the last second,
 which narrows the race with an agent closing an idle connection to almost nothing.
 
+When Control reports an agent offline (a replica's agent went away, issue 17),
+``abort_agent`` ends its idle connections and those still waiting for a response head,
+so their requests fail at once (idempotent ones are retried on another replica)
+instead of waiting for a response that cannot come.  Connections already relaying a
+response keep going.
+
 **Taps.**  Right after dialling, a ``Tap`` is put between the connection's transport
 and its stream protocol (``transport.set_protocol``; kernel sockets under either event
 loop and the user-space stack's transports all allow it).  With no ``sink`` the bytes
@@ -44,7 +50,7 @@ from typing import Protocol, cast
 from common.relay.dial import Dialer, open_tcp
 from common.relay.splice import close_writer
 
-from .h1 import ResponseReader
+from .h1 import HEAD, ResponseReader
 
 __all__ = ["Dialer", "PoolBusy", "Sink", "Tap", "UpstreamConnection", "UpstreamPool", "open_tcp"]
 
@@ -213,6 +219,8 @@ class UpstreamPool:
         self.max_active_per_agent = max_active_per_agent
         self._idle: dict[tuple[str, int, str], list[UpstreamConnection]] = {}
         self._active: dict[tuple[str, int], int] = {}
+        #: connections checked out, per agent host (``abort_agent``)
+        self._in_use: dict[str, set[UpstreamConnection]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.dials = 0
@@ -319,11 +327,35 @@ class UpstreamPool:
     def _check_out(self, upstream: UpstreamConnection) -> None:
         upstream.checked_out = True
         self._active[upstream.agent] = self._active.get(upstream.agent, 0) + 1
+        in_use = self._in_use.get(upstream.key[0])
+        if in_use is None:
+            in_use = self._in_use[upstream.key[0]] = set()
+        in_use.add(upstream)
 
     def _check_in(self, upstream: UpstreamConnection) -> None:
         if upstream.checked_out:
             upstream.checked_out = False
             self._return(upstream.agent)
+            in_use = self._in_use.get(upstream.key[0])
+            if in_use is not None:
+                in_use.discard(upstream)
+                if not in_use:
+                    del self._in_use[upstream.key[0]]
+
+    def abort_agent(self, host: str) -> int:
+        """End the idle connections to ``host`` and those waiting for a response head
+        (its agent is gone: module docstring); returns how many were ended."""
+        ended = 0
+        for key in [k for k in self._idle if k[0] == host]:
+            for upstream in self._idle.pop(key):
+                self._close_later(upstream)
+                ended += 1
+        for upstream in list(self._in_use.get(host, ())):
+            if upstream.responses.state == HEAD:
+                with contextlib.suppress(Exception):
+                    upstream.transport.abort()
+                ended += 1
+        return ended
 
     def _return(self, key: tuple[str, int]) -> None:
         count = self._active.get(key, 0) - 1
