@@ -46,7 +46,7 @@ class RunningControl:
 
     async def start(self) -> RunningControl:
         settings = ControlSettings(
-            database_url=f"sqlite+aiosqlite:///{self.db_path}",
+            database_url=self.overrides.pop("database_url", f"sqlite+aiosqlite:///{self.db_path}"),
             admin_token=self.overrides.pop("admin_token", ADMIN_TOKEN),
             announce=self.announced.append,
             **self.overrides,
