@@ -32,7 +32,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -358,6 +358,11 @@ class ControlClient:
         self._heartbeat_interval = p.HEARTBEAT_INTERVAL
         self._bad_log = OncePer(60.0)  # malformed frames from Control, by code
         self._reported_log = OncePer(60.0)  # error frames from Control, by code
+        #: a program's own frame types (the gateway's ``acme_*``), handled instead of
+        #: applied to the view; a handler raises ProtocolError for a bad frame
+        self.handlers: dict[str, Callable[[p.Frame], Awaitable[None]]] = {}
+        #: run after every successful ``auth`` (a program announcing itself)
+        self.on_connect: Callable[[], Awaitable[None]] | None = None
 
     # -- outbound messages --------------------------------------------------------------
 
@@ -457,6 +462,11 @@ class ControlClient:
                 "connected to control",
                 extra=kv(url=self.url, id=self.identity.id, name=self.identity.name),
             )
+            if self.on_connect is not None:
+                try:
+                    await self.on_connect()
+                except Exception:
+                    log.exception("announcing ourselves to control failed")
             heartbeat = asyncio.get_running_loop().create_task(self._heartbeats(ws))
             try:
                 async for raw in ws:
@@ -487,6 +497,10 @@ class ControlClient:
                             since_last_logged=unlogged,
                         ),
                     )
+                return
+            handler = self.handlers.get(frame.type)
+            if handler is not None:
+                await handler(frame)
                 return
             if frame.type not in ("config", "tunnel_create", "tunnel_update", "tunnel_delete"):
                 raise p.ProtocolError("unknown_type", f"unknown frame type {frame.type[:64]!r}")

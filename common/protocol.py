@@ -123,6 +123,8 @@ class CertificateObtained:
     certificate: str
     private_key: str
     not_after: float
+    #: the lease (``acme_order``) it was ordered under; None from an older gateway
+    lease: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -130,6 +132,7 @@ class CertificateObtained:
             "certificate": self.certificate,
             "privateKey": self.private_key,
             "notAfter": self.not_after,
+            "lease": self.lease,
         }
 
     def __repr__(self) -> str:  # never the key, in a log or a traceback
@@ -388,7 +391,182 @@ def parse_certificate_obtained(data: dict[str, Any]) -> CertificateObtained:
         raise ProtocolError("invalid_field", "'certificate' must be a PEM chain")
     if "PRIVATE KEY-----" not in private_key:
         raise ProtocolError("invalid_field", "'privateKey' must be a PEM private key")
-    return CertificateObtained(domain, certificate, private_key, _number(data, "notAfter"))
+    lease = None if data.get("lease") is None else _str(data, "lease", max_len=MAX_ID)
+    return CertificateObtained(domain, certificate, private_key, _number(data, "notAfter"), lease)
+
+
+# -- shared ACME (issue 17): gateways order certificates under a lease from Control ------
+#
+# gateway → Control: ``acme_ready`` (after each auth: the challenges it can answer),
+# ``acme_challenge`` / ``acme_withdraw`` (an HTTP-01 response of its order, for every
+# gateway to serve), ``acme_challenges_applied`` (it serves the set numbered
+# ``serial``), ``acme_failed`` (its order failed), ``certificate_obtained`` (above).
+# Control → gateway: ``acme_order`` (a lease: order these names), ``acme_challenges``
+# (every pending HTTP-01 response, numbered), ``acme_published`` (a response reached
+# every gateway: tell the CA to validate).  These frames carry no ``configVersion``:
+# they change nothing of the configuration a heartbeat compares.
+
+ACME_CHALLENGE_TYPES = ("http-01", "dns-01")
+MAX_ACME_NAMES = 100
+MAX_ACME_TOKEN = 128
+MAX_ACME_CHALLENGES = 1000
+
+
+def _acme_token(data: dict[str, Any], key: str) -> str:
+    """An ACME token (base64url, RFC 8555 §8.1) or key authorisation (token.thumbprint)."""
+    text = _str(data, key, max_len=2 * MAX_ACME_TOKEN + 1)
+    allowed = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+    if not text or not set(text) <= allowed:
+        raise ProtocolError("invalid_field", f"'{key}' must be base64url")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeReady:
+    """``acme_ready``: a gateway orders certificates; what it can prove names with
+    (``dns-01`` only under ``dns_zones``)."""
+
+    challenges: tuple[str, ...]
+    dns_zones: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"challenges": list(self.challenges), "dnsZones": list(self.dns_zones)}
+
+
+def parse_acme_ready(data: dict[str, Any]) -> AcmeReady:
+    kinds = _strings(data, "challenges", max_len=16)
+    if not set(kinds) <= set(ACME_CHALLENGE_TYPES):
+        raise ProtocolError("invalid_field", f"'challenges' must be of {ACME_CHALLENGE_TYPES}")
+    zones = tuple(_domain({"z": z}, "z") for z in _strings(data, "dnsZones", max_len=MAX_DOMAIN))
+    return AcmeReady(tuple(dict.fromkeys(kinds)), zones)
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeOrder:
+    """``acme_order``: Control leases ``names`` to this gateway for ``ttl`` seconds;
+    the certificate goes back as ``certificate_obtained`` under ``domain`` (the
+    tunnel domain or ``*.parent`` it is for)."""
+
+    lease: str
+    domain: str
+    names: tuple[str, ...]
+    ttl: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "lease": self.lease,
+            "domain": self.domain,
+            "names": list(self.names),
+            "ttl": self.ttl,
+        }
+
+
+def parse_acme_order(data: dict[str, Any]) -> AcmeOrder:
+    names = _strings(data, "names", max_len=MAX_DOMAIN)
+    if not names or len(names) > MAX_ACME_NAMES:
+        raise ProtocolError("invalid_field", f"'names' must hold 1..{MAX_ACME_NAMES} names")
+    ttl = _number(data, "ttl")
+    if not 1 <= ttl <= 86400:
+        raise ProtocolError("invalid_field", "'ttl' must be in 1..86400 seconds")
+    lease = _str(data, "lease", max_len=MAX_ID)
+    if not lease:
+        raise ProtocolError("invalid_field", "'lease' must not be empty")
+    return AcmeOrder(
+        lease, _domain(data, "domain"), tuple(_domain({"n": n}, "n") for n in names), ttl
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeChallenge:
+    """``acme_challenge`` (publish) and ``acme_withdraw`` (the order no longer needs
+    it): an HTTP-01 token and its key authorisation, under a lease."""
+
+    lease: str
+    token: str
+    key_authorization: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "lease": self.lease,
+            "token": self.token,
+            "keyAuthorization": self.key_authorization,
+        }
+
+
+def parse_acme_challenge(data: dict[str, Any], *, withdraw: bool = False) -> AcmeChallenge:
+    token = _acme_token(data, "token")
+    if len(token) > MAX_ACME_TOKEN or "." in token:
+        raise ProtocolError("invalid_field", "'token' must be base64url")
+    authorization = "" if withdraw else _acme_token(data, "keyAuthorization")
+    if authorization and not authorization.startswith(token + "."):
+        raise ProtocolError("invalid_field", "'keyAuthorization' must be the token's")
+    return AcmeChallenge(_str(data, "lease", max_len=MAX_ID), token, authorization)
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeChallenges:
+    """``acme_challenges``: every pending HTTP-01 response (token → key authorisation),
+    the set numbered ``serial`` (it only grows); a gateway serves exactly these (plus
+    its own order's, until Control has them) and answers ``acme_challenges_applied``."""
+
+    serial: int
+    challenges: tuple[tuple[str, str], ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "serial": self.serial,
+            "challenges": [{"token": t, "keyAuthorization": k} for t, k in self.challenges],
+        }
+
+
+def parse_acme_challenges(data: dict[str, Any]) -> AcmeChallenges:
+    values = data.get("challenges")
+    if not isinstance(values, list) or len(values) > MAX_ACME_CHALLENGES:
+        raise ProtocolError(
+            "invalid_field", f"'challenges' must be a list of at most {MAX_ACME_CHALLENGES}"
+        )
+    pairs = []
+    for value in values:
+        item = parse_acme_challenge({"lease": "", **_object(value, "a challenge")})
+        pairs.append((item.token, item.key_authorization))
+    return AcmeChallenges(_int(data, "serial", 0, 2**62), tuple(pairs))
+
+
+def parse_acme_serial(data: dict[str, Any]) -> int:
+    """``acme_challenges_applied``: the serial of the set a gateway now serves."""
+    return _int(data, "serial", 0, 2**62)
+
+
+@dataclass(frozen=True, slots=True)
+class AcmePublished:
+    """``acme_published``: the token reached every gateway; the CA may validate."""
+
+    lease: str
+    token: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"lease": self.lease, "token": self.token}
+
+
+def parse_acme_published(data: dict[str, Any]) -> AcmePublished:
+    return AcmePublished(_str(data, "lease", max_len=MAX_ID), _acme_token(data, "token"))
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeFailed:
+    """``acme_failed``: the order under ``lease`` failed, and why (safe to show)."""
+
+    lease: str
+    error: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"lease": self.lease, "error": self.error}
+
+
+def parse_acme_failed(data: dict[str, Any]) -> AcmeFailed:
+    return AcmeFailed(
+        _str(data, "lease", max_len=MAX_ID), _str(data, "error", max_len=512, optional=True)
+    )
 
 
 # -- Control → client -------------------------------------------------------------------

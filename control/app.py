@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from control.db.admins import AdminStore
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
 from control.metrics import CONTENT_TYPE, control_metrics
+from control.selfacme import ControlAcme
 from control.tls import ControlTls
 from control.web.audit import RestAudit
 from control.web.pages import Dashboard
@@ -80,6 +81,8 @@ class ControlSettings:
     dashboard_insecure_http: bool = False
     #: Control's own HTTPS (``control.tls``); None: plain HTTP (or TLS ends elsewhere)
     tls: ControlTls | None = None
+    #: Control's own certificate from ACME (``--acme-domain``), installed into ``tls``
+    acme: ControlAcme | None = None
     #: the URL agents and gateways reach Control at, put in enrollment tokens
     #: (None: the URL the admin's request came to)
     public_url: str | None = None
@@ -219,6 +222,11 @@ def create_app(settings: ControlSettings) -> Starlette:
         tls_watch = (
             asyncio.get_running_loop().create_task(settings.tls.watch()) if settings.tls else None
         )
+        own_acme = None
+        if settings.acme is not None:  # gateways answer its http-01 challenges too
+            settings.acme.publish = hub.acme.publish_local
+            settings.acme.withdraw = hub.acme.withdraw_local
+            own_acme = asyncio.get_running_loop().create_task(settings.acme.run())
         log.info(
             "control ready", extra=kv(pool=settings.address_pool, prefix=settings.agent_prefix)
         )
@@ -227,6 +235,10 @@ def create_app(settings: ControlSettings) -> Starlette:
         finally:
             if tls_watch is not None:
                 tls_watch.cancel()
+            if own_acme is not None:
+                own_acme.cancel()
+                with suppress(asyncio.CancelledError):
+                    await own_acme
             await hub.close_all()
             await engine.dispose()
 

@@ -38,9 +38,13 @@ from common.eventloop import EVENT_LOOP
 from control import listener
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api import authlimit
+from control.api.models import check_domain
 from control.app import ControlSettings, create_app
+from control.selfacme import ControlAcme, prepare
 from control.tls import ControlTls, TlsError, ensure_self_signed
 from control.ws.admission import DEFAULT_PER_ADDRESS
+
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 
 
 def trusted_proxies(text: str) -> str:
@@ -148,6 +152,36 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="BOOL",
     ),
     Setting(
+        "acme-domain",
+        "serve HTTPS with a certificate for this host name from ACME (Let's Encrypt by "
+        "default), obtained at start and renewed 30 days before expiry without a restart; "
+        "the CA validates over HTTP-01 on --acme-http-port (or on a gateway the name "
+        "points at)",
+        None,
+        metavar="HOST",
+    ),
+    Setting("acme-email", "contact e-mail for Control's ACME account", None, metavar="EMAIL"),
+    Setting(
+        "acme-directory",
+        "ACME directory URL for --acme-domain",
+        LETS_ENCRYPT,
+        metavar="URL",
+    ),
+    Setting(
+        "acme-ca-file",
+        "CA bundle to trust for the ACME server (e.g. Pebble); default: the system's",
+        None,
+        metavar="FILE",
+    ),
+    Setting(
+        "acme-http-port",
+        "plain-HTTP port answering --acme-domain's HTTP-01 challenges (and redirecting the "
+        "rest to HTTPS); the CA connects to port 80, so anything else needs a port "
+        "mapping; 0: no listener (gateways the name points at answer)",
+        80,
+        parse=port,
+    ),
+    Setting(
         "trusted-proxies",
         "comma-separated addresses or networks of reverse proxies whose X-Forwarded-For "
         "and X-Forwarded-Proto Control believes (the client's address for limits and "
@@ -224,6 +258,9 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
     def announce(text: str) -> None:
         print(text, file=sys.stdout, flush=True)
 
+    tls = tls_from(values, data_dir, public_url)
+    acme = acme_from(values, data_dir, tls)
+
     return (
         ControlSettings(
             database_url=url,
@@ -235,7 +272,8 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             max_unauthenticated_per_address=values["max_unauthenticated_per_address"],
             admin_auth_failures=values["admin_auth_failures"],
             announce=announce,
-            tls=tls_from(values, data_dir, public_url),
+            tls=tls,
+            acme=acme,
             public_url=public_url,
             listen_url=listen_url(values),
             dashboard_insecure_http=values["dashboard_insecure_http"],
@@ -246,7 +284,8 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
 
 def listen_url(values: dict[str, Any]) -> str:
     """Control's URL on this machine (the dashboard's setup link without --public-url)."""
-    scheme = "https" if values["tls_cert"] or values["tls_self_signed"] else "http"
+    tls = values["tls_cert"] or values["tls_self_signed"] or values["acme_domain"]
+    scheme = "https" if tls else "http"
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(values["host"], values["host"])
     host = f"[{host}]" if ":" in host else host
     return f"{scheme}://{host}:{values['port']}"
@@ -259,6 +298,20 @@ def tls_from(values: dict[str, Any], data_dir: Path, public_url: str | None) -> 
         raise ConfigError("--tls-cert and --tls-key: give both or neither")
     if cert and self_signed:
         raise ConfigError("--tls-self-signed: not with --tls-cert (which certificate?)")
+    domain = values["acme_domain"]
+    if domain:
+        if cert or self_signed:
+            raise ConfigError(
+                "--acme-domain: not with --tls-cert or --tls-self-signed (which certificate?)"
+            )
+        try:
+            domain = values["acme_domain"] = check_domain(domain)
+        except ValueError as exc:
+            raise ConfigError(f"--acme-domain: {exc}") from None
+        try:
+            cert, key = prepare(data_dir, domain)
+        except OSError as exc:
+            raise ConfigError(f"--acme-domain: cannot write to {data_dir}: {exc}") from exc
     if self_signed:
         host = urlsplit(public_url).hostname if public_url else None
         names = {"localhost", "127.0.0.1", "::1"} | ({host} if host else set())
@@ -272,6 +325,28 @@ def tls_from(values: dict[str, Any], data_dir: Path, public_url: str | None) -> 
         return ControlTls(Path(cert).expanduser(), Path(key).expanduser())
     except TlsError as exc:
         raise ConfigError(f"--tls-cert/--tls-key: {exc}") from exc
+
+
+def acme_from(values: dict[str, Any], data_dir: Path, tls: ControlTls | None) -> ControlAcme | None:
+    """Control's own ACME from ``--acme-domain`` (its files are already in ``tls``)."""
+    if not values["acme_domain"] or tls is None:
+        if values["acme_email"] or values["acme_ca_file"]:
+            raise ConfigError("--acme-email/--acme-ca-file: only with --acme-domain")
+        return None
+    directory = values["acme_directory"]
+    if urlsplit(directory).scheme != "https":
+        raise ConfigError(f"--acme-directory: {directory!r} is not an https:// URL")
+    return ControlAcme(
+        values["acme_domain"],
+        directory,
+        data_dir,
+        tls,
+        email=values["acme_email"],
+        ca_file=values["acme_ca_file"],
+        http_host=values["host"],
+        http_port=values["acme_http_port"],
+        https_port=values["port"],
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,176 +1,175 @@
-"""ACME (RFC 8555) HTTP-01 certificates for tunnel domains, on the ``acme`` package.
+"""The gateway's part of shared ACME: order what Control leases, serve every token.
 
 Theory of operation
 -------------------
-``ChallengeStore`` holds the key authorisations of pending HTTP-01 challenges; the
-gateway's plain-HTTP listener answers ``/.well-known/acme-challenge/<token>`` from it
-before any routing.  ``AcmeClient.obtain(domain)`` registers (or finds) the account
-for a key kept in the state directory (0600), orders a certificate for the domain
-with a fresh P-256 key, publishes the challenge, lets the CA validate, finalizes and
-returns the full chain.  The ``acme`` package is synchronous, so each order runs in a
-worker thread; the event loop keeps serving (including the challenge itself).
+Control decides which gateway orders which certificate (``control/acme.py``); this
+module is the other end.  After each ``auth`` the gateway says it orders certificates
+(``acme_ready``: ``http-01``, and ``dns-01`` with its provider's zones).  Then:
+
+* ``acme_order`` (a lease) starts one order through :class:`~common.acme.AcmeClient`.
+  Its HTTP-01 responses are published through Control (:class:`_ControlResponder`):
+  served here at once, sent as ``acme_challenge``, and the CA is told to validate only
+  after ``acme_published`` says every gateway serves it.  DNS-01 records go through
+  the gateway's own provider.  The certificate is used here at once, kept in the state
+  directory, and reported (``certificate_obtained``, with the lease); Control stores
+  it and pushes it to every gateway.  A failure is reported (``acme_failed``) and
+  shown on ``/healthz`` until an order for that domain succeeds.  A certificate that
+  could not be reported (Control away) is reported on the next connection.
+* ``acme_challenges`` (every pending response, numbered) replaces what the listener
+  answers (plus this gateway's own in-flight tokens) and is acknowledged with
+  ``acme_challenges_applied``.
+
+A gateway never orders on its own: without Control's lease there is no order, so two
+gateways never order one domain at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import contextlib
 import logging
-import os
-import threading
-from pathlib import Path
+from collections.abc import Callable
 
-from acme import challenges, client, crypto_util, errors, messages
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from josepy.jwa import ES256
-from josepy.jwk import JWKEC
-
+from common import protocol as p
+from common.acme import AcmeClient, AcmeFailure, ChallengeStore
+from common.controlclient import ControlClient
+from common.health import DEGRADED, OK, PartHealth
 from common.logs import kv
 from gateway.tls import Certificate
 
 log = logging.getLogger("gateway.acme")
 
-CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+#: seconds to wait for Control to confirm that every gateway serves a token
+PUBLISH_TIMEOUT = 30.0
 
 
-class AcmeFailure(Exception):
-    """An order failed; the message says at which step and why."""
+class _ControlResponder:
+    """HTTP-01 responses of one order, published through Control."""
+
+    def __init__(self, owner: GatewayAcme, lease: str) -> None:
+        self.owner = owner
+        self.lease = lease
+
+    async def publish(self, token: str, validation: str) -> None:
+        owner = self.owner
+        owner.own[token] = validation
+        owner.challenges.put(token, validation)
+        waiter = asyncio.get_running_loop().create_future()
+        owner.waiters[token] = waiter
+        try:
+            sent = await owner.control.send(
+                "acme_challenge", p.AcmeChallenge(self.lease, token, validation).to_wire()
+            )
+            if not sent:
+                raise AcmeFailure("Control is not connected: the other gateways cannot answer")
+            try:
+                await asyncio.wait_for(waiter, PUBLISH_TIMEOUT)
+            except TimeoutError:
+                raise AcmeFailure(
+                    f"Control did not confirm the http-01 response within {PUBLISH_TIMEOUT:.0f}s"
+                ) from None
+        finally:
+            owner.waiters.pop(token, None)
+
+    async def withdraw(self, token: str) -> None:
+        owner = self.owner
+        owner.own.pop(token, None)
+        if token not in owner.pushed:
+            owner.challenges.discard(token)
+        await owner.control.send("acme_withdraw", p.AcmeChallenge(self.lease, token).to_wire())
 
 
-class ChallengeStore:
-    """Pending HTTP-01 responses, token → key authorisation (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._tokens: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def put(self, token: str, validation: str) -> None:
-        with self._lock:
-            self._tokens[token] = validation
-
-    def discard(self, token: str) -> None:
-        with self._lock:
-            self._tokens.pop(token, None)
-
-    def respond(self, path: str) -> str | None:
-        """The body for a challenge request path, or None if it is not one of ours."""
-        if not path.startswith(CHALLENGE_PREFIX):
-            return None
-        with self._lock:
-            return self._tokens.get(path[len(CHALLENGE_PREFIX) :])
-
-
-def _new_key_pem() -> bytes:
-    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-class AcmeClient:
-    """Obtains certificates from one ACME directory with one account key."""
+class GatewayAcme:
+    """Orders under Control's leases and serves Control's pending tokens."""
 
     def __init__(
         self,
-        directory_url: str,
-        state_dir: Path,
-        challenges_store: ChallengeStore,
-        email: str | None = None,
-        verify: bool | str = True,
-        timeout: float = 120.0,
+        client: AcmeClient,
+        control: ControlClient,
+        challenges: ChallengeStore,
+        on_issued: Callable[[Certificate], None],
     ) -> None:
-        self.directory_url = directory_url
-        self.state_dir = state_dir
-        self.challenges = challenges_store
-        self.email = email
-        self.verify = verify
-        self.timeout = timeout
-        self._client: client.ClientV2 | None = None
-
-    def _account_key(self) -> JWKEC:
-        path = self.state_dir / "acme-account.key"
-        if not path.exists():
-            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(_new_key_pem())
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey)
-        return JWKEC(key=key)
-
-    def _connect(self) -> client.ClientV2:
-        if self._client is not None:
-            return self._client
-        key = self._account_key()
-        net = client.ClientNetwork(
-            key,
-            alg=ES256,
-            verify_ssl=self.verify,  # type: ignore[arg-type]
-            user_agent="kakuremichi-gateway",
+        self.client = client
+        self.control = control
+        self.challenges = challenges
+        self.on_issued = on_issued
+        self.own: dict[str, str] = {}  # this gateway's in-flight tokens
+        self.pushed: dict[str, str] = {}  # Control's pending set
+        self.waiters: dict[str, asyncio.Future[None]] = {}
+        self.errors: dict[str, str] = {}  # domain → why its last order failed
+        self.orders: dict[str, asyncio.Task[None]] = {}  # lease → its order
+        #: orders completed here, by domain (tests and logs)
+        self.obtained: dict[str, int] = {}
+        self._unreported: dict[str, p.CertificateObtained] = {}
+        control.handlers.update(
+            {
+                "acme_order": self._on_order,
+                "acme_challenges": self._on_challenges,
+                "acme_published": self._on_published,
+            }
         )
-        directory = client.ClientV2.get_directory(self.directory_url, net)
-        acme = client.ClientV2(directory, net=net)
-        registration = messages.NewRegistration.from_data(
-            email=self.email, terms_of_service_agreed=True
-        )
+        control.on_connect = self._announce
+
+    def health(self) -> PartHealth:
+        if not self.errors:
+            return PartHealth(OK, "no certificate order failing")
+        failing = "; ".join(f"{d} ({e})" for d, e in sorted(self.errors.items()))
+        return PartHealth(DEGRADED, f"certificate orders failing: {failing}")
+
+    async def _announce(self) -> None:
+        for report in list(self._unreported.values()):
+            if await self.control.send("certificate_obtained", report.to_wire()):
+                self._unreported.pop(report.domain, None)
+        dns = self.client.dns01
+        ready = p.AcmeReady(self.client.challenge_types, dns.zones if dns is not None else ())
+        await self.control.send("acme_ready", ready.to_wire())
+
+    async def _on_challenges(self, frame: p.Frame) -> None:
+        pending = p.parse_acme_challenges(frame.data)
+        self.pushed = dict(pending.challenges)
+        self.challenges.replace({**self.pushed, **self.own})
+        await self.control.send("acme_challenges_applied", {"serial": pending.serial})
+
+    async def _on_published(self, frame: p.Frame) -> None:
+        published = p.parse_acme_published(frame.data)
+        waiter = self.waiters.get(published.token)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _on_order(self, frame: p.Frame) -> None:
+        order = p.parse_acme_order(frame.data)
+        if order.lease in self.orders:
+            return
+        task = asyncio.get_running_loop().create_task(self._order(order))
+        self.orders[order.lease] = task
+        task.add_done_callback(lambda _: self.orders.pop(order.lease, None))
+
+    async def _order(self, order: p.AcmeOrder) -> None:
+        log.info("ordering a certificate under Control's lease", extra=kv(domain=order.domain))
         try:
-            acme.new_account(registration)
-        except errors.ConflictError as exc:  # the key already has an account
-            account = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
-            net.account = acme.query_registration(account)
-        self._client = acme
-        return acme
-
-    def _obtain(self, domain: str) -> Certificate:
-        acme = self._connect()
-        key_pem = _new_key_pem()
-        order = acme.new_order(crypto_util.make_csr(key_pem, [domain]))
-        published: list[str] = []
-        try:
-            for authz in order.authorizations:
-                for challenge in authz.body.challenges:
-                    if isinstance(challenge.chall, challenges.HTTP01):
-                        response, validation = challenge.response_and_validation(acme.net.key)
-                        token = challenge.chall.encode("token")
-                        self.challenges.put(token, validation)
-                        published.append(token)
-                        acme.answer_challenge(challenge, response)
-                        break
-                else:
-                    raise AcmeFailure(f"{domain}: the CA offered no http-01 challenge")
-            deadline = dt.datetime.now() + dt.timedelta(seconds=self.timeout)
-            finished = acme.poll_and_finalize(order, deadline)
-        except errors.ValidationError as exc:
-            details = "; ".join(str(a.body.challenges) for a in exc.failed_authzrs)[:300]
-            raise AcmeFailure(f"{domain}: validation failed: {details}") from exc
-        except errors.TimeoutError as exc:
-            raise AcmeFailure(f"{domain}: the CA did not finish in {self.timeout:.0f}s") from exc
-        except (errors.Error, messages.Error) as exc:
-            raise AcmeFailure(f"{domain}: {exc}") from exc
-        finally:
-            for token in published:
-                self.challenges.discard(token)
-        chain = finished.fullchain_pem
-        leaf = x509.load_pem_x509_certificate(chain.encode())
-        return Certificate(
-            domain, chain, key_pem.decode(), leaf.not_valid_after_utc.timestamp(), "acme"
+            issued = await self.client.obtain(
+                order.names, http01=_ControlResponder(self, order.lease)
+            )
+        except AcmeFailure as exc:
+            self.errors[order.domain] = str(exc)[:200]
+            log.error("certificate order failed", extra=kv(domain=order.domain, error=str(exc)))
+            await self.control.send(
+                "acme_failed", p.AcmeFailed(order.lease, str(exc)[:500]).to_wire()
+            )
+            return
+        self.errors.pop(order.domain, None)
+        self.obtained[order.domain] = self.obtained.get(order.domain, 0) + 1
+        cert = Certificate(order.domain, issued.chain_pem, issued.key_pem, issued.not_after, "acme")
+        self.on_issued(cert)
+        report = p.CertificateObtained(
+            cert.domain, cert.chain_pem, cert.key_pem, cert.not_after, order.lease
         )
+        if not await self.control.send("certificate_obtained", report.to_wire()):
+            self._unreported[cert.domain] = report  # sent when Control is back
 
-    async def obtain(self, domain: str) -> Certificate:
-        """Order and return a certificate for ``domain`` (raises :class:`AcmeFailure`)."""
-        log.info("requesting certificate", extra=kv(domain=domain, directory=self.directory_url))
-        try:
-            cert = await asyncio.to_thread(self._obtain, domain)
-        except AcmeFailure:
-            raise
-        except Exception as exc:  # network and protocol errors from requests/acme
-            raise AcmeFailure(f"{domain}: {type(exc).__name__}: {exc}") from exc
-        log.info(
-            "certificate obtained",
-            extra=kv(
-                domain=domain,
-                not_after=dt.datetime.fromtimestamp(cert.not_after, dt.UTC).isoformat(),
-            ),
-        )
-        return cert
+    async def close(self) -> None:
+        for task in list(self.orders.values()):
+            task.cancel()
+        for task in list(self.orders.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from common import eventloop, logs
+from common.acme.dns import PROVIDERS, TSIG_ALGORITHMS, DnsError, DnsProvider, dns_provider
 from common.config import (
     COMMON,
     ConfigError,
@@ -106,6 +107,41 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("acme-email", "contact e-mail for the ACME account", None, metavar="EMAIL"),
     Setting(
         "acme-ca-file", "CA bundle to trust for the ACME server (e.g. Pebble)", None, metavar="FILE"
+    ),
+    Setting(
+        "acme-dns-provider",
+        "DNS-01 provider for certificates HTTP-01 cannot get (wildcards): rfc2136 (dynamic "
+        "DNS updates with TSIG); unset: HTTP-01 only",
+        None,
+        choices=tuple(PROVIDERS),
+        metavar="NAME",
+    ),
+    Setting(
+        "acme-dns-server",
+        "rfc2136: the zone's primary DNS server, HOST or HOST:PORT",
+        None,
+        metavar="HOST:PORT",
+    ),
+    Setting(
+        "acme-dns-zone",
+        "the zone the provider updates: certificates for names at or under it (and "
+        "*.NAME wildcards) use DNS-01",
+        None,
+        metavar="ZONE",
+    ),
+    Setting("acme-dns-tsig-key", "rfc2136: the TSIG key's name", None, metavar="NAME"),
+    Setting(
+        "acme-dns-tsig-algorithm",
+        "rfc2136: the TSIG algorithm",
+        "hmac-sha256",
+        choices=TSIG_ALGORITHMS,
+    ),
+    Setting(
+        "acme-dns-tsig-secret",
+        "rfc2136: the TSIG key's secret (base64)",
+        None,
+        secret=True,
+        metavar="BASE64",
     ),
     Setting(
         "access-log",
@@ -208,11 +244,29 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
         acme_directory=values["acme_directory"],
         acme_email=values["acme_email"],
         acme_ca_file=values["acme_ca_file"],
+        acme_dns=acme_dns_from(values),
         limits=limits,
         access_log=access_log,
         oidc_ca_file=values["oidc_ca_file"],
         http2=http2,
     )
+
+
+def acme_dns_from(values: dict[str, Any]) -> DnsProvider | None:
+    """The DNS-01 provider of ``--acme-dns-*`` (None without ``--acme-dns-provider``)."""
+    kind = values["acme_dns_provider"]
+    if kind is None:
+        return None
+    if not values["acme_directory"]:
+        raise ConfigError("--acme-dns-provider: needs --acme-directory")
+    options = {
+        key: values[f"acme_dns_{key}"]
+        for key in ("server", "zone", "tsig_key", "tsig_algorithm", "tsig_secret")
+    }
+    try:
+        return dns_provider(kind, options)
+    except DnsError as exc:
+        raise ConfigError(f"--acme-dns-provider {kind}: {exc}") from None
 
 
 async def serve(settings: GatewaySettings) -> int:

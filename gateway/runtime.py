@@ -15,11 +15,10 @@ previous state keeps serving, and every background task supervised.
 Background tasks (all restarted if they end): ``control``, ``reconcile``,
 ``wireguard-stats`` (peer readings every 10 s into the metrics and the ``wireguard``
 health part), ``control-stats`` (per-tunnel traffic and handshake ages sent to Control
-as ``stats``, for its dashboard) and, with ACME configured, ``acme``: it orders
-certificates for enabled HTTP tunnel domains that lack a usable one (none, or expiring within
-``renew_before``), persists them in the state directory and reports them to Control
-(``certificate_obtained``), backing off per domain after failures; it runs when
-Control's view changes (a new domain is ordered at once) and every 15 s.
+as ``stats``, for its dashboard).  With ACME configured the gateway orders the
+certificates Control leases it (``gateway/acme.py``: one gateway per domain at a time,
+its HTTP-01 responses served by every gateway), keeps them in the state directory and
+reports them to Control, which pushes them to all gateways.
 ``/healthz`` has the runtime's parts (``control``, ``config``, ``tasks``),
 ``wireguard`` (degraded while the interface cannot be read) and ``acme`` (degraded
 while an order is failing).  On stop: listeners stop accepting and drain, the Control
@@ -29,7 +28,6 @@ connection closes, the tasks are cancelled and awaited, the interface is removed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -40,11 +38,12 @@ from pathlib import Path
 
 from common import __version__
 from common import protocol as p
+from common.acme import AcmeClient, ChallengeStore, DnsProvider, LocalHttp01
 from common.controlclient import ControlClient, ControlClientSettings, ControlView
 from common.health import DEGRADED, OK, PartHealth
 from common.keys import load_or_create
 from common.logs import kv
-from common.protocol import CertificateObtained, GatewayConfig, ShareLinkUsed
+from common.protocol import GatewayConfig, ShareLinkUsed
 from common.relay.accesslog import AccessLogSettings
 from common.relay.admin import AdminServer
 from common.relay.limits import LimitSettings
@@ -54,7 +53,7 @@ from common.relay.tcp import TcpForwarder, TcpSettings
 from common.relay.udp import FlowDialer, UdpForwarder, UdpSettings
 from common.runtime import ControlRuntime
 from common.stats import StatsReporter
-from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
+from gateway.acme import GatewayAcme
 from gateway.proxy.h2settings import H2Settings
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
@@ -96,7 +95,8 @@ class GatewaySettings:
     acme_directory: str | None = None
     acme_email: str | None = None
     acme_ca_file: str | None = None
-    renew_before: float = 30 * 86400
+    #: DNS-01 (wildcard certificates) through this provider (None: HTTP-01 only)
+    acme_dns: DnsProvider | None = None
     limits: LimitSettings = field(default_factory=LimitSettings)
     #: one line per request and per TCP/UDP flow (off unless it has a path)
     access_log: AccessLogSettings = field(default_factory=AccessLogSettings)
@@ -203,7 +203,6 @@ class Gateway:
             ControlView.gateway_config,
             self._apply,
             expected_errors=(WgError, OSError),
-            on_change=self._changed,
         )
         self.client: ControlClient = self.runtime.client
         self.admin = AdminServer(self.metrics, self.runtime.health)
@@ -211,25 +210,29 @@ class Gateway:
             self.metrics.tunnel_totals, self._handshakes, self.client.send, settings.stats_interval
         )
         self.acme = (
-            AcmeClient(
-                settings.acme_directory,
-                settings.data_dir / "acme",
+            GatewayAcme(
+                AcmeClient(
+                    settings.acme_directory,
+                    settings.data_dir / "acme",
+                    http01=LocalHttp01(self.challenges),
+                    dns01=settings.acme_dns,
+                    email=settings.acme_email,
+                    verify=settings.acme_ca_file or True,
+                    user_agent=f"kakuremichi-gateway/{__version__}",
+                ),
+                self.client,
                 self.challenges,
-                email=settings.acme_email,
-                verify=settings.acme_ca_file or True,
+                self._acme_issued,
             )
             if settings.acme_directory
             else None
         )
-        self._acme_wakeup = asyncio.Event()
         self._applied_wg: WgState | None = None
-        self._acme_backoff: dict[str, tuple[float, float]] = {}  # domain → (next try, delay)
-        self._acme_errors: dict[str, str] = {}  # domain → why its last order failed
         self._wg_reading = ""  # what the last reading of the peers found
         self._wg_error = ""  # why the last reading failed ("" when it worked)
         self.runtime.health.probe("wireguard", self._wireguard_health)
         if self.acme is not None:
-            self.runtime.health.probe("acme", self._acme_health)
+            self.runtime.health.probe("acme", self.acme.health)
         self.ready = asyncio.Event()
 
     @property
@@ -244,16 +247,7 @@ class Gateway:
             return PartHealth(DEGRADED, f"cannot read the interface: {self._wg_error}")
         return PartHealth(OK, self._wg_reading or f"{self.wg.kind} backend up")
 
-    def _acme_health(self) -> PartHealth:
-        if not self._acme_errors:
-            return PartHealth(OK, "no certificate order failing")
-        failing = "; ".join(f"{d} ({e})" for d, e in sorted(self._acme_errors.items()))
-        return PartHealth(DEGRADED, f"certificate orders failing: {failing}")
-
     # -- reconciliation -------------------------------------------------------------------
-
-    def _changed(self, view: ControlView) -> None:
-        self._acme_wakeup.set()
 
     async def _apply(self, config: GatewayConfig) -> None:
         """One reconcile pass (run by the runtime, which retries it on failure)."""
@@ -358,59 +352,10 @@ class Gateway:
                 handle,
             )
 
-    def domains_needing_certificates(self, now: float) -> list[str]:
-        """Enabled HTTP tunnel domains without a certificate valid beyond
-        ``renew_before``."""
-        wanted = []
-        for tunnel in self.client.view.tunnels.values():
-            domain = tunnel.domain
-            if tunnel.protocol != "http" or not tunnel.enabled or domain is None:
-                continue
-            cert = self.certificates.certificate_for(domain)
-            if cert is None or cert.not_after - now < self.settings.renew_before:
-                wanted.append(domain)
-        return sorted(set(wanted))
-
-    async def acme_pass(self) -> int:
-        """Order what is missing now; returns how many certificates were obtained."""
-        assert self.acme is not None
-        obtained = 0
-        now = time.time()
-        wanted = self.domains_needing_certificates(now)
-        for domain in self._acme_errors.keys() - set(wanted):  # gone, or obtained elsewhere
-            del self._acme_errors[domain]
-        for domain in wanted:
-            next_try, delay = self._acme_backoff.get(domain, (0.0, 60.0))
-            if now < next_try:
-                continue
-            try:
-                cert = await self.acme.obtain(domain)
-            except AcmeFailure as exc:
-                log.error(
-                    "certificate order failed",
-                    extra=kv(domain=domain, error=str(exc)[:300], retry_in_s=delay),
-                )
-                self._acme_backoff[domain] = (time.time() + delay, min(6 * 3600.0, delay * 2))
-                self._acme_errors[domain] = str(exc)[:200]
-                continue
-            self._acme_backoff.pop(domain, None)
-            self._acme_errors.pop(domain, None)
-            self._store_acme_certificate(cert)
-            self.certificates.add_acme_certificate(cert)
-            obtained += 1
-            report = CertificateObtained(cert.domain, cert.chain_pem, cert.key_pem, cert.not_after)
-            await self.client.send("certificate_obtained", report.to_wire())
-        return obtained
-
-    async def _acme_loop(self) -> None:
-        while True:
-            if self.client.view.has_config:
-                await self.acme_pass()  # an unexpected error: the supervisor restarts us
-            # a new tunnel domain starts its order at once; otherwise look every 15 s
-            # (renewals, back-offs expiring)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._acme_wakeup.wait(), 15)
-            self._acme_wakeup.clear()
+    def _acme_issued(self, cert: Certificate) -> None:
+        """A certificate this gateway ordered: used at once, kept for restarts."""
+        self._store_acme_certificate(cert)
+        self.certificates.add_acme_certificate(cert)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -445,8 +390,6 @@ class Gateway:
         self.runtime.supervise("wireguard-stats", self._stats_loop)
         self.runtime.supervise("share-uses", self._report_share_uses)
         self.runtime.supervise("control-stats", self.stats.run)
-        if self.acme is not None:
-            self.runtime.supervise("acme", self._acme_loop)
         log.info(
             "gateway started",
             extra=kv(
@@ -470,6 +413,8 @@ class Gateway:
         # closed the access log: write them too
         self.proxy.access_log.shutdown()
         drained = time.monotonic()
+        if self.acme is not None:
+            await self.acme.close()
         await self.runtime.stop()
         await self.admin.close()
         await self.wg.stop()

@@ -11,7 +11,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends \
-        python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble iptables \
+        python3-venv iproute2 wireguard-tools wireguard-go iputils-ping procps pebble knot iptables \
         build-essential python3-dev libssl-dev buildah debootstrap nginx-light postgresql \
         wrk curl nghttp2-client golang-go golang-golang.zx2c4-wireguard-dev golang-gvisor-gvisor-dev \
         chromium >/dev/null  # chromium: the dashboard's browser tests (Playwright drives it)

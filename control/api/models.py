@@ -55,12 +55,15 @@ Name = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-def check_domain(value: str) -> str:
+def check_domain(value: str, *, wildcard: bool = False) -> str:
     """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels;
     an internationalised name is stored as its A-labels (IDNA 2008 with UTS #46
     mapping: ``Café.Example`` → ``xn--caf-dma.example``), which is what clients send in
-    Host and SNI and what the gateways' routers and ACME match."""
+    Host and SNI and what the gateways' routers and ACME match.  With ``wildcard``,
+    also ``*.`` before such a name (one label, as a certificate's wildcard covers)."""
     domain = value.strip().rstrip(".")
+    if wildcard and domain.startswith("*."):
+        return "*." + check_domain(domain[2:])
     if not domain.isascii():
         try:
             domain = idna.encode(domain, uts46=True).decode("ascii")
@@ -160,7 +163,12 @@ class TunnelCreate(_Body):
     """A public hostname (http) or public port (tcp/udp) forwarded to a target on an agent."""
 
     protocol: Protocol = "http"
-    domain: str | None = Field(default=None, description="public hostname (http tunnels)")
+    domain: str | None = Field(
+        default=None,
+        description="public hostname (http tunnels); *.parent for every name one label "
+        "under parent that no other tunnel names (needs a certificate for it, uploaded or "
+        "from a gateway with DNS-01 for its zone)",
+    )
     public_port: Port | None = Field(default=None, description="public port (tcp/udp tunnels)")
     target: str = Field(max_length=2048, description="host:port or http(s) URL, agent side")
     agent: str = Field(min_length=1, max_length=63, description="agent id or name")
@@ -170,7 +178,7 @@ class TunnelCreate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value)
+        return None if value is None else check_domain(value, wildcard=True)
 
     @model_validator(mode="after")
     def _shape(self) -> TunnelCreate:
@@ -207,7 +215,7 @@ class TunnelUpdate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value)
+        return None if value is None else check_domain(value, wildcard=True)
 
     @field_validator("target")
     @classmethod
@@ -225,7 +233,7 @@ class CertificateCreate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        return check_domain(value)
+        return check_domain(value, wildcard=True)
 
 
 class CertificateUpdate(_Body):
@@ -335,3 +343,45 @@ class CertificateOut(BaseModel):
     certificate: str
     createdAt: str
     updatedAt: str
+
+
+class AcmeOrderOut(BaseModel):
+    """A tunnel domain that needs a certificate and what is being done about it."""
+
+    domain: str
+    #: ordering (a gateway holds the lease), waiting (for the next pass), failing
+    #: (the last order failed; retried at nextTryAt), no_gateway (no connected gateway
+    #: can prove the name: none with ACME, or a wildcard without DNS-01 for its zone)
+    state: Literal["ordering", "waiting", "failing", "no_gateway"]
+    gateway: str | None
+    leaseExpiresAt: str | None
+    lastError: str | None
+    nextTryAt: str | None
+    ordersGranted: int
+
+
+class AcmeEndedOut(BaseModel):
+    """An order that ended: who held it and how it ended."""
+
+    domain: str
+    gateway: str
+    outcome: Literal["obtained", "failed", "gateway left", "expired"]
+    grantedAt: str | None
+    endedAt: str | None
+
+
+class AcmeGatewayOut(BaseModel):
+    """A connected gateway that orders certificates."""
+
+    name: str
+    challenges: list[str]
+    dnsZones: list[str]
+
+
+class AcmeOut(BaseModel):
+    """Shared ACME: orders in flight or failing, the last ones that ended, and the
+    gateways that can order."""
+
+    orders: list[AcmeOrderOut]
+    recent: list[AcmeEndedOut]
+    gateways: list[AcmeGatewayOut]

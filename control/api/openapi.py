@@ -137,6 +137,7 @@ def build_openapi() -> dict[str, Any]:
         m.GatewayOut,
         m.TunnelOut,
         m.CertificateOut,
+        m.AcmeOut,
         m.Error,
     ]
     _, schemas = models_json_schema(
@@ -178,6 +179,31 @@ def build_openapi() -> dict[str, Any]:
     )
     paths["/api/tunnels"] = c["list"]
     paths["/api/tunnels/{id}"] = c["item"]
+    for verb, summary in (
+        ("drain", "Drain a replica: gateways send its agent no new requests or connections"),
+        ("undrain", "Let a drained replica take traffic again"),
+    ):
+        paths[f"/api/tunnels/{{id}}/replicas/{{agent}}/{verb}"] = {
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {
+                    "name": "agent",
+                    "in": "path",
+                    "required": True,
+                    "description": "the replica's agent (id or name)",
+                    "schema": {"type": "string"},
+                },
+            ],
+            "post": {
+                "tags": ["tunnels"],
+                "summary": summary,
+                "operationId": f"{verb}_replica",
+                "responses": {
+                    "200": {"description": "the tunnel", **_json(_ref(m.TunnelOut))},
+                    **_errors(404, 409),
+                },
+            },
+        }
     c = _collection(
         "certificates",
         m.CertificateOut,
@@ -188,6 +214,14 @@ def build_openapi() -> dict[str, Any]:
     )
     paths["/api/certificates"] = c["list"]
     paths["/api/certificates/{ref}"] = c["item"]
+    paths["/api/acme"] = {
+        "get": {
+            "tags": ["certificates"],
+            "summary": "Shared ACME: which gateway orders which certificate, failures, history",
+            "operationId": "get_acme",
+            "responses": {"200": {"description": "the state", **_json(_ref(m.AcmeOut))}},
+        }
+    }
     paths.update(access_routes.openapi_paths(_errors, _json, _ref))
     return {
         "openapi": "3.1.0",

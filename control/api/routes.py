@@ -23,7 +23,7 @@ from control import certs
 from control.api import models as m
 from control.api.access_routes import AccessApi
 from control.api.errors import ApiError, from_validation
-from control.db.store import ClientKind, Row, Store
+from control.db.store import ClientKind, NotFound, Row, Store
 from control.ws.hub import Hub
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -234,8 +234,26 @@ class Api:
         rows, total = await self.store.list_tunnels(limit, offset, agent_id)
         return _paged([tunnel_out(r) for r in rows], total, limit, offset)
 
+    async def _check_wildcard(self, domain: str | None) -> None:
+        """A wildcard tunnel needs a certificate that can cover it: one stored for that
+        very wildcard, or a connected gateway that can prove it with DNS-01."""
+        if domain is None or not domain.startswith("*."):
+            return
+        if self.hub.acme.can_prove(domain):
+            return
+        try:
+            await self.store.get_certificate(domain)
+        except NotFound:
+            raise ApiError(
+                422,
+                "wildcard_needs_certificate",
+                f"no certificate covers {domain}: upload one for it, or connect a gateway "
+                "with ACME DNS-01 for its zone (--acme-dns-provider, --acme-dns-zone)",
+            ) from None
+
     async def create_tunnel(self, request: Request) -> Response:
         body = await _body(request, m.TunnelCreate)
+        await self._check_wildcard(body.domain)
         async with self.hub.lock:
             row = await self.store.create_tunnel(body.model_dump())
             self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
@@ -255,6 +273,8 @@ class Api:
         if nulls:
             raise ApiError(422, "validation_failed", f"{nulls[0]} cannot be null")
         current = await self.store.get_tunnel(request.path_params["id"])
+        if changes.get("domain") != current["domain"]:
+            await self._check_wildcard(changes.get("domain"))
         protocol = changes.get("protocol") or current["protocol"]
         target = changes.get("target") or current["target"]
         if protocol == "http" and changes.get("public_port") is not None:
@@ -321,6 +341,30 @@ class Api:
             await self.hub.push_config_locked("gateway")
         return Response(status_code=204)
 
+    async def acme_status(self, request: Request) -> Response:
+        """Shared ACME (``control/acme.py``): orders, the last that ended, gateways."""
+        acme = self.hub.acme
+        tunnels, certificates = await self.store.all_tunnels(), await self.store.all_certificates()
+        orders = [
+            {
+                **order,
+                "leaseExpiresAt": _iso(order["leaseExpiresAt"]),
+                "nextTryAt": _iso(order["nextTryAt"]),
+            }
+            for order in acme.status(tunnels, certificates)
+        ]
+        recent = [
+            {**ended, "grantedAt": _iso(ended["grantedAt"]), "endedAt": _iso(ended["endedAt"])}
+            for ended in reversed(acme.recent)
+        ]
+        names = {c.client_id: c.name for c in self.hub.connected("gateway")}
+        gateways = [
+            {"name": names[g], "challenges": list(r.challenges), "dnsZones": list(r.dns_zones)}
+            for g, r in sorted(acme.capable.items(), key=lambda item: names.get(item[0], ""))
+            if g in names
+        ]
+        return JSONResponse({"orders": orders, "recent": recent, "gateways": gateways})
+
     def routes(self) -> list[Route]:
         def bind(kind: ClientKind, method: Any) -> Any:
             async def handler(request: Request) -> Response:
@@ -352,6 +396,7 @@ class Api:
             Route("/api/certificates/{ref}", self.get_certificate, methods=["GET"]),
             Route("/api/certificates/{ref}", self.update_certificate, methods=["PATCH"]),
             Route("/api/certificates/{ref}", self.delete_certificate, methods=["DELETE"]),
+            Route("/api/acme", self.acme_status, methods=["GET"]),
         ]
         routes += AccessApi(self.store, self.hub).routes()
         return routes

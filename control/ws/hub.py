@@ -53,6 +53,7 @@ from common import protocol as p
 from common.logs import OncePer, kv
 from control import certs
 from control.access import policy_spec
+from control.acme import AcmeCoordinator
 from control.api.errors import error_response
 from control.db.store import ClientKind, Row, Store
 from control.events import EventBus
@@ -157,12 +158,15 @@ class Hub:
         self._monitor: asyncio.Task[None] | None = None
         self._shutting_down = False
         self._background: set[asyncio.Task[Any]] = set()
+        #: who orders which certificate, and the HTTP-01 responses every gateway serves
+        self.acme = AcmeCoordinator(self._send_unversioned, self._gateway_names, self._acme_rows)
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
         self._version = (await self.store.next_epoch()) << 32
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+        self.acme.start()
 
     def _next_version(self) -> int:
         self._version += 1
@@ -191,6 +195,7 @@ class Hub:
         """Close every connection (SIGTERM path): clients see ``1001 going away``."""
         self._shutting_down = True
         self.events.close()  # the dashboard's live streams end too
+        await self.acme.stop()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -444,8 +449,12 @@ class Hub:
                 await self.store.upsert_certificate(
                     cert.domain, cert.certificate, cert.private_key, not_after, "acme"
                 )
+                # its order is over from the moment it is stored (before the push)
+                self.acme.obtained(conn.client_id, cert.domain, cert.lease)
                 await self.push_config_locked("gateway")
             log.info("certificate stored", extra=kv(domain=cert.domain, gateway=conn.name))
+        elif frame.type.startswith("acme_") and conn.kind == "gateway":
+            await self.acme.handle(conn.client_id, conn.name, frame)
         elif frame.type == "error":
             # the client could not use something we sent (it keeps its last good view)
             report = p.parse_error(frame.data)
@@ -495,6 +504,23 @@ class Hub:
         if not conn.enqueue(p.encode(type_, data, conn.config_version)):
             self._too_slow(conn)
 
+    def _send_unversioned(self, gateway_id: str, type_: str, data: dict[str, Any]) -> bool:
+        """An ``acme_*`` frame to one gateway: no configVersion (it changes nothing of
+        the configuration a heartbeat compares); False if it is not connected."""
+        conn = self.connections.get(("gateway", gateway_id))
+        if conn is None or conn.closing:
+            return False
+        if not conn.enqueue(p.encode(type_, data)):
+            self._too_slow(conn)
+            return False
+        return True
+
+    def _gateway_names(self) -> dict[str, str]:
+        return {c.client_id: c.name for c in self.connected("gateway")}
+
+    async def _acme_rows(self) -> tuple[list[Row], list[Row]]:
+        return await self._snapshot("tunnels"), await self._snapshot("certificates")
+
     def _broadcast(self, conns: list[Connection], type_: str, data: object) -> None:
         """Send the same frame to many clients: one version, one encoding."""
         if not conns:
@@ -542,6 +568,8 @@ class Hub:
             with contextlib.suppress(Exception):  # the client may have been deleted
                 await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
+            if conn.kind == "gateway":
+                self.acme.gateway_gone(conn.client_id)
             self.events.publish("presence", kind=conn.kind, id=conn.client_id, online=False)
 
     # -- pushes -----------------------------------------------------------------------
@@ -676,6 +704,7 @@ class Hub:
         else:
             data = tunnel_wire(tunnel)
         self._broadcast(self.connected("agent", agent_ids) + self.connected("gateway"), type_, data)
+        self.acme.wake()  # a domain may need a certificate now
 
     def agent_moved_tunnel(self, before: Row, after: Row) -> None:
         """A tunnel changed owner: delete at the old agent, create at the new one."""

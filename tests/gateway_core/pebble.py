@@ -1,11 +1,14 @@
-"""A real ACME server on loopback: Pebble plus pebble-challtestsrv as its DNS."""
+"""A real ACME server on loopback: Pebble plus pebble-challtestsrv as its DNS, or plus
+Knot (a real authoritative server taking RFC 2136 updates signed with TSIG) for DNS-01."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -15,6 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import dns.exception
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.tsig
+import dns.update
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -106,12 +116,16 @@ def running_pebble(
     netns: str | None = None,
     listen_ip: str = "127.0.0.1",
     target_ip: str = "127.0.0.1",
+    dns_server: str | None = None,
 ) -> Iterator[Pebble]:
     """Pebble validating HTTP-01 against ``target_ip``:``http01_port`` (every name
     resolves to ``target_ip``), its API on ``listen_ip``; inside ``netns`` if given
-    (ports are then picked on the host but used in the namespace: fine, it is empty)."""
+    (ports are then picked on the host but used in the namespace: fine, it is empty).
+    With ``dns_server`` (``ip:port``, e.g. :func:`running_knot`'s) Pebble resolves
+    names and DNS-01 records there instead."""
     need_binary("pebble")
-    need_binary("pebble-challtestsrv")
+    if dns_server is None:
+        need_binary("pebble-challtestsrv")
     prefix = ["ip", "netns", "exec", netns] if netns else []
     cert_file, key_file = _listener_certificate(directory, listen_ip)
     api, management, dns, dns_mgmt = free_port(), free_port(), free_port(), free_port()
@@ -138,30 +152,35 @@ def running_pebble(
         "PEBBLE_WFE_NONCEREJECT": "0",
         "PEBBLE_AUTHZREUSE": "0",
     }
-    dns_server = subprocess.Popen(
-        [
-            *prefix,
-            "pebble-challtestsrv",
-            "-dns01",
-            f"127.0.0.1:{dns}",
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-management",
-            f"127.0.0.1:{dns_mgmt}",
-            "-defaultIPv4",
-            target_ip,
-            "-defaultIPv6",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    resolver = dns_server or f"127.0.0.1:{dns}"
+    dns_process = (
+        None
+        if dns_server is not None
+        else subprocess.Popen(
+            [
+                *prefix,
+                "pebble-challtestsrv",
+                "-dns01",
+                f"127.0.0.1:{dns}",
+                "-http01",
+                "",
+                "-https01",
+                "",
+                "-tlsalpn01",
+                "",
+                "-management",
+                f"127.0.0.1:{dns_mgmt}",
+                "-defaultIPv4",
+                target_ip,
+                "-defaultIPv6",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     )
     server = subprocess.Popen(
-        [*prefix, "pebble", "-config", str(config), "-dnsserver", f"127.0.0.1:{dns}"],
+        [*prefix, "pebble", "-config", str(config), "-dnsserver", resolver],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -182,6 +201,109 @@ def running_pebble(
             time.sleep(0.1)
         yield pebble
     finally:
-        for proc in (server, dns_server):
-            proc.terminate()
-            proc.wait(10)
+        for proc in (server, dns_process):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+
+
+@dataclass
+class Knot:
+    """A running Knot DNS server, authoritative for one zone, taking TSIG updates."""
+
+    host: str
+    port: int
+    zone: str
+    key_name: str
+    secret: str  # base64
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _update(self) -> dns.update.UpdateMessage:
+        keyring = {dns.name.from_text(self.key_name): dns.tsig.Key(self.key_name, self.secret)}
+        return dns.update.UpdateMessage(self.zone, keyring=keyring)
+
+    def set_a(self, name: str, address: str) -> None:
+        """Point ``name`` (a name in the zone, e.g. ``app.test``) at ``address``."""
+        update = self._update()
+        relative = dns.name.from_text(name).relativize(dns.name.from_text(self.zone))
+        update.replace(relative, 5, "A", address)
+        response = dns.query.tcp(update, self.host, port=self.port, timeout=5)
+        assert response.rcode() == dns.rcode.NOERROR, dns.rcode.to_text(response.rcode())
+
+    def txt(self, name: str) -> list[str]:
+        """The TXT values at ``name`` right now (fully qualified)."""
+        query = dns.message.make_query(name, "TXT")
+        response = dns.query.udp(query, self.host, port=self.port, timeout=5)
+        return [b"".join(r.strings).decode() for rrset in response.answer for r in rrset]
+
+
+@contextmanager
+def running_knot(directory: Path, zone: str = "test") -> Iterator[Knot]:
+    """Knot on 127.0.0.1 serving ``zone`` from an empty zone file, updatable with a
+    fresh TSIG key (hmac-sha256), journal and state under ``directory``."""
+    knotd = need_binary("knotd")
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port(kind=socket.SOCK_DGRAM)
+    secret = base64.b64encode(os.urandom(32)).decode()
+    (directory / f"{zone}.zone").write_text(
+        "$TTL 5\n"
+        f"@ IN SOA ns.{zone}. admin.{zone}. 1 3600 600 86400 5\n"
+        f"@ IN NS ns.{zone}.\n"
+        "ns IN A 127.0.0.1\n"
+    )
+    (directory / "knot.conf").write_text(
+        f"""server:
+    rundir: "{directory}"
+    listen: 127.0.0.1@{port}
+database:
+    storage: "{directory}"
+log:
+  - target: stderr
+    any: warning
+key:
+  - id: kakuremichi-test
+    algorithm: hmac-sha256
+    secret: {secret}
+acl:
+  - id: update
+    key: kakuremichi-test
+    action: update
+control:
+    listen: "{directory}/knot.sock"
+template:
+  - id: default
+    storage: "{directory}"
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: changes
+zone:
+  - domain: {zone}
+    file: "{zone}.zone"
+    acl: update
+"""
+    )
+    log = (directory / "knot.log").open("wb")
+    server = subprocess.Popen(
+        [knotd, "-c", str(directory / "knot.conf")], stdout=log, stderr=subprocess.STDOUT
+    )
+    knot = Knot("127.0.0.1", port, zone, "kakuremichi-test", secret)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                query = dns.message.make_query(f"ns.{zone}", "A")
+                if dns.query.udp(query, "127.0.0.1", port=port, timeout=0.5).answer:
+                    break
+            except (dns.exception.DNSException, OSError):
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"knotd did not start: {(directory / 'knot.log').read_text()}")
+            time.sleep(0.1)
+        yield knot
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()

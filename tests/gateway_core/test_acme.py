@@ -1,4 +1,5 @@
-"""ACME HTTP-01 against Pebble, a real ACME server (Debian package), on loopback."""
+"""common.acme's client, HTTP-01 against Pebble, a real ACME server (Debian package), on
+loopback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway.acme import AcmeClient, AcmeFailure, ChallengeStore
+from common.acme import AcmeClient, AcmeFailure, ChallengeStore, LocalHttp01
 from tests.gateway_core.pebble import running_pebble
 from tests.support import free_port
 
@@ -56,28 +57,32 @@ async def test_obtain_and_reuse_account(tmp_path: Path) -> None:
             acme = AcmeClient(
                 pebble.directory,
                 tmp_path / "state",
-                store,
+                http01=LocalHttp01(store),
                 email="ops@example.com",
                 verify=pebble.listener_ca,
                 timeout=60,
             )
-            cert = await acme.obtain("app.example.com")
+            cert = await acme.obtain(["app.example.com"])
             chain = x509.load_pem_x509_certificates(cert.chain_pem.encode())
             leaf = chain[0]
             san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             assert san.value.get_values_for_type(x509.DNSName) == ["app.example.com"]
             assert len(chain) >= 2 and leaf.issuer == chain[1].subject  # Pebble's intermediate
-            assert "BEGIN PRIVATE KEY" in cert.key_pem and cert.source == "acme"
+            assert "BEGIN PRIVATE KEY" in cert.key_pem and cert.names == ("app.example.com",)
             assert (tmp_path / "state" / "acme-account.key").stat().st_mode & 0o077 == 0
             # A second client with the same account key finds the existing account.
             again = AcmeClient(
-                pebble.directory, tmp_path / "state", store, verify=pebble.listener_ca, timeout=60
+                pebble.directory,
+                tmp_path / "state",
+                http01=LocalHttp01(store),
+                verify=pebble.listener_ca,
+                timeout=60,
             )
-            assert (await again.obtain("other.example.com")).domain == "other.example.com"
+            assert (await again.obtain(["other.example.com"])).names == ("other.example.com",)
             # The CA cannot validate: a clear failure, nothing left published.
             store.sabotage = True
             with pytest.raises(AcmeFailure, match=r"bad\.example\.com"):
-                await again.obtain("bad.example.com")
+                await again.obtain(["bad.example.com"])
             assert store._tokens == {}
     finally:
         server.close()
