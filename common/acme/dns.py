@@ -158,12 +158,21 @@ def _rfc2136(options: Mapping[str, str | None]) -> DnsProvider:
         return value
 
     server = need("server")
-    host, sep, port_text = server.rpartition(":")
-    if not sep or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        host, port = server, 53
-    else:
-        port = int(port_text)
-    host = host.strip("[]")
+    port_text: str | None
+    if server.startswith("["):  # [IPv6] or [IPv6]:PORT
+        host, _, rest = server[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else (None if rest else "")
+    elif server.count(":") == 1:
+        host, _, port_text = server.partition(":")
+    else:  # a name, an IPv4 address or a bare IPv6 address
+        host, port_text = server, ""
+    if (
+        not host
+        or port_text is None
+        or (port_text and not (port_text.isdigit() and 1 <= int(port_text) <= 65535))
+    ):
+        raise DnsError(f"--acme-dns-server {server[:100]!r}: give HOST, HOST:PORT or [IPv6]:PORT")
+    port = int(port_text) if port_text else 53
     try:
         secret = base64.b64decode(need("tsig_secret"), validate=True)
     except (binascii.Error, ValueError):
