@@ -19,6 +19,12 @@ error) leads to a reconnect after an exponential back-off with full jitter, from
 up to 60 s, reset after a connection that lived long enough.  While disconnected the
 view keeps its last good content, so traffic keeps flowing.  Frames that do not parse
 are logged and skipped; they never end the connection or the process.
+
+One refusal is not transient: an admin disabled this agent or gateway (``auth_error``
+code ``disabled``, or close code 4008 on a live connection).  The view is then marked
+``disabled`` and serves every tunnel as disabled (also from the state file after a
+restart), the client keeps retrying with the same key, and the first ``config`` after
+Control lets it in again is applied whatever it holds.
 """
 
 from __future__ import annotations
@@ -235,16 +241,28 @@ class ControlView:
     config: p.AgentConfig | p.GatewayConfig | None = None
     tunnels: dict[str, p.TunnelSpec] = field(default_factory=dict)
     config_version: int = 0
+    #: Control said an admin disabled us (``auth_error`` code ``disabled`` or close
+    #: code 4008): every tunnel is served as disabled until Control lets us in again
+    disabled: bool = False
 
     @property
     def has_config(self) -> bool:
         return self.config is not None
 
     def current(self) -> p.AgentConfig | p.GatewayConfig | None:
-        """The snapshot with the tunnels as they stand now."""
+        """The snapshot with the tunnels as they stand now.  While we are disabled every
+        tunnel is disabled, and an agent peers with no gateway (none peers with it): let
+        in again, it adds them afresh and, as the side that initiates, handshakes at
+        once (a gateway keeps its peers: agents re-add it and handshake with it)."""
         if self.config is None:
             return None
-        return replace(self.config, tunnels=tuple(self.tunnels.values()))
+        tunnels = tuple(self.tunnels.values())
+        if not self.disabled:
+            return replace(self.config, tunnels=tunnels)
+        tunnels = tuple(replace(t, enabled=False) for t in tunnels)
+        if isinstance(self.config, p.AgentConfig):
+            return replace(self.config, tunnels=tunnels, gateways=())
+        return replace(self.config, tunnels=tunnels)
 
     def agent_config(self) -> p.AgentConfig | None:
         current = self.current()
@@ -356,6 +374,7 @@ class ControlClient:
         self._ws: ClientConnection | None = None
         self._stopping = False
         self._heartbeat_interval = p.HEARTBEAT_INTERVAL
+        self._reenabled = False  # let in again after being disabled: apply the next config
         self._bad_log = OncePer(60.0)  # malformed frames from Control, by code
         self._reported_log = OncePer(60.0)  # error frames from Control, by code
         #: a program's own frame types (the gateway's ``acme_*``), handled instead of
@@ -405,7 +424,9 @@ class ControlClient:
                 return
             failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
             delay = self.backoff(failures)
-            log.warning(
+            log.log(
+                # disabled: said once when it happened; each refused retry is routine
+                logging.DEBUG if self.view.disabled else logging.WARNING,
                 "control connection lost; keeping last config, reconnecting",
                 extra=kv(error=self.last_error or "closed", retry_in_s=round(delay, 1)),
             )
@@ -447,12 +468,20 @@ class ControlClient:
             if first.type != "auth_success":
                 refusal = p.parse_error(first.data)
                 self.last_error = f"authentication refused: {refusal.message or refusal.code}"
+                if refusal.code == p.AUTH_DISABLED:
+                    self._set_disabled()
+                    return
                 log.error(
                     "control refused our credentials",
                     extra=kv(code=refusal.code, reason=refusal.message[:200]),
                 )
                 return
             self.identity = p.parse_auth_success(first.data)
+            if self.view.disabled:
+                # enabled again: the config that follows is applied whatever it holds
+                self.view.disabled = False
+                self._reenabled = True
+                log.info(f"this {self.settings.client_type} is enabled again")
             self._heartbeat_interval = self.identity.heartbeat_interval
             if first.config_version is not None:
                 self.view.config_version = first.config_version
@@ -477,6 +506,25 @@ class ControlClient:
                     await heartbeat
             if ws.close_code is not None:
                 self.last_error = f"closed by control ({ws.close_code} {ws.close_reason})"
+            if ws.close_code == p.CLOSE_DISABLED:
+                self._set_disabled()
+
+    def _set_disabled(self) -> None:
+        """Control says an admin disabled us: serve every tunnel as disabled (the gateway
+        answers 503, the agent resets) until Control lets us in again."""
+        if self.view.disabled:
+            return
+        self.view.disabled = True
+        log.error(
+            f"control says this {self.settings.client_type} is disabled: serving every "
+            "tunnel as disabled; retrying with the same key until an admin enables it",
+            extra=kv(url=self.url),
+        )
+        if self.on_change is not None:
+            try:
+                self.on_change(self.view)
+            except Exception:
+                log.exception("applying the new configuration failed")
 
     async def _handle(self, raw: str | bytes) -> None:
         """Apply one frame from Control.  One policy for a bad one: it is skipped (the
@@ -505,6 +553,8 @@ class ControlClient:
             if frame.type not in ("config", "tunnel_create", "tunnel_update", "tunnel_delete"):
                 raise p.ProtocolError("unknown_type", f"unknown frame type {frame.type[:64]!r}")
             changed = self.view.apply(frame, self.settings.client_type)
+            if frame.type == "config" and self._reenabled:
+                changed, self._reenabled = True, False
         except p.ProtocolError as exc:
             due, unlogged = self._bad_log.due(exc.code)
             if due:

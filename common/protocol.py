@@ -35,6 +35,11 @@ CLOSE_REVOKED = 4004
 CLOSE_HEARTBEAT_TIMEOUT = 4005
 CLOSE_TOO_SLOW = 4006
 CLOSE_BAD_FRAMES = 4007
+#: an admin disabled this agent or gateway: its key stays valid, and it is let in again
+#: once enabled (its ``auth`` is answered ``auth_error`` with code ``disabled`` until then)
+CLOSE_DISABLED = 4008
+#: the ``auth_error`` code of a disabled agent or gateway
+AUTH_DISABLED = "disabled"
 
 
 class ProtocolError(Exception):

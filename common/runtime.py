@@ -200,6 +200,10 @@ class ControlRuntime(Generic[ConfigT]):
     # -- health ---------------------------------------------------------------------------
 
     def _control_health(self) -> PartHealth:
+        if self.view.disabled:
+            return PartHealth(
+                DOWN, "disabled by an admin in control: every tunnel is served as disabled"
+            )
         if self.client.connected.is_set():
             return PartHealth(OK, "connected")
         error = self.client.last_error or "connecting"

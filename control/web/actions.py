@@ -79,6 +79,18 @@ class Actions:
         await self.audit(f"{kind}.rename", kind, row, detail=f"was {before['name']}")
         return row
 
+    async def set_client_enabled(self, kind: ClientKind, ref: str, enabled: bool) -> Row:
+        async with self.hub.lock:
+            before = await self.store.get_client(kind, ref)
+            row = await self.store.set_client_enabled(kind, before["id"], enabled)
+            if enabled:
+                await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+        if before["enabled"] and not enabled:
+            await self.hub.client_disabled(kind, row["id"])
+        if bool(before["enabled"]) != enabled:
+            await self.audit(f"{kind}.{'enable' if enabled else 'disable'}", kind, row)
+        return row
+
     async def rotate_key(self, kind: ClientKind, ref: str) -> tuple[Row, str]:
         row, key = await self.store.rotate_key(kind, ref)
         await self.hub.disconnect(kind, row["id"], p.CLOSE_REVOKED, "API key rotated")

@@ -145,7 +145,7 @@ class ClientPages:
                 errors = field_errors(exc)
             else:
                 try:
-                    await self.core._actions(ctx).rename_client(kind, row["id"], body.name)
+                    await self.core._actions(ctx).rename_client(kind, row["id"], body.name or name)
                 except StoreError as exc:
                     errors = {"name": str(exc)}
                 else:
@@ -173,6 +173,12 @@ class ClientPages:
     async def client_rotate(self, ctx: Ctx, kind: ClientKind) -> Response:
         row, key = await self.core._actions(ctx).rotate_key(kind, ctx.param("id"))
         return self._key_page(ctx, kind, row, key, created=False)
+
+    async def client_enable(self, ctx: Ctx, kind: ClientKind) -> Response:
+        """``/{kind}s/{id}/enable`` and ``…/disable``."""
+        enabled = ctx.request.url.path.endswith("/enable")
+        row = await self.core._actions(ctx).set_client_enabled(kind, ctx.param("id"), enabled)
+        return self.core._back(f"/{kind}s/{row['id']}", "enabled" if enabled else "disabled")
 
     async def client_delete(self, ctx: Ctx, kind: ClientKind) -> Response:
         await self.core._actions(ctx).delete_client(kind, ctx.param("id"))

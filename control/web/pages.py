@@ -135,5 +135,15 @@ class Dashboard:
                     page(per_kind(k, clients.client_delete)),
                     methods=["POST"],
                 ),
+                Route(
+                    f"/{k}s/{{id}}/enable",
+                    page(per_kind(k, clients.client_enable)),
+                    methods=["POST"],
+                ),
+                Route(
+                    f"/{k}s/{{id}}/disable",
+                    page(per_kind(k, clients.client_enable)),
+                    methods=["POST"],
+                ),
             ]
         return routes

@@ -5,6 +5,7 @@ outages, the agent's stored configuration, error pages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -313,3 +314,62 @@ async def test_gateway_restarted_on_the_same_port_is_found_again(
         # without probes this waits for the agent's next rekey (up to ~2.5 minutes)
         elapsed = await system.wait_status("app.example.com", 200, 40)
         assert elapsed < 40
+
+
+async def test_disabled_agent_and_gateway_stop_serving_and_come_back(
+    control: RunningControl, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A disabled agent: the gateway drops it as a peer and answers its tunnels 503 as
+    disabled ones; a disabled gateway: told so by Control, it answers every tunnel 503
+    and is not ready; either comes back with the same key once enabled."""
+    async with running_system(control, api, tmp_path) as system:
+        for client in (system.agent.client, system.gateway.client):
+            client.settings.backoff_max = 0.3  # refused while disabled: retry often here
+        await system.tunnel(domain="app.example.com", target=f"http://127.0.0.1:{system.app.port}")
+        await system.wait_status("app.example.com", 200, 30)
+        agent_id, gateway_id = system.agent_row["id"], system.gateway_row["id"]
+
+        response = await api.patch(f"/api/agents/{agent_id}", json={"enabled": False})
+        assert response.status_code == 200, response.text
+        await system.wait_status("app.example.com", 503, 5)
+        assert "disabled" in (await system.get("app.example.com")).text
+        async with asyncio.timeout(5):  # no longer a WireGuard peer of the gateway
+            while system.gateway.client.view.gateway_config().agents:  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+        async with asyncio.timeout(5):
+            while not system.agent.client.view.disabled:
+                await asyncio.sleep(0.02)
+        assert system.agent.runtime.health.report().parts["control"].state == "down"
+        # nor does it peer with the gateway: enabled, it adds it afresh and handshakes
+        assert system.agent.client.view.agent_config().gateways == ()  # type: ignore[union-attr]
+
+        response = await api.patch(f"/api/agents/{agent_id}", json={"enabled": True})
+        assert response.status_code == 200, response.text
+        await system.wait_status("app.example.com", 200, 20)
+        assert not system.agent.client.view.disabled
+
+        response = await api.patch(f"/api/gateways/{gateway_id}", json={"enabled": False})
+        assert response.status_code == 200, response.text
+        async with httpx.AsyncClient(timeout=2) as probe:
+            # (a request sent before the gateway heard may wait on the dropped peer)
+            async with asyncio.timeout(10):
+                while True:
+                    with contextlib.suppress(httpx.TimeoutException):
+                        page = await probe.get(
+                            str(system.http.base_url), headers={"Host": "app.example.com"}
+                        )
+                        if page.status_code == 503:
+                            break
+                    await asyncio.sleep(0.05)
+            assert "disabled" in page.text
+            admin = f"http://127.0.0.1:{system.gateway.settings.admin_port}"
+            ready = await probe.get(admin + "/readyz")
+            assert ready.status_code == 503 and "disabled" in ready.text
+            assert (await probe.get(admin + "/livez")).status_code == 200
+        async with asyncio.timeout(5):  # the agent no longer peers with it
+            while system.agent.client.view.agent_config().gateways:  # type: ignore[union-attr]
+                await asyncio.sleep(0.02)
+
+        response = await api.patch(f"/api/gateways/{gateway_id}", json={"enabled": True})
+        assert response.status_code == 200, response.text
+        await system.wait_status("app.example.com", 200, 20)
