@@ -4,8 +4,6 @@
     kakuremichi admin gateway list
     kakuremichi admin tunnel create --domain app.example.com --agent laptop --target 127.0.0.1:8080
     kakuremichi admin tunnel delete <id>
-    kakuremichi admin tunnel create --domain app.example.com --replica a --replica b:2 --target 127.0.0.1:8080
-    kakuremichi admin tunnel drain <id> --agent b
 
 API keys are printed once, when an agent/gateway is created or its key is rotated.
 Output is a table, or JSON with ``--json``.  Exit codes: 0 ok, 1 the API refused
@@ -49,13 +47,12 @@ _COLUMNS = {
         "domain",
         "publicPort",
         "target",
-        "agents",
+        "agentName",
         "enabled",
         "health",
     ),
     "certificates": ("domain", "id", "notAfter", "source"),
     "share-links": ("id", "expiresAt", "maxUses", "uses"),
-    "replicas": ("agentName", "weight", "role", "state", "healthDetail"),
 }
 
 
@@ -64,64 +61,6 @@ _PROXY_PROTOCOL_HELP = (
     "before its bytes (v1: text, tcp only; v2: binary, also one per udp datagram), for "
     "targets that read one (nginx 'listen ... proxy_protocol', HAProxy 'accept-proxy')"
 )
-
-
-_REPLICA_HELP = (
-    "an agent serving the tunnel, as AGENT[:WEIGHT[:ROLE]] (weight 1..1000, default 1; "
-    "role active or standby, default active); repeat it for each agent: gateways spread "
-    "the traffic over the healthy ones, a standby one only while no active one is healthy"
-)
-_BALANCE_HELP = "how gateways spread a replicated tunnel's traffic (default round_robin)"
-_STICKY_HELP = (
-    "keep a client on one replica while it is healthy: cookie (http) or client_ip; off for none"
-)
-
-
-def _replica(text: str) -> dict[str, Any]:
-    """``--replica AGENT[:WEIGHT[:ROLE]]`` as the REST API's replica object."""
-    parts = text.split(":")
-    if len(parts) > 3 or not parts[0]:
-        raise argparse.ArgumentTypeError(f"{text!r} is not AGENT[:WEIGHT[:ROLE]]")
-    replica: dict[str, Any] = {"agent": parts[0]}
-    if len(parts) > 1 and parts[1]:
-        if not parts[1].isdigit() or not 1 <= int(parts[1]) <= 1000:
-            raise argparse.ArgumentTypeError(f"{text!r}: the weight must be 1..1000")
-        replica["weight"] = int(parts[1])
-    if len(parts) > 2:
-        if parts[2] not in ("active", "standby"):
-            raise argparse.ArgumentTypeError(f"{text!r}: the role must be active or standby")
-        replica["role"] = parts[2]
-    return replica
-
-
-def _replica_options(args: argparse.Namespace, body: dict[str, Any]) -> None:
-    if args.replica:
-        body["replicas"] = args.replica
-    if args.balance is not None:
-        body["balance"] = args.balance
-    if args.sticky is not None:
-        body["sticky"] = None if args.sticky == "off" else args.sticky
-
-
-def _with_agents(tunnels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tunnels with an ``agents`` column: each agent's name, and its state when it takes
-    no traffic (draining, offline, unhealthy) or only as a standby."""
-
-    def name(replica: dict[str, Any]) -> str:
-        state = replica.get("state")
-        quiet = state in ("draining", "offline", "unhealthy", "standby")
-        return f"{replica['agentName']} ({state})" if quiet else str(replica["agentName"])
-
-    out = []
-    for tunnel in tunnels:
-        replicas = tunnel.get("replicas") or []
-        agents: str | None
-        if len(replicas) > 1:
-            agents = ", ".join(name(r) for r in replicas)
-        else:
-            agents = tunnel.get("agentName")
-        out.append({**tunnel, "agents": agents})
-    return out
 
 
 class ApiFailure(Exception):
@@ -246,6 +185,13 @@ def _client_verbs(client: Client, args: argparse.Namespace, kind: str) -> int:
     elif args.action == "delete":
         client.call("DELETE", f"/api/{plural}/{args.ref}")
         print(f"deleted {kind} {args.ref}")
+    elif args.action in ("enable", "disable"):
+        enabled = args.action == "enable"
+        data = client.call("PATCH", f"/api/{plural}/{args.ref}", {"enabled": enabled})
+        if args.json:
+            _print(args, plural, data)
+        else:
+            print(f"{args.action}d {kind} {data['name']}")
     return 0
 
 
@@ -436,6 +382,8 @@ def run(args: argparse.Namespace) -> int:
     except ApiFailure as exc:
         print(f"kakuremichi admin: {exc}", file=sys.stderr)
         return 1
+    finally:
+        client.http.close()
 
 
 def register(subparsers: Any) -> None:
@@ -462,8 +410,18 @@ def register(subparsers: Any) -> None:
             ("get", "show one"),
             ("delete", f"delete a {kind}"),
             ("rotate-key", "issue a new API key (prints it once)"),
+            (
+                "disable",
+                f"disable a {kind}: Control refuses its connection (close code 4008) and no "
+                "other client peers with it"
+                + (" (its tunnels answer as disabled)" if kind == "agent" else "")
+                + "; its key stays valid",
+            ),
+            ("enable", f"enable a disabled {kind} again (it reconnects with the same key)"),
         ):
-            sub = actions.add_parser(action, help=text)
+            sub = actions.add_parser(
+                action, help=text, description=text[:1].upper() + text[1:] + "."
+            )
             sub.add_argument("ref", help="id or name")
             common(sub)
 
