@@ -134,6 +134,58 @@ def _same(a: object, b: object) -> bool:
     return strip(a) == strip(b)
 
 
+async def test_apply_and_export_enable_and_disable_agents_and_gateways(
+    control: RunningControl,
+    api: httpx.AsyncClient,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    options = ("--control-url", control.url, "--admin-token", ADMIN_TOKEN)
+    await api.post("/api/agents", json={"name": "nas"})
+    path = tmp_path / "k.yaml"
+    text = (
+        "version: 1\nagents:\n  - name: laptop\n    enabled: false\n  - nas\n"
+        "gateways:\n  - name: edge\n    enabled: false\n"
+    )
+    path.write_text(text)
+    code, dry, _ = await run(capsys, "apply", "-f", str(path), "--dry-run", *options)
+    planned = changes(dry)
+    assert planned == ["+ agent laptop (disabled)", "+ gateway edge (disabled)"]
+    code, applied, _ = await run(capsys, "apply", "-f", str(path), *options)
+    assert code == 0 and changes(applied) == planned
+    states = {
+        (kind, row["name"]): row["enabled"]
+        for kind in ("agents", "gateways")
+        for row in (await api.get(f"/api/{kind}")).json()["items"]
+    }
+    assert states == {
+        ("agents", "laptop"): False,
+        ("agents", "nas"): True,
+        ("gateways", "edge"): False,
+    }
+    code, exported, _ = await run(capsys, "export", *options)
+    assert "enabled: false" in "\n".join(exported)
+    assert _same(parse("\n".join(exported)), parse(text))
+    # enable one, disable another: PATCHes of enabled alone, shown as such by the dry run
+    path.write_text(
+        text.replace("  - nas\n", "  - name: nas\n    enabled: false\n").replace(
+            "edge\n    enabled: false", "edge\n    enabled: true"
+        )
+    )
+    code, dry, _ = await run(capsys, "apply", "-f", str(path), "--dry-run", *options)
+    planned = changes(dry)
+    assert planned == [
+        "~ agent nas: enabled true -> false",
+        "~ gateway edge: enabled false -> true",
+    ]
+    code, applied, _ = await run(capsys, "apply", "-f", str(path), *options)
+    assert code == 0 and changes(applied) == planned
+    assert (await api.get("/api/agents/nas")).json()["enabled"] is False
+    assert (await api.get("/api/gateways/edge")).json()["enabled"] is True
+    code, again, _ = await run(capsys, "apply", "-f", str(path), *options)
+    assert (code, again) == (0, ["no changes: Control matches the file"])
+
+
 async def test_apply_refuses_unknown_agents_and_unreachable_control(
     control: RunningControl, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,6 +226,10 @@ async def test_apply_refuses_unknown_agents_and_unreachable_control(
             "k.yaml:4: agents[1].name: 'a' is already declared on line 3",
         ),
         ("version: 1\ngateways:\n  - nmae: e\n", "k.yaml:3: gateways[0].nmae: unknown field"),
+        (
+            "version: 1\ngateways:\n  - name: e\n    enabled: maybe\n",
+            "k.yaml:4: gateways[0].enabled: Input should be a valid boolean",
+        ),
         (
             "version: 1\ntunnels:\n  - domain: a.example.com\n    agent: x\n",
             "k.yaml:3: tunnels[0].target: required",
