@@ -4,6 +4,8 @@
     kakuremichi admin gateway list
     kakuremichi admin tunnel create --domain app.example.com --agent laptop --target 127.0.0.1:8080
     kakuremichi admin tunnel delete <id>
+    kakuremichi admin tunnel create --domain app.example.com --replica a --replica b:2 --target 127.0.0.1:8080
+    kakuremichi admin tunnel drain <id> --agent b
 
 API keys are printed once, when an agent/gateway is created or its key is rotated.
 Output is a table, or JSON with ``--json``.  Exit codes: 0 ok, 1 the API refused
@@ -39,20 +41,21 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _COLUMNS = {
-    "agents": ("name", "id", "virtualIp", "enabled", "online", "lastSeen"),
-    "gateways": ("name", "id", "slot", "publicIp", "wireguardPort", "enabled", "online"),
+    "agents": ("name", "id", "virtualIp", "online", "lastSeen"),
+    "gateways": ("name", "id", "slot", "publicIp", "wireguardPort", "online"),
     "tunnels": (
         "id",
         "protocol",
         "domain",
         "publicPort",
         "target",
-        "agentName",
+        "agents",
         "enabled",
         "health",
     ),
     "certificates": ("domain", "id", "notAfter", "source"),
     "share-links": ("id", "expiresAt", "maxUses", "uses"),
+    "replicas": ("agentName", "weight", "role", "state", "healthDetail"),
 }
 
 
@@ -61,6 +64,64 @@ _PROXY_PROTOCOL_HELP = (
     "before its bytes (v1: text, tcp only; v2: binary, also one per udp datagram), for "
     "targets that read one (nginx 'listen ... proxy_protocol', HAProxy 'accept-proxy')"
 )
+
+
+_REPLICA_HELP = (
+    "an agent serving the tunnel, as AGENT[:WEIGHT[:ROLE]] (weight 1..1000, default 1; "
+    "role active or standby, default active); repeat it for each agent: gateways spread "
+    "the traffic over the healthy ones, a standby one only while no active one is healthy"
+)
+_BALANCE_HELP = "how gateways spread a replicated tunnel's traffic (default round_robin)"
+_STICKY_HELP = (
+    "keep a client on one replica while it is healthy: cookie (http) or client_ip; off for none"
+)
+
+
+def _replica(text: str) -> dict[str, Any]:
+    """``--replica AGENT[:WEIGHT[:ROLE]]`` as the REST API's replica object."""
+    parts = text.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not AGENT[:WEIGHT[:ROLE]]")
+    replica: dict[str, Any] = {"agent": parts[0]}
+    if len(parts) > 1 and parts[1]:
+        if not parts[1].isdigit() or not 1 <= int(parts[1]) <= 1000:
+            raise argparse.ArgumentTypeError(f"{text!r}: the weight must be 1..1000")
+        replica["weight"] = int(parts[1])
+    if len(parts) > 2:
+        if parts[2] not in ("active", "standby"):
+            raise argparse.ArgumentTypeError(f"{text!r}: the role must be active or standby")
+        replica["role"] = parts[2]
+    return replica
+
+
+def _replica_options(args: argparse.Namespace, body: dict[str, Any]) -> None:
+    if args.replica:
+        body["replicas"] = args.replica
+    if args.balance is not None:
+        body["balance"] = args.balance
+    if args.sticky is not None:
+        body["sticky"] = None if args.sticky == "off" else args.sticky
+
+
+def _with_agents(tunnels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tunnels with an ``agents`` column: each agent's name, and its state when it takes
+    no traffic (draining, offline, unhealthy) or only as a standby."""
+
+    def name(replica: dict[str, Any]) -> str:
+        state = replica.get("state")
+        quiet = state in ("draining", "offline", "unhealthy", "standby")
+        return f"{replica['agentName']} ({state})" if quiet else str(replica["agentName"])
+
+    out = []
+    for tunnel in tunnels:
+        replicas = tunnel.get("replicas") or []
+        agents: str | None
+        if len(replicas) > 1:
+            agents = ", ".join(name(r) for r in replicas)
+        else:
+            agents = tunnel.get("agentName")
+        out.append({**tunnel, "agents": agents})
+    return out
 
 
 class ApiFailure(Exception):
@@ -185,26 +246,22 @@ def _client_verbs(client: Client, args: argparse.Namespace, kind: str) -> int:
     elif args.action == "delete":
         client.call("DELETE", f"/api/{plural}/{args.ref}")
         print(f"deleted {kind} {args.ref}")
-    elif args.action in ("enable", "disable"):
-        enabled = args.action == "enable"
-        data = client.call("PATCH", f"/api/{plural}/{args.ref}", {"enabled": enabled})
-        if args.json:
-            _print(args, plural, data)
-        else:
-            print(f"{args.action}d {kind} {data['name']}")
     return 0
 
 
 def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
     if args.action == "list":
         params = {"agent": args.agent} if args.agent else None
-        _print(args, "tunnels", client.list_all("/api/tunnels", params))
+        listed = client.list_all("/api/tunnels", params)
+        _print(args, "tunnels", listed if args.json else _with_agents(listed))
     elif args.action == "create":
         body: dict[str, Any] = {
             "protocol": args.protocol,
             "target": args.target,
-            "agent": args.agent,
         }
+        if args.agent:
+            body["agent"] = args.agent
+        _replica_options(args, body)
         if args.domain:
             body["domain"] = args.domain
         if args.public_port is not None:
@@ -215,7 +272,13 @@ def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
             body["proxyProtocol"] = args.proxy_protocol
         _print(args, "tunnels", client.call("POST", "/api/tunnels", body))
     elif args.action == "get":
-        _print(args, "tunnels", client.call("GET", f"/api/tunnels/{args.id}"))
+        shown = client.call("GET", f"/api/tunnels/{args.id}")
+        if args.json:
+            _print(args, "tunnels", shown)
+        else:
+            _print(args, "tunnels", {k: v for k, v in shown.items() if k != "replicas"})
+            print("replicas:")
+            print(_table(shown["replicas"], _COLUMNS["replicas"]))
     elif args.action == "update":
         body = {}
         for key, attr in (
@@ -233,7 +296,16 @@ def _tunnel_verbs(client: Client, args: argparse.Namespace) -> int:
             body["enabled"] = False
         if args.proxy_protocol is not None:
             body["proxyProtocol"] = None if args.proxy_protocol == "off" else args.proxy_protocol
+        _replica_options(args, body)
         _print(args, "tunnels", client.call("PATCH", f"/api/tunnels/{args.id}", body))
+    elif args.action in ("drain", "undrain"):
+        path = f"/api/tunnels/{args.id}/replicas/{args.agent}/{args.action}"
+        tunnel = client.call("POST", path)
+        if args.json:
+            _print(args, "tunnels", tunnel)
+        else:
+            print(f"tunnel {args.id}: {args.action}ed {args.agent}")
+            print(_table(tunnel["replicas"], _COLUMNS["replicas"]))
     elif args.action == "delete":
         client.call("DELETE", f"/api/tunnels/{args.id}")
         print(f"deleted tunnel {args.id}")
@@ -382,8 +454,6 @@ def run(args: argparse.Namespace) -> int:
     except ApiFailure as exc:
         print(f"kakuremichi admin: {exc}", file=sys.stderr)
         return 1
-    finally:
-        client.http.close()
 
 
 def register(subparsers: Any) -> None:
@@ -410,18 +480,8 @@ def register(subparsers: Any) -> None:
             ("get", "show one"),
             ("delete", f"delete a {kind}"),
             ("rotate-key", "issue a new API key (prints it once)"),
-            (
-                "disable",
-                f"disable a {kind}: Control refuses its connection (close code 4008) and no "
-                "other client peers with it"
-                + (" (its tunnels answer as disabled)" if kind == "agent" else "")
-                + "; its key stays valid",
-            ),
-            ("enable", f"enable a disabled {kind} again (it reconnects with the same key)"),
         ):
-            sub = actions.add_parser(
-                action, help=text, description=text[:1].upper() + text[1:] + "."
-            )
+            sub = actions.add_parser(action, help=text)
             sub.add_argument("ref", help="id or name")
             common(sub)
 
@@ -437,7 +497,22 @@ def register(subparsers: Any) -> None:
     create.add_argument(
         "--target", required=True, help="host:port or http(s) URL on the agent's side"
     )
-    create.add_argument("--agent", required=True, help="agent id or name")
+    create.add_argument(
+        "--agent",
+        help="agent id or name (required without --replica; with it, the one of them "
+        "older gateways route to, default the first)",
+    )
+    create.add_argument(
+        "--replica",
+        action="append",
+        type=_replica,
+        metavar="AGENT[:WEIGHT[:ROLE]]",
+        help=_REPLICA_HELP,
+    )
+    create.add_argument(
+        "--balance", choices=("round_robin", "least_connections"), help=_BALANCE_HELP
+    )
+    create.add_argument("--sticky", choices=("cookie", "client_ip", "off"), help=_STICKY_HELP)
     create.add_argument("--disabled", action="store_true", help="create it disabled")
     create.add_argument(
         "--proxy-protocol",
@@ -456,7 +531,31 @@ def register(subparsers: Any) -> None:
     toggle.add_argument("--enable", action="store_true")
     toggle.add_argument("--disable", action="store_true")
     update.add_argument("--proxy-protocol", choices=("v1", "v2", "off"), help=_PROXY_PROTOCOL_HELP)
+    update.add_argument(
+        "--replica",
+        action="append",
+        type=_replica,
+        metavar="AGENT[:WEIGHT[:ROLE]]",
+        help=_REPLICA_HELP + " (replaces the whole set; a draining agent that stays keeps "
+        "draining)",
+    )
+    update.add_argument(
+        "--balance", choices=("round_robin", "least_connections"), help=_BALANCE_HELP
+    )
+    update.add_argument("--sticky", choices=("cookie", "client_ip", "off"), help=_STICKY_HELP)
     common(update)
+    for action, text in (
+        (
+            "drain",
+            "take one agent of a replicated tunnel out gracefully: gateways send it no new "
+            "requests or connections (open ones finish); the others take the traffic",
+        ),
+        ("undrain", "let a drained agent take traffic again"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text[:1].upper() + text[1:] + ".")
+        sub.add_argument("id")
+        sub.add_argument("--agent", required=True, help="the replica's agent (id or name)")
+        common(sub)
     for action, text in (("get", "show one"), ("delete", "delete a tunnel")):
         sub = actions.add_parser(action, help=text)
         sub.add_argument("id")

@@ -18,12 +18,13 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
-from common.protocol import proxy_protocol_problem
+from common.protocol import proxy_protocol_problem, sticky_problem
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -55,15 +56,12 @@ Name = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-def check_domain(value: str, *, wildcard: bool = False) -> str:
+def check_domain(value: str) -> str:
     """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels;
     an internationalised name is stored as its A-labels (IDNA 2008 with UTS #46
     mapping: ``Café.Example`` → ``xn--caf-dma.example``), which is what clients send in
-    Host and SNI and what the gateways' routers and ACME match.  With ``wildcard``,
-    also ``*.`` before such a name (one label, as a certificate's wildcard covers)."""
+    Host and SNI and what the gateways' routers and ACME match."""
     domain = value.strip().rstrip(".")
-    if wildcard and domain.startswith("*."):
-        return "*." + check_domain(domain[2:])
     if not domain.isascii():
         try:
             domain = idna.encode(domain, uts46=True).decode("ascii")
@@ -138,33 +136,16 @@ class _Body(BaseModel):
     )
 
 
-_CLIENT_ENABLED = (
-    "false: Control refuses its connection (close code 4008) and no other client peers "
-    "with it (a disabled agent's tunnels are answered as disabled); its key stays valid"
-)
-
-
 class ClientCreate(_Body):
     """Create an agent or a gateway; the response carries its API key, once."""
 
     name: Name
-    enabled: bool = Field(default=True, description=_CLIENT_ENABLED)
 
 
 class ClientUpdate(_Body):
-    """Rename, enable or disable an agent or a gateway (give at least one field)."""
+    """Rename an agent or a gateway."""
 
-    name: Name | None = None
-    enabled: bool | None = Field(default=None, description=_CLIENT_ENABLED)
-
-    @model_validator(mode="after")
-    def _something(self) -> ClientUpdate:
-        for field in ("name", "enabled"):
-            if field in self.model_fields_set and getattr(self, field) is None:
-                raise ValueError(f"{field} cannot be null")
-        if not self.model_fields_set:
-            raise ValueError("give name or enabled")
-        return self
+    name: Name
 
 
 Protocol = Literal["http", "tcp", "udp"]
@@ -176,30 +157,69 @@ _PROXY_PROTOCOL = (
 )
 
 
+Balance = Literal["round_robin", "least_connections"]
+Sticky = Literal["cookie", "client_ip"]
+_REPLICAS = (
+    "the agents serving the tunnel (the same target on each), at most 64: gateways spread "
+    "requests (raw tunnels: connections, flows) over the healthy ones; a standby replica "
+    "takes traffic only while no active one is healthy.  With agent too, agent must be "
+    "one of them (the one older gateways route to; default: the first)"
+)
+_BALANCE = "how gateways spread a replicated tunnel's traffic (default round_robin)"
+_STICKY = (
+    "keep a client on one replica while it is healthy: cookie (http; the gateway sets "
+    "kkm_replica) or client_ip; null for none"
+)
+
+
+class ReplicaIn(_Body):
+    """One agent of a tunnel with replicas."""
+
+    agent: str = Field(min_length=1, max_length=63, description="agent id or name")
+    weight: int = Field(default=1, ge=1, le=1000, description="share of new traffic")
+    role: Literal["active", "standby"] = "active"
+
+
 class TunnelCreate(_Body):
     """A public hostname (http) or public port (tcp/udp) forwarded to a target on an agent."""
 
     protocol: Protocol = "http"
-    domain: str | None = Field(
-        default=None,
-        description="public hostname (http tunnels); *.parent for every name one label "
-        "under parent that no other tunnel names (needs a certificate for it, uploaded or "
-        "from a gateway with DNS-01 for its zone)",
-    )
+    domain: str | None = Field(default=None, description="public hostname (http tunnels)")
     public_port: Port | None = Field(default=None, description="public port (tcp/udp tunnels)")
     target: str = Field(max_length=2048, description="host:port or http(s) URL, agent side")
-    agent: str = Field(min_length=1, max_length=63, description="agent id or name")
+    # before agent: agent's validator sees whether replicas were given
+    replicas: list[ReplicaIn] | None = Field(default=None, max_length=64, description=_REPLICAS)
+    agent: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        validate_default=True,
+        description="agent id or name (required without replicas)",
+    )
     enabled: bool = True
     proxy_protocol: ProxyProtocol | None = Field(default=None, description=_PROXY_PROTOCOL)
+    balance: Balance = Field(default="round_robin", description=_BALANCE)
+    sticky: Sticky | None = Field(default=None, description=_STICKY)
 
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value, wildcard=True)
+        return None if value is None else check_domain(value)
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and "replicas" in info.data and info.data["replicas"] is None:
+            raise ValueError("required (or replicas)")
+        return value
 
     @model_validator(mode="after")
     def _shape(self) -> TunnelCreate:
         problem = proxy_protocol_problem(self.protocol, self.proxy_protocol)
+        if problem:
+            raise ValueError(problem)
+        problem = _replicas_problem(self.agent, self.replicas, required=True)
+        problem = problem or sticky_problem(self.protocol, self.sticky)
         if problem:
             raise ValueError(problem)
         if self.protocol == "http":
@@ -228,16 +248,45 @@ class TunnelUpdate(_Body):
     proxy_protocol: ProxyProtocol | None = Field(
         default=None, description=_PROXY_PROTOCOL + " (null turns it off)"
     )
+    replicas: list[ReplicaIn] | None = Field(
+        default=None,
+        max_length=64,
+        description=_REPLICAS + "; replaces the whole set (a draining agent that stays keeps "
+        "draining).  agent alone cannot change a tunnel that has replicas",
+    )
+    balance: Balance | None = Field(default=None, description=_BALANCE)
+    sticky: Sticky | None = Field(default=None, description=_STICKY + " (null turns it off)")
+
+    @model_validator(mode="after")
+    def _replica_set(self) -> TunnelUpdate:
+        problem = _replicas_problem(self.agent, self.replicas, required=False)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value, wildcard=True)
+        return None if value is None else check_domain(value)
 
     @field_validator("target")
     @classmethod
     def _target(cls, value: str | None) -> str | None:
         return None if value is None else check_target(value, allow_url=True)
+
+
+def _replicas_problem(agent: str | None, replicas: list[ReplicaIn] | None, required: bool) -> str:
+    """Why an agent/replicas pair cannot be a tunnel's ("" when it can)."""
+    if replicas is None:
+        return "a tunnel needs an agent (or replicas)" if required and agent is None else ""
+    if not replicas:
+        return "replicas must name at least one agent"
+    names = [r.agent for r in replicas]
+    if len(set(names)) != len(names):
+        return "replicas name the same agent twice"
+    if agent is not None and agent not in names:
+        return "agent must be one of the replicas"
+    return ""
 
 
 class CertificateCreate(_Body):
@@ -250,7 +299,7 @@ class CertificateCreate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        return check_domain(value, wildcard=True)
+        return check_domain(value)
 
 
 class CertificateUpdate(_Body):
@@ -292,7 +341,6 @@ class AgentOut(BaseModel):
     subnet: str
     virtualIp: str
     publicKey: str | None
-    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None
@@ -316,7 +364,6 @@ class GatewayOut(BaseModel):
     publicKey: str | None
     publicIp: str | None
     wireguardPort: int | None
-    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None
@@ -328,6 +375,24 @@ class GatewayOut(BaseModel):
         description="only in create/rotate responses: the enrollment token (kmt_…) holding "
         "Control's URL, this API key and the pin of Control's certificate key, for "
         "'kakuremichi agent|gateway --token'",
+    )
+
+
+class ReplicaOut(BaseModel):
+    """One agent of a tunnel, with its state as Control sees it."""
+
+    agentId: str
+    agentName: str
+    agentIp: str
+    weight: int
+    role: str
+    draining: bool
+    health: str | None = Field(description="the agent's target check, or offline")
+    healthDetail: str | None
+    healthAt: str | None
+    state: str = Field(
+        description="healthy, unknown, unhealthy, offline, standby or draining (a gateway "
+        "may also have ejected it for a back-off: its kakuremichi_replica_state metric)"
     )
 
 
@@ -347,6 +412,9 @@ class TunnelOut(BaseModel):
     health: str | None
     healthDetail: str | None
     healthAt: str | None
+    replicas: list[ReplicaOut] = Field(description="the tunnel's agents (one without replicas)")
+    balance: str = Field(description=_BALANCE)
+    sticky: str | None = Field(description=_STICKY)
     createdAt: str
     updatedAt: str
 
@@ -362,45 +430,3 @@ class CertificateOut(BaseModel):
     certificate: str
     createdAt: str
     updatedAt: str
-
-
-class AcmeOrderOut(BaseModel):
-    """A tunnel domain that needs a certificate and what is being done about it."""
-
-    domain: str
-    #: ordering (a gateway holds the lease), waiting (for the next pass), failing
-    #: (the last order failed; retried at nextTryAt), no_gateway (no connected gateway
-    #: can prove the name: none with ACME, or a wildcard without DNS-01 for its zone)
-    state: Literal["ordering", "waiting", "failing", "no_gateway"]
-    gateway: str | None
-    leaseExpiresAt: str | None
-    lastError: str | None
-    nextTryAt: str | None
-    ordersGranted: int
-
-
-class AcmeEndedOut(BaseModel):
-    """An order that ended: who held it and how it ended."""
-
-    domain: str
-    gateway: str
-    outcome: Literal["obtained", "failed", "gateway left", "expired"]
-    grantedAt: str | None
-    endedAt: str | None
-
-
-class AcmeGatewayOut(BaseModel):
-    """A connected gateway that orders certificates."""
-
-    name: str
-    challenges: list[str]
-    dnsZones: list[str]
-
-
-class AcmeOut(BaseModel):
-    """Shared ACME: orders in flight or failing, the last ones that ended, and the
-    gateways that can order."""
-
-    orders: list[AcmeOrderOut]
-    recent: list[AcmeEndedOut]
-    gateways: list[AcmeGatewayOut]

@@ -23,7 +23,8 @@ from control import certs
 from control.api import models as m
 from control.api.access_routes import AccessApi
 from control.api.errors import ApiError, from_validation
-from control.db.store import ClientKind, NotFound, Row, Store
+from control.db.store import ClientKind, Row, Store
+from control.ws.configs import tunnel_agents
 from control.ws.hub import Hub
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -46,7 +47,6 @@ def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "subnet": row["subnet"],
         "virtualIp": row["virtual_ip"],
         "publicKey": row["public_key"],
-        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -66,7 +66,6 @@ def gateway_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "publicKey": row["public_key"],
         "publicIp": row["public_ip"],
         "wireguardPort": row["wireguard_port"],
-        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -93,9 +92,59 @@ def tunnel_out(row: Row) -> dict[str, Any]:
         "health": row["health"],
         "healthDetail": row["health_detail"],
         "healthAt": _iso(row["health_at"]),
+        "replicas": replicas_out(row),
+        "balance": row.get("balance") or "round_robin",
+        "sticky": row.get("sticky"),
         "createdAt": _iso(row["created_at"]),
         "updatedAt": _iso(row["updated_at"]),
     }
+
+
+def replicas_out(row: Row) -> list[dict[str, Any]]:
+    """A tunnel's agents with their state (a tunnel with one agent: that one, active).
+
+    ``state`` is Control's view: ``draining``, ``offline`` (its agent is not connected),
+    ``unhealthy`` (its target check fails), ``standby``, ``healthy`` or ``unknown``; a
+    gateway may also have ejected it for a while (its ``kakuremichi_replica_state``)."""
+    replicas = row.get("replicas") or [
+        {
+            "agent_id": row["agent_id"],
+            "agent_name": row["agent_name"],
+            "agent_ip": row["agent_ip"],
+            "weight": 1,
+            "role": "active",
+            "draining": False,
+            "health": row["health"],
+            "health_detail": row["health_detail"],
+            "health_at": row["health_at"],
+        }
+    ]
+    return [
+        {
+            "agentId": r["agent_id"],
+            "agentName": r["agent_name"],
+            "agentIp": r["agent_ip"],
+            "weight": r["weight"],
+            "role": r["role"],
+            "draining": bool(r["draining"]),
+            "health": r["health"],
+            "healthDetail": r["health_detail"],
+            "healthAt": _iso(r["health_at"]),
+            "state": replica_state(r),
+        }
+        for r in replicas
+    ]
+
+
+def replica_state(replica: Row) -> str:
+    """What a replica is shown as, from Control's side (``replicas_out``)."""
+    if replica["draining"]:
+        return "draining"
+    if replica["health"] in ("offline", "unhealthy"):
+        return str(replica["health"])
+    if replica["role"] == "standby":
+        return "standby"
+    return "healthy" if replica["health"] == "healthy" else "unknown"
 
 
 def certificate_out(row: Row) -> dict[str, Any]:
@@ -198,7 +247,7 @@ class Api:
 
     async def create_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientCreate)
-        row, key = await self.store.create_client(kind, body.name, body.enabled)
+        row, key = await self.store.create_client(kind, body.name)
         return JSONResponse(self._with_token(self._out(kind, row, key), request), status_code=201)
 
     async def get_client(self, request: Request, kind: ClientKind) -> Response:
@@ -208,17 +257,9 @@ class Api:
     async def update_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientUpdate)
         async with self.hub.lock:
-            before = row = await self.store.get_client(kind, request.path_params["ref"])
-            if body.name is not None:
-                row = await self.store.rename_client(kind, row["id"], body.name)
-            if body.enabled is not None:
-                row = await self.store.set_client_enabled(kind, row["id"], body.enabled)
-            disabling = bool(before["enabled"]) and not row["enabled"]
-            if not disabling:
-                await self.hub.push_config_locked(kind, [row["id"]])
-                await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
-        if disabling:
-            await self.hub.client_disabled(kind, row["id"])
+            row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
+            await self.hub.push_config_locked(kind, [row["id"]])
+            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
         return JSONResponse(self._out(kind, row))
 
     async def delete_client(self, request: Request, kind: ClientKind) -> Response:
@@ -244,29 +285,11 @@ class Api:
         rows, total = await self.store.list_tunnels(limit, offset, agent_id)
         return _paged([tunnel_out(r) for r in rows], total, limit, offset)
 
-    async def _check_wildcard(self, domain: str | None) -> None:
-        """A wildcard tunnel needs a certificate that can cover it: one stored for that
-        very wildcard, or a connected gateway that can prove it with DNS-01."""
-        if domain is None or not domain.startswith("*."):
-            return
-        if self.hub.acme.can_prove(domain):
-            return
-        try:
-            await self.store.get_certificate(domain)
-        except NotFound:
-            raise ApiError(
-                422,
-                "wildcard_needs_certificate",
-                f"no certificate covers {domain}: upload one for it, or connect a gateway "
-                "with ACME DNS-01 for its zone (--acme-dns-provider, --acme-dns-zone)",
-            ) from None
-
     async def create_tunnel(self, request: Request) -> Response:
         body = await _body(request, m.TunnelCreate)
-        await self._check_wildcard(body.domain)
         async with self.hub.lock:
             row = await self.store.create_tunnel(body.model_dump())
-            self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
+            self.hub.tunnel_event("tunnel_create", row, tunnel_agents(row))
         return JSONResponse(tunnel_out(row), status_code=201)
 
     async def get_tunnel(self, request: Request) -> Response:
@@ -283,8 +306,6 @@ class Api:
         if nulls:
             raise ApiError(422, "validation_failed", f"{nulls[0]} cannot be null")
         current = await self.store.get_tunnel(request.path_params["id"])
-        if changes.get("domain") != current["domain"]:
-            await self._check_wildcard(changes.get("domain"))
         protocol = changes.get("protocol") or current["protocol"]
         target = changes.get("target") or current["target"]
         if protocol == "http" and changes.get("public_port") is not None:
@@ -301,16 +322,29 @@ class Api:
             raise ApiError(422, "validation_failed", f"target: {exc}") from exc
         async with self.hub.lock:
             before, after = await self.store.update_tunnel(current["id"], changes)
-            if before["agent_id"] != after["agent_id"]:
-                self.hub.agent_moved_tunnel(before, after)
-            else:
-                self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
+            self.hub.tunnel_changed(before, after)
         return JSONResponse(tunnel_out(after))
+
+    async def drain_replica(self, request: Request, draining: bool) -> Response:
+        """``POST /api/tunnels/{id}/replicas/{agent}/drain`` (``undrain``): no new
+        requests or connections go to that agent for this tunnel (open ones finish)."""
+        async with self.hub.lock:
+            before, after = await self.store.set_replica_draining(
+                request.path_params["id"], request.path_params["agent"], draining
+            )
+            self.hub.tunnel_changed(before, after)
+        return JSONResponse(tunnel_out(after))
+
+    async def drain(self, request: Request) -> Response:
+        return await self.drain_replica(request, True)
+
+    async def undrain(self, request: Request) -> Response:
+        return await self.drain_replica(request, False)
 
     async def delete_tunnel(self, request: Request) -> Response:
         async with self.hub.lock:
             row = await self.store.delete_tunnel(request.path_params["id"])
-            self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
+            self.hub.tunnel_event("tunnel_delete", row, tunnel_agents(row))
         return Response(status_code=204)
 
     # -- certificates -----------------------------------------------------------------
@@ -351,30 +385,6 @@ class Api:
             await self.hub.push_config_locked("gateway")
         return Response(status_code=204)
 
-    async def acme_status(self, request: Request) -> Response:
-        """Shared ACME (``control/acme.py``): orders, the last that ended, gateways."""
-        acme = self.hub.acme
-        tunnels, certificates = await self.store.all_tunnels(), await self.store.all_certificates()
-        orders = [
-            {
-                **order,
-                "leaseExpiresAt": _iso(order["leaseExpiresAt"]),
-                "nextTryAt": _iso(order["nextTryAt"]),
-            }
-            for order in acme.status(tunnels, certificates)
-        ]
-        recent = [
-            {**ended, "grantedAt": _iso(ended["grantedAt"]), "endedAt": _iso(ended["endedAt"])}
-            for ended in reversed(acme.recent)
-        ]
-        names = {c.client_id: c.name for c in self.hub.connected("gateway")}
-        gateways = [
-            {"name": names[g], "challenges": list(r.challenges), "dnsZones": list(r.dns_zones)}
-            for g, r in sorted(acme.capable.items(), key=lambda item: names.get(item[0], ""))
-            if g in names
-        ]
-        return JSONResponse({"orders": orders, "recent": recent, "gateways": gateways})
-
     def routes(self) -> list[Route]:
         def bind(kind: ClientKind, method: Any) -> Any:
             async def handler(request: Request) -> Response:
@@ -401,12 +411,13 @@ class Api:
             Route("/api/tunnels/{id}", self.get_tunnel, methods=["GET"]),
             Route("/api/tunnels/{id}", self.update_tunnel, methods=["PATCH"]),
             Route("/api/tunnels/{id}", self.delete_tunnel, methods=["DELETE"]),
+            Route("/api/tunnels/{id}/replicas/{agent}/drain", self.drain, methods=["POST"]),
+            Route("/api/tunnels/{id}/replicas/{agent}/undrain", self.undrain, methods=["POST"]),
             Route("/api/certificates", self.list_certificates, methods=["GET"]),
             Route("/api/certificates", self.create_certificate, methods=["POST"]),
             Route("/api/certificates/{ref}", self.get_certificate, methods=["GET"]),
             Route("/api/certificates/{ref}", self.update_certificate, methods=["PATCH"]),
             Route("/api/certificates/{ref}", self.delete_certificate, methods=["DELETE"]),
-            Route("/api/acme", self.acme_status, methods=["GET"]),
         ]
         routes += AccessApi(self.store, self.hub).routes()
         return routes

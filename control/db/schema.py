@@ -26,9 +26,6 @@ agents = sa.Table(
     sa.Column("public_key", sa.String(44)),
     sa.Column("subnet", sa.String(43), nullable=False, unique=True),
     sa.Column("virtual_ip", sa.String(39), nullable=False, unique=True),
-    # false: refused by the hub and left out of every other client's config; the key
-    # stays valid, so enabling it again needs no new enrollment (migration 0007)
-    sa.Column("enabled", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -48,9 +45,6 @@ gateways = sa.Table(
     sa.Column("https_port", sa.Integer),
     # k: the gateway's host number in every agent subnet (.k).
     sa.Column("slot", sa.Integer, nullable=False, unique=True),
-    # false: refused by the hub and left out of every other client's config; the key
-    # stays valid, so enabling it again needs no new enrollment (migration 0007)
-    sa.Column("enabled", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -75,12 +69,50 @@ tunnels = sa.Table(
     sa.Column("enabled", sa.Boolean, nullable=False, default=True),
     # tcp/udp: the PROXY protocol header sent to the target ("v1", "v2"; NULL: none)
     sa.Column("proxy_protocol", sa.String(2)),
+    # a tunnel with replicas (tunnel_replicas): "least_connections" (NULL: round robin)
+    # and sticky sessions ("cookie", "client_ip"; NULL: none)
+    sa.Column("balance", sa.String(24)),
+    sa.Column("sticky", sa.String(16)),
     sa.Column("health", sa.String(16)),
     sa.Column("health_detail", sa.String(512)),
     sa.Column("health_at", sa.Float),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
     sa.UniqueConstraint("protocol", "public_port", name="uq_tunnels_protocol_public_port"),
+)
+
+# -- replicas (issue 17) ----------------------------------------------------------------
+#
+# A tunnel served by several agents has a row per agent here, its own ``agent_id`` (the
+# one older gateways route to, REST's ``agentId``) among them; a tunnel with one agent
+# has none.  Health is the agent's check of the tunnel's target, or "offline" while the
+# agent is not connected to Control.
+
+tunnel_replicas = sa.Table(
+    "tunnel_replicas",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(36),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "agent_id",
+        sa.String(36),
+        sa.ForeignKey("agents.id", ondelete="CASCADE"),
+        primary_key=True,
+        index=True,
+    ),
+    sa.Column("weight", sa.Integer, nullable=False, default=1),
+    # "active" or "standby" (takes traffic only while no active replica is healthy)
+    sa.Column("role", sa.String(8), nullable=False, default="active"),
+    # taken out by an operator: no new requests or connections
+    sa.Column("draining", sa.Boolean, nullable=False, default=False),
+    sa.Column("health", sa.String(16)),
+    sa.Column("health_detail", sa.String(512)),
+    sa.Column("health_at", sa.Float),
+    sa.Column("created_at", sa.Float, nullable=False),
 )
 
 certificates = sa.Table(

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.protocol import proxy_protocol_problem
+from common.protocol import MAX_REPLICAS, proxy_protocol_problem, sticky_problem
 from control.alloc import AddressPlan, PoolExhausted
 from control.db.schema import (
     access_policies,
@@ -38,6 +38,7 @@ from control.db.schema import (
     gateways,
     settings,
     share_links,
+    tunnel_replicas,
     tunnels,
 )
 
@@ -45,6 +46,19 @@ ClientKind = Literal["agent", "gateway"]
 Row = dict[str, Any]
 
 KEY_PREFIX = {"agent": "agt_", "gateway": "gtw_"}
+
+
+def _served_by(agent_id: str) -> sa.ColumnElement[bool]:
+    """Tunnels ``agent_id`` serves: as their agent or as one of their replicas."""
+    replica_of = sa.select(tunnel_replicas.c.tunnel_id).where(
+        tunnel_replicas.c.agent_id == agent_id
+    )
+    return sa.or_(tunnels.c.agent_id == agent_id, tunnels.c.id.in_(replica_of))
+
+
+def _balance_column(value: str | None) -> str | None:
+    """How ``tunnels.balance`` stores a tunnel's balance (round robin: NULL)."""
+    return None if value in (None, "round_robin") else value
 
 
 class StoreError(Exception):
@@ -138,9 +152,7 @@ class Store:
 
     # -- agents and gateways ----------------------------------------------------------
 
-    async def create_client(
-        self, kind: ClientKind, name: str, enabled: bool = True
-    ) -> tuple[Row, str]:
+    async def create_client(self, kind: ClientKind, name: str) -> tuple[Row, str]:
         """Create an agent or gateway; returns the row and its API key (shown once)."""
         table = _table(kind)
         key = new_api_key(kind)
@@ -149,7 +161,6 @@ class Store:
             "id": str(uuid.uuid4()),
             "name": name,
             "api_key_hash": hash_key(key),
-            "enabled": enabled,
             "created_at": now,
             "updated_at": now,
         }
@@ -223,20 +234,6 @@ class Store:
                 raise Conflict(f"{kind} named {name!r} already exists") from exc
         return await self.get_client(kind, row["id"])
 
-    async def set_client_enabled(self, kind: ClientKind, ref: str, enabled: bool) -> Row:
-        """Enable or disable an agent or gateway (its key is kept either way)."""
-        table = _table(kind)
-        row = await self.get_client(kind, ref)
-        if bool(row["enabled"]) == enabled:
-            return row
-        async with self._write() as conn:
-            await conn.execute(
-                table.update()
-                .where(table.c.id == row["id"])
-                .values(enabled=enabled, updated_at=time.time())
-            )
-        return await self.get_client(kind, row["id"])
-
     async def rotate_key(self, kind: ClientKind, ref: str) -> tuple[Row, str]:
         table = _table(kind)
         row = await self.get_client(kind, ref)
@@ -253,6 +250,8 @@ class Store:
         table = _table(kind)
         row = await self.get_client(kind, ref)
         async with self._write() as conn:
+            if kind == "agent":
+                await self._hand_over_tunnels(conn, row["id"])
             await conn.execute(table.delete().where(table.c.id == row["id"]))
             if kind == "agent" and self._used_subnets is not None:
                 self._used_subnets.discard(self.plan.index_of(row["subnet"]))
@@ -326,7 +325,17 @@ class Store:
     # -- tunnels ----------------------------------------------------------------------
 
     async def create_tunnel(self, fields: Row) -> Row:
-        agent = await self.get_client("agent", fields["agent"])
+        """A new tunnel; ``fields["replicas"]`` (``{"agent", "weight", "role"}`` each)
+        gives it several agents, ``agent`` (if also given, one of them) the primary."""
+        replicas = await self._resolve_replicas(fields.get("replicas"))
+        if fields.get("agent"):
+            agent = await self.get_client("agent", fields["agent"])
+        elif replicas:
+            agent = {"id": replicas[0]["agent_id"]}
+        else:
+            raise Invalid("a tunnel needs an agent or replicas")
+        if replicas and agent["id"] not in {r["agent_id"] for r in replicas}:
+            raise Invalid("agent must be one of the replicas")
         now = time.time()
         values = {
             "id": str(uuid.uuid4()),
@@ -337,15 +346,21 @@ class Store:
             "agent_id": agent["id"],
             "enabled": fields.get("enabled", True),
             "proxy_protocol": fields.get("proxy_protocol"),
+            "balance": _balance_column(fields.get("balance")),
+            "sticky": fields.get("sticky"),
             "created_at": now,
             "updated_at": now,
         }
+        problem = sticky_problem(values["protocol"], values["sticky"])
+        if problem:
+            raise Invalid(problem)
         async with self._write() as conn:
             await self._check_unique(conn, values, None)
             try:
                 await conn.execute(tunnels.insert().values(**values))
             except IntegrityError as exc:
                 raise Conflict("a tunnel with this domain or public port already exists") from exc
+            await self._put_replicas(conn, str(values["id"]), replicas, {}, now)
         return await self.get_tunnel(str(values["id"]))
 
     async def _check_unique(self, conn: AsyncConnection, values: Row, own_id: str | None) -> None:
@@ -372,8 +387,6 @@ class Store:
             agents.c.name.label("agent_name"),
             agents.c.virtual_ip.label("agent_ip"),
             agents.c.subnet.label("agent_subnet"),
-            # a disabled agent's tunnels are sent to gateways as disabled
-            agents.c.enabled.label("agent_enabled"),
         ).join(agents, agents.c.id == tunnels.c.agent_id)
 
     async def list_tunnels(
@@ -382,8 +395,8 @@ class Store:
         query = self._tunnel_query()
         count = sa.select(sa.func.count()).select_from(tunnels)
         if agent_id is not None:
-            query = query.where(tunnels.c.agent_id == agent_id)
-            count = count.where(tunnels.c.agent_id == agent_id)
+            query = query.where(_served_by(agent_id))
+            count = count.where(_served_by(agent_id))
         async with self._read() as conn:
             total = await conn.scalar(count)
             rows = self._rows(
@@ -391,31 +404,54 @@ class Store:
                     query.order_by(tunnels.c.created_at, tunnels.c.id).limit(limit).offset(offset)
                 )
             )
+            await self._attach_replicas(conn, rows)
         return rows, int(total or 0)
 
     async def all_tunnels(self, agent_id: str | None = None) -> list[Row]:
         query = self._tunnel_query().order_by(tunnels.c.created_at, tunnels.c.id)
         if agent_id is not None:
-            query = query.where(tunnels.c.agent_id == agent_id)
+            query = query.where(_served_by(agent_id))
         async with self._read() as conn:
-            return self._rows(await conn.execute(query))
+            rows = self._rows(await conn.execute(query))
+            await self._attach_replicas(conn, rows)
+        return rows
 
     async def get_tunnel(self, tunnel_id: str) -> Row:
         async with self._read() as conn:
             row = (
                 await conn.execute(self._tunnel_query().where(tunnels.c.id == tunnel_id))
             ).first()
-        if row is None:
-            raise NotFound(f"no tunnel with id {tunnel_id!r}")
-        return dict(row._mapping)
+            if row is None:
+                raise NotFound(f"no tunnel with id {tunnel_id!r}")
+            found = dict(row._mapping)
+            await self._attach_replicas(conn, [found])
+        return found
 
     async def update_tunnel(self, tunnel_id: str, changes: Row) -> tuple[Row, Row]:
         """Apply a partial update; returns (before, after)."""
         before = await self.get_tunnel(tunnel_id)
-        values = {k: v for k, v in changes.items() if k != "agent"}
+        values = {k: v for k, v in changes.items() if k not in ("agent", "replicas")}
         if "agent" in changes:
             values["agent_id"] = (await self.get_client("agent", changes["agent"]))["id"]
+        replicas = None
+        if changes.get("replicas") is not None:
+            replicas = await self._resolve_replicas(changes["replicas"])
+            ids = [r["agent_id"] for r in replicas]
+            primary = values.get("agent_id", before["agent_id"])
+            if "agent_id" in values and primary not in ids:
+                raise Invalid("agent must be one of the replicas")
+            values["agent_id"] = primary if primary in ids else ids[0]
+        elif "agent" in changes and len(before["replicas"]) > 1:
+            raise Invalid(
+                f"this tunnel has {len(before['replicas'])} replicas: give replicas (the "
+                "whole set) to change its agents, or drain one"
+            )
+        if "balance" in values:
+            values["balance"] = _balance_column(values["balance"])
         merged = {**before, **values}
+        problem = sticky_problem(merged["protocol"], merged.get("sticky"))
+        if problem:
+            raise Invalid(problem)
         if merged["protocol"] == "http":
             if not merged.get("domain"):
                 raise Invalid("an http tunnel needs a domain")
@@ -436,6 +472,12 @@ class Store:
                 )
             except IntegrityError as exc:
                 raise Conflict("a tunnel with this domain or public port already exists") from exc
+            if replicas is not None:
+                kept = {r["agent_id"]: r for r in before["replicas"]}
+                await conn.execute(
+                    tunnel_replicas.delete().where(tunnel_replicas.c.tunnel_id == tunnel_id)
+                )
+                await self._put_replicas(conn, tunnel_id, replicas, kept, values["updated_at"])
         return before, await self.get_tunnel(tunnel_id)
 
     async def delete_tunnel(self, tunnel_id: str) -> Row:
@@ -457,6 +499,173 @@ class Store:
                 )
                 stored += result.rowcount
         return stored
+
+    # -- replicas (issue 17) ------------------------------------------------------------
+
+    @staticmethod
+    async def _hand_over_tunnels(conn: AsyncConnection, agent_id: str) -> None:
+        """Before an agent is deleted: each replicated tunnel it is the primary of gets
+        another replica as primary (instead of going with it)."""
+        rows = (
+            await conn.execute(
+                sa.select(tunnel_replicas.c.tunnel_id, tunnel_replicas.c.agent_id)
+                .join(tunnels, tunnels.c.id == tunnel_replicas.c.tunnel_id)
+                .where(tunnels.c.agent_id == agent_id, tunnel_replicas.c.agent_id != agent_id)
+                .order_by(tunnel_replicas.c.tunnel_id, tunnel_replicas.c.created_at)
+            )
+        ).all()
+        heirs: dict[str, str] = {}
+        for tunnel_id, heir in rows:
+            heirs.setdefault(tunnel_id, heir)
+        for tunnel_id, heir in heirs.items():
+            await conn.execute(
+                tunnels.update().where(tunnels.c.id == tunnel_id).values(agent_id=heir)
+            )
+
+    async def _resolve_replicas(self, wanted: Sequence[Row] | None) -> list[Row]:
+        """``[{"agent", "weight", "role"}]`` from the API with agents found by id or
+        name; each agent once, at most ``MAX_REPLICAS``."""
+        if not wanted:
+            return []
+        if len(wanted) > MAX_REPLICAS:
+            raise Invalid(f"a tunnel has at most {MAX_REPLICAS} replicas")
+        out = []
+        for entry in wanted:
+            agent = await self.get_client("agent", entry["agent"])
+            out.append(
+                {
+                    "agent_id": agent["id"],
+                    "weight": entry.get("weight") or 1,
+                    "role": entry.get("role") or "active",
+                }
+            )
+        ids = [r["agent_id"] for r in out]
+        if len(set(ids)) != len(ids):
+            raise Invalid("replicas name the same agent twice")
+        return out
+
+    @staticmethod
+    async def _put_replicas(
+        conn: AsyncConnection, tunnel_id: str, replicas: list[Row], kept: dict[str, Row], now: float
+    ) -> None:
+        """Store a tunnel's replica rows (none for a single agent); an agent that was
+        already a replica keeps its draining flag and health."""
+        if len(replicas) < 2:
+            return
+        for replica in replicas:
+            old = kept.get(replica["agent_id"], {})
+            await conn.execute(
+                tunnel_replicas.insert().values(
+                    tunnel_id=tunnel_id,
+                    agent_id=replica["agent_id"],
+                    weight=replica["weight"],
+                    role=replica["role"],
+                    draining=bool(old.get("draining", False)),
+                    health=old.get("health"),
+                    health_detail=old.get("health_detail"),
+                    health_at=old.get("health_at"),
+                    created_at=now,
+                )
+            )
+
+    async def _attach_replicas(self, conn: AsyncConnection, rows: list[Row]) -> None:
+        """``row["replicas"]`` for each tunnel row: its agents with their state, the
+        primary first (empty for a tunnel with one agent)."""
+        for row in rows:
+            row["replicas"] = []
+        if not rows:
+            return
+        query = sa.select(
+            tunnel_replicas,
+            agents.c.name.label("agent_name"),
+            agents.c.virtual_ip.label("agent_ip"),
+        ).join(agents, agents.c.id == tunnel_replicas.c.agent_id)
+        if len(rows) <= 500:
+            query = query.where(tunnel_replicas.c.tunnel_id.in_([r["id"] for r in rows]))
+        by_tunnel: dict[str, list[Row]] = {}
+        for replica in self._rows(await conn.execute(query)):
+            by_tunnel.setdefault(replica["tunnel_id"], []).append(replica)
+        for row in rows:
+            found = by_tunnel.get(row["id"], [])
+            found.sort(key=lambda r: (r["agent_id"] != row["agent_id"], r["agent_name"]))
+            row["replicas"] = found
+
+    async def set_replica_draining(
+        self, tunnel_id: str, agent_ref: str, draining: bool
+    ) -> tuple[Row, Row]:
+        """Drain (or take back) one replica of a tunnel; returns (before, after)."""
+        before = await self.get_tunnel(tunnel_id)
+        agent = await self.get_client("agent", agent_ref)
+        if not before["replicas"]:
+            raise Conflict(
+                "this tunnel has one agent: there is no other replica to drain it to "
+                "(add replicas first)"
+            )
+        if agent["id"] not in {r["agent_id"] for r in before["replicas"]}:
+            raise NotFound(f"agent {agent['name']!r} is not a replica of this tunnel")
+        async with self._write() as conn:
+            await conn.execute(
+                tunnel_replicas.update()
+                .where(
+                    tunnel_replicas.c.tunnel_id == tunnel_id,
+                    tunnel_replicas.c.agent_id == agent["id"],
+                )
+                .values(draining=draining)
+            )
+        return before, await self.get_tunnel(tunnel_id)
+
+    async def record_replica_health(
+        self, agent_id: str, entries: Sequence[tuple[str, str, str]]
+    ) -> list[str]:
+        """Store an agent's health of the tunnels it is a replica of; returns the
+        tunnels whose replica changed state (those are pushed to the gateways)."""
+        async with self._read() as conn:
+            rows = self._rows(
+                await conn.execute(
+                    sa.select(tunnel_replicas.c.tunnel_id, tunnel_replicas.c.health).where(
+                        tunnel_replicas.c.agent_id == agent_id
+                    )
+                )
+            )
+        current = {r["tunnel_id"]: r["health"] for r in rows}
+        wanted = [e for e in entries if e[0] in current]
+        if not wanted:
+            return []
+        changed = [t for t, health, _ in wanted if current[t] != health]
+        now = time.time()
+        async with self._write(invalidates=bool(changed)) as conn:
+            for tunnel_id, health, detail in wanted:
+                await conn.execute(
+                    tunnel_replicas.update()
+                    .where(
+                        tunnel_replicas.c.tunnel_id == tunnel_id,
+                        tunnel_replicas.c.agent_id == agent_id,
+                    )
+                    .values(health=health, health_detail=detail, health_at=now)
+                )
+        return changed
+
+    async def set_replica_presence(self, agent_id: str, online: bool) -> list[str]:
+        """An agent connected to Control (its "offline" replicas become "unknown" until
+        it reports) or left it (every replica of it "offline"); returns the tunnels
+        whose replica changed."""
+        if online:
+            condition = tunnel_replicas.c.health == "offline"
+            values: Row = {"health": "unknown", "health_detail": "connected, not checked yet"}
+        else:
+            condition = sa.or_(
+                tunnel_replicas.c.health.is_(None), tunnel_replicas.c.health != "offline"
+            )
+            values = {"health": "offline", "health_detail": "not connected to Control"}
+        where = sa.and_(tunnel_replicas.c.agent_id == agent_id, condition)
+        async with self._read() as conn:
+            changed = list(await conn.scalars(sa.select(tunnel_replicas.c.tunnel_id).where(where)))
+        if changed:
+            async with self._write() as conn:
+                await conn.execute(
+                    tunnel_replicas.update().where(where).values(**values, health_at=time.time())
+                )
+        return changed
 
     # -- certificates -----------------------------------------------------------------
 

@@ -20,10 +20,36 @@ def tunnel_spec(row: Row) -> p.TunnelSpec:
         target=row["target"],
         agent_id=row["agent_id"],
         agent_ip=row["agent_ip"],
-        # a disabled agent's tunnels are answered as disabled tunnels by the gateways
-        enabled=bool(row["enabled"]) and bool(row.get("agent_enabled", True)),
+        enabled=bool(row["enabled"]),
         proxy_protocol=row["proxy_protocol"] if row["protocol"] != "http" else None,
+        replicas=replica_specs(row),
+        balance=row.get("balance") or "round_robin",
+        sticky=row.get("sticky"),
     )
+
+
+def replica_specs(row: Row) -> tuple[p.ReplicaSpec, ...]:
+    """A tunnel row's replicas as gateways get them (none for a single agent)."""
+    replicas = row.get("replicas") or []
+    if len(replicas) < 2:
+        return ()
+    return tuple(
+        p.ReplicaSpec(
+            agent_id=r["agent_id"],
+            agent_ip=r["agent_ip"],
+            weight=r["weight"],
+            role=r["role"],
+            draining=bool(r["draining"]),
+            health=r["health"] or "unknown",
+        )
+        for r in replicas
+    )
+
+
+def tunnel_agents(row: Row) -> list[str]:
+    """The agents serving a tunnel: its replicas, or its one agent."""
+    replicas = row.get("replicas") or []
+    return [r["agent_id"] for r in replicas] if replicas else [row["agent_id"]]
 
 
 def tunnel_wire(row: Row) -> dict[str, object]:
@@ -40,11 +66,10 @@ def _endpoint(gateway: Row, port_column: str = "wireguard_port") -> str | None:
 def agent_config(
     store: Store, agent: Row, gateways: list[Row], tunnels: list[Row]
 ) -> p.AgentConfig:
-    """An agent's view: itself, every enabled gateway it should peer with, its own
-    tunnels."""
+    """An agent's view: itself, every gateway it should peer with, its own tunnels."""
     peers = []
     for gateway in gateways:
-        if not gateway["public_key"] or not gateway.get("enabled", True):
+        if not gateway["public_key"]:
             continue
         address = store.gateway_address(agent["subnet"], gateway["slot"])
         peers.append(
@@ -66,7 +91,7 @@ def agent_config(
             virtual_ip=agent["virtual_ip"],
         ),
         gateways=tuple(peers),
-        tunnels=tuple(tunnel_spec(t) for t in tunnels if t["agent_id"] == agent["id"]),
+        tunnels=tuple(tunnel_spec(t) for t in tunnels if agent["id"] in tunnel_agents(t)),
     )
 
 
@@ -79,10 +104,9 @@ def gateway_config(
     policies: tuple[p.AccessPolicy, ...] = (),
     session_keys: tuple[p.SessionKey, ...] = (),
 ) -> p.GatewayConfig:
-    """A gateway's view: itself, every enabled agent (peer), all tunnels (a disabled
-    agent's as disabled), all certificates, the tunnels' access policies and the
-    session keys."""
-    peers = [a for a in agents if a["public_key"] and a.get("enabled", True)]
+    """A gateway's view: itself, every agent (peer), all tunnels, all certificates, the
+    tunnels' access policies and the session keys."""
+    peers = [a for a in agents if a["public_key"]]
     return p.GatewayConfig(
         gateway=p.GatewaySelf(
             id=gateway["id"],
