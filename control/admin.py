@@ -41,8 +41,8 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 _COLUMNS = {
-    "agents": ("name", "id", "virtualIp", "online", "lastSeen"),
-    "gateways": ("name", "id", "slot", "publicIp", "wireguardPort", "online"),
+    "agents": ("name", "id", "virtualIp", "enabled", "online", "lastSeen"),
+    "gateways": ("name", "id", "slot", "publicIp", "wireguardPort", "enabled", "online"),
     "tunnels": (
         "id",
         "protocol",
@@ -246,6 +246,13 @@ def _client_verbs(client: Client, args: argparse.Namespace, kind: str) -> int:
     elif args.action == "delete":
         client.call("DELETE", f"/api/{plural}/{args.ref}")
         print(f"deleted {kind} {args.ref}")
+    elif args.action in ("enable", "disable"):
+        enabled = args.action == "enable"
+        data = client.call("PATCH", f"/api/{plural}/{args.ref}", {"enabled": enabled})
+        if args.json:
+            _print(args, plural, data)
+        else:
+            print(f"{args.action}d {kind} {data['name']}")
     return 0
 
 
@@ -454,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
     except ApiFailure as exc:
         print(f"kakuremichi admin: {exc}", file=sys.stderr)
         return 1
+    finally:
+        client.http.close()
 
 
 def register(subparsers: Any) -> None:
@@ -480,8 +489,18 @@ def register(subparsers: Any) -> None:
             ("get", "show one"),
             ("delete", f"delete a {kind}"),
             ("rotate-key", "issue a new API key (prints it once)"),
+            (
+                "disable",
+                f"disable a {kind}: Control refuses its connection (close code 4008) and no "
+                "other client peers with it"
+                + (" (its tunnels answer as disabled)" if kind == "agent" else "")
+                + "; its key stays valid",
+            ),
+            ("enable", f"enable a disabled {kind} again (it reconnects with the same key)"),
         ):
-            sub = actions.add_parser(action, help=text)
+            sub = actions.add_parser(
+                action, help=text, description=text[:1].upper() + text[1:] + "."
+            )
             sub.add_argument("ref", help="id or name")
             common(sub)
 

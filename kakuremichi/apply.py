@@ -7,6 +7,8 @@ The file declares what Control should hold::
     version: 1
     agents:
       - name: laptop
+      - name: old-server
+        enabled: false                   # refused by Control, peers with no gateway
     gateways:
       - name: edge-1
     tunnels:
@@ -19,9 +21,12 @@ The file declares what Control should hold::
         target: 127.0.0.1:22
         enabled: false
 
-Agents and gateways are named; tunnels are known by what routes to them (an http
-tunnel by its domain, a tcp/udp one by protocol and public port), so a changed target,
-agent or ``enabled`` is an update of the same tunnel.  Every entry is checked with the
+Agents and gateways are named (``- laptop`` for short) and enabled unless the entry
+says ``enabled: false`` (as ``kakuremichi admin agent disable``: Control refuses its
+connection and no other client peers with it; its key stays valid, so ``enabled:
+true`` brings it back).  Tunnels are known by what routes to them (an http tunnel by
+its domain, a tcp/udp one by protocol and public port), so a changed target, agent or
+``enabled`` is an update of the same tunnel.  Every entry is checked with the
 REST API's own models (``control.api.models``) before anything is sent, and an error
 names the file, the line and the field.
 
@@ -33,8 +38,9 @@ nothing.  A created agent's or gateway's API key and enrollment token are printe
 they are never written to the file or to ``export``.
 
 ``export`` writes Control's current agents, gateways and tunnels in the same format
-(sorted, defaults left out), so ``apply -f`` of an export is a no-op.  Access policies
-are not handled yet: a ``policies`` key is refused rather than ignored.
+(sorted, defaults left out: ``enabled: false`` only where disabled), so ``apply -f``
+of an export is a no-op.  Access policies are not handled yet: a ``policies`` key is
+refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ SETTINGS: tuple[Setting, ...] = (
     *COMMON,
 )
 TOP_LEVEL = ("version", "agents", "gateways", "tunnels")
-CLIENT_FIELDS = ("name",)
+CLIENT_FIELDS = ("name", "enabled")
 TUNNEL_FIELDS = ("protocol", "domain", "public_port", "publicPort", "agent", "target", "enabled")
 
 
@@ -104,8 +110,9 @@ def tunnel_key(protocol: str, domain: str | None, public_port: int | None) -> st
 class Desired:
     """Everything a file declares."""
 
-    agents: list[str] = field(default_factory=list)
-    gateways: list[str] = field(default_factory=list)
+    #: name → enabled
+    agents: dict[str, bool] = field(default_factory=dict)
+    gateways: dict[str, bool] = field(default_factory=dict)
     tunnels: dict[str, DesiredTunnel] = field(default_factory=dict)
 
 
@@ -208,6 +215,7 @@ def parse(text: str, path: str = "kakuremichi.yaml") -> Desired:
         raise FileError(f"{_where(path, version_node)}: version: only version {VERSION} is known")
     for kind in ("agents", "gateways"):
         names: dict[str, int] = {}
+        enabled: dict[str, bool] = {}
         node = sections.get(kind)
         for index, item in enumerate(_sequence(path, node, kind) if node is not None else []):
             what = f"{kind}[{index}]"
@@ -216,16 +224,18 @@ def parse(text: str, path: str = "kakuremichi.yaml") -> Desired:
             else:
                 values, nodes = _fields(path, item, what, CLIENT_FIELDS)
             try:
-                name = ClientCreate.model_validate(values).name
+                client = ClientCreate.model_validate(values)
             except ValidationError as exc:
                 raise _validation(path, item, nodes, what, exc) from None
+            name = client.name
             if name in names:
                 raise FileError(
                     f"{_where(path, item)}: {what}.name: {name!r} is already declared on "
                     f"line {names[name]}"
                 )
             names[name] = item.start_mark.line + 1
-        getattr(desired, kind).extend(names)
+            enabled[name] = client.enabled
+        getattr(desired, kind).update(enabled)
     node = sections.get("tunnels")
     for index, item in enumerate(_sequence(path, node, "tunnels") if node is not None else []):
         what = f"tunnels[{index}]"
@@ -313,9 +323,23 @@ def plan(desired: Desired, current: Current, prune: bool = False) -> list[Change
         ("agent", desired.agents, current.agents),
         ("gateway", desired.gateways, current.gateways),
     ):
-        for name in names:
-            if name not in have:
-                changes.append(Change(f"+ {kind} {name}", "POST", f"/api/{kind}s", {"name": name}))
+        for name, enabled in names.items():
+            row = have.get(name)
+            if row is None:
+                body: dict[str, Any] = {"name": name}
+                if not enabled:
+                    body["enabled"] = False
+                text = f"+ {kind} {name}" + ("" if enabled else " (disabled)")
+                changes.append(Change(text, "POST", f"/api/{kind}s", body))
+            elif row.get("enabled", True) != enabled:
+                changes.append(
+                    Change(
+                        f"~ {kind} {name}: enabled {_show(not enabled)} -> {_show(enabled)}",
+                        "PATCH",
+                        f"/api/{kind}s/{row['id']}",
+                        {"enabled": enabled},
+                    )
+                )
     referenced = set(desired.agents) | set(current.agents)
     for key, tunnel in desired.tunnels.items():
         if tunnel.agent not in referenced:
@@ -396,6 +420,13 @@ def execute(client: Client, changes: list[Change], out: Any = None) -> None:
 # -- export -------------------------------------------------------------------------------
 
 
+def _client_entry(row: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": row["name"]}
+    if not row.get("enabled", True):
+        entry["enabled"] = False
+    return entry
+
+
 def export_text(current: Current) -> str:
     """Control's state in the file format (no keys, no ids, defaults left out)."""
     tunnels = []
@@ -416,8 +447,8 @@ def export_text(current: Current) -> str:
         tunnels.append(entry)
     document = {
         "version": VERSION,
-        "agents": [{"name": n} for n in sorted(current.agents)],
-        "gateways": [{"name": n} for n in sorted(current.gateways)],
+        "agents": [_client_entry(current.agents[n]) for n in sorted(current.agents)],
+        "gateways": [_client_entry(current.gateways[n]) for n in sorted(current.gateways)],
         "tunnels": tunnels,
     }
     header = "# kakuremichi export: apply with 'kakuremichi apply -f FILE' (no keys in it)\n"

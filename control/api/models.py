@@ -56,12 +56,15 @@ Name = Annotated[
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
-def check_domain(value: str) -> str:
+def check_domain(value: str, *, wildcard: bool = False) -> str:
     """A fully qualified DNS name (RFC 1123 labels), lower-cased, at least two labels;
     an internationalised name is stored as its A-labels (IDNA 2008 with UTS #46
     mapping: ``Café.Example`` → ``xn--caf-dma.example``), which is what clients send in
-    Host and SNI and what the gateways' routers and ACME match."""
+    Host and SNI and what the gateways' routers and ACME match.  With ``wildcard``,
+    also ``*.`` before such a name (one label, as a certificate's wildcard covers)."""
     domain = value.strip().rstrip(".")
+    if wildcard and domain.startswith("*."):
+        return "*." + check_domain(domain[2:])
     if not domain.isascii():
         try:
             domain = idna.encode(domain, uts46=True).decode("ascii")
@@ -136,16 +139,33 @@ class _Body(BaseModel):
     )
 
 
+_CLIENT_ENABLED = (
+    "false: Control refuses its connection (close code 4008) and no other client peers "
+    "with it (a disabled agent's tunnels are answered as disabled); its key stays valid"
+)
+
+
 class ClientCreate(_Body):
     """Create an agent or a gateway; the response carries its API key, once."""
 
     name: Name
+    enabled: bool = Field(default=True, description=_CLIENT_ENABLED)
 
 
 class ClientUpdate(_Body):
-    """Rename an agent or a gateway."""
+    """Rename, enable or disable an agent or a gateway (give at least one field)."""
 
-    name: Name
+    name: Name | None = None
+    enabled: bool | None = Field(default=None, description=_CLIENT_ENABLED)
+
+    @model_validator(mode="after")
+    def _something(self) -> ClientUpdate:
+        for field in ("name", "enabled"):
+            if field in self.model_fields_set and getattr(self, field) is None:
+                raise ValueError(f"{field} cannot be null")
+        if not self.model_fields_set:
+            raise ValueError("give name or enabled")
+        return self
 
 
 Protocol = Literal["http", "tcp", "udp"]
@@ -184,7 +204,12 @@ class TunnelCreate(_Body):
     """A public hostname (http) or public port (tcp/udp) forwarded to a target on an agent."""
 
     protocol: Protocol = "http"
-    domain: str | None = Field(default=None, description="public hostname (http tunnels)")
+    domain: str | None = Field(
+        default=None,
+        description="public hostname (http tunnels); *.parent for every name one label "
+        "under parent that no other tunnel names (needs a certificate for it, uploaded or "
+        "from a gateway with DNS-01 for its zone)",
+    )
     public_port: Port | None = Field(default=None, description="public port (tcp/udp tunnels)")
     target: str = Field(max_length=2048, description="host:port or http(s) URL, agent side")
     # before agent: agent's validator sees whether replicas were given
@@ -204,7 +229,7 @@ class TunnelCreate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value)
+        return None if value is None else check_domain(value, wildcard=True)
 
     @field_validator("agent")
     @classmethod
@@ -267,7 +292,7 @@ class TunnelUpdate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str | None) -> str | None:
-        return None if value is None else check_domain(value)
+        return None if value is None else check_domain(value, wildcard=True)
 
     @field_validator("target")
     @classmethod
@@ -299,7 +324,7 @@ class CertificateCreate(_Body):
     @field_validator("domain")
     @classmethod
     def _domain(cls, value: str) -> str:
-        return check_domain(value)
+        return check_domain(value, wildcard=True)
 
 
 class CertificateUpdate(_Body):
@@ -341,6 +366,7 @@ class AgentOut(BaseModel):
     subnet: str
     virtualIp: str
     publicKey: str | None
+    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None
@@ -364,6 +390,7 @@ class GatewayOut(BaseModel):
     publicKey: str | None
     publicIp: str | None
     wireguardPort: int | None
+    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None
@@ -430,3 +457,45 @@ class CertificateOut(BaseModel):
     certificate: str
     createdAt: str
     updatedAt: str
+
+
+class AcmeOrderOut(BaseModel):
+    """A tunnel domain that needs a certificate and what is being done about it."""
+
+    domain: str
+    #: ordering (a gateway holds the lease), waiting (for the next pass), failing
+    #: (the last order failed; retried at nextTryAt), no_gateway (no connected gateway
+    #: can prove the name: none with ACME, or a wildcard without DNS-01 for its zone)
+    state: Literal["ordering", "waiting", "failing", "no_gateway"]
+    gateway: str | None
+    leaseExpiresAt: str | None
+    lastError: str | None
+    nextTryAt: str | None
+    ordersGranted: int
+
+
+class AcmeEndedOut(BaseModel):
+    """An order that ended: who held it and how it ended."""
+
+    domain: str
+    gateway: str
+    outcome: Literal["obtained", "failed", "gateway left", "expired"]
+    grantedAt: str | None
+    endedAt: str | None
+
+
+class AcmeGatewayOut(BaseModel):
+    """A connected gateway that orders certificates."""
+
+    name: str
+    challenges: list[str]
+    dnsZones: list[str]
+
+
+class AcmeOut(BaseModel):
+    """Shared ACME: orders in flight or failing, the last ones that ended, and the
+    gateways that can order."""
+
+    orders: list[AcmeOrderOut]
+    recent: list[AcmeEndedOut]
+    gateways: list[AcmeGatewayOut]

@@ -137,6 +137,7 @@ def build_openapi() -> dict[str, Any]:
         m.GatewayOut,
         m.TunnelOut,
         m.CertificateOut,
+        m.AcmeOut,
         m.Error,
     ]
     _, schemas = models_json_schema(
@@ -213,6 +214,14 @@ def build_openapi() -> dict[str, Any]:
     )
     paths["/api/certificates"] = c["list"]
     paths["/api/certificates/{ref}"] = c["item"]
+    paths["/api/acme"] = {
+        "get": {
+            "tags": ["certificates"],
+            "summary": "Shared ACME: which gateway orders which certificate, failures, history",
+            "operationId": "get_acme",
+            "responses": {"200": {"description": "the state", **_json(_ref(m.AcmeOut))}},
+        }
+    }
     paths.update(access_routes.openapi_paths(_errors, _json, _ref))
     return {
         "openapi": "3.1.0",

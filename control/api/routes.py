@@ -23,7 +23,7 @@ from control import certs
 from control.api import models as m
 from control.api.access_routes import AccessApi
 from control.api.errors import ApiError, from_validation
-from control.db.store import ClientKind, Row, Store
+from control.db.store import ClientKind, NotFound, Row, Store
 from control.ws.configs import tunnel_agents
 from control.ws.hub import Hub
 
@@ -47,6 +47,7 @@ def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "subnet": row["subnet"],
         "virtualIp": row["virtual_ip"],
         "publicKey": row["public_key"],
+        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -66,6 +67,7 @@ def gateway_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "publicKey": row["public_key"],
         "publicIp": row["public_ip"],
         "wireguardPort": row["wireguard_port"],
+        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -247,7 +249,7 @@ class Api:
 
     async def create_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientCreate)
-        row, key = await self.store.create_client(kind, body.name)
+        row, key = await self.store.create_client(kind, body.name, body.enabled)
         return JSONResponse(self._with_token(self._out(kind, row, key), request), status_code=201)
 
     async def get_client(self, request: Request, kind: ClientKind) -> Response:
@@ -257,9 +259,17 @@ class Api:
     async def update_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientUpdate)
         async with self.hub.lock:
-            row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
-            await self.hub.push_config_locked(kind, [row["id"]])
-            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+            before = row = await self.store.get_client(kind, request.path_params["ref"])
+            if body.name is not None:
+                row = await self.store.rename_client(kind, row["id"], body.name)
+            if body.enabled is not None:
+                row = await self.store.set_client_enabled(kind, row["id"], body.enabled)
+            disabling = bool(before["enabled"]) and not row["enabled"]
+            if not disabling:
+                await self.hub.push_config_locked(kind, [row["id"]])
+                await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+        if disabling:
+            await self.hub.client_disabled(kind, row["id"])
         return JSONResponse(self._out(kind, row))
 
     async def delete_client(self, request: Request, kind: ClientKind) -> Response:
@@ -285,8 +295,26 @@ class Api:
         rows, total = await self.store.list_tunnels(limit, offset, agent_id)
         return _paged([tunnel_out(r) for r in rows], total, limit, offset)
 
+    async def _check_wildcard(self, domain: str | None) -> None:
+        """A wildcard tunnel needs a certificate that can cover it: one stored for that
+        very wildcard, or a connected gateway that can prove it with DNS-01."""
+        if domain is None or not domain.startswith("*."):
+            return
+        if self.hub.acme.can_prove(domain):
+            return
+        try:
+            await self.store.get_certificate(domain)
+        except NotFound:
+            raise ApiError(
+                422,
+                "wildcard_needs_certificate",
+                f"no certificate covers {domain}: upload one for it, or connect a gateway "
+                "with ACME DNS-01 for its zone (--acme-dns-provider, --acme-dns-zone)",
+            ) from None
+
     async def create_tunnel(self, request: Request) -> Response:
         body = await _body(request, m.TunnelCreate)
+        await self._check_wildcard(body.domain)
         async with self.hub.lock:
             row = await self.store.create_tunnel(body.model_dump())
             self.hub.tunnel_event("tunnel_create", row, tunnel_agents(row))
@@ -306,6 +334,8 @@ class Api:
         if nulls:
             raise ApiError(422, "validation_failed", f"{nulls[0]} cannot be null")
         current = await self.store.get_tunnel(request.path_params["id"])
+        if changes.get("domain") != current["domain"]:
+            await self._check_wildcard(changes.get("domain"))
         protocol = changes.get("protocol") or current["protocol"]
         target = changes.get("target") or current["target"]
         if protocol == "http" and changes.get("public_port") is not None:
@@ -385,6 +415,30 @@ class Api:
             await self.hub.push_config_locked("gateway")
         return Response(status_code=204)
 
+    async def acme_status(self, request: Request) -> Response:
+        """Shared ACME (``control/acme.py``): orders, the last that ended, gateways."""
+        acme = self.hub.acme
+        tunnels, certificates = await self.store.all_tunnels(), await self.store.all_certificates()
+        orders = [
+            {
+                **order,
+                "leaseExpiresAt": _iso(order["leaseExpiresAt"]),
+                "nextTryAt": _iso(order["nextTryAt"]),
+            }
+            for order in acme.status(tunnels, certificates)
+        ]
+        recent = [
+            {**ended, "grantedAt": _iso(ended["grantedAt"]), "endedAt": _iso(ended["endedAt"])}
+            for ended in reversed(acme.recent)
+        ]
+        names = {c.client_id: c.name for c in self.hub.connected("gateway")}
+        gateways = [
+            {"name": names[g], "challenges": list(r.challenges), "dnsZones": list(r.dns_zones)}
+            for g, r in sorted(acme.capable.items(), key=lambda item: names.get(item[0], ""))
+            if g in names
+        ]
+        return JSONResponse({"orders": orders, "recent": recent, "gateways": gateways})
+
     def routes(self) -> list[Route]:
         def bind(kind: ClientKind, method: Any) -> Any:
             async def handler(request: Request) -> Response:
@@ -418,6 +472,7 @@ class Api:
             Route("/api/certificates/{ref}", self.get_certificate, methods=["GET"]),
             Route("/api/certificates/{ref}", self.update_certificate, methods=["PATCH"]),
             Route("/api/certificates/{ref}", self.delete_certificate, methods=["DELETE"]),
+            Route("/api/acme", self.acme_status, methods=["GET"]),
         ]
         routes += AccessApi(self.store, self.hub).routes()
         return routes

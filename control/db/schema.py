@@ -26,6 +26,9 @@ agents = sa.Table(
     sa.Column("public_key", sa.String(44)),
     sa.Column("subnet", sa.String(43), nullable=False, unique=True),
     sa.Column("virtual_ip", sa.String(39), nullable=False, unique=True),
+    # false: refused by the hub and left out of every other client's config; the key
+    # stays valid, so enabling it again needs no new enrollment (migration 0007)
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
     sa.Column("created_at", sa.Float, nullable=False),
@@ -45,6 +48,9 @@ gateways = sa.Table(
     sa.Column("https_port", sa.Integer),
     # k: the gateway's host number in every agent subnet (.k).
     sa.Column("slot", sa.Integer, nullable=False, unique=True),
+    # false: refused by the hub and left out of every other client's config; the key
+    # stays valid, so enabling it again needs no new enrollment (migration 0007)
+    sa.Column("enabled", sa.Boolean, nullable=False, default=True, server_default=sa.true()),
     sa.Column("last_seen", sa.Float),
     sa.Column("client_version", sa.String(64)),
     sa.Column("created_at", sa.Float, nullable=False),

@@ -152,7 +152,9 @@ class Store:
 
     # -- agents and gateways ----------------------------------------------------------
 
-    async def create_client(self, kind: ClientKind, name: str) -> tuple[Row, str]:
+    async def create_client(
+        self, kind: ClientKind, name: str, enabled: bool = True
+    ) -> tuple[Row, str]:
         """Create an agent or gateway; returns the row and its API key (shown once)."""
         table = _table(kind)
         key = new_api_key(kind)
@@ -161,6 +163,7 @@ class Store:
             "id": str(uuid.uuid4()),
             "name": name,
             "api_key_hash": hash_key(key),
+            "enabled": enabled,
             "created_at": now,
             "updated_at": now,
         }
@@ -232,6 +235,20 @@ class Store:
                 )
             except IntegrityError as exc:
                 raise Conflict(f"{kind} named {name!r} already exists") from exc
+        return await self.get_client(kind, row["id"])
+
+    async def set_client_enabled(self, kind: ClientKind, ref: str, enabled: bool) -> Row:
+        """Enable or disable an agent or gateway (its key is kept either way)."""
+        table = _table(kind)
+        row = await self.get_client(kind, ref)
+        if bool(row["enabled"]) == enabled:
+            return row
+        async with self._write() as conn:
+            await conn.execute(
+                table.update()
+                .where(table.c.id == row["id"])
+                .values(enabled=enabled, updated_at=time.time())
+            )
         return await self.get_client(kind, row["id"])
 
     async def rotate_key(self, kind: ClientKind, ref: str) -> tuple[Row, str]:
@@ -387,6 +404,8 @@ class Store:
             agents.c.name.label("agent_name"),
             agents.c.virtual_ip.label("agent_ip"),
             agents.c.subnet.label("agent_subnet"),
+            # a disabled agent's tunnels are sent to gateways as disabled
+            agents.c.enabled.label("agent_enabled"),
         ).join(agents, agents.c.id == tunnels.c.agent_id)
 
     async def list_tunnels(

@@ -20,7 +20,8 @@ def tunnel_spec(row: Row) -> p.TunnelSpec:
         target=row["target"],
         agent_id=row["agent_id"],
         agent_ip=row["agent_ip"],
-        enabled=bool(row["enabled"]),
+        # a disabled agent's tunnels are answered as disabled tunnels by the gateways
+        enabled=bool(row["enabled"]) and bool(row.get("agent_enabled", True)),
         proxy_protocol=row["proxy_protocol"] if row["protocol"] != "http" else None,
         replicas=replica_specs(row),
         balance=row.get("balance") or "round_robin",
@@ -66,10 +67,11 @@ def _endpoint(gateway: Row, port_column: str = "wireguard_port") -> str | None:
 def agent_config(
     store: Store, agent: Row, gateways: list[Row], tunnels: list[Row]
 ) -> p.AgentConfig:
-    """An agent's view: itself, every gateway it should peer with, its own tunnels."""
+    """An agent's view: itself, every enabled gateway it should peer with, its own
+    tunnels."""
     peers = []
     for gateway in gateways:
-        if not gateway["public_key"]:
+        if not gateway["public_key"] or not gateway.get("enabled", True):
             continue
         address = store.gateway_address(agent["subnet"], gateway["slot"])
         peers.append(
@@ -104,9 +106,10 @@ def gateway_config(
     policies: tuple[p.AccessPolicy, ...] = (),
     session_keys: tuple[p.SessionKey, ...] = (),
 ) -> p.GatewayConfig:
-    """A gateway's view: itself, every agent (peer), all tunnels, all certificates, the
-    tunnels' access policies and the session keys."""
-    peers = [a for a in agents if a["public_key"]]
+    """A gateway's view: itself, every enabled agent (peer), all tunnels (a disabled
+    agent's as disabled), all certificates, the tunnels' access policies and the
+    session keys."""
+    peers = [a for a in agents if a["public_key"] and a.get("enabled", True)]
     return p.GatewayConfig(
         gateway=p.GatewaySelf(
             id=gateway["id"],

@@ -1,16 +1,16 @@
 """A tunnel may be served by several agents (issue 17): tunnel_replicas (weight, role,
 draining, health per agent) and the tunnel's balance and sticky settings.
 
-Revision ID: 0007_tunnel_replicas
-Revises: 0006_cluster
+Revision ID: 0008_tunnel_replicas
+Revises: 0007_client_enabled
 Create Date: 2026-12-06
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_tunnel_replicas"
-down_revision = "0006_cluster"
+revision = "0008_tunnel_replicas"
+down_revision = "0007_client_enabled"
 branch_labels = None
 depends_on = None
 
