@@ -219,7 +219,10 @@ def build_openapi() -> dict[str, Any]:
             "tags": ["certificates"],
             "summary": "Shared ACME: which gateway orders which certificate, failures, history",
             "operationId": "get_acme",
-            "responses": {"200": {"description": "the state", **_json(_ref(m.AcmeOut))}},
+            "responses": {
+                "200": {"description": "the state", **_json(_ref(m.AcmeOut))},
+                **_errors(),
+            },
         }
     }
     paths.update(access_routes.openapi_paths(_errors, _json, _ref))
