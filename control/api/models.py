@@ -139,16 +139,33 @@ class _Body(BaseModel):
     )
 
 
+_CLIENT_ENABLED = (
+    "false: Control refuses its connection (close code 4008) and no other client peers "
+    "with it (a disabled agent's tunnels are answered as disabled); its key stays valid"
+)
+
+
 class ClientCreate(_Body):
     """Create an agent or a gateway; the response carries its API key, once."""
 
     name: Name
+    enabled: bool = Field(default=True, description=_CLIENT_ENABLED)
 
 
 class ClientUpdate(_Body):
-    """Rename an agent or a gateway."""
+    """Rename, enable or disable an agent or a gateway (give at least one field)."""
 
-    name: Name
+    name: Name | None = None
+    enabled: bool | None = Field(default=None, description=_CLIENT_ENABLED)
+
+    @model_validator(mode="after")
+    def _something(self) -> ClientUpdate:
+        for field in ("name", "enabled"):
+            if field in self.model_fields_set and getattr(self, field) is None:
+                raise ValueError(f"{field} cannot be null")
+        if not self.model_fields_set:
+            raise ValueError("give name or enabled")
+        return self
 
 
 Protocol = Literal["http", "tcp", "udp"]
@@ -349,6 +366,7 @@ class AgentOut(BaseModel):
     subnet: str
     virtualIp: str
     publicKey: str | None
+    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None
@@ -372,6 +390,7 @@ class GatewayOut(BaseModel):
     publicKey: str | None
     publicIp: str | None
     wireguardPort: int | None
+    enabled: bool
     online: bool
     lastSeen: str | None
     version: str | None

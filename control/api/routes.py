@@ -47,6 +47,7 @@ def agent_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "subnet": row["subnet"],
         "virtualIp": row["virtual_ip"],
         "publicKey": row["public_key"],
+        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -66,6 +67,7 @@ def gateway_out(row: Row, api_key: str | None = None) -> dict[str, Any]:
         "publicKey": row["public_key"],
         "publicIp": row["public_ip"],
         "wireguardPort": row["wireguard_port"],
+        "enabled": bool(row["enabled"]),
         "online": bool(row.get("online")),
         "lastSeen": _iso(row["last_seen"]),
         "version": row["client_version"],
@@ -247,7 +249,7 @@ class Api:
 
     async def create_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientCreate)
-        row, key = await self.store.create_client(kind, body.name)
+        row, key = await self.store.create_client(kind, body.name, body.enabled)
         return JSONResponse(self._with_token(self._out(kind, row, key), request), status_code=201)
 
     async def get_client(self, request: Request, kind: ClientKind) -> Response:
@@ -257,9 +259,17 @@ class Api:
     async def update_client(self, request: Request, kind: ClientKind) -> Response:
         body = await _body(request, m.ClientUpdate)
         async with self.hub.lock:
-            row = await self.store.rename_client(kind, request.path_params["ref"], body.name)
-            await self.hub.push_config_locked(kind, [row["id"]])
-            await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+            before = row = await self.store.get_client(kind, request.path_params["ref"])
+            if body.name is not None:
+                row = await self.store.rename_client(kind, row["id"], body.name)
+            if body.enabled is not None:
+                row = await self.store.set_client_enabled(kind, row["id"], body.enabled)
+            disabling = bool(before["enabled"]) and not row["enabled"]
+            if not disabling:
+                await self.hub.push_config_locked(kind, [row["id"]])
+                await self.hub.push_config_locked("gateway" if kind == "agent" else "agent")
+        if disabling:
+            await self.hub.client_disabled(kind, row["id"])
         return JSONResponse(self._out(kind, row))
 
     async def delete_client(self, request: Request, kind: ClientKind) -> Response:

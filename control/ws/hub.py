@@ -9,7 +9,10 @@ hold only so many pending connections (``control.ws.admission``): one more gets 
 A valid key yields ``auth_success`` and a full ``config``; the client's public key (and
 a gateway's endpoint) are stored, and if they changed, the other side is sent a fresh
 ``config`` so it can update its WireGuard peers.  A second connection with the same
-credentials replaces the first (close code ``CLOSE_REPLACED``).
+credentials replaces the first (close code ``CLOSE_REPLACED``).  A disabled client's key
+stays valid, but its ``auth`` is answered ``auth_error`` (code ``disabled``) and close
+code ``CLOSE_DISABLED`` (4008), a connected one is closed with it when an admin
+disables it, and no other client's config names it (``configs.py``).
 
 Each connection owns a bounded send queue drained by its own writer task: a slow
 client never delays a broadcast to the others, and one whose queue overflows is
@@ -146,6 +149,8 @@ class Hub:
         #: interval, not one per connection
         self.auth_failures = OncePer(AUTH_LOG_INTERVAL, AUTH_LOG_ADDRESSES)
         self.auth_timeouts = OncePer(AUTH_LOG_INTERVAL, AUTH_LOG_ADDRESSES)
+        #: disabled clients retrying: a line per client per interval
+        self.disabled_refusals = OncePer(AUTH_LOG_INTERVAL, AUTH_LOG_ADDRESSES)
         self.offline_after = offline_after
         self.coalesce_delay = coalesce_delay
         self._pending_push: set[ClientKind] = set()
@@ -300,6 +305,9 @@ class Hub:
             await self._reject(ws, "invalid API key", peer, "invalid_key")
             return None
         kind: ClientKind = "agent" if auth.client_type == "agent" else "gateway"
+        if not row["enabled"]:
+            await self._refuse_disabled(ws, kind, row, peer)
+            return None
         changed = await self.store.record_auth(
             kind,
             row,
@@ -328,7 +336,12 @@ class Hub:
                 )
                 conn.enqueue(p.encode("config", config[conn], conn.config_version))
         if conn not in config:
-            await self._reject(ws, f"{kind} was deleted", peer, "invalid_key")
+            try:
+                current = await self.store.get_client(kind, row["id"])
+            except NotFound:
+                await self._reject(ws, f"{kind} was deleted", peer, "invalid_key")
+            else:  # disabled meanwhile
+                await self._refuse_disabled(ws, kind, current, peer)
             return None
         if old is not None:
             log.info("replacing previous connection", extra=kv(kind=kind, client=row["name"]))
@@ -355,6 +368,23 @@ class Hub:
         with contextlib.suppress(Exception):
             await ws.send_text(p.encode("auth_error", p.ErrorReport(code, message).to_wire()))
         await self._safe_close(ws, p.CLOSE_AUTH_FAILED, message[:120])
+
+    async def _refuse_disabled(self, ws: WebSocket, kind: ClientKind, row: Row, peer: str) -> None:
+        """A disabled client's key is valid but it may not connect: ``auth_error``
+        (code ``disabled``) and close code 4008, logged once per client per interval
+        (it keeps retrying on its back-off until enabled)."""
+        due, unlogged = self.disabled_refusals.due(row["id"])
+        if due:
+            log.info(
+                "refusing a disabled client",
+                extra=kv(kind=kind, client=row["name"], peer=peer, since_last_logged=unlogged),
+            )
+        message = f"this {kind} is disabled; an admin can enable it again"
+        with contextlib.suppress(Exception):
+            await ws.send_text(
+                p.encode("auth_error", p.ErrorReport(p.AUTH_DISABLED, message).to_wire())
+            )
+        await self._safe_close(ws, p.CLOSE_DISABLED, f"{kind} disabled")
 
     async def _serve(self, conn: Connection) -> None:
         while not conn.closing:  # closed by the hub (too slow, bad frames): stop reading
@@ -619,7 +649,7 @@ class Hub:
                     self.store, rows[conn.client_id], gateways, by_agent.get(conn.client_id, [])
                 ).to_wire()
                 for conn in conns
-                if conn.client_id in rows
+                if conn.client_id in rows and rows[conn.client_id]["enabled"]
             }
         agents = await self._snapshot("agents")
         certificates = await self._snapshot("certificates")
@@ -637,7 +667,7 @@ class Hub:
                 keys,
             ).to_wire()
             for conn in conns
-            if conn.client_id in gateway_rows
+            if conn.client_id in gateway_rows and gateway_rows[conn.client_id]["enabled"]
         }
 
     async def _policies(self) -> tuple[p.AccessPolicy, ...]:
@@ -786,6 +816,13 @@ class Hub:
             self.connected("agent", [after["agent_id"]]), "tunnel_create", tunnel_wire(after)
         )
         self._broadcast(self.connected("gateway"), "tunnel_update", tunnel_wire(after))
+
+    async def client_disabled(self, kind: ClientKind, client_id: str) -> None:
+        """After an agent or gateway was disabled (committed): close its connection with
+        4008 first, so it stops serving before its peers drop it, then send the other
+        side configs without it (a gateway's: a disabled agent's tunnels as disabled)."""
+        await self.disconnect(kind, client_id, p.CLOSE_DISABLED, f"{kind} disabled")
+        await self.push_config("gateway" if kind == "agent" else "agent")
 
     async def disconnect(self, kind: ClientKind, client_id: str, code: int, reason: str) -> None:
         """Close a client's connection (deleted, or its key rotated)."""
