@@ -19,6 +19,7 @@ from control import access
 from control.db.admins import AdminStore, AuditEntry
 from control.db.store import ClientKind, Row, Store
 from control.events import EventBus
+from control.ws.configs import tunnel_agents
 from control.ws.hub import Hub
 
 
@@ -110,17 +111,14 @@ class Actions:
     async def create_tunnel(self, fields: dict[str, Any]) -> Row:
         async with self.hub.lock:
             row = await self.store.create_tunnel(fields)
-            self.hub.tunnel_event("tunnel_create", row, [row["agent_id"]])
+            self.hub.tunnel_event("tunnel_create", row, tunnel_agents(row))
         await self.audit("tunnel.create", "tunnel", row, detail=f"to {row['target']}")
         return row
 
     async def update_tunnel(self, tunnel_id: str, changes: dict[str, Any], action: str) -> Row:
         async with self.hub.lock:
             before, after = await self.store.update_tunnel(tunnel_id, changes)
-            if before["agent_id"] != after["agent_id"]:
-                self.hub.agent_moved_tunnel(before, after)
-            else:
-                self.hub.tunnel_event("tunnel_update", after, [after["agent_id"]])
+            self.hub.tunnel_changed(before, after)  # each replica's agent too
         changed = sorted(k for k in changes if before.get(k) != after.get(k))
         await self.audit(
             action, "tunnel", after, detail=("changed " + ", ".join(changed)) if changed else None
@@ -130,7 +128,7 @@ class Actions:
     async def delete_tunnel(self, tunnel_id: str) -> Row:
         async with self.hub.lock:
             row = await self.store.delete_tunnel(tunnel_id)
-            self.hub.tunnel_event("tunnel_delete", row, [row["agent_id"]])
+            self.hub.tunnel_event("tunnel_delete", row, tunnel_agents(row))
         self.hub.traffic.forget(row["id"])
         await self.audit("tunnel.delete", "tunnel", row)
         return row

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from control import access
 from control.api import models as m
+from control.api.routes import replicas_out
 from control.db.store import StoreError
 from control.web import render
 from control.web import session as web
@@ -111,6 +112,8 @@ class TunnelPages:
             ctx,
             "tunnel.html",
             row=self.core._tunnel_view(row, time.time()),
+            # several agents: each one's state (one agent: the facts above say it all)
+            replicas=replicas_out(row) if len(row["replicas"]) > 1 else [],
             policy=policy,
             history=history,
             notice=ctx.request.query_params.get("notice"),

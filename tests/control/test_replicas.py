@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 from typing import Any
 from unittest import mock
 
@@ -18,6 +19,8 @@ import httpx
 from common import protocol
 from kakuremichi import cli
 from tests.control.test_api import assert_error
+from tests.control.web.test_pages import client as web_client
+from tests.control.web.test_pages import csrf_of, sign_up
 from tests.controlserver import ADMIN_TOKEN, Peer, RunningControl, connect_client, create
 
 HTTP = {"domain": "app.example.com", "target": "127.0.0.1:8080"}
@@ -291,3 +294,32 @@ async def test_admin_cli_replicas_and_drain(
         "a:zero",
     )
     assert code == 2 and "--replica" in err, err
+
+
+async def test_dashboard_shows_replicas_and_pushes_to_each(
+    control: RunningControl, api: httpx.AsyncClient
+) -> None:
+    a = await create(api, "agent", "a")
+    b = await create(api, "agent", "b")
+    tunnel = (await api.post("/api/tunnels", json={**HTTP, "replicas": TWO})).json()
+    await api.post(f"/api/tunnels/{tunnel['id']}/replicas/b/drain")
+    peer_a = await connect_client(control, a["apiKey"], "agent", 1)
+    peer_b = await connect_client(control, b["apiKey"], "agent", 2)
+    async with web_client(control) as browser:
+        await sign_up(control, browser)
+        page = await browser.get(f"/tunnels/{tunnel['id']}")
+        assert page.status_code == 200
+        states = re.findall(r'data-replica-state="([a-z]+)"', page.text)
+        assert states == ["unknown", "draining"], page.text
+        # disabled from the dashboard: both replicas' agents hear it, not only the first
+        disabled = await browser.post(
+            f"/tunnels/{tunnel['id']}/disable", data={"csrf": csrf_of(page.text)}
+        )
+        assert disabled.status_code == 303, disabled.text
+    try:
+        for peer in (peer_a, peer_b):
+            update = await peer.expect("tunnel_update")
+            assert update["data"]["id"] == tunnel["id"] and update["data"]["enabled"] is False
+    finally:
+        for peer in (peer_a, peer_b):
+            await peer.close()
