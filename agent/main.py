@@ -46,7 +46,13 @@ def _mtu(value: str) -> int:
 
 SETTINGS: tuple[Setting, ...] = (
     TOKEN,
-    Setting("control-url", "Control's URL (https://host:port)", None, metavar="URL"),
+    Setting(
+        "control-url",
+        "Control's URL (https://host:port); several Control replicas' URLs, "
+        "comma-separated, to move to the next one whenever a connection ends",
+        None,
+        metavar="URL",
+    ),
     Setting("api-key", "this agent's API key (agt_…)", None, secret=True, metavar="KEY"),
     CONTROL_CA,
     Setting("data-dir", "state directory (WireGuard key, last configuration)", "./data/agent"),

@@ -20,6 +20,13 @@ up to 60 s, reset after a connection that lived long enough.  While disconnected
 view keeps its last good content, so traffic keeps flowing.  Frames that do not parse
 are logged and skipped; they never end the connection or the process.
 
+Several Control replicas: ``--control-url`` may name several URLs (comma-separated) of
+replicas sharing one database; the client uses the first and moves to the next one
+whenever a connection ends, so a dead replica's clients come back at another (one URL
+in front of a load balancer works as well).  A busy Control closes with 1013 and
+``retry after N``: the client then waits N to 2N seconds (jitter), so a crowd turned
+away in a reconnect storm returns spread out.
+
 One refusal is not transient: an admin disabled this agent or gateway (``auth_error``
 code ``disabled``, or close code 4008 on a live connection).  The view is then marked
 ``disabled`` and serves every tunnel as disabled (also from the state file after a
@@ -57,6 +64,18 @@ from common.token import decode as decode_token
 log = logging.getLogger("kakuremichi.controlclient")
 
 STABLE_AFTER = 30.0  # a connection that lived this long resets the back-off
+
+
+def control_urls(text: str) -> list[str]:
+    """``--control-url``: one URL, or several (comma-separated) of Control replicas
+    serving the same database; a client uses the first and moves to the next one
+    whenever a connection ends.  ValueError for an empty list."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ValueError(f"{text!r} names no URL")
+    if len(urls) > 16:
+        raise ValueError("at most 16 Control URLs")
+    return urls
 
 
 def websocket_url(control_url: str) -> str:
@@ -202,9 +221,12 @@ def control_target(values: dict[str, Any], kind: str) -> ControlTarget:
             raise ConfigError(f"--{name} (or {env}), or a --token, is required")
     assert url is not None and api_key is not None
     try:
-        ws_url = websocket_url(url)
+        ws_urls = [websocket_url(u) for u in control_urls(url)]
     except ValueError as exc:
         raise ConfigError(f"--control-url: {exc}") from exc
+    if len({u.startswith("wss://") for u in ws_urls}) > 1:
+        raise ConfigError("--control-url: give every Control URL the same scheme")
+    ws_url = ws_urls[0]
     if not api_key.startswith(prefix):
         raise ConfigError(
             f"--api-key: {'an' if kind == 'agent' else 'a'} {kind} key starts with {prefix}"
@@ -224,9 +246,10 @@ def control_target(values: dict[str, Any], kind: str) -> ControlTarget:
             context = client_ssl_context(None if pin else ca_file, pin)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"--control-ca: cannot load {ca_file}: {exc}") from exc
-    warning = plaintext_warning(url)
-    if warning:
-        log.warning(warning)
+    for one in control_urls(url):
+        warning = plaintext_warning(one)
+        if warning:
+            log.warning(warning)
     return ControlTarget(url, api_key, context, pin)
 
 
@@ -363,7 +386,11 @@ class ControlClient:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.url = websocket_url(settings.control_url)
+        #: every Control replica we may use, in order; ``url`` is the one in use
+        self.urls = [websocket_url(u) for u in control_urls(settings.control_url)]
+        self.url = self.urls[0]
+        #: what Control's last close asked for (CLOSE_TRY_AGAIN), in seconds
+        self.retry_after: int | None = None
         self.view = ControlView()
         self.on_change = on_change
         self.rng = rng or random.Random()
@@ -415,6 +442,15 @@ class ControlClient:
             except PinMismatch as exc:
                 self.last_error = str(exc)
                 log.error("refusing Control: wrong certificate", extra=kv(error=str(exc)))
+            except websockets.ConnectionClosed as exc:  # closed before auth_success
+                self.last_error = describe_tls_error(exc)
+                if exc.rcvd is not None and exc.rcvd.code == p.CLOSE_TRY_AGAIN:
+                    self.retry_after = p.parse_retry_after(exc.rcvd.reason) or 1
+            except websockets.InvalidStatus as exc:  # refused before the upgrade
+                self.last_error = describe_tls_error(exc)
+                header = exc.response.headers.get("Retry-After", "")
+                if exc.response.status_code in (429, 503) and header.isdigit():
+                    self.retry_after = p.parse_retry_after(f"retry after {header[:6]}")
             except Exception as exc:  # every failure is transient for us
                 self.last_error = describe_tls_error(exc)
             finally:
@@ -424,6 +460,14 @@ class ControlClient:
                 return
             failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
             delay = self.backoff(failures)
+            if self.retry_after is not None:
+                # Control is busy: come back when it said, spread over as long again so
+                # that a crowd it turned away does not return at one instant
+                delay = max(delay, self.rng.uniform(self.retry_after, 2 * self.retry_after))
+                self.retry_after = None
+            if len(self.urls) > 1:
+                # the next replica: this one may be gone (or busy)
+                self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
             log.log(
                 # disabled: said once when it happened; each refused retry is routine
                 logging.DEBUG if self.view.disabled else logging.WARNING,
@@ -504,6 +548,8 @@ class ControlClient:
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
+            if ws.close_code == p.CLOSE_TRY_AGAIN:
+                self.retry_after = p.parse_retry_after(ws.close_reason) or 1
             if ws.close_code is not None:
                 self.last_error = f"closed by control ({ws.close_code} {ws.close_reason})"
             if ws.close_code == p.CLOSE_DISABLED:

@@ -28,6 +28,12 @@ HEALTH_STATES = ("healthy", "unhealthy", "unknown")
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+#: Control is busy (a reconnect storm: its admission queue is full): come back after
+#: the seconds its reason names ("retry after N"), with jitter (RFC 6455's registry:
+#: 1013 Try Again Later)
+CLOSE_TRY_AGAIN = 1013
+#: longest wait a ``CLOSE_TRY_AGAIN`` reason may ask for (seconds)
+MAX_RETRY_AFTER = 300
 CLOSE_AUTH_FAILED = 4001
 CLOSE_AUTH_TIMEOUT = 4002
 CLOSE_REPLACED = 4003
@@ -1438,3 +1444,20 @@ def parse_config(client_type: str, value: object) -> AgentConfig | GatewayConfig
     if client_type == "agent":
         return parse_agent_config(value)
     return parse_gateway_config(value)
+
+
+def retry_after_reason(seconds: int) -> str:
+    """The close reason of :data:`CLOSE_TRY_AGAIN` asking for ``seconds``."""
+    return f"retry after {max(1, min(MAX_RETRY_AFTER, int(seconds)))}"
+
+
+def parse_retry_after(reason: str | None) -> int | None:
+    """The seconds a ``CLOSE_TRY_AGAIN`` reason asks for (1..``MAX_RETRY_AFTER``), or
+    None when it names none."""
+    prefix = "retry after "
+    if not reason or not reason.startswith(prefix):
+        return None
+    text = reason[len(prefix) :]
+    if not (text.isascii() and text.isdigit()) or len(text) > 6:
+        return None
+    return max(1, min(MAX_RETRY_AFTER, int(text)))

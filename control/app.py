@@ -36,6 +36,8 @@ from control.api import authlimit
 from control.api.errors import ApiError, error_response
 from control.api.openapi import build_openapi
 from control.api.routes import Api, Enrollment, request_base_url
+from control.cluster import DEFAULT_TIMEOUT, Cluster, SingleControl
+from control.cluster.postgres import PostgresCluster
 from control.db.admins import AdminStore
 from control.db.engine import create_engine, migrate
 from control.db.store import Store, StoreError
@@ -45,6 +47,7 @@ from control.tls import ControlTls
 from control.web.audit import RestAudit
 from control.web.pages import Dashboard
 from control.web.session import WebSettings
+from control.ws import intake
 from control.ws.admission import DEFAULT_PER_ADDRESS, address_key
 from control.ws.hub import Hub
 
@@ -86,6 +89,11 @@ class ControlSettings:
     #: the URL agents and gateways reach Control at, put in enrollment tokens
     #: (None: the URL the admin's request came to)
     public_url: str | None = None
+    #: several replicas on PostgreSQL: seconds without a heartbeat before a replica is
+    #: dead (its clients' presence dropped, its lease taken over)
+    replica_timeout: float = DEFAULT_TIMEOUT
+    #: connections authenticating at once; more are told to come back later
+    auth_queue: int = intake.DEFAULT_LIMIT
 
 
 def _digest(token: str) -> str:
@@ -179,11 +187,21 @@ def create_app(settings: ControlSettings) -> Starlette:
     plan = AddressPlan(settings.address_pool, settings.agent_prefix, settings.agent_host)
     engine = create_engine(settings.database_url)
     store = Store(engine, plan)
+    cluster: Cluster = SingleControl()
+    if engine.dialect.name == "postgresql":
+        # PostgreSQL may be shared by several replicas: changes, presence and the
+        # once-only jobs are coordinated through it (control.cluster.postgres)
+        cluster = PostgresCluster(
+            engine, settings.public_url or settings.listen_url, settings.replica_timeout
+        )
+        store.shared = True
     hub = Hub(
         store,
         offline_after=settings.offline_after,
         auth_timeout=settings.auth_timeout,
         pending_per_address=settings.max_unauthenticated_per_address,
+        cluster=cluster,
+        auth_queue=settings.auth_queue,
     )
     api = Api(store, hub, enrollment=_enrollment(settings))
     auth_state: dict[str, Any] = {}
@@ -243,7 +261,11 @@ def create_app(settings: ControlSettings) -> Starlette:
             await engine.dispose()
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "connections": len(hub.connections)})
+        body: dict[str, Any] = {"status": "ok", "connections": len(hub.connections)}
+        if hub.cluster.replica_id:  # one of several replicas: which, and its jobs' lease
+            body["replica"] = hub.cluster.replica_id
+            body["jobs"] = hub.cluster.holds_jobs
+        return JSONResponse(body)
 
     async def livez(request: Request) -> Response:
         # the event loop answers: alive (a database outage is not cured by a restart)

@@ -35,13 +35,14 @@ from common.config import (
 )
 from common.controlclient import is_loopback_url
 from common.eventloop import EVENT_LOOP
-from control import listener
+from control import cluster, listener
 from control.alloc import DEFAULT_AGENT_HOST, DEFAULT_POOL, DEFAULT_PREFIX, AddressPlan
 from control.api import authlimit
 from control.api.models import check_domain
 from control.app import ControlSettings, create_app
 from control.selfacme import ControlAcme, prepare
 from control.tls import ControlTls, TlsError, ensure_self_signed
+from control.ws import intake
 from control.ws.admission import DEFAULT_PER_ADDRESS
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
@@ -66,7 +67,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("data-dir", "state directory (SQLite database)", "./data/control"),
     Setting(
         "database-url",
-        "SQLAlchemy async database URL (default: SQLite file in --data-dir)",
+        "database URL: sqlite+aiosqlite:///FILE (default: control.db in --data-dir; one "
+        "Control) or postgresql+asyncpg://USER:PASSWORD@HOST/DB (also postgresql://), "
+        "which several Control replicas can share",
         None,
         secret=True,
         metavar="URL",
@@ -105,6 +108,15 @@ SETTINGS: tuple[Setting, ...] = (
         metavar="N",
     ),
     Setting(
+        "auth-queue",
+        "WebSocket connections Control authenticates at once (a reconnect storm's "
+        "queue); more are closed with 1013 and a 'retry after N' that clients honour "
+        "with jitter",
+        intake.DEFAULT_LIMIT,
+        parse=positive_int,
+        metavar="N",
+    ),
+    Setting(
         "request-head-timeout",
         "seconds a connection has to complete its request line and headers (the first "
         "from connecting, a later one from its first byte); then it is closed",
@@ -127,6 +139,15 @@ SETTINGS: tuple[Setting, ...] = (
         authlimit.DEFAULT_LIMIT,
         parse=positive_int,
         metavar="N",
+    ),
+    Setting(
+        "replica-timeout",
+        "with several Control replicas on one PostgreSQL database (--database-url "
+        "postgresql+asyncpg://...): seconds without a heartbeat after which a replica "
+        "counts as dead, its clients' presence is dropped and its once-only jobs move",
+        cluster.DEFAULT_TIMEOUT,
+        parse=positive_float,
+        metavar="SECONDS",
     ),
     Setting(
         "public-url",
@@ -236,6 +257,7 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
     url = values["database_url"]
     if url is None:
         url = f"sqlite+aiosqlite:///{data_dir.resolve() / 'control.db'}"
+    url = database_url(url)
     try:
         if values["host"] != "localhost":
             ipaddress.ip_address(values["host"])
@@ -277,8 +299,29 @@ def settings_from(values: dict[str, Any]) -> tuple[ControlSettings, Path]:
             public_url=public_url,
             listen_url=listen_url(values),
             dashboard_insecure_http=values["dashboard_insecure_http"],
+            replica_timeout=values["replica_timeout"],
+            auth_queue=values["auth_queue"],
         ),
         data_dir,
+    )
+
+
+def database_url(url: str) -> str:
+    """``--database-url`` checked: SQLite through aiosqlite or PostgreSQL through
+    asyncpg (``postgresql://`` and ``postgres://`` mean asyncpg)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise ConfigError(
+            "--database-url: not a URL (sqlite+aiosqlite:///FILE or postgresql://...)"
+        )
+    scheme = scheme.lower()
+    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return "postgresql+asyncpg://" + rest
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return "sqlite+aiosqlite://" + rest
+    raise ConfigError(
+        f"--database-url: {scheme}:// is not supported; use sqlite+aiosqlite:///FILE or "
+        "postgresql+asyncpg://USER:PASSWORD@HOST/DB"
     )
 
 

@@ -33,7 +33,13 @@ from gateway.runtime import Gateway, GatewaySettings
 
 SETTINGS: tuple[Setting, ...] = (
     TOKEN,
-    Setting("control-url", "Control's URL (https://host:port)", None, metavar="URL"),
+    Setting(
+        "control-url",
+        "Control's URL (https://host:port); several Control replicas' URLs, "
+        "comma-separated, to move to the next one whenever a connection ends",
+        None,
+        metavar="URL",
+    ),
     Setting("api-key", "this gateway's API key (gtw_…)", None, secret=True, metavar="KEY"),
     CONTROL_CA,
     Setting("data-dir", "state directory (WireGuard key, certificates)", "./data/gateway"),

@@ -109,6 +109,9 @@ class Store:
         # Subnet indices in use, loaded once and kept in step by this process; any
         # insert conflict (another process) drops it so it is reloaded.
         self._used_subnets: set[int] | None = None
+        #: other processes write too (Control replicas on PostgreSQL): read the subnets
+        #: in use afresh for every new agent
+        self.shared = False
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -172,7 +175,7 @@ class Store:
                 raise Conflict(f"{kind} named {name!r} already exists")
             try:
                 if kind == "agent":
-                    if self._used_subnets is None:
+                    if self._used_subnets is None or self.shared:
                         rows = await conn.scalars(sa.select(agents.c.subnet))
                         self._used_subnets = {self.plan.index_of(text) for text in rows}
                     index = self.plan.first_free_index(self._used_subnets)
@@ -281,6 +284,14 @@ class Store:
                 await conn.execute(sa.select(table).where(table.c.api_key_hash == hash_key(key)))
             ).first()
         return None if row is None else dict(row._mapping)
+
+    async def clients_by_key_hashes(self, kind: ClientKind, hashes: Sequence[str]) -> list[Row]:
+        """The clients whose API keys hash to ``hashes``, in one query (a reconnect
+        storm's look-ups batched; ``control.ws.intake``)."""
+        table = _table(kind)
+        async with self._read() as conn:
+            result = await conn.execute(sa.select(table).where(table.c.api_key_hash.in_(hashes)))
+            return self._rows(result)
 
     async def record_auth(
         self,
@@ -504,6 +515,14 @@ class Store:
         async with self._write() as conn:
             await conn.execute(tunnels.delete().where(tunnels.c.id == tunnel_id))
         return row
+
+    async def find_tunnel(self, tunnel_id: str) -> Row | None:
+        """The tunnel, or None when there is none (no error: another replica may have
+        deleted it)."""
+        try:
+            return await self.get_tunnel(tunnel_id)
+        except NotFound:
+            return None
 
     async def record_health(self, agent_id: str, entries: Sequence[tuple[str, str, str]]) -> int:
         """Store an agent's per-tunnel health; ignores tunnels it does not own."""

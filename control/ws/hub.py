@@ -32,6 +32,12 @@ as a ``tunnel_*`` frame after it, never a config that predates a change it misse
 batches by the monitor, which also closes clients silent for ``offline_after``
 seconds; a closed connection marks its client offline.
 
+Several Control replicas on one PostgreSQL database (``control.cluster``): every change
+pushed here is also published for the other replicas (``_publish``), which build the
+same push for their own clients from the database (``apply_change``; a gap in the
+feed or a dead replica makes them re-sync everybody), and ``presence`` counts a client
+connected to another replica as online.  Alone (SQLite), the cluster does nothing.
+
 Bad frames (malformed JSON, wrong types, unknown types, binary frames) are answered
 with an ``error`` frame; they never raise out of the handler.  Oversized frames are
 refused by the WebSocket layer with close code 1009.  A refused or missing ``auth`` is
@@ -43,9 +49,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,13 +65,31 @@ from control import certs
 from control.access import policy_spec
 from control.acme import AcmeCoordinator
 from control.api.errors import error_response
+from control.cluster import Cluster, SingleControl
+from control.cluster.changes import Change, config_change, tunnel_change
 from control.db.store import ClientKind, NotFound, Row, Store
 from control.events import EventBus
 from control.traffic import Traffic
+from control.ws import intake
 from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
 from control.ws.configs import agent_config, gateway_config, tunnel_agents, tunnel_wire
 
 log = logging.getLogger("control.hub")
+
+#: set while the hub replays another replica's change: nothing is published back
+_replaying: contextvars.ContextVar[bool] = contextvars.ContextVar("replaying", default=False)
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Pushes made inside stay on this replica (a replayed change, a client's own
+    re-sync)."""
+    token = _replaying.set(True)
+    try:
+        yield
+    finally:
+        _replaying.reset(token)
+
 
 SEND_QUEUE_FRAMES = 256
 #: bad frames a client may send in a burst, and how fast its allowance refills (per
@@ -136,8 +161,16 @@ class Hub:
         pending_per_address: int = DEFAULT_PER_ADDRESS,
         events: EventBus | None = None,
         traffic: Traffic | None = None,
+        cluster: Cluster | None = None,
+        auth_queue: int = intake.DEFAULT_LIMIT,
     ) -> None:
         self.store = store
+        #: connections authenticating at once, bounded (``control.ws.intake``)
+        self.admission = intake.Admission(auth_queue)
+        #: API-key look-ups, batched
+        self.keys = intake.KeyLookup(store)
+        #: the other Control replicas (``control.cluster``); alone: nothing to share
+        self.cluster: Cluster = cluster if cluster is not None else SingleControl()
         #: what the dashboard's live pages hear about (presence, health, traffic)
         self.events = events if events is not None else EventBus()
         #: per-tunnel traffic and handshake ages from ``stats`` frames
@@ -173,6 +206,7 @@ class Hub:
 
     async def start(self) -> None:
         self._version = (await self.store.next_epoch()) << 32
+        await self.cluster.start(self)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
         self.acme.start()
 
@@ -213,6 +247,7 @@ class Hub:
             *(self._close(conn, code, reason) for conn in list(self.connections.values()))
         )
         await self._flush_last_seen()
+        await self.cluster.close()
 
     # -- the endpoint -----------------------------------------------------------------
 
@@ -226,7 +261,14 @@ class Hub:
             if self._shutting_down:
                 await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
                 return
-            conn = await self._authenticate(ws)
+            if not self.admission.enter():  # a storm: come back later, spread out
+                wait = self.admission.retry_after(time.monotonic())
+                await self._safe_close(ws, p.CLOSE_TRY_AGAIN, p.retry_after_reason(wait))
+                return
+            try:
+                conn = await self._authenticate(ws)
+            finally:
+                self.admission.leave(time.monotonic())
         finally:
             self.pending.leave(key)  # authenticated, refused or gone: no longer pending
         if conn is None:
@@ -299,8 +341,10 @@ class Hub:
             return None
         expected_prefix = "agt_" if auth.client_type == "agent" else "gtw_"
         row = None
+        # rows read now are current under the lock below while no write came between
+        generation = self.store.generation
         if auth.api_key.startswith(expected_prefix):
-            row = await self.store.client_by_key(auth.client_type, auth.api_key)  # type: ignore[arg-type]
+            row = await self.keys.lookup(auth.client_type, auth.api_key)  # type: ignore[arg-type]
         if row is None:
             await self._reject(ws, "invalid API key", peer, "invalid_key")
             return None
@@ -319,7 +363,8 @@ class Hub:
         )
         conn = Connection(ws, kind, row["id"], row["name"])
         async with self.lock:
-            config = await self._build_configs(kind, [conn])
+            fresh = None if changed or self.store.generation != generation else {row["id"]: row}
+            config = await self._build_configs(kind, [conn], fresh)
             if conn not in config:
                 old = None
             else:
@@ -346,6 +391,7 @@ class Hub:
         if old is not None:
             log.info("replacing previous connection", extra=kv(kind=kind, client=row["name"]))
             await self._close(old, p.CLOSE_REPLACED, "replaced by a newer connection")
+        self.cluster.connected(kind, row["id"])
         log.info(
             "client connected",
             extra=kv(kind=kind, client=row["name"], peer=peer, version=auth.version or "?"),
@@ -445,7 +491,8 @@ class Hub:
                     "client config is stale, resending",
                     extra=kv(client=conn.name, have=beat.config_version, want=conn.config_version),
                 )
-                await self.push_config(conn.kind, [conn.client_id])
+                with replaying():  # its own config only: nothing for the other replicas
+                    await self.push_config(conn.kind, [conn.client_id])
         elif frame.type == "status" and conn.kind == "agent":
             entries = p.parse_status(frame.data)
             await self.store.record_health(
@@ -605,6 +652,7 @@ class Hub:
             conn.writer.cancel()
         if self.connections.get((conn.kind, conn.client_id)) is conn:
             del self.connections[(conn.kind, conn.client_id)]
+            self.cluster.disconnected(conn.kind, conn.client_id)
             with contextlib.suppress(Exception):  # the client may have been deleted
                 await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
@@ -620,7 +668,8 @@ class Hub:
         """(online, last seen wall time) as the hub knows it right now."""
         conn = self.connections.get((kind, client_id))
         if conn is None or conn.closing:
-            return False, None
+            # connected to another replica: online, last seen as stored
+            return self.cluster.remote_online(kind, client_id), None
         return True, conn.last_seen_wall
 
     def connected(self, kind: ClientKind, ids: Iterable[str] | None = None) -> list[Connection]:
@@ -630,12 +679,16 @@ class Hub:
         return [c for c in found if c is not None and not c.closing]
 
     async def _build_configs(
-        self, kind: ClientKind, conns: list[Connection]
+        self, kind: ClientKind, conns: list[Connection], known: dict[str, Row] | None = None
     ) -> dict[Connection, dict[str, Any]]:
+        """Each connection's full config.  ``known``: the agents' rows, read since the
+        store's last write (an authentication's own look-up), so none is read again."""
         gateways = await self._snapshot("gateways")
         tunnels = await self._snapshot("tunnels")
         if kind == "agent":
-            if len(conns) > 8:
+            if known is not None and all(c.client_id in known for c in conns):
+                rows = known
+            elif len(conns) > 8:
                 rows = {r["id"]: r for r in await self._snapshot("agents")}
             else:
                 ids = [c.client_id for c in conns]
@@ -710,6 +763,8 @@ class Hub:
     async def push_config_locked(self, kind: ClientKind, ids: Iterable[str] | None = None) -> int:
         """``push_config`` for a caller that already holds ``lock``."""
         assert self.lock.locked()
+        ids = None if ids is None else list(ids)
+        self._publish(config_change(kind, ids))
         conns = self.connected(kind, ids)
         if not conns:
             return 0
@@ -742,6 +797,8 @@ class Hub:
         """Push ``tunnel_create/update/delete`` to the owning agent(s) and every gateway.
 
         Call with ``lock`` held, right after the change committed."""
+        agent_ids = list(agent_ids)
+        self._publish(tunnel_change(type_, tunnel["id"], tunnel["agent_id"], agent_ids))
         if type_ == "tunnel_delete":
             data: dict[str, Any] = p.TunnelDelete(tunnel["id"], tunnel["agent_id"]).to_wire()
         else:
@@ -807,6 +864,14 @@ class Hub:
 
     def agent_moved_tunnel(self, before: Row, after: Row) -> None:
         """A tunnel changed owner: delete at the old agent, create at the new one."""
+        self._publish(
+            tunnel_change(
+                "tunnel_update",
+                after["id"],
+                after["agent_id"],
+                [before["agent_id"], after["agent_id"]],
+            )
+        )
         self._broadcast(
             self.connected("agent", [before["agent_id"]]),
             "tunnel_delete",
@@ -825,10 +890,60 @@ class Hub:
         await self.push_config("gateway" if kind == "agent" else "agent")
 
     async def disconnect(self, kind: ClientKind, client_id: str, code: int, reason: str) -> None:
-        """Close a client's connection (deleted, or its key rotated)."""
+        """Close a client's connection (deleted, or its key rotated), at whichever
+        replica it is connected to."""
+        self._publish(
+            Change("disconnect", kind=kind, ids=(client_id,), code=code, reason=reason[:120])
+        )
         conn = self.connections.get((kind, client_id))
         if conn is not None:
             await self._close(conn, code, reason)
+
+    # -- changes committed by another replica (control.cluster) -------------------------
+
+    def _publish(self, change: Change) -> None:
+        """Tell the other replicas, unless this is one of their changes being replayed."""
+        if not _replaying.get():
+            self.cluster.publish(change)
+
+    async def apply_change(self, change: Change) -> None:
+        """Tell this replica's clients what another replica's clients were told, built
+        from the database: tunnels are re-read (whatever order changes arrive in, the
+        last one applied shows the committed state) and the agents concerned get a
+        full config (it holds their tunnels, whoever serves them now)."""
+        self.store.generation += 1  # the other replica wrote: cached rows are stale
+        with replaying():
+            async with self.lock:
+                if change.what == "config" and change.kind in ("agent", "gateway"):
+                    kind: ClientKind = "agent" if change.kind == "agent" else "gateway"
+                    await self.push_config_locked(kind, change.ids)
+                elif change.what == "disconnect" and change.kind in ("agent", "gateway"):
+                    assert change.ids and change.code is not None
+                    kind = "agent" if change.kind == "agent" else "gateway"
+                    await self.disconnect(kind, change.ids[0], change.code, change.reason or "")
+                elif change.what == "tunnel" and change.tunnel_id is not None:
+                    row = await self.store.find_tunnel(change.tunnel_id)
+                    gateways = self.connected("gateway")
+                    if row is None:  # deleted (by this change or a later one)
+                        owner = change.agent_id or ""
+                        data = p.TunnelDelete(change.tunnel_id, owner).to_wire()
+                        self._broadcast(gateways, "tunnel_delete", data)
+                    else:
+                        self._broadcast(gateways, change.event or "tunnel_update", tunnel_wire(row))
+                    await self.push_config_locked("agent", change.ids)
+
+    async def resync(self) -> None:
+        """Every client of this replica gets a full config built from the database."""
+        self.store.generation += 1
+        async with self.lock:
+            with replaying():
+                await self.push_config_locked("gateway")
+                await self.push_config_locked("agent")
+
+    def remote_presence(self, kind: str, client_id: str, online: bool) -> None:
+        """A client connected to, or left, another replica (for the dashboard's pages)."""
+        if (kind, client_id) not in self.connections:
+            self.events.publish("presence", kind=kind, id=client_id, online=online)
 
     # -- liveness ---------------------------------------------------------------------
 

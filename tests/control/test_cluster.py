@@ -1,0 +1,170 @@
+"""Two Control replicas on one PostgreSQL database (issue 19, control/cluster): a change
+made through either replica's REST API reaches the clients of both; presence is merged;
+the once-only jobs' lease is held by one replica and moves when it leaves or dies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from common import protocol
+from common.config import ConfigError
+from control.cluster.changes import (
+    MAX_IDS,
+    BadChange,
+    Change,
+    config_change,
+    pack,
+    parse_batch,
+    tunnel_change,
+)
+from control.main import database_url
+from tests.control.test_hub import closed_with
+from tests.controlserver import RunningControl, connect_client, create
+from tests.pgserver import PostgresServer, postgres
+
+__all__ = ["postgres"]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def pair(
+    tmp_path: Path, postgres: PostgresServer
+) -> AsyncIterator[tuple[RunningControl, RunningControl]]:
+    url = postgres.database()
+    first = await RunningControl(tmp_path / "a.db", database_url=url, replica_timeout=2.0).start()
+    second = await RunningControl(tmp_path / "b.db", database_url=url, replica_timeout=2.0).start()
+    try:
+        yield first, second
+    finally:
+        for server in (second, first):
+            await server.stop()
+
+
+async def jobs(server: RunningControl) -> bool:
+    async with server.api(token=None) as client:
+        body = (await client.get("/healthz")).json()
+    assert body["replica"], body
+    return bool(body["jobs"])
+
+
+async def test_changes_and_presence_reach_every_replica(
+    pair: tuple[RunningControl, RunningControl],
+) -> None:
+    a, b = pair
+    async with a.api() as api_a, b.api() as api_b:
+        agent = await create(api_a, "agent", "laptop")
+        gateway = await create(api_b, "gateway", "edge")
+        peer = await connect_client(a, agent["apiKey"], "agent", 1)
+        gw = await connect_client(b, gateway["apiKey"], "gateway", 2)
+        # the agent (on A) hears of the gateway that connected to B, and vice versa
+        config = await peer.expect("config", 3)
+        assert [g["name"] for g in config["data"]["gateways"]] == ["edge"]
+
+        async def agent_online_at_b() -> bool:
+            return bool((await api_b.get("/api/agents/laptop")).json()["online"])
+
+        await until(agent_online_at_b, 3)
+
+        # a tunnel created through B reaches the agent on A; one through A the gateway on B
+        created = await api_b.post(
+            "/api/tunnels",
+            json={"domain": "x.example.com", "target": "127.0.0.1:1", "agent": "laptop"},
+        )
+        assert created.status_code == 201, created.text
+        tunnel = created.json()
+        assert (await gw.expect("tunnel_create", 1))["data"]["id"] == tunnel["id"]
+        agent_frame = await peer.expect("config", 1)
+        assert [t["id"] for t in agent_frame["data"]["tunnels"]] == [tunnel["id"]]
+        changed = await api_a.patch(f"/api/tunnels/{tunnel['id']}", json={"target": "h:2"})
+        assert changed.status_code == 200, changed.text
+        assert (await gw.expect("tunnel_update", 1))["data"]["target"] == "h:2"
+        assert (await api_a.delete(f"/api/tunnels/{tunnel['id']}")).status_code == 204
+        assert (await gw.expect("tunnel_delete", 1))["data"]["id"] == tunnel["id"]
+
+        # a key rotated through A closes the gateway's connection on B
+        assert (await api_a.post("/api/gateways/edge/rotate-key")).status_code == 200
+        await closed_with(gw, protocol.CLOSE_REVOKED, 3)
+
+        # the agent leaves A: B sees it offline
+        await peer.close()
+
+        async def agent_offline_at_b() -> bool:
+            return not (await api_b.get("/api/agents/laptop")).json()["online"]
+
+        await until(agent_offline_at_b, 3)
+
+
+async def test_the_jobs_lease_is_held_once_and_moves(
+    pair: tuple[RunningControl, RunningControl],
+) -> None:
+    a, b = pair
+
+    async def exactly_one() -> bool:
+        return [await jobs(a), await jobs(b)].count(True) == 1
+
+    await until(exactly_one, 5)
+    holder, other = (a, b) if await jobs(a) else (b, a)
+    await holder.stop()  # leaving releases the lease: the other takes it at its next beat
+    await until(lambda: jobs(other), 3)
+
+
+async def test_a_dead_replicas_lease_lapses_and_moves(
+    pair: tuple[RunningControl, RunningControl],
+) -> None:
+    """Like ``kill -9``: the holder stops beating without a goodbye; after the replica
+    timeout (2 s here) the other replica takes the lease over with a new fence."""
+    a, b = pair
+
+    async def exactly_one() -> bool:
+        return [await jobs(a), await jobs(b)].count(True) == 1
+
+    await until(exactly_one, 5)
+    holder, other = (a, b) if await jobs(a) else (b, a)
+    cluster = holder.app.state.hub.cluster
+    fence = cluster.jobs_fence
+    for task in cluster._tasks:  # its heartbeat and feed stop, nothing released
+        task.cancel()
+    await until(lambda: jobs(other), 6)
+    assert other.app.state.hub.cluster.jobs_fence > fence
+
+
+def test_changes_pack_into_notify_payloads_and_parse_strictly() -> None:
+    changes = [tunnel_change("tunnel_update", f"t{i}", "a", ["a", "b"]) for i in range(300)]
+    changes.append(config_change("gateway", [f"g{i}" for i in range(MAX_IDS + 1)]))
+    batches = pack("replica-1", 7, changes)
+    assert len(batches) > 1 and [b.seq for b in batches] == list(range(7, 7 + len(batches)))
+    assert all(len(b.encode()) < 8000 for b in batches)
+    parsed = [c for b in batches for c in parse_batch(b.encode()).changes]
+    assert parsed == changes and parsed[-1].ids is None  # too many ids: everybody
+    for bad in (
+        "",
+        "[]",
+        '{"o":"r","s":1,"c":[]}',
+        '{"o":"r","s":0,"c":[{"w":"resync"}]}',
+        '{"o":"r","s":1,"c":[{"w":"drop tables"}]}',
+        '{"o":"r","s":1,"c":[{"w":"config"}]}',
+        '{"o":"r","s":1,"c":[{"w":"disconnect","k":"agent","i":["x"],"c":99}]}',
+        '{"o":"r","s":true,"c":[{"w":"resync"}]}',
+    ):
+        with pytest.raises(BadChange):
+            parse_batch(bad)
+    assert parse_batch('{"o":"r","s":1,"c":[{"w":"resync"}]}').changes == (Change("resync"),)
+
+
+def test_database_urls() -> None:
+    assert database_url("postgres://u:p@db/k") == "postgresql+asyncpg://u:p@db/k"
+    assert database_url("postgresql://db/k") == "postgresql+asyncpg://db/k"
+    assert database_url("sqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    for bad in ("mysql://db/k", "db.example.com", "postgresql://"):
+        with pytest.raises(ConfigError, match="--database-url") as info:
+            database_url(bad)
+        assert "p@" not in str(info.value)
