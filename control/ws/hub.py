@@ -821,6 +821,8 @@ class Hub:
         added = [a for a in new if a not in old]
         if added:
             self._broadcast(self.connected("agent", added), "tunnel_create", tunnel_wire(after))
+        if gone or added:  # those connected to another Control replica: a full config there
+            self._publish(config_change("agent", gone + added))
         self.tunnel_event("tunnel_update", after, [a for a in new if a in old])
 
     def _replica_presence(self, agent_id: str, online: bool) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import re
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -22,6 +23,9 @@ from tests.control.test_api import assert_error
 from tests.control.web.test_pages import client as web_client
 from tests.control.web.test_pages import csrf_of, sign_up
 from tests.controlserver import ADMIN_TOKEN, Peer, RunningControl, connect_client, create
+from tests.pgserver import PostgresServer, postgres
+
+__all__ = ["postgres"]
 
 HTTP = {"domain": "app.example.com", "target": "127.0.0.1:8080"}
 TWO = [{"agent": "a"}, {"agent": "b", "weight": 3, "role": "standby"}]
@@ -323,3 +327,32 @@ async def test_dashboard_shows_replicas_and_pushes_to_each(
     finally:
         for peer in (peer_a, peer_b):
             await peer.close()
+
+
+async def test_an_agent_joining_the_set_on_another_control_replica(
+    tmp_path: Path, postgres: PostgresServer
+) -> None:
+    url = postgres.database()
+    first = await RunningControl(tmp_path / "a.db", database_url=url, replica_timeout=2.0).start()
+    second = await RunningControl(tmp_path / "b.db", database_url=url, replica_timeout=2.0).start()
+    try:
+        async with first.api() as api:
+            for name in ("a", "b"):
+                await create(api, "agent", name)
+            c = await create(api, "agent", "c")
+            tunnel = (await api.post("/api/tunnels", json={**HTTP, "replicas": TWO})).json()
+            # c is connected to the other replica when the set changes to a and c
+            peer_c = await connect_client(second, c["apiKey"], "agent", 3)
+            try:
+                changed = await api.patch(
+                    f"/api/tunnels/{tunnel['id']}",
+                    json={"replicas": [{"agent": "a"}, {"agent": "c"}]},
+                )
+                assert changed.status_code == 200, changed.text
+                config = await peer_c.expect("config")
+                assert [t["id"] for t in config["data"]["tunnels"]] == [tunnel["id"]]
+            finally:
+                await peer_c.close()
+    finally:
+        for server in (second, first):
+            await server.stop()
