@@ -410,25 +410,6 @@ class ForwardingMixin:
 
     # -- response head ---------------------------------------------------------------
 
-    async def _next_response_head(self, upstream: UpstreamConnection) -> h1.ResponseHead:
-        responses = upstream.responses
-        while True:
-            try:
-                head = responses.next_head()
-            except h1.ProtocolError:
-                raise UpstreamFailed(
-                    "closed", "The agent closed the connection or sent an invalid response."
-                ) from None
-            if head is not None:
-                return head
-            try:
-                data = await upstream.reader.read(CHUNK)
-            except (ConnectionError, OSError):
-                raise UpstreamFailed("closed", "The connection to the agent broke.") from None
-            if not data:
-                raise UpstreamFailed("closed", "The agent closed the connection without answering.")
-            responses.receive(data)
-
     async def _await_response_head(
         self, ex: Exchange, pump: asyncio.Task[None] | None
     ) -> h1.ResponseHead:
@@ -454,7 +435,7 @@ class ForwardingMixin:
         sent = ex.request_sent_at or self.loop.time()
         try:
             async with asyncio.timeout_at(sent + limit):
-                return await self._next_response_head(ex.upstream)
+                return await next_response_head(ex.upstream)
         except TimeoutError:
             raise self._timeout_failure(limit) from None
 
@@ -463,7 +444,7 @@ class ForwardingMixin:
     ) -> h1.ResponseHead:
         """The body is still flowing: the agent may answer before it ends (early 413,
         100 Continue, a streaming echo), so wait for whichever comes first."""
-        read = asyncio.ensure_future(self._next_response_head(ex.upstream))
+        read = asyncio.ensure_future(next_response_head(ex.upstream))
         try:
             while not pump.done() and not read.done():
                 await asyncio.wait({read, pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -650,3 +631,24 @@ class ForwardingMixin:
             self.metrics.connection_closed("websocket")
             self.server.pool.discard(ex.upstream)
         raise Abort
+
+
+async def next_response_head(upstream: UpstreamConnection) -> h1.ResponseHead:
+    """The agent's next response head on ``upstream`` (HTTP/1.1, for either edge)."""
+    responses = upstream.responses
+    while True:
+        try:
+            head = responses.next_head()
+        except h1.ProtocolError:
+            raise UpstreamFailed(
+                "closed", "The agent closed the connection or sent an invalid response."
+            ) from None
+        if head is not None:
+            return head
+        try:
+            data = await upstream.reader.read(CHUNK)
+        except (ConnectionError, OSError):
+            raise UpstreamFailed("closed", "The connection to the agent broke.") from None
+        if not data:
+            raise UpstreamFailed("closed", "The agent closed the connection without answering.")
+        responses.receive(data)

@@ -66,7 +66,13 @@ from .edge import (
     route_for,
     sticky_cookie,
 )
-from .forward import BodyTooLarge, ClientTimeout, UpstreamFailed, tunnel_preamble
+from .forward import (
+    BodyTooLarge,
+    ClientTimeout,
+    UpstreamFailed,
+    next_response_head,
+    tunnel_preamble,
+)
 from .h2session import H2Session, H2Stream, StreamGone, StreamStalled
 from .h2upstream import UpstreamStream
 from .headers import (
@@ -684,7 +690,7 @@ class _Served:
     ) -> h1.ResponseHead | None:
         """The agent's next response head, while the body may still be pumped; None
         when the body failed and a page answered it."""
-        read = asyncio.ensure_future(_next_h1_head(upstream))
+        read = asyncio.ensure_future(next_response_head(upstream))
         limit = self.settings.response_header_timeout
         try:
             while pump is not None and not pump.done() and not read.done():
@@ -947,26 +953,6 @@ class _Served:
                 read.cancel()
                 with contextlib.suppress(BaseException):
                     await read
-
-
-async def _next_h1_head(upstream: UpstreamConnection) -> h1.ResponseHead:
-    responses = upstream.responses
-    while True:
-        try:
-            head = responses.next_head()
-        except h1.ProtocolError:
-            raise UpstreamFailed(
-                "closed", "The agent closed the connection or sent an invalid response."
-            ) from None
-        if head is not None:
-            return head
-        try:
-            data = await upstream.reader.read(CHUNK)
-        except (ConnectionError, OSError):
-            raise UpstreamFailed("closed", "The connection to the agent broke.") from None
-        if not data:
-            raise UpstreamFailed("closed", "The agent closed the connection without answering.")
-        responses.receive(data)
 
 
 #: fields HTTP/2 forbids in a response (RFC 9113 §8.2.2), beyond the hop-by-hop ones
