@@ -37,14 +37,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common.acme import AcmeClient, AcmeFailure, ChallengeStore
 from common.acme.client import new_key_pem
 from common.logs import kv
-from control.tls import ControlTls, TlsError, key_pem_of, load_leaf, write_pair
+from control.tls import ControlTls, TlsError, key_pem_of, load_leaf, self_signed_pem, write_pair
 
 log = logging.getLogger("control.acme")
 
@@ -78,22 +77,7 @@ def prepare(data_dir: Path, domain: str) -> tuple[Path, Path]:
         key_pem = new_key_pem().decode()
     key = serialization.load_pem_private_key(key_pem.encode(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, domain)])
-    now = dt.datetime.now(dt.UTC)
-    placeholder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=90))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    write_pair(
-        cert_file, key_file, placeholder.public_bytes(serialization.Encoding.PEM).decode(), key_pem
-    )
+    write_pair(cert_file, key_file, self_signed_pem(key, [domain], 90), key_pem)
     return cert_file, key_file
 
 

@@ -170,6 +170,32 @@ def key_pem_of(key_file: Path) -> str | None:
     ).decode()
 
 
+def self_signed_pem(key: ec.EllipticCurvePrivateKey, names: Sequence[str], days: int) -> str:
+    """A self-signed leaf certificate (PEM) for ``names`` (IP addresses as such, the
+    first name the subject), signed by ``key``, valid from five minutes ago."""
+    alt: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def ensure_self_signed(
     directory: Path, names: Sequence[str], days: int = 3650
 ) -> tuple[Path, Path]:
@@ -199,30 +225,10 @@ def ensure_self_signed(
         loaded = serialization.load_pem_private_key(key_pem.encode(), password=None)
         assert isinstance(loaded, ec.EllipticCurvePrivateKey)
         key = loaded
-    alt: list[x509.GeneralName] = []
-    for name in wanted:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt.append(x509.DNSName(name))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, wanted[0])])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     write_pair(
         cert_file,
         key_file,
-        cert.public_bytes(serialization.Encoding.PEM).decode(),
+        self_signed_pem(key, wanted, days),
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
