@@ -218,7 +218,7 @@ async def test_apply_refuses_unknown_agents_and_unreachable_control(
         ("agents: []\n", "k.yaml:1: version: required"),
         ("version: 2\n", "k.yaml:1: version: only version 1"),
         ("version: 1\nagent:\n  - x\n", "k.yaml:2: agent: unknown section"),
-        ("version: 1\npolicies: []\n", "k.yaml:2: policies: access policies are not handled"),
+        ("version: 1\npolicies: []\n", "k.yaml:2: policies: an access policy goes in its tunnel"),
         ("version: 1\nagents: laptop\n", "k.yaml:2: agents: expected a list"),
         ("version: 1\nagents:\n  - name: Bad Name!\n", "k.yaml:3: agents[0].name:"),
         (
