@@ -30,6 +30,7 @@ from common.service import raise_open_file_limit, run_until_signalled
 from common.wgstream import PATH as STREAM_PATH
 from gateway.proxy.h2settings import H2Settings
 from gateway.runtime import Gateway, GatewaySettings
+from gateway.wg.device import has_net_admin
 
 SETTINGS: tuple[Setting, ...] = (
     TOKEN,
@@ -49,7 +50,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("wireguard-port", "UDP port of the WireGuard interface", 51820, parse=port),
     Setting(
         "wireguard-backend",
-        "WireGuard implementation (auto: kernel, else wireguard-go; userspace when not root)",
+        "WireGuard implementation (auto: kernel, else wireguard-go; userspace without CAP_NET_ADMIN)",
         "auto",
         choices=("auto", "kernel", "wireguard-go", "userspace"),
     ),
@@ -203,6 +204,14 @@ def settings_from(values: dict[str, Any]) -> GatewaySettings:
             ) from exc
     if not 1 <= len(values["interface"]) <= 15:
         raise ConfigError("--interface: 1-15 characters")
+    backend = values["wireguard_backend"]
+    if backend in ("kernel", "wireguard-go") and not has_net_admin():
+        raise ConfigError(
+            f"--wireguard-backend {backend}: creating a WireGuard interface needs "
+            "CAP_NET_ADMIN (root, or e.g. docker run --cap-add NET_ADMIN --device "
+            "/dev/net/tun), which this process lacks; --wireguard-backend userspace "
+            "needs no capability"
+        )
     try:
         limits = LimitSettings(
             rate=values["rate_limit"],

@@ -57,7 +57,7 @@ from gateway.acme import GatewayAcme
 from gateway.proxy.h2settings import H2Settings
 from gateway.proxy.http import ProxyServer, ProxySettings
 from gateway.tls import Certificate, CertificateStore
-from gateway.wg.device import InterfaceBackend, WgError
+from gateway.wg.device import InterfaceBackend, WgError, has_net_admin
 from gateway.wg.state import WgState
 from gateway.wg.userspace import UserspaceBackend
 from gateway.wgstream import StreamAcceptor, engine_binding, relay_binding
@@ -123,7 +123,7 @@ class Gateway:
         self.challenges = ChallengeStore()
         self.wg: InterfaceBackend | UserspaceBackend
         use_userspace = settings.backend == "userspace" or (
-            settings.backend == "auto" and os.geteuid() != 0
+            settings.backend == "auto" and not has_net_admin()
         )
         dialer = None  # the kernel's TCP, through the WireGuard interface
         flow_dialer: FlowDialer | None = None  # likewise the kernel's UDP

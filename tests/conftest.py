@@ -21,9 +21,10 @@ from pytest_asyncio.plugin import PytestAsyncioSpecs
 
 from common import eventloop
 from tests.controlserver import api, control
+from tests.images import images
 from tests.support import IN_CI
 
-__all__ = ["api", "control"]
+__all__ = ["api", "control", "images"]
 
 TEST_EVENT_LOOP_ENV = "KAKUREMICHI_TEST_EVENT_LOOP"
 _requested = os.environ.get(TEST_EVENT_LOOP_ENV, "").strip()

@@ -35,6 +35,24 @@ class WgError(Exception):
     """A WireGuard or ip command failed; the message says which and why."""
 
 
+CAP_NET_ADMIN = 12  # linux/capability.h
+
+
+def has_net_admin(status_file: str = "/proc/self/status") -> bool:
+    """Whether this process may create and configure network interfaces: CAP_NET_ADMIN
+    in its effective set (root in a container without it has not; a systemd
+    ``DynamicUser`` with ``AmbientCapabilities=CAP_NET_ADMIN`` has).  Where the
+    capability sets cannot be read, root is taken to have it."""
+    try:
+        with open(status_file, encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
 async def run(*argv: str, check: bool = True, input_text: str | None = None) -> str:
     """Run a command; ``input_text`` (small: a key) is its standard input.
 

@@ -1,6 +1,7 @@
 """The agent's container image, built from ``Dockerfile.agent`` by
-``scripts/build-agent-image.sh`` (buildah, vfs storage, chroot isolation, a debootstrap
-base image) and run with ``buildah run``: non-root, ``kakuremichi agent`` as entrypoint,
+``scripts/build-image.sh`` (buildah, vfs storage, chroot isolation, a debootstrap
+base image; once per session for all three images, tests/images.py) and run with
+``buildah run``: non-root, ``kakuremichi agent`` as entrypoint,
 the compiled netstack module inside, no compiler, configuration errors exit 2, and the
 agent in the image registers with a real Control on loopback.
 
@@ -19,22 +20,16 @@ import os
 import re
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.controlserver import RunningControl, create
-from tests.support import need_binary, need_root
+from tests.images import BUILDAH
 
-pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "build-agent-image.sh"
-TAG = "localhost/kakuremichi-agent:test"
-DRIVER = os.environ.get("STORAGE_DRIVER", "vfs")
-BUILDAH = ("buildah", "--storage-driver", DRIVER)
 UID = "10001"
 DATA_DIR = "/var/lib/kakuremichi"
 SIZE_BUDGET = 250_000_000  # bytes; today ~200 MB, a compiler would add ~500 MB
@@ -50,21 +45,9 @@ def buildah(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
-    """The image, built (or brought up to date from buildah's layer cache) once."""
-    need_root()
-    need_binary("buildah")
-    if not os.environ.get("BASE_IMAGE"):
-        need_binary("debootstrap")
-    # Output goes to pytest's capture: shown on failure, or live with -s.
-    subprocess.run(
-        [str(SCRIPT), "--tag", TAG],
-        check=True,
-        timeout=1100,
-        cwd=ROOT,
-        env={**os.environ, "STORAGE_DRIVER": DRIVER},
-    )
-    return TAG
+def image(images: dict[str, str]) -> str:
+    """The agent's image (tests/images.py builds all three once per session)."""
+    return images["agent"]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """deploy/: the compose file parses and names its images, volumes, secrets, ports and
 probes consistently with the Dockerfiles and the programs' defaults; the systemd units
 pass ``systemd-analyze verify`` (with ExecStart pointed at this checkout's command) and
-keep their hardening.  Building and starting the Control and gateway images is not
-done here (see the README's deploy section for what runs where)."""
+keep their hardening.  Building and running the images as the compose file does is
+test_images.py's job (see the README's deploy section for what cannot run here)."""
 
 from __future__ import annotations
 
