@@ -1,0 +1,344 @@
+"""Issue 19's system test, with real processes: PostgreSQL, two ``kakuremichi control``
+replicas on it, two gateways and two agents spread over both (each given both Control
+URLs, in opposite orders), a sample app on loopback and requests through every gateway to
+every tunnel all along.
+
+- a REST change made on either replica reaches every gateway and agent (a new tunnel
+  answers through both gateways; the measured delay is printed);
+- ``kill -9`` of the replica holding the once-only jobs' lease: its clients reconnect to
+  the other, requests through the tunnels never fail meanwhile, changes made just before
+  and just after the kill all arrive, and the lease moves within the replica timeout.
+
+Needs Debian's postgresql package (skips without it on a laptop; runs under CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+from tests.pgserver import PostgresServer, postgres
+from tests.support import free_port
+
+__all__ = ["postgres"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ADMIN_TOKEN = "cluster-processes-admin-token-0123"
+REPLICA_TIMEOUT = 2.0
+
+
+class Process:
+    """One ``kakuremichi`` program as a child process, its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name = name
+        self.log_path = log
+        self._log: IO[bytes] = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kakuremichi.cli", *argv],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KAKUREMICHI_LOG_LEVEL": "info"},
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Cluster:
+    def __init__(self, tmp: Path, database_url: str) -> None:
+        self.tmp = tmp
+        self.database_url = database_url
+        self.processes: list[Process] = []
+        self.controls: dict[str, str] = {}  # name → URL
+        self.control_procs: dict[str, Process] = {}
+        self.gateway_http: dict[str, int] = {}  # name → public HTTP port
+
+    def spawn(self, name: str, argv: list[str]) -> Process:
+        process = Process(name, argv, self.tmp / f"{name}.log")
+        self.processes.append(process)
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in self.processes)
+
+    def start_control(self, name: str) -> None:
+        port = free_port()
+        self.controls[name] = f"http://127.0.0.1:{port}"
+        self.control_procs[name] = self.spawn(
+            f"control-{name}",
+            [
+                "control",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--data-dir",
+                str(self.tmp / f"control-{name}"),
+                "--database-url",
+                self.database_url,
+                "--admin-token",
+                ADMIN_TOKEN,
+                "--replica-timeout",
+                str(REPLICA_TIMEOUT),
+                "--public-url",
+                f"http://127.0.0.1:{port}",
+            ],
+        )
+
+    def start_gateway(self, name: str, key: str, urls: str) -> None:
+        http_port = free_port()
+        self.gateway_http[name] = http_port
+        self.spawn(
+            f"gateway-{name}",
+            [
+                "gateway",
+                "--control-url",
+                urls,
+                "--api-key",
+                key,
+                "--data-dir",
+                str(self.tmp / f"gateway-{name}"),
+                "--public-ip",
+                "127.0.0.1",
+                "--host",
+                "127.0.0.1",
+                "--wireguard-backend",
+                "userspace",
+                "--wireguard-port",
+                str(free_port(kind=socket.SOCK_DGRAM)),
+                "--http-port",
+                str(http_port),
+                "--https-port",
+                "0",
+                "--admin-host",
+                "127.0.0.1",
+                "--admin-port",
+                str(free_port()),
+            ],
+        )
+
+    def start_agent(self, name: str, key: str, urls: str) -> None:
+        self.spawn(
+            f"agent-{name}",
+            [
+                "agent",
+                "--control-url",
+                urls,
+                "--api-key",
+                key,
+                "--data-dir",
+                str(self.tmp / f"agent-{name}"),
+                "--wireguard-host",
+                "127.0.0.1",
+            ],
+        )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres: PostgresServer) -> Iterator[Cluster]:
+    made = Cluster(tmp_path, postgres.database())
+    try:
+        yield made
+    finally:
+        for process in reversed(made.processes):
+            process.stop()
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[str]:
+    """A tiny HTTP origin on loopback: answers ``ok <path>``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1]
+                body = b"ok " + path
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, IndexError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def until(what: str, check: Any, cluster: Cluster, within: float) -> float:
+    """Seconds until ``check()`` is truthy; fails with the processes' logs after ``within``."""
+    started = time.monotonic()
+    last: object = None
+    while time.monotonic() - started < within:
+        try:
+            if await check():
+                return time.monotonic() - started
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            last = exc
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{what}: not within {within} s (last: {last!r})\n{cluster.logs()}")
+
+
+async def test_two_control_processes_on_postgres_kill_9_keeps_traffic_and_changes(
+    cluster: Cluster, app: str
+) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    cluster.start_control("a")
+    async with httpx.AsyncClient(headers=auth, timeout=5) as http:
+
+        async def ready(url: str) -> bool:
+            return (await http.get(f"{url}/readyz")).status_code == 200
+
+        async def holds_jobs(url: str) -> bool:
+            return bool((await http.get(f"{url}/healthz")).json()["jobs"])
+
+        a, b = "a", "b"
+        await until("control a ready", lambda: ready(cluster.controls[a]), cluster, 30)
+        # A takes the jobs' lease first, so the kill -9 below has to move it
+        await until("a holds the lease", lambda: holds_jobs(cluster.controls[a]), cluster, 15)
+        cluster.start_control(b)
+        await until("control b ready", lambda: ready(cluster.controls[b]), cluster, 30)
+        url_a, url_b = cluster.controls[a], cluster.controls[b]
+
+        async def post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+            response = await http.post(f"{url}{path}", json=body)
+            assert response.status_code == 201, response.text
+            row: dict[str, Any] = response.json()
+            return row
+
+        keys = {}
+        for kind, name, via in (
+            ("gateways", "g1", url_a),
+            ("gateways", "g2", url_b),
+            ("agents", "x1", url_a),
+            ("agents", "x2", url_b),
+        ):
+            keys[name] = (await post(via, f"/api/{kind}", {"name": name}))["apiKey"]
+        await post(url_a, "/api/tunnels", {"domain": "one.test", "agent": "x1", "target": app})
+        await post(url_b, "/api/tunnels", {"domain": "two.test", "agent": "x2", "target": app})
+        # spread: g1 and x1 prefer A, g2 and x2 prefer B
+        cluster.start_gateway("g1", keys["g1"], f"{url_a},{url_b}")
+        cluster.start_gateway("g2", keys["g2"], f"{url_b},{url_a}")
+        cluster.start_agent("x1", keys["x1"], f"{url_a},{url_b}")
+        cluster.start_agent("x2", keys["x2"], f"{url_b},{url_a}")
+
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def through(gateway: str, domain: str) -> bool:
+                port = cluster.gateway_http[gateway]
+                response = await client.get(
+                    f"http://127.0.0.1:{port}/{domain}", headers={"Host": domain}
+                )
+                return response.status_code == 200 and response.text == f"ok /{domain}"
+
+            async def everywhere(domains: list[str]) -> bool:
+                for gateway in ("g1", "g2"):
+                    for domain in domains:
+                        if not await through(gateway, domain):
+                            return False
+                return True
+
+            await until(
+                "both tunnels through both gateways",
+                lambda: everywhere(["one.test", "two.test"]),
+                cluster,
+                60,
+            )
+
+            # a change on either replica reaches the clients of both
+            delays = []
+            for via, domain, agent in ((url_b, "three.test", "x1"), (url_a, "four.test", "x2")):
+                await post(via, "/api/tunnels", {"domain": domain, "agent": agent, "target": app})
+                delays.append(await until(domain, lambda d=domain: everywhere([d]), cluster, 10))
+            print(f"a change on one replica served through both gateways after {delays} s")
+
+            # traffic all along: every gateway to every tunnel, round after round
+            failures: list[str] = []
+            served = 0
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                nonlocal served
+                rounds = 0
+                while not stop.is_set() and rounds < 5000:  # bounded
+                    rounds += 1
+                    for gateway in ("g1", "g2"):
+                        for domain in ("one.test", "two.test"):
+                            try:
+                                ok = await through(gateway, domain)
+                            except httpx.HTTPError as exc:
+                                ok = False
+                                failures.append(f"{gateway} {domain}: {exc!r}")
+                            else:
+                                if not ok:
+                                    failures.append(f"{gateway} {domain}: bad answer")
+                            served += 1
+                    await asyncio.sleep(0.02)
+
+            loop_task = asyncio.create_task(traffic())
+            await asyncio.sleep(1.0)
+            # a change made on A just before it dies, and one on B just after
+            await post(url_a, "/api/tunnels", {"domain": "five.test", "agent": "x1", "target": app})
+            killed = cluster.control_procs[a]
+            killed.proc.send_signal(signal.SIGKILL)
+            killed.proc.wait(10)
+            await post(url_b, "/api/tunnels", {"domain": "six.test", "agent": "x2", "target": app})
+            moved = await until(
+                "the lease moves to b", lambda: holds_jobs(url_b), cluster, 5 * REPLICA_TIMEOUT
+            )
+            await until(
+                "changes from before and after the kill everywhere",
+                lambda: everywhere(["five.test", "six.test"]),
+                cluster,
+                30,
+            )
+            # the clients of A are on B now: another change on B reaches them too
+            await post(
+                url_b, "/api/tunnels", {"domain": "seven.test", "agent": "x1", "target": app}
+            )
+            await until("a change after the move", lambda: everywhere(["seven.test"]), cluster, 10)
+            await asyncio.sleep(1.0)
+            stop.set()
+            await loop_task
+            print(f"lease moved {moved:.1f} s after the kill; {served} requests, 0 failed")
+            assert not failures, f"{len(failures)} of {served} failed: {failures[:5]}"
+            assert served > 40
+
+            # every client is online at the surviving replica
+            for kind, names in (("agents", ("x1", "x2")), ("gateways", ("g1", "g2"))):
+                for name in names:
+                    row = (await http.get(f"{url_b}/api/{kind}/{name}")).json()
+                    assert row["online"], (name, cluster.logs())
+    for process in cluster.processes:
+        if process is not killed:
+            assert process.stop() == 0, (process.name, process.log()[-3000:])
+        assert "Traceback" not in process.log(), (process.name, process.log()[-3000:])
