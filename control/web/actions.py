@@ -125,6 +125,22 @@ class Actions:
         )
         return after
 
+    async def set_replica_draining(self, tunnel_id: str, agent_ref: str, draining: bool) -> Row:
+        """Drain one replica of a tunnel (gateways send its agent no new requests or
+        connections; open ones finish) or let it take traffic again."""
+        async with self.hub.lock:
+            before, after = await self.store.set_replica_draining(tunnel_id, agent_ref, draining)
+            self.hub.tunnel_changed(before, after)
+        was = next(r for r in before["replicas"] if agent_ref in (r["agent_id"], r["agent_name"]))
+        if bool(was["draining"]) != draining:
+            await self.audit(
+                "tunnel.drain" if draining else "tunnel.undrain",
+                "tunnel",
+                after,
+                detail=f"replica {was['agent_name']}",
+            )
+        return after
+
     async def delete_tunnel(self, tunnel_id: str) -> Row:
         async with self.hub.lock:
             row = await self.store.delete_tunnel(tunnel_id)

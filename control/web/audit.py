@@ -53,6 +53,8 @@ def describe(method: str, path: str) -> tuple[str, str | None, str | None]:
     if kind is None:
         return f"api.{method.lower()}", None, None
     ref = parts[1] if len(parts) > 1 else None
+    if len(parts) == 5 and parts[2] == "replicas" and parts[4] in ("drain", "undrain"):
+        return f"{kind}.{parts[4]}", kind, ref  # as the dashboard's drain button
     if len(parts) > 2:
         part = _PARTS.get((parts[2], method), f"{method.lower()}_{parts[2].replace('-', '_')}")
         return f"{kind}.{part}"[:64], kind, ref

@@ -99,6 +99,14 @@ class Dashboard:
             Route("/tunnels/{id}/enable", page(tunnels.tunnel_enable), methods=["POST"]),
             Route("/tunnels/{id}/disable", page(tunnels.tunnel_enable), methods=["POST"]),
             Route("/tunnels/{id}/delete", page(tunnels.tunnel_delete), methods=["POST"]),
+            Route(
+                "/tunnels/{id}/replicas/{agent}/drain", page(tunnels.tunnel_drain), methods=["POST"]
+            ),
+            Route(
+                "/tunnels/{id}/replicas/{agent}/undrain",
+                page(tunnels.tunnel_drain),
+                methods=["POST"],
+            ),
             Route("/tunnels/{id}/chart.svg", page(tunnels.tunnel_chart), methods=["GET"]),
             Route("/tunnels/{id}/access", page(tunnels.tunnel_access), methods=["GET", "POST"]),
             Route(

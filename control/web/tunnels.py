@@ -1,5 +1,6 @@
-"""The dashboard's tunnels: list, create, edit, enable, disable, delete, their traffic
-chart, and their access policies and share links (``control/access.py``)."""
+"""The dashboard's tunnels: list, create, edit, enable, disable, delete, drain a
+replica, their traffic chart, and their access policies and share links
+(``control/access.py``)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,15 @@ class TunnelPages:
             ctx.param("id"), {"enabled": enabled}, "tunnel.enable" if enabled else "tunnel.disable"
         )
         return self.core._back(f"/tunnels/{row['id']}", "enabled" if enabled else "disabled")
+
+    async def tunnel_drain(self, ctx: Ctx) -> Response:
+        """Drain one replica (``.../replicas/{agent}/drain``) or take it back
+        (``.../undrain``); an agent that is not a replica of the tunnel is refused."""
+        draining = ctx.request.url.path.endswith("/drain")
+        row = await self.core._actions(ctx).set_replica_draining(
+            ctx.param("id"), ctx.param("agent"), draining
+        )
+        return self.core._back(f"/tunnels/{row['id']}", "drained" if draining else "undrained")
 
     async def tunnel_delete(self, ctx: Ctx) -> Response:
         await self.core._actions(ctx).delete_tunnel(ctx.param("id"))
