@@ -1,7 +1,13 @@
-"""Harness for the hub benchmarks: a real Control process and a swarm of clients.
+"""Harness for the hub benchmarks: real Control processes and a swarm of clients.
 
 The swarm runs its own event loop in a thread so pytest-benchmark can time plain
 functions; every client has a reader task that records what arrived and when.
+
+Clients reconnect as ``common.controlclient`` does: a close with ``CLOSE_TRY_AGAIN``
+(1013) waits the ``retry after N`` Control named, N..2N seconds; a failed connection
+(refused, reset, HTTP 429/503) backs off with jitter, honouring a ``Retry-After``.
+Unlike the real client they do not pause a second before their first attempt: a
+reconnect round measures Control taking a crowd that arrives at once.
 """
 
 from __future__ import annotations
@@ -9,20 +15,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
+import random
 import resource
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
+from common import protocol as p
 from tests.support import free_port
 
 T = TypeVar("T")
@@ -47,10 +58,22 @@ UNAUTHENTICATED_CAP = 1_000_000
 
 
 class ControlProcess:
-    """``kakuremichi control`` as a subprocess on loopback."""
+    """``kakuremichi control`` as a subprocess on loopback (SQLite in ``data_dir``, or
+    ``database_url``; a replica of others on the same PostgreSQL database)."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, data_dir: Path, *extra: str, database_url: str | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra = extra
+        self.database_url = database_url
+        self.start()
+
+    def start(self) -> None:
+        """Start, and return once ``/healthz`` answers; again after :meth:`kill` or
+        :meth:`stop` it is a restart on the same port (the URL clients know)."""
+        data_dir, extra = self.data_dir, self.extra
+        if self.database_url:
+            extra = (*extra, "--database-url", self.database_url)
+        self.port = getattr(self, "port", None) or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir / "control.log"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +98,8 @@ class ControlProcess:
                 # on unauthenticated connections per address is for real hosts
                 "--max-unauthenticated-per-address",
                 str(UNAUTHENTICATED_CAP),
+                "--max-pre-request-per-address",
+                str(UNAUTHENTICATED_CAP),
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -95,6 +120,11 @@ class ControlProcess:
 
     def rss_kib(self) -> int:
         return rss_kib(self.proc.pid)
+
+    def kill(self) -> None:
+        """``kill -9``: no goodbye to anybody."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -122,9 +152,14 @@ class Watch:
 class Client:
     """One authenticated connection and what it received."""
 
-    def __init__(self, ws: ClientConnection, watches: dict[str, Watch]) -> None:
+    def __init__(
+        self, ws: ClientConnection, watches: dict[str, Watch], identity: Identity, url: str
+    ) -> None:
         self.ws = ws
         self.watches = watches
+        self.identity = identity
+        #: the Control (``ws://.../ws``) it is connected to
+        self.url = url
         self.version = 0
         self.arrivals: dict[str, float] = {}
         self.configs = 0
@@ -152,6 +187,21 @@ class Client:
             self.closed = True
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a swarm client is: the same key and WireGuard key on every connection."""
+
+    index: int
+    key: str
+    kind: str
+
+
+#: a failed connection's back-off, as ``ControlClientSettings`` (seconds)
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
+#: connection attempts one client makes before the round fails
+MAX_ATTEMPTS = 30
+
+
 class Swarm:
     """Many clients on a private event loop."""
 
@@ -162,6 +212,11 @@ class Swarm:
         self.thread.start()
         self.clients: list[Client] = []
         self.watches: dict[str, Watch] = {}
+        #: connections Control told to come back later (CLOSE_TRY_AGAIN)
+        self.refusals = 0
+        #: connection attempts that failed before the WebSocket opened (backed off)
+        self.failures = 0
+        self._indices = itertools.count()  # every client its own WireGuard key
         # Like real clients, every connection heart-beats (every 20 s, spread out).
         self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._heartbeat_forever()))
         self.http = self.run(self._http())
@@ -188,26 +243,83 @@ class Swarm:
 
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
-    async def connect_all(self, keys: list[str], kind: str, concurrency: int = 64) -> float:
-        sem = asyncio.Semaphore(concurrency)
-        ws_url = self.control.url.replace("http", "ws") + "/ws"
+    async def connect_all(
+        self,
+        keys: list[str],
+        kind: str,
+        concurrency: int | None = 64,
+        urls: list[str] | None = None,
+    ) -> float:
+        """Connect one client per key (key i to ``urls[i % len(urls)]``, default this
+        swarm's Control), at most ``concurrency`` handshakes at once (None: no bound, a
+        crowd of independent programs).  Returns the seconds until every client had its
+        config."""
+        identities = [Identity(next(self._indices), key, kind) for key in keys]
+        ws_urls = [websocket_url(u) for u in (urls or [self.control.url])]
+        return await self._connect_many(
+            [(who, ws_urls[i % len(ws_urls)]) for i, who in enumerate(identities)], concurrency
+        )
 
-        async def one(i: int, key: str) -> None:
-            async with sem:
-                ws = await connect(ws_url, max_size=None, open_timeout=120, ping_interval=None)
-                data: dict[str, Any] = {
-                    "apiKey": key,
-                    "clientType": kind,
-                    "version": "bench",
-                    "publicKey": base64.b64encode(i.to_bytes(32, "big")).decode(),
-                }
-                if kind == "gateway":
-                    data |= {"publicIp": "192.0.2.1", "wireguardPort": 51820}
-                await ws.send(json.dumps({"type": "auth", "data": data}))
-                client = Client(ws, self.watches)
-                client.reader = asyncio.get_running_loop().create_task(client.read())
-                await asyncio.wait_for(client.config_event.wait(), 120)
-                self.clients.append(client)
+    async def reconnect_lost(self, url: str, concurrency: int | None = None) -> float:
+        """Every client whose connection ended connects again, to ``url``; returns the
+        seconds until every one of them had its config again."""
+        lost = [c for c in self.clients if c.closed]
+        self.clients = [c for c in self.clients if not c.closed]
+        return await self._connect_many(
+            [(c.identity, websocket_url(url)) for c in lost], concurrency
+        )
+
+    async def move(self, source: str, share: int, url: str) -> None:
+        """Close every ``share``-th client connected to ``source`` and connect it to
+        ``url`` instead (putting clients back on a restarted replica)."""
+        source = websocket_url(source)
+        leaving = [c for c in self.clients if c.url == source][::share]
+        await asyncio.gather(*(c.ws.close() for c in leaving))
+        self.clients = [c for c in self.clients if c not in leaving]
+        await self._connect_many([(c.identity, websocket_url(url)) for c in leaving], 64)
+
+    async def wait_lost(self, url: str, timeout: float = 60) -> int:
+        """Until every client connected to ``url`` has seen its connection end (its
+        Control died); returns how many that were."""
+        url = websocket_url(url)
+        on_it = [c for c in self.clients if c.url == url]
+        async with asyncio.timeout(timeout):
+            while not all(c.closed for c in on_it):
+                await asyncio.sleep(0.01)
+        return len(on_it)
+
+    async def _connect_many(
+        self, who: list[tuple[Identity, str]], concurrency: int | None
+    ) -> float:
+        sem = asyncio.Semaphore(concurrency or len(who) or 1)
+        rng = random.Random(len(who))
+
+        async def one(identity: Identity, url: str) -> None:
+            failures = 0
+            for _attempt in range(MAX_ATTEMPTS):
+                try:
+                    async with sem:
+                        client = await self._connect(url, identity)
+                except (OSError, TimeoutError, InvalidHandshake) as exc:
+                    self.failures += 1
+                    failures += 1
+                    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
+                    delay = rng.uniform(BACKOFF_MIN, ceiling)
+                    retry = retry_after_header(exc)
+                    if retry is not None:
+                        delay = max(delay, rng.uniform(retry, 2 * retry))
+                    await asyncio.sleep(delay)
+                    continue
+                if client.config_event.is_set():
+                    self.clients.append(client)
+                    return
+                code, reason = client.ws.close_code, client.ws.close_reason
+                if code != p.CLOSE_TRY_AGAIN:
+                    raise RuntimeError(f"client {identity.index} refused: {code} {reason}")
+                self.refusals += 1
+                wait = p.parse_retry_after(reason) or 1
+                await asyncio.sleep(rng.uniform(wait, 2 * wait))
+            raise RuntimeError(f"client {identity.index}: no config after {MAX_ATTEMPTS} tries")
 
         started = time.perf_counter()
         before = len(self.clients)
@@ -217,16 +329,36 @@ class Swarm:
                 await asyncio.sleep(10)
                 done = len(self.clients) - before
                 print(
-                    f"  connected {done}/{len(keys)} after {time.perf_counter() - started:.0f}s",
+                    f"  connected {done}/{len(who)} after {time.perf_counter() - started:.0f}s",
                     flush=True,
                 )
 
         reporter = asyncio.get_running_loop().create_task(progress())
         try:
-            await asyncio.gather(*(one(i, k) for i, k in enumerate(keys)))
+            await asyncio.gather(*(one(identity, url) for identity, url in who))
         finally:
             reporter.cancel()
         return time.perf_counter() - started
+
+    async def _connect(self, ws_url: str, identity: Identity) -> Client:
+        """One connection and its ``auth``; returns once it has its config or closed."""
+        ws = await connect(ws_url, max_size=None, open_timeout=120, ping_interval=None)
+        data: dict[str, Any] = {
+            "apiKey": identity.key,
+            "clientType": identity.kind,
+            "version": "bench",
+            "publicKey": base64.b64encode(identity.index.to_bytes(32, "big")).decode(),
+        }
+        if identity.kind == "gateway":
+            data |= {"publicIp": "192.0.2.1", "wireguardPort": 51820}
+        client = Client(ws, self.watches, identity, ws_url)
+        reader = client.reader = asyncio.get_running_loop().create_task(client.read())
+        with contextlib.suppress(Exception):  # closed already: the reader says why
+            await ws.send(json.dumps({"type": "auth", "data": data}))
+        configured = asyncio.get_running_loop().create_task(client.config_event.wait())
+        await asyncio.wait({reader, configured}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
+        configured.cancel()
+        return client
 
     async def _heartbeat_forever(self, period: float = 20.0) -> None:
         self._heartbeat_task = asyncio.current_task()
@@ -306,6 +438,19 @@ class Swarm:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def websocket_url(url: str) -> str:
+    """Control's hub URL for its base URL (as it is, when it is one already)."""
+    return url if url.startswith("ws") else url.replace("http", "ws", 1) + "/ws"
+
+
+def retry_after_header(exc: BaseException) -> int | None:
+    """The wait an HTTP 429/503 refusal of the upgrade asked for, if any."""
+    if not isinstance(exc, InvalidStatus) or exc.response.status_code not in (429, 503):
+        return None
+    header = exc.response.headers.get("Retry-After", "")
+    return p.parse_retry_after(f"retry after {header[:6]}") if header.isdigit() else None
 
 
 def percentile(values: list[float], q: float) -> float:

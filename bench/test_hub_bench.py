@@ -8,7 +8,9 @@ reports the real numbers (see README, "Benchmarks"):
     KAKUREMICHI_BENCH_GATEWAYS  gateways receiving each tunnel push  (default 1000)
 
 Goals reported against (issue 2): 10,000 clients on one process; p99 push latency
-under 100 ms at 1,000 clients.
+under 100 ms at 1,000 clients.  The same rows for SQLite and PostgreSQL, one and two
+Control replicas, and clients coming back after ``kill -9`` (issue 19) are in
+``bench/test_hub_cluster_bench.py``.
 """
 
 from __future__ import annotations
