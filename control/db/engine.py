@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -47,7 +47,21 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+#: the PostgreSQL advisory lock that lets one Control replica migrate at a time
+#: (any fixed 64-bit number; this one spells "kkm-migr")
+MIGRATION_LOCK = 0x6B6B6D2D6D696772
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the database schema to the newest revision (idempotent)."""
+    """Bring the database schema to the newest revision (idempotent).
+
+    On PostgreSQL several Control replicas may start at once on a new database: each
+    migrates inside one transaction holding an advisory lock, so the second waits for
+    the first and then finds the schema at the newest revision (without it both
+    created alembic_version and the second crashed on a unique violation)."""
     async with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
+            )
         await connection.run_sync(_upgrade)

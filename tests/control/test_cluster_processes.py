@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,7 +31,8 @@ import httpx
 import pytest
 
 from tests.pgserver import PostgresServer, postgres
-from tests.support import free_port
+from tests.support import free_port, need_binary, need_root
+from tests.tlsca import TestCa
 
 __all__ = ["postgres"]
 
@@ -40,14 +43,15 @@ REPLICA_TIMEOUT = 2.0
 
 
 class Process:
-    """One ``kakuremichi`` program as a child process, its output in a log file."""
+    """One ``kakuremichi`` program (or ``command``) as a child process, its output in a
+    log file."""
 
-    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log: Path, command: str | None = None) -> None:
         self.name = name
         self.log_path = log
         self._log: IO[bytes] = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kakuremichi.cli", *argv],
+            [command, *argv] if command else [sys.executable, "-m", "kakuremichi.cli", *argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "KAKUREMICHI_LOG_LEVEL": "info"},
@@ -77,15 +81,15 @@ class Cluster:
         self.control_procs: dict[str, Process] = {}
         self.gateway_http: dict[str, int] = {}  # name → public HTTP port
 
-    def spawn(self, name: str, argv: list[str]) -> Process:
-        process = Process(name, argv, self.tmp / f"{name}.log")
+    def spawn(self, name: str, argv: list[str], command: str | None = None) -> Process:
+        process = Process(name, argv, self.tmp / f"{name}.log", command)
         self.processes.append(process)
         return process
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.log()[-4000:]}" for p in self.processes)
 
-    def start_control(self, name: str) -> None:
+    def start_control(self, name: str, public_url: str | None = None) -> None:
         port = free_port()
         self.controls[name] = f"http://127.0.0.1:{port}"
         self.control_procs[name] = self.spawn(
@@ -105,11 +109,11 @@ class Cluster:
                 "--replica-timeout",
                 str(REPLICA_TIMEOUT),
                 "--public-url",
-                f"http://127.0.0.1:{port}",
+                public_url or f"http://127.0.0.1:{port}",
             ],
         )
 
-    def start_gateway(self, name: str, key: str, urls: str) -> None:
+    def start_gateway(self, name: str, key: str, urls: str, *extra: str) -> None:
         http_port = free_port()
         self.gateway_http[name] = http_port
         self.spawn(
@@ -138,10 +142,11 @@ class Cluster:
                 "127.0.0.1",
                 "--admin-port",
                 str(free_port()),
+                *extra,
             ],
         )
 
-    def start_agent(self, name: str, key: str, urls: str) -> None:
+    def start_agent(self, name: str, key: str, urls: str, *extra: str) -> None:
         self.spawn(
             f"agent-{name}",
             [
@@ -154,6 +159,7 @@ class Cluster:
                 str(self.tmp / f"agent-{name}"),
                 "--wireguard-host",
                 "127.0.0.1",
+                *extra,
             ],
         )
 
@@ -342,3 +348,151 @@ async def test_two_control_processes_on_postgres_kill_9_keeps_traffic_and_change
         if process is not killed:
             assert process.stop() == 0, (process.name, process.log()[-3000:])
         assert "Traceback" not in process.log(), (process.name, process.log()[-3000:])
+
+
+NGINX_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx" / "kakuremichi-control.conf"
+
+
+def nginx_config(tmp: Path, port: int, replicas: list[str], cert: Path, key: Path) -> Path:
+    """deploy/nginx/kakuremichi-control.conf with this test's addresses and certificate,
+    inside a minimal nginx.conf of the test's own (foreground, files in ``tmp``)."""
+    text = NGINX_CONF.read_text()
+    servers = re.findall(r"^    server 10\.0\.0\.\d+:7700 (.*);$", text, re.M)
+    assert len(servers) == len(replicas) == 2, servers
+    text = re.sub(r"^    server 10\.0\.0\.\d+:7700 .*;\n", "", text, flags=re.M)
+    upstream = "".join(f"    server {r} {servers[0]};\n" for r in replicas)
+    text = text.replace(
+        "upstream kakuremichi_control {\n", "upstream kakuremichi_control {\n" + upstream
+    )
+    for old, new in (
+        ("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;"),
+        ("/etc/ssl/kakuremichi/control.crt", str(cert)),
+        ("/etc/ssl/kakuremichi/control.key", str(key)),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    (tmp / "kakuremichi-control.conf").write_text(text)
+    main = tmp / "nginx.conf"
+    main.write_text(
+        "daemon off;\n"
+        "user root;\n"
+        "worker_processes 1;\n"
+        f"pid {tmp}/nginx.pid;\n"
+        f"error_log {tmp}/nginx-error.log info;\n"
+        "events { worker_connections 1024; }\n"
+        "http {\n"
+        "    access_log off;\n"
+        + "".join(
+            f"    {kind}_temp_path {tmp}/{kind}-temp;\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + f"    include {tmp}/kakuremichi-control.conf;\n"
+        "}\n"
+    )
+    return main
+
+
+async def test_the_shipped_nginx_config_in_front_of_two_replicas(
+    cluster: Cluster, app: str, tmp_path: Path
+) -> None:
+    """deploy/nginx/kakuremichi-control.conf (HTTPS, WebSocket upgrade, next upstream on
+    a refused connect) as the only Control URL of a gateway and an agent: kill -9 of a
+    replica, and both are back through nginx on the other, traffic never failing, and
+    REST calls through nginx keep working."""
+    need_root()  # nginx's master switches its worker to 'user root' only as root
+    nginx = need_binary("nginx")
+    ca = TestCa()
+    ca_file = ca.write_ca(tmp_path / "ca.pem")
+    ca.issue(tmp_path / "lb.crt", tmp_path / "lb.key", ("127.0.0.1",))
+    lb_port = free_port()
+    lb_url = f"https://127.0.0.1:{lb_port}"
+    cluster.start_control("a", public_url=lb_url)
+    cluster.start_control("b", public_url=lb_url)
+    replicas = [cluster.controls[n].removeprefix("http://") for n in ("a", "b")]
+    conf = nginx_config(tmp_path, lb_port, replicas, tmp_path / "lb.crt", tmp_path / "lb.key")
+    check = subprocess.run([nginx, "-t", "-c", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    cluster.spawn("nginx", ["-c", str(conf)], command=nginx)
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with (
+        httpx.AsyncClient(
+            base_url=lb_url,
+            headers=auth,
+            timeout=5,
+            verify=ssl.create_default_context(cafile=ca_file),
+        ) as lb,
+        httpx.AsyncClient(headers=auth, timeout=5) as direct,
+    ):
+
+        async def ready(url: str) -> bool:
+            return (await direct.get(f"{url}/readyz")).status_code == 200
+
+        for name in ("a", "b"):
+            await until(f"control {name}", lambda n=name: ready(cluster.controls[n]), cluster, 30)
+        await until("nginx", lambda: lb_ready(lb), cluster, 15)
+
+        async def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            response = await lb.post(path, json=body)
+            assert response.status_code == 201, response.text
+            row: dict[str, Any] = response.json()
+            return row
+
+        gateway_key = (await post("/api/gateways", {"name": "g1"}))["apiKey"]
+        agent_key = (await post("/api/agents", {"name": "x1"}))["apiKey"]
+        await post("/api/tunnels", {"domain": "one.test", "agent": "x1", "target": app})
+        ca_flag = ("--control-ca", str(ca_file))
+        cluster.start_gateway("g1", gateway_key, lb_url, *ca_flag)
+        cluster.start_agent("x1", agent_key, lb_url, *ca_flag)
+        port = cluster.gateway_http["g1"]
+
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def through(domain: str) -> bool:
+                response = await client.get(
+                    f"http://127.0.0.1:{port}/{domain}", headers={"Host": domain}
+                )
+                return response.status_code == 200 and response.text == f"ok /{domain}"
+
+            await until("one.test through the gateway", lambda: through("one.test"), cluster, 60)
+            failures: list[str] = []
+            served = 0
+            stop = asyncio.Event()
+
+            async def traffic() -> None:
+                nonlocal served
+                for _ in range(10000):  # bounded
+                    if stop.is_set():
+                        return
+                    try:
+                        if not await through("one.test"):
+                            failures.append("bad answer")
+                    except httpx.HTTPError as exc:
+                        failures.append(repr(exc))
+                    served += 1
+                    await asyncio.sleep(0.02)
+
+            loop_task = asyncio.create_task(traffic())
+            await asyncio.sleep(0.5)
+            killed = cluster.control_procs["a"]
+            killed.proc.send_signal(signal.SIGKILL)
+            killed.proc.wait(10)
+            # through nginx: REST goes to the survivor, and so do the clients
+            await post("/api/tunnels", {"domain": "two.test", "agent": "x1", "target": app})
+            await until("two.test after the kill", lambda: through("two.test"), cluster, 30)
+
+            async def online(kind: str, name: str) -> bool:
+                return bool((await lb.get(f"/api/{kind}/{name}")).json()["online"])
+
+            await until("g1 online", lambda: online("gateways", "g1"), cluster, 30)
+            await until("x1 online", lambda: online("agents", "x1"), cluster, 30)
+            stop.set()
+            await loop_task
+            assert not failures, f"{len(failures)} of {served} failed: {failures[:5]}"
+            assert served > 20
+    for process in cluster.processes:
+        if process is not killed:
+            assert process.stop() == 0, (process.name, process.log()[-3000:])
+
+
+async def lb_ready(lb: httpx.AsyncClient) -> bool:
+    return (await lb.get("/readyz")).status_code == 200

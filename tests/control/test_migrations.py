@@ -53,3 +53,27 @@ async def _check_migrations(url: str) -> None:
             await conn.run_sync(check)
     finally:
         await engine.dispose()
+
+
+async def test_replicas_starting_at_once_on_a_new_postgresql_database(
+    postgres: PostgresServer,
+) -> None:
+    """Several Control replicas migrating one new database at the same moment: one
+    migrates, the others wait on the advisory lock and find it done (without the lock
+    the second crashed on a unique violation creating alembic_version)."""
+    import asyncio
+
+    url = postgres.database()
+    engines = [create_engine(url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(migrate(engine) for engine in engines))
+        async with engines[0].connect() as conn:
+
+            def check(connection: object) -> None:
+                context = MigrationContext.configure(connection)  # type: ignore[arg-type]
+                assert compare_metadata(context, metadata) == []
+
+            await conn.run_sync(check)
+    finally:
+        for engine in engines:
+            await engine.dispose()
