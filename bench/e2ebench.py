@@ -115,6 +115,8 @@ DOMAIN = "bench.example.com"
 #: the gateway-session row's tunnel: the same origin behind a password policy
 SESSION_DOMAIN = "session.example.com"
 SESSION_PIN = "bench-pin-2468"
+#: the gateway-replicas row's tunnel: the same origin as two replicas (round robin)
+REPLICAS_DOMAIN = "replicas.example.com"
 BODY = b"hello, world\n"
 MB = 1_000_000
 DOWNLOADS = {"/100m": 100 * MB, "/10m": 10 * MB}
@@ -127,11 +129,14 @@ ROWS = (
     "newt",
     "gateway-alone",
     "gateway-session",
+    "gateway-replicas",
     "all-userspace",
     "production",
 )
 #: rows that need root, namespaces and wireguard-go
-NETNS_ROWS = frozenset({"privileged", "newt", "gateway-alone", "gateway-session", "production"})
+NETNS_ROWS = frozenset(
+    {"privileged", "newt", "gateway-alone", "gateway-session", "gateway-replicas", "production"}
+)
 #: rows measured with ``h2load`` (HTTP/2 over TLS, self-signed certificates, not
 #: verified): nginx as an HTTP/2 edge in front of the origin, and the all-userspace
 #: row's gateway on its HTTPS listener (ALPN h2) through the tunnel to the origin
@@ -914,6 +919,47 @@ class E2EBench:
             raise RuntimeError(f"the session tunnel let a client in without a cookie: {without}")
         return Target("gateway-session", ns, alone.port, alone.watch, SESSION_DOMAIN, headers)
 
+    def _row_gateway_replicas(self) -> Target:
+        """The gateway-alone row's gateway and a third tunnel to the same origin with two
+        replicas (round robin): the second agent's address is on C's loopback too, with
+        a second origin nginx on it, so every request is balanced between two upstreams
+        (the cost of balancing on every request; issue 17's 5% goal).  Neither agent
+        runs, so Control reports both offline and the gateway balances over every
+        replica that is not draining, as it does when no health is known."""
+        alone = self.target("gateway-alone")
+        ns = alone.netns
+        control_url = f"http://{HOST}:{CONTROL_PORT}"
+        cfg = {"url": control_url, "token": self.tokens["control-c"]}
+        argv = [sys.executable, "-m", "bench.e2ebench", "configure-replicas", json.dumps(cfg)]
+        done = subprocess.run(
+            in_ns(ns, argv),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=90,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"configuring the replicas tunnel failed: {done.stderr[-2000:]}")
+        second_ip = json.loads(done.stdout.strip().splitlines()[-1])["agent_ip"]
+        sh("ip", "-n", ns, "addr", "add", f"{second_ip}/32", "dev", "lo")
+        prefix = self._prefix("origin-c2")
+        origin2 = self._nginx(
+            "origin-c2",
+            origin_conf(prefix, self.www, [f"{second_ip}:{ORIGIN_PORT} proxy_protocol"]),
+            ns,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # the tunnel has reached the gateway once both upstreams answer
+            answers = curl_get(ns, f"http://{HOST}:{alone.port}/", 4, host=REPLICAS_DOMAIN)
+            if len(answers) == 4 and all(status == 200 for status, _ in answers):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{REPLICAS_DOMAIN} does not answer 200: {answers}")
+            time.sleep(0.2)
+        watch = {**alone.watch, "origin 2": (origin2.pid, True)}
+        return Target("gateway-replicas", ns, alone.port, watch, REPLICAS_DOMAIN)
+
     def _sign_in(self, ns: str | None, port: int) -> str:
         """Sign in to the session tunnel through its login page, as a browser does."""
         deadline = time.monotonic() + 30
@@ -1256,12 +1302,37 @@ def configure_session(cfg: dict[str, Any]) -> None:
             raise SystemExit(f"PUT access: {policy.status_code} {policy.text[:300]}")
 
 
+def configure_replicas(cfg: dict[str, Any]) -> None:
+    """The gateway-replicas row's second agent and its two-replica tunnel; prints the
+    second agent's address."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg['token']}"}
+    with httpx.Client(base_url=cfg["url"], headers=headers, timeout=30) as api:
+        second = api.post("/api/agents", json={"name": "bench-agent-2"})
+        if second.status_code != 201:
+            raise SystemExit(f"POST /api/agents: {second.status_code} {second.text[:300]}")
+        tunnel = api.post(
+            "/api/tunnels",
+            json={
+                "domain": REPLICAS_DOMAIN,
+                "replicas": [{"agent": "bench-agent"}, {"agent": "bench-agent-2"}],
+                "target": api.get("/api/tunnels").json()["items"][0]["target"],
+            },
+        )
+        if tunnel.status_code != 201:
+            raise SystemExit(f"POST /api/tunnels: {tunnel.status_code} {tunnel.text[:300]}")
+    print(json.dumps({"agent_ip": second.json()["virtualIp"]}), flush=True)
+
+
 def main() -> None:
     role, cfg = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     if role == "configure":
         configure(cfg)
     elif role == "configure-session":
         configure_session(cfg)
+    elif role == "configure-replicas":
+        configure_replicas(cfg)
     else:
         raise SystemExit(f"unknown role {role!r}")
 

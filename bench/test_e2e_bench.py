@@ -8,6 +8,8 @@ Rows (see ``bench/e2ebench.py`` for the namespaces, processes and settings)::
     newt           nginx → wireguard-go ══ gofwd (wireguard-go device on gVisor netstack,
                    io.Copy to the origin: Newt's design, bench/gofwd/main.go) → origin
     gateway-alone  ``kakuremichi gateway`` → origin, no tunnel (its HTTP layer alone)
+    gateway-session   the same, a tunnel behind a password policy, with the session cookie
+    gateway-replicas  the same, a tunnel with two replicas (two origins, round robin)
     all-userspace  gateway (userspace backend) ══ agent → origin, on loopback
     production     gateway (wireguard-go backend) in A ══ agent in B → origin in B
 
@@ -247,6 +249,9 @@ def acceptance_ratios() -> dict[str, float | None]:
         ),
         "gateway_session_rps_c32_over_gateway_alone": ratio(
             _get("gateway-session", "c32", "rps"), _get("gateway-alone", "c32", "rps")
+        ),
+        "gateway_replicas_rps_c32_over_gateway_alone": ratio(
+            _get("gateway-replicas", "c32", "rps"), _get("gateway-alone", "c32", "rps")
         ),
         "gateway_alone_p50_c1_over_nginx_edge": ratio(
             _get("gateway-alone", "c1", "p50_us"), _get("nginx-edge", "c1", "p50_us")
