@@ -53,11 +53,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import proxyproto
 from .accesslog import AccessLog
-from .balance import Replica
+from .balance import OFFLINE, Replica
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
 from .metrics import Metrics
@@ -132,6 +132,17 @@ class TcpForwarder(PortReconciler):
         self._connections: dict[int, set[asyncio.Task[None]]] = {}
         #: tunnel -> when a connection without the client's address was last logged
         self._unknown_logged: dict[str, float] = {}
+        #: dials in progress to each replica: given up when Control reports its agent
+        #: offline (the connection goes to another replica at once instead of waiting
+        #: out the connect timeout on an agent that is gone)
+        self._dialing: dict[Replica, set[asyncio.Future[Any]]] = {}
+
+    def _on_change(self) -> None:
+        super()._on_change()
+        for replica, dials in list(self._dialing.items()):
+            if replica.health == OFFLINE:
+                for dial in dials:
+                    dial.cancel()
 
     async def _open_port(self, port: int) -> Listener:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -271,9 +282,7 @@ class TcpForwarder(PortReconciler):
         loop = asyncio.get_running_loop()
         for _attempt in range(2):
             try:
-                reader, writer = await self.dialer(
-                    route.upstream_host, port, self.settings.connect_timeout
-                )
+                reader, writer = await self._dial_once(route, port)
                 replica = route.replica
                 if replica is not None and replica.backoff:
                     replica.balance.succeeded(replica)
@@ -293,6 +302,31 @@ class TcpForwarder(PortReconciler):
                 self.metrics.replica_retries.inc(tunnel=route.tunnel_id, reason="replica_failed")
                 route = other
         return None
+
+    async def _dial_once(
+        self, route: PortRoute, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """One dial of ``route``'s agent; a replica's dial ends with ConnectionAbortedError
+        as soon as Control reports its agent offline (``_on_change``)."""
+        replica = route.replica
+        if replica is None:
+            return await self.dialer(route.upstream_host, port, self.settings.connect_timeout)
+        dial = asyncio.ensure_future(
+            self.dialer(route.upstream_host, port, self.settings.connect_timeout)
+        )
+        dials = self._dialing.setdefault(replica, set())
+        dials.add(dial)
+        try:
+            return await dial
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if dial.cancelled() and (task is None or not task.cancelling()):
+                raise ConnectionAbortedError("the replica's agent went offline") from None
+            raise
+        finally:
+            dials.discard(dial)
+            if not dials and self._dialing.get(replica) is dials:
+                del self._dialing[replica]
 
 
 def note_unknown_client(logged: dict[str, float], tunnel: str, protocol: str) -> None:

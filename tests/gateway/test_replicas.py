@@ -328,3 +328,53 @@ async def test_raw_tcp_balances_per_connection_and_avoids_a_dead_replica() -> No
         await forwarder.close()
         for server in servers.values():
             await server.stop()
+
+
+async def test_raw_tcp_dial_to_a_replica_reported_offline_moves_at_once() -> None:
+    """A connection whose dial to b hangs (b's agent just died: nothing answers) goes to
+    a as soon as Control reports b offline, not after the connect timeout (60 s here)."""
+    port = free_port("127.0.0.1")
+    server = RawServer(await _named_echo(b"a"), host=HOSTS["a"], port=port)
+    await server.start()
+    hanging = asyncio.Event()
+
+    async def dialer(host: str, dial_port: int, timeout: float) -> Any:
+        if host == HOSTS["b"]:
+            hanging.set()
+            await asyncio.sleep(timeout)  # an agent that vanished: no answer at all
+            raise TimeoutError
+        return await asyncio.open_connection(host, dial_port)
+
+    router = Router()
+    forwarder = TcpForwarder(
+        router, dialer, TcpSettings(bind_host="127.0.0.1", connect_timeout=60), Metrics()
+    )
+    wire = _tunnel(TWO).to_wire()
+    wire.update(protocol="tcp", domain=None, publicPort=port)
+    router.replace_all([parse_tunnel(wire)])
+    await forwarder.start()
+
+    async def once() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"hi")
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(100), 10)
+        finally:
+            writer.close()
+
+    try:
+        await forwarder.wait_reconciled()
+        assert await once() == b"a:hi"  # round robin: the next one goes to b
+        waiting = asyncio.ensure_future(once())
+        await asyncio.wait_for(hanging.wait(), 5)
+        offline = _tunnel([{"agentId": "a"}, {"agentId": "b", "health": "offline"}]).to_wire()
+        offline.update(protocol="tcp", domain=None, publicPort=port)
+        started = asyncio.get_running_loop().time()
+        router.upsert(parse_tunnel(offline))
+        assert await asyncio.wait_for(waiting, 5) == b"a:hi"
+        assert asyncio.get_running_loop().time() - started < 5
+        assert forwarder._dialing == {}
+    finally:
+        await forwarder.close()
+        await server.stop()
