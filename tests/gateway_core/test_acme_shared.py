@@ -10,6 +10,8 @@ Pebble's HTTP-01 port), and a second Control process with ``--acme-domain``.
 * DNS-01: a ``*.apps.test`` tunnel and a ``www.apps.test`` tunnel beside it, one
   wildcard certificate from Knot's TXT record, both tunnels served with it by both
   gateways through a real agent (the exact name reaching its own app);
+* renewal: the stored certificate made to expire within ``renew_before`` is ordered
+  again once and the new one served by both gateways;
 * the ordering gateway killed (SIGKILL) while Pebble validates: the lease goes to the
   other gateway, which completes the certificate;
 * Control's own certificate from Pebble over HTTP-01 on its port-80 stand-in, installed
@@ -26,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -265,6 +268,12 @@ async def test_one_order_per_domain_answered_by_whichever_gateway(setup: Setup) 
         leaf = await wait_certificate(setup, domain)
         assert dns_names(leaf) == [domain]
         assert coordinator.granted[domain] == 1  # ordered once
+
+        async def recorded(domain: str = domain) -> bool:
+            # (the certificate is stored a moment before the lease's end is recorded)
+            return any(e["domain"] == domain for e in coordinator.recent)
+
+        await wait_until(recorded, 10, f"the end of {domain}'s lease recorded")
         ended = [e for e in coordinator.recent if e["domain"] == domain]
         assert [(e["gateway"], e["outcome"]) for e in ended] == [("gw-a", "obtained")]
         await wait_served(setup, leaf, domain, ["gw-a", "gw-b"])
@@ -281,6 +290,52 @@ async def test_one_order_per_domain_answered_by_whichever_gateway(setup: Setup) 
     assert {("one.test", "gw-a", "obtained"), ("two.test", "gw-a", "obtained")} <= {
         (e["domain"], e["gateway"], e["outcome"]) for e in state["recent"]
     }
+
+
+async def test_a_certificate_near_expiry_is_renewed_once_and_served_by_both(
+    setup: Setup,
+) -> None:
+    """Renewal is an order like the first: Control's stored certificate for one.test is
+    made to expire within ``renew_before``; it is ordered again once, by one gateway, and
+    the new certificate (a new serial, the same name) reaches both gateways."""
+    import sqlalchemy as sa
+
+    from control.db.schema import certificates
+
+    coordinator = setup.coordinator
+    domain = "one.test"
+    old = await wait_certificate(setup, domain)
+    await wait_served(setup, old, domain, ["gw-a", "gw-b"])
+    orders = coordinator.granted[domain]
+    soon = time.time() + 86400.0  # a day left: inside renew_before (30 days)
+    assert soon - time.time() < coordinator.renew_before
+    store = setup.control.app.state.store
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            sa.update(certificates).where(certificates.c.domain == domain).values(not_after=soon)
+        )
+    store.generation += 1  # (a write outside the store: its readers' caches must see it)
+    coordinator.wake()
+    renewed: list[x509.Certificate] = []
+
+    async def new_one() -> bool:
+        leaf = await stored_leaf(setup.api, domain)
+        if leaf is not None and leaf.serial_number != old.serial_number:
+            renewed.append(leaf)
+        return bool(renewed)
+
+    await wait_until(new_one, WAIT, f"a renewed certificate for {domain}", gw_logs(setup))
+    leaf = renewed[-1]
+    assert dns_names(leaf) == [domain]
+    assert leaf.not_valid_after_utc.timestamp() - time.time() > coordinator.renew_before
+    await wait_served(setup, leaf, domain, ["gw-a", "gw-b"])
+    assert coordinator.granted[domain] == orders + 1  # renewed once, not again and again
+
+    async def recorded() -> bool:
+        ended = [e["outcome"] for e in coordinator.recent if e["domain"] == domain]
+        return ended == ["obtained"] * (orders + 1)
+
+    await wait_until(recorded, 10, f"the renewal's lease of {domain} recorded as obtained")
 
 
 async def word_app(word: bytes) -> asyncio.Server:
