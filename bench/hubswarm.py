@@ -360,28 +360,31 @@ class Swarm:
         configured.cancel()
         return client
 
-    async def _heartbeat_forever(self, period: float = 20.0) -> None:
+    async def _heartbeat_forever(self, period: float = 20.0, slices: int = 20) -> None:
+        """Every client heart-beats once per ``period``, spread over it in ``slices``
+        paced by the clock: a loop busy with a reconnect storm sends late slices at once
+        rather than stretching the period past Control's offline timeout (60 s)."""
         self._heartbeat_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         while True:
+            started = loop.time()
             clients = list(self.clients)
-            pause = period / max(1, len(clients))
-            for client in clients:
-                if not client.closed:
-                    with contextlib.suppress(Exception):
-                        await client.ws.send(
-                            json.dumps(
-                                {
-                                    "type": "heartbeat",
-                                    "data": {
-                                        "timestamp": time.time(),
-                                        "configVersion": client.version,
-                                    },
-                                }
+            for k in range(slices):
+                for client in clients[k::slices]:
+                    if not client.closed:
+                        with contextlib.suppress(Exception):
+                            await client.ws.send(
+                                json.dumps(
+                                    {
+                                        "type": "heartbeat",
+                                        "data": {
+                                            "timestamp": time.time(),
+                                            "configVersion": client.version,
+                                        },
+                                    }
+                                )
                             )
-                        )
-                await asyncio.sleep(pause)
-            if not clients:
-                await asyncio.sleep(period)
+                await asyncio.sleep(max(0.0, started + (k + 1) * period / slices - loop.time()))
 
     async def heartbeat_sweep(self, stale: bool) -> float:
         """Every client heart-beats; with ``stale`` each must get a config back."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,7 +222,10 @@ class TestAgents:
             f"(Control down {down:.2f} s; {rounds[-1]['refusals']:.0f} told 1013)",
         )
         assert len(swarm.clients) == CLIENTS
-        assert all(not c.closed for c in swarm.clients)
+        closed = Counter(
+            (c.url, c.ws.close_code, c.ws.close_reason) for c in swarm.clients if c.closed
+        )
+        assert not closed, f"connections ended after coming back: {closed}"
 
 
 def kill_and_come_back(layout: Layout, swarm: Swarm) -> dict[str, float]:
