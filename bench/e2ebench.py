@@ -892,17 +892,13 @@ class E2EBench:
         }
         return Target("gateway-alone", ns, GATEWAY_HTTP, watch)
 
-    def _row_gateway_session(self) -> Target:
-        """The gateway-alone row's gateway, a second tunnel to the same origin behind a
-        password policy, and the client sending the session cookie it signed in for:
-        the cost of the access policy on every request."""
-        alone = self.target("gateway-alone")
-        ns = alone.netns
-        control_url = f"http://{HOST}:{CONTROL_PORT}"
-        cfg = {"url": control_url, "token": self.tokens["control-c"], "pin": SESSION_PIN}
-        argv = [sys.executable, "-m", "bench.e2ebench", "configure-session", json.dumps(cfg)]
+    def _configure_on_c(self, role: str, extra: dict[str, Any]) -> dict[str, Any]:
+        """Run a configure role of this module against the gateway-alone row's Control
+        (in its namespace); what it prints last, as JSON ({} if nothing)."""
+        cfg = {"url": f"http://{HOST}:{CONTROL_PORT}", "token": self.tokens["control-c"]}
+        argv = [sys.executable, "-m", "bench.e2ebench", role, json.dumps({**cfg, **extra})]
         done = subprocess.run(
-            in_ns(ns, argv),
+            in_ns(self.target("gateway-alone").netns, argv),
             capture_output=True,
             text=True,
             cwd=REPO,
@@ -910,7 +906,18 @@ class E2EBench:
             timeout=90,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"configuring the session tunnel failed: {done.stderr[-2000:]}")
+            raise RuntimeError(f"{role} failed: {done.stderr[-2000:]}")
+        lines = done.stdout.strip().splitlines()
+        result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+        return result
+
+    def _row_gateway_session(self) -> Target:
+        """The gateway-alone row's gateway, a second tunnel to the same origin behind a
+        password policy, and the client sending the session cookie it signed in for:
+        the cost of the access policy on every request."""
+        alone = self.target("gateway-alone")
+        ns = alone.netns
+        self._configure_on_c("configure-session", {"pin": SESSION_PIN})
         # (the sign-in page answers once the policy is in force at the gateway)
         cookie = self._sign_in(ns, alone.port)
         headers = (f"Cookie: kkm_session={cookie}",)
@@ -928,20 +935,7 @@ class E2EBench:
         replica that is not draining, as it does when no health is known."""
         alone = self.target("gateway-alone")
         ns = alone.netns
-        control_url = f"http://{HOST}:{CONTROL_PORT}"
-        cfg = {"url": control_url, "token": self.tokens["control-c"]}
-        argv = [sys.executable, "-m", "bench.e2ebench", "configure-replicas", json.dumps(cfg)]
-        done = subprocess.run(
-            in_ns(ns, argv),
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            timeout=90,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"configuring the replicas tunnel failed: {done.stderr[-2000:]}")
-        second_ip = json.loads(done.stdout.strip().splitlines()[-1])["agent_ip"]
+        second_ip = self._configure_on_c("configure-replicas", {})["agent_ip"]
         sh("ip", "-n", ns, "addr", "add", f"{second_ip}/32", "dev", "lo")
         prefix = self._prefix("origin-c2")
         origin2 = self._nginx(

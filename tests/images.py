@@ -43,3 +43,21 @@ def images() -> dict[str, str]:
         env={**os.environ, "STORAGE_DRIVER": DRIVER},
     )
     return {kind: f"localhost/kakuremichi-{kind}:{VERSION_TAG}" for kind in KINDS}
+
+
+def buildah(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BUILDAH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def run_line(container: str, *command: str, env: dict[str, str] | None = None) -> list[str]:
+    """The command line running ``command`` in ``container`` as its configured user."""
+    flags = [arg for key, value in (env or {}).items() for arg in ("--env", f"{key}={value}")]
+    return [*BUILDAH, "run", "--isolation", "chroot", *flags, container, "--", *command]
+
+
+def run_in(
+    container: str, *command: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        run_line(container, *command, env=env), capture_output=True, text=True, timeout=120
+    )

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,22 +25,13 @@ import httpx
 import pytest
 
 from tests.controlserver import RunningControl, create
-from tests.images import BUILDAH
+from tests.images import buildah, run_in, run_line
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 UID = "10001"
 DATA_DIR = "/var/lib/kakuremichi"
 SIZE_BUDGET = 250_000_000  # bytes; today ~200 MB, a compiler would add ~500 MB
-
-
-def buildah(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*BUILDAH, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -68,20 +58,6 @@ def container(image: str) -> Iterator[str]:
         yield name
     finally:
         buildah("rm", name)
-
-
-def buildah_run(container: str, *command: str, env: dict[str, str] | None = None) -> list[str]:
-    """The command line running ``command`` in ``container`` as its configured user."""
-    flags = [arg for key, value in (env or {}).items() for arg in ("--env", f"{key}={value}")]
-    return [*BUILDAH, "run", "--isolation", "chroot", *flags, container, "--", *command]
-
-
-def run_in(
-    container: str, *command: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        buildah_run(container, *command, env=env), capture_output=True, text=True, timeout=120
-    )
 
 
 def test_image_runs_kakuremichi_agent_as_uid_10001(config: dict[str, Any]) -> None:
@@ -193,7 +169,7 @@ async def test_agent_in_the_image_registers_with_control_and_stops_cleanly(
     # timeout(1) sends the agent SIGTERM after 15 s and passes on its exit status
     command = ("timeout", "--preserve-status", "--signal=TERM", "15", "kakuremichi", "agent")
     process = await asyncio.create_subprocess_exec(
-        *buildah_run(container, *command, env=env),
+        *run_line(container, *command, env=env),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

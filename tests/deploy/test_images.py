@@ -23,14 +23,13 @@ import json
 import os
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.images import BUILDAH, KINDS
+from tests.images import KINDS, buildah, run_in, run_line
 from tests.support import free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -39,10 +38,6 @@ UID = "10001"
 DATA_DIR = "/var/lib/kakuremichi"
 ADMIN_TOKEN = "image-test-admin-token-0123456789"
 DOMAIN = "app.images.test"
-
-
-def buildah(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BUILDAH, *args], capture_output=True, text=True, timeout=timeout)
 
 
 def image_config(image: str) -> dict[str, Any]:
@@ -66,19 +61,6 @@ def containers(images: dict[str, str]) -> Iterator[dict[str, str]]:
     finally:
         for name in made.values():
             buildah("rm", name)
-
-
-def run_line(container: str, *command: str, env: dict[str, str] | None = None) -> list[str]:
-    flags = [arg for key, value in (env or {}).items() for arg in ("--env", f"{key}={value}")]
-    return [*BUILDAH, "run", "--isolation", "chroot", *flags, container, "--", *command]
-
-
-def run_in(
-    container: str, *command: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        run_line(container, *command, env=env), capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

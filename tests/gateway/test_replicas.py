@@ -292,6 +292,23 @@ async def _named_echo(name: bytes) -> Any:
     return handler
 
 
+def _tcp_tunnel(port: int, replicas: list[dict[str, Any]]) -> TunnelSpec:
+    wire = _tunnel(replicas).to_wire()
+    wire.update(protocol="tcp", domain=None, publicPort=port)
+    return parse_tunnel(wire)
+
+
+async def _tcp_once(port: int) -> bytes:
+    """One connection through the forwarder's public port: what the replica echoes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"hi")
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(100), 10)
+    finally:
+        writer.close()
+
+
 async def test_raw_tcp_balances_per_connection_and_avoids_a_dead_replica() -> None:
     port = free_port("127.0.0.1")
     servers = {
@@ -304,25 +321,14 @@ async def test_raw_tcp_balances_per_connection_and_avoids_a_dead_replica() -> No
     forwarder = TcpForwarder(
         router, None, TcpSettings(bind_host="127.0.0.1", connect_timeout=2), metrics
     )
-    wire = _tunnel(TWO).to_wire()
-    wire.update(protocol="tcp", domain=None, publicPort=port)
-    router.replace_all([parse_tunnel(wire)])
+    router.replace_all([_tcp_tunnel(port, TWO)])
     await forwarder.start()
-
-    async def once() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"hi")
-            await writer.drain()
-            return await asyncio.wait_for(reader.read(100), 5)
-        finally:
-            writer.close()
-
     try:
         await forwarder.wait_reconciled()
-        assert sorted([await once() for _ in range(4)]) == [b"a:hi", b"a:hi", b"b:hi", b"b:hi"]
+        got = sorted([await _tcp_once(port) for _ in range(4)])
+        assert got == [b"a:hi", b"a:hi", b"b:hi", b"b:hi"]
         await servers["b"].stop()
-        assert [await once() for _ in range(4)] == [b"a:hi"] * 4  # new connections avoid b
+        assert [await _tcp_once(port) for _ in range(4)] == [b"a:hi"] * 4  # avoid b
         assert 'kakuremichi_replica_ejections_total{agent="b",tunnel="t1"} 1.0' in metrics.render()
     finally:
         await forwarder.close()
@@ -349,29 +355,15 @@ async def test_raw_tcp_dial_to_a_replica_reported_offline_moves_at_once() -> Non
     forwarder = TcpForwarder(
         router, dialer, TcpSettings(bind_host="127.0.0.1", connect_timeout=60), Metrics()
     )
-    wire = _tunnel(TWO).to_wire()
-    wire.update(protocol="tcp", domain=None, publicPort=port)
-    router.replace_all([parse_tunnel(wire)])
+    router.replace_all([_tcp_tunnel(port, TWO)])
     await forwarder.start()
-
-    async def once() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(b"hi")
-            await writer.drain()
-            return await asyncio.wait_for(reader.read(100), 10)
-        finally:
-            writer.close()
-
     try:
         await forwarder.wait_reconciled()
-        assert await once() == b"a:hi"  # round robin: the next one goes to b
-        waiting = asyncio.ensure_future(once())
+        assert await _tcp_once(port) == b"a:hi"  # round robin: the next one goes to b
+        waiting = asyncio.ensure_future(_tcp_once(port))
         await asyncio.wait_for(hanging.wait(), 5)
-        offline = _tunnel([{"agentId": "a"}, {"agentId": "b", "health": "offline"}]).to_wire()
-        offline.update(protocol="tcp", domain=None, publicPort=port)
         started = asyncio.get_running_loop().time()
-        router.upsert(parse_tunnel(offline))
+        router.upsert(_tcp_tunnel(port, [{"agentId": "a"}, {"agentId": "b", "health": "offline"}]))
         assert await asyncio.wait_for(waiting, 5) == b"a:hi"
         assert asyncio.get_running_loop().time() - started < 5
         assert forwarder._dialing == {}

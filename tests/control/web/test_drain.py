@@ -5,27 +5,13 @@ hear it), an audit entry in the signed-in user's name, CSRF, and clear refusals.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from common import protocol
 from tests.control.web.test_pages import client, csrf_of, sign_up
 from tests.controlserver import RunningControl, connect_client, create
 
 TWO = [{"agent": "a"}, {"agent": "b"}]
-
-
-@pytest.fixture
-async def control(tmp_path: Path) -> AsyncIterator[RunningControl]:
-    server = RunningControl(tmp_path / "control.db")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _replicated(control: RunningControl) -> tuple[dict[str, Any], dict[str, str]]:
