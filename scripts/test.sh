@@ -19,6 +19,37 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get install -y -q --no-install-recommends fail2ban >/dev/null
 fi
 
+# The container images (tests/images.py) take minutes to build: with no pytest
+# arguments given, build them now in the background, at the lowest CPU and I/O
+# priority, while everything else installs and the first tests run; the tests that use
+# them run last (tests/conftest.py) and wait for this build's exit status.
+image_build_pid=
+rekey_pid=
+kill_tree() {  # a background job and everything it started
+    local child
+    for child in $(pgrep -P "$1" || true); do kill_tree "$child"; done
+    kill "$1" 2>/dev/null || true
+}
+cleanup() {
+    [ -z "$rekey_pid" ] || kill_tree "$rekey_pid"
+    [ -z "$image_build_pid" ] || kill_tree "$image_build_pid"
+    [ -z "${KAKUREMICHI_TEST_IMAGE_BUILD:-}" ] || rm -rf "$KAKUREMICHI_TEST_IMAGE_BUILD"
+}
+trap cleanup EXIT
+if [ "$#" = 0 ] && [ "$(id -u)" = 0 ] && command -v buildah >/dev/null; then
+    KAKUREMICHI_TEST_IMAGE_BUILD=$(mktemp -d)
+    export KAKUREMICHI_TEST_IMAGE_BUILD
+    echo "==> [${SECONDS}s] building the container images in the background (log: $KAKUREMICHI_TEST_IMAGE_BUILD/log)"
+    (
+        status=0
+        nice -n 19 ionice -c 3 scripts/build-image.sh --version-tag test agent control gateway \
+            >"$KAKUREMICHI_TEST_IMAGE_BUILD/log" 2>&1 </dev/null || status=$?
+        echo "$status" >"$KAKUREMICHI_TEST_IMAGE_BUILD/rc.tmp"
+        mv "$KAKUREMICHI_TEST_IMAGE_BUILD/rc.tmp" "$KAKUREMICHI_TEST_IMAGE_BUILD/rc"
+    ) &
+    image_build_pid=$!
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     echo "==> [${SECONDS}s] creating .venv"
@@ -40,14 +71,12 @@ mypy
 # with no pytest arguments given it runs alone in the background, beside the main run
 # (its namespaces and interfaces are named after its own PID), and is waited for below.
 REKEY=tests/netstack/wireguard/test_interop.py::test_real_rekey_after_120_seconds
-rekey_pid=
 rekey_log=
 if [ "$#" = 0 ]; then
     rekey_log=$(mktemp)
     echo "==> [${SECONDS}s] $REKEY, in the background"
     pytest -q -p no:cacheprovider "$REKEY" >"$rekey_log" 2>&1 &
     rekey_pid=$!
-    trap 'kill "$rekey_pid" 2>/dev/null || true' EXIT
 fi
 echo "==> [${SECONDS}s] pytest (with coverage; pyproject.toml [tool.coverage] says what is measured)"
 pytest -q -p no:cacheprovider --durations=15 --cov --cov-report= "$@" \
@@ -56,7 +85,7 @@ if [ -n "$rekey_pid" ]; then
     echo "==> [${SECONDS}s] waiting for $REKEY"
     status=0
     wait "$rekey_pid" || status=$?
-    trap - EXIT
+    rekey_pid=
     cat "$rekey_log"
     rm -f "$rekey_log"
     [ "$status" = 0 ] || { echo "$REKEY failed (exit $status)"; exit "$status"; }

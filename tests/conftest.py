@@ -58,6 +58,12 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The tests on container images last: their build (tests/images.py) may still be
+    # running in the background (scripts/test.sh); the order within them is kept.
+    later = [item for item in items if "images" in getattr(item, "fixturenames", ())]
+    if later:
+        moved = set(map(id, later))
+        items[:] = [item for item in items if id(item) not in moved] + later
     if _problem is None:
         return
     skip = pytest.mark.skip(reason=_problem)
