@@ -176,12 +176,16 @@ class AccessMemo:
     same, the request has no ``Authorization``, the policy no path rules and the path
     is not one of the gateway's own pages (``/.kakuremichi/``), and the session has
     neither expired nor been signed out, the answer is the same: it is reused instead
-    of parsing and checking the cookie again.
+    of parsing and checking the cookie again.  A request whose verbatim head (``raw``)
+    is the last one's byte for byte (a client repeating a request) is recognised by one
+    comparison, without looking at its fields.
     """
 
     policy: AccessPolicy | None = None
     client_ip: str = ""
     cookie: bytes | None = None
+    #: the verbatim head that let it in (None: not relayed verbatim)
+    raw: bytes | None = None
     access: Access | None = None
     session_id: str = ""
     expires: float = 0.0
@@ -199,15 +203,29 @@ def access_for(
     path: str,
     headers: Headers,
     memo: AccessMemo | None = None,
+    raw: bytes | None = None,
 ) -> Access:
     """Check a request against its tunnel's access policy (``AccessControl.check``);
-    ``memo``: the connection's last answer, reused when it still holds."""
+    ``memo``: the connection's last answer, reused when it still holds; ``raw``: the
+    request's verbatim head, if it has one (``RequestHead.raw``)."""
     access = server.access
-    if not access.active:
+    if not access.policies:
         return OPEN
     policy = access.policies.get(route.tunnel_id)
     if policy is None:
         return OPEN
+    if (
+        raw is not None
+        and memo is not None
+        and memo.policy is policy
+        and memo.raw == raw  # the same head: the same cookie, path and fields
+        and memo.client_ip == client_ip
+        and memo.access is not None
+        and not policy.paths
+    ):
+        now = access.now()
+        if now < memo.expires and not access.sessions.revocations.revoked(memo.session_id, now):
+            return memo.access
     cookie: bytes | None = None
     cookies = 0
     authorization = False
@@ -247,7 +265,7 @@ def access_for(
     result = Access(outcome, policy, identity, own_cookies, cookies == 1, lines, user)
     session = outcome.session
     if memo is not None and session is not None and cookies == 1 and not authorization:
-        memo.policy, memo.client_ip, memo.cookie = policy, client_ip, cookie
+        memo.policy, memo.client_ip, memo.cookie, memo.raw = policy, client_ip, cookie, raw
         memo.access, memo.session_id, memo.expires = result, session.id, session.expires
     return result
 

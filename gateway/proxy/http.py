@@ -374,6 +374,8 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         #: the connection's last sign-in answer (``edge.AccessMemo``) and Cookie edit
         self._access_memo = AccessMemo()
         self._cookie_edit: tuple[bytes, bytes, bytes] | None = None
+        #: the last head it was cut from, and the result
+        self._cookie_raw: tuple[bytes, bytes] | None = None
         # the access log's view of the current request (``_admit``, ``_record``)
         self._decision = "allow"
         self._user = ""
@@ -695,7 +697,14 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
             self._redirect_to_https(host, target, route)
             return _ANSWERED
         access = access_for(
-            self.server, route, self.client_ip, method, path, headers, self._access_memo
+            self.server,
+            route,
+            self.client_ip,
+            method,
+            path,
+            headers,
+            self._access_memo,
+            request.raw,
         )
         self._decision = access.outcome.decision
         if access.outcome.kind != ALLOW:
@@ -930,13 +939,18 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         its one Cookie field (the field dropped when nothing else is left), or None
         when that cannot be done by cutting bytes (then the head is rewritten).  The
         edit is remembered: a keep-alive client sends the same Cookie line each time."""
+        last = self._cookie_raw
+        if last is not None and last[0] == raw:  # the same head as last time
+            return last[1]
         edit = self._cookie_edit
         if edit is not None:
             # the same line as last time (a short search, then one comparison)
             marker, line, replacement = edit
             start = raw.find(marker)
             if start >= 0 and raw.startswith(line, start):
-                return b"".join((raw[:start], replacement, raw[start + len(line) :]))
+                edited = b"".join((raw[:start], replacement, raw[start + len(line) :]))
+                self._cookie_raw = (raw, edited)
+                return edited
         start = raw.lower().find(b"\r\ncookie:")
         if start < 0:
             return None
@@ -947,7 +961,9 @@ class _ClientSession(asyncio.Protocol, ForwardingMixin):
         kept = without_own_cookies(line[9:].strip())
         replacement = b"\r\ncookie: " + kept if kept else b""
         self._cookie_edit = (line[:9], line, replacement)
-        return raw[:start] + replacement + raw[end:]
+        edited = raw[:start] + replacement + raw[end:]
+        self._cookie_raw = (raw, edited)
+        return edited
 
     def _forwarding(self) -> bytes:
         """``X-Forwarded-For`` and ``X-Real-IP`` (the peer) and the start of

@@ -603,3 +603,50 @@ async def test_a_connection_reuses_its_sign_in_while_it_holds(
         assert checks == 3
         await one.get("/.kakuremichi/logout", headers=headers)
         assert (await one.get("/headers", headers=headers)).status_code == 401
+
+
+def test_a_repeated_head_reuses_the_answer_until_the_session_ends() -> None:
+    """``access_for`` with a verbatim head: the same bytes again are let in without a
+    check, while the session lasts and is not signed out; any other head is checked."""
+    from types import SimpleNamespace
+
+    from gateway.proxy.edge import AccessMemo, access_for
+
+    clock = Clock()
+    pol = policy(password_hash=PIN_HASH)
+    access = access_with(pol, clock=clock)
+    value, session = access.sessions.issue(
+        "password", ttl=600, tunnel_id="t1", user="password", epoch=1
+    )
+    checks = 0
+    check = access.check
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal checks
+        checks += 1
+        return check(*args, **kwargs)
+
+    access.check = counting  # type: ignore[method-assign]
+    server: Any = SimpleNamespace(access=access)
+    route: Any = SimpleNamespace(tunnel_id="t1", domain="app.example.com")
+    fields = [(b"host", b"app.example.com"), (b"cookie", f"kkm_session={value}".encode())]
+    raw = b"GET / HTTP/1.1\r\nHost: app.example.com\r\nCookie: kkm_session=" + value.encode()
+    memo = AccessMemo()
+
+    def ask(head: bytes | None, ip: str = "203.0.113.5") -> int:
+        return access_for(server, route, ip, b"GET", "/", fields, memo, head).outcome.kind
+
+    assert ask(raw) == ALLOW and checks == 1
+    assert ask(bytes(raw)) == ALLOW and checks == 1  # equal bytes, another object
+    assert ask(raw, ip="203.0.113.6") == ALLOW and checks == 2  # another client address
+    assert ask(raw + b"\r\nAccept: */*") == ALLOW and checks == 3  # another head
+    assert ask(raw + b"\r\nAccept: */*") == ALLOW and checks == 3
+    access.sessions.revocations.revoke(session)  # signed out
+    assert ask(raw + b"\r\nAccept: */*") == CHALLENGE and checks == 4
+    fresh, _ = access.sessions.issue("password", ttl=600, tunnel_id="t1", user="password", epoch=1)
+    fields[1] = (b"cookie", f"kkm_session={fresh}".encode())
+    raw = raw.replace(value.encode(), fresh.encode())
+    assert ask(raw) == ALLOW and checks == 5
+    assert ask(raw) == ALLOW and checks == 5
+    clock.now += 601  # the session expired
+    assert ask(raw) == CHALLENGE and checks == 6
