@@ -160,6 +160,7 @@ class TunnelBalance:
         "_candidates",
         "_dirty",
         "_next",
+        "_plain",
         "_sticky_cache",
         "_valid_until",
         "_wheel",
@@ -185,6 +186,9 @@ class TunnelBalance:
         self._candidates: list[Replica] = []
         self._wheel: list[Replica] = []
         self._next = 0
+        #: round robin and not sticky by address: a pick without a cookie's token or
+        #: a replica to avoid is the next one on the wheel (``pick``)
+        self._plain = True
         self._dirty = True
         self._valid_until = math.inf
         self._sticky_cache: dict[str, Replica] = {}
@@ -232,6 +236,14 @@ class TunnelBalance:
         request (a retry goes elsewhere when there is anywhere else)."""
         if self._dirty or now >= self._valid_until:
             self._refresh(now)
+        if self._plain and token is None and exclude is None:
+            # the common case: every replica on the wheel is a candidate
+            wheel = self._wheel
+            if not wheel:
+                return None
+            turn = self._next
+            self._next = turn + 1
+            return wheel[turn % len(wheel)]
         candidates = self._candidates
         if exclude is not None and exclude in candidates and len(candidates) > 1:
             candidates = [r for r in candidates if r is not exclude]
@@ -302,6 +314,7 @@ class TunnelBalance:
             self._sticky_cache = {}
         later = [r.ejected_until for r in self.replicas if r.ejected_until > now]
         self._valid_until = min(later) if later else math.inf
+        self._plain = self.mode == "round_robin" and self.sticky != "client_ip"
         self._dirty = False
 
     def _by_client(self, client_ip: str, candidates: list[Replica], cache: bool) -> Replica:
