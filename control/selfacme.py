@@ -42,8 +42,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.acme import AcmeClient, AcmeFailure, ChallengeStore
 from common.acme.client import new_key_pem
+from common.certificates import self_signed_pem
 from common.logs import kv
-from control.tls import ControlTls, TlsError, key_pem_of, load_leaf, self_signed_pem, write_pair
+from control.tls import ControlTls, TlsError, key_pem_of, load_leaf, write_pair
 
 log = logging.getLogger("control.acme")
 

@@ -4,7 +4,6 @@ started from it."""
 from __future__ import annotations
 
 import datetime as dt
-import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common import protocol
+from common.certificates import alt_names
 from control.app import ControlSettings, create_app
 from control.main import _Server
 from control.tls import ControlTls
@@ -78,12 +78,7 @@ class TestCa:
     ) -> ec.EllipticCurvePrivateKey:
         """Write a server certificate for ``names`` (chain: leaf + CA) and its key."""
         key = key or ec.generate_private_key(ec.SECP256R1())
-        alt: list[x509.GeneralName] = []
-        for name in names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-            except ValueError:
-                alt.append(x509.DNSName(name))
+        alt = alt_names(names)
         now = dt.datetime.now(dt.UTC)
         leaf = (
             x509.CertificateBuilder()
