@@ -42,8 +42,25 @@ that ends takes its tokens with it.  Control's own certificate (``--acme-domain`
 ``control/selfacme.py``) publishes its tokens the same way (:meth:`publish_local`),
 so gateways answer for Control's name too when it points at them.
 
-State is in memory: after a Control restart gateways reconnect, say ``acme_ready``
-again, and orders are granted afresh (an order cut short is simply made again).
+*Several replicas* (``control/acme_cluster.py``).  A replica grants a domain only
+while it holds the database lease ``acme:<domain>`` (its *claim*), renewed on each
+pass while the order lives, and through a failure's back-off (so the back-off holds
+for the whole cluster), released when the order ends otherwise (so another replica
+whose gateway can order takes it over at once), left to lapse after a certificate
+arrived.  A replica that dies stops renewing; its claims lapse after ``claim_ttl``
+and another replica's pass takes the domains over (a replica that finds its claim
+taken, having paused longer than that, ends its lease: ``claim lost``).  Leases, responses and endings
+go to the other replicas over the cluster's change feed: every replica's gateways
+serve the responses of every replica's orders, and ``acme_published`` waits for the
+gateways of every live replica (each acknowledges over the feed) or
+``publish_wait``.  Alone (SQLite, one Control) the claims are taken all the same
+(``control.db.leases`` works on SQLite too) under a fixed holder name, and there is
+nobody to tell.
+
+State other than the claims is in memory: after a Control restart gateways
+reconnect, say ``acme_ready`` again, and orders are granted afresh (an order cut short
+is simply made again).  ``GET /api/acme`` shows this replica's failures and history,
+and the live orders of every replica.
 """
 
 from __future__ import annotations
@@ -60,10 +77,15 @@ from typing import Any
 
 from common import protocol as p
 from common.logs import kv
+from control.acme_cluster import ALONE, Claims, LeaseStore, ReplicaFeed, Replicas
+from control.cluster.changes import AcmeNote
 
 log = logging.getLogger("control.acme")
 
 LEASE_TTL = 600.0
+#: a replica's claim on a domain lapses this long after its last renewal (renewed at
+#: a third of it: keep ``TICK_INTERVAL`` well below a third)
+CLAIM_TTL = 30.0
 PUBLISH_WAIT = 5.0
 TICK_INTERVAL = 10.0
 RENEW_BEFORE = 30 * 86400.0
@@ -106,13 +128,15 @@ class Lease:
 
 @dataclass
 class _Publication:
-    """A token waiting until every gateway serves it."""
+    """Responses waiting until every gateway serves them: this replica's gateways the
+    set numbered ``serial``, the other replicas our announcement ``number``."""
 
     serial: int
-    waiting: set[str]
-    lease: str
-    token: str
-    holder: str  # gateway id; "" for Control's own order
+    waiting: set[str]  # gateways yet to apply ``serial``
+    number: int  # 0: no other replica to wait for
+    replicas: set[str]  # replicas yet to acknowledge ``number``
+    label: str  # the lease, for the log
+    then: Callable[[], None]  # once served everywhere (or timed out)
     done: asyncio.Future[None]
 
 
@@ -124,7 +148,11 @@ class _Failure:
 
 
 class AcmeCoordinator:
-    """The leases, the pending HTTP-01 responses and who has applied them."""
+    """The leases, the pending HTTP-01 responses and who has applied them.
+
+    ``claims``: the database leases (``control.db.leases.Leases``; None: no claims,
+    for one process with nothing to share); ``feed``: the other replicas (None: alone).
+    """
 
     def __init__(
         self,
@@ -132,8 +160,11 @@ class AcmeCoordinator:
         gateways: Callable[[], dict[str, str]],
         rows: Callable[[], Awaitable[tuple[list[Row], list[Row]]]],
         *,
+        claims: LeaseStore | None = None,
+        feed: ReplicaFeed | None = None,
         renew_before: float = RENEW_BEFORE,
         lease_ttl: float = LEASE_TTL,
+        claim_ttl: float = CLAIM_TTL,
         publish_wait: float = PUBLISH_WAIT,
         tick_interval: float = TICK_INTERVAL,
         clock: Callable[[], float] = time.time,
@@ -162,18 +193,45 @@ class AcmeCoordinator:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._avoid: dict[str, str] = {}  # domain → gateway whose lease expired
+        #: the other replicas: their leases and responses, their acknowledgements
+        self.replicas = Replicas(feed)
+        #: the ``acme:<domain>`` database leases this replica holds
+        self.claims = Claims(claims, self.replicas.replica_id or ALONE, claim_ttl)
+        self._stopped = False
+        if feed is not None:
+            feed.attach_acme(self)
 
     # -- lifecycle ------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stopped = False
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self.replicas.ask()  # the other replicas' orders in flight
+
+    @property
+    def claim_ttl(self) -> float:
+        return self.claims.ttl
+
+    @claim_ttl.setter
+    def claim_ttl(self, value: float) -> None:
+        self.claims.ttl = value
 
     async def stop(self) -> None:
+        """Stop coordinating: claims released and the other replicas told, so that
+        they take the domains over at once."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        async with self._tick_lock:  # never between a claim taken and its grant
+            self._stopped = True
+            self.replicas.reset()
+            try:
+                async with asyncio.timeout(5):
+                    await self.claims.release_all()
+            except Exception as exc:  # they lapse by themselves
+                log.warning("ACME claims not released", extra=kv(error=str(exc)[:200]))
         for publication in self._publications:
             if not publication.done.done():
                 publication.done.cancel()
@@ -197,7 +255,8 @@ class AcmeCoordinator:
 
     def pending(self) -> dict[str, str]:
         """Every HTTP-01 response gateways must serve now (token → key authorisation)."""
-        tokens = dict(self._local)
+        tokens = self.replicas.tokens()
+        tokens.update(self._local)
         for lease in self.leases.values():
             tokens.update(lease.tokens)
         return tokens
@@ -213,15 +272,22 @@ class AcmeCoordinator:
             self._send(gateway_id, "acme_challenges", frame)
 
     def _settle(self) -> None:
-        """Finish the publications every gateway has applied (or left)."""
+        """Finish the publications every gateway has applied (or left) and every
+        other replica has acknowledged (or died)."""
         connected = set(self._gateways())
+        alive = self.replicas.alive
         for publication in list(self._publications):
             publication.waiting = {
                 g
                 for g in publication.waiting
                 if g in connected and self._applied.get(g, -1) < publication.serial
             }
-            if not publication.waiting:
+            publication.replicas = {
+                r
+                for r in publication.replicas
+                if r in alive and self.replicas.acked.get(r, 0) < publication.number
+            }
+            if not publication.waiting and not publication.replicas:
                 self._finish(publication, False)
 
     def _finish(self, publication: _Publication, timed_out: bool) -> None:
@@ -231,38 +297,63 @@ class AcmeCoordinator:
         if timed_out:
             log.warning(
                 "not every gateway confirmed an http-01 response in time; validating anyway",
-                extra=kv(lease=publication.lease, waiting=",".join(sorted(publication.waiting))),
+                extra=kv(
+                    lease=publication.label,
+                    waiting=",".join(sorted(publication.waiting)) or None,
+                    replicas=",".join(sorted(publication.replicas)) or None,
+                ),
             )
-        if publication.holder:
-            self._send(
-                publication.holder,
-                "acme_published",
-                p.AcmePublished(publication.lease, publication.token).to_wire(),
-            )
+        publication.then()
         if not publication.done.done():
             publication.done.set_result(None)
 
-    def _publish(self, lease: str, token: str, holder: str) -> asyncio.Future[None]:
-        self._broadcast_challenges()
+    def _track(self, number: int, label: str, then: Callable[[], None]) -> asyncio.Future[None]:
+        """Call ``then`` once every gateway serves the current set and every replica
+        our announcement ``number`` (or after ``publish_wait``)."""
         loop = asyncio.get_running_loop()
         publication = _Publication(
-            self.serial, set(self._gateways()), lease, token, holder, loop.create_future()
+            self.serial,
+            set(self._gateways()),
+            number,
+            self.replicas.waiting(number) if number else set(),
+            label,
+            then,
+            loop.create_future(),
         )
         self._publications.append(publication)
         loop.call_later(self.publish_wait, self._finish, publication, True)
         self._settle()
         return publication.done
 
+    def _publish(self, lease: str, token: str, holder: str, number: int) -> asyncio.Future[None]:
+        self._broadcast_challenges()
+
+        def published() -> None:
+            if holder:
+                self._send(holder, "acme_published", p.AcmePublished(lease, token).to_wire())
+
+        return self._track(number, lease, published)
+
+    def _announce(self, lease: Lease) -> int:
+        """Tell the other replicas how ``lease`` stands; the announcement's number."""
+        return self.replicas.announce(
+            lease.id, lease.domain, lease.gateway_name, lease.expires, lease.tokens
+        )
+
+    def _announce_local(self) -> int:
+        return self.replicas.announce(CONTROL_LEASE, None, None, None, self._local)
+
     # -- Control's own order (control/selfacme.py) --------------------------------------
 
     async def publish_local(self, token: str, validation: str) -> None:
         """Serve one of Control's own HTTP-01 responses from every gateway."""
         self._local[token] = validation
-        await self._publish(CONTROL_LEASE, token, "")
+        await self._publish(CONTROL_LEASE, token, "", self._announce_local())
 
     async def withdraw_local(self, token: str) -> None:
         if self._local.pop(token, None) is not None:
             self._broadcast_challenges()
+            self._announce_local()
 
     # -- frames from gateways -----------------------------------------------------------
 
@@ -274,12 +365,13 @@ class AcmeCoordinator:
             challenge = p.parse_acme_challenge(frame.data)
             lease = self._lease_of(gateway_id, challenge.lease)
             lease.tokens[challenge.token] = challenge.key_authorization
-            self._publish(lease.id, challenge.token, gateway_id)
+            self._publish(lease.id, challenge.token, gateway_id, self._announce(lease))
         elif frame.type == "acme_withdraw":
             challenge = p.parse_acme_challenge(frame.data, withdraw=True)
             lease = self._lease_of(gateway_id, challenge.lease, missing_ok=True)
             if lease is not None and lease.tokens.pop(challenge.token, None) is not None:
                 self._broadcast_challenges()
+                self._announce(lease)
         elif frame.type == "acme_challenges_applied":
             serial = p.parse_acme_serial(frame.data)
             self._applied[gateway_id] = max(self._applied.get(gateway_id, 0), serial)
@@ -347,6 +439,7 @@ class AcmeCoordinator:
         lease = self.leases.get(domain)
         if lease is not None and (lease_id is None or lease.id == lease_id):
             self._end(lease, "obtained")
+            self.claims.forget(domain)  # lapses: see control/acme_cluster.py
         self.wake()
 
     def _end(self, lease: Lease, outcome: str) -> None:
@@ -361,9 +454,11 @@ class AcmeCoordinator:
                     "endedAt": self.clock(),
                 }
             )
+            self.replicas.end(lease.id)
         if lease.tokens:
             lease.tokens.clear()
             self._broadcast_challenges()
+        self.wake()  # its claim: kept for a back-off or another gateway, else released
 
     # -- granting -------------------------------------------------------------------------
 
@@ -418,7 +513,7 @@ class AcmeCoordinator:
                     )
                     self._avoid[lease.domain] = lease.gateway_id
                     self._end(lease, "expired")
-            if not self.capable:
+            if self._stopped or (not self.capable and not self.claims.held):
                 return
             tunnels, certificates = await self._rows()
             wanted = self.needed(tunnels, certificates, now)
@@ -426,13 +521,35 @@ class AcmeCoordinator:
                 if domain not in wanted:
                     del self.failures[domain]
             for domain in wanted:
-                failure = self.failures.get(domain)
-                if domain in self.leases or (failure is not None and now < failure.next_try):
+                if domain in self.leases or self._backing_off(domain, now):
                     continue
-                candidates = self.eligible(domain)
-                if not candidates:
+                if self.replicas.ordering(domain, now) is not None:
+                    continue  # another replica's gateway orders it
+                if not self.eligible(domain) or not await self.claims.take(domain, now):
                     continue
-                self._grant(domain, *candidates[0], now)
+                candidates = self.eligible(domain)  # again: the claim took a moment
+                if candidates:
+                    self._grant(domain, *candidates[0], now)
+            await self._keep_claims(set(wanted), now)
+
+    def _backing_off(self, domain: str, now: float) -> bool:
+        failure = self.failures.get(domain)
+        return failure is not None and now < failure.next_try
+
+    async def _keep_claims(self, wanted: set[str], now: float) -> None:
+        """Renew the claims of live orders and back-offs; release the others."""
+        for domain in list(self.claims.held):
+            if domain in self.leases or (domain in wanted and self._backing_off(domain, now)):
+                if not await self.claims.renew(domain, now):
+                    log.warning(
+                        "lost the claim on an ACME order to another Control replica",
+                        extra=kv(domain=domain),
+                    )
+                    lease = self.leases.get(domain)
+                    if lease is not None:
+                        self._end(lease, "claim lost")
+            else:
+                await self.claims.release(domain)
 
     def _grant(self, domain: str, gateway_id: str, name: str, now: float) -> None:
         lease = Lease(
@@ -443,7 +560,55 @@ class AcmeCoordinator:
             return
         self.leases[domain] = lease
         self.granted[domain] = self.granted.get(domain, 0) + 1
+        self._announce(lease)
         log.info("certificate order leased", extra=kv(domain=domain, gateway=name))
+
+    # -- the other replicas (control/acme_cluster.py) -------------------------------------
+
+    def acme_note(self, origin: str, note: AcmeNote) -> None:
+        """A note from replica ``origin`` (the change feed's receiver calls this)."""
+        if self._stopped:
+            return
+        if note.op == "sync":
+            self._announce_all()
+            return
+        changed = self.replicas.apply(origin, note)
+        if note.op == "ack":
+            self._settle()
+            return
+        if changed:
+            self._broadcast_challenges()
+        if note.op == "set" and note.tokens:
+            # acknowledged once this replica's gateways serve them
+            number = note.n
+            self._track(0, f"{origin}/{note.lease}", lambda: self.replicas.ack(origin, number))
+        if note.op in ("end", "reset"):
+            self.wake()  # a domain may be free to order here now
+
+    def acme_resync(self) -> None:
+        """Notes may have been lost: ask every replica for its leases again."""
+        if not self._stopped:
+            self.replicas.ask()
+
+    def replicas_alive(self, replica_ids: set[str]) -> None:
+        """The live replicas: the leases of the others are forgotten (their claims
+        lapse and their domains are taken over), nobody waits for their acks."""
+        changed, forgot = self.replicas.keep_alive(replica_ids)
+        if self._stopped:
+            return
+        if changed:
+            self._broadcast_challenges()
+        self._settle()
+        if forgot:
+            self.wake()
+
+    def _announce_all(self) -> None:
+        """Every live lease of ours, after a ``reset`` (another replica asked)."""
+        self.replicas.reset()
+        for lease in self.leases.values():
+            self._announce(lease)
+        if self._local:
+            self._announce_local()
 
     # -- what the API shows ---------------------------------------------------------------
 
@@ -455,7 +620,16 @@ class AcmeCoordinator:
         for domain in sorted(wanted):
             lease = self.leases.get(domain)
             failure = self.failures.get(domain)
+            gateway: str | None = None
+            expires: float | None = None
+            ordering = True
             if lease is not None:
+                gateway, expires = lease.gateway_name, lease.expires
+            elif (remote := self.replicas.ordering(domain, now)) is not None:
+                gateway, expires = remote.gateway, remote.expires  # at another replica
+            else:
+                ordering = False
+            if ordering:
                 state = "ordering"
             elif failure is not None:
                 state = "failing"
@@ -467,8 +641,8 @@ class AcmeCoordinator:
                 {
                     "domain": domain,
                     "state": state,
-                    "gateway": lease.gateway_name if lease else None,
-                    "leaseExpiresAt": lease.expires if lease else None,
+                    "gateway": gateway,
+                    "leaseExpiresAt": expires,
                     "lastError": failure.error if failure else None,
                     "nextTryAt": failure.next_try if failure else None,
                     "ordersGranted": self.granted.get(domain, 0),

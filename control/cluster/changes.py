@@ -11,16 +11,22 @@ Changes travel in batches (:class:`Batch`) as PostgreSQL ``NOTIFY`` payloads (at
 8,000 bytes): the publishing replica's id, its batch number (a gap means batches were
 lost: the receiver re-syncs every client) and the changes in commit order.  Parsing
 is strict and bounded: anything else is :class:`BadChange`, never a crash.
+
+The same feed carries the shared-ACME coordination between replicas (``acme``
+changes holding an :class:`AcmeNote`; ``control/acme_cluster.py`` says what they mean):
+they are not database changes, so the hub never sees them.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-WHATS = ("config", "tunnel", "disconnect", "presence", "resync")
-What = Literal["config", "tunnel", "disconnect", "presence", "resync"]
+from common import protocol as p
+
+WHATS = ("config", "tunnel", "disconnect", "presence", "resync", "acme")
+What = Literal["config", "tunnel", "disconnect", "presence", "resync", "acme"]
 KINDS = ("agent", "gateway")
 TUNNEL_EVENTS = ("tunnel_create", "tunnel_update", "tunnel_delete")
 #: a config push to more clients than this is sent as "every client of the kind"
@@ -29,10 +35,114 @@ MAX_IDS = 32
 MAX_PAYLOAD = 7900
 MAX_ID = 64
 MAX_REASON = 120
+ACME_OPS = ("set", "end", "reset", "sync", "ack")
+AcmeOp = Literal["set", "end", "reset", "sync", "ack"]
+#: HTTP-01 responses in one ``set`` note: a token and its key authorisation take at
+#: most 386 bytes, so eight keep a note far below :data:`MAX_PAYLOAD`
+MAX_NOTE_TOKENS = 8
 
 
 class BadChange(ValueError):
     """A payload that is not a batch of changes."""
+
+
+@dataclass(frozen=True)
+class AcmeNote:
+    """One replica's word to the others about shared ACME (``control/acme_cluster.py``).
+
+    * ``set``: the origin's lease ``lease`` now stands so (announcement number ``n``):
+      ``domain`` ordered by its gateway ``gateway`` until ``expires`` (both None for
+      Control's own order), ``tokens`` the HTTP-01 responses it needs served;
+    * ``end``: that lease ended (its tokens are withdrawn);
+    * ``reset``: forget every lease of the origin (the ``set`` notes that follow are
+      all of them);
+    * ``sync``: every replica, please ``reset`` and ``set`` all your leases again;
+    * ``ack``: this replica's gateways serve every response replica ``to`` announced
+      up to its number ``n``.
+    """
+
+    op: AcmeOp
+    n: int = 0
+    lease: str | None = None
+    domain: str | None = None
+    gateway: str | None = None
+    expires: float | None = None
+    to: str | None = None
+    tokens: tuple[tuple[str, str], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op}
+        for key, value in (
+            ("n", self.n or None),
+            ("l", self.lease),
+            ("d", self.domain),
+            ("g", self.gateway),
+            ("e", self.expires),
+            ("to", self.to),
+        ):
+            if value is not None:
+                out[key] = value
+        if self.tokens:
+            out["tk"] = [list(pair) for pair in self.tokens]
+        return out
+
+
+def parse_acme_note(data: object) -> AcmeNote:
+    if not isinstance(data, dict):
+        raise BadChange("an acme note is an object")
+    op = _text(data, "op", 8, ACME_OPS)
+    if op is None:
+        raise BadChange("an acme note needs 'op'")
+    n = data.get("n", 0)
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n < 2**62:
+        raise BadChange("'n' must be a non-negative integer")
+    expires = data.get("e")
+    if expires is not None and (
+        not isinstance(expires, int | float) or isinstance(expires, bool) or expires < 0
+    ):
+        raise BadChange("'e' must be a time")
+    pairs = data.get("tk", [])
+    if not isinstance(pairs, list) or len(pairs) > MAX_NOTE_TOKENS:
+        raise BadChange(f"'tk' must be a list of at most {MAX_NOTE_TOKENS} responses")
+    tokens = []
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise BadChange("'tk' holds [token, key authorisation] pairs")
+        try:
+            challenge = p.parse_acme_challenge(
+                {"lease": "", "token": pair[0], "keyAuthorization": pair[1]}
+            )
+        except p.ProtocolError as exc:
+            raise BadChange(f"bad HTTP-01 response: {exc}") from None
+        tokens.append((challenge.token, challenge.key_authorization))
+    note = AcmeNote(
+        op,  # type: ignore[arg-type]
+        n=n,
+        lease=_text(data, "l", MAX_ID),
+        domain=_text(data, "d", p.MAX_DOMAIN),
+        gateway=_text(data, "g", p.MAX_NAME),
+        expires=None if expires is None else float(expires),
+        to=_text(data, "to", MAX_ID),
+        tokens=tuple(tokens),
+    )
+    need = {"set": ("lease", "n"), "end": ("lease", "n"), "reset": ("n",), "ack": ("to", "n")}
+    for name in need.get(note.op, ()):
+        if not getattr(note, name):
+            raise BadChange(f"an acme {note.op!r} note needs {name}")
+    return note
+
+
+class AcmeListener(Protocol):
+    """What the change feed tells the ACME coordinator (``control/acme_cluster.py``)."""
+
+    def acme_note(self, origin: str, note: AcmeNote) -> None:
+        """Replica ``origin`` sent ``note``."""
+
+    def acme_resync(self) -> None:
+        """Notes may have been lost (a gap, a feed re-opened): ask for them again."""
+
+    def replicas_alive(self, replica_ids: set[str]) -> None:
+        """These replicas (this one included) are alive now; the others are dead."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +156,8 @@ class Change:
       ``ids`` (those that served it before or after; None: every agent) a full config;
     * ``disconnect``: close ``kind`` client ``ids[0]`` with ``code`` and ``reason``;
     * ``presence``: clients connected or left somewhere (re-read who is online);
-    * ``resync``: something may have been missed; push full configs to everybody.
+    * ``resync``: something may have been missed; push full configs to everybody;
+    * ``acme``: shared-ACME coordination (``acme``), not a database change.
     """
 
     what: What
@@ -57,9 +168,12 @@ class Change:
     agent_id: str | None = None
     code: int | None = None
     reason: str | None = None
+    acme: AcmeNote | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"w": self.what}
+        if self.acme is not None:
+            out["x"] = self.acme.to_wire()
         for key, value in (
             ("k", self.kind),
             ("i", None if self.ids is None else list(self.ids)),
@@ -127,6 +241,7 @@ def parse_change(data: object) -> Change:
         agent_id=_text(data, "a", MAX_ID),
         code=code,
         reason=_text(data, "r", MAX_REASON),
+        acme=None if data.get("x") is None else parse_acme_note(data["x"]),
     )
     _check_complete(change)
     return change
@@ -137,6 +252,7 @@ def _check_complete(change: Change) -> None:
         "config": ("kind",),
         "tunnel": ("event", "tunnel_id", "agent_id"),
         "disconnect": ("kind", "ids", "code"),
+        "acme": ("acme",),
     }
     for name in need.get(change.what, ()):
         if getattr(change, name) is None:

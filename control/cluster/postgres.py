@@ -30,6 +30,12 @@ the once-only jobs.
 *Once-only jobs* run on the replica holding the ``control-jobs`` lease
 (``control.db.leases``), renewed with the heartbeat; when its holder dies the lease
 lapses after ``timeout`` seconds and another replica takes it over (a new fence).
+
+*Shared ACME.*  The feed also carries the ACME coordinator's notes between replicas
+(``acme`` changes, ``control/acme_cluster.py``): they go to the coordinator attached
+with :meth:`PostgresCluster.attach_acme`, never to the hub; whenever this replica
+re-syncs (notes may have been lost) the coordinator hears of it too, and after every
+heartbeat it learns which replicas are alive.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.logs import kv
 from control.cluster import DEFAULT_TIMEOUT, ChangeSink
-from control.cluster.changes import BadChange, Batch, Change, pack, parse_batch
+from control.cluster.changes import AcmeListener, BadChange, Batch, Change, pack, parse_batch
 from control.db.leases import Leases, db_now
 from control.db.schema import admin_sessions, control_replicas, presence
 
@@ -105,6 +111,11 @@ class PostgresCluster:
         self._live: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._acme: AcmeListener | None = None
+
+    def attach_acme(self, listener: AcmeListener) -> None:
+        """Hand ``acme`` changes, re-syncs and the live replicas to ``listener``."""
+        self._acme = listener
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -272,12 +283,17 @@ class PostgresCluster:
         for change in batch.changes:
             if change.what == "presence":
                 self._refresh_wanted.set()
+            elif change.what == "acme":
+                if self._acme is not None and change.acme is not None:
+                    self._acme.acme_note(batch.origin, change.acme)
             elif change.what == "resync":
                 await self._resync()
             else:
                 await self._sink.apply_change(change)
 
     async def _resync(self) -> None:
+        if self._acme is not None and not self._closing:
+            self._acme.acme_resync()
         if self._sink is not None and not self._closing:
             await self._sink.resync()
         self._refresh_wanted.set()
@@ -308,6 +324,8 @@ class PostgresCluster:
             live = {row.id: row.name for row in rows}
         died = self._live - set(live)
         self._live = set(live)
+        if self._acme is not None:
+            self._acme.replicas_alive(set(live))
         if died:
             log.warning(
                 "a Control replica stopped answering; its clients will reconnect elsewhere",

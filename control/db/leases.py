@@ -16,8 +16,9 @@ replica holding its lease.  A lease is a row ``(name, holder, expires_at, fence)
 * :meth:`Leases.release` gives a lease up at once (clean shutdown): the next
   ``acquire`` by anyone succeeds without waiting for it to lapse.
 
-Generic on purpose: the names are the callers' (``control-jobs`` is ours; an ACME
-coordinator may take ``acme:<domain>``).
+Generic on purpose: the names are the callers' (``control-jobs`` for the cluster's
+once-only jobs; ``acme:<domain>`` for one ACME order per domain across replicas,
+``control/acme_cluster.py``).
 """
 
 from __future__ import annotations
