@@ -351,8 +351,9 @@ class Balancer:
 
     def __init__(self) -> None:
         self.tunnels: dict[str, TunnelBalance] = {}
-        #: replicas that went offline since the last ``take_offline``
-        self._offline: list[Replica] = []
+        #: replicas Control reported offline in the router's latest change (its
+        #: listeners read it: their waiting requests and dials to those are ended)
+        self.went_offline: list[Replica] = []
         self.extra_load: Callable[[str], int] | None = None
 
     def configure(
@@ -362,7 +363,7 @@ class Balancer:
         if balance is None:
             balance = self.tunnels[tunnel_id] = TunnelBalance(tunnel_id)
         balance.extra_load = self.extra_load
-        self._offline.extend(balance.configure(mode, sticky, specs))
+        self.went_offline.extend(balance.configure(mode, sticky, specs))
         return balance
 
     def keep_only(self, tunnel_ids: set[str]) -> None:
@@ -375,10 +376,9 @@ class Balancer:
         for balance in self.tunnels.values():
             balance.extra_load = extra_load
 
-    def take_offline(self) -> list[Replica]:
-        """Replicas Control reported offline since the last call."""
-        offline, self._offline = self._offline, []
-        return offline
+    def begin_change(self) -> None:
+        """A new change of the router's table starts: ``went_offline`` starts empty."""
+        self.went_offline = []
 
     def states(self, now: float) -> list[tuple[str, str, str]]:
         """(tunnel, agent, state) of every replica (metrics)."""

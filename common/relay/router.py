@@ -349,6 +349,7 @@ class Router:
     # -- internals -------------------------------------------------------------------
 
     def _rebuild(self) -> None:
+        self.balancer.begin_change()
         by_domain: dict[str, _Tunnel] = {}
         by_port: dict[tuple[str, int], _Tunnel] = {}
         for tunnel in self._tunnels.values():

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from . import proxyproto
 from .accesslog import AccessLog
-from .balance import OFFLINE, Replica
+from .balance import Replica
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
 from .metrics import Metrics
@@ -139,10 +139,9 @@ class TcpForwarder(PortReconciler):
 
     def _on_change(self) -> None:
         super()._on_change()
-        for replica, dials in list(self._dialing.items()):
-            if replica.health == OFFLINE:
-                for dial in dials:
-                    dial.cancel()
+        for replica in self.router.balancer.went_offline:
+            for dial in self._dialing.get(replica, ()):
+                dial.cancel()
 
     async def _open_port(self, port: int) -> Listener:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -240,7 +240,7 @@ class ProxyServer:
         return self.pool.active_count(host, self.settings.upstream_port)
 
     def _replicas_changed(self) -> None:
-        for replica in self.router.balancer.take_offline():
+        for replica in self.router.balancer.went_offline:
             ended = self.pool.abort_agent(replica.host)
             log.warning(
                 "replica offline (its agent left Control): tunnel %s, agent %s; %d waiting "

@@ -209,6 +209,19 @@ def test_the_router_gives_a_replicated_tunnel_a_route_per_replica() -> None:
     assert router.balancer.tunnels == {}
 
 
+def test_every_router_listener_sees_the_replicas_that_went_offline_in_that_change() -> None:
+    router = Router()
+    router.replace_all([_tunnel(replicas=REPLICAS)])
+    seen: list[list[str]] = []
+    router.add_listener(lambda: seen.append([r.agent_id for r in router.balancer.went_offline]))
+    router.add_listener(lambda: seen.append([r.agent_id for r in router.balancer.went_offline]))
+    offline = (dataclasses.replace(REPLICAS[0], health="offline"), REPLICAS[1])
+    router.upsert(_tunnel(replicas=offline))
+    assert seen == [["a"], ["a"]]  # both listeners (the HTTP pool, the TCP forwarder)
+    router.upsert(_tunnel(replicas=offline, target="127.0.0.1:8081"))  # still offline
+    assert seen[2:] == [[], []]
+
+
 def test_a_single_agent_tunnel_is_routed_as_before() -> None:
     router = Router()
     router.replace_all(
