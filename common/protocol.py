@@ -164,6 +164,8 @@ def decode(text: str | bytes) -> Frame:
         raise ProtocolError("frame_too_large", f"frame exceeds {MAX_FRAME_BYTES} bytes")
     try:
         value = jsonsafe.loads(text)
+    except jsonsafe.JsonNumberError as exc:  # well-formed, but no field holds that number
+        raise ProtocolError("invalid_field", f"frame field {exc}") from None
     except jsonsafe.JsonError as exc:
         raise ProtocolError("malformed_json", f"frame is {exc}") from None
     if not isinstance(value, dict):

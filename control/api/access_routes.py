@@ -33,6 +33,13 @@ async def _json_object(request: Request) -> dict[str, Any]:
         raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
     try:
         data = jsonsafe.loads(raw or b"null")
+    except jsonsafe.JsonNumberError as exc:  # well-formed, but no field holds that number
+        raise ApiError(
+            422,
+            "validation_failed",
+            f"request body: {exc}",
+            [{"field": exc.field, "message": exc.reason}],
+        ) from None
     except jsonsafe.JsonError as exc:
         raise ApiError(400, "malformed_json", f"request body is {exc}") from None
     if not isinstance(data, dict):

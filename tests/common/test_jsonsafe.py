@@ -44,3 +44,22 @@ def test_what_no_field_can_hold_is_a_json_error(text: str | bytes, says: str) ->
         jsonsafe.loads(text)
     assert isinstance(caught.value, ValueError)
     assert len(str(caught.value)) < 200  # the input is never echoed back
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('{"port": 1' + "0" * 30 + "}", "port"),
+        ('{"a": [1, {"b": -' + "9" * 5000 + "}]}", "a[1].b"),
+        ('{"x": 1, "y": [0, 0, 1e999]}', "y[2]"),
+        ("1e400", ""),
+        ('{"' + "k" * 500 + '": 1e400}', "k" * 64),  # a key is cut to 64 characters
+        ('[[[[{"deep": 1' + "0" * 40 + "}]]]]", "[0][0][0][0].deep"),
+    ],
+)
+def test_a_number_out_of_bounds_names_its_field(text: str, field: str) -> None:
+    with pytest.raises(jsonsafe.JsonNumberError) as caught:
+        jsonsafe.loads(text)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(field or "the value")
+    assert len(str(caught.value)) < 200

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import sqlite3
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -325,8 +326,9 @@ async def test_generated_admin_token_is_printed_once(tmp_path: Any) -> None:
 
 
 async def test_numbers_no_field_can_hold_are_refused_not_500(api: httpx.AsyncClient) -> None:
-    """Integers of thousands of digits, 1e400 and NaN in bodies: 400 malformed_json (they
-    used to be 500s); paging parameters with non-ASCII or too many digits: 422."""
+    """Integers of thousands of digits and 1e400 in bodies: 422 naming the field; NaN
+    (not JSON): 400 malformed_json (they used to be 500s); paging parameters with
+    non-ASCII or too many digits: 422."""
     agent = await create(api, "agent", "numbers")
     tunnel = (
         await api.post(
@@ -336,12 +338,19 @@ async def test_numbers_no_field_can_hold_are_refused_not_500(api: httpx.AsyncCli
     ).json()
     big = "9" * 5000
     bodies = [
-        '{"name": "x", "extra": ' + big + "}",
-        '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": -'
-        + big
-        + "}",
-        '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": 1e400}',
-        '{"enabled": NaN}',
+        ('{"name": "x", "extra": ' + big + "}", "extra"),
+        (
+            '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": -'
+            + big
+            + "}",
+            "publicPort",
+        ),
+        (
+            '{"protocol": "tcp", "target": "127.0.0.1:80", "agent": "numbers", "publicPort": 1e400}',
+            "publicPort",
+        ),
+        ('{"replicas": [{"agent": "numbers", "weight": 1' + "0" * 30 + "}]}", "replicas[0].weight"),
+        ('{"enabled": NaN}', None),
     ]
     for method, path in [
         ("POST", "/api/agents"),
@@ -350,11 +359,15 @@ async def test_numbers_no_field_can_hold_are_refused_not_500(api: httpx.AsyncCli
         ("PATCH", f"/api/agents/{agent['id']}"),
         ("POST", "/api/certificates"),
     ]:
-        for body in bodies:
+        for body, field in bodies:
             response = await api.request(
                 method, path, content=body, headers={"content-type": "application/json"}
             )
-            error = assert_error(response, 400, "malformed_json")
+            if field is None:
+                error = assert_error(response, 400, "malformed_json")
+            else:
+                error = assert_error(response, 422, "validation_failed")
+                assert error["details"] == [{"field": field, "message": ANY}]
             assert big not in error["message"]
     for path in ("/api/agents", "/api/tunnels", "/api/certificates"):
         for query in ("limit=\u00b2", "limit=\u0665", "offset=" + big, "offset=" + "0" * 13):
