@@ -170,3 +170,29 @@ def test_the_circle_finder_finds_circles() -> None:
     looped = {**graph, "netstack.checksum": graph["netstack.checksum"] | {"netstack.ip"}}
     assert ["netstack.checksum", "netstack.ip"] in circles(looped)
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def wireguard_reaches(graph: dict[str, set[str]]) -> set[str]:
+    """Every netstack module outside netstack.wireguard that WireGuard's modules
+    import, directly or through others."""
+    seen: set[str] = set()
+    todo = [m for m in graph if m.startswith("netstack.wireguard")]
+    while todo:
+        for child in graph[todo.pop()]:
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return {m for m in seen if m.startswith("netstack") and not m.startswith("netstack.wireguard")}
+
+
+def test_wireguard_stands_on_its_own() -> None:
+    """netstack/wireguard (its hot path and twin) needs nothing of the TCP/IP stack:
+    at most the shared loop timer (issue 14 item 5)."""
+    graph = module_graph()
+    assert wireguard_reaches(graph) <= {"netstack.looptimer"}
+    # and the check sees a reach through another module
+    tcp = {
+        **graph,
+        "netstack.wireguard.timers": graph["netstack.wireguard.timers"] | {"netstack.ip"},
+    }
+    assert "netstack.checksum" in wireguard_reaches(tcp)

@@ -15,6 +15,7 @@ settings and checks), and records each operation's failure instead of raising it
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,6 +92,20 @@ class FuzzRun:
     #: (operation, what went wrong), for each operation that failed a check
     failures: list[tuple[str, BaseException]] = field(default_factory=list)
     operations: int = 0
+    #: what Control logged at ERROR or above, or with a traceback, meanwhile
+    logged: list[str] = field(default_factory=list)
+
+
+class _Errors(logging.Handler):
+    """Collects log records at ERROR and above, and any carrying a traceback."""
+
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR or record.exc_info:
+            self.into.append(f"{record.name} {record.levelname}: {self.format(record)}")
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +122,22 @@ def fuzz_run(control_base: str) -> FuzzRun:
             checks=[not_a_server_error, response_schema_conformance, status_code_conformance],
         )
 
-    for result in get_all_tests(schema=schema, test_func=call, settings=SETTINGS, given_kwargs={}):
-        assert isinstance(result, Ok), result  # the document itself must load
-        operation, test = result.ok()
-        run.operations += 1
-        try:
-            test()
-        except (Exception, FailureGroup) as exc:  # one operation's must not hide the rest
-            run.failures.append((operation.label, exc))
+    errors = _Errors(run.logged)
+    root = logging.getLogger()
+    root.addHandler(errors)
+    try:
+        for result in get_all_tests(
+            schema=schema, test_func=call, settings=SETTINGS, given_kwargs={}
+        ):
+            assert isinstance(result, Ok), result  # the document itself must load
+            operation, test = result.ok()
+            run.operations += 1
+            try:
+                test()
+            except (Exception, FailureGroup) as exc:  # one operation's must not hide the rest
+                run.failures.append((operation.label, exc))
+    finally:
+        root.removeHandler(errors)
     return run
 
 
@@ -126,6 +149,13 @@ def test_no_server_errors(fuzz_run: FuzzRun) -> None:
             "\n\n".join(f"{label}:\n{exc!s}" for label, exc in fuzz_run.failures),
             pytrace=False,
         )
+
+
+def test_no_traceback_or_error_in_the_logs(fuzz_run: FuzzRun) -> None:
+    """Every generated request is answered without Control logging an error or a
+    traceback (an unexpected exception caught and logged would not show as a 5xx)."""
+    assert fuzz_run.operations > 0
+    assert fuzz_run.logged == [], "\n".join(fuzz_run.logged[:5])
 
 
 def test_fuzzing_reached_the_handlers(fuzz_run: FuzzRun) -> None:
