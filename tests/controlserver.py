@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,26 @@ from control.main import _Server
 from tests.support import free_port
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def control_args(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """``kakuremichi`` arguments for a Control on 127.0.0.1:``port`` keeping its state
+    in ``data_dir``, then ``extra``."""
+    return [
+        "control",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        *extra,
+    ]
+
+
+def control_command(port: int, data_dir: Path, *extra: str) -> list[str]:
+    """The command line running that Control as a process (``control_args``)."""
+    return [sys.executable, "-m", "kakuremichi.cli", *control_args(port, data_dir, *extra)]
 
 
 class RunningControl:

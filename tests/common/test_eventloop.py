@@ -26,6 +26,7 @@ from kakuremichi import demo
 from kakuremichi.cli import build_parser
 from kakuremichi.cli import main as cli_main
 from tests.agent.test_cli import cli
+from tests.controlserver import control_command
 from tests.support import free_port, need
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,22 +175,14 @@ def test_control_runs_and_stops_on_the_chosen_loop(choice: str, tmp_path: Path) 
     log = tmp_path / "control.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kakuremichi.cli",
-                "control",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(tmp_path / "data"),
+            control_command(
+                port,
+                tmp_path / "data",
                 "--admin-token",
                 "adm_test_token_0123456789",
                 "--event-loop",
                 choice,
-            ],
+            ),
             cwd=ROOT,
             env={k: v for k, v in os.environ.items() if not k.startswith("KAKUREMICHI_")},
             stdout=out,

@@ -30,6 +30,7 @@ from typing import IO, Any
 import httpx
 import pytest
 
+from tests.controlserver import control_args
 from tests.pgserver import PostgresServer, postgres
 from tests.support import free_port, need_binary, need_root
 from tests.tlsca import TestCa
@@ -94,14 +95,9 @@ class Cluster:
         self.controls[name] = f"http://127.0.0.1:{port}"
         self.control_procs[name] = self.spawn(
             f"control-{name}",
-            [
-                "control",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--data-dir",
-                str(self.tmp / f"control-{name}"),
+            control_args(
+                port,
+                self.tmp / f"control-{name}",
                 "--database-url",
                 self.database_url,
                 "--admin-token",
@@ -110,7 +106,7 @@ class Cluster:
                 str(REPLICA_TIMEOUT),
                 "--public-url",
                 public_url or f"http://127.0.0.1:{port}",
-            ],
+            ),
         )
 
     def start_gateway(self, name: str, key: str, urls: str, *extra: str) -> None:

@@ -14,7 +14,13 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from tests.controlserver import ADMIN_TOKEN, RunningControl, connect_client, create
+from tests.controlserver import (
+    ADMIN_TOKEN,
+    RunningControl,
+    connect_client,
+    control_command,
+    create,
+)
 from tests.support import free_port
 
 
@@ -71,19 +77,7 @@ def _spawn(
     tmp_path: Path, port: int, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kakuremichi.cli",
-            "control",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(tmp_path / "data"),
-            *extra,
-        ],
+        control_command(port, tmp_path / "data", *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

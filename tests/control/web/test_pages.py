@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -32,16 +30,6 @@ def setup_path(control: RunningControl) -> str:
     found = re.search(r"(/setup\?token=stp_[A-Za-z0-9_-]+)", "\n".join(control.announced))
     assert found, control.announced
     return found.group(1)
-
-
-@pytest.fixture
-async def control(tmp_path: Path) -> AsyncIterator[RunningControl]:
-    server = RunningControl(tmp_path / "control.db")
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def sign_up(control: RunningControl, browser: httpx.AsyncClient) -> None:
