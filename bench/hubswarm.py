@@ -3,9 +3,10 @@
 The swarm runs its own event loop in a thread so pytest-benchmark can time plain
 functions; every client has a reader task that records what arrived and when.
 
-Clients reconnect as ``common.controlclient`` does: a close with ``CLOSE_TRY_AGAIN``
-(1013) waits the ``retry after N`` Control named, N..2N seconds; a failed connection
-(refused, reset, HTTP 429/503) backs off with jitter, honouring a ``Retry-After``.
+Clients reconnect as ``common.controlclient`` does: a busy Control's refusal (HTTP
+503 with ``Retry-After: N``, or a close with ``CLOSE_TRY_AGAIN`` (1013) and ``retry
+after N``) waits N to N + max(1, N/4) seconds and counts as a refusal, not a failure;
+a failed connection (refused, reset) backs off exponentially with jitter.
 Unlike the real client they do not pause a second before their first attempt: a
 reconnect round measures Control taking a crowd that arrives at once.
 """
@@ -207,12 +208,14 @@ class Swarm:
 
     def __init__(self, control: ControlProcess) -> None:
         self.control = control
-        self.loop = asyncio.new_event_loop()
+        # uvloop when installed, as Control runs: the swarm shares the machine with
+        # Control, and every CPU second it saves is one Control can use
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.clients: list[Client] = []
         self.watches: dict[str, Watch] = {}
-        #: connections Control told to come back later (CLOSE_TRY_AGAIN)
+        #: connections Control told to come back later (503 + Retry-After, or 1013)
         self.refusals = 0
         #: connection attempts that failed before the WebSocket opened (backed off)
         self.failures = 0
@@ -301,14 +304,15 @@ class Swarm:
                     async with sem:
                         client = await self._connect(url, identity)
                 except (OSError, TimeoutError, InvalidHandshake) as exc:
+                    retry = retry_after_header(exc)
+                    if retry is not None:  # busy: HTTP 503 + Retry-After
+                        self.refusals += 1
+                        await asyncio.sleep(retry_wait(rng, retry))
+                        continue
                     self.failures += 1
                     failures += 1
                     ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
-                    delay = rng.uniform(BACKOFF_MIN, ceiling)
-                    retry = retry_after_header(exc)
-                    if retry is not None:
-                        delay = max(delay, rng.uniform(retry, 2 * retry))
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(rng.uniform(BACKOFF_MIN, ceiling))
                     continue
                 if client.config_event.is_set():
                     self.clients.append(client)
@@ -317,8 +321,7 @@ class Swarm:
                 if code != p.CLOSE_TRY_AGAIN:
                     raise RuntimeError(f"client {identity.index} refused: {code} {reason}")
                 self.refusals += 1
-                wait = p.parse_retry_after(reason) or 1
-                await asyncio.sleep(rng.uniform(wait, 2 * wait))
+                await asyncio.sleep(retry_wait(rng, p.parse_retry_after(reason) or 1))
             raise RuntimeError(f"client {identity.index}: no config after {MAX_ATTEMPTS} tries")
 
         started = time.perf_counter()
@@ -342,7 +345,8 @@ class Swarm:
 
     async def _connect(self, ws_url: str, identity: Identity) -> Client:
         """One connection and its ``auth``; returns once it has its config or closed."""
-        ws = await connect(ws_url, max_size=None, open_timeout=120, ping_interval=None)
+        # proxy=None: no look-up of proxy variables in the environment per connection
+        ws = await connect(ws_url, max_size=None, open_timeout=120, ping_interval=None, proxy=None)
         data: dict[str, Any] = {
             "apiKey": identity.key,
             "clientType": identity.kind,
@@ -443,9 +447,23 @@ class Swarm:
             self.loop.close()
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def websocket_url(url: str) -> str:
     """Control's hub URL for its base URL (as it is, when it is one already)."""
     return url if url.startswith("ws") else url.replace("http", "ws", 1) + "/ws"
+
+
+def retry_wait(rng: random.Random, seconds: int) -> float:
+    """``ControlClient.retry_wait``: N plus a quarter of N (at least a second)."""
+    return rng.uniform(seconds, seconds + max(1.0, seconds / 4))
 
 
 def retry_after_header(exc: BaseException) -> int | None:

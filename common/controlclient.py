@@ -23,9 +23,11 @@ are logged and skipped; they never end the connection or the process.
 Several Control replicas: ``--control-url`` may name several URLs (comma-separated) of
 replicas sharing one database; the client uses the first and moves to the next one
 whenever a connection ends, so a dead replica's clients come back at another (one URL
-in front of a load balancer works as well).  A busy Control closes with 1013 and
-``retry after N``: the client then waits N to 2N seconds (jitter), so a crowd turned
-away in a reconnect storm returns spread out.
+in front of a load balancer works as well).  A busy Control refuses the upgrade
+with HTTP 503 and ``Retry-After: N`` (or closes with 1013 and ``retry after N``): the
+client then waits N seconds plus a quarter of N (at least a second) of jitter, without
+growing its back-off.  Control hands a crowd it turns away in a reconnect storm
+successive waits at the rate it takes clients in, so they come back spread out.
 
 One refusal is not transient: an admin disabled this agent or gateway (``auth_error``
 code ``disabled``, or close code 4008 on a live connection).  The view is then marked
@@ -430,6 +432,13 @@ class ControlClient:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_min * 2 ** min(failures, 16))
         return self.rng.uniform(self.settings.backoff_min, max(self.settings.backoff_min, ceiling))
 
+    def retry_wait(self, seconds: int) -> float:
+        """The wait after Control said ``retry after N``: N plus a quarter of N (at
+        least a second) of jitter.  Control's waits are slots on its own schedule
+        (``control.ws.intake``), so a crowd it turned away is spread already; the
+        jitter only smooths its whole seconds."""
+        return self.rng.uniform(seconds, seconds + max(1.0, seconds / 4))
+
     async def run(self) -> None:
         failures = 0
         while not self._stopping:
@@ -458,13 +467,14 @@ class ControlClient:
                 self._ws = None
             if self._stopping:
                 return
-            failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
-            delay = self.backoff(failures)
-            if self.retry_after is not None:
-                # Control is busy: come back when it said, spread over as long again so
-                # that a crowd it turned away does not return at one instant
-                delay = max(delay, self.rng.uniform(self.retry_after, 2 * self.retry_after))
-                self.retry_after = None
+            told, self.retry_after = self.retry_after, None
+            if told is not None:
+                # Control is busy and said when to come back: no failure, the back-off
+                # does not grow (a crowd may be turned away more than once)
+                delay = self.retry_wait(told)
+            else:
+                failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+                delay = self.backoff(failures)
             if len(self.urls) > 1:
                 # the next replica: this one may be gone (or busy)
                 self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]

@@ -46,6 +46,10 @@ ClientKind = Literal["agent", "gateway"]
 Row = dict[str, Any]
 
 KEY_PREFIX = {"agent": "agt_", "gateway": "gtw_"}
+#: agents per presence query (``set_replica_presence``)
+PRESENCE_BATCH = 500
+#: clients per statement when many ``auth`` records are written at once
+AUTH_BATCH = 500
 
 
 def _served_by(agent_id: str) -> sa.ColumnElement[bool]:
@@ -98,6 +102,36 @@ def _table(kind: ClientKind) -> sa.Table:
     return agents if kind == "agent" else gateways
 
 
+def auth_changes(
+    kind: ClientKind,
+    row: Row,
+    public_key: str,
+    version: str,
+    public_ip: str | None,
+    wireguard_port: int | None,
+    https_port: int | None = None,
+) -> tuple[Row, bool]:
+    """What an ``auth`` changes in a client's row (nothing when it reconnects as it
+    was), and whether its peers must be told (its key or a gateway's endpoint)."""
+    values: Row = {}
+    if row["public_key"] != public_key:
+        values["public_key"] = public_key
+    if kind == "gateway" and (
+        row["public_ip"],
+        row["wireguard_port"],
+        row["https_port"],
+    ) != (public_ip, wireguard_port, https_port):
+        values["public_ip"] = public_ip
+        values["wireguard_port"] = wireguard_port
+        values["https_port"] = https_port
+    peers_affected = bool(values)
+    if row["client_version"] != version[:64]:
+        values["client_version"] = version[:64]
+    if values:
+        values["updated_at"] = time.time()
+    return values, peers_affected
+
+
 class Store:
     """Async access to the Control database."""
 
@@ -106,6 +140,9 @@ class Store:
         self.plan = plan
         self._write_lock = asyncio.Lock()
         self.generation = 0
+        #: the part of ``generation`` that is clients' own ``auth`` reports (each changes
+        #: only its own row: a row read before them is still current but for that)
+        self.auth_writes = 0
         # Subnet indices in use, loaded once and kept in step by this process; any
         # insert conflict (another process) drops it so it is reloaded.
         self._used_subnets: set[int] | None = None
@@ -308,27 +345,35 @@ class Store:
         Writes only when something changed, so a fleet reconnecting after a Control
         restart costs no database writes.
         """
-        table = _table(kind)
-        values: Row = {}
-        if row["public_key"] != public_key:
-            values["public_key"] = public_key
-        if kind == "gateway" and (
-            row["public_ip"],
-            row["wireguard_port"],
-            row["https_port"],
-        ) != (public_ip, wireguard_port, https_port):
-            values["public_ip"] = public_ip
-            values["wireguard_port"] = wireguard_port
-            values["https_port"] = https_port
-        peers_affected = bool(values)
-        if row["client_version"] != version[:64]:
-            values["client_version"] = version[:64]
-        if not values:
-            return False
-        values["updated_at"] = time.time()
-        async with self._write(invalidates=peers_affected) as conn:
-            await conn.execute(table.update().where(table.c.id == row["id"]).values(**values))
+        values, peers_affected = auth_changes(
+            kind, row, public_key, version, public_ip, wireguard_port, https_port
+        )
+        if values:
+            await self.record_auths([(kind, row["id"], values)], peers_affected)
         return peers_affected
+
+    async def record_auths(
+        self, updates: Sequence[tuple[ClientKind, str, Row]], invalidates: bool
+    ) -> None:
+        """Write many clients' ``auth_changes`` in one transaction (a statement per
+        kind and set of columns, ``AUTH_BATCH`` rows each)."""
+        groups: dict[tuple[ClientKind, tuple[str, ...]], list[Row]] = {}
+        for kind, client_id, values in updates:
+            columns = tuple(sorted(values))
+            params = {f"b_{c}": values[c] for c in columns}
+            groups.setdefault((kind, columns), []).append({"b_id": client_id, **params})
+        async with self._write(invalidates=invalidates) as conn:
+            for (kind, columns), rows in groups.items():
+                table = _table(kind)
+                statement = (
+                    table.update()
+                    .where(table.c.id == sa.bindparam("b_id"))
+                    .values({c: sa.bindparam(f"b_{c}") for c in columns})
+                )
+                for first in range(0, len(rows), AUTH_BATCH):
+                    await conn.execute(statement, rows[first : first + AUTH_BATCH])
+        if invalidates:
+            self.auth_writes += 1  # ``_write`` counted it in ``generation``
 
     async def touch_many(self, kind: ClientKind, seen: Sequence[tuple[str, float]]) -> None:
         """Record ``last_seen`` for many clients in one statement (heartbeat flush)."""
@@ -683,10 +728,11 @@ class Store:
                 )
         return changed
 
-    async def set_replica_presence(self, agent_id: str, online: bool) -> list[str]:
-        """An agent connected to Control (its "offline" replicas become "unknown" until
-        it reports) or left it (every replica of it "offline"); returns the tunnels
-        whose replica changed."""
+    async def set_replica_presence(self, agent_ids: Sequence[str], online: bool) -> list[str]:
+        """Agents connected to Control (their "offline" replicas become "unknown" until
+        they report) or left it (every replica of theirs "offline"); returns the tunnels
+        whose replicas changed.  Many agents at once (a reconnect storm): a query per
+        ``PRESENCE_BATCH`` agents, and a write only when a replica changes."""
         if online:
             condition = tunnel_replicas.c.health == "offline"
             values: Row = {"health": "unknown", "health_detail": "connected, not checked yet"}
@@ -695,15 +741,25 @@ class Store:
                 tunnel_replicas.c.health.is_(None), tunnel_replicas.c.health != "offline"
             )
             values = {"health": "offline", "health_detail": "not connected to Control"}
-        where = sa.and_(tunnel_replicas.c.agent_id == agent_id, condition)
-        async with self._read() as conn:
-            changed = list(await conn.scalars(sa.select(tunnel_replicas.c.tunnel_id).where(where)))
-        if changed:
-            async with self._write() as conn:
-                await conn.execute(
-                    tunnel_replicas.update().where(where).values(**values, health_at=time.time())
+        changed: list[str] = []
+        ids = list(dict.fromkeys(agent_ids))
+        for first in range(0, len(ids), PRESENCE_BATCH):
+            where = sa.and_(
+                tunnel_replicas.c.agent_id.in_(ids[first : first + PRESENCE_BATCH]), condition
+            )
+            async with self._read() as conn:
+                found = list(
+                    await conn.scalars(sa.select(tunnel_replicas.c.tunnel_id).where(where))
                 )
-        return changed
+            if found:
+                async with self._write() as conn:
+                    await conn.execute(
+                        tunnel_replicas.update()
+                        .where(where)
+                        .values(**values, health_at=time.time())
+                    )
+                changed.extend(found)
+        return list(dict.fromkeys(changed))
 
     # -- certificates -----------------------------------------------------------------
 

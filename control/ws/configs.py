@@ -3,9 +3,19 @@ typed messages of ``common.protocol`` from database rows.
 
 Pure functions over rows.  No WireGuard private key exists in Control, so none can
 appear here; TLS private keys go to gateways only (they terminate TLS).
+
+Most of a gateway's view is the same for every gateway: all tunnels, certificates,
+access policies and session keys; only itself and its agent peers (their addresses
+depend on its slot) are its own.  :class:`GatewayCommon` builds the common part once
+per snapshot of the rows, and :class:`AgentTunnels` indexes the tunnels by agent once
+for every agent's view, so a reconnect storm of N clients builds them once, not N
+times.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 from common import protocol as p
 from control.db.store import Row, Store
@@ -44,6 +54,15 @@ def replica_specs(row: Row) -> tuple[p.ReplicaSpec, ...]:
             health=r["health"] or "unknown",
         )
         for r in replicas
+    )
+
+
+def certificate_spec(cert: Row) -> p.CertificateSpec:
+    return p.CertificateSpec(
+        domain=cert["domain"],
+        certificate=cert["certificate_pem"],
+        private_key=cert["private_key_pem"],
+        not_after=cert["not_after"],
     )
 
 
@@ -137,15 +156,71 @@ def gateway_config(
             for agent in peers
         ),
         tunnels=tuple(tunnel_spec(t) for t in tunnels),
-        certificates=tuple(
-            p.CertificateSpec(
-                domain=cert["domain"],
-                certificate=cert["certificate_pem"],
-                private_key=cert["private_key_pem"],
-                not_after=cert["not_after"],
-            )
-            for cert in certificates
-        ),
+        certificates=tuple(certificate_spec(cert) for cert in certificates),
         policies=policies,
         session_keys=session_keys,
     )
+
+
+class AgentTunnels:
+    """The tunnels of one snapshot by the agents serving them (alone or as replicas),
+    indexed once for every agent's view."""
+
+    def __init__(self, tunnels: list[Row]) -> None:
+        self.tunnels = tunnels
+        self._by_agent: dict[str, list[Row]] = {}
+        for tunnel in tunnels:
+            for serving in tunnel_agents(tunnel):
+                self._by_agent.setdefault(serving, []).append(tunnel)
+
+    def of(self, agent_id: str) -> list[Row]:
+        return self._by_agent.get(agent_id, [])
+
+
+@dataclass
+class GatewayCommon:
+    """What every gateway's view holds alike: all tunnels, certificates, access
+    policies and session keys; their wire form is built with the first gateway's
+    view and shared by the others (read-only: the frame encoder only reads it)."""
+
+    tunnels: list[Row]
+    certificates: list[Row]
+    policies: tuple[p.AccessPolicy, ...]
+    session_keys: tuple[p.SessionKey, ...]
+    _wire: dict[str, Any] | None = field(default=None, repr=False)
+
+    def same(
+        self,
+        tunnels: list[Row],
+        certificates: list[Row],
+        policies: tuple[p.AccessPolicy, ...],
+        session_keys: tuple[p.SessionKey, ...],
+    ) -> bool:
+        """Built from these very snapshots (each is reloaded only after a write)."""
+        return (
+            self.tunnels is tunnels
+            and self.certificates is certificates
+            and self.policies is policies
+            and self.session_keys is session_keys
+        )
+
+    def gateway_wire(self, store: Store, gateway: Row, agents: list[Row]) -> dict[str, Any]:
+        """``gateway_config(...).to_wire()`` for one gateway."""
+        if self._wire is None:
+            wire = gateway_config(
+                store,
+                gateway,
+                agents,
+                self.tunnels,
+                self.certificates,
+                self.policies,
+                self.session_keys,
+            ).to_wire()
+            self._wire = {k: v for k, v in wire.items() if k not in _OWN}
+            return wire
+        own = gateway_config(store, gateway, agents, [], []).to_wire()
+        return {**own, **self._wire}
+
+
+#: the parts of a gateway's config that are its own (the rest is every gateway's)
+_OWN = ("gateway", "agents")

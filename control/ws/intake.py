@@ -1,18 +1,24 @@
 """The hub's front door for a reconnect storm: a bounded number of authentications at
-once, and their API-key look-ups batched.
+once, their API-key look-ups and ``auth`` writes batched.
 
 After a Control restart (or a replica's death) thousands of gateways and agents
-reconnect within seconds.  Two things keep that fast and bounded:
+reconnect within seconds.  Three things keep that fast and bounded:
 
-* **Admission.**  A connection is *admitted* from its upgrade until it is registered
-  (or refused); at most ``limit`` are admitted at once.  One more is accepted and at
-  once closed with ``CLOSE_TRY_AGAIN`` (1013) and a reason naming the seconds to wait
-  (``retry after N``), N estimated from the queue and the rate authentications finish
-  at.  Clients wait that long plus jitter (``common.controlclient``), so a crowd
-  turned away comes back spread out instead of all at once.
-* **Batched look-ups.**  Concurrent ``auth`` frames wait for one query
+* **Admission.**  A connection is *admitted* from its upgrade request until it is
+  registered (or refused); at most ``limit`` are admitted at once.  One more is
+  refused before the upgrade with HTTP 503 and ``Retry-After: N`` (where the server
+  cannot answer before the upgrade: accepted and closed with ``CLOSE_TRY_AGAIN``
+  (1013) and ``retry after N``), N its slot on :class:`Admission`'s schedule.  A
+  refusal so costs a fraction of a connection.  Clients wait N plus a little jitter
+  (``common.controlclient``), so a crowd turned away comes back spread over the time
+  the hub needs for it instead of all at once.
+* **Batched look-ups and writes.**  Concurrent ``auth`` frames wait for one query
   (``WHERE api_key_hash IN (...)``, at most ``BATCH`` keys) instead of one query each;
-  the next batch gathers while a query runs.
+  the next batch gathers while a query runs.  What they report that changed (a new
+  WireGuard key, a gateway's endpoint) is written the same way (:class:`AuthRecorder`).
+
+* **A relaxed garbage collector** (:func:`relax_gc`): the default thresholds cost a
+  third of Control's CPU in a storm.
 
 Sans-IO where it can be: :class:`Admission` takes the current time from its caller.
 """
@@ -20,39 +26,75 @@ Sans-IO where it can be: :class:`Admission` takes the current time from its call
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 from collections import deque
 from typing import Literal
 
-from control.db.store import ClientKind, Row, Store, hash_key
+from control.db.store import ClientKind, Row, Store, auth_changes, hash_key
 
-#: default cap on connections authenticating at once (``--auth-queue``)
-DEFAULT_LIMIT = 1000
+#: default cap on connections authenticating at once (``--auth-queue``).  A refusal
+#: costs nearly what an admission does (TCP and HTTP handshakes on both sides) and the
+#: refused come back anyway, so the cap is for a crowd beyond a whole large fleet, not
+#: for pacing: 10,000 agents after a restart, all admitted, had their configs within
+#: 10.3 s on a 2-core machine, none waiting more than 3.5 s from ``auth`` to its
+#: answer (clients give up after 10 s); refusing 9,000 of them took three times as
+#: long.  An admitted connection holds about 33 KiB.
+DEFAULT_LIMIT = 10_000
 #: keys per look-up query
 BATCH = 500
 #: how far back the finishing rate is measured (seconds)
 RATE_WINDOW = 2.0
+#: the rate assumed while none has been measured yet (authentications a second): a
+#: crowd arriving at a fresh start is spread as if the hub managed this many
+ASSUMED_RATE = 500.0
+#: the lowest rate a wait is estimated from: a stalled second must not send a whole
+#: crowd away for the longest wait
+FLOOR_RATE = 50.0
+#: authentications finished in the window before their rate is believed
+MIN_SAMPLES = 8
 #: the longest wait a refusal asks for (seconds)
 MAX_RETRY_AFTER = 30
 
 
 class Admission:
-    """Counts connections being authenticated; says how long a refused one should wait."""
+    """Counts connections being authenticated; says how long a refused one should wait.
 
-    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+    Waits are handed out as slots on a schedule: the first refused client is told the
+    time the admitted ones take to finish, each further one ``1 / rate`` later, so a
+    crowd refused at one instant is told 1, 1, ..., 2, 2, ..., N seconds and comes back
+    spread over the time the hub needs for it, not all at the end of the longest wait.
+    The rate is the one measured over the last ``RATE_WINDOW`` seconds (over the time
+    since the hub got busy, when that is shorter), never below ``FLOOR_RATE``; while
+    fewer than ``MIN_SAMPLES`` finished in that window (a fresh start, a stall), the
+    last rate measured, else ``ASSUMED_RATE``.  Never a blanket longest wait.
+    """
+
+    def __init__(self, limit: int = DEFAULT_LIMIT, assumed_rate: float = ASSUMED_RATE) -> None:
         if limit < 1:
             raise ValueError("the authentication queue must hold at least 1")
+        if assumed_rate <= 0:
+            raise ValueError("the assumed rate must be positive")
         self.limit = limit
         self.admitted = 0
         #: connections refused since start (for /metrics and logs)
         self.refused = 0
+        #: the rate waits are estimated from while there is no measurement
+        self.assumed_rate = assumed_rate
         self._finished: deque[float] = deque()
+        #: when the hub last went from idle to busy (rates are measured since then)
+        self._busy_since: float | None = None
+        #: when the last client given a wait is expected to be taken in
+        self._horizon = 0.0
 
-    def enter(self) -> bool:
-        """Admit one more connection; False (nothing taken) when ``limit`` are in."""
+    def enter(self, now: float | None = None) -> bool:
+        """Admit one more connection; False (nothing taken) when ``limit`` are in.
+        ``now`` (optional) marks the start of a busy period for the rate estimate."""
         if self.admitted >= self.limit:
             self.refused += 1
             return False
+        if self.admitted == 0 and now is not None and not self._recent(now):
+            self._busy_since = now
         self.admitted += 1
         return True
 
@@ -60,18 +102,63 @@ class Admission:
         """An admitted connection is registered, refused or gone."""
         self.admitted = max(0, self.admitted - 1)
         self._finished.append(now)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
         while self._finished and now - self._finished[0] > RATE_WINDOW:
             self._finished.popleft()
 
+    def _recent(self, now: float) -> bool:
+        self._expire(now)
+        return bool(self._finished)
+
+    def rate(self, now: float) -> float:
+        """Authentications a second to plan with (at least ``FLOOR_RATE``)."""
+        self._expire(now)
+        if len(self._finished) < MIN_SAMPLES:
+            return self.assumed_rate
+        since = self._busy_since if self._busy_since is not None else self._finished[0]
+        span = min(RATE_WINDOW, max(now - since, RATE_WINDOW / 8))
+        # remembered: the next storm (nothing finished lately) starts from it
+        self.assumed_rate = max(FLOOR_RATE, len(self._finished) / span)
+        return self.assumed_rate
+
     def retry_after(self, now: float) -> int:
-        """Seconds a refused client should wait: the queue's length over the rate
-        authentications finished at lately (1 .. ``MAX_RETRY_AFTER``)."""
-        while self._finished and now - self._finished[0] > RATE_WINDOW:
-            self._finished.popleft()
-        rate = len(self._finished) / RATE_WINDOW
-        if rate <= 0:
-            return MAX_RETRY_AFTER if self.admitted >= self.limit else 1
-        return max(1, min(MAX_RETRY_AFTER, math.ceil(self.admitted / rate)))
+        """Seconds a refused client should wait (1 .. ``MAX_RETRY_AFTER``): its slot
+        after the admitted ones and the clients refused before it."""
+        rate = self.rate(now)
+        slot = max(self._horizon, now + self.admitted / rate) + 1 / rate
+        self._horizon = min(slot, now + MAX_RETRY_AFTER)
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(slot - now)))
+
+
+#: allocations between young-generation collections while the hub runs (CPython's
+#: default is 700); see :func:`relax_gc`
+GC_YOUNG_THRESHOLD = 50_000
+_gc_relaxed = False
+
+
+def relax_gc() -> None:
+    """Make the cyclic garbage collector cheap enough for a reconnect storm.
+
+    Profiling a storm of 2,000 connections (``bench/test_hub_cluster_bench.py``) showed
+    a third of Control's CPU in collections: each connection allocates thousands of
+    objects (protocol, transport, tasks, headers), so CPython's default thresholds
+    (700, 10, 10) run a young collection every few connections and a full one, over
+    every object of every import and connection, every few hundred.  Once per process:
+    collect, then freeze what exists (the modules and the app, alive for good) so full
+    collections skip it, and collect the young generation every ``GC_YOUNG_THRESHOLD``
+    allocations.  Reference counting still frees nearly everything at once; only
+    cycles wait a little longer.
+    """
+    global _gc_relaxed
+    if _gc_relaxed:
+        return
+    _gc_relaxed = True
+    gc.collect()
+    gc.freeze()
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, max(middle, 20), max(old, 10))
 
 
 class KeyLookup:
@@ -124,3 +211,71 @@ class KeyLookup:
                             # each waiter its own copy: callers may change theirs
                             row = found.get(digest)
                             future.set_result(None if row is None else dict(row))
+
+
+class AuthRecorder:
+    """What clients report at ``auth`` (their WireGuard key, a gateway's endpoint, the
+    version), written for many clients per transaction.
+
+    A client that reconnects as it was costs nothing here (``auth_changes`` finds
+    nothing to write).  A new fleet's first connections each change their row: those
+    arriving while a write runs are written together by the next one, instead of
+    queueing one transaction each behind the store's write lock.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiting: list[tuple[ClientKind, str, Row, bool, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+        #: transactions run and rows written (the ratio is the batching)
+        self.writes = 0
+        self.rows = 0
+
+    async def record(
+        self,
+        kind: ClientKind,
+        row: Row,
+        public_key: str,
+        version: str,
+        public_ip: str | None,
+        wireguard_port: int | None,
+        https_port: int | None = None,
+    ) -> bool:
+        """``Store.record_auth``, batched: True if the client's peers must be told.
+        ``row`` (the caller's own copy) is updated to what was written."""
+        values, peers_affected = auth_changes(
+            kind, row, public_key, version, public_ip, wireguard_port, https_port
+        )
+        if not values:
+            return False
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((kind, row["id"], values, peers_affected, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        await future
+        row.update(values)
+        return peers_affected
+
+    async def _work(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
+            try:
+                await self.store.record_auths(
+                    [(kind, client_id, values) for kind, client_id, values, _, _ in batch],
+                    invalidates=any(affected for _, _, _, affected, _ in batch),
+                )
+            except BaseException as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(
+                            exc if isinstance(exc, Exception) else RuntimeError("cancelled")
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.writes += 1
+            self.rows += len(batch)
+            for *_, future in batch:
+                if not future.done():
+                    future.set_result(None)

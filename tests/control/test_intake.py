@@ -8,38 +8,103 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus
 
-from common import protocol as p
 from control.alloc import AddressPlan
 from control.db.engine import create_engine, migrate
 from control.db.store import Store
-from control.ws.intake import MAX_RETRY_AFTER, Admission, KeyLookup
+from control.ws.intake import (
+    FLOOR_RATE,
+    MAX_RETRY_AFTER,
+    MIN_SAMPLES,
+    RATE_WINDOW,
+    Admission,
+    KeyLookup,
+)
 from tests.common.test_controlclient import client_for, wait_for
-from tests.controlserver import RunningControl, connect_client, create
+from tests.controlserver import RunningControl, create
 from tests.support import free_port
 
 
-def test_admission_is_bounded_and_names_a_wait() -> None:
+def test_admission_is_bounded() -> None:
     admission = Admission(2)
-    assert admission.enter() and admission.enter()
-    assert not admission.enter() and admission.refused == 1
-    assert admission.retry_after(0.0) == MAX_RETRY_AFTER  # full, nothing finished yet
-    admission.leave(0.0)
+    assert admission.enter(0.0) and admission.enter(0.0)
+    assert not admission.enter(0.0) and admission.refused == 1
     admission.leave(0.1)
-    assert admission.admitted == 0
-    assert admission.retry_after(0.2) == 1  # nothing waiting
-    for _ in range(2):
-        assert admission.enter()
-    # two finished in the last 2 s (1/s), two waiting: about 2 s
-    assert admission.retry_after(0.5) == 2
-    assert admission.retry_after(10.0) == MAX_RETRY_AFTER  # the rate is old news
+    admission.leave(0.2)
+    assert admission.admitted == 0 and admission.enter(0.3)
     with pytest.raises(ValueError):
         Admission(0)
+    with pytest.raises(ValueError):
+        Admission(1, assumed_rate=0)
+
+
+def test_a_crowd_at_a_fresh_start_is_spread_at_the_assumed_rate() -> None:
+    """Nothing finished yet (a restart): no blanket longest wait, but slots at the
+    assumed rate after the admitted ones, so the crowd comes back spread out."""
+    admission = Admission(100, assumed_rate=100.0)
+    for _ in range(100):
+        assert admission.enter(0.0)
+    waits = []
+    for _ in range(950):
+        assert not admission.enter(0.0)
+        waits.append(admission.retry_after(0.0))
+    # the admitted 100 take 1 s at 100/s; then come 100 refused clients a second
+    assert waits == sorted(waits)
+    assert waits[0] == 2 and waits[50] == 2 and waits[150] == 3 and waits[-1] == 11
+    counts = Counter(waits)
+    assert all(99 <= counts[w] <= 101 for w in range(3, 11)), counts
+
+
+def test_waits_follow_the_measured_rate() -> None:
+    admission = Admission(50, assumed_rate=10.0)
+    for _ in range(50):
+        admission.enter(0.0)
+    # 200 finish in the first half second, and are replaced: 400/s measured
+    for i in range(200):
+        admission.leave(i / 400)
+        admission.enter(i / 400)
+    assert admission.rate(0.5) == pytest.approx(400.0)
+    assert admission.retry_after(0.5) == 1  # 50 admitted at 400/s, the slot 0.13 s on
+    waits = [admission.retry_after(0.5) for _ in range(1200)]
+    assert waits[-1] == 4  # 1250 ahead of it at 400/s
+    # remembered for the next storm, when nothing finished lately
+    assert admission.rate(100.0) == pytest.approx(400.0)
+
+
+def test_a_stall_never_sends_a_crowd_away_for_the_longest_wait() -> None:
+    """The old estimate answered MAX_RETRY_AFTER whenever nothing finished in the last
+    RATE_WINDOW while the queue was full; now a stall is planned at the last rate
+    measured, and a slow one at FLOOR_RATE at worst."""
+    admission = Admission(10, assumed_rate=1.0)
+    for _ in range(10):
+        admission.enter(0.0)
+    for i in range(MIN_SAMPLES):  # a slow patch: MIN_SAMPLES in RATE_WINDOW
+        admission.leave(0.2 * i)
+        admission.enter(0.2 * i)
+    assert admission.rate(RATE_WINDOW) == FLOOR_RATE
+    assert admission.retry_after(RATE_WINDOW) == 1  # 10 at the floor rate: 0.2 s
+    # nothing finished for a while: the remembered rate, not 30 s
+    assert admission.rate(60.0) == FLOOR_RATE
+    waits = [admission.retry_after(60.0) for _ in range(100)]
+    assert waits[0] == 1 and waits[-1] == 3
+
+
+def test_the_schedule_moves_with_the_clock_and_is_capped() -> None:
+    admission = Admission(1, assumed_rate=FLOOR_RATE)
+    admission.enter(0.0)
+    waits = [admission.retry_after(0.0) for _ in range(int(FLOOR_RATE) * MAX_RETRY_AFTER * 2)]
+    assert waits[-1] == MAX_RETRY_AFTER and waits.count(MAX_RETRY_AFTER) > FLOOR_RATE
+    # later refusals are slotted after those already told to come back (the schedule
+    # reaches MAX_RETRY_AFTER from when it was made, no further) ...
+    assert admission.retry_after(10.0) == MAX_RETRY_AFTER - 10 + 1
+    # ... and once those slots have passed, the schedule starts again from now
+    assert admission.retry_after(100.0) == 1
 
 
 async def test_key_lookups_are_batched(tmp_path: Path) -> None:
@@ -69,25 +134,21 @@ async def test_a_full_queue_says_retry_after_and_the_client_waits(tmp_path: Path
     try:
         async with control.api() as api:
             agent = await create(api, "agent", "a")
-            gateways = [await create(api, "gateway", f"g{i}") for i in range(2)]
-        # two authentications finish (the rate a refusal's wait is estimated from) ...
-        for i, gateway in enumerate(gateways):
-            await (await connect_client(control, gateway["apiKey"], "gateway", i)).close()
-        # ... then one connection holds the only place: upgraded, no auth yet
+        # one connection holds the only place: upgraded, no auth yet
         holder = await connect(control.ws_url)
-        refused = await connect(control.ws_url)
-        with pytest.raises(ConnectionClosed) as info:
-            await asyncio.wait_for(refused.recv(), 5)
-        assert info.value.rcvd is not None and info.value.rcvd.code == p.CLOSE_TRY_AGAIN
-        wait = p.parse_retry_after(info.value.rcvd.reason)
-        assert wait is not None and 1 <= wait <= MAX_RETRY_AFTER
+        # the next is refused before the upgrade: 503 and the seconds to wait
+        with pytest.raises(InvalidStatus) as info:
+            await connect(control.ws_url)
+        assert info.value.response.status_code == 503
+        wait = int(info.value.response.headers["Retry-After"])
+        assert 1 <= wait <= MAX_RETRY_AFTER
 
         # the shared client is turned away too, and waits at least what it was told
         # (its own back-off here is 0.05..0.3 s)
         client = client_for(control.url, agent["apiKey"])
         task = asyncio.create_task(client.run())
         try:
-            await wait_for(lambda: "1013" in client.last_error, 5)
+            await wait_for(lambda: "503" in client.last_error, 5)
             refused_at = time.monotonic()
             await holder.close()
             await asyncio.wait_for(client.connected.wait(), 10 + 2 * wait)
