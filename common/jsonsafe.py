@@ -51,9 +51,17 @@ def _parse_constant(name: str) -> float:
     raise JsonError(f"{name} is not a JSON number")
 
 
+def _key_name(key: str) -> str:
+    """A key as a path names it: ours are ASCII letters, digits, ``_`` and ``-``, at
+    most 64; any other key is ``?`` (the peer's text is never echoed)."""
+    if 0 < len(key) <= 64 and key.isascii() and key.replace("_", "a").replace("-", "a").isalnum():
+        return key
+    return "?"
+
+
 def _path_of(value: Any, target: object) -> str:
     """Where ``target`` sits in ``value`` (keys joined by dots, list indexes in
-    brackets; each key cut to 64 characters, the path to ``MAX_FIELD_PATH``)."""
+    brackets, keys that are not names as ``?``; at most ``MAX_FIELD_PATH``)."""
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         node, path = stack.pop()
@@ -61,7 +69,7 @@ def _path_of(value: Any, target: object) -> str:
             return path[:MAX_FIELD_PATH]
         if isinstance(node, dict):
             for key, child in node.items():
-                name = str(key)[:64]
+                name = _key_name(key)
                 stack.append((child, f"{path}.{name}" if path else name))
         elif isinstance(node, list):
             stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))

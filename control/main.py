@@ -110,8 +110,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "auth-queue",
         "WebSocket connections Control authenticates at once (a reconnect storm's "
-        "queue); more are closed with 1013 and a 'retry after N' that clients honour "
-        "with jitter",
+        "queue); more are refused with HTTP 503 and Retry-After (or closed with 1013 "
+        "'retry after N'), each told its own wait, which clients honour with a little "
+        "jitter",
         intake.DEFAULT_LIMIT,
         parse=positive_int,
         metavar="N",

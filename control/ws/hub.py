@@ -64,15 +64,23 @@ from common.logs import OncePer, kv
 from control import certs
 from control.access import policy_spec
 from control.acme import AcmeCoordinator
+from control.acme_cluster import ReplicaFeed
 from control.api.errors import error_response
 from control.cluster import Cluster, SingleControl
 from control.cluster.changes import Change, config_change, tunnel_change
+from control.db.leases import Leases
 from control.db.store import ClientKind, NotFound, Row, Store
 from control.events import EventBus
 from control.traffic import Traffic
 from control.ws import intake
 from control.ws.admission import DEFAULT_PER_ADDRESS, PendingAuth, address_key
-from control.ws.configs import agent_config, gateway_config, tunnel_agents, tunnel_wire
+from control.ws.configs import (
+    AgentTunnels,
+    GatewayCommon,
+    agent_config,
+    tunnel_agents,
+    tunnel_wire,
+)
 
 log = logging.getLogger("control.hub")
 
@@ -169,6 +177,8 @@ class Hub:
         self.admission = intake.Admission(auth_queue)
         #: API-key look-ups, batched
         self.keys = intake.KeyLookup(store)
+        #: what clients report at ``auth``, written in batches
+        self.auth_records = intake.AuthRecorder(store)
         #: the other Control replicas (``control.cluster``); alone: nothing to share
         self.cluster: Cluster = cluster if cluster is not None else SingleControl()
         #: what the dashboard's live pages hear about (presence, health, traffic)
@@ -191,6 +201,9 @@ class Hub:
         self._cache: dict[str, tuple[int, list[Row]]] = {}
         self._policy_cache: tuple[int, tuple[p.AccessPolicy, ...]] | None = None
         self._keys: tuple[p.SessionKey, ...] | None = None
+        #: what many views share, built once per snapshot of the rows (``configs.py``)
+        self._agent_tunnels: AgentTunnels | None = None
+        self._gateway_common: GatewayCommon | None = None
         self.lock = asyncio.Lock()
         self.connections: dict[tuple[ClientKind, str], Connection] = {}
         self._monitor: asyncio.Task[None] | None = None
@@ -200,11 +213,19 @@ class Hub:
         self._presence_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         #: who orders which certificate, and the HTTP-01 responses every gateway serves
-        self.acme = AcmeCoordinator(self._send_unversioned, self._gateway_names, self._acme_rows)
+        #: (one order per domain across replicas: database claims, notes on the feed)
+        self.acme = AcmeCoordinator(
+            self._send_unversioned,
+            self._gateway_names,
+            self._acme_rows,
+            claims=Leases(store.engine),
+            feed=self.cluster if isinstance(self.cluster, ReplicaFeed) else None,
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
     async def start(self) -> None:
+        intake.relax_gc()  # a storm's allocations must not cost a third of the CPU
         self._version = (await self.store.next_epoch()) << 32
         await self.cluster.start(self)
         self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
@@ -257,15 +278,14 @@ class Hub:
             await self._refuse_pending(ws, key)
             return
         try:
-            await ws.accept()
-            if self._shutting_down:
-                await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
-                return
-            if not self.admission.enter():  # a storm: come back later, spread out
-                wait = self.admission.retry_after(time.monotonic())
-                await self._safe_close(ws, p.CLOSE_TRY_AGAIN, p.retry_after_reason(wait))
+            if not self.admission.enter(time.monotonic()):  # a storm: come back later
+                await self._refuse_busy(ws)
                 return
             try:
+                await ws.accept()
+                if self._shutting_down:
+                    await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
+                    return
                 conn = await self._authenticate(ws)
             finally:
                 self.admission.leave(time.monotonic())
@@ -282,6 +302,27 @@ class Hub:
             await self._close(conn, 1011, "internal error")
         finally:
             await self._unregister(conn)
+
+    async def _refuse_busy(self, ws: WebSocket) -> None:
+        """The authentication queue is full: HTTP 503 with ``Retry-After`` instead of
+        the upgrade (no WebSocket handshake, no close handshake: a refusal costs a
+        fraction of a connection), or, where the server cannot answer before the
+        upgrade, the upgrade and a close with ``CLOSE_TRY_AGAIN`` naming the wait."""
+        wait = self.admission.retry_after(time.monotonic())
+        if "websocket.http.response" in ws.scope.get("extensions", {}):
+            with contextlib.suppress(Exception):  # the client may be gone already
+                await ws.send_denial_response(
+                    error_response(
+                        503,
+                        "busy",
+                        "Control is taking a crowd of connections; retry later",
+                        headers={"Retry-After": str(wait)},
+                    )
+                )
+            return
+        with contextlib.suppress(Exception):
+            await ws.accept()
+        await self._safe_close(ws, p.CLOSE_TRY_AGAIN, p.retry_after_reason(wait))
 
     async def _refuse_pending(self, ws: WebSocket, key: str) -> None:
         """Over the per-address cap: HTTP 429 instead of the upgrade (a close before
@@ -342,7 +383,9 @@ class Hub:
         expected_prefix = "agt_" if auth.client_type == "agent" else "gtw_"
         row = None
         # rows read now are current under the lock below while no write came between
-        generation = self.store.generation
+        # but clients' own auth reports (each touches only its own row, and this
+        # client's own report is applied to its copy)
+        generation = self.store.generation - self.store.auth_writes
         if auth.api_key.startswith(expected_prefix):
             row = await self.keys.lookup(auth.client_type, auth.api_key)  # type: ignore[arg-type]
         if row is None:
@@ -352,7 +395,7 @@ class Hub:
         if not row["enabled"]:
             await self._refuse_disabled(ws, kind, row, peer)
             return None
-        changed = await self.store.record_auth(
+        changed = await self.auth_records.record(
             kind,
             row,
             auth.public_key,
@@ -363,7 +406,8 @@ class Hub:
         )
         conn = Connection(ws, kind, row["id"], row["name"])
         async with self.lock:
-            fresh = None if changed or self.store.generation != generation else {row["id"]: row}
+            unchanged = self.store.generation - self.store.auth_writes == generation
+            fresh = {row["id"]: row} if unchanged else None
             config = await self._build_configs(kind, [conn], fresh)
             if conn not in config:
                 old = None
@@ -630,6 +674,8 @@ class Hub:
         task.add_done_callback(self._background.discard)
 
     async def _safe_close(self, ws: WebSocket, code: int, reason: str) -> None:
+        # a close reason holds at most 123 bytes of UTF-8 (RFC 6455 5.5): cut by bytes
+        reason = reason.encode()[:123].decode("utf-8", "ignore")
         if ws.application_state != WebSocketState.DISCONNECTED:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT)
@@ -693,13 +739,12 @@ class Hub:
             else:
                 ids = [c.client_id for c in conns]
                 rows = {r["id"]: r for r in await self.store.clients_by_id(kind, ids)}
-            by_agent: dict[str, list[Row]] = {}
-            for tunnel in tunnels:
-                for agent_id in tunnel_agents(tunnel):
-                    by_agent.setdefault(agent_id, []).append(tunnel)
+            if self._agent_tunnels is None or self._agent_tunnels.tunnels is not tunnels:
+                self._agent_tunnels = AgentTunnels(tunnels)
+            served = self._agent_tunnels
             return {
                 conn: agent_config(
-                    self.store, rows[conn.client_id], gateways, by_agent.get(conn.client_id, [])
+                    self.store, rows[conn.client_id], gateways, served.of(conn.client_id)
                 ).to_wire()
                 for conn in conns
                 if conn.client_id in rows and rows[conn.client_id]["enabled"]
@@ -708,17 +753,12 @@ class Hub:
         certificates = await self._snapshot("certificates")
         policies = await self._policies()
         keys = await self._session_keys()
+        common = self._gateway_common
+        if common is None or not common.same(tunnels, certificates, policies, keys):
+            common = self._gateway_common = GatewayCommon(tunnels, certificates, policies, keys)
         gateway_rows = {r["id"]: r for r in gateways}
         return {
-            conn: gateway_config(
-                self.store,
-                gateway_rows[conn.client_id],
-                agents,
-                tunnels,
-                certificates,
-                policies,
-                keys,
-            ).to_wire()
+            conn: common.gateway_wire(self.store, gateway_rows[conn.client_id], agents)
             for conn in conns
             if conn.client_id in gateway_rows and gateway_rows[conn.client_id]["enabled"]
         }
@@ -837,14 +877,21 @@ class Hub:
 
     async def _presence_loop(self) -> None:
         while self._presence_wanted:
-            agent_id = next(iter(self._presence_wanted))
-            online = self._presence_wanted.pop(agent_id)
-            try:
-                changed = await self.store.set_replica_presence(agent_id, online)
-                if changed:
-                    await self._push_replicas(changed)
-            except Exception:
-                log.exception("storing a replica's presence failed", extra=kv(agent=agent_id))
+            # everything wanted so far in one go (a storm: thousands of agents)
+            wanted, self._presence_wanted = self._presence_wanted, {}
+            for online in (True, False):
+                agents = [a for a, o in wanted.items() if o is online]
+                if not agents:
+                    continue
+                try:
+                    changed = await self.store.set_replica_presence(agents, online)
+                    if changed:
+                        await self._push_replicas(changed)
+                except Exception:
+                    log.exception(
+                        "storing replicas' presence failed",
+                        extra=kv(agents=len(agents), first=agents[0], online=online),
+                    )
 
     async def _push_replicas(self, tunnel_ids: Iterable[str]) -> None:
         """Tell the gateways about tunnels whose replicas' health changed."""
