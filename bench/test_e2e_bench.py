@@ -40,6 +40,7 @@ row's numbers include that contention; the CPU columns say who used what.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
@@ -209,6 +210,63 @@ def test_row(benchmark: Any, bench: E2EBench, row: str) -> None:
         for connections in CONNECTIONS:
             errors = result[f"c{connections}"]["errors"]
             assert errors == 0, f"{row}: wrk saw {errors} errors at {connections} connections"
+
+
+# -- the cost of a policy and of balancing, in interleaved pairs
+
+#: alternating pairs per comparison and seconds per ``wrk`` run (benchmarks enabled)
+PAIRS = int(os.environ.get("KAKUREMICHI_BENCH_PAIRS", "10"))
+PAIR_SECONDS = float(os.environ.get("KAKUREMICHI_BENCH_PAIR_SECONDS", "3"))
+
+
+def _rps_and_cost(target: Any, connections: int, seconds: float) -> tuple[float, float]:
+    """req/s and the gateway's CPU per request (µs) of one ``wrk`` run."""
+    result = run_wrk(target, connections, seconds)
+    return result["rps"], result["cpu"]["gateway"] / max(result["rps"], 1e-9) * 1e6
+
+
+@pytest.mark.timeout(1800)
+def test_policy_and_balancing_cost_in_pairs(benchmark: Any, bench: E2EBench) -> None:
+    """Issue 15's and 17's 5% goals, measured as alternating pairs of short ``wrk`` runs
+    on the one gateway (the order flips every pair; the medians of the pairs' ratios):
+    gateway-session against gateway-alone sending the same session cookie (what the
+    policy check adds), gateway-replicas against gateway-alone (what balancing over two
+    replica addresses of the same origin adds): req/s and the gateway's CPU per
+    request."""
+    for row in ("gateway-alone", "gateway-session", "gateway-replicas"):
+        _requirements(row)
+    pairs, seconds = (1, 1.0) if benchmark.disabled else (PAIRS, PAIR_SECONDS)
+    alone = bench.target("gateway-alone")
+    session = bench.target("gateway-session")
+    replicas = bench.target("gateway-replicas")
+    comparisons = {
+        "session": (dataclasses.replace(alone, headers=session.headers), session),
+        "replicas": (alone, replicas),
+    }
+    ratios: dict[str, list[tuple[float, float]]] = {}
+
+    def measure() -> None:
+        for target in (alone, session, replicas):
+            run_wrk(target, 32, 1)  # warm
+        for connections in CONNECTIONS:
+            for i in range(pairs):
+                for name, (base, other) in comparisons.items():
+                    order = (base, other) if i % 2 == 0 else (other, base)
+                    first, second = (_rps_and_cost(t, connections, seconds) for t in order)
+                    b, o = (first, second) if order[0] is base else (second, first)
+                    key = f"{name}_c{connections}"
+                    ratios.setdefault(key, []).append((o[0] / b[0], o[1] / b[1]))
+
+    benchmark.group = "e2e"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    print(f"\npolicy and balancing cost, {pairs} alternating pairs of {seconds:g} s runs:")
+    for key, values in ratios.items():
+        rps = _median([r for r, _ in values])
+        cost = _median([c for _, c in values])
+        benchmark.extra_info[f"{key}_rps_ratio"] = round(rps, 3)
+        benchmark.extra_info[f"{key}_cpu_per_request_ratio"] = round(cost, 3)
+        print(f"  {key}: req/s {rps:.3f}x, gateway CPU per request {cost:.3f}x")
+        assert all(r > 0 and c > 0 for r, c in values)
 
 
 # -- the report
