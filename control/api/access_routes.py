@@ -18,33 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common import jsonsafe
 from control import access
+from control.api.body import json_object
 from control.api.errors import ApiError, from_validation
 from control.db.store import Store
 from control.ws.hub import Hub
-
-MAX_BODY = 256 * 1024
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
-    try:
-        data = jsonsafe.loads(raw or b"null")
-    except jsonsafe.JsonNumberError as exc:  # well-formed, but no field holds that number
-        raise ApiError(
-            422,
-            "validation_failed",
-            f"request body: {exc}",
-            [{"field": exc.field, "message": exc.reason}],
-        ) from None
-    except jsonsafe.JsonError as exc:
-        raise ApiError(400, "malformed_json", f"request body is {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "validation_failed", "request body must be a JSON object")
-    return data
 
 
 class AccessApi:
@@ -62,7 +40,7 @@ class AccessApi:
 
     async def put_access(self, request: Request) -> Response:
         tunnel = await self.store.get_tunnel(request.path_params["id"])
-        data = await _json_object(request)
+        data = await json_object(request)
         try:
             body = access.AccessIn.model_validate(data)
         except ValidationError as exc:
@@ -116,7 +94,7 @@ class AccessApi:
                 "the tunnel is open to anyone: give it an access policy first (an empty one "
                 "lets only share-link holders in)",
             )
-        data = await _json_object(request)
+        data = await json_object(request)
         try:
             body = access.ShareLinkCreate.model_validate(data)
         except ValidationError as exc:

@@ -16,19 +16,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common import jsonsafe
 from common import protocol as p
 from common.token import EnrollmentToken
 from control import certs
 from control.api import models as m
 from control.api.access_routes import AccessApi
+from control.api.body import json_object
 from control.api.errors import ApiError, from_validation
 from control.db.store import ClientKind, NotFound, Row, Store
 from control.ws.configs import tunnel_agents
 from control.ws.hub import Hub
 
 Model = TypeVar("Model", bound=BaseModel)
-MAX_BODY = 256 * 1024
 
 
 def _iso(ts: float | None) -> str | None:
@@ -162,22 +161,7 @@ def certificate_out(row: Row) -> dict[str, Any]:
 
 
 async def _body(request: Request, model: type[Model]) -> Model:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"request body exceeds {MAX_BODY} bytes")
-    try:
-        data = jsonsafe.loads(raw or b"null")
-    except jsonsafe.JsonNumberError as exc:  # well-formed, but no field holds that number
-        raise ApiError(
-            422,
-            "validation_failed",
-            f"request body: {exc}",
-            [{"field": exc.field, "message": exc.reason}],
-        ) from None
-    except jsonsafe.JsonError as exc:
-        raise ApiError(400, "malformed_json", f"request body is {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "validation_failed", "request body must be a JSON object")
+    data = await json_object(request)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
