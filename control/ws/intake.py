@@ -29,7 +29,7 @@ import asyncio
 import gc
 import math
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 from control.db.store import ClientKind, Row, Store, auth_changes, hash_key
 
@@ -161,6 +161,16 @@ def relax_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, max(middle, 20), max(old, 10))
 
 
+def _fail(futures: list[asyncio.Future[Any]], exc: BaseException) -> None:
+    """A batch's query failed: every waiter gets the error (a cancellation of the
+    worker is passed to them as an error and raised on)."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+    if not isinstance(exc, Exception):
+        raise exc
+
+
 class KeyLookup:
     """API key -> client row, many keys per query."""
 
@@ -193,14 +203,7 @@ class KeyLookup:
                 try:
                     rows = await self.store.clients_by_key_hashes(kind, hashes)
                 except BaseException as exc:
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(
-                                    exc if isinstance(exc, Exception) else RuntimeError("cancelled")
-                                )
-                    if not isinstance(exc, Exception):
-                        raise
+                    _fail([f for futures in batch.values() for f in futures], exc)
                     continue
                 self.queries += 1
                 self.keys += len(hashes)
@@ -266,13 +269,7 @@ class AuthRecorder:
                     invalidates=any(affected for _, _, _, affected, _ in batch),
                 )
             except BaseException as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(
-                            exc if isinstance(exc, Exception) else RuntimeError("cancelled")
-                        )
-                if not isinstance(exc, Exception):
-                    raise
+                _fail([future for *_, future in batch], exc)
                 continue
             self.writes += 1
             self.rows += len(batch)

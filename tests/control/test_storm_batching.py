@@ -122,6 +122,30 @@ async def test_a_failed_batch_fails_each_waiter_and_the_next_batch_runs(
     assert (await store.get_client("agent", rows[0]["id"]))["public_key"] == KEY_B
 
 
+async def test_a_failed_key_lookup_fails_each_waiter_and_the_next_one_runs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [await store.create_client("agent", f"k{i}") for i in range(3)]
+    lookup = intake.KeyLookup(store)
+    real = store.clients_by_key_hashes
+    calls = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError("database gone")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "clients_by_key_hashes", failing_once)
+    results = await asyncio.gather(
+        *(lookup.lookup("agent", key) for _, key in rows), return_exceptions=True
+    )
+    assert all(isinstance(r, OSError) for r in results) and lookup.queries == 0
+    found = await lookup.lookup("agent", rows[0][1])
+    assert found is not None and found["id"] == rows[0][0]["id"]
+
+
 async def test_replicas_presence_for_many_agents_at_once(store: Store) -> None:
     agents = [(await store.create_client("agent", f"a{i}"))[0] for i in range(6)]
     tunnels = []
