@@ -105,6 +105,26 @@ class RunningControl:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10)
 
 
+@contextlib.asynccontextmanager
+async def control_replicas(
+    directory: Path, database_url: str, replica_timeout: float = 2.0
+) -> AsyncIterator[tuple[RunningControl, RunningControl]]:
+    """Two Control replicas on one (PostgreSQL) database, stopped in reverse order."""
+    first = await RunningControl(
+        directory / "a.db", database_url=database_url, replica_timeout=replica_timeout
+    ).start()
+    try:
+        second = await RunningControl(
+            directory / "b.db", database_url=database_url, replica_timeout=replica_timeout
+        ).start()
+        try:
+            yield first, second
+        finally:
+            await second.stop()
+    finally:
+        await first.stop()
+
+
 @pytest.fixture
 async def control(tmp_path: Path) -> AsyncIterator[RunningControl]:
     server = RunningControl(tmp_path / "control.db")

@@ -19,7 +19,7 @@ import pytest
 
 from control.acme_cluster import claim_name
 from control.db.leases import Leases
-from tests.controlserver import Peer, RunningControl, connect_client, create
+from tests.controlserver import Peer, RunningControl, connect_client, control_replicas, create
 from tests.pgserver import PostgresServer, postgres
 
 __all__ = ["postgres"]
@@ -80,19 +80,13 @@ class FakeGateway:
 async def pair(
     tmp_path: Path, postgres: PostgresServer
 ) -> AsyncIterator[tuple[RunningControl, RunningControl]]:
-    url = postgres.database()
-    first = await RunningControl(tmp_path / "a.db", database_url=url, replica_timeout=2.0).start()
-    second = await RunningControl(tmp_path / "b.db", database_url=url, replica_timeout=2.0).start()
-    for server in (first, second):
-        acme = server.app.state.hub.acme
-        acme.tick_interval = 0.2  # passes often and claims short, so take-over is quick
-        acme.claim_ttl = 1.5
-        acme.wake()
-    try:
-        yield first, second
-    finally:
-        for server in (second, first):
-            await server.stop()
+    async with control_replicas(tmp_path, postgres.database()) as replicas:
+        for server in replicas:
+            acme = server.app.state.hub.acme
+            acme.tick_interval = 0.2  # passes often and claims short, so take-over is quick
+            acme.claim_ttl = 1.5
+            acme.wake()
+        yield replicas
 
 
 @pytest.fixture

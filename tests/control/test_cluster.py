@@ -23,7 +23,7 @@ from control.cluster.changes import (
 )
 from control.main import database_url
 from tests.control.test_hub import closed_with
-from tests.controlserver import RunningControl, connect_client, create
+from tests.controlserver import RunningControl, connect_client, control_replicas, create
 from tests.pgserver import PostgresServer, postgres
 
 __all__ = ["postgres"]
@@ -39,14 +39,8 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> N
 async def pair(
     tmp_path: Path, postgres: PostgresServer
 ) -> AsyncIterator[tuple[RunningControl, RunningControl]]:
-    url = postgres.database()
-    first = await RunningControl(tmp_path / "a.db", database_url=url, replica_timeout=2.0).start()
-    second = await RunningControl(tmp_path / "b.db", database_url=url, replica_timeout=2.0).start()
-    try:
-        yield first, second
-    finally:
-        for server in (second, first):
-            await server.stop()
+    async with control_replicas(tmp_path, postgres.database()) as replicas:
+        yield replicas
 
 
 async def jobs(server: RunningControl) -> bool:
