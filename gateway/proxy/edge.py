@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Protocol
 from common.protocol import AccessPolicy
 from common.relay.balance import COOKIE_NAME
 from common.relay.router import Route
-from gateway.access.policy import ALLOW, PREFIX, REDIRECT, Outcome
+from gateway.access.policy import ALLOW, PREFIX, REDIRECT, AccessControl, Outcome
 
 from .headers import Headers
 
@@ -195,6 +195,15 @@ class AccessMemo:
 OPEN = Access(Outcome(ALLOW))
 
 
+def _memo_answer(access: AccessControl, memo: AccessMemo) -> Access | None:
+    """The connection's remembered answer while its session lasts and has not been
+    signed out, else None."""
+    now = access.now()
+    if now < memo.expires and not access.sessions.revocations.revoked(memo.session_id, now):
+        return memo.access
+    return None
+
+
 def access_for(
     server: ProxyServer,
     route: Route,
@@ -214,6 +223,7 @@ def access_for(
     policy = access.policies.get(route.tunnel_id)
     if policy is None:
         return OPEN
+    stale = False
     if (
         raw is not None
         and memo is not None
@@ -223,9 +233,10 @@ def access_for(
         and memo.access is not None
         and not policy.paths
     ):
-        now = access.now()
-        if now < memo.expires and not access.sessions.revocations.revoked(memo.session_id, now):
-            return memo.access
+        answer = _memo_answer(access, memo)
+        if answer is not None:
+            return answer
+        stale = True  # the session ended: the cookie below is the same, so check anew
     cookie: bytes | None = None
     cookies = 0
     authorization = False
@@ -236,7 +247,8 @@ def access_for(
         elif name == b"authorization":
             authorization = True
     if (
-        memo is not None
+        not stale
+        and memo is not None
         and memo.policy is policy
         and memo.cookie is not None
         and memo.cookie == cookie
@@ -247,9 +259,9 @@ def access_for(
         and not path.startswith(PREFIX)
         and memo.access is not None
     ):
-        now = access.now()
-        if now < memo.expires and not access.sessions.revocations.revoked(memo.session_id, now):
-            return memo.access
+        answer = _memo_answer(access, memo)
+        if answer is not None:
+            return answer
     outcome = access.check(
         policy, host=route.domain, client_ip=client_ip, method=method, path=path, headers=headers
     )
