@@ -194,7 +194,6 @@ def create_app(settings: ControlSettings) -> Starlette:
         cluster = PostgresCluster(
             engine, settings.public_url or settings.listen_url, settings.replica_timeout
         )
-        store.shared = True
     hub = Hub(
         store,
         offline_after=settings.offline_after,

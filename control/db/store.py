@@ -48,6 +48,8 @@ Row = dict[str, Any]
 KEY_PREFIX = {"agent": "agt_", "gateway": "gtw_"}
 #: agents per presence query (``set_replica_presence``)
 PRESENCE_BATCH = 500
+#: tries at inserting a new agent or gateway when other writers take its subnet or slot
+_CREATE_ATTEMPTS = 8
 #: clients per statement when many ``auth`` records are written at once
 AUTH_BATCH = 500
 
@@ -146,9 +148,6 @@ class Store:
         # Subnet indices in use, loaded once and kept in step by this process; any
         # insert conflict (another process) drops it so it is reloaded.
         self._used_subnets: set[int] | None = None
-        #: other processes write too (Control replicas on PostgreSQL): read the subnets
-        #: in use afresh for every new agent
-        self.shared = False
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -195,7 +194,12 @@ class Store:
     async def create_client(
         self, kind: ClientKind, name: str, enabled: bool = True
     ) -> tuple[Row, str]:
-        """Create an agent or gateway; returns the row and its API key (shown once)."""
+        """Create an agent or gateway; returns the row and its API key (shown once).
+
+        The subnets in use are read once and kept in step by this process.  Where other
+        processes write too (Control replicas on PostgreSQL) the set can be stale: the
+        unique ``subnet`` column turns a subnet another replica took meanwhile into a
+        conflict, and then the set is read afresh and the insert tried again."""
         table = _table(kind)
         key = new_api_key(kind)
         now = time.time()
@@ -207,16 +211,28 @@ class Store:
             "created_at": now,
             "updated_at": now,
         }
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                return await self._insert_client(kind, table, values), key
+            except IntegrityError as exc:
+                # another writer took the subnet, the slot or the name meanwhile: read
+                # afresh (the name check then reports a taken name as such)
+                self._used_subnets = None
+                if attempt == _CREATE_ATTEMPTS - 1:
+                    raise Conflict(f"{kind} {name!r} conflicts with an existing one") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _insert_client(self, kind: ClientKind, table: sa.Table, values: Row) -> Row:
+        name = values["name"]
         async with self._write() as conn:
             if await conn.scalar(sa.select(table.c.id).where(table.c.name == name)):
                 raise Conflict(f"{kind} named {name!r} already exists")
             try:
                 if kind == "agent":
-                    if self._used_subnets is None or self.shared:
+                    if self._used_subnets is None:
                         rows = await conn.scalars(sa.select(agents.c.subnet))
                         self._used_subnets = {self.plan.index_of(text) for text in rows}
-                    index = self.plan.first_free_index(self._used_subnets)
-                    subnet = self.plan.subnet(index)
+                    subnet = self.plan.subnet(self.plan.first_free_index(self._used_subnets))
                     values["subnet"] = str(subnet)
                     values["virtual_ip"] = str(self.plan.agent_address(subnet))
                 else:
@@ -224,15 +240,11 @@ class Store:
                     values["slot"] = self.plan.first_free_slot(slots)
             except PoolExhausted as exc:
                 raise Conflict(str(exc)) from exc
-            try:
-                await conn.execute(table.insert().values(**values))
-            except IntegrityError as exc:
-                self._used_subnets = None
-                raise Conflict(f"{kind} {name!r} conflicts with an existing one") from exc
+            await conn.execute(table.insert().values(**values))
             if kind == "agent" and self._used_subnets is not None:
                 self._used_subnets.add(self.plan.index_of(values["subnet"]))
             row = (await conn.execute(sa.select(table).where(table.c.id == values["id"]))).one()
-        return dict(row._mapping), key
+        return dict(row._mapping)
 
     async def list_clients(
         self, kind: ClientKind, limit: int, offset: int

@@ -97,6 +97,35 @@ async def test_changes_and_presence_reach_every_replica(
         await until(agent_offline_at_b, 3)
 
 
+async def test_agents_created_through_both_replicas_get_distinct_subnets(
+    pair: tuple[RunningControl, RunningControl],
+) -> None:
+    """Each replica keeps the subnets in use in memory: one the other replica took
+    meanwhile is a conflict on the unique column, read afresh and tried again, never a
+    409 nor a duplicate; a name taken through the other replica is still refused."""
+    a, b = pair
+    async with a.api() as api_a, b.api() as api_b:
+        # both replicas load their sets, then each takes subnets the other does not know of
+        await create(api_a, "agent", "first-a")
+        await create(api_b, "agent", "first-b")
+        responses = await asyncio.gather(
+            *(
+                (api_a if i % 2 else api_b).post("/api/agents", json={"name": f"n{i}"})
+                for i in range(24)
+            )
+        )
+        assert all(r.status_code == 201 for r in responses), [r.text for r in responses]
+        listed = (await api_a.get("/api/agents", params={"limit": 100})).json()
+        subnets = [agent["subnet"] for agent in listed["items"]]
+        assert len(subnets) == 26 and len(set(subnets)) == 26, subnets
+        # a subnet freed through A is A's lowest free one: its next agent takes it
+        assert (await api_a.delete("/api/agents/n3")).status_code == 204
+        freed = next(r.json()["subnet"] for r in responses if r.json()["name"] == "n3")
+        assert (await create(api_a, "agent", "again"))["subnet"] == freed
+        taken = await api_b.post("/api/agents", json={"name": "first-a"})
+        assert taken.status_code == 409 and "already exists" in taken.text, taken.text
+
+
 async def test_the_jobs_lease_is_held_once_and_moves(
     pair: tuple[RunningControl, RunningControl],
 ) -> None:
