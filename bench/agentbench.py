@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -64,6 +65,7 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections import deque
@@ -460,14 +462,67 @@ def upload(host: str, port: int, size: int, cap: float | None = None) -> dict[st
         sent = size - left
         sock.shutdown(socket.SHUT_WR)
         reply = b""
-        while not reply.endswith(b"\n") and len(reply) < 64:
-            data = sock.recv(64)
-            if not data:
-                break
-            reply += data
+        try:
+            while not reply.endswith(b"\n") and len(reply) < 64:
+                data = sock.recv(64)
+                if not data:
+                    break
+                reply += data
+        except TimeoutError:
+            # the stream stalled: say how (the caller decides whether a row may stall)
+            return {
+                "bytes": sent,
+                "received": -1,
+                "seconds": time.perf_counter() - start,
+                "capped": sent < size,
+                "stalled": f"no count from the sink after {sent} bytes; {tcp_state(sock)}",
+            }
         elapsed = time.perf_counter() - start
     received = int(reply) if reply.strip() else -1
     return {"bytes": sent, "received": received, "seconds": elapsed, "capped": sent < size}
+
+
+_TCP_INFO = struct.Struct("8B24I")
+_TCP_INFO_NAMES = [
+    "rto",
+    "ato",
+    "snd_mss",
+    "rcv_mss",
+    "unacked",
+    "sacked",
+    "lost",
+    "retrans",
+    "fackets",
+    "last_data_sent",
+    "last_ack_sent",
+    "last_data_recv",
+    "last_ack_recv",
+    "pmtu",
+    "rcv_ssthresh",
+    "rtt",
+    "rttvar",
+    "snd_ssthresh",
+    "snd_cwnd",
+    "advmss",
+    "reordering",
+    "rcv_rtt",
+    "rcv_space",
+    "total_retrans",
+]
+
+
+def tcp_state(sock: socket.socket) -> str:
+    """What the kernel knows of a stuck connection: its state, the bytes still queued to
+    send, and TCP_INFO's counters (for a failure message)."""
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO.size)
+        queued = struct.unpack("i", fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError as exc:
+        return f"no TCP_INFO ({exc})"
+    fields = _TCP_INFO.unpack(raw.ljust(_TCP_INFO.size, b"\0"))
+    head = f"state={fields[0]} ca_state={fields[1]} retransmits={fields[2]} backoff={fields[4]}"
+    rest = " ".join(f"{n}={v}" for n, v in zip(_TCP_INFO_NAMES, fields[8:], strict=True))
+    return f"{head} queued={queued} {rest}"
 
 
 def download(host: str, port: int, size: int, cap: float | None = None) -> dict[str, Any]:
