@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common.protocol import MAX_REPLICAS, proxy_protocol_problem, sticky_problem
+from common.protocol import MAX_REPLICAS, Auth, proxy_protocol_problem, sticky_problem
 from control.alloc import AddressPlan, PoolExhausted
 from control.db.schema import (
     access_policies,
@@ -104,31 +104,20 @@ def _table(kind: ClientKind) -> sa.Table:
     return agents if kind == "agent" else gateways
 
 
-def auth_changes(
-    kind: ClientKind,
-    row: Row,
-    public_key: str,
-    version: str,
-    public_ip: str | None,
-    wireguard_port: int | None,
-    https_port: int | None = None,
-) -> tuple[Row, bool]:
+def auth_changes(kind: ClientKind, row: Row, auth: Auth) -> tuple[Row, bool]:
     """What an ``auth`` changes in a client's row (nothing when it reconnects as it
     was), and whether its peers must be told (its key or a gateway's endpoint)."""
     values: Row = {}
-    if row["public_key"] != public_key:
-        values["public_key"] = public_key
-    if kind == "gateway" and (
-        row["public_ip"],
-        row["wireguard_port"],
-        row["https_port"],
-    ) != (public_ip, wireguard_port, https_port):
-        values["public_ip"] = public_ip
-        values["wireguard_port"] = wireguard_port
-        values["https_port"] = https_port
+    if row["public_key"] != auth.public_key:
+        values["public_key"] = auth.public_key
+    endpoint = (auth.public_ip, auth.wireguard_port, auth.https_port)
+    stored = (row["public_ip"], row["wireguard_port"], row["https_port"])
+    if kind == "gateway" and stored != endpoint:
+        values["public_ip"], values["wireguard_port"], values["https_port"] = endpoint
     peers_affected = bool(values)
-    if row["client_version"] != version[:64]:
-        values["client_version"] = version[:64]
+    version = auth.version[:64]
+    if row["client_version"] != version:
+        values["client_version"] = version
     if values:
         values["updated_at"] = time.time()
     return values, peers_affected
@@ -342,24 +331,13 @@ class Store:
             result = await conn.execute(sa.select(table).where(table.c.api_key_hash.in_(hashes)))
             return self._rows(result)
 
-    async def record_auth(
-        self,
-        kind: ClientKind,
-        row: Row,
-        public_key: str,
-        version: str,
-        public_ip: str | None,
-        wireguard_port: int | None,
-        https_port: int | None = None,
-    ) -> bool:
+    async def record_auth(self, kind: ClientKind, row: Row, auth: Auth) -> bool:
         """Store what the client reported at ``auth``; True if its peers must be told.
 
         Writes only when something changed, so a fleet reconnecting after a Control
         restart costs no database writes.
         """
-        values, peers_affected = auth_changes(
-            kind, row, public_key, version, public_ip, wireguard_port, https_port
-        )
+        values, peers_affected = auth_changes(kind, row, auth)
         if values:
             await self.record_auths([(kind, row["id"], values)], peers_affected)
         return peers_affected

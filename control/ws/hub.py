@@ -395,15 +395,7 @@ class Hub:
         if not row["enabled"]:
             await self._refuse_disabled(ws, kind, row, peer)
             return None
-        changed = await self.auth_records.record(
-            kind,
-            row,
-            auth.public_key,
-            auth.version,
-            auth.public_ip,
-            auth.wireguard_port,
-            auth.https_port,
-        )
+        changed = await self.auth_records.record(kind, row, auth)
         conn = Connection(ws, kind, row["id"], row["name"])
         async with self.lock:
             unchanged = self.store.generation - self.store.auth_writes == generation

@@ -31,6 +31,7 @@ import math
 from collections import deque
 from typing import Any, Literal
 
+from common.protocol import Auth
 from control.db.store import ClientKind, Row, Store, auth_changes, hash_key
 
 #: default cap on connections authenticating at once (``--auth-queue``).  A refusal
@@ -234,21 +235,10 @@ class AuthRecorder:
         self.writes = 0
         self.rows = 0
 
-    async def record(
-        self,
-        kind: ClientKind,
-        row: Row,
-        public_key: str,
-        version: str,
-        public_ip: str | None,
-        wireguard_port: int | None,
-        https_port: int | None = None,
-    ) -> bool:
+    async def record(self, kind: ClientKind, row: Row, auth: Auth) -> bool:
         """``Store.record_auth``, batched: True if the client's peers must be told.
         ``row`` (the caller's own copy) is updated to what was written."""
-        values, peers_affected = auth_changes(
-            kind, row, public_key, version, public_ip, wireguard_port, https_port
-        )
+        values, peers_affected = auth_changes(kind, row, auth)
         if not values:
             return False
         loop = asyncio.get_running_loop()

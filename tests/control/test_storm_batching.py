@@ -37,12 +37,18 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         await engine.dispose()
 
 
+def _auth(
+    kind: str, key: str, version: str, ip: str | None, port: int | None, https: int | None = None
+) -> p.Auth:
+    return p.Auth("", kind, key, version, ip, port, https)
+
+
 def test_auth_changes_name_only_what_changed() -> None:
     agent = {"public_key": KEY_A, "client_version": "1.0"}
-    assert auth_changes("agent", agent, KEY_A, "1.0", None, None) == ({}, False)
-    values, peers = auth_changes("agent", agent, KEY_A, "1.1", None, None)
+    assert auth_changes("agent", agent, _auth("agent", KEY_A, "1.0", None, None)) == ({}, False)
+    values, peers = auth_changes("agent", agent, _auth("agent", KEY_A, "1.1", None, None))
     assert set(values) == {"client_version", "updated_at"} and not peers
-    values, peers = auth_changes("agent", agent, KEY_B, "1.0", None, None)
+    values, peers = auth_changes("agent", agent, _auth("agent", KEY_B, "1.0", None, None))
     assert set(values) == {"public_key", "updated_at"} and peers
     gateway = {
         "public_key": KEY_A,
@@ -51,8 +57,13 @@ def test_auth_changes_name_only_what_changed() -> None:
         "wireguard_port": 51820,
         "https_port": None,
     }
-    assert auth_changes("gateway", gateway, KEY_A, "1.0", "192.0.2.1", 51820) == ({}, False)
-    values, peers = auth_changes("gateway", gateway, KEY_A, "1.0", "192.0.2.9", 51820)
+    assert auth_changes("gateway", gateway, _auth("gateway", KEY_A, "1.0", "192.0.2.1", 51820)) == (
+        {},
+        False,
+    )
+    values, peers = auth_changes(
+        "gateway", gateway, _auth("gateway", KEY_A, "1.0", "192.0.2.9", 51820)
+    )
     assert values["public_ip"] == "192.0.2.9" and values["https_port"] is None and peers
 
 
@@ -67,8 +78,10 @@ async def test_auth_reports_are_written_in_batches(store: Store) -> None:
     def report(kind: str, row: dict[str, Any], i: int) -> Any:
         key = f"{i:043d}="
         if kind == "gateway":
-            return recorder.record("gateway", row, key, "2.0", "192.0.2.7", 51820, 443)
-        return recorder.record("agent", row, key, "2.0", None, None)
+            return recorder.record(
+                "gateway", row, _auth("gateway", key, "2.0", "192.0.2.7", 51820, 443)
+            )
+        return recorder.record("agent", row, _auth("agent", key, "2.0", None, None))
 
     changed = await asyncio.gather(*(report(k, row, i) for i, (k, row) in enumerate(rows)))
     assert all(changed)  # every key is new: every client's peers must hear of it
@@ -92,7 +105,9 @@ async def test_auth_reports_are_written_in_batches(store: Store) -> None:
     assert not any(again) and recorder.writes == writes and store.generation == generation
 
     # only the version changed: written, but no client's peers are affected
-    bump = await recorder.record("agent", fresh[1][1], f"{1:043d}=", "3.0", None, None)
+    bump = await recorder.record(
+        "agent", fresh[1][1], _auth("agent", f"{1:043d}=", "3.0", None, None)
+    )
     assert bump is False and store.generation == generation
     assert (await store.get_client("agent", rows[1][1]["id"]))["client_version"] == "3.0"
 
@@ -114,11 +129,14 @@ async def test_a_failed_batch_fails_each_waiter_and_the_next_batch_runs(
 
     monkeypatch.setattr(store, "record_auths", failing_once)
     results = await asyncio.gather(
-        *(recorder.record("agent", r, f"{i:043d}=", "1", None, None) for i, r in enumerate(rows)),
+        *(
+            recorder.record("agent", r, _auth("agent", f"{i:043d}=", "1", None, None))
+            for i, r in enumerate(rows)
+        ),
         return_exceptions=True,
     )
     assert all(isinstance(r, OSError) for r in results) and recorder.writes == 0
-    assert await recorder.record("agent", rows[0], KEY_B, "1", None, None) is True
+    assert await recorder.record("agent", rows[0], _auth("agent", KEY_B, "1", None, None)) is True
     assert (await store.get_client("agent", rows[0]["id"]))["public_key"] == KEY_B
 
 

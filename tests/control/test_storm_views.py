@@ -33,10 +33,11 @@ async def _fleet(store: Store) -> tuple[list[Row], list[Row], list[Row], list[Ro
     certificate."""
     for i in range(3):
         row, _ = await store.create_client("gateway", f"g{i}")
-        await store.record_auth("gateway", row, f"{i:043d}=", "1", f"192.0.2.{i + 1}", 51820)
+        auth = p.Auth("", "gateway", f"{i:043d}=", "1", f"192.0.2.{i + 1}", 51820)
+        await store.record_auth("gateway", row, auth)
     for i in range(4):
         row, _ = await store.create_client("agent", f"a{i}")
-        await store.record_auth("agent", row, f"{10 + i:043d}=", "1", None, None)
+        await store.record_auth("agent", row, p.Auth("", "agent", f"{10 + i:043d}=", "1"))
     for i in range(4):
         await store.create_tunnel(
             {
