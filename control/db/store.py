@@ -49,7 +49,11 @@ KEY_PREFIX = {"agent": "agt_", "gateway": "gtw_"}
 #: agents per presence query (``set_replica_presence``)
 PRESENCE_BATCH = 500
 #: tries at inserting a new agent or gateway when other writers take its subnet or slot
-_CREATE_ATTEMPTS = 8
+_CREATE_ATTEMPTS = 4
+#: PostgreSQL advisory lock held while an agent or gateway is created: replicas take
+#: turns, so a conflict only means a stale set, and the try after it (which reads the
+#: set afresh under the lock) succeeds ("kkm-crea")
+CREATE_LOCK = 0x6B6B6D2D63726561
 #: clients per statement when many ``auth`` records are written at once
 AUTH_BATCH = 500
 
@@ -188,7 +192,10 @@ class Store:
         The subnets in use are read once and kept in step by this process.  Where other
         processes write too (Control replicas on PostgreSQL) the set can be stale: the
         unique ``subnet`` column turns a subnet another replica took meanwhile into a
-        conflict, and then the set is read afresh and the insert tried again."""
+        conflict, and then the set is read afresh and the insert tried again.  Creates
+        take turns under an advisory lock there (``CREATE_LOCK``): without it, replicas
+        creating at once all chose the same lowest free subnet and one could lose every
+        race."""
         table = _table(kind)
         key = new_api_key(kind)
         now = time.time()
@@ -214,6 +221,10 @@ class Store:
     async def _insert_client(self, kind: ClientKind, table: sa.Table, values: Row) -> Row:
         name = values["name"]
         async with self._write() as conn:
+            if self.engine.dialect.name == "postgresql":
+                await conn.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CREATE_LOCK}
+                )
             if await conn.scalar(sa.select(table.c.id).where(table.c.name == name)):
                 raise Conflict(f"{kind} named {name!r} already exists")
             try:
