@@ -115,8 +115,11 @@ def auth_changes(kind: ClientKind, row: Row, auth: Auth) -> tuple[Row, bool]:
     if row["public_key"] != auth.public_key:
         values["public_key"] = auth.public_key
     endpoint = (auth.public_ip, auth.wireguard_port, auth.https_port)
-    stored = (row["public_ip"], row["wireguard_port"], row["https_port"])
-    if kind == "gateway" and stored != endpoint:
+    if kind == "gateway" and endpoint != (
+        row["public_ip"],
+        row["wireguard_port"],
+        row["https_port"],
+    ):
         values["public_ip"], values["wireguard_port"], values["https_port"] = endpoint
     peers_affected = bool(values)
     version = auth.version[:64]
