@@ -114,7 +114,8 @@ async def test_agents_created_through_both_replicas_get_distinct_subnets(
                 for i in range(24)
             )
         )
-        assert all(r.status_code == 201 for r in responses), [r.text for r in responses]
+        refused = [(r.status_code, r.text) for r in responses if r.status_code != 201]
+        assert not refused, refused
         listed = (await api_a.get("/api/agents", params={"limit": 100})).json()
         subnets = [agent["subnet"] for agent in listed["items"]]
         assert len(subnets) == 26 and len(set(subnets)) == 26, subnets
