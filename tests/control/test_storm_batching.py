@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,22 +112,26 @@ async def test_auth_reports_are_written_in_batches(store: Store) -> None:
     assert (await store.get_client("agent", rows[1][1]["id"]))["client_version"] == "3.0"
 
 
+def fail_once(real: Callable[..., Awaitable[Any]], error: Exception) -> Callable[..., Any]:
+    """``real`` whose first call raises ``error`` (a batch's query failing once)."""
+    calls = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise error
+        return await real(*args, **kwargs)
+
+    return failing_once
+
+
 async def test_a_failed_batch_fails_each_waiter_and_the_next_batch_runs(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rows = [(await store.create_client("agent", f"a{i}"))[0] for i in range(3)]
     recorder = intake.AuthRecorder(store)
-    real = store.record_auths
-    calls = 0
-
-    async def failing_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OSError("disk full")
-        await real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "record_auths", failing_once)
+    monkeypatch.setattr(store, "record_auths", fail_once(store.record_auths, OSError("disk full")))
     results = await asyncio.gather(
         *(
             recorder.record("agent", r, _auth("agent", f"{i:043d}=", "1", None, None))
@@ -145,17 +149,11 @@ async def test_a_failed_key_lookup_fails_each_waiter_and_the_next_one_runs(
 ) -> None:
     rows = [await store.create_client("agent", f"k{i}") for i in range(3)]
     lookup = intake.KeyLookup(store)
-    real = store.clients_by_key_hashes
-    calls = 0
-
-    async def failing_once(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise OSError("database gone")
-        return await real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "clients_by_key_hashes", failing_once)
+    monkeypatch.setattr(
+        store,
+        "clients_by_key_hashes",
+        fail_once(store.clients_by_key_hashes, OSError("database gone")),
+    )
     results = await asyncio.gather(
         *(lookup.lookup("agent", key) for _, key in rows), return_exceptions=True
     )
