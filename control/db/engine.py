@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 _HERE = Path(__file__).resolve().parent
 
@@ -52,6 +52,14 @@ def _upgrade(connection: Connection) -> None:
 MIGRATION_LOCK = 0x6B6B6D2D6D696772
 
 
+async def take_turns(connection: AsyncConnection, key: int) -> None:
+    """Hold PostgreSQL's advisory lock ``key`` until ``connection``'s transaction ends:
+    Control replicas doing the same work wait for each other.  Nothing on SQLite (one
+    process writes there)."""
+    if connection.dialect.name == "postgresql":
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 async def migrate(engine: AsyncEngine) -> None:
     """Bring the database schema to the newest revision (idempotent).
 
@@ -60,8 +68,5 @@ async def migrate(engine: AsyncEngine) -> None:
     the first and then finds the schema at the newest revision (without it both
     created alembic_version and the second crashed on a unique violation)."""
     async with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            await connection.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK}
-            )
+        await take_turns(connection, MIGRATION_LOCK)
         await connection.run_sync(_upgrade)

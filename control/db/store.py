@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common.protocol import MAX_REPLICAS, Auth, proxy_protocol_problem, sticky_problem
 from control.alloc import AddressPlan, PoolExhausted
+from control.db.engine import take_turns
 from control.db.schema import (
     access_policies,
     agents,
@@ -224,10 +225,7 @@ class Store:
     async def _insert_client(self, kind: ClientKind, table: sa.Table, values: Row) -> Row:
         name = values["name"]
         async with self._write() as conn:
-            if self.engine.dialect.name == "postgresql":
-                await conn.execute(
-                    sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": CREATE_LOCK}
-                )
+            await take_turns(conn, CREATE_LOCK)
             if await conn.scalar(sa.select(table.c.id).where(table.c.name == name)):
                 raise Conflict(f"{kind} named {name!r} already exists")
             try:
