@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from common import protocol as p
 from tests.support import free_port
@@ -122,6 +123,14 @@ class ControlProcess:
     def rss_kib(self) -> int:
         return rss_kib(self.proc.pid)
 
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of what this Control logged (warnings and errors, in every run)."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
     def kill(self) -> None:
         """``kill -9``: no goodbye to anybody."""
         self.proc.kill()
@@ -167,6 +176,8 @@ class Client:
         self.closed = False
         self.config_event = asyncio.Event()
         self.reader: asyncio.Task[None] | None = None
+        #: what ended the reader other than a close (a frame it could not read)
+        self.error: str | None = None
 
     async def read(self) -> None:
         try:
@@ -182,10 +193,26 @@ class Client:
                 elif frame["type"] == "config":
                     self.configs += 1
                     self.config_event.set()
-        except Exception:
-            pass
+        except ConnectionClosed:
+            pass  # the close code and reason say why
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.closed = True
+
+    async def abort(self) -> None:
+        """Drop the connection at once (no close handshake) and let the reader end."""
+        self.ws.transport.abort()
+        if self.reader is not None:
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+    def ended(self) -> str:
+        """How this connection ended, for a report."""
+        if self.error is not None:
+            return f"reader failed ({self.error})"
+        if self.ws.close_code is None:
+            return "no config and no close in time"
+        return f"closed {self.ws.close_code} {self.ws.close_reason}".strip()
 
 
 @dataclass(frozen=True)
@@ -201,6 +228,8 @@ class Identity:
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 60.0
 #: connection attempts one client makes before the round fails
 MAX_ATTEMPTS = 30
+#: closes that mean the key is no good: a real client keeps retrying, a benchmark stops
+FATAL_CLOSES = frozenset({p.CLOSE_AUTH_FAILED, p.CLOSE_REVOKED, p.CLOSE_DISABLED})
 
 
 class Swarm:
@@ -217,8 +246,12 @@ class Swarm:
         self.watches: dict[str, Watch] = {}
         #: connections Control told to come back later (503 + Retry-After, or 1013)
         self.refusals = 0
-        #: connection attempts that failed before the WebSocket opened (backed off)
+        #: connection attempts that failed (backed off and tried again, as
+        #: ``common.controlclient`` does): before the WebSocket opened, or ended by
+        #: Control before the config came for a reason other than "busy"
         self.failures = 0
+        #: how those attempts failed, and how often (reported by the benchmarks)
+        self.failure_reasons: Counter[str] = Counter()
         self._indices = itertools.count()  # every client its own WireGuard key
         # Like real clients, every connection heart-beats (every 20 s, spread out).
         self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._heartbeat_forever()))
@@ -298,7 +331,15 @@ class Swarm:
         rng = random.Random(len(who))
 
         async def one(identity: Identity, url: str) -> None:
-            failures = 0
+            failures: list[str] = []
+
+            async def back_off(reason: str) -> None:
+                self.failures += 1
+                self.failure_reasons[reason] += 1
+                failures.append(reason)
+                ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(len(failures), 16))
+                await asyncio.sleep(rng.uniform(BACKOFF_MIN, ceiling))
+
             for _attempt in range(MAX_ATTEMPTS):
                 try:
                     async with sem:
@@ -309,20 +350,24 @@ class Swarm:
                         self.refusals += 1
                         await asyncio.sleep(retry_wait(rng, retry))
                         continue
-                    self.failures += 1
-                    failures += 1
-                    ceiling = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 16))
-                    await asyncio.sleep(rng.uniform(BACKOFF_MIN, ceiling))
+                    await back_off(f"{type(exc).__name__}: {exc}"[:200])
                     continue
                 if client.config_event.is_set():
                     self.clients.append(client)
                     return
-                code, reason = client.ws.close_code, client.ws.close_reason
-                if code != p.CLOSE_TRY_AGAIN:
-                    raise RuntimeError(f"client {identity.index} refused: {code} {reason}")
-                self.refusals += 1
-                await asyncio.sleep(retry_wait(rng, p.parse_retry_after(reason) or 1))
-            raise RuntimeError(f"client {identity.index}: no config after {MAX_ATTEMPTS} tries")
+                code, reason, ended = client.ws.close_code, client.ws.close_reason, client.ended()
+                await client.abort()
+                if code in FATAL_CLOSES:
+                    raise RuntimeError(f"client {identity.index} refused: {ended}")
+                if code == p.CLOSE_TRY_AGAIN and client.error is None:
+                    self.refusals += 1
+                    await asyncio.sleep(retry_wait(rng, p.parse_retry_after(reason) or 1))
+                    continue
+                await back_off(ended)
+            raise RuntimeError(
+                f"client {identity.index}: no config after {MAX_ATTEMPTS} tries: "
+                + "; ".join(Counter(failures).keys())
+            )
 
         started = time.perf_counter()
         before = len(self.clients)
@@ -336,11 +381,18 @@ class Swarm:
                     flush=True,
                 )
 
-        reporter = asyncio.get_running_loop().create_task(progress())
+        loop = asyncio.get_running_loop()
+        reporter = loop.create_task(progress())
+        tasks = [loop.create_task(one(identity, url)) for identity, url in who]
         try:
-            await asyncio.gather(*(one(identity, url) for identity, url in who))
+            await asyncio.gather(*tasks)
         finally:
             reporter.cancel()
+            # one failed: the others stop too (their connections closed), rather than
+            # run on in a loop about to be stopped
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return time.perf_counter() - started
 
     async def _connect(self, ws_url: str, identity: Identity) -> Client:
@@ -357,11 +409,18 @@ class Swarm:
             data |= {"publicIp": "192.0.2.1", "wireguardPort": 51820}
         client = Client(ws, self.watches, identity, ws_url)
         reader = client.reader = asyncio.get_running_loop().create_task(client.read())
-        with contextlib.suppress(Exception):  # closed already: the reader says why
-            await ws.send(json.dumps({"type": "auth", "data": data}))
         configured = asyncio.get_running_loop().create_task(client.config_event.wait())
-        await asyncio.wait({reader, configured}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
-        configured.cancel()
+        try:
+            with contextlib.suppress(Exception):  # closed already: the reader says why
+                await ws.send(json.dumps({"type": "auth", "data": data}))
+            await asyncio.wait(
+                {reader, configured}, timeout=120, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # cancelled: no connection left behind
+            await client.abort()
+            raise
+        finally:
+            configured.cancel()
         return client
 
     async def _heartbeat_forever(self, period: float = 20.0, slices: int = 20) -> None:

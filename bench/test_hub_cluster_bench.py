@@ -36,6 +36,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,22 @@ class Layout:
             if control.proc.poll() is None:
                 control.stop()
 
+    @contextmanager
+    def explained(self, swarm: Swarm) -> Iterator[None]:
+        """A failure inside says what Control logged (its warnings and errors) and how
+        the swarm's failed attempts ended."""
+        try:
+            yield
+        except Exception as exc:
+            tails = "\n".join(
+                f"--- control {i} (exit {c.proc.poll()}) log tail:\n{c.log_tail()}"
+                for i, c in enumerate(self.controls)
+            )
+            raise RuntimeError(
+                f"{self.name}: {type(exc).__name__}: {exc}\n"
+                f"failed attempts: {dict(swarm.failure_reasons.most_common(10))}\n{tails}"
+            ) from exc
+
 
 @dataclass
 class AgentRun:
@@ -130,10 +147,11 @@ class TestAgents:
         layout = Layout(request.param, tmp_path_factory.mktemp(f"hub-{request.param}"), request)
         swarm = Swarm(layout.controls[0])
         try:
-            keys = swarm.run(swarm.create("agent", CLIENTS, "a"))
-            rss_idle = layout.rss_kib()
-            connect_s = swarm.run(swarm.connect_all(keys, "agent", urls=layout.urls))
-            rss_per_connection = (layout.rss_kib() - rss_idle) / CLIENTS
+            with layout.explained(swarm):
+                keys = swarm.run(swarm.create("agent", CLIENTS, "a"))
+                rss_idle = layout.rss_kib()
+                connect_s = swarm.run(swarm.connect_all(keys, "agent", urls=layout.urls))
+                rss_per_connection = (layout.rss_kib() - rss_idle) / CLIENTS
             yield AgentRun(layout, swarm, connect_s, rss_per_connection)
         finally:
             swarm.close()
@@ -162,7 +180,8 @@ class TestAgents:
         summary(
             layout,
             f"connect: {CLIENTS} clients in {agents.connect_s:.1f} s = {per_s:.0f}/s, "
-            f"RSS {agents.rss_per_connection_kib:.1f} KiB per connection",
+            f"RSS {agents.rss_per_connection_kib:.1f} KiB per connection"
+            + (f"; failed attempts {dict(swarm.failure_reasons)}" if swarm.failure_reasons else ""),
         )
         assert healthy == CLIENTS
 
@@ -242,14 +261,15 @@ def kill_and_come_back(layout: Layout, swarm: Swarm) -> dict[str, float]:
     refusals, failures = swarm.refusals, swarm.failures
     killed = time.perf_counter()
     victim.kill()
-    lost = swarm.run(swarm.wait_lost(victim.url))
-    if len(layout.controls) == 1:
-        victim.start()  # same port, same store
-        target = victim.url
-    else:
-        target = layout.controls[1].url
-    ready = time.perf_counter()
-    back_s = swarm.run(swarm.reconnect_lost(target, concurrency=None))
+    with layout.explained(swarm):
+        lost = swarm.run(swarm.wait_lost(victim.url))
+        if len(layout.controls) == 1:
+            victim.start()  # same port, same store
+            target = victim.url
+        else:
+            target = layout.controls[1].url
+        ready = time.perf_counter()
+        back_s = swarm.run(swarm.reconnect_lost(target, concurrency=None))
     assert len(swarm.clients) == CLIENTS, "every client came back"
     return {
         "lost": lost,
@@ -280,10 +300,13 @@ class TestPush:
         )
         swarm = Swarm(layout.controls[0])
         try:
-            keys = swarm.run(swarm.create("gateway", GATEWAYS, "g"))
-            owner = swarm.run(swarm.create("agent", 1, "owner"))
-            swarm.run(swarm.connect_all(keys, "gateway", urls=layout.urls))
-            swarm.run(swarm.connect_all(owner, "agent"))
+            with layout.explained(swarm):
+                keys = swarm.run(swarm.create("gateway", GATEWAYS, "g"))
+                owner = swarm.run(swarm.create("agent", 1, "owner"))
+                swarm.run(swarm.connect_all(keys, "gateway", urls=layout.urls))
+                swarm.run(swarm.connect_all(owner, "agent"))
+            if swarm.failure_reasons:
+                summary(layout, f"failed connection attempts: {dict(swarm.failure_reasons)}")
             yield layout, swarm
         finally:
             swarm.close()
