@@ -226,13 +226,20 @@ def create_app(settings: ControlSettings) -> Starlette:
             stored = await store.get_setting(ADMIN_TOKEN_SETTING)
             if stored is None:
                 token = "adm_" + secrets.token_urlsafe(32)
-                await store.set_setting(ADMIN_TOKEN_SETTING, _digest(token))
-                settings.announce(
-                    "Generated an admin token (shown once; only its hash is stored):\n"
-                    f"  {token}\n"
-                    "Pass it to admin commands with --admin-token or KAKUREMICHI_ADMIN_TOKEN."
-                )
-                stored = _digest(token)
+                # replicas starting at once on a new database: one token, the first's
+                stored = await store.setting_if_absent(ADMIN_TOKEN_SETTING, _digest(token))
+                if stored == _digest(token):
+                    settings.announce(
+                        "Generated an admin token (shown once; only its hash is stored):\n"
+                        f"  {token}\n"
+                        "Pass it to admin commands with --admin-token or "
+                        "KAKUREMICHI_ADMIN_TOKEN."
+                    )
+                else:
+                    settings.announce(
+                        "Another Control replica generated the admin token at the same "
+                        "time; it is in that replica's output."
+                    )
             auth_state["admin_digest"] = stored
         await hub.start()
         await dashboard.start()

@@ -55,6 +55,10 @@ _CREATE_ATTEMPTS = 4
 #: turns, so a conflict only means a stale set, and the try after it (which reads the
 #: set afresh under the lock) succeeds ("kkm-crea")
 CREATE_LOCK = 0x6B6B6D2D63726561
+#: the PostgreSQL advisory lock settings writes take turns under ("kkm-sett"): replicas
+#: that read a setting and write it (the epoch, keys made on first use) see each
+#: other's writes instead of both inserting
+SETTINGS_LOCK = 0x6B6B6D2D73657474
 #: clients per statement when many ``auth`` records are written at once
 AUTH_BATCH = 500
 
@@ -176,10 +180,24 @@ class Store:
 
     async def set_setting(self, key: str, value: str) -> None:
         async with self._write() as conn:
+            await take_turns(conn, SETTINGS_LOCK)
             await self._put_setting(conn, key, value)
+
+    async def setting_if_absent(self, key: str, value: str) -> str:
+        """Store ``value`` under ``key`` unless it has one; returns what is stored.  The
+        first writer wins, also among Control replicas starting at once on one
+        PostgreSQL database (each would otherwise make its own and one insert fail)."""
+        async with self._write() as conn:
+            await take_turns(conn, SETTINGS_LOCK)
+            current = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+            if current is not None:
+                return str(current)
+            await conn.execute(settings.insert().values(key=key, value=value))
+        return value
 
     @staticmethod
     async def _put_setting(conn: AsyncConnection, key: str, value: str) -> None:
+        """Update or insert; the caller holds ``SETTINGS_LOCK`` (replicas)."""
         updated = await conn.execute(
             settings.update().where(settings.c.key == key).values(value=value)
         )
@@ -392,6 +410,7 @@ class Store:
         """A number that grows on every start; config versions are built on it so
         they stay monotonic across restarts without a write per push."""
         async with self._write() as conn:
+            await take_turns(conn, SETTINGS_LOCK)  # replicas starting at once: distinct
             value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == "epoch"))
             epoch = int(value or 0) + 1
             await self._put_setting(conn, "epoch", str(epoch))
@@ -959,22 +978,10 @@ class Store:
         """The keys gateways sign session cookies with (made on first use; the first
         signs).  Rotating means prepending a new key and dropping the oldest later."""
         value = await self.get_setting("session_keys")
-        if value:
-            return [(k, base64.b64decode(v)) for k, v in (p.split(":", 1) for p in value.split())]
-        key_id = secrets.token_hex(4)
-        secret = secrets.token_bytes(32)
-        async with self._write() as conn:
-            current = await conn.scalar(
-                sa.select(settings.c.value).where(settings.c.key == "session_keys")
-            )
-            if current:  # made meanwhile by another writer
-                return [
-                    (k, base64.b64decode(v)) for k, v in (p.split(":", 1) for p in current.split())
-                ]
-            await self._put_setting(
-                conn, "session_keys", f"{key_id}:{base64.b64encode(secret).decode()}"
-            )
-        return [(key_id, secret)]
+        if not value:  # the first (of every replica) to get here makes them
+            made = f"{secrets.token_hex(4)}:{base64.b64encode(secrets.token_bytes(32)).decode()}"
+            value = await self.setting_if_absent("session_keys", made)
+        return [(k, base64.b64decode(v)) for k, v in (p.split(":", 1) for p in value.split())]
 
     def gateway_address(self, agent_subnet: str, slot: int) -> str:
         return str(self.plan.gateway_address(ipaddress.ip_network(agent_subnet), slot))
