@@ -287,6 +287,18 @@ class Hub:
                     await ws.close(p.CLOSE_GOING_AWAY, "server shutting down")
                     return
                 conn = await self._authenticate(ws)
+            except WebSocketDisconnect:
+                return
+            except Exception:  # a bug or a store error must cost one connection only
+                log.exception("authenticating a connection failed")
+                # registered before the failure: unregistered like any other that ends
+                conn = next((c for c in self.connections.values() if c.ws is ws), None)
+                if conn is None:
+                    await self._safe_close(ws, 1011, "internal error")
+                    return
+                await self._close(conn, 1011, "internal error")
+                await self._unregister(conn)
+                return
             finally:
                 self.admission.leave(time.monotonic())
         finally:

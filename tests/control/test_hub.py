@@ -517,6 +517,83 @@ async def test_wrong_kind_of_key_is_refused(
         assert reply["type"] == "auth_error"
 
 
+async def test_a_store_error_while_authenticating_closes_1011_and_the_next_try_works(
+    control: RunningControl,
+    api: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failing database costs the one connection: a close frame 1011 (the client
+    retries, as it does any failure), one log line with the error, and nothing left
+    counted as pending or admitted -- not an abnormal drop of the socket (1006) after
+    an "Exception in ASGI application"."""
+    agent = await create(api, "agent", "a")
+    store, hub = control.app.state.store, control.app.state.hub
+    real = store.clients_by_key_hashes
+
+    async def database_gone(*args: Any) -> list[dict[str, Any]]:
+        raise OSError("database gone")
+
+    monkeypatch.setattr(store, "clients_by_key_hashes", database_gone)
+    with caplog.at_level("ERROR", logger="control.hub"):
+        async with connect(control.ws_url) as ws:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "auth",
+                        "data": {
+                            "apiKey": agent["apiKey"],
+                            "clientType": "agent",
+                            "publicKey": public_key(5),
+                        },
+                    }
+                )
+            )
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+    assert info.value.rcvd is not None, "dropped without a close frame"
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
+    failed = [r for r in caplog.records if r.getMessage() == "authenticating a connection failed"]
+    assert len(failed) == 1 and "database gone" in caplog.text
+    assert hub.admission.admitted == 0 and hub.pending.total() == 0
+    monkeypatch.setattr(store, "clients_by_key_hashes", real)
+    peer = await connect_client(control, agent["apiKey"], "agent", 5)
+    await peer.close()
+
+    # failing after the connection was registered: unregistered again, not left behind
+    def bug(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    await until_gone(hub, agent["id"])
+    monkeypatch.setattr(hub.cluster, "connected", bug)
+    async with connect(control.ws_url) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "auth",
+                    "data": {
+                        "apiKey": agent["apiKey"],
+                        "clientType": "agent",
+                        "publicKey": public_key(5),
+                    },
+                }
+            )
+        )
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+    assert ("agent", agent["id"]) not in hub.connections
+    assert hub.admission.admitted == 0 and hub.pending.total() == 0
+
+
+async def until_gone(hub: Any, agent_id: str) -> None:
+    async with asyncio.timeout(5):
+        while ("agent", agent_id) in hub.connections:
+            await asyncio.sleep(0.01)
+
+
 async def test_silent_client_is_closed_after_auth_timeout(control: RunningControl) -> None:
     loop = asyncio.get_running_loop()
     async with connect(control.ws_url) as ws:
