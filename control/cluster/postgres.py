@@ -100,6 +100,10 @@ class PostgresCluster:
         self._conn: asyncpg.Connection[Any] | None = None
         self._outbox: list[Change] = []
         self._outbox_ready = asyncio.Event()
+        #: held while notifications go out: leaving waits for one in flight rather than
+        #: cancel it half-way (which may send it anyway, then again under the same
+        #: number, and leaves the feed connection unusable)
+        self._send_lock = asyncio.Lock()
         self._overflowed = False
         self._seq = 0
         self._seen: dict[str, int] = {}
@@ -148,21 +152,34 @@ class PostgresCluster:
         )
 
     async def close(self) -> None:
-        """Leave: the last presence written, this replica's rows gone, the lease
-        released (so another replica takes the jobs at once), the feed closed."""
+        """Leave: the last presence written, what is queued published, this replica's
+        rows gone, the lease released (so another replica takes the jobs at once), the
+        feed closed.  Where publishing fails the rows stay, to go stale: the others
+        then take this replica for dead and re-sync their clients.  Once: a second
+        call (the server's shutdown and the app's lifespan both close) does nothing."""
+        if self._closing:
+            return
         self._closing = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush_presence(), 5)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        sending = False
+        with contextlib.suppress(TimeoutError):  # a notification in flight finishes
+            sending = await asyncio.wait_for(self._send_lock.acquire(), 5)
+        try:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        finally:
+            if sending:
+                self._send_lock.release()
         self._tasks.clear()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._send_outbox(), 5)
         try:
             async with asyncio.timeout(5):
+                # what is still queued goes out first: the others must not see this
+                # replica gone (and skip their re-sync) before they saw its last changes
+                await self._send_outbox()
                 async with self.engine.begin() as conn:
                     await conn.execute(
                         presence.delete().where(presence.c.replica_id == self.replica_id)
@@ -223,7 +240,8 @@ class PostgresCluster:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             try:
-                await self._send_outbox()
+                async with self._send_lock:
+                    await self._send_outbox()
             except Exception as exc:
                 log.warning(
                     "change feed lost; reconnecting",
@@ -322,10 +340,22 @@ class PostgresCluster:
                 )
             )
             live = {row.id: row.name for row in rows}
-        died = self._live - set(live)
+            # a replica that left cleanly deleted its row after publishing all it had;
+            # one that died keeps its row (stale) until the jobs forget it
+            gone = self._live - set(live)
+            present = set()
+            if gone:
+                query = sa.select(control_replicas.c.id).where(control_replicas.c.id.in_(gone))
+                present = set((await conn.scalars(query)).all())
+        died, left = gone & present, gone - present
         self._live = set(live)
         if self._acme is not None:
             self._acme.replicas_alive(set(live))
+        if left:
+            log.info(
+                "a Control replica left; its clients will reconnect elsewhere",
+                extra=kv(replicas=sorted(left), alive=len(live)),
+            )
         if died:
             log.warning(
                 "a Control replica stopped answering; its clients will reconnect elsewhere",

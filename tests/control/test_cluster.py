@@ -192,3 +192,32 @@ def test_database_urls() -> None:
         with pytest.raises(ConfigError, match="--database-url") as info:
             database_url(bad)
         assert "p@" not in str(info.value)
+
+
+async def test_a_replica_leaving_with_clients_connected_leaves_cleanly(
+    pair: tuple[RunningControl, RunningControl], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping a replica closes its clients (each a presence change to publish) and
+    then leaves the cluster: a notification in flight is let finish, not cancelled
+    half-way (which broke the feed connection, so the replica left "uncleanly" without
+    telling the others, and could send the same batch twice: the other replica then
+    saw a batch "lost" and re-synced every client for nothing)."""
+    a, b = pair
+    async with a.api() as api_a:
+        agents = [await create(api_a, "agent", f"a{i}") for i in range(12)]
+        gateways = [await create(api_a, "gateway", f"g{i}") for i in range(12)]
+    peers = [
+        await connect_client(b, g["apiKey"], "gateway", 100 + i) for i, g in enumerate(gateways)
+    ]
+    peers += [await connect_client(a, x["apiKey"], "agent", i) for i, x in enumerate(agents)]
+    with caplog.at_level("WARNING", logger="control.cluster"):
+        await a.stop()
+        await asyncio.sleep(0.5)  # b reads what a sent last
+    troubles = [
+        (r.getMessage(), getattr(r, "fields", None))
+        for r in caplog.records
+        if r.name == "control.cluster"
+    ]
+    assert not troubles, troubles
+    for peer in peers:
+        await peer.close()
