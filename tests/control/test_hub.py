@@ -537,18 +537,7 @@ async def test_a_store_error_while_authenticating_closes_1011_and_the_next_try_w
     monkeypatch.setattr(store, "clients_by_key_hashes", database_gone)
     with caplog.at_level("ERROR", logger="control.hub"):
         async with connect(control.ws_url) as ws:
-            await ws.send(
-                json.dumps(
-                    {
-                        "type": "auth",
-                        "data": {
-                            "apiKey": agent["apiKey"],
-                            "clientType": "agent",
-                            "publicKey": public_key(5),
-                        },
-                    }
-                )
-            )
+            await send_agent_auth(ws, agent["apiKey"])
             with pytest.raises(ConnectionClosed) as info:
                 await asyncio.wait_for(ws.recv(), 5)
     assert info.value.rcvd is not None, "dropped without a close frame"
@@ -567,18 +556,7 @@ async def test_a_store_error_while_authenticating_closes_1011_and_the_next_try_w
     await until_gone(hub, agent["id"])
     monkeypatch.setattr(hub.cluster, "connected", bug)
     async with connect(control.ws_url) as ws:
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "auth",
-                    "data": {
-                        "apiKey": agent["apiKey"],
-                        "clientType": "agent",
-                        "publicKey": public_key(5),
-                    },
-                }
-            )
-        )
+        await send_agent_auth(ws, agent["apiKey"])
         with pytest.raises(ConnectionClosed) as info:
             async with asyncio.timeout(5):
                 while True:
@@ -586,6 +564,11 @@ async def test_a_store_error_while_authenticating_closes_1011_and_the_next_try_w
     assert info.value.rcvd is not None and info.value.rcvd.code == 1011
     assert ("agent", agent["id"]) not in hub.connections
     assert hub.admission.admitted == 0 and hub.pending.total() == 0
+
+
+async def send_agent_auth(ws: Any, api_key: str) -> None:
+    data = {"apiKey": api_key, "clientType": "agent", "publicKey": public_key(5)}
+    await ws.send(json.dumps({"type": "auth", "data": data}))
 
 
 async def until_gone(hub: Any, agent_id: str) -> None:
