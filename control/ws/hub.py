@@ -179,6 +179,8 @@ class Hub:
         self.keys = intake.KeyLookup(store)
         #: what clients report at ``auth``, written in batches
         self.auth_records = intake.AuthRecorder(store)
+        #: when ending connections were last seen, written in batches
+        self.seen_writer = intake.SeenWriter(store)
         #: the other Control replicas (``control.cluster``); alone: nothing to share
         self.cluster: Cluster = cluster if cluster is not None else SingleControl()
         #: what the dashboard's live pages hear about (presence, health, traffic)
@@ -704,7 +706,7 @@ class Hub:
             del self.connections[(conn.kind, conn.client_id)]
             self.cluster.disconnected(conn.kind, conn.client_id)
             with contextlib.suppress(Exception):  # the client may have been deleted
-                await self.store.touch_many(conn.kind, [(conn.client_id, conn.last_seen_wall)])
+                await self.seen_writer.touch(conn.kind, conn.client_id, conn.last_seen_wall)
             log.info("client disconnected", extra=kv(kind=conn.kind, client=conn.name))
             if conn.kind == "gateway":
                 self.acme.gateway_gone(conn.client_id)

@@ -266,3 +266,48 @@ class AuthRecorder:
             for *_, future in batch:
                 if not future.done():
                     future.set_result(None)
+
+
+class SeenWriter:
+    """When each ending connection was last seen (``Store.touch_many``), written for
+    many at once.
+
+    Connections end in crowds too (a network blip, a load balancer restarting): one
+    statement each queued them all behind the store's write lock.  Those ending while a
+    write runs are written together by the next one; each caller still returns only
+    once its own row is written (or the write failed).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._waiting: list[tuple[ClientKind, str, float, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+        #: transactions run and rows written (the ratio is the batching)
+        self.writes = 0
+        self.rows = 0
+
+    async def touch(self, kind: ClientKind, client_id: str, seen: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((kind, client_id, seen, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        await future
+
+    async def _work(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
+            by_kind: dict[ClientKind, list[tuple[str, float]]] = {}
+            for kind, client_id, seen, _ in batch:
+                by_kind.setdefault(kind, []).append((client_id, seen))
+            try:
+                for kind, rows in by_kind.items():
+                    await self.store.touch_many(kind, rows)
+            except BaseException as exc:
+                _fail([future for *_, future in batch], exc)
+                continue
+            self.writes += 1
+            self.rows += len(batch)
+            for *_, future in batch:
+                if not future.done():
+                    future.set_result(None)

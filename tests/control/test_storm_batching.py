@@ -162,6 +162,30 @@ async def test_a_failed_key_lookup_fails_each_waiter_and_the_next_one_runs(
     assert found is not None and found["id"] == rows[0][0]["id"]
 
 
+async def test_connections_ending_at_once_are_written_in_batches(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crowd of connections ending: their last-seen times are written many per
+    statement, every caller returns once its own row is written, and a failed write
+    fails its waiters only (the next batch runs)."""
+    agents = [(await store.create_client("agent", f"a{i}"))[0] for i in range(40)]
+    gateways = [(await store.create_client("gateway", f"g{i}"))[0] for i in range(10)]
+    writer = intake.SeenWriter(store)
+    ended = [("agent", a["id"], 1000.0 + i) for i, a in enumerate(agents)]
+    ended += [("gateway", g["id"], 2000.0 + i) for i, g in enumerate(gateways)]
+    await asyncio.gather(*(writer.touch(kind, i, seen) for kind, i, seen in ended))  # type: ignore[arg-type]
+    assert writer.rows == 50 and writer.writes <= 2, (writer.writes, writer.rows)
+    for kind, client_id, seen in ended:
+        assert (await store.get_client(kind, client_id))["last_seen"] == seen  # type: ignore[arg-type]
+    monkeypatch.setattr(store, "touch_many", fail_once(store.touch_many, OSError("disk full")))
+    results = await asyncio.gather(
+        *(writer.touch("agent", a["id"], 3000.0) for a in agents[:3]), return_exceptions=True
+    )
+    assert all(isinstance(r, OSError) for r in results), results
+    await writer.touch("agent", agents[0]["id"], 4000.0)
+    assert (await store.get_client("agent", agents[0]["id"]))["last_seen"] == 4000.0
+
+
 async def test_replicas_presence_for_many_agents_at_once(store: Store) -> None:
     agents = [(await store.create_client("agent", f"a{i}"))[0] for i in range(6)]
     tunnels = []
