@@ -29,7 +29,7 @@ import asyncio
 import gc
 import math
 from collections import deque
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from common.protocol import Auth
 from control.db.store import ClientKind, Row, Store, auth_changes, hash_key
@@ -162,6 +162,9 @@ def relax_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, max(middle, 20), max(old, 10))
 
 
+T = TypeVar("T")
+
+
 def _fail(futures: list[asyncio.Future[Any]], exc: BaseException) -> None:
     """A batch's query failed: every waiter gets the error (a cancellation of the
     worker is passed to them as an error and raised on)."""
@@ -217,23 +220,57 @@ class KeyLookup:
                             future.set_result(None if row is None else dict(row))
 
 
-class AuthRecorder:
+class _Batched(Generic[T]):
+    """Items written for many callers at once: those arriving while a write runs are
+    written together by the next one (at most ``BATCH`` per write), instead of one
+    transaction each queued behind the store's write lock.  Each caller returns once
+    its own item is written, or gets the write's error."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[T, asyncio.Future[None]]] = []
+        self._worker: asyncio.Task[None] | None = None
+        #: transactions run and items written (the ratio is the batching)
+        self.writes = 0
+        self.rows = 0
+
+    async def _submit(self, item: T) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiting.append((item, future))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._work())
+        await future
+
+    async def _write(self, items: list[T]) -> None:
+        raise NotImplementedError
+
+    async def _work(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
+            try:
+                await self._write([item for item, _ in batch])
+            except BaseException as exc:
+                _fail([future for _, future in batch], exc)
+                continue
+            self.writes += 1
+            self.rows += len(batch)
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+
+class AuthRecorder(_Batched[tuple[ClientKind, str, Row, bool]]):
     """What clients report at ``auth`` (their WireGuard key, a gateway's endpoint, the
     version), written for many clients per transaction.
 
     A client that reconnects as it was costs nothing here (``auth_changes`` finds
     nothing to write).  A new fleet's first connections each change their row: those
-    arriving while a write runs are written together by the next one, instead of
-    queueing one transaction each behind the store's write lock.
+    arriving while a write runs are written together by the next one.
     """
 
     def __init__(self, store: Store) -> None:
+        super().__init__()
         self.store = store
-        self._waiting: list[tuple[ClientKind, str, Row, bool, asyncio.Future[None]]] = []
-        self._worker: asyncio.Task[None] | None = None
-        #: transactions run and rows written (the ratio is the batching)
-        self.writes = 0
-        self.rows = 0
 
     async def record(self, kind: ClientKind, row: Row, auth: Auth) -> bool:
         """``Store.record_auth``, batched: True if the client's peers must be told.
@@ -241,73 +278,32 @@ class AuthRecorder:
         values, peers_affected = auth_changes(kind, row, auth)
         if not values:
             return False
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((kind, row["id"], values, peers_affected, future))
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work())
-        await future
+        await self._submit((kind, row["id"], values, peers_affected))
         row.update(values)
         return peers_affected
 
-    async def _work(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
-            try:
-                await self.store.record_auths(
-                    [(kind, client_id, values) for kind, client_id, values, _, _ in batch],
-                    invalidates=any(affected for _, _, _, affected, _ in batch),
-                )
-            except BaseException as exc:
-                _fail([future for *_, future in batch], exc)
-                continue
-            self.writes += 1
-            self.rows += len(batch)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_result(None)
+    async def _write(self, items: list[tuple[ClientKind, str, Row, bool]]) -> None:
+        await self.store.record_auths(
+            [(kind, client_id, values) for kind, client_id, values, _ in items],
+            invalidates=any(affected for *_, affected in items),
+        )
 
 
-class SeenWriter:
+class SeenWriter(_Batched[tuple[ClientKind, str, float]]):
     """When each ending connection was last seen (``Store.touch_many``), written for
-    many at once.
-
-    Connections end in crowds too (a network blip, a load balancer restarting): one
-    statement each queued them all behind the store's write lock.  Those ending while a
-    write runs are written together by the next one; each caller still returns only
-    once its own row is written (or the write failed).
-    """
+    many at once: connections end in crowds too (a network blip, a load balancer
+    restarting), and one statement each queued them all behind the write lock."""
 
     def __init__(self, store: Store) -> None:
+        super().__init__()
         self.store = store
-        self._waiting: list[tuple[ClientKind, str, float, asyncio.Future[None]]] = []
-        self._worker: asyncio.Task[None] | None = None
-        #: transactions run and rows written (the ratio is the batching)
-        self.writes = 0
-        self.rows = 0
 
     async def touch(self, kind: ClientKind, client_id: str, seen: float) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((kind, client_id, seen, future))
-        if self._worker is None or self._worker.done():
-            self._worker = loop.create_task(self._work())
-        await future
+        await self._submit((kind, client_id, seen))
 
-    async def _work(self) -> None:
-        while self._waiting:
-            batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
-            by_kind: dict[ClientKind, list[tuple[str, float]]] = {}
-            for kind, client_id, seen, _ in batch:
-                by_kind.setdefault(kind, []).append((client_id, seen))
-            try:
-                for kind, rows in by_kind.items():
-                    await self.store.touch_many(kind, rows)
-            except BaseException as exc:
-                _fail([future for *_, future in batch], exc)
-                continue
-            self.writes += 1
-            self.rows += len(batch)
-            for *_, future in batch:
-                if not future.done():
-                    future.set_result(None)
+    async def _write(self, items: list[tuple[ClientKind, str, float]]) -> None:
+        by_kind: dict[ClientKind, list[tuple[str, float]]] = {}
+        for kind, client_id, seen in items:
+            by_kind.setdefault(kind, []).append((client_id, seen))
+        for kind, rows in by_kind.items():
+            await self.store.touch_many(kind, rows)
