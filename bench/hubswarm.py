@@ -8,7 +8,10 @@ Clients reconnect as ``common.controlclient`` does: a busy Control's refusal (HT
 after N``) waits N to N + max(1, N/4) seconds and counts as a refusal, not a failure;
 a failed connection (refused, reset) backs off exponentially with jitter.
 Unlike the real client they do not pause a second before their first attempt: a
-reconnect round measures Control taking a crowd that arrives at once.
+reconnect round measures Control taking a crowd that arrives at once.  They speak
+WebSocket through ``bench.leanws``, not the ``websockets`` library the real client
+uses: the swarm shares the two cores with Control, and a lean client leaves them to
+Control (its docstring has the numbers).
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from bench.leanws import LeanWebSocket, Refused, connect
 from common import protocol as p
 from tests.support import free_port
 
@@ -163,7 +165,7 @@ class Client:
     """One authenticated connection and what it received."""
 
     def __init__(
-        self, ws: ClientConnection, watches: dict[str, Watch], identity: Identity, url: str
+        self, ws: LeanWebSocket, watches: dict[str, Watch], identity: Identity, url: str
     ) -> None:
         self.ws = ws
         self.watches = watches
@@ -193,8 +195,6 @@ class Client:
                 elif frame["type"] == "config":
                     self.configs += 1
                     self.config_event.set()
-        except ConnectionClosed:
-            pass  # the close code and reason say why
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -210,6 +210,8 @@ class Client:
         """How this connection ended, for a report."""
         if self.error is not None:
             return f"reader failed ({self.error})"
+        if self.ws.error is not None:
+            return f"protocol error ({self.ws.error})"
         if self.ws.close_code is None:
             return "no config and no close in time"
         return f"closed {self.ws.close_code} {self.ws.close_reason}".strip()
@@ -344,7 +346,7 @@ class Swarm:
                 try:
                     async with sem:
                         client = await self._connect(url, identity)
-                except (OSError, TimeoutError, InvalidHandshake) as exc:
+                except (OSError, TimeoutError, Refused) as exc:
                     retry = retry_after_header(exc)
                     if retry is not None:  # busy: HTTP 503 + Retry-After
                         self.refusals += 1
@@ -397,8 +399,7 @@ class Swarm:
 
     async def _connect(self, ws_url: str, identity: Identity) -> Client:
         """One connection and its ``auth``; returns once it has its config or closed."""
-        # proxy=None: no look-up of proxy variables in the environment per connection
-        ws = await connect(ws_url, max_size=None, open_timeout=120, ping_interval=None, proxy=None)
+        ws = await connect(ws_url, timeout=120)
         data: dict[str, Any] = {
             "apiKey": identity.key,
             "clientType": identity.kind,
@@ -527,9 +528,9 @@ def retry_wait(rng: random.Random, seconds: int) -> float:
 
 def retry_after_header(exc: BaseException) -> int | None:
     """The wait an HTTP 429/503 refusal of the upgrade asked for, if any."""
-    if not isinstance(exc, InvalidStatus) or exc.response.status_code not in (429, 503):
+    if not isinstance(exc, Refused) or exc.status not in (429, 503):
         return None
-    header = exc.response.headers.get("Retry-After", "")
+    header = exc.headers.get("retry-after", "")
     return p.parse_retry_after(f"retry after {header[:6]}") if header.isdigit() else None
 
 
