@@ -38,6 +38,7 @@ import httpx
 
 from bench.leanws import LeanWebSocket, Refused, connect
 from common import protocol as p
+from control.ws.intake import relax_gc
 from tests.support import free_port
 
 T = TypeVar("T")
@@ -239,6 +240,10 @@ class Swarm:
 
     def __init__(self, control: ControlProcess) -> None:
         self.control = control
+        # The swarm's own pauses must not be timed as Control's: its thousands of
+        # connections make CPython's default collector walk them all every few
+        # hundred allocations (Control relaxes its collector the same way)
+        relax_gc()
         # uvloop when installed, as Control runs: the swarm shares the machine with
         # Control, and every CPU second it saves is one Control can use
         self.loop = new_event_loop()
