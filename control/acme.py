@@ -112,6 +112,14 @@ def _under(name: str, zone: str) -> bool:
     return name == zone or name.endswith("." + zone)
 
 
+def _proves(ready: p.AcmeReady, domain: str) -> bool:
+    """Whether a gateway that said ``ready`` can prove ``domain`` (a wildcard only with
+    DNS-01 under one of its zones)."""
+    if "dns-01" in ready.challenges and any(_under(domain, z) for z in ready.dns_zones):
+        return True
+    return "http-01" in ready.challenges and not domain.startswith("*.")
+
+
 @dataclass
 class Lease:
     """One domain being ordered by one gateway."""
@@ -394,6 +402,7 @@ class AcmeCoordinator:
 
     def ready(self, gateway_id: str, name: str, ready: p.AcmeReady) -> None:
         self.capable[gateway_id] = ready
+        self.replicas.tell_ready(gateway_id, ready)  # for the others' wildcard checks
         log.info(
             "gateway orders certificates",
             extra=kv(
@@ -408,7 +417,8 @@ class AcmeCoordinator:
 
     def gateway_gone(self, gateway_id: str) -> None:
         """A gateway disconnected: its leases end (others take their domains over)."""
-        self.capable.pop(gateway_id, None)
+        if self.capable.pop(gateway_id, None) is not None:
+            self.replicas.tell_ready(gateway_id, None)
         self._applied.pop(gateway_id, None)
         ended = [lease for lease in self.leases.values() if lease.gateway_id == gateway_id]
         for lease in ended:
@@ -489,8 +499,7 @@ class AcmeCoordinator:
         for gateway_id, ready in self.capable.items():
             if gateway_id not in names:
                 continue
-            dns = "dns-01" in ready.challenges and any(_under(domain, z) for z in ready.dns_zones)
-            if dns or ("http-01" in ready.challenges and not domain.startswith("*.")):
+            if _proves(ready, domain):
                 result.append((gateway_id, names[gateway_id]))
         result.sort(key=lambda g: (held.get(g[0], 0), g[1], g[0]))
         avoid = self._avoid.get(domain)
@@ -499,8 +508,11 @@ class AcmeCoordinator:
         return result
 
     def can_prove(self, domain: str) -> bool:
-        """Whether a connected gateway could order a certificate for ``domain`` now."""
-        return bool(self.eligible(domain))
+        """Whether a connected gateway, of this replica or of another one, could order a
+        certificate for ``domain`` now (the other replica's own pass then orders it)."""
+        return bool(self.eligible(domain)) or any(
+            _proves(ready, domain) for ready in self.replicas.remote_ready()
+        )
 
     async def tick(self) -> None:
         async with self._tick_lock:
@@ -607,6 +619,8 @@ class AcmeCoordinator:
         self.replicas.reset()
         for lease in self.leases.values():
             self._announce(lease)
+        for gateway_id, ready in self.capable.items():
+            self.replicas.tell_ready(gateway_id, ready)
         if self._local:
             self._announce_local()
 
@@ -633,7 +647,7 @@ class AcmeCoordinator:
                 state = "ordering"
             elif failure is not None:
                 state = "failing"
-            elif not self.eligible(domain):
+            elif not self.can_prove(domain):
                 state = "no_gateway"
             else:
                 state = "waiting"

@@ -34,6 +34,13 @@ each other.  What makes the feed enough:
   tells the CA to validate only when gateways on every live replica answer (or
   ``publish_wait`` passed, as within one replica).
 
+*Who can prove what, anywhere* (``Replicas.ready``).  Each gateway's ``acme_ready`` is
+told to the others in a ``ready`` note (one with no challenges when it leaves), kept
+per origin, forgotten with the origin's ``reset`` or death and re-sent on ``sync``
+like the leases: a wildcard tunnel created through one replica is allowed when a
+gateway on any live replica can prove it with DNS-01 (that replica's own pass then
+claims and orders it; a replica never grants to another's gateway).
+
 A table with NOTIFY would survive what the feed recovers by re-announcing, at the
 price of a migration, writes per validation and clean-up of rows left by dead
 replicas; the feed recovers it for free from the replicas that hold the orders.
@@ -49,8 +56,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from common import protocol as p
 from common.logs import kv
-from control.cluster.changes import MAX_NOTE_TOKENS, AcmeListener, AcmeNote, Change
+from control.cluster.changes import (
+    MAX_NOTE_TOKENS,
+    MAX_NOTE_ZONES,
+    AcmeListener,
+    AcmeNote,
+    Change,
+)
 from control.db.leases import MAX_NAME
 
 log = logging.getLogger("control.acme")
@@ -172,6 +186,8 @@ class Replicas:
         #: other replicas alive at the last heartbeat
         self.alive: set[str] = set()
         self.leases: dict[str, dict[str, RemoteLease]] = {}  # origin → lease id → lease
+        #: origin → gateway id → what that gateway of theirs can prove (``ready``)
+        self.ready: dict[str, dict[str, p.AcmeReady]] = {}
         #: replica → the highest of our announcement numbers its gateways serve
         self.acked: dict[str, int] = {}
         self.number = 0  # our last announcement's number
@@ -193,6 +209,10 @@ class Replicas:
                     return lease
         return None
 
+    def remote_ready(self) -> list[p.AcmeReady]:
+        """What the other replicas' gateways can prove (one entry per gateway)."""
+        return [ready for gateways in self.ready.values() for ready in gateways.values()]
+
     def waiting(self, number: int) -> set[str]:
         """Live replicas whose gateways do not yet serve our announcement ``number``."""
         return {r for r in self.alive if self.acked.get(r, 0) < number}
@@ -205,6 +225,14 @@ class Replicas:
         before = self.tokens()
         if note.op == "reset":
             self.leases.pop(origin, None)
+            self.ready.pop(origin, None)
+        elif note.op == "ready" and note.gateway is not None:
+            if note.challenges:
+                self.ready.setdefault(origin, {})[note.gateway] = p.AcmeReady(
+                    note.challenges, note.zones
+                )
+            else:
+                self.ready.get(origin, {}).pop(note.gateway, None)
         elif note.op == "end" and note.lease is not None:
             self.leases.get(origin, {}).pop(note.lease, None)
         elif note.op == "set" and note.lease is not None:
@@ -219,6 +247,8 @@ class Replicas:
         """Only these replicas live: forget the others' leases.  (responses changed,
         some lease was forgotten)"""
         self.alive = replica_ids - {self.replica_id}
+        for origin in [o for o in self.ready if o not in replica_ids]:
+            del self.ready[origin]  # its gateways went with it
         gone = [origin for origin in self.leases if origin not in replica_ids]
         if not gone:
             return False, False
@@ -266,6 +296,18 @@ class Replicas:
     def reset(self) -> None:
         if self.feed is not None:
             self._send(AcmeNote("reset", self._next()))
+
+    def tell_ready(self, gateway_id: str, ready: p.AcmeReady | None) -> None:
+        """Our gateway ``gateway_id`` orders certificates so (None: no longer)."""
+        if self.feed is None:
+            return
+        if ready is None:
+            self._send(AcmeNote("ready", gateway=gateway_id))
+        else:
+            zones = ready.dns_zones[:MAX_NOTE_ZONES]
+            self._send(
+                AcmeNote("ready", gateway=gateway_id, challenges=ready.challenges, zones=zones)
+            )
 
     def ask(self) -> None:
         """Every replica, tell us all your leases again."""

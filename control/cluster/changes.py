@@ -35,11 +35,14 @@ MAX_IDS = 32
 MAX_PAYLOAD = 7900
 MAX_ID = 64
 MAX_REASON = 120
-ACME_OPS = ("set", "end", "reset", "sync", "ack")
-AcmeOp = Literal["set", "end", "reset", "sync", "ack"]
+ACME_OPS = ("set", "end", "reset", "sync", "ack", "ready")
+AcmeOp = Literal["set", "end", "reset", "sync", "ack", "ready"]
 #: HTTP-01 responses in one ``set`` note: a token and its key authorisation take at
 #: most 386 bytes, so eight keep a note far below :data:`MAX_PAYLOAD`
 MAX_NOTE_TOKENS = 8
+#: DNS zones in one ``ready`` note (at most 253 bytes each: sixteen keep it far below
+#: :data:`MAX_PAYLOAD`); a gateway with more is announced with its first sixteen
+MAX_NOTE_ZONES = 16
 
 
 class BadChange(ValueError):
@@ -58,7 +61,10 @@ class AcmeNote:
       all of them);
     * ``sync``: every replica, please ``reset`` and ``set`` all your leases again;
     * ``ack``: this replica's gateways serve every response replica ``to`` announced
-      up to its number ``n``.
+      up to its number ``n``;
+    * ``ready``: the origin's gateway ``gateway`` (its id) orders certificates with
+      ``challenges`` (``dns-01`` under ``zones``); no challenges: it no longer does
+      (it left).  A ``reset`` forgets the origin's gateways too.
     """
 
     op: AcmeOp
@@ -69,6 +75,8 @@ class AcmeNote:
     expires: float | None = None
     to: str | None = None
     tokens: tuple[tuple[str, str], ...] = ()
+    challenges: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op}
@@ -84,6 +92,10 @@ class AcmeNote:
                 out[key] = value
         if self.tokens:
             out["tk"] = [list(pair) for pair in self.tokens]
+        if self.challenges:
+            out["c"] = list(self.challenges)
+        if self.zones:
+            out["z"] = list(self.zones)
         return out
 
 
@@ -115,6 +127,13 @@ def parse_acme_note(data: object) -> AcmeNote:
         except p.ProtocolError as exc:
             raise BadChange(f"bad HTTP-01 response: {exc}") from None
         tokens.append((challenge.token, challenge.key_authorization))
+    zones = data.get("z", [])
+    if not isinstance(zones, list) or len(zones) > MAX_NOTE_ZONES:
+        raise BadChange(f"'z' must be a list of at most {MAX_NOTE_ZONES} DNS zones")
+    try:
+        ready = p.parse_acme_ready({"challenges": data.get("c", []), "dnsZones": zones})
+    except p.ProtocolError as exc:
+        raise BadChange(f"bad ACME capability: {exc}") from None
     note = AcmeNote(
         op,  # type: ignore[arg-type]
         n=n,
@@ -124,8 +143,16 @@ def parse_acme_note(data: object) -> AcmeNote:
         expires=None if expires is None else float(expires),
         to=_text(data, "to", MAX_ID),
         tokens=tuple(tokens),
+        challenges=ready.challenges,
+        zones=ready.dns_zones,
     )
-    need = {"set": ("lease", "n"), "end": ("lease", "n"), "reset": ("n",), "ack": ("to", "n")}
+    need = {
+        "set": ("lease", "n"),
+        "end": ("lease", "n"),
+        "reset": ("n",),
+        "ack": ("to", "n"),
+        "ready": ("gateway",),
+    }
     for name in need.get(note.op, ()):
         if not getattr(note, name):
             raise BadChange(f"an acme {note.op!r} note needs {name}")

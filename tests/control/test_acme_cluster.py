@@ -392,6 +392,47 @@ async def test_alone_on_sqlite_claims_survive_a_restart(engine: AsyncEngine) -> 
     assert state is not None and state.holder == ALONE and state.fence == 1
 
 
+async def test_a_gateway_on_another_replica_can_prove_a_wildcard(
+    pair: Callable[..., tuple[Replica, Replica]], bus: Bus
+) -> None:
+    """The REST check for a wildcard tunnel (``can_prove``) counts a DNS-01 gateway
+    connected to any live replica; that replica's own pass orders the certificate."""
+    a, b = pair()
+    wildcard = "*.apps.example.com"
+    dns = p.AcmeReady(("dns-01", "http-01"), ("example.com",))
+    assert not a.acme.can_prove(wildcard)
+    b.gateways["g3"] = "gw-dns"
+    b.acme.ready("g3", "gw-dns", dns)
+    await settle()
+    assert a.acme.can_prove(wildcard)
+    assert not a.acme.can_prove("*.apps.example.org")  # not under its zone
+    assert a.acme.eligible(wildcard) == []  # a never grants it to a gateway of b's
+    a.tunnels.append({"domain": wildcard, "protocol": "http", "enabled": True})
+    b.tunnels.append({"domain": wildcard, "protocol": "http", "enabled": True})
+    states = {s["domain"]: s["state"] for s in a.acme.status(a.tunnels, a.certificates)}
+    assert states[wildcard] == "waiting"  # not "no_gateway": one can, elsewhere
+    await b.acme.tick()
+    assert ("g3", wildcard) in b.orders()
+    await a.acme.tick()
+    assert all(domain != wildcard for _, domain in a.orders())
+    # the gateway leaves: it no longer counts
+    del b.gateways["g3"]
+    b.acme.gateway_gone("g3")
+    await settle()
+    assert not a.acme.can_prove(wildcard)
+    # a note lost on the feed comes back when a asks; a dead replica's gateways go
+    bus.connected = False
+    b.gateways["g3"] = "gw-dns"
+    b.acme.ready("g3", "gw-dns", dns)
+    bus.connected = True
+    assert not a.acme.can_prove(wildcard)
+    a.acme.acme_resync()
+    await settle()
+    assert a.acme.can_prove(wildcard)
+    bus.alive("replica-a")  # b stopped beating
+    assert not a.acme.can_prove(wildcard)
+
+
 def test_acme_notes_travel_in_changes_and_parse_strictly() -> None:
     note = AcmeNote(
         "set", 7, "lease1", DOMAIN, "gw-a", 123.5, tokens=((TOKEN, KEY_AUTH),) * MAX_NOTE_TOKENS
@@ -402,7 +443,20 @@ def test_acme_notes_travel_in_changes_and_parse_strictly() -> None:
     assert parse_change(Change("acme", acme=AcmeNote("ack", 3, to="r2")).to_wire()).acme == (
         AcmeNote("ack", 3, to="r2")
     )
+    ready = AcmeNote("ready", gateway="g1", challenges=("dns-01",), zones=("example.com",))
+    assert parse_change(Change("acme", acme=ready).to_wire()).acme == ready
+    gone = AcmeNote("ready", gateway="g1")
+    assert parse_change(Change("acme", acme=gone).to_wire()).acme == gone
+    many = AcmeNote("ready", gateway="g", challenges=("dns-01",), zones=("a" * 63 + ".com",) * 16)
+    [batch] = pack("r1", 1, [Change("acme", acme=many)])
+    assert len(batch.encode()) < 7900
     bad: list[dict[str, Any]] = [
+        {"w": "acme", "x": {"op": "ready", "c": ["dns-01"]}},  # whose gateway?
+        {"w": "acme", "x": {"op": "ready", "g": "g1", "c": ["tls-alpn-01"]}},
+        {"w": "acme", "x": {"op": "ready", "g": "g1", "c": "dns-01"}},
+        {"w": "acme", "x": {"op": "ready", "g": "g1", "c": ["dns-01"], "z": ["has space.com"]}},
+        {"w": "acme", "x": {"op": "ready", "g": "g1", "c": ["dns-01"], "z": ["a.com"] * 17}},
+        {"w": "acme", "x": {"op": "ready", "g": "g1", "z": {"a.com": 1}}},
         {"w": "acme"},  # no note
         {"w": "acme", "x": {"op": "nope"}},
         {"w": "acme", "x": {"op": "set", "n": 1}},  # no lease
