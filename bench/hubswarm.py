@@ -373,7 +373,7 @@ class Swarm:
                 await back_off(ended)
             raise RuntimeError(
                 f"client {identity.index}: no config after {MAX_ATTEMPTS} tries: "
-                + "; ".join(Counter(failures).keys())
+                + "; ".join(dict.fromkeys(failures))
             )
 
         started = time.perf_counter()

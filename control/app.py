@@ -226,9 +226,10 @@ def create_app(settings: ControlSettings) -> Starlette:
             stored = await store.get_setting(ADMIN_TOKEN_SETTING)
             if stored is None:
                 token = "adm_" + secrets.token_urlsafe(32)
+                digest = _digest(token)
                 # replicas starting at once on a new database: one token, the first's
-                stored = await store.setting_if_absent(ADMIN_TOKEN_SETTING, _digest(token))
-                if stored == _digest(token):
+                stored = await store.setting_if_absent(ADMIN_TOKEN_SETTING, digest)
+                if stored == digest:
                     settings.announce(
                         "Generated an admin token (shown once; only its hash is stored):\n"
                         f"  {token}\n"
