@@ -433,7 +433,8 @@ class AcmeCoordinator:
     def failed(self, lease: Lease, error: str) -> None:
         previous = self.failures.get(lease.domain)
         delay = BACKOFF_FIRST if previous is None else min(BACKOFF_MAX, previous.delay * 2)
-        self.failures[lease.domain] = _Failure(self.clock() + delay, delay, error[:300])
+        failure = self.failures[lease.domain] = _Failure(self.clock() + delay, delay, error[:300])
+        self.replicas.tell_failing(lease.domain, (failure.error, failure.next_try))
         log.error(
             "certificate order failed",
             extra=kv(
@@ -444,7 +445,8 @@ class AcmeCoordinator:
 
     def obtained(self, gateway_id: str, domain: str, lease_id: str | None) -> None:
         """A certificate for ``domain`` was stored: its order is over."""
-        self.failures.pop(domain, None)
+        if self.failures.pop(domain, None) is not None:
+            self.replicas.tell_failing(domain, None)
         self._avoid.pop(domain, None)
         lease = self.leases.get(domain)
         if lease is not None and (lease_id is None or lease.id == lease_id):
@@ -532,6 +534,7 @@ class AcmeCoordinator:
             for domain in list(self.failures):
                 if domain not in wanted:
                     del self.failures[domain]
+                    self.replicas.tell_failing(domain, None)
             for domain in wanted:
                 if domain in self.leases or self._backing_off(domain, now):
                     continue
@@ -621,6 +624,8 @@ class AcmeCoordinator:
             self._announce(lease)
         for gateway_id, ready in self.capable.items():
             self.replicas.tell_ready(gateway_id, ready)
+        for domain, failure in self.failures.items():
+            self.replicas.tell_failing(domain, (failure.error, failure.next_try))
         if self._local:
             self._announce_local()
 
@@ -633,7 +638,11 @@ class AcmeCoordinator:
         out = []
         for domain in sorted(wanted):
             lease = self.leases.get(domain)
-            failure = self.failures.get(domain)
+            failure: tuple[str, float] | None = None
+            if (own := self.failures.get(domain)) is not None:
+                failure = (own.error, own.next_try)
+            else:
+                failure = self.replicas.failure(domain)  # failed at another replica
             gateway: str | None = None
             expires: float | None = None
             ordering = True
@@ -657,8 +666,8 @@ class AcmeCoordinator:
                     "state": state,
                     "gateway": gateway,
                     "leaseExpiresAt": expires,
-                    "lastError": failure.error if failure else None,
-                    "nextTryAt": failure.next_try if failure else None,
+                    "lastError": failure[0] if failure else None,
+                    "nextTryAt": failure[1] if failure else None,
                     "ordersGranted": self.granted.get(domain, 0),
                 }
             )

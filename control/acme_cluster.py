@@ -39,7 +39,9 @@ told to the others in a ``ready`` note (one with no challenges when it leaves), 
 per origin, forgotten with the origin's ``reset`` or death and re-sent on ``sync``
 like the leases: a wildcard tunnel created through one replica is allowed when a
 gateway on any live replica can prove it with DNS-01 (that replica's own pass then
-claims and orders it; a replica never grants to another's gateway).
+claims and orders it; a replica never grants to another's gateway).  A failed order's
+error and back-off travel the same way (``failing``), so ``GET /api/acme`` on any
+replica shows a domain failing wherever it failed.
 
 A table with NOTIFY would survive what the feed recovers by re-announcing, at the
 price of a migration, writes per validation and clean-up of rows left by dead
@@ -59,6 +61,7 @@ from typing import Protocol, runtime_checkable
 from common import protocol as p
 from common.logs import kv
 from control.cluster.changes import (
+    MAX_NOTE_ERROR,
     MAX_NOTE_TOKENS,
     MAX_NOTE_ZONES,
     AcmeListener,
@@ -188,6 +191,8 @@ class Replicas:
         self.leases: dict[str, dict[str, RemoteLease]] = {}  # origin → lease id → lease
         #: origin → gateway id → what that gateway of theirs can prove (``ready``)
         self.ready: dict[str, dict[str, p.AcmeReady]] = {}
+        #: origin → domain → (error, next try) of their failed orders backing off
+        self.failing: dict[str, dict[str, tuple[str, float]]] = {}
         #: replica → the highest of our announcement numbers its gateways serve
         self.acked: dict[str, int] = {}
         self.number = 0  # our last announcement's number
@@ -213,6 +218,13 @@ class Replicas:
         """What the other replicas' gateways can prove (one entry per gateway)."""
         return [ready for gateways in self.ready.values() for ready in gateways.values()]
 
+    def failure(self, domain: str) -> tuple[str, float] | None:
+        """Another replica's failed order of ``domain`` backing off: (error, next try)."""
+        for failures in self.failing.values():
+            if domain in failures:
+                return failures[domain]
+        return None
+
     def waiting(self, number: int) -> set[str]:
         """Live replicas whose gateways do not yet serve our announcement ``number``."""
         return {r for r in self.alive if self.acked.get(r, 0) < number}
@@ -226,6 +238,13 @@ class Replicas:
         if note.op == "reset":
             self.leases.pop(origin, None)
             self.ready.pop(origin, None)
+            self.failing.pop(origin, None)
+        elif note.op == "failing" and note.domain is not None:
+            if note.error is not None:
+                next_try = note.expires if note.expires is not None else 0.0
+                self.failing.setdefault(origin, {})[note.domain] = (note.error, next_try)
+            else:
+                self.failing.get(origin, {}).pop(note.domain, None)
         elif note.op == "ready" and note.gateway is not None:
             if note.challenges:
                 self.ready.setdefault(origin, {})[note.gateway] = p.AcmeReady(
@@ -249,6 +268,8 @@ class Replicas:
         self.alive = replica_ids - {self.replica_id}
         for origin in [o for o in self.ready if o not in replica_ids]:
             del self.ready[origin]  # its gateways went with it
+        for origin in [o for o in self.failing if o not in replica_ids]:
+            del self.failing[origin]  # its back-offs lapse with its claims
         gone = [origin for origin in self.leases if origin not in replica_ids]
         if not gone:
             return False, False
@@ -307,6 +328,18 @@ class Replicas:
             zones = ready.dns_zones[:MAX_NOTE_ZONES]
             self._send(
                 AcmeNote("ready", gateway=gateway_id, challenges=ready.challenges, zones=zones)
+            )
+
+    def tell_failing(self, domain: str, failure: tuple[str, float] | None) -> None:
+        """Our order of ``domain`` failed: (error, next try); None: no longer failing."""
+        if self.feed is None:
+            return
+        if failure is None:
+            self._send(AcmeNote("failing", domain=domain))
+        else:
+            error, next_try = failure
+            self._send(
+                AcmeNote("failing", domain=domain, expires=next_try, error=error[:MAX_NOTE_ERROR])
             )
 
     def ask(self) -> None:

@@ -35,8 +35,10 @@ MAX_IDS = 32
 MAX_PAYLOAD = 7900
 MAX_ID = 64
 MAX_REASON = 120
-ACME_OPS = ("set", "end", "reset", "sync", "ack", "ready")
-AcmeOp = Literal["set", "end", "reset", "sync", "ack", "ready"]
+ACME_OPS = ("set", "end", "reset", "sync", "ack", "ready", "failing")
+AcmeOp = Literal["set", "end", "reset", "sync", "ack", "ready", "failing"]
+#: a failed order's error as the notes carry it (as ``GET /api/acme`` shows it)
+MAX_NOTE_ERROR = 300
 #: HTTP-01 responses in one ``set`` note: a token and its key authorisation take at
 #: most 386 bytes, so eight keep a note far below :data:`MAX_PAYLOAD`
 MAX_NOTE_TOKENS = 8
@@ -64,7 +66,10 @@ class AcmeNote:
       up to its number ``n``;
     * ``ready``: the origin's gateway ``gateway`` (its id) orders certificates with
       ``challenges`` (``dns-01`` under ``zones``); no challenges: it no longer does
-      (it left).  A ``reset`` forgets the origin's gateways too.
+      (it left);
+    * ``failing``: the origin's order of ``domain`` failed with ``error`` and backs off
+      until ``expires``; no error: it no longer does (ordered since, or not wanted).
+    A ``reset`` forgets the origin's gateways and failures too.
     """
 
     op: AcmeOp
@@ -77,6 +82,7 @@ class AcmeNote:
     tokens: tuple[tuple[str, str], ...] = ()
     challenges: tuple[str, ...] = ()
     zones: tuple[str, ...] = ()
+    error: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op}
@@ -87,6 +93,7 @@ class AcmeNote:
             ("g", self.gateway),
             ("e", self.expires),
             ("to", self.to),
+            ("er", self.error),
         ):
             if value is not None:
                 out[key] = value
@@ -145,6 +152,7 @@ def parse_acme_note(data: object) -> AcmeNote:
         tokens=tuple(tokens),
         challenges=ready.challenges,
         zones=ready.dns_zones,
+        error=_text(data, "er", MAX_NOTE_ERROR),
     )
     need = {
         "set": ("lease", "n"),
@@ -152,6 +160,7 @@ def parse_acme_note(data: object) -> AcmeNote:
         "reset": ("n",),
         "ack": ("to", "n"),
         "ready": ("gateway",),
+        "failing": ("domain",),
     }
     for name in need.get(note.op, ()):
         if not getattr(note, name):

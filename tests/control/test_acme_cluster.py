@@ -323,12 +323,20 @@ async def test_a_failures_back_off_holds_across_replicas(
     await b.acme.tick()
     assert b.orders() == []
     assert a.acme.claims.holds(DOMAIN)
+    # GET /api/acme on b shows the failure at a, with a's error and back-off
+    [status] = b.acme.status(b.tunnels, b.certificates)
+    assert (status["state"], status["lastError"]) == ("failing", "rate limited")
+    assert status["nextTryAt"] == a.acme.failures[DOMAIN].next_try
     # once a's back-off is over and it no longer wants the domain, the claim goes
     a.tunnels.clear()
     await a.acme.tick()
+    await settle()
     assert not a.acme.claims.holds(DOMAIN)
+    assert b.acme.replicas.failure(DOMAIN) is None
     await b.acme.tick()
     assert b.orders() == [("g2", DOMAIN)]
+    [status] = b.acme.status(b.tunnels, b.certificates)
+    assert (status["state"], status["lastError"]) == ("ordering", None)
 
 
 async def test_notes_lost_on_the_feed_are_asked_for_again(
@@ -445,12 +453,17 @@ def test_acme_notes_travel_in_changes_and_parse_strictly() -> None:
     )
     ready = AcmeNote("ready", gateway="g1", challenges=("dns-01",), zones=("example.com",))
     assert parse_change(Change("acme", acme=ready).to_wire()).acme == ready
+    failing = AcmeNote("failing", domain=DOMAIN, expires=1.5e9, error="ü" * 300)
+    assert parse_change(Change("acme", acme=failing).to_wire()).acme == failing
     gone = AcmeNote("ready", gateway="g1")
     assert parse_change(Change("acme", acme=gone).to_wire()).acme == gone
     many = AcmeNote("ready", gateway="g", challenges=("dns-01",), zones=("a" * 63 + ".com",) * 16)
     [batch] = pack("r1", 1, [Change("acme", acme=many)])
     assert len(batch.encode()) < 7900
     bad: list[dict[str, Any]] = [
+        {"w": "acme", "x": {"op": "failing", "er": "boom"}},  # which domain?
+        {"w": "acme", "x": {"op": "failing", "d": DOMAIN, "er": "x" * 301}},
+        {"w": "acme", "x": {"op": "failing", "d": DOMAIN, "er": 5}},
         {"w": "acme", "x": {"op": "ready", "c": ["dns-01"]}},  # whose gateway?
         {"w": "acme", "x": {"op": "ready", "g": "g1", "c": ["tls-alpn-01"]}},
         {"w": "acme", "x": {"op": "ready", "g": "g1", "c": "dns-01"}},
