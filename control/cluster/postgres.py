@@ -334,21 +334,16 @@ class PostgresCluster:
                         heartbeat_at=sa.select(self._now).scalar_subquery(),
                     )
                 )
-            rows = await conn.execute(
-                sa.select(control_replicas.c.id, control_replicas.c.name).where(
-                    control_replicas.c.heartbeat_at > self._now - self.timeout
-                )
-            )
-            live = {row.id: row.name for row in rows}
-            # a replica that left cleanly deleted its row after publishing all it had;
-            # one that died keeps its row (stale) until the jobs forget it
-            gone = self._live - set(live)
-            present = set()
-            if gone:
-                query = sa.select(control_replicas.c.id).where(control_replicas.c.id.in_(gone))
-                present = set((await conn.scalars(query)).all())
+            # every row, and whether it beat recently: a replica that left cleanly
+            # deleted its row after publishing all it had; one that died keeps its
+            # row (stale) until the jobs forget it
+            fresh = (control_replicas.c.heartbeat_at > self._now - self.timeout).label("fresh")
+            rows = (await conn.execute(sa.select(control_replicas.c.id, fresh))).all()
+        live = {row.id for row in rows if row.fresh}
+        present = {row.id for row in rows}
+        gone = self._live - live
         died, left = gone & present, gone - present
-        self._live = set(live)
+        self._live = live
         if self._acme is not None:
             self._acme.replicas_alive(set(live))
         if left:

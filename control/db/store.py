@@ -175,8 +175,7 @@ class Store:
 
     async def get_setting(self, key: str) -> str | None:
         async with self._read() as conn:
-            value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
-        return None if value is None else str(value)
+            return await self._setting(conn, key)
 
     async def set_setting(self, key: str, value: str) -> None:
         async with self._write() as conn:
@@ -189,11 +188,16 @@ class Store:
         PostgreSQL database (each would otherwise make its own and one insert fail)."""
         async with self._write() as conn:
             await take_turns(conn, SETTINGS_LOCK)
-            current = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+            current = await self._setting(conn, key)
             if current is not None:
-                return str(current)
+                return current
             await conn.execute(settings.insert().values(key=key, value=value))
         return value
+
+    @staticmethod
+    async def _setting(conn: AsyncConnection, key: str) -> str | None:
+        value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == key))
+        return None if value is None else str(value)
 
     @staticmethod
     async def _put_setting(conn: AsyncConnection, key: str, value: str) -> None:
@@ -411,8 +415,7 @@ class Store:
         they stay monotonic across restarts without a write per push."""
         async with self._write() as conn:
             await take_turns(conn, SETTINGS_LOCK)  # replicas starting at once: distinct
-            value = await conn.scalar(sa.select(settings.c.value).where(settings.c.key == "epoch"))
-            epoch = int(value or 0) + 1
+            epoch = int(await self._setting(conn, "epoch") or 0) + 1
             await self._put_setting(conn, "epoch", str(epoch))
         return epoch
 
