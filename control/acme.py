@@ -638,11 +638,11 @@ class AcmeCoordinator:
         out = []
         for domain in sorted(wanted):
             lease = self.leases.get(domain)
-            failure: tuple[str, float] | None = None
-            if (own := self.failures.get(domain)) is not None:
-                failure = (own.error, own.next_try)
-            else:
-                failure = self.replicas.failure(domain)  # failed at another replica
+            own = self.failures.get(domain)
+            # this replica's failure, else another replica's (None: failing nowhere)
+            failure = (
+                (own.error, own.next_try) if own is not None else self.replicas.failure(domain)
+            )
             gateway: str | None = None
             expires: float | None = None
             ordering = True

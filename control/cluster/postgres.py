@@ -345,7 +345,7 @@ class PostgresCluster:
         died, left = gone & present, gone - present
         self._live = live
         if self._acme is not None:
-            self._acme.replicas_alive(set(live))
+            self._acme.replicas_alive(live)
         if left:
             log.info(
                 "a Control replica left; its clients will reconnect elsewhere",
