@@ -55,6 +55,9 @@ class SendRun:
     delivered: int  # the connection's delivered count when they were sent
     delivered_time: float  # when that count last moved (the rate sample's start)
     app_limited: bool  # sent while the application had nothing more to send
+    #: when the most recently delivered bytes had been sent, as these were (the sample's
+    #: send interval: draft-cheng-iccrg-delivery-rate-estimation's P.first_sent_time)
+    first_sent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,34 @@ def subtract(start: int, end: int, ranges: list[tuple[int, int]]) -> list[tuple[
     return out
 
 
+def newer(run: SendRun, than: SendRun) -> bool:
+    """Was ``run`` sent after ``than`` (more delivered when it went, or later)?  The
+    rate sample comes from the newest of the runs an ACK delivers."""
+    return run.delivered > than.delivered or (
+        run.delivered == than.delivered and run.time >= than.time
+    )
+
+
+def rate_sample(run: SendRun, delivered: int, now: float, min_rtt: float) -> RateSample | None:
+    """The delivery-rate sample of ``run``, delivered by now (``delivered``: the
+    connection's count now): the bytes delivered since it was sent over the longer of
+    the send and the ACK intervals, so that ACKs arriving compressed (a batch read at
+    once, a relay's burst) cannot make the rate look higher than what was sent; None
+    when that interval is shorter than the minimum RTT, which no true sample is
+    (draft-cheng-iccrg-delivery-rate-estimation 3.3, Linux's tcp_rate_gen).  A
+    retransmitted run gives a rate but no RTT (Karn): its ``rtt`` is 0."""
+    interval = max(run.time - run.first_sent, now - run.delivered_time)
+    if interval <= 0 or interval < min_rtt:
+        return None
+    return RateSample(
+        delivered - run.delivered,
+        interval,
+        0.0 if run.retransmitted else now - run.time,
+        run.delivered,
+        run.app_limited,
+    )
+
+
 def covered(ranges: list[tuple[int, int]]) -> int:
     """Bytes in ``ranges``."""
     return sum(e - s for s, e in ranges)
@@ -120,6 +151,7 @@ class SendLog:
         delivered: int,
         delivered_time: float,
         app_limited: bool,
+        first_sent: float = 0.0,
     ) -> None:
         """``[start, end)`` went out at ``now``; a retransmission takes its bytes out of
         the runs that held them."""
@@ -138,7 +170,11 @@ class SendLog:
             ):
                 last.end = end  # the same burst, continued
                 return
-        runs.append(SendRun(start, end, now, retransmitted, delivered, delivered_time, app_limited))
+        runs.append(
+            SendRun(
+                start, end, now, retransmitted, delivered, delivered_time, app_limited, first_sent
+            )
+        )
 
     def _remove(self, start: int, end: int) -> None:
         runs = self.runs
@@ -157,6 +193,7 @@ class SendLog:
                     run.delivered,
                     run.delivered_time,
                     run.app_limited,
+                    run.first_sent,
                 )
                 run.end = start
                 runs.insert(index + 1, tail)
@@ -170,26 +207,18 @@ class SendLog:
             else:
                 del runs[index]
 
-    def retire(self, snd_una: int, delivered: int, now: float) -> RateSample | None:
-        """Forget the runs acknowledged below ``snd_una``; the rate sample of the most
-        recently sent of them (None if none finished)."""
+    def retire(self, snd_una: int) -> SendRun | None:
+        """Forget the runs acknowledged below ``snd_una``; returns the most recently
+        sent of them (None if none finished), for ``rate_sample``."""
         runs = self.runs
         newest: SendRun | None = None
         while runs and runs[0].end <= snd_una:
             run = runs.popleft()
-            if newest is None or run.time >= newest.time:
+            if newest is None or newer(run, newest):
                 newest = run
         if runs and runs[0].start < snd_una:
             runs[0].start = snd_una
-        if newest is None or newest.retransmitted:
-            return None  # an ACK of a retransmission is ambiguous (Karn)
-        return RateSample(
-            delivered - newest.delivered,
-            now - newest.delivered_time,
-            now - newest.time,
-            newest.delivered,
-            newest.app_limited,
-        )
+        return newest
 
     def clear(self) -> None:
         self.runs.clear()
@@ -208,6 +237,9 @@ class Rack:
     reo_wnd_persist: int = 0
     dsack_round: float | None = None
     stats_marked: int = 0  # bytes marked lost by time
+    #: the newest run delivered (SACKed or acknowledged) since the connection last took
+    #: a rate sample (``rate_sample``), retransmitted or not
+    sample_run: SendRun | None = None
 
     def update(
         self,
@@ -230,6 +262,9 @@ class Rack:
             for run in log.runs:
                 if run.end <= start or run.start >= end:
                     continue
+                sample_run = self.sample_run
+                if sample_run is None or newer(run, sample_run):
+                    self.sample_run = run
                 if run.retransmitted and (
                     now - run.time < min_rtt or (cumulative and echoed_is_older(run.time))
                 ):

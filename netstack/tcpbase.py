@@ -289,6 +289,8 @@ class TcpBase:
             self._ssthresh = 0  # the model owns cwnd: no slow start of the connection's
         self._delivered = 0  # SND.UNA + SACKed bytes at the last look
         self._delivered_time = now  # when that last moved
+        self._first_sent = now  # when the most recently delivered bytes had been sent
+        self._marked_seen = 0  # RACK's bytes marked lost, as the controller last saw them
         self._app_limited = 0  # nonzero: samples sent before this delivered count are
         self._pacing = config.pacing or self._cc_model
         self._pace_rate = 0.0  # bytes per second (0: not paced yet)

@@ -9,7 +9,7 @@ import bisect
 from netstack import events as ev
 from netstack import speedups
 from netstack.bbr import PACING_SLICE, Bbr
-from netstack.rack import covered, subtract
+from netstack.rack import covered, newer, rate_sample, subtract
 from netstack.tcpbase import (
     _INFINITY,
     _MAX_REORDERING,
@@ -433,6 +433,7 @@ class SendSide(TcpBase):
             delivered=self._delivered,
             delivered_time=self._delivered_time,
             app_limited=False,
+            first_sent=self._first_sent,
         )
         if self._lost:
             self._lost = [p for s, e in self._lost for p in subtract(s, e, [(start, end)])]
@@ -441,20 +442,39 @@ class SendSide(TcpBase):
         """Runs acknowledged since the last look leave the send log; a model-based
         controller learns from their delivery-rate sample."""
         delivered = self._snd_una + (covered(self._sacked) if self._sacked else 0)
-        if delivered != self._delivered:
+        acked = delivered - self._delivered
+        if acked:
             self._delivered = delivered
             self._delivered_time = now
             if self._app_limited and delivered > self._app_limited:
                 self._app_limited = 0
-        sample = self._sent_log.retire(self._snd_una, delivered, now)
-        if sample is not None and 0 < sample.rtt < self._min_rtt:
-            self._min_rtt = sample.rtt
+        run = self._sent_log.retire(self._snd_una)
+        rack = self._rack
+        if rack.sample_run is not None:
+            if run is None or newer(rack.sample_run, run):
+                run = rack.sample_run
+            rack.sample_run = None
+        sample = None
+        if run is not None:
+            if run.time > self._first_sent:
+                self._first_sent = run.time
+            if not run.retransmitted and 0 < now - run.time < self._min_rtt:
+                self._min_rtt = now - run.time
+            sample = rate_sample(run, delivered, now, self._rack_min_rtt())
         cc = self._cc
         if self._cc_model and isinstance(cc, Bbr):
-            cc.on_sample(sample, now, self._pipe(), self._snd_mss, self._cwnd, self._srtt)
-            target = cc.cwnd_target
-            if target > 0 and self._cwnd > target and (cc.filled_pipe or cc.state == "probe_rtt"):
-                self._cwnd = target
+            pipe = self._pipe()
+            cc.on_sample(sample, now, pipe, self._snd_mss, self._cwnd, self._srtt)
+            marked = rack.stats_marked
+            lost, self._marked_seen = marked - self._marked_seen, marked
+            self._cwnd = cc.set_window(
+                self._cwnd,
+                pipe,
+                max(acked, 0),
+                lost,
+                delivered,
+                self._in_recovery or self._snd_una < self._loss_recover,
+            )
             self._pace_rate = cc.pacing_rate
         elif self._pacing and self._srtt:
             # Linux's tcp_update_pacing_rate: twice cwnd per RTT in slow start, 1.2x after.
@@ -493,6 +513,8 @@ class SendSide(TcpBase):
             self._arm_undo(rto=True)
             if not self._cc_model:
                 self._ssthresh = self._reduced_window()
+            elif isinstance(self._cc, Bbr):
+                self._cc.enter_loss(self._cwnd)
         else:
             self._undo_pending = False
         self._cwnd = mss
@@ -741,6 +763,8 @@ class SendSide(TcpBase):
             # this is delivered say so (BBR does not take them for the path's rate).
             self._app_limited = max(self._delivered + pipe, 1)
         if self._snd_max > max_before:  # new data: one run of the send log
+            if not pipe_before:  # nothing was in flight: the intervals start afresh
+                self._first_sent = self._delivered_time = now
             self._sent_log.record(
                 max_before,
                 self._snd_max,
@@ -749,6 +773,7 @@ class SendSide(TcpBase):
                 delivered=self._delivered,
                 delivered_time=self._delivered_time,
                 app_limited=self._app_limited > 0,
+                first_sent=self._first_sent,
             )
         if budget >= 0:
             spent = pipe - pipe_before

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from netstack.bbr import Bbr
 from netstack.congestion import CUBIC_ALPHA, CUBIC_BETA, CUBIC_C, Cubic, NewReno, make
+from netstack.rack import SendLog, SendRun, rate_sample
 from netstack.tcp import TcpConfig
 
 MSS = 1000
@@ -137,3 +139,93 @@ def test_make_and_config_validation() -> None:
         TcpConfig(congestion_control="vegas")
     with pytest.raises(ValueError, match="tlp_max_ack_delay"):
         TcpConfig(tlp_max_ack_delay=-1.0)
+
+
+# -- BBR's inputs and window (netstack.rack.rate_sample, netstack.bbr.Bbr.set_window)
+
+
+def _run(time: float, first_sent: float, delivered: int, delivered_time: float) -> SendRun:
+    return SendRun(0, MSS, time, False, delivered, delivered_time, False, first_sent)
+
+
+def test_rate_sample_takes_the_longer_of_the_send_and_ack_intervals() -> None:
+    """ACKs that arrive compressed (a relay's burst, a batch read at once) deliver much
+    in a short ACK interval: the sample divides by the send interval instead, so the
+    rate cannot look higher than what was sent (draft-cheng 3.3)."""
+    run = _run(time=1.010, first_sent=1.000, delivered=50_000, delivered_time=1.018)
+    sample = rate_sample(run, 150_000, now=1.020, min_rtt=0.001)
+    assert sample is not None
+    assert sample.interval == pytest.approx(0.010)  # not the 2 ms the ACKs took
+    assert sample.rate == pytest.approx(100_000 / 0.010)
+    assert sample.rtt == pytest.approx(0.010)
+    assert sample.prior_delivered == 50_000
+    # spread ACKs: the ACK interval is the longer one
+    run = _run(time=1.010, first_sent=1.008, delivered=50_000, delivered_time=1.005)
+    sample = rate_sample(run, 150_000, now=1.025, min_rtt=0.001)
+    assert sample is not None and sample.interval == pytest.approx(0.020)
+
+
+def test_rate_sample_shorter_than_the_min_rtt_is_no_sample_and_retransmits_time_nothing() -> None:
+    run = _run(time=1.0, first_sent=0.9995, delivered=0, delivered_time=0.9996)
+    assert rate_sample(run, 100_000, now=1.0005, min_rtt=0.005) is None  # 0.9 ms < 5 ms
+    assert rate_sample(run, 100_000, now=1.0005, min_rtt=0.0) is not None
+    retransmitted = SendRun(0, MSS, 1.0, True, 0, 0.99, False, 0.98)
+    sample = rate_sample(retransmitted, 30_000, now=1.02, min_rtt=0.01)
+    assert sample is not None and sample.rtt == 0.0 and sample.rate > 0  # a rate, no RTT
+
+
+def test_send_log_retire_returns_the_newest_run() -> None:
+    log = SendLog()
+    common = {"retransmitted": False, "delivered_time": 0.0, "app_limited": False}
+    log.record(0, 1000, 1.0, delivered=0, **common)
+    log.record(1000, 2000, 1.1, delivered=500, **common)
+    log.record(2000, 3000, 1.2, delivered=900, **common)
+    newest = log.retire(2500)
+    assert newest is not None and newest.delivered == 500  # the third is not finished
+    assert len(log) == 1 and log.runs[0].start == 2500
+    assert log.retire(2500) is None
+
+
+def _bbr(target_segments: int, filled: bool = True) -> Bbr:
+    bbr = Bbr()
+    bbr._mss = MSS
+    bbr.cwnd_target = target_segments * MSS
+    bbr.filled_pipe = filled
+    return bbr
+
+
+def test_bbr_window_in_recovery_conserves_then_grows_and_restores() -> None:
+    """Linux's bbr_set_cwnd_to_recover_or_restore: entering recovery cuts the window to
+    what is in flight plus what was delivered; for a round it stays at least there
+    (one out per one delivered), each byte marked lost takes one off; after that it
+    grows again on ACKs; leaving restores the window from before."""
+    bbr = _bbr(100)
+    cwnd = bbr.set_window(80 * MSS, 70 * MSS, 2 * MSS, 0, 1_000_000, recovering=False)
+    assert cwnd == 82 * MSS  # grows by what was delivered, towards the target
+    cwnd = bbr.set_window(cwnd, 60 * MSS, 2 * MSS, MSS, 1_002_000, recovering=True)
+    assert cwnd == 62 * MSS and bbr.conserving and bbr.prior_cwnd == 82 * MSS
+    # conserving: at least in flight + delivered, whatever was lost
+    assert bbr.set_window(cwnd, 61 * MSS, MSS, 5 * MSS, 1_003_000, True) == 62 * MSS
+    assert bbr.set_window(62 * MSS, 40 * MSS, MSS, 5 * MSS, 1_004_000, True) == 57 * MSS
+    bbr.conserving = False  # a round trip passed (on_sample's round start)
+    assert bbr.set_window(57 * MSS, 50 * MSS, 3 * MSS, MSS, 1_007_000, True) == 59 * MSS
+    assert bbr.set_window(59 * MSS, 50 * MSS, MSS, 0, 1_008_000, False) == 83 * MSS
+    assert not bbr.conserving
+
+
+def test_bbr_window_before_the_pipe_is_full_and_in_probe_rtt() -> None:
+    bbr = _bbr(100, filled=False)
+    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 150 * MSS  # above
+    assert bbr.set_window(50 * MSS, 10, 4 * MSS, 0, 10**7, False) == 54 * MSS
+    bbr.cwnd_target = 0  # no model yet: grows freely
+    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 154 * MSS
+    bbr = _bbr(100)
+    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 100 * MSS  # cut to it
+    bbr.state = "probe_rtt"
+    assert bbr.set_window(100 * MSS, 10, 4 * MSS, 0, 10**7, False) == 4 * MSS
+    assert bbr.set_window(MSS, 0, 0, 10 * MSS, 10**7, False) == 4 * MSS  # the floor
+    # an RTO: the window from before comes back when the re-sending is over
+    bbr = _bbr(100)
+    bbr.enter_loss(90 * MSS)
+    assert bbr.set_window(MSS, MSS, MSS, 0, 10**7, True) == 4 * MSS
+    assert bbr.set_window(20 * MSS, MSS, MSS, 0, 10**7, False) == 91 * MSS  # and grows
