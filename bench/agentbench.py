@@ -47,6 +47,11 @@ Listen backlogs: the kernel servers ask for 4096; the agent's listeners take
 ``UserspaceTunnel.start_server``'s default (4096 too), as the agent's own ``Forwarder``
 does.  ``KAKUREMICHI_AGENT_BENCH_PROFILE=FILE`` runs the agent processes under cProfile
 and writes the stats to FILE (the BBR agent's to FILE.bbr) when they exit.
+``KAKUREMICHI_AGENT_BENCH_TRACE=FILE`` has each agent write, every 10 ms, one JSON line
+per busy TCP connection of its stack (window, bytes in flight, pacing rate, BBR's state
+and model, recovery and retransmission counters) to FILE.cubic / FILE.bbr: how issue
+20's rounds were read, e.g. a stall waiting for an RTO or a bandwidth estimate above
+what the path delivers.
 """
 
 from __future__ import annotations
@@ -252,6 +257,11 @@ async def run_agent(cfg: dict[str, Any]) -> None:
             )
 
     stop = _stop_on_stdin_eof(loop, on_line)
+    trace = os.environ.get("KAKUREMICHI_AGENT_BENCH_TRACE")
+    tracing = None
+    if trace:
+        path = f"{trace}.{cfg.get('congestion', 'cubic')}"
+        tracing = loop.create_task(trace_connections(tunnel.stack, path))
     try:
         deadline = loop.time() + 20
         while not any(s.handshake_age is not None for s in tunnel.stats()):
@@ -264,9 +274,52 @@ async def run_agent(cfg: dict[str, Any]) -> None:
     except TimeoutError:
         pass
     finally:
+        if tracing is not None:
+            tracing.cancel()
         server.close()
         await forwarder.close()
         device.close()
+
+
+async def trace_connections(stack: Any, path: str, interval: float = 0.01) -> None:
+    """Every ``interval``, one JSON line per connection of ``stack`` that has sent
+    more than 100 kB (``KAKUREMICHI_AGENT_BENCH_TRACE``; runs until cancelled)."""
+    from netstack.bbr import Bbr
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with open(path, "w", encoding="utf-8") as out:
+        while True:
+            await asyncio.sleep(interval)
+            for conn in list(stack._conns.values()):
+                if conn._snd_max < 100_000:
+                    continue
+                cc = conn._cc
+                record = {
+                    "t": round(loop.time() - start, 4),
+                    "port": conn.remote_port,
+                    "snd_una": conn._snd_una,
+                    "cwnd": conn._cwnd,
+                    "in_flight": conn._snd_nxt - conn._snd_una,
+                    "pacing_mbit": round(conn._pace_rate * 8e-6, 1),
+                    "srtt_ms": round((conn._srtt or 0.0) * 1e3, 2),
+                    "sack_ranges": len(conn._sacked),
+                    "in_recovery": conn._in_recovery,
+                    "recoveries": conn.stats_recoveries,
+                    "retransmitted": conn.stats_retransmitted,
+                    "tlp": conn.stats_tlp,
+                    "rto": conn.stats_rto,
+                    "undo": conn.stats_undo,
+                }
+                if isinstance(cc, Bbr):
+                    record.update(
+                        bbr_state=cc.state,
+                        btl_bw_mbit=round(cc.btl_bw * 8e-6, 1),
+                        min_rtt_ms=round(cc.min_rtt * 1e3, 3),
+                        pacing_gain=round(cc.pacing_gain, 2),
+                    )
+                out.write(json.dumps(record) + "\n")
+            out.flush()
 
 
 class MitmStream:
