@@ -463,13 +463,11 @@ class SendSide(TcpBase):
             sample = rate_sample(run, delivered, now, self._rack_min_rtt())
         cc = self._cc
         if self._cc_model and isinstance(cc, Bbr):
-            pipe = self._pipe()
-            cc.on_sample(sample, now, pipe, self._snd_mss, self._cwnd, self._srtt)
+            cc.on_sample(sample, now, self._pipe(), self._snd_mss, self._cwnd, self._srtt)
             marked = rack.stats_marked
             lost, self._marked_seen = marked - self._marked_seen, marked
             self._cwnd = cc.set_window(
                 self._cwnd,
-                pipe,
                 max(acked, 0),
                 lost,
                 delivered,

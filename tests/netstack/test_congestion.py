@@ -194,38 +194,40 @@ def _bbr(target_segments: int, filled: bool = True) -> Bbr:
     return bbr
 
 
-def test_bbr_window_in_recovery_conserves_then_grows_and_restores() -> None:
-    """Linux's bbr_set_cwnd_to_recover_or_restore: entering recovery cuts the window to
-    what is in flight plus what was delivered; for a round it stays at least there
-    (one out per one delivered), each byte marked lost takes one off; after that it
-    grows again on ACKs; leaving restores the window from before."""
+def test_bbr_window_in_recovery_loses_what_was_lost_grows_and_restores() -> None:
+    """The window follows every ACK in recovery too: each byte marked lost takes one
+    off, what was delivered is added (up to the target), and leaving restores the
+    window from before (Linux's bbr_set_cwnd_to_recover_or_restore, without its packet
+    conservation: see netstack.bbr)."""
     bbr = _bbr(100)
-    cwnd = bbr.set_window(80 * MSS, 70 * MSS, 2 * MSS, 0, 1_000_000, recovering=False)
+    cwnd = bbr.set_window(80 * MSS, 2 * MSS, 0, 1_000_000, recovering=False)
     assert cwnd == 82 * MSS  # grows by what was delivered, towards the target
-    cwnd = bbr.set_window(cwnd, 60 * MSS, 2 * MSS, MSS, 1_002_000, recovering=True)
-    assert cwnd == 62 * MSS and bbr.conserving and bbr.prior_cwnd == 82 * MSS
-    # conserving: at least in flight + delivered, whatever was lost
-    assert bbr.set_window(cwnd, 61 * MSS, MSS, 5 * MSS, 1_003_000, True) == 62 * MSS
-    assert bbr.set_window(62 * MSS, 40 * MSS, MSS, 5 * MSS, 1_004_000, True) == 57 * MSS
-    bbr.conserving = False  # a round trip passed (on_sample's round start)
-    assert bbr.set_window(57 * MSS, 50 * MSS, 3 * MSS, MSS, 1_007_000, True) == 59 * MSS
-    assert bbr.set_window(59 * MSS, 50 * MSS, MSS, 0, 1_008_000, False) == 83 * MSS
-    assert not bbr.conserving
+    cwnd = bbr.set_window(cwnd, 2 * MSS, 5 * MSS, 1_002_000, recovering=True)
+    assert cwnd == 79 * MSS and bbr.prior_cwnd == 82 * MSS  # saved before the cut
+    cwnd = bbr.set_window(cwnd, 3 * MSS, MSS, 1_005_000, recovering=True)
+    assert cwnd == 81 * MSS  # still growing in recovery
+    cwnd = bbr.set_window(cwnd, 30 * MSS, 0, 1_035_000, recovering=True)
+    assert cwnd == 100 * MSS  # never past the target
+    cwnd = bbr.set_window(60 * MSS, MSS, 0, 1_036_000, recovering=False)
+    assert cwnd == 83 * MSS  # the window from before, then what this ACK delivered
+    # a second recovery saves the window of its own start
+    cwnd = bbr.set_window(90 * MSS, 0, 0, 1_040_000, recovering=True)
+    assert bbr.prior_cwnd == 90 * MSS
 
 
 def test_bbr_window_before_the_pipe_is_full_and_in_probe_rtt() -> None:
     bbr = _bbr(100, filled=False)
-    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 150 * MSS  # above
-    assert bbr.set_window(50 * MSS, 10, 4 * MSS, 0, 10**7, False) == 54 * MSS
+    assert bbr.set_window(150 * MSS, 4 * MSS, 0, 10**7, False) == 150 * MSS  # above
+    assert bbr.set_window(50 * MSS, 4 * MSS, 0, 10**7, False) == 54 * MSS
     bbr.cwnd_target = 0  # no model yet: grows freely
-    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 154 * MSS
+    assert bbr.set_window(150 * MSS, 4 * MSS, 0, 10**7, False) == 154 * MSS
     bbr = _bbr(100)
-    assert bbr.set_window(150 * MSS, 10, 4 * MSS, 0, 10**7, False) == 100 * MSS  # cut to it
+    assert bbr.set_window(150 * MSS, 4 * MSS, 0, 10**7, False) == 100 * MSS  # cut to it
     bbr.state = "probe_rtt"
-    assert bbr.set_window(100 * MSS, 10, 4 * MSS, 0, 10**7, False) == 4 * MSS
-    assert bbr.set_window(MSS, 0, 0, 10 * MSS, 10**7, False) == 4 * MSS  # the floor
+    assert bbr.set_window(100 * MSS, 4 * MSS, 0, 10**7, False) == 4 * MSS
+    assert bbr.set_window(MSS, 0, 10 * MSS, 10**7, False) == 4 * MSS  # the floor
     # an RTO: the window from before comes back when the re-sending is over
     bbr = _bbr(100)
     bbr.enter_loss(90 * MSS)
-    assert bbr.set_window(MSS, MSS, MSS, 0, 10**7, True) == 4 * MSS
-    assert bbr.set_window(20 * MSS, MSS, MSS, 0, 10**7, False) == 91 * MSS  # and grows
+    assert bbr.set_window(MSS, MSS, 0, 10**7, True) == 4 * MSS
+    assert bbr.set_window(20 * MSS, MSS, 0, 10**7, False) == 91 * MSS  # and grows
