@@ -19,11 +19,11 @@ at a time).  Linux adds three of its TSO bursts; with three of our slices (then 
 of data each) at a sub-millisecond RTT most of what was in flight was headroom, into
 a gateway whose 208 KiB socket buffer dropped a fifth of the stream
 (bench/test_agent_bench.py's relays: 0.78x the kernel's BBR at 1% loss with three,
-0.91x with one).  The slice is half a millisecond and the sender holds at most one:
-with 1 ms slices and two of them BBR's short samples saw the bursts, not the path
-(estimates of 1-1.5 Gbit/s on a path delivering 650 Mbit/s, 5,000-7,000 datagrams
-dropped at the gateway per 150 MB; with these, 150-900 and the clean stream at 0.98x
-of CUBIC's instead of 0.88x).
+0.91x with one).  The slice is half a millisecond and the sender holds at most two:
+with 1 ms slices BBR's short samples saw the 2 ms bursts, not the path (estimates of
+1-1.5 Gbit/s on a path delivering 650 Mbit/s, 5,000-7,000 datagrams dropped at the
+gateway per 150 MB; with half-millisecond slices 1,300-2,300, and the clean stream at
+0.99x of CUBIC's instead of 0.88x).
 
 The state machine moves the gains: STARTUP (2/ln 2, doubling the rate each round until
 three rounds grow BtlBw by less than 25%), DRAIN (the inverse, until what is in flight

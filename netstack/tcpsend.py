@@ -614,14 +614,14 @@ class SendSide(TcpBase):
         rate = self._pace_rate
         if self._pacing and rate > 0 and not self._tlp_new_data:
             # Pacing by time slices (no timer per segment): the budget refills at the
-            # pacing rate and holds at most one slice (two let a 2 ms burst through
-            # after each wake-up, more than a gateway's socket buffer takes: bench
-            # figures in netstack.bbr); while it is short of a slice's
-            # worth nothing goes out and the deadline wakes the sender when it is not.
+            # pacing rate and holds at most two slices, one millisecond: uvloop's
+            # timers fire on millisecond ticks, and a smaller budget would cap the
+            # rate of a timer-driven sender below the pacing rate.  While it is short
+            # of a slice's worth nothing goes out and the deadline wakes the sender.
             quantum = max(2.0 * mss, rate * PACING_SLICE)
             tokens = self._pace_tokens + (now - self._pace_time) * rate
-            if tokens > quantum:
-                tokens = quantum
+            if tokens > 2 * quantum:
+                tokens = 2 * quantum
             self._pace_tokens = tokens
             self._pace_time = now
             self._pace_deadline = None
