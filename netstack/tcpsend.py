@@ -454,6 +454,8 @@ class SendSide(TcpBase):
             if run is None or newer(rack.sample_run, run):
                 run = rack.sample_run
             rack.sample_run = None
+        if run is None and not acked:
+            return  # nothing delivered since the last look (the controller runs on ACKs)
         sample = None
         if run is not None:
             if run.time > self._first_sent:
