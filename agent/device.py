@@ -54,8 +54,12 @@ PROBE_PORT = 9  # discard: nothing listens there, a live host answers with a res
 #: WireGuard's REJECT_AFTER_TIME: with keepalives flowing a session is renewed every
 #: ~2 minutes, so a handshake older than this means the gateway does not answer
 STALE_AFTER = 180.0
-#: the stack's congestion control unless ``--congestion`` says otherwise
-DEFAULT_CONGESTION = TcpConfig().congestion_control
+#: how the agent sends unless ``--congestion`` says otherwise: BBR, where the stack's own
+#: default is CUBIC.  An agent's downloads cross home and cloud uplinks, where random
+#: loss and tens of milliseconds are the rule: at 1% loss BBR sends 2.1x CUBIC's rate,
+#: with 10 ms each way added 23x, and on a clean sub-millisecond path 0.94-0.99x
+#: (bench/test_agent_bench.py, bench/test_e2e_bench.py; figures in the README).
+DEFAULT_CONGESTION = "bbr"
 # Before Control tells us our address the stack needs one; nothing routes to it.
 _PLACEHOLDER = "169.254.255.253"
 

@@ -11,7 +11,8 @@ Topology (created by :class:`Topology`, always torn down by it)::
     │                          congestion control) and on :5202 (CUBIC, TCP_CONGESTION)
     ├── veth 172.31.2.0/24 ── ns B "our agent": one process running the agent's own
     │                          data plane (``agent.device.AgentDataPlane``: our WireGuard +
-    │                          our TCP/IP stack on one UDP socket) holding 10.78.0.100,
+    │                          our TCP/IP stack on one UDP socket, sending with CUBIC)
+    │                          holding 10.78.0.100,
     │                          the same asyncio server on the stack's :5201, and a
     │                          ``agent.forward.Forwarder`` raw TCP tunnel :5301 →
     │                          127.0.0.1:5201 (a kernel server process in B, the

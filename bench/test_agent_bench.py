@@ -9,8 +9,8 @@ In one run, over real WireGuard with wireguard-go as the gateway (see
   gateway's kernel on every row);
 * ``agent`` (b): wireguard-go ↔ our agent's data plane (``agent.device.AgentDataPlane``:
   our WireGuard and our TCP/IP stack on one UDP socket), the server on the stack, with
-  the default congestion control (CUBIC); ``agent_bbr``: the same with ``--congestion
-  bbr``;
+  CUBIC (the stack's default); ``agent_bbr``: the same with BBR (``--congestion bbr``,
+  the agent's default);
 * ``agent_forward``: (b) plus the agent's ``Forwarder`` raw TCP tunnel to a local kernel
   server, the complete path a tunnelled connection takes on an agent;
 * ``mitmproxy_rs``: mitmproxy_rs's WireGuard server (Rust boringtun + smoltcp) as the
