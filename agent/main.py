@@ -112,8 +112,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "congestion",
         "TCP congestion control of the tunnelled connections, i.e. how fast the agent sends "
-        "to the gateways (downloads from your services): cubic (as Linux), newreno, or bbr "
-        "(model-based, paced; see the README for when it helps)",
+        "to the gateways (downloads from your services): bbr (model-based and paced: keeps "
+        "its rate through random loss and long paths), cubic (loss-based, as Linux's "
+        "default) or newreno; the README's benchmarks compare them",
         DEFAULT_CONGESTION,
         choices=CONGESTION_CONTROLS,
     ),
