@@ -57,7 +57,7 @@ from typing import Any, Protocol
 
 from . import proxyproto
 from .accesslog import AccessLog
-from .balance import Replica
+from .balance import OFFLINE, Replica
 from .dial import Dialer, open_tcp
 from .limits import ConnectionLimiter
 from .metrics import Metrics
@@ -136,12 +136,23 @@ class TcpForwarder(PortReconciler):
         #: offline (the connection goes to another replica at once instead of waiting
         #: out the connect timeout on an agent that is gone)
         self._dialing: dict[Replica, set[asyncio.Future[Any]]] = {}
+        #: connections to each replica that have had nothing from it yet: ended (the
+        #: client reset) when Control reports its agent offline, as the HTTP pool ends
+        #: the requests still waiting for a response head; an agent killed between
+        #: answering the dial and its first byte would otherwise hold the client until
+        #: its own timeout.  Connections the agent has answered are left alone: an agent
+        #: that only lost Control keeps serving them.
+        self._unanswered: dict[Replica, set[asyncio.Task[None]]] = {}
+        self._ended_offline: set[asyncio.Task[None]] = set()
 
     def _on_change(self) -> None:
         super()._on_change()
         for replica in self.router.balancer.went_offline:
             for dial in self._dialing.get(replica, ()):
                 dial.cancel()
+            for task in self._unanswered.pop(replica, ()):
+                self._ended_offline.add(task)
+                task.cancel()
 
     async def _open_port(self, port: int) -> Listener:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -179,6 +190,7 @@ class TcpForwarder(PortReconciler):
         decision = "allow"
         route = None
         counted: Replica | None = None
+        waiting: set[asyncio.Task[None]] | None = None
         try:
             route = self.router.lookup_port("tcp", port)
             if not admitted:
@@ -223,6 +235,8 @@ class TcpForwarder(PortReconciler):
             counted = route.replica
             if counted is not None:
                 counted.open += 1  # least connections
+                waiting = self._unanswered.setdefault(counted, set())
+                waiting.add(task)
             if header:
                 upstream_writer.write(header)  # before any byte of the client's
 
@@ -231,6 +245,8 @@ class TcpForwarder(PortReconciler):
                 self.metrics.tcp_bytes.inc(n, tunnel=tunnel, direction="in")
 
             def outbound(n: int) -> None:
+                if waiting is not None and not counts[1]:
+                    waiting.discard(task)  # the agent answered
                 counts[1] += n
                 self.metrics.tcp_bytes.inc(n, tunnel=tunnel, direction="out")
 
@@ -245,10 +261,19 @@ class TcpForwarder(PortReconciler):
                     on_b_to_a=outbound,
                 )
         except asyncio.CancelledError:
-            pass
+            if task in self._ended_offline:
+                failed = True  # reset: the replica's agent is gone, the client may retry
+                decision = "replica_offline"
+                if route is not None:
+                    self.metrics.upstream_errors.inc(tunnel=route.tunnel_id, kind="offline")
         except Exception:
             log.exception("unexpected error in a TCP tunnel connection")
         finally:
+            self._ended_offline.discard(task)
+            if waiting is not None:
+                waiting.discard(task)
+                if not waiting and counted is not None and self._unanswered.get(counted) is waiting:
+                    del self._unanswered[counted]
             if counted is not None:
                 counted.open -= 1
             self.metrics.connection_closed("tcp")
@@ -283,6 +308,11 @@ class TcpForwarder(PortReconciler):
             try:
                 reader, writer = await self._dial_once(route, port)
                 replica = route.replica
+                if replica is not None and replica.health == OFFLINE:
+                    # reported gone while its answer to the dial was on the way
+                    writer.transport.abort()
+                    writer.close()
+                    raise ConnectionAbortedError("the replica's agent went offline")
                 if replica is not None and replica.backoff:
                     replica.balance.succeeded(replica)
                 return reader, writer, route

@@ -370,3 +370,107 @@ async def test_raw_tcp_dial_to_a_replica_reported_offline_moves_at_once() -> Non
     finally:
         await forwarder.close()
         await server.stop()
+
+
+async def test_raw_tcp_connections_a_replica_never_answered_end_when_it_goes_offline() -> None:
+    """b's agent dies after answering a dial but before its first byte: the client is
+    reset as soon as Control reports b offline (as the HTTP pool ends the requests still
+    waiting for a head), not left until its own timeout.  A connection b has already
+    answered is left alone (an agent that only lost Control keeps serving it)."""
+    port = free_port("127.0.0.1")
+    accepted = 0
+    silent = asyncio.Event()
+
+    async def b_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted > 1:  # the agent died: it reads and never answers
+            silent.set()
+            await reader.read()
+            return
+        while data := await reader.read(100):
+            writer.write(b"b:" + data)
+            await writer.drain()
+
+    servers = [
+        RawServer(await _named_echo(b"a"), host=HOSTS["a"], port=port),
+        RawServer(b_handler, host=HOSTS["b"], port=port),
+    ]
+    for server in servers:
+        await server.start()
+    router = Router()
+    metrics = Metrics()
+    forwarder = TcpForwarder(router, None, TcpSettings(bind_host="127.0.0.1"), metrics)
+    router.replace_all([_tcp_tunnel(port, TWO)])
+    await forwarder.start()
+    opened: list[asyncio.StreamWriter] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        opened.append(writer)
+        writer.write(b"hi")
+        await writer.drain()
+        return reader, writer
+
+    try:
+        await forwarder.wait_reconciled()
+        assert await _tcp_once(port) == b"a:hi"  # round robin: the next one goes to b
+        answered_reader, answered_writer = await connect()
+        assert await asyncio.wait_for(answered_reader.read(100), 5) == b"b:hi"
+        assert await _tcp_once(port) == b"a:hi"
+        stuck_reader, _ = await connect()  # to b, which now never answers
+        await asyncio.wait_for(silent.wait(), 5)
+        for _ in range(100):  # the forwarder has the connection (its dial came back)
+            if any(forwarder._unanswered.values()):
+                break
+            await asyncio.sleep(0.01)
+        started = asyncio.get_running_loop().time()
+        router.upsert(_tcp_tunnel(port, [{"agentId": "a"}, {"agentId": "b", "health": "offline"}]))
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(stuck_reader.read(100), 5) == b""
+        assert asyncio.get_running_loop().time() - started < 2
+        assert 'kakuremichi_upstream_errors_total{kind="offline",tunnel="t1"} 1.0' in (
+            metrics.render()
+        )
+        answered_writer.write(b"again")  # b's answered connection still works
+        await answered_writer.drain()
+        assert await asyncio.wait_for(answered_reader.read(100), 5) == b"b:again"
+        assert forwarder._unanswered == {}
+    finally:
+        for writer in opened:
+            writer.close()
+        await forwarder.close()
+        for server in servers:
+            await server.stop()
+
+
+async def test_raw_tcp_dial_answered_as_its_replica_goes_offline_moves_to_another() -> None:
+    """Control reports b offline while b's answer to the dial is on its way: the
+    connection goes to a (nothing of the client's was sent yet)."""
+    port = free_port("127.0.0.1")
+    servers = [
+        RawServer(await _named_echo(n.encode()), host=h, port=port) for n, h in HOSTS.items()
+    ]
+    for server in servers:
+        await server.start()
+    router = Router()
+
+    async def dialer(host: str, dial_port: int, timeout: float) -> Any:
+        opened = await asyncio.open_connection(host, dial_port)
+        if host == HOSTS["b"]:  # the report lands after the dial, before its caller resumes
+            offline = [{"agentId": "a"}, {"agentId": "b", "health": "offline"}]
+            asyncio.get_running_loop().call_soon(router.upsert, _tcp_tunnel(port, offline))
+        return opened
+
+    forwarder = TcpForwarder(router, dialer, TcpSettings(bind_host="127.0.0.1"), Metrics())
+    router.replace_all([_tcp_tunnel(port, TWO)])
+    await forwarder.start()
+    try:
+        await forwarder.wait_reconciled()
+        assert await _tcp_once(port) == b"a:hi"  # round robin: the next one goes to b
+        assert await _tcp_once(port) == b"a:hi"  # b went offline as it answered
+        assert await _tcp_once(port) == b"a:hi"
+    finally:
+        await forwarder.close()
+        for server in servers:
+            await server.stop()
